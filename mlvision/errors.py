@@ -1,0 +1,38 @@
+"""User-facing errors.
+
+Every problem a user can cause or fix (unknown name, missing package, corrupt cache, bad path,
+newer database) raises a subclass of `MLVisionError` whose message names the problem *and* the
+fix in one line. Command-line entry points catch `MLVisionError`, print the message and exit
+non-zero, so no end user sees a traceback for a problem they can fix.
+"""
+
+
+class MLVisionError(Exception):
+    """Base class: the message is shown to the user as-is."""
+
+
+class UnknownNameError(MLVisionError, KeyError):
+    """An unknown task, backbone, method or hyperparameter name."""
+
+    def __str__(self) -> str:  # KeyError would add quotes around the message
+        return str(self.args[0]) if self.args else ""
+
+
+class DataSourceError(MLVisionError):
+    """A dataset or weights package could not be fetched or read."""
+
+
+class CorruptCacheError(MLVisionError):
+    """A file in the local cache cannot be read."""
+
+
+class StoreError(MLVisionError):
+    """results.duckdb cannot be opened, written or understood."""
+
+
+class AdapterError(MLVisionError):
+    """An adapter directory is missing, incomplete or incompatible."""
+
+
+class MergeConfigError(MLVisionError):
+    """A merge was asked for with bad inputs or hyperparameters."""

@@ -1,0 +1,183 @@
+"""Training stage of the study: tasks -> head baselines and adapters -> artifacts/ + results.duckdb.
+
+Each unit of work (one head or one adapter for one task and seed) is identified by the hash of
+its full configuration. A unit whose test evaluation is already stored is skipped; otherwise it
+is trained, its folder written atomically, and its model and evaluation rows inserted in one
+transaction. So a run killed at any moment and started again ends with the same rows as an
+uninterrupted run, and a second run with nothing left to do only checks hashes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from mlvision.backbone import create_backbone, make_preprocess
+from mlvision.data import split_tensors
+from mlvision.models import MultiTaskModel, accuracy, save_model
+from mlvision.paths import REPO_ROOT
+from mlvision.store import Store, config_hash, insert_row, now
+from mlvision.tasks import get_task, load_task
+from training.config import StudyConfig
+from training.trainers import extract_features, train_adapter, train_head
+
+
+def machine_info() -> dict:
+    return {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+            "threads": torch.get_num_threads(), "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def study_run_id(config: StudyConfig) -> str:
+    """A run is one study configuration (paths excluded): re-running it continues the same run."""
+    data = config.to_dict()
+    data.pop("db"), data.pop("artifacts")
+    return "run-" + config_hash(data)
+
+
+def relative_to_repo(path: Path) -> str:
+    """Paths are stored relative to the repo when inside it, so a cloned results.duckdb still works."""
+    path = Path(path).resolve()
+    try:
+        return str(path.relative_to(REPO_ROOT))
+    except ValueError:
+        return str(path)
+
+
+def resolve_stored_path(stored: str) -> Path:
+    path = Path(stored)
+    return path if path.is_absolute() else REPO_ROOT / path
+
+
+class TrainingStage:
+    """Trains and evaluates every (task, seed) head baseline and adapter that is not stored yet."""
+
+    def __init__(self, config: StudyConfig, store: Store):
+        self.config = config
+        self.store = store
+        self.run_id = study_run_id(config)
+        self.backbone_config = config.backbone_config
+        base = create_backbone(self.backbone_config)
+        self.preprocess = make_preprocess(self.backbone_config, base)
+        self.backbone_params = sum(p.numel() for p in base.parameters())
+        self._frozen_backbone = base
+        self._features: dict[tuple[str, str], torch.Tensor] = {}
+
+    # -- bookkeeping ---------------------------------------------------------------------------
+    def start_run(self, command: str) -> None:
+        with self.store.write() as con:
+            exists = con.execute("SELECT count(*) FROM runs WHERE run_id = ?", [self.run_id]).fetchall()[0][0]
+            if exists:
+                con.execute("UPDATE runs SET status = 'running' WHERE run_id = ?", [self.run_id])
+            else:
+                insert_row(con, "runs", {"run_id": self.run_id, "started_at": now(), "finished_at": None,
+                                         "status": "running", "command": command, "config": self.config.to_dict(),
+                                         "machine": machine_info()}, key=("run_id",))
+
+    def finish_run(self) -> None:
+        with self.store.write() as con:
+            con.execute("UPDATE runs SET status = 'finished', finished_at = ? WHERE run_id = ?", [now(), self.run_id])
+
+    def prepare_tasks(self) -> None:
+        """Fetch and cache every task's data; record the tasks in the store."""
+        for name in tqdm(self.config.tasks, desc="prepare tasks", unit="task"):
+            task, splits = get_task(name), load_task(name)
+            with self.store.write() as con:
+                insert_row(con, "tasks", {"task": task.name, "label_names": list(task.label_names), "domain": task.domain,
+                                          "source": task.source, "description": task.description,
+                                          "n_train": len(splits["train"]), "n_validation": len(splits["validation"]),
+                                          "n_test": len(splits["test"])}, key=("task",))
+
+    # -- data ----------------------------------------------------------------------------------
+    def tensors(self, task: str, split: str):
+        limit = {"train": self.config.max_train, "validation": self.config.max_validation, "test": self.config.max_test}[split]
+        return split_tensors(task, split, self.preprocess, limit)
+
+    def features(self, task: str, split: str) -> torch.Tensor:
+        key = (task, split)
+        if key not in self._features:
+            self._features[key] = extract_features(self._frozen_backbone, self.tensors(task, split)[0])
+        return self._features[key]
+
+    def _eval_limits(self) -> dict:
+        return {"max_validation": self.config.max_validation, "max_test": self.config.max_test}
+
+    def model_folder(self, kind: str, task: str, seed: int, model_id: str) -> Path:
+        safe_task = task.replace(":", "_").replace("/", "_")
+        return Path(self.config.artifacts) / self.backbone_config.name / safe_task / f"{kind}-seed{seed}-{model_id[:8]}"
+
+    # -- units -----------------------------------------------------------------------------------
+    def _record(self, model_id, kind, task, seed, train_config, folder, trainable, seconds, accuracies) -> None:
+        with self.store.write() as con:
+            insert_row(con, "models", {
+                "model_id": model_id, "task": task, "model_kind": kind, "seed": seed,
+                "backbone": self.backbone_config.name, "config": train_config, "config_hash": model_id,
+                "path": relative_to_repo(folder), "trainable_params": trainable, "backbone_params": self.backbone_params,
+                "train_seconds": seconds, "run_id": self.run_id, "created_at": now()}, key=("model_id",))
+            for split, (value, n) in accuracies.items():
+                insert_row(con, "evaluations", {"model_id": model_id, "split": split, "accuracy": value, "n": n,
+                                                "eval_config_hash": config_hash(self._eval_limits()),
+                                                "run_id": self.run_id, "created_at": now()}, key=("model_id", "split"))
+
+    def _meta(self, kind: str, task: str, train_config: dict, model_id: str) -> dict:
+        t = get_task(task)
+        return {"model_kind": kind, "task": task, "label_names": list(t.label_names), "domain": t.domain,
+                "backbone": self.backbone_config.to_dict(), "preprocess": self.preprocess.to_dict(),
+                "training": train_config, "config_hash": model_id}
+
+    def run_head(self, task: str, seed: int) -> bool:
+        """Head baseline for (task, seed); returns False when it was already stored."""
+        train_config = {**self.config.head_training_config(task, seed), **self._eval_limits()}
+        model_id = config_hash(train_config)
+        if self.store.has_model(model_id):
+            return False
+        labels = {split: self.tensors(task, split)[1] for split in ("train", "validation", "test")}
+        start = time.perf_counter()
+        head = train_head(self.features(task, "train"), labels["train"], get_task(task).num_classes,
+                          epochs=self.config.head_epochs, lr=self.config.head_lr, batch_size=256, seed=seed)
+        seconds = time.perf_counter() - start
+        with torch.inference_mode():
+            accuracies = {split: (float((head(self.features(task, split)).argmax(-1) == labels[split]).float().mean()),
+                                  len(labels[split])) for split in ("validation", "test")}
+        folder = self.model_folder("head", task, seed, model_id)
+        save_model(folder, self._meta("head", task, train_config, model_id), head)
+        trainable = sum(p.numel() for p in head.parameters())
+        self._record(model_id, "head", task, seed, train_config, folder, trainable, seconds, accuracies)
+        return True
+
+    def run_adapter(self, task: str, seed: int) -> bool:
+        """LoRA adapter (+ its head) for (task, seed); returns False when it was already stored."""
+        train_config = {**self.config.adapter_training_config(task, seed), **self._eval_limits()}
+        model_id = config_hash(train_config)
+        if self.store.has_model(model_id):
+            return False
+        images, labels = self.tensors(task, "train")
+        peft_model, head, seconds = train_adapter(
+            create_backbone(self.backbone_config), images, labels, get_task(task).num_classes,
+            rank=self.config.rank, alpha=self.config.alpha, target_modules=self.config.lora_targets,
+            steps=self.config.steps, batch_size=self.config.batch_size, lr=self.config.lr,
+            head_lr=self.config.head_lr, seed=seed, progress_label=f"adapter {task} seed {seed}")
+        model = MultiTaskModel(peft_model, {task: head})
+        accuracies = {}
+        for split in ("validation", "test"):
+            split_images, split_labels = self.tensors(task, split)
+            accuracies[split] = (accuracy(model, task, split_images, split_labels), len(split_labels))
+        folder = self.model_folder("adapter", task, seed, model_id)
+        save_model(folder, self._meta("adapter", task, train_config, model_id), head, peft_model)
+        trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+        self._record(model_id, "adapter", task, seed, train_config, folder, trainable, seconds, accuracies)
+        return True
+
+    def run(self) -> dict:
+        """Every head baseline, then every adapter; returns counts of trained and skipped units."""
+        counts = {"trained": 0, "skipped": 0}
+        units = [(kind, task, seed) for kind in ("head", "adapter") for task in self.config.tasks for seed in self.config.seeds]
+        for kind, task, seed in tqdm(units, desc="training", unit="model"):
+            done = (self.run_head if kind == "head" else self.run_adapter)(task, seed)
+            counts["trained" if done else "skipped"] += 1
+        return counts

@@ -1,0 +1,73 @@
+"""Run the whole study: prepare tasks, train head baselines and adapters, evaluate, store.
+
+    python training/run_all.py            # the offline default (six tasks, three seeds)
+    python training/run_all.py --quick    # the whole pipeline on a sliver, about a minute
+    python training/run_all.py --help     # every option
+
+Every stage skips work already stored with the same configuration, so running it again (or
+after an interruption) only does what is missing.
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repo root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from mlvision.errors import MLVisionError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from training.config import add_study_arguments
+
+    parser = argparse.ArgumentParser(
+        prog="python training/run_all.py", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Results go to results.duckdb (views: task_results, ...); adapters and heads to artifacts/.")
+    add_study_arguments(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args, argv if argv is not None else sys.argv[1:])
+    except MLVisionError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: everything finished so far is stored; run the same command again to continue",
+              file=sys.stderr)
+        return 130
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> int:
+    from mlvision.store import Store
+    from mlvision.tasks import get_task
+    from training.config import config_from_args
+    from training.pipeline import TrainingStage
+
+    config = config_from_args(args)
+    for name in config.tasks:
+        get_task(name)  # unknown names fail before any work
+    if args.quick:  # the quick profile writes under runs/quick/, which a fresh clone lacks
+        Path(config.db).parent.mkdir(parents=True, exist_ok=True)
+    store = Store(config.db)
+    store.initialise()
+    started = time.perf_counter()
+    stage = TrainingStage(config, store)
+    stage.start_run("python training/run_all.py " + shlex.join(argv))
+    stage.prepare_tasks()
+    counts = stage.run()
+    stage.finish_run()
+    print(f"training: {counts['trained']} models trained, {counts['skipped']} already stored "
+          f"({time.perf_counter() - started:.0f} s); results in {config.db}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
