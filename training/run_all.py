@@ -46,12 +46,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
+    from mlvision.backbone import check_backbone_name
     from mlvision.store import Store
     from mlvision.tasks import get_task
     from training.config import config_from_args
     from training.pipeline import TrainingStage
 
     config = config_from_args(args)
+    check_backbone_name(config.backbone)  # unknown names fail before any work
     for name in config.tasks:
         get_task(name)  # unknown names fail before any work
     if args.quick:  # the quick profile writes under runs/quick/, which a fresh clone lacks

@@ -1,0 +1,60 @@
+"""Merge methods: pure per-layer functions on weight updates, found by name.
+
+Every method merges ONE layer: ``get_method(name)(deltas, **hyperparams) -> Tensor`` where
+``deltas`` are k >= 1 exact updates ΔW_i = scaling_i · B_i A_i of that layer (2-D
+[out_features, in_features], same shape and dtype; the caller flattens 1x1 convs). Each module
+here defines one method's function and its `METHOD`; this file lists them explicitly.
+"""
+
+from __future__ import annotations
+
+from mlvision.errors import UnknownNameError
+
+from . import (
+    dare_linear,
+    dare_ties,
+    iso_c,
+    knots_ta,
+    knots_ties,
+    linear,
+    magnitude_prune,
+    task_arithmetic,
+    ties,
+    tsv_m,
+)
+from ._base import MergeMethod
+from .task_arithmetic import TASK_ARITHMETIC_GRID
+
+_ALL = [
+    linear.METHOD,
+    task_arithmetic.METHOD,
+    ties.METHOD,
+    dare_linear.METHOD,
+    dare_ties.METHOD,
+    magnitude_prune.METHOD,
+    knots_ties.METHOD,
+    knots_ta.METHOD,
+    tsv_m.METHOD,
+    iso_c.METHOD,
+]
+
+MERGE_METHODS: dict[str, MergeMethod] = {m.name: m for m in _ALL}
+assert len(MERGE_METHODS) == len(_ALL), "duplicate merge method name"
+
+
+def list_methods() -> list[str]:
+    """Registered method names, in registration order."""
+    return list(MERGE_METHODS)
+
+
+def get_method(name: str) -> MergeMethod:
+    """The method registered as `name`; UnknownNameError listing the known names otherwise."""
+    try:
+        return MERGE_METHODS[name]
+    except (KeyError, TypeError):
+        raise UnknownNameError(
+            f"unknown merge method {name!r}; known methods: {', '.join(MERGE_METHODS)}"
+        ) from None
+
+
+__all__ = ["MERGE_METHODS", "MergeMethod", "TASK_ARITHMETIC_GRID", "get_method", "list_methods"]

@@ -1,0 +1,128 @@
+"""The `MergeMethod` record every method module fills in, and its input/hyperparameter checks.
+
+A merge method merges ONE layer: ``fn(deltas, **hyperparams) -> Tensor`` where ``deltas`` are
+k >= 1 exact weight updates ΔW_i (2-D, [out_features, in_features], same shape and dtype).
+`MergeMethod.__call__` checks the inputs and hyperparameters, then calls the pure function.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from mlvision.errors import MergeConfigError
+
+# A range is (low, high, brackets): brackets is "[]", "(]", "[)" or "()" saying which ends are
+# allowed, the usual interval notation. A hyperparameter whose default is an int (DARE's seed)
+# must be an int; the others are real numbers.
+_BRACKETS = {"[]", "(]", "[)", "()"}
+
+
+def format_range(spec: tuple) -> str:
+    low, high, brackets = spec
+    return f"{brackets[0]}{low}, {high}{brackets[1]}"
+
+
+def _in_range(value: float, spec: tuple) -> bool:
+    low, high, brackets = spec
+    low_ok = value >= low if brackets[0] == "[" else value > low
+    high_ok = value <= high if brackets[1] == "]" else value < high
+    return low_ok and high_ok
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """One registered merge method: its pure per-layer function plus what a sweep needs to know."""
+
+    name: str  # registry name
+    fn: Callable[..., Tensor]  # fn(deltas, **hyperparams) -> merged ΔW
+    paper: str  # citation: authors, title, venue, year (arXiv id)
+    defaults: dict  # every hyperparameter with its default
+    ranges: dict  # name -> (low, high, brackets), see format_range
+    description: str  # one line
+    extra: dict = field(default_factory=dict)  # e.g. a suggested validation grid
+
+    def __post_init__(self) -> None:  # a programming error, not a user error: fail at import
+        if set(self.defaults) != set(self.ranges):
+            raise ValueError(f"{self.name}: defaults and ranges must name the same hyperparameters")
+        for spec in self.ranges.values():
+            if len(spec) != 3 or spec[2] not in _BRACKETS:
+                raise ValueError(f"{self.name}: bad range {spec!r}")
+
+    def validate(self, hyperparams: dict | None = None) -> dict:
+        """Return a full hyperparameter dict (defaults filled in) or raise MergeConfigError."""
+        hyperparams = dict(hyperparams or {})
+        unknown = sorted(set(hyperparams) - set(self.defaults))
+        if unknown:
+            known = ", ".join(sorted(self.defaults)) or "(none)"
+            raise MergeConfigError(
+                f"merge method '{self.name}' has no hyperparameter {unknown[0]!r}; "
+                f"it takes: {known}"
+            )
+        full = dict(self.defaults)
+        for key, value in hyperparams.items():
+            spec = self.ranges[key]
+            allowed = format_range(spec)
+            wants_int = isinstance(self.defaults[key], int) and not isinstance(self.defaults[key], bool)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or (
+                wants_int and not isinstance(value, numbers.Integral)
+            ):
+                kind = "an integer" if wants_int else "a number"
+                raise MergeConfigError(
+                    f"merge method '{self.name}': hyperparameter '{key}' = {value!r} must be "
+                    f"{kind} in {allowed}"
+                )
+            if (not wants_int and not math.isfinite(float(value))) or not _in_range(value, spec):
+                raise MergeConfigError(
+                    f"merge method '{self.name}': hyperparameter '{key}' = {value!r} is out of "
+                    f"range; allowed {allowed}"
+                )
+            full[key] = int(value) if wants_int else float(value)
+        return full
+
+    def check_deltas(self, deltas: Sequence[Tensor]) -> list[Tensor]:
+        """The deltas as a list, or MergeConfigError naming what is wrong and at which index."""
+        if isinstance(deltas, Tensor) or not isinstance(deltas, Sequence):
+            raise MergeConfigError(
+                f"merge method '{self.name}': deltas must be a list of 2-D tensors, "
+                f"got {type(deltas).__name__}"
+            )
+        deltas = list(deltas)
+        if not deltas:
+            raise MergeConfigError(f"merge method '{self.name}': needs at least one update, got none")
+        for i, d in enumerate(deltas):
+            if not isinstance(d, Tensor) or d.dim() != 2:
+                what = f"shape {tuple(d.shape)}" if isinstance(d, Tensor) else type(d).__name__
+                raise MergeConfigError(
+                    f"merge method '{self.name}': update {i} must be a 2-D tensor "
+                    f"[out_features, in_features], got {what} (flatten conv kernels first)"
+                )
+            if not d.is_floating_point():
+                raise MergeConfigError(
+                    f"merge method '{self.name}': update {i} has dtype {d.dtype}; "
+                    "a floating-point tensor is needed"
+                )
+        ref = deltas[0]
+        for i, d in enumerate(deltas[1:], start=1):
+            if d.shape != ref.shape:
+                raise MergeConfigError(
+                    f"merge method '{self.name}': update {i} has shape {tuple(d.shape)} but "
+                    f"update 0 has {tuple(ref.shape)}; all updates of a layer must match"
+                )
+            if d.dtype != ref.dtype:
+                raise MergeConfigError(
+                    f"merge method '{self.name}': update {i} has dtype {d.dtype} but update 0 "
+                    f"has {ref.dtype}; cast them to one dtype first"
+                )
+        return deltas
+
+    def __call__(self, deltas: Sequence[Tensor], **hyperparams) -> Tensor:
+        params = self.validate(hyperparams)
+        deltas = self.check_deltas(deltas)
+        with torch.no_grad():
+            return self.fn(deltas, **params)

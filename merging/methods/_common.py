@@ -1,0 +1,101 @@
+"""Tensor helpers shared by the merge methods (all pure; nothing here keeps state)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+
+def stack(deltas: Sequence[Tensor], dtype: torch.dtype = torch.float32) -> Tensor:
+    """[k, out, in] copy of the updates in `dtype` (a new tensor: inputs are never modified)."""
+    return torch.stack([d.detach().to(dtype) for d in deltas]).clone()
+
+
+def svd_rtol(dtype: torch.dtype) -> float:
+    """Relative cut-off below which a singular value counts as zero.
+
+    LoRA updates are low rank (r ≈ 8) but an out x in matrix stored in float32 has rounding
+    "singular values" of about eps·σ_max in its null space; their singular vectors are arbitrary
+    directions, not part of the update. 1e-5 (the cut-off of the KnOTS reference code, there
+    absolute) sits well above float32 noise; half-precision inputs need a looser cut-off.
+    """
+    eps = torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
+    return max(1e-5, 4.0 * eps)
+
+
+def low_rank_svd(x: Tensor, rtol: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Thin SVD of a 2-D float64 `x` truncated to its numerical rank: x ≈ U diag(s) Vh.
+
+    Components with s <= rtol · s_max are dropped (they are rounding noise); what is kept is
+    exact to float64 precision. Returns U [m, r], s [r] (descending), Vh [r, n]; r may be 0.
+    Cost: the Gram matrix on the smaller side and its eigendecomposition, then an exact SVD of
+    the m x r (or r x n) projection — several times faster than torch.linalg.svd of a tall
+    1280 x 320 matrix on CPU, which matters when a sweep merges hundreds of layers.
+    """
+    m, n = x.shape
+    if m < n:  # work on the side with the smaller Gram matrix
+        u, s, vh = low_rank_svd(x.T, rtol)
+        return vh.T, s, u.T
+    evals, evecs = torch.linalg.eigh(x.T @ x)  # ascending
+    s_est = evals.clamp_min(0).sqrt()
+    s_max = s_est[-1] if n else torch.tensor(0.0, dtype=x.dtype)
+    # the Gram route loses precision for tiny s only; keep a margin below the final cut-off
+    keep = s_est > 0.1 * rtol * s_max
+    if s_max == 0 or not bool(keep.any()):
+        return x.new_zeros(m, 0), x.new_zeros(0), x.new_zeros(0, n)
+    v = evecs[:, keep]  # [n, r'] orthonormal, spans the row space of x
+    u, s, wh = torch.linalg.svd(x @ v, full_matrices=False)  # exact SVD of the small m x r' part
+    vh = wh @ v.T
+    final = s > rtol * s[0]
+    return u[:, final], s[final], vh[final]
+
+
+def topk_mask(x: Tensor, density: float) -> Tensor:
+    """Boolean mask of the top-`density` fraction of |x|'s entries (per leading index).
+
+    x is [k, out, in]; each x[i] keeps its round(density·n) largest magnitudes (at least 1).
+    Entries tied with the threshold are all kept, so the result never depends on the order of
+    equal values.
+    """
+    k = x.shape[0]
+    flat = x.abs().reshape(k, -1)
+    n = flat.shape[1]
+    n_keep = max(1, min(n, round(density * n)))
+    if n_keep >= n:
+        return torch.ones_like(x, dtype=torch.bool)
+    # the n_keep-th largest per task (kthvalue counts from the smallest; ~2x faster than topk)
+    threshold = flat.kthvalue(n - n_keep + 1, dim=1, keepdim=True).values
+    return (flat >= threshold).reshape(x.shape)
+
+
+def elect_and_disjoint_mean(x: Tensor) -> Tensor:
+    """TIES steps 2-3 on [k, out, in] (already trimmed) values.
+
+    Elect: per entry, the sign of the sum over tasks (the sign with the larger total mass); an
+    entry whose sum is exactly 0 gets the sign of the whole layer's sum (the "majority" rule of
+    the TIES reference code). Disjoint mean: average over the tasks whose value is non-zero
+    and has the elected sign; an entry no task agrees with is 0.
+    """
+    elected = torch.sign(x.sum(dim=0))
+    majority = torch.sign(x.sum())
+    elected = torch.where(elected == 0, majority, elected)
+    agree = torch.where(elected > 0, x > 0, x < 0)  # [k, out, in]; zeros never agree
+    total = (x * agree).sum(dim=0)
+    count = agree.sum(dim=0)
+    return torch.where(count > 0, total / count.clamp_min(1), torch.zeros_like(total))
+
+
+def dare(x: Tensor, drop_rate: float, seed: int) -> Tensor:
+    """DARE on [k, out, in]: drop each entry with probability p, multiply survivors by 1/(1-p).
+
+    The randomness comes only from a local generator seeded with `seed`; tasks are drawn in
+    order, so a (seed, k, shape) triple always gives the same masks. With p = 0 nothing is
+    dropped and x is returned unchanged (torch.rand is in [0, 1)).
+    """
+    if drop_rate == 0:
+        return x
+    gen = torch.Generator(device=x.device).manual_seed(int(seed))
+    keep = torch.rand(x.shape, generator=gen, device=x.device) >= drop_rate
+    return x * keep / (1.0 - drop_rate)

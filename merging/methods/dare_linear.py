@@ -1,0 +1,51 @@
+"""DARE + linear: random drop and rescale each update, then the plain mean.
+
+Paper: Yu, Yu, Yu, Huang, Li, "Language Models are Super Mario: Absorbing Abilities from
+Homologous Models as a Free Lunch", ICML 2024 (arXiv 2311.03099).
+
+Algorithm: for each ΔW_i independently, drop every entry with probability p (Bernoulli mask from
+a local generator seeded by `seed`) and multiply the survivors by 1/(1-p), so E[result_i] = ΔW_i;
+then ΔW = λ · (1/k) Σ_i result_i. NOTE: this is the *mean* of the DARE'd updates times λ (with
+p = 0 and λ = 1 it is `linear`); DARE's paper combines with task arithmetic's sum — use
+λ = k·λ_TA to get that.
+Hyperparameters:
+  drop_rate (p): default 0.5, range [0, 1). The paper drops 90% of full fine-tuning deltas of
+    LLMs, but LoRA updates are dense low-rank products whose entries are not redundant in the
+    same way and high p adds variance ∝ p/(1-p) per entry; 0.5 is the moderate default used by
+    common merging toolkits (mergekit, FusionBench examples). Tune on validation.
+  scaling (λ): default 1.0, range (0, 4]: the mean keeps each update's scale.
+  seed: default 0, integer >= 0; the caller passes a different seed per layer.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from torch import Tensor
+
+from ._base import MergeMethod
+from ._common import dare, stack
+
+
+def dare_linear(
+    deltas: Sequence[Tensor], drop_rate: float = 0.5, scaling: float = 1.0, seed: int = 0
+) -> Tensor:
+    x = dare(stack(deltas), drop_rate, seed)
+    return (scaling * x.mean(dim=0)).to(deltas[0].dtype)
+
+
+METHOD = MergeMethod(
+    name="dare_linear",
+    fn=dare_linear,
+    paper=(
+        "Yu, Yu, Yu, Huang, Li, 'Language Models are Super Mario: Absorbing Abilities from "
+        "Homologous Models as a Free Lunch', ICML 2024, arXiv:2311.03099"
+    ),
+    defaults={"drop_rate": 0.5, "scaling": 1.0, "seed": 0},
+    ranges={
+        "drop_rate": (0.0, 1.0, "[)"),
+        "scaling": (0.0, 4.0, "(]"),
+        "seed": (0, 2**63 - 1, "[]"),
+    },
+    description="DARE (drop with prob. p, rescale by 1/(1-p)) on each update, then mean, times λ.",
+)

@@ -1,0 +1,53 @@
+"""Iso-C: isotropic merging — flatten the spectrum of the summed update.
+
+Paper: Marczak, Magistri, Cygert, Twardowski, Bagdanov, van de Weijer, "No Task Left Behind:
+Isotropic Model Merging with Common and Task-Specific Subspaces", ICML 2025 (arXiv 2502.04959);
+reference code github.com/danielm1405/iso-merging.
+
+Algorithm: ΔW_TA = Σ_i ΔW_i = U Σ Vᵀ (thin SVD); replace every singular value by their mean σ̄
+(an isotropic spectrum, so no task's directions are drowned by a dominant one);
+ΔW = α · σ̄ · U Vᵀ.
+Hyperparameters:
+  scaling (α): default 1.0, range (0, 4]. The paper picks α on validation data (its chosen values
+    are around 1-1.5 for ViT models); 1.0 keeps ‖ΔW‖ in the scale of the summed update.
+Deviation: the reference code flattens all min(out, in) singular values. For full-rank updates
+(full fine-tuning, the paper's setting) that is what happens here too. A sum of k LoRA updates
+has rank <= Σ r_i (e.g. 48 of 320): its other "singular values" are rounding noise whose
+singular vectors are arbitrary null-space directions, and flattening them would add α·σ̄ along
+~270 arbitrary directions (and shrink σ̄ by the zeros). So only the numerical rank
+(σ > rtol·σ_max) is flattened: the result has exactly rank(ΔW_TA) non-zero singular values,
+all equal to α times the mean of ΔW_TA's non-zero singular values.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from ._base import MergeMethod
+from ._common import low_rank_svd, svd_rtol
+
+
+def iso_c(deltas: Sequence[Tensor], scaling: float = 1.0) -> Tensor:
+    total = torch.stack([d.detach().to(torch.float64) for d in deltas]).sum(dim=0)
+    u, s, vh = low_rank_svd(total, svd_rtol(deltas[0].dtype))
+    if s.numel() == 0:
+        return torch.zeros_like(deltas[0])
+    merged = s.mean() * (u @ vh)
+    return (scaling * merged).to(deltas[0].dtype)
+
+
+METHOD = MergeMethod(
+    name="iso_c",
+    fn=iso_c,
+    paper=(
+        "Marczak, Magistri, Cygert, Twardowski, Bagdanov, van de Weijer, 'No Task Left Behind: "
+        "Isotropic Model Merging with Common and Task-Specific Subspaces', ICML 2025, "
+        "arXiv:2502.04959"
+    ),
+    defaults={"scaling": 1.0},
+    ranges={"scaling": (0.0, 4.0, "(]")},
+    description="SVD of Σ ΔW_i with every non-zero singular value set to their mean, times α.",
+)

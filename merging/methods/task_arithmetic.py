@@ -1,0 +1,43 @@
+"""Task arithmetic: λ times the sum of the k updates.
+
+Paper: Ilharco, Ribeiro, Wortsman, Gururangan, Schmidt, Hajishirzi, Farhadi, "Editing models
+with task arithmetic", ICLR 2023 (arXiv 2212.04089).
+
+Algorithm: ΔW = λ · Σ_i ΔW_i (the "task vectors" are our ΔW_i).
+Hyperparameters:
+  scaling (λ): default 0.3, range (0, 2]. Ilharco et al. choose λ on held-out validation data
+    from {0, 0.05, ..., 1}; for adding several vision tasks the chosen values are around
+    0.3-0.4 (and follow-ups, e.g. TIES, report 0.3-0.4 as TA's best), so 0.3 is the default a
+    sweep starts from. Note λ = 1/k gives `linear`. The sweep should pick λ on validation from
+    TASK_ARITHMETIC_GRID (LoRA merges have needed small λ: KnOTS's ViT-B LoRA config uses 0.1
+    for 8 tasks, so the grid starts there).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from torch import Tensor
+
+from ._base import MergeMethod
+from ._common import stack
+
+TASK_ARITHMETIC_GRID = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
+
+
+def task_arithmetic(deltas: Sequence[Tensor], scaling: float = 0.3) -> Tensor:
+    return (scaling * stack(deltas).sum(dim=0)).to(deltas[0].dtype)
+
+
+METHOD = MergeMethod(
+    name="task_arithmetic",
+    fn=task_arithmetic,
+    paper=(
+        "Ilharco, Ribeiro, Wortsman, Gururangan, Schmidt, Hajishirzi, Farhadi, 'Editing models "
+        "with task arithmetic', ICLR 2023, arXiv:2212.04089"
+    ),
+    defaults={"scaling": 0.3},
+    ranges={"scaling": (0.0, 2.0, "(]")},
+    description="λ · Σ ΔW_i (λ chosen on validation from TASK_ARITHMETIC_GRID).",
+    extra={"grid": {"scaling": TASK_ARITHMETIC_GRID}},
+)

@@ -1,0 +1,76 @@
+"""TSV-M: Task Singular Vectors merging (low-rank per task, decorrelated by orthogonalisation).
+
+Paper: Gargiulo, Crisostomi, Bucarelli, Scardapane, Silvestri, Rodolà, "Task Singular Vectors:
+Reducing Task Interference in Model Merging", CVPR 2025 (arXiv 2412.00081); reference code
+github.com/AntoAndGar/task_singular_vectors (`compute_and_sum_svd_mem_reduction`).
+
+Algorithm: SVD each ΔW_i = U_i S_i V_iᵀ and keep its top ⌊min(out, in)/k⌋ components (at least
+1); concatenate U_cat = [U_1 .. U_k], σ_cat, V_cat = [V_1 .. V_k]; replace U_cat and V_cat by
+their orthogonal polar factors (U_⊥ = P Qᵀ where P S Qᵀ = U_cat; same for V) to remove the
+interference between tasks' singular vectors; ΔW = α · U_⊥ diag(σ_cat) V_⊥ᵀ.
+Hyperparameters:
+  scaling (α): default 1.0, range (0, 4] — the paper reports α = 1.0 works without tuning.
+Deviations, both for low-rank (LoRA) updates and both identical to the paper when the updates
+are full rank: (1) components with σ <= rtol·σ_max (numerical zeros: a rank-8 update has only 8
+real components but ⌊min/k⌋ may be 53) are not kept — their singular vectors are arbitrary
+null-space directions that would otherwise take part in the orthogonalisation; (2) when U_cat or
+V_cat is rank-deficient (e.g. two identical adapters) the polar factor is taken on its range
+(P_r Q_rᵀ over the non-zero singular values) — the full polar factor is not unique there and its
+arbitrary part would add arbitrary directions to ΔW. With k identical adapters TSV-M then
+returns the adapter; with updates in mutually orthogonal subspaces it returns Σ ΔW_i (α = 1).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from ._base import MergeMethod
+from ._common import low_rank_svd, svd_rtol
+
+
+def _polar_on_range(x: Tensor, rtol: float) -> Tensor:
+    """Orthogonal polar factor P Qᵀ of x (P S Qᵀ = x), restricted to x's numerical range."""
+    p, s, qh = torch.linalg.svd(x, full_matrices=False)
+    keep = s > rtol * s[0]
+    return p[:, keep] @ qh[keep]
+
+
+def tsv_components(deltas: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """U_cat [out, m], σ_cat [m], Vh_cat [m, in] (float64): each task's kept top components."""
+    rtol = svd_rtol(deltas[0].dtype)
+    out_f, in_f = deltas[0].shape
+    per_task = max(1, min(out_f, in_f) // len(deltas))
+    us, ss, vhs = [], [], []
+    for d in deltas:
+        u, s, vh = low_rank_svd(d.detach().to(torch.float64), rtol)
+        us.append(u[:, :per_task])
+        ss.append(s[:per_task])
+        vhs.append(vh[:per_task])
+    return torch.cat(us, dim=1), torch.cat(ss), torch.cat(vhs, dim=0)
+
+
+def tsv_m(deltas: Sequence[Tensor], scaling: float = 1.0) -> Tensor:
+    u_cat, s_cat, vh_cat = tsv_components(deltas)
+    if s_cat.numel() == 0:
+        return torch.zeros_like(deltas[0])
+    rtol = svd_rtol(deltas[0].dtype)
+    u_orth = _polar_on_range(u_cat, rtol)  # [out, m]
+    vh_orth = _polar_on_range(vh_cat, rtol)  # [m, in]
+    merged = (u_orth * s_cat) @ vh_orth
+    return (scaling * merged).to(deltas[0].dtype)
+
+
+METHOD = MergeMethod(
+    name="tsv_m",
+    fn=tsv_m,
+    paper=(
+        "Gargiulo, Crisostomi, Bucarelli, Scardapane, Silvestri, Rodolà, 'Task Singular Vectors: "
+        "Reducing Task Interference in Model Merging', CVPR 2025, arXiv:2412.00081"
+    ),
+    defaults={"scaling": 1.0},
+    ranges={"scaling": (0.0, 4.0, "(]")},
+    description="Top 1/k singular components per task, orthogonalise U and V jointly, times α.",
+)

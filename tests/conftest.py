@@ -1,0 +1,34 @@
+"""Shared fixtures: a tiny real study (real weights, real data, real DuckDB) built once per session.
+
+The tiny study trains on three small offline tasks with the real EfficientNet-Lite0 weights, so
+tests of the store, adapter files, merging, dashboard and demo all run against artifacts made by
+the project's own code, never against mocks.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+TINY_TASKS = ["uci_digits", "lfw_faces", "textures"]
+TINY_ARGS = ["--tasks", *TINY_TASKS, "--seeds", "0", "--image-size", "32", "--steps", "8", "--batch-size", "32",
+             "--rank", "4", "--alpha", "8", "--head-epochs", "3", "--max-train", "128", "--max-validation", "64",
+             "--max-test", "96"]
+
+
+def run_all(*args: str) -> int:
+    from training.run_all import main
+    return main([str(a) for a in args])
+
+
+@pytest.fixture(scope="session")
+def tiny_study(tmp_path_factory) -> dict:
+    """Paths of a finished tiny study: {'db': Path, 'artifacts': Path, 'args': [...]}."""
+    root = tmp_path_factory.mktemp("tiny_study")
+    args = [*TINY_ARGS, "--db", root / "results.duckdb", "--artifacts", root / "artifacts"]
+    assert run_all(*args) == 0
+    return {"db": root / "results.duckdb", "artifacts": root / "artifacts", "args": args, "root": root}

@@ -1,0 +1,381 @@
+"""Merge methods: the math pinned on small hand-worked examples, plus the registry contract."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from merging.methods import MERGE_METHODS, TASK_ARITHMETIC_GRID, get_method, list_methods
+from merging.methods._knots import knots_align
+from merging.methods.tsv_m import tsv_components
+from mlvision.errors import MergeConfigError, UnknownNameError
+
+ALL = [
+    "linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "magnitude_prune",
+    "knots_ties", "knots_ta", "tsv_m", "iso_c",
+]
+
+
+def t(rows) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+def low_rank(out_f: int, in_f: int, rank: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(out_f, rank, generator=g) @ torch.randn(rank, in_f, generator=g) / rank
+
+
+def assert_close(actual, expected, atol=1e-5):
+    torch.testing.assert_close(actual, expected, atol=atol, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- registry
+
+def test_registry_lists_every_method_in_order():
+    assert list_methods() == ALL
+    assert set(MERGE_METHODS) == set(ALL)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_every_method_is_documented_and_its_defaults_validate(name):
+    m = get_method(name)
+    assert m.name == name
+    assert "arXiv" in m.paper and m.description
+    assert m.validate({}) == m.defaults
+    module = __import__(m.fn.__module__, fromlist=["_"])
+    assert module.__name__ == f"merging.methods.{name}" and "Hyperparameters" in module.__doc__
+    assert all(key in module.__doc__ for key in m.defaults)
+
+
+def test_get_method_unknown_lists_known_names():
+    with pytest.raises(UnknownNameError) as err:
+        get_method("nope")
+    msg = str(err.value)
+    assert "nope" in msg and all(n in msg for n in ALL)
+
+
+def test_task_arithmetic_grid_is_exported_and_in_range():
+    m = get_method("task_arithmetic")
+    assert m.extra["grid"]["scaling"] == TASK_ARITHMETIC_GRID
+    for lam in TASK_ARITHMETIC_GRID:
+        m.validate({"scaling": lam})
+
+
+# ----------------------------------------------------------------------------- validation
+
+@pytest.mark.parametrize(
+    "name, params, needle",
+    [
+        ("ties", {"densty": 0.3}, "densty"),
+        ("linear", {"scaling": 1.0}, "scaling"),
+        ("ties", {"density": 0}, "(0.0, 1.0]"),
+        ("ties", {"density": 1.5}, "1.5"),
+        ("magnitude_prune", {"density": -0.1}, "density"),
+        ("dare_linear", {"drop_rate": 1.0}, "[0.0, 1.0)"),
+        ("dare_ties", {"seed": 1.5}, "integer"),
+        ("dare_ties", {"seed": -1}, "seed"),
+        ("task_arithmetic", {"scaling": 2.5}, "(0.0, 2.0]"),
+        ("task_arithmetic", {"scaling": float("nan")}, "nan"),
+        ("iso_c", {"scaling": True}, "scaling"),
+        ("tsv_m", {"scaling": "1"}, "scaling"),
+    ],
+)
+def test_validate_rejects_bad_hyperparameters_naming_method_and_parameter(name, params, needle):
+    with pytest.raises(MergeConfigError) as err:
+        get_method(name).validate(params)
+    msg = str(err.value)
+    assert name in msg and needle in msg and list(params)[0] in msg
+
+
+def test_validate_fills_defaults_and_keeps_given_values():
+    assert get_method("ties").validate({"density": 0.5}) == {"density": 0.5, "scaling": 1.0}
+    assert get_method("dare_ties").validate({"seed": 7})["seed"] == 7
+
+
+def test_call_rejects_bad_deltas_naming_the_index():
+    ties = get_method("ties")
+    a = torch.zeros(2, 3)
+    with pytest.raises(MergeConfigError, match=r"ties.*update 2 has shape \(3, 2\)"):
+        ties([a, a, torch.zeros(3, 2)])
+    with pytest.raises(MergeConfigError, match="at least one"):
+        ties([])
+    with pytest.raises(MergeConfigError, match=r"update 1 must be a 2-D"):
+        ties([a, torch.zeros(2, 3, 1)])
+    with pytest.raises(MergeConfigError, match=r"update 1 has dtype"):
+        ties([a, a.double()])
+    with pytest.raises(MergeConfigError, match="list"):
+        ties(a)
+    with pytest.raises(MergeConfigError, match="densty"):
+        ties([a], densty=0.1)
+
+
+# ----------------------------------------------------------------------------- TIES
+
+# Three tasks, 2x3. Trim with density 0.5 keeps 3 of 6 entries per task:
+#   T1 = [[ 4, -1,  2 ], [ 0.5,  3,  -6]]  |.| top3: 6, 4, 3     -> [[ 4, 0, 0], [ 0, 3, -6]]
+#   T2 = [[-2,  5,  1 ], [ 1,  -0.5,  2]]  |.| top3: 5, 2, 2     -> [[-2, 5, 0], [ 0, 0,  2]]
+#   T3 = [[ 1, -4, 0.5], [-3,   2,   -1]]  |.| top3: 4, 3, 2     -> [[ 0,-4, 0], [-3, 2,  0]]
+# Column sums of the trimmed values: [[2, 1, 0], [-3, 5, -4]] -> elected signs [[+,+,?],[-,+,-]];
+# (0,2) has no surviving value (T1's 2 was trimmed), so it stays 0 whatever the sign.
+# Disjoint mean over the agreeing non-zero values:
+#   (0,0): 4 (T2's -2 disagrees)      (0,1): 5 (T3's -4 disagrees)     (0,2): 0
+#   (1,0): -3                         (1,1): (3 + 2)/2 = 2.5            (1,2): -6 (T2's 2 disagrees)
+TIES_TASKS = [
+    t([[4, -1, 2], [0.5, 3, -6]]),
+    t([[-2, 5, 1], [1, -0.5, 2]]),
+    t([[1, -4, 0.5], [-3, 2, -1]]),
+]
+TIES_EXPECTED = t([[4, 5, 0], [-3, 2.5, -6]])
+
+
+def test_ties_trim_elect_disjoint_mean_by_hand():
+    ties = get_method("ties")
+    assert_close(ties(TIES_TASKS, density=0.5, scaling=1.0), TIES_EXPECTED)
+    assert_close(ties(TIES_TASKS, density=0.5, scaling=0.5), TIES_EXPECTED * 0.5)
+
+
+def test_ties_zero_sum_takes_the_layer_majority_sign():
+    # density 1 (no trim). Entry (0,0): 1 + (-1) = 0 -> the sign of the whole layer's sum
+    # (1 + 2 - 1 + 1 = 3 > 0) is used, so only +1 counts -> 1. Entry (0,1): mean(2, 1) = 1.5.
+    out = get_method("ties")([t([[1, 2]]), t([[-1, 1]])], density=1.0)
+    assert_close(out, t([[1, 1.5]]))
+
+
+def test_ties_elects_the_sign_with_the_larger_mass_not_the_larger_count():
+    # density 1: values 5, -1, -1 -> sum 3 > 0, so + is elected (two of three tasks are
+    # negative) and the disjoint mean is 5.
+    assert_close(get_method("ties")([t([[5.0]]), t([[-1.0]]), t([[-1.0]])], density=1.0), t([[5.0]]))
+
+
+def test_magnitude_prune_by_hand():
+    # Same trimmed tasks as the TIES example, then a plain mean over all 3 tasks:
+    # sums [[2, 1, 0], [-3, 5, -4]] / 3.
+    out = get_method("magnitude_prune")(TIES_TASKS, density=0.5)
+    assert_close(out, t([[2 / 3, 1 / 3, 0], [-1, 5 / 3, -4 / 3]]))
+
+
+# ----------------------------------------------------------------------------- DARE
+
+def test_dare_with_drop_rate_zero_equals_the_plain_methods():
+    xs = [low_rank(6, 5, 2, s) for s in range(3)]
+    assert torch.equal(get_method("dare_linear")(xs, drop_rate=0.0, seed=3), get_method("linear")(xs))
+    assert torch.equal(
+        get_method("dare_ties")(xs, drop_rate=0.0, seed=3), get_method("ties")(xs, density=1.0)
+    )
+
+
+@pytest.mark.parametrize("name", ["dare_linear", "dare_ties"])
+def test_dare_is_deterministic_per_seed_and_differs_across_seeds(name):
+    xs = [low_rank(8, 6, 2, s) for s in range(3)]
+    m = get_method(name)
+    assert torch.equal(m(xs, seed=11), m(xs, seed=11))
+    assert not torch.equal(m(xs, seed=11), m(xs, seed=12))
+
+
+def test_dare_drops_and_rescales_survivors_exactly():
+    # k = 1, p = 0.75: each entry is either dropped (0) or kept and multiplied by 1/(1-p) = 4.
+    x = torch.arange(1, 401, dtype=torch.float32).reshape(20, 20)
+    out = get_method("dare_linear")([x], drop_rate=0.75, seed=5)
+    kept = out != 0
+    assert torch.equal(out[kept], 4 * x[kept])
+    assert abs(kept.float().mean().item() - 0.25) < 0.08  # 400 Bernoulli(0.25): sd 0.022
+
+
+def test_dare_preserves_the_expected_update():
+    # E[DARE(x)] = x. Per entry the mean of N=2000 seeds has sd = sqrt(Σ_i x_i² · p/(1-p)) / k / √N
+    # <= sqrt(2 · 1 · 1) / 2 / 44.7 ≈ 0.016 for |x| <= 1, p = 0.5, k = 2; tolerance 0.08 = 5 sd.
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.rand(4, 5, generator=g) * 2 - 1 for _ in range(2)]
+    m = get_method("dare_linear")
+    mean = torch.stack([m(xs, drop_rate=0.5, seed=s) for s in range(2000)]).mean(dim=0)
+    assert (mean - (xs[0] + xs[1]) / 2).abs().max() < 0.08
+
+
+# ----------------------------------------------------------------------------- task arithmetic
+
+def test_task_arithmetic_of_one_adapter_with_lambda_one_is_exact():
+    x = low_rank(7, 5, 2, 0)
+    assert torch.equal(get_method("task_arithmetic")([x], scaling=1.0), x)
+
+
+def test_task_arithmetic_by_hand():
+    # 0.5 · ([[1, 2]] + [[3, -4]]) = [[2, -1]]
+    assert_close(get_method("task_arithmetic")([t([[1, 2]]), t([[3, -4]])], scaling=0.5), t([[2, -1]]))
+
+
+# ----------------------------------------------------------------------------- identical adapters
+
+K = 3
+# (method, hyperparameters) for which merging k copies of one adapter returns that adapter.
+IDENTITY_CASES = [
+    ("linear", {}),
+    ("task_arithmetic", {"scaling": 1 / K}),
+    ("ties", {"density": 1.0, "scaling": 1.0}),
+    ("dare_linear", {"drop_rate": 0.0}),
+    ("dare_ties", {"drop_rate": 0.0}),
+    ("magnitude_prune", {"density": 1.0}),
+    ("knots_ties", {"density": 1.0, "scaling": 1.0}),
+    ("knots_ta", {"scaling": 1 / K}),
+    # TSV-M: k copies of U give U_cat = U [I .. I], whose polar factor on its range is
+    # U [I .. I]/√k (same for V), so U_⊥ diag(σ,..,σ) V_⊥ᵀ = (1/k)·k·U Σ Vᵀ — true when the
+    # adapter's rank (2) fits in ⌊min(out,in)/k⌋ = ⌊9/3⌋ = 3 kept components.
+    ("tsv_m", {"scaling": 1.0}),
+]
+
+
+@pytest.mark.parametrize("name, params", IDENTITY_CASES)
+def test_merging_identical_adapters_returns_the_adapter(name, params):
+    x = low_rank(10, 9, 2, 42)
+    out = get_method(name)([x.clone() for _ in range(K)], **params)
+    assert_close(out, x)
+
+
+def test_methods_that_do_not_return_identical_adapters():
+    x = low_rank(10, 9, 2, 42)
+    xs = [x.clone() for _ in range(K)]
+    # trimming with density < 1 keeps only the top entries of the (identical) adapter
+    keep = x.abs() >= x.abs().flatten().topk(round(0.2 * 90)).values[-1]
+    assert_close(get_method("ties")(xs, density=0.2), x * keep)
+    # Iso-C flattens the spectrum: k·x has σ = k·(σ1, σ2) -> both become k·(σ1+σ2)/2
+    u, s, vh = torch.linalg.svd(x.double(), full_matrices=False)
+    expected = (K * s[:2].mean() * u[:, :2] @ vh[:2]).float()
+    assert_close(get_method("iso_c")(xs, scaling=1.0), expected)
+    # ... and is the identity only for an isotropic adapter with α = 1/k: x = 2·Q (Q partial isometry)
+    q = torch.linalg.qr(torch.randn(10, 9, generator=torch.Generator().manual_seed(1)))[0][:, :2]
+    iso = 2 * q @ torch.linalg.qr(torch.randn(9, 2, generator=torch.Generator().manual_seed(2)))[0].T
+    assert_close(get_method("iso_c")([iso] * K, scaling=1 / K), iso)
+
+
+# ----------------------------------------------------------------------------- different ranks
+
+def test_linear_merges_adapters_of_different_ranks():
+    # rank 2: B1 A1 = e1 e1ᵀ + e2 e2ᵀ;  rank 4: B2 A2 = 2·(e1e1ᵀ + e2e2ᵀ + e3e3ᵀ + e4e4ᵀ) (4 x 5)
+    b1, a1 = torch.eye(4)[:, :2], torch.eye(5)[:2]
+    b2, a2 = 2 * torch.eye(4), torch.eye(5)[:4]
+    d1, d2 = b1 @ a1, b2 @ a2
+    expected = t([[1.5, 0, 0, 0, 0], [0, 1.5, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 0, 1, 0]])
+    assert_close(get_method("linear")([d1, d2]), expected)
+    assert_close(get_method("knots_ta")([d1, d2], scaling=0.5), expected)
+    for name in ALL:
+        out = get_method(name)([d1, d2])
+        assert out.shape == (4, 5) and torch.isfinite(out).all(), name
+
+
+# ----------------------------------------------------------------------------- Iso-C
+
+def test_iso_c_by_hand():
+    # diag(3, 0) + diag(0, 1) = diag(3, 1): σ = (3, 1), mean 2 -> 2·U Vᵀ = diag(2, 2)
+    out = get_method("iso_c")([t([[3, 0], [0, 0]]), t([[0, 0], [0, 1]])], scaling=1.0)
+    assert_close(out, t([[2, 0], [0, 2]]))
+
+
+def test_iso_c_flattens_the_nonzero_spectrum_of_the_sum():
+    xs = [low_rank(12, 9, 2, s) for s in range(3)]  # sum has rank 6 of 9
+    s_ta = torch.linalg.svdvals(sum(x.double() for x in xs))
+    out = get_method("iso_c")(xs, scaling=0.7)
+    s_out = torch.linalg.svdvals(out.double())
+    assert torch.allclose(s_out[:6], 0.7 * s_ta[:6].mean().expand(6), rtol=1e-5)
+    assert s_out[6:].max() < 1e-5 * s_out[0]  # rank is kept: no null-space directions added
+
+
+def test_iso_c_on_full_rank_updates_matches_the_paper_formula():
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(6, 4, generator=g, dtype=torch.float64) for _ in range(2)]
+    u, s, vh = torch.linalg.svd(xs[0] + xs[1], full_matrices=False)  # all min(6,4) = 4 values
+    torch.testing.assert_close(get_method("iso_c")(xs, scaling=1.0), s.mean() * u @ vh)
+
+
+# ----------------------------------------------------------------------------- TSV-M
+
+def test_tsv_m_on_orthogonal_subspaces_equals_task_arithmetic():
+    # ΔW_1 lives on e1, e2 (both sides), ΔW_2 on e3: U_cat and V_cat are already orthonormal.
+    d1 = t([[3, 0, 0, 0], [0, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]])
+    d2 = t([[0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 2, 0], [0, 0, 0, 0]])
+    assert_close(get_method("tsv_m")([d1, d2]), d1 + d2)
+    xs = [low_rank(16, 12, 2, s) for s in range(3)]  # random: generic, not orthogonal
+    q_out = torch.linalg.qr(torch.randn(16, 6, generator=torch.Generator().manual_seed(0)))[0]
+    q_in = torch.linalg.qr(torch.randn(12, 6, generator=torch.Generator().manual_seed(1)))[0]
+    ortho = [q_out[:, 2 * i : 2 * i + 2] @ torch.diag(t([3.0 - i, 1.0])) @ q_in[:, 2 * i : 2 * i + 2].T for i in range(3)]
+    assert_close(get_method("tsv_m")(ortho), sum(ortho))
+    assert not torch.allclose(get_method("tsv_m")(xs), sum(xs), atol=1e-3)
+
+
+def test_tsv_m_decorrelates_by_hand():
+    # k = 2, 2x2, ⌊2/2⌋ = 1 component each. ΔW_1 = e1 e1ᵀ; ΔW_2 = u2 e1ᵀ with u2 at 45°.
+    # U_cat = [e1, u2] (vectors at 0° and 45°): its polar factor turns them symmetrically to
+    # -22.5° and 67.5°. V_cat = [e1, e1] = e1 [1 1] has rank 1: polar on its range is e1 [1 1]/√2.
+    # ΔW = (u1' + u2')/√2 · e1ᵀ = (cos 22.5°, sin 22.5°)ᵀ e1ᵀ.  (Task arithmetic: (1.707, 0.707)ᵀ e1ᵀ.)
+    r = 1 / math.sqrt(2)
+    out = get_method("tsv_m")([t([[1, 0], [0, 0]]), t([[r, 0], [r, 0]])])
+    assert_close(out, t([[0.9238795, 0], [0.3826834, 0]]))
+
+
+def test_tsv_m_rank_is_at_most_the_kept_components():
+    # k = 4 updates of rank 3 in 30 x 7: ⌊7/4⌋ = 1 component kept per task -> rank <= 4 < 7
+    xs = [low_rank(30, 7, 3, s) for s in range(4)]
+    u_cat, s_cat, vh_cat = tsv_components(xs)
+    assert u_cat.shape == (30, 4) and s_cat.shape == (4,) and vh_cat.shape == (4, 7)
+    out = get_method("tsv_m")(xs)
+    assert torch.linalg.matrix_rank(out.double(), rtol=1e-5) == 4
+    # rank-2 updates, ⌊12/3⌋ = 4 >= 2: only the 2 real components of each are kept -> rank 6
+    xs = [low_rank(16, 12, 2, s) for s in range(3)]
+    assert tsv_components(xs)[1].shape == (6,)
+    assert torch.linalg.matrix_rank(get_method("tsv_m")(xs).double(), rtol=1e-5) == 6
+
+
+# ----------------------------------------------------------------------------- KnOTS
+
+def test_knots_align_reconstructs_each_update_exactly():
+    xs = [low_rank(12, 7, 2, 0), low_rank(12, 7, 3, 1), low_rank(12, 7, 1, 2)]
+    u, s, vhs = knots_align(xs)
+    assert s.shape == (6,)  # numerical rank of [ΔW_1 | ΔW_2 | ΔW_3] = 2 + 3 + 1
+    for x, vh in zip(xs, vhs):
+        torch.testing.assert_close(u @ torch.diag(s) @ vh, x.double(), atol=1e-6, rtol=0)
+    eye = torch.eye(6, dtype=torch.float64)
+    torch.testing.assert_close(u.T @ u, eye)
+    v_cat = torch.cat(vhs, dim=1)  # [V_1ᵀ | V_2ᵀ | V_3ᵀ] has orthonormal rows
+    torch.testing.assert_close(v_cat @ v_cat.T, eye)
+    # same singular values as the SVD of the concatenation formed directly
+    direct = torch.linalg.svdvals(torch.cat([x.double() for x in xs], dim=1))[:6]
+    torch.testing.assert_close(s, direct)
+
+
+def test_knots_with_one_adapter_returns_it():
+    x = low_rank(9, 6, 3, 7)
+    assert_close(get_method("knots_ties")([x], density=1.0, scaling=1.0), x)
+    assert_close(get_method("knots_ta")([x], scaling=1.0), x)
+
+
+def test_knots_by_hand():
+    # [ΔW_1 | ΔW_2] = [[2,0,0,0],[0,0,0,1]] -> U = I, s = (2, 1), ΣV_1ᵀ = [[2,0],[0,0]],
+    # ΣV_2ᵀ = [[0,0],[0,1]]; TIES (density 1): no conflicts -> [[2,0],[0,1]]; times λ = 1.
+    out = get_method("knots_ties")([t([[2, 0], [0, 0]]), t([[0, 0], [0, 1]])], density=1.0, scaling=1.0)
+    assert_close(out, t([[2, 0], [0, 1]]))
+
+
+def test_knots_ta_equals_task_arithmetic():
+    xs = [low_rank(14, 8, 2, s) for s in range(4)]
+    assert_close(get_method("knots_ta")(xs, scaling=0.3), get_method("task_arithmetic")(xs, scaling=0.3))
+
+
+# ----------------------------------------------------------------------------- purity, dtypes
+
+@pytest.mark.parametrize("name", ALL)
+def test_methods_are_pure_and_keep_the_input_dtype(name):
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        xs = [low_rank(10, 6, 2, s).to(dtype) for s in range(3)]
+        before = [x.clone() for x in xs]
+        out = get_method(name)(xs)
+        again = get_method(name)(xs)
+        assert out.dtype == dtype and out.shape == (10, 6)
+        assert torch.isfinite(out.float()).all()
+        assert torch.equal(out, again)
+        assert all(torch.equal(a, b) for a, b in zip(xs, before))
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_all_zero_updates_merge_to_zero(name):
+    out = get_method(name)([torch.zeros(5, 4), torch.zeros(5, 4)])
+    assert torch.equal(out, torch.zeros(5, 4))
