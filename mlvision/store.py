@@ -45,6 +45,27 @@ _TABLES = [
     """CREATE TABLE IF NOT EXISTS evaluations (
         model_id VARCHAR, split VARCHAR, accuracy DOUBLE, n INTEGER, eval_config_hash VARCHAR,
         run_id VARCHAR, created_at TIMESTAMP, PRIMARY KEY (model_id, split))""",
+    # One merged multi-task model: a method applied to the adapters of a group of tasks.
+    """CREATE TABLE IF NOT EXISTS merges (
+        merge_id VARCHAR PRIMARY KEY, method VARCHAR, k INTEGER, tasks VARCHAR, seed INTEGER,
+        adapter_ids JSON, hyperparams JSON, backbone VARCHAR, merge_seconds DOUBLE,
+        selection JSON, run_id VARCHAR, created_at TIMESTAMP)""",
+    # Accuracy of a merged model on one of its tasks, beside that task's single adapter and head
+    # baseline scored on the very same images.
+    """CREATE TABLE IF NOT EXISTS merge_evaluations (
+        merge_id VARCHAR, task VARCHAR, split VARCHAR, merged_accuracy DOUBLE, single_accuracy DOUBLE,
+        head_accuracy DOUBLE, n INTEGER, run_id VARCHAR, created_at TIMESTAMP,
+        PRIMARY KEY (merge_id, task, split))""",
+    """CREATE TABLE IF NOT EXISTS similarities (
+        task_a VARCHAR, task_b VARCHAR, measure VARCHAR, value DOUBLE, seed INTEGER, config JSON,
+        run_id VARCHAR, created_at TIMESTAMP, PRIMARY KEY (task_a, task_b, measure, seed))""",
+    # value is NULL when the statistic is not available; `note` then says why.
+    """CREATE TABLE IF NOT EXISTS finding_rows (
+        finding VARCHAR, statistic VARCHAR, value DOUBLE, ci_low DOUBLE, ci_high DOUBLE, n INTEGER,
+        note VARCHAR, run_id VARCHAR, created_at TIMESTAMP, PRIMARY KEY (finding, statistic))""",
+    """CREATE TABLE IF NOT EXISTS benchmark_rows (
+        name VARCHAR, variant VARCHAR, k INTEGER, batch_size INTEGER, device VARCHAR, median_ms DOUBLE,
+        p95_ms DOUBLE, throughput DOUBLE, ratio_to_backbone DOUBLE, machine JSON, measured_at TIMESTAMP)""",
 ]
 
 _VIEWS = [
@@ -52,6 +73,19 @@ _VIEWS = [
         SELECT m.task, m.model_kind, m.seed, e.accuracy, e.n AS n_test, m.backbone,
                m.config_hash, m.run_id, m.model_id, m.trainable_params, m.backbone_params
         FROM models m JOIN evaluations e ON e.model_id = m.model_id AND e.split = 'test'""",
+    """CREATE OR REPLACE VIEW merge_results AS
+        SELECT g.merge_id, g.method, g.k, g.tasks, e.task, g.seed, e.merged_accuracy, e.single_accuracy,
+               e.head_accuracy, e.merged_accuracy / nullif(e.single_accuracy, 0) AS normalized_accuracy,
+               (e.merged_accuracy - e.head_accuracy) / nullif(e.single_accuracy - e.head_accuracy, 0) AS normalized_gain,
+               g.hyperparams, g.backbone, e.n, g.run_id
+        FROM merges g JOIN merge_evaluations e ON e.merge_id = g.merge_id AND e.split = 'test'""",
+    """CREATE OR REPLACE VIEW task_similarity AS
+        SELECT task_a, task_b, measure, value, seed, config, run_id FROM similarities""",
+    """CREATE OR REPLACE VIEW findings AS
+        SELECT finding, statistic, value, ci_low, ci_high, n, note, run_id FROM finding_rows""",
+    """CREATE OR REPLACE VIEW benchmarks AS
+        SELECT name, variant, k, batch_size, device, median_ms, p95_ms, throughput, ratio_to_backbone,
+               machine, measured_at FROM benchmark_rows""",
 ]
 
 
@@ -136,8 +170,7 @@ class Store:
                 raise StoreError(f"{self.path} has schema version {version}, newer than this code's "
                                  f"{SCHEMA_VERSION}: update Multi-LoRA Vision (git pull && pip install -r "
                                  "requirements.txt) or use another --db path")
-            if version == SCHEMA_VERSION:
-                return
+        # Idempotent: also adds tables and views that later stages introduced to an older file.
         for statement in _TABLES:
             con.execute(statement)
         for statement in _VIEWS:

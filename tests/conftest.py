@@ -15,9 +15,10 @@ import torch
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 TINY_TASKS = ["uci_digits", "lfw_faces", "textures"]
+TINY_METHODS = ["linear", "task_arithmetic", "ties", "peft_cat"]
 TINY_ARGS = ["--tasks", *TINY_TASKS, "--seeds", "0", "--image-size", "32", "--steps", "8", "--batch-size", "32",
              "--rank", "4", "--alpha", "8", "--head-epochs", "3", "--max-train", "128", "--max-validation", "64",
-             "--max-test", "96"]
+             "--max-test", "96", "--merge-methods", *TINY_METHODS, "--max-k", "3", "--merge-eval", "48", "--merge-select", "16"]
 
 
 def run_all(*args: str) -> int:

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from mlvision.backbone import BackboneConfig, default_target_modules
+from mlvision.store import config_hash
 from mlvision.paths import DEFAULT_ARTIFACTS_DIR, DEFAULT_DB_PATH, REPO_ROOT
 from mlvision.tasks import TASK_NAMES
 
@@ -36,6 +37,14 @@ class StudyConfig:
     max_train: int | None = 10000
     max_validation: int | None = 1000
     max_test: int | None = 2000
+    # merge sweep (merging/sweep.py)
+    merge_methods: tuple[str, ...] = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "magnitude_prune",
+                                      "knots_ties", "knots_ta", "tsv_m", "iso_c",
+                                      "peft_linear", "peft_cat", "peft_svd", "peft_ties")
+    max_k: int = 6
+    merge_all_seeds_up_to_k: int = 2  # larger groups use the first seed only (time budget)
+    merge_eval: int | None = 300      # test images per task scored for each merged model (fixed subset)
+    merge_select: int | None = 100    # validation images per task for choosing λ (task arithmetic)
     # where things go
     db: Path = DEFAULT_DB_PATH
     artifacts: Path = DEFAULT_ARTIFACTS_DIR
@@ -53,12 +62,20 @@ class StudyConfig:
         return {"kind": "adapter", "task": task, "seed": seed, "backbone": self.backbone_config.to_dict(),
                 "rank": self.rank, "alpha": self.alpha, "target_modules": self.lora_targets,
                 "steps": self.steps, "batch_size": self.batch_size, "lr": self.lr, "head_lr": self.head_lr,
-                "max_train": self.max_train}
+                "max_train": self.max_train, **self.eval_limits()}
+
+    def eval_limits(self) -> dict:
+        return {"max_validation": self.max_validation, "max_test": self.max_test}
 
     def head_training_config(self, task: str, seed: int) -> dict:
         return {"kind": "head", "task": task, "seed": seed, "backbone": self.backbone_config.to_dict(),
                 "epochs": self.head_epochs, "batch_size": 256, "lr": self.head_lr, "max_train": self.max_train,
-                "max_validation": self.max_validation}
+                **self.eval_limits()}
+
+    def model_id(self, kind: str, task: str, seed: int) -> str:
+        """The stored identity of a head baseline or adapter: the hash of its full config."""
+        make = self.adapter_training_config if kind == "adapter" else self.head_training_config
+        return config_hash(make(task, seed))
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -66,10 +83,13 @@ class StudyConfig:
         return data
 
 
+STAGES = ("train", "merge")
+
 PROFILES = {
     "default": StudyConfig(),
     "quick": StudyConfig(seeds=(0,), image_size=32, steps=12, head_epochs=5, max_train=256, max_validation=64,
-                         max_test=128, rank=4, alpha=8.0,
+                         max_test=128, rank=4, alpha=8.0, max_k=2, merge_eval=64, merge_select=32,
+                         merge_methods=("linear", "task_arithmetic", "ties"),
                          # a smoke test never touches the committed results
                          db=REPO_ROOT / "runs" / "quick" / "results.duckdb", artifacts=REPO_ROOT / "runs" / "quick" / "artifacts"),
 }
@@ -94,6 +114,12 @@ def add_study_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-train", type=int, help="images per task used for training (fixed subset; default: 10000)")
     parser.add_argument("--max-validation", type=int, help="validation images per task (default: 1000)")
     parser.add_argument("--max-test", type=int, help="test images per task (fixed subset, same for every model; default: 2000)")
+    parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES), help="stages to run, in order (default: all)")
+    parser.add_argument("--merge-methods", nargs="+", help="merge methods for the sweep (default: all registered, peft references included)")
+    parser.add_argument("--max-k", type=int, help="largest group of adapters merged (default: 6)")
+    parser.add_argument("--merge-all-seeds-up-to-k", type=int, help="groups up to this size are merged for every seed, larger ones for the first seed only (default: 2)")
+    parser.add_argument("--merge-eval", type=int, help="test images per task scored for each merged model (fixed subset; default: 300)")
+    parser.add_argument("--merge-select", type=int, help="validation images per task used to pick task arithmetic's lambda (default: 100)")
     parser.add_argument("--db", type=Path, help="results database (default: results.duckdb at the repo root; --quick: runs/quick/results.duckdb)")
     parser.add_argument("--artifacts", type=Path, help="folder for adapters and heads (default: artifacts/ at the repo root)")
 

@@ -104,9 +104,6 @@ class TrainingStage:
             self._features[key] = extract_features(self._frozen_backbone, self.tensors(task, split)[0])
         return self._features[key]
 
-    def _eval_limits(self) -> dict:
-        return {"max_validation": self.config.max_validation, "max_test": self.config.max_test}
-
     def model_folder(self, kind: str, task: str, seed: int, model_id: str) -> Path:
         safe_task = task.replace(":", "_").replace("/", "_")
         return Path(self.config.artifacts) / self.backbone_config.name / safe_task / f"{kind}-seed{seed}-{model_id[:8]}"
@@ -121,7 +118,7 @@ class TrainingStage:
                 "train_seconds": seconds, "run_id": self.run_id, "created_at": now()}, key=("model_id",))
             for split, (value, n) in accuracies.items():
                 insert_row(con, "evaluations", {"model_id": model_id, "split": split, "accuracy": value, "n": n,
-                                                "eval_config_hash": config_hash(self._eval_limits()),
+                                                "eval_config_hash": config_hash(self.config.eval_limits()),
                                                 "run_id": self.run_id, "created_at": now()}, key=("model_id", "split"))
 
     def _meta(self, kind: str, task: str, train_config: dict, model_id: str) -> dict:
@@ -132,8 +129,8 @@ class TrainingStage:
 
     def run_head(self, task: str, seed: int) -> bool:
         """Head baseline for (task, seed); returns False when it was already stored."""
-        train_config = {**self.config.head_training_config(task, seed), **self._eval_limits()}
-        model_id = config_hash(train_config)
+        train_config = self.config.head_training_config(task, seed)
+        model_id = self.config.model_id("head", task, seed)
         if self.store.has_model(model_id):
             return False
         labels = {split: self.tensors(task, split)[1] for split in ("train", "validation", "test")}
@@ -152,8 +149,8 @@ class TrainingStage:
 
     def run_adapter(self, task: str, seed: int) -> bool:
         """LoRA adapter (+ its head) for (task, seed); returns False when it was already stored."""
-        train_config = {**self.config.adapter_training_config(task, seed), **self._eval_limits()}
-        model_id = config_hash(train_config)
+        train_config = self.config.adapter_training_config(task, seed)
+        model_id = self.config.model_id("adapter", task, seed)
         if self.store.has_model(model_id):
             return False
         images, labels = self.tensors(task, "train")

@@ -50,6 +50,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     from mlvision.store import Store
     from mlvision.tasks import get_task
     from training.config import config_from_args
+    from merging.sweep import MergeSweep
     from training.pipeline import TrainingStage
 
     config = config_from_args(args)
@@ -64,10 +65,17 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     stage = TrainingStage(config, store)
     stage.start_run("python training/run_all.py " + shlex.join(argv))
     stage.prepare_tasks()
-    counts = stage.run()
+    if "train" in args.stages:
+        counts = stage.run()
+        print(f"training: {counts['trained']} models trained, {counts['skipped']} already stored "
+              f"({time.perf_counter() - started:.0f} s)")
+    if "merge" in args.stages and len(config.tasks) >= 2:
+        started = time.perf_counter()
+        counts = MergeSweep(config, store).run()
+        print(f"merge sweep: {counts['merged']} merges evaluated, {counts['skipped']} already stored "
+              f"({time.perf_counter() - started:.0f} s)")
     stage.finish_run()
-    print(f"training: {counts['trained']} models trained, {counts['skipped']} already stored "
-          f"({time.perf_counter() - started:.0f} s); results in {config.db}")
+    print(f"results in {config.db}")
     return 0
 
 

@@ -1,0 +1,173 @@
+"""The merge sweep: every group of 2..max_k tasks x every method x seeds, each merged model scored.
+
+For each (group, method, seed) the adapters' ΔW are merged layer by layer, folded into one base
+backbone (weights swapped in place, no model rebuilt from disk), and the merged model is scored
+on each of its tasks' fixed evaluation subset. Beside it, each task's own adapter and head
+baseline are scored on the very same images once per sweep, so normalized accuracy compares like
+with like. A merge is keyed by the hash of (method, hyperparameters or selection rule, adapter
+ids, evaluation sizes) and skipped when already stored: the sweep is idempotent and resumable.
+
+Task arithmetic picks its λ from a grid on the validation subset (mean accuracy over the group's
+tasks) and stores the grid, the validation scores and the choice.
+"""
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from merging.deltas import AdapterDeltas, load_deltas
+from merging.merged_model import FoldedBackbone, merge_deltas
+from merging.methods import TASK_ARITHMETIC_GRID, get_method, list_methods
+from merging.peft_reference import PEFT_METHODS, PeftMerger
+from mlvision.data import split_tensors
+from mlvision.errors import MLVisionError
+from mlvision.backbone import Preprocess
+from mlvision.models import accuracy, load_head, predict, read_meta
+from mlvision.store import Store, config_hash, insert_row, now
+from training.config import StudyConfig
+from training.pipeline import resolve_stored_path, study_run_id
+
+ALL_METHODS = tuple(list_methods()) + tuple(PEFT_METHODS)
+SELECTED_BY_VALIDATION = {"task_arithmetic": ("scaling", TASK_ARITHMETIC_GRID)}
+
+
+def merge_seeds(config: StudyConfig, k: int) -> tuple[int, ...]:
+    """Seeds swept for groups of size k: all of them up to `merge_all_seeds_up_to_k`, else the first."""
+    return tuple(config.seeds) if k <= config.merge_all_seeds_up_to_k else tuple(config.seeds[:1])
+
+
+def sweep_plan(config: StudyConfig) -> list[tuple[tuple[str, ...], int, str]]:
+    """Every (group, seed, method) the sweep covers, smallest groups first."""
+    plan = []
+    for k in range(2, min(config.max_k, len(config.tasks)) + 1):
+        for group in itertools.combinations(sorted(config.tasks), k):
+            for seed in merge_seeds(config, k):
+                plan.extend((group, seed, method) for method in config.merge_methods)
+    return plan
+
+
+@dataclass
+class Baseline:
+    single: float  # the task's own adapter on the evaluation subset
+    head: float    # the frozen backbone + trained head on the same images
+
+
+class MergeSweep:
+    def __init__(self, config: StudyConfig, store: Store):
+        for method in config.merge_methods:
+            if method not in PEFT_METHODS:
+                get_method(method)  # unknown names fail before any work
+        self.config = config
+        self.store = store
+        self.run_id = study_run_id(config)
+        self.folded = FoldedBackbone(config.backbone_config)
+        self.adapters: dict[tuple[str, int], AdapterDeltas] = {}
+        self.folders: dict[tuple[str, int], str] = {}
+        self.baselines: dict[tuple[str, int], Baseline] = {}
+        self._peft: dict[int, PeftMerger] = {}
+
+    # -- inputs -----------------------------------------------------------------------------------
+    def _stored_path(self, kind: str, task: str, seed: int) -> str:
+        model_id = self.config.model_id(kind, task, seed)
+        rows = self.store.query("SELECT path FROM models WHERE model_id = ?", [model_id])
+        if not rows:
+            raise MLVisionError(f"no trained {kind} for task '{task}' seed {seed} with this configuration in "
+                                f"{self.store.path}: run the training stage first (python training/run_all.py)")
+        return str(resolve_stored_path(rows[0][0]))
+
+    def eval_tensors(self, task: str, split: str = "test"):
+        limit = self.config.merge_eval if split == "test" else self.config.merge_select
+        return split_tensors(task, split, self.preprocess, limit)
+
+    def load_inputs(self, seeds: set[int]) -> None:
+        """Load each needed adapter's ΔW and score its single adapter and head baseline once."""
+        first = None
+        for task in self.config.tasks:
+            for seed in sorted(seeds):
+                folder = self._stored_path("adapter", task, seed)
+                adapter = load_deltas(folder)
+                self.adapters[(task, seed)], self.folders[(task, seed)] = adapter, folder
+                first = first or adapter
+        self.preprocess = Preprocess.from_dict(first.meta["preprocess"])
+        for (task, seed), adapter in tqdm(self.adapters.items(), desc="baselines", unit="adapter", leave=False):
+            images, labels = self.eval_tensors(task)
+            single_model = self.folded.model(adapter.deltas, {task: adapter.head})
+            single = accuracy(single_model, task, images, labels)
+            head_folder = self._stored_path("head", task, seed)
+            head_model = self.folded.model({}, {task: load_head(head_folder, read_meta(head_folder))})
+            self.baselines[(task, seed)] = Baseline(single=single, head=accuracy(head_model, task, images, labels))
+
+    # -- one merge --------------------------------------------------------------------------------
+    def merge_id(self, group, seed, method) -> str:
+        adapter_ids = [self.config.model_id("adapter", task, seed) for task in group]
+        rule = {"select": SELECTED_BY_VALIDATION[method], "select_n": self.config.merge_select} \
+            if method in SELECTED_BY_VALIDATION else {}
+        hyper = {} if method in PEFT_METHODS or method in SELECTED_BY_VALIDATION else get_method(method).validate({})
+        return "merge-" + config_hash({"method": method, "hyperparams": hyper, "rule": rule,
+                                        "adapters": adapter_ids, "eval_n": self.config.merge_eval})
+
+    def _merged_deltas(self, group, seed, method):
+        """(merged ΔW per layer, hyperparams, selection record)."""
+        adapters = [self.adapters[(task, seed)] for task in group]
+        if method in PEFT_METHODS:
+            merger = self._peft.get(seed)
+            if merger is None:
+                folders = {task: self.folders[(task, seed)] for task in self.config.tasks}
+                merger = self._peft[seed] = PeftMerger(self.config.backbone_config, folders)
+            return merger.merge(method, list(group)), merger.hyperparams(method, len(group)), None
+        if method in SELECTED_BY_VALIDATION:
+            name, grid = SELECTED_BY_VALIDATION[method]
+            scores = {}
+            for value in grid:
+                merged = merge_deltas(adapters, method, {name: value})
+                model = self.folded.model(merged, {a.task: a.head for a in adapters})
+                scores[value] = sum(accuracy(model, t, *self.eval_tensors(t, "validation")) for t in group) / len(group)
+            best = max(grid, key=lambda v: (scores[v], -v))
+            params = get_method(method).validate({name: best})
+            selection = {"parameter": name, "grid": list(grid), "validation_accuracy": {str(v): s for v, s in scores.items()},
+                         "chosen": best, "validation_n_per_task": self.config.merge_select}
+            return merge_deltas(adapters, method, params), params, selection
+        params = get_method(method).validate({})
+        return merge_deltas(adapters, method, params), params, None
+
+    def run_one(self, group: tuple[str, ...], seed: int, method: str) -> bool:
+        merge_id = self.merge_id(group, seed, method)
+        if self.store.query("SELECT count(*) FROM merges WHERE merge_id = ?", [merge_id])[0][0]:
+            return False
+        start = time.perf_counter()
+        merged, params, selection = self._merged_deltas(group, seed, method)
+        seconds = time.perf_counter() - start
+        heads = {task: self.adapters[(task, seed)].head for task in group}
+        model = self.folded.model(merged, heads)
+        scores = {}
+        for task in group:
+            images, labels = self.eval_tensors(task)
+            scores[task] = (float((predict(model, images)[task] == labels).float().mean()), len(labels))
+        with self.store.write() as con:
+            insert_row(con, "merges", {
+                "merge_id": merge_id, "method": method, "k": len(group), "tasks": ",".join(group), "seed": seed,
+                "adapter_ids": [self.config.model_id("adapter", t, seed) for t in group], "hyperparams": params,
+                "backbone": self.config.backbone, "merge_seconds": seconds, "selection": selection,
+                "run_id": self.run_id, "created_at": now()}, key=("merge_id",))
+            for task, (value, n) in scores.items():
+                baseline = self.baselines[(task, seed)]
+                insert_row(con, "merge_evaluations", {
+                    "merge_id": merge_id, "task": task, "split": "test", "merged_accuracy": value,
+                    "single_accuracy": baseline.single, "head_accuracy": baseline.head, "n": n,
+                    "run_id": self.run_id, "created_at": now()}, key=("merge_id", "task", "split"))
+        return True
+
+    def run(self) -> dict:
+        plan = sweep_plan(self.config)
+        stored = {r[0] for r in self.store.query("SELECT merge_id FROM merges")}
+        todo = [item for item in plan if self.merge_id(*item) not in stored]
+        counts = {"merged": 0, "skipped": len(plan) - len(todo)}
+        if todo:
+            self.load_inputs({seed for _, seed, _ in todo})
+        for group, seed, method in tqdm(todo, desc="merge sweep", unit="merge"):
+            counts["merged"] += self.run_one(group, seed, method)
+        return counts
