@@ -1,0 +1,311 @@
+"""The seven pages. Each is a function (db path, sidebar filters) that draws one page.
+
+A page reads through `queries`, computes through `analysis`, draws through `charts`; when
+its data is not in the database (an older file without the view, or an empty view) it says
+so with `st.info` and returns.
+"""
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import streamlit as st
+
+from dashboard import analysis, charts, queries
+from dashboard.filters import Filters
+
+RUN_HINT = "`python training/run_all.py`"
+
+
+def _missing(what: str, view: str, df: pd.DataFrame | None, how: str = RUN_HINT) -> bool:
+    """Show why a page has nothing to draw; True when the caller should stop."""
+    if df is None:
+        st.info(f"No {what} in this database yet: it has no `{view}` view (an older or partial "
+                f"results file). Run {how} with the current code to add it.")
+        return True
+    if df.empty:
+        st.info(f"No {what} stored yet: the `{view}` view is empty. Run {how} to fill it.")
+        return True
+    return False
+
+
+def _chart(fig) -> None:
+    st.plotly_chart(fig, width="stretch", config={"displaylogo": False})
+
+
+def _table(df: pd.DataFrame, **kwargs) -> None:
+    st.dataframe(df, width="stretch", hide_index=True, **kwargs)
+
+
+# --------------------------------------------------------------------------------- 1 Overview
+
+def overview(db: str, filters: Filters) -> None:
+    st.header("Overview")
+    results = queries.task_results(db)
+    if _missing("trained models", "task_results", results):
+        return
+    merges = queries.merge_results(db)
+    n_merges = "not stored yet" if merges is None else f"{merges['merge_id'].nunique():,}"
+    columns = st.columns(6)
+    columns[0].metric("Tasks", results["task"].nunique())
+    columns[1].metric("Adapters", int((results["model_kind"] == "adapter").sum()))
+    columns[2].metric("Head baselines", int((results["model_kind"] == "head").sum()))
+    columns[3].metric("Merged models", n_merges)
+    columns[4].metric("Seeds", results["seed"].nunique())
+    columns[5].metric("Runs", results["run_id"].nunique())
+    st.markdown("**Backbone:** " + ", ".join(f"`{b}`" for b in sorted(results["backbone"].dropna().unique())))
+
+    st.subheader("Headline findings")
+    found = queries.findings(db)
+    if not _missing("findings", "findings", found, "the merge sweep (`python training/run_all.py`)"):
+        shown = found[["finding", "statistic", "value", "ci_low", "ci_high", "n", "note"]]
+        _table(shown, column_config={c: st.column_config.NumberColumn(format="%.3f")
+                                     for c in ("value", "ci_low", "ci_high")})
+
+    st.subheader("Last run")
+    runs = queries.runs(db)
+    if runs is not None and not runs.empty:
+        last = runs.iloc[0]
+        st.markdown(f"`{last['run_id']}`: **{_text(last['status'])}**, started {_text(last['started_at'])}, "
+                    f"finished {_text(last['finished_at'])}  \ncommand: `{_text(last['command'])}`")
+        with st.expander("Configuration of the last run"):
+            st.json(_as_json(last["config"]))
+    else:
+        st.caption("This database stores no run records; latest run id in task_results: "
+                   f"`{results['run_id'].dropna().max()}`")
+
+    st.subheader("Tasks")
+    tasks = sorted(results["task"].unique())
+    info = queries.task_info(db, tasks).set_index("task")
+    accuracy = analysis.describe_accuracy(results).set_index("task")
+    for task in tasks:
+        row = info.loc[task]
+        labels = list(row["label_names"])
+        st.markdown(f"**{task}** · domain *{_text(row['domain'])}* · {len(labels)} classes  \n"
+                    f"{_text(row['description'], '')}")
+        if task in accuracy.index:
+            st.caption(" · ".join(f"{c}: {v}" for c, v in accuracy.loc[task].dropna().items()))
+        try:
+            images = queries.sample_images(task)
+        except Exception as error:  # a broken cache must not break the page
+            images, note = None, f"sample images unavailable ({error})"
+        else:
+            note = "sample images: the task is not prepared in the local cache on this machine"
+        if images:
+            st.image([image for image, _ in images], caption=[label for _, label in images], width=72)
+        else:
+            st.caption(note + "; labels: " + ", ".join(labels))
+
+
+def _text(value, missing: str = "—") -> str:
+    return missing if value is None or (not isinstance(value, (list, dict)) and pd.isna(value)) else str(value)
+
+
+def _as_json(value):
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return {"config": value}
+    return value
+
+
+# ----------------------------------------------------------------------------- 2 Merge count
+
+def merge_count(db: str, filters: Filters) -> None:
+    st.header("Accuracy against the number of merged adapters")
+    merges = queries.merge_results(db)
+    if _missing("merge results", "merge_results", merges):
+        return
+    methods = filters.multi("Methods", "method", sorted(merges["method"].unique()))
+    tasks = filters.multi("Tasks evaluated", "task", sorted(merges["task"].unique()),
+                          help="Only these tasks' accuracies count; a merged group counts with the mean over them")
+    rows = merges[merges["method"].isin(methods) & merges["task"].isin(tasks)]
+    if rows.empty:
+        st.info("No merge results match the filters: select at least one method and one task.")
+        return
+    st.caption("Line: mean over merged models (every group of k tasks and seed; a model's value is the mean over "
+               "the tasks it serves). Band: ±1 standard deviation over those models; hover shows n.")
+    left, right = st.columns(2)
+    with left:
+        curve = analysis.merge_count_curve(rows, "merged_accuracy")
+        refs = {"single adapter (mean)": rows["single_accuracy"].mean(), "head baseline (mean)": rows["head_accuracy"].mean()}
+        _chart(charts.merge_count_figure(curve, "accuracy", refs))
+    with right:
+        curve_norm = analysis.merge_count_curve(rows, "normalized_accuracy")
+        _chart(charts.merge_count_figure(curve_norm, "normalized accuracy", {"single adapter": 1.0}))
+    with st.expander("Data behind the charts"):
+        both = curve.merge(curve_norm, on=["method", "k"], suffixes=("_accuracy", "_normalized"))
+        _table(both)
+
+
+# --------------------------------------------------------------------------- 3 Dissimilarity
+
+def dissimilarity(db: str, filters: Filters) -> None:
+    st.header("Task similarity against merge retention")
+    similarity = queries.task_similarity(db)
+    merges = queries.merge_results(db)
+    if _missing("task similarities", "task_similarity", similarity):
+        return
+    if _missing("merge results", "merge_results", merges):
+        return
+    pair_methods = sorted(merges.loc[merges["k"] == 2, "method"].unique())
+    if not pair_methods:
+        st.info("No merges of two adapters (k = 2) are stored, so no pair has a retention to compare.")
+        return
+    method = filters.select("Merge method (pairs, k = 2)", "method", pair_methods)
+    measures = filters.multi("Similarity measures", "measure", sorted(similarity["measure"].unique()))
+    retention = analysis.pair_retention(merges, method)
+    names = sorted(set(similarity["task_a"]) | set(similarity["task_b"]) | set(merges["task"]))
+    domains = queries.task_info(db, names).set_index("task")["domain"].to_dict()
+    points = analysis.similarity_points(similarity[similarity["measure"].isin(measures)], retention, domains)
+    if points.empty:
+        st.info("No pair has both a similarity (for the chosen measures) and a merge retention.")
+        return
+    st.caption("One point per pair of tasks: x = similarity (mean over seeds), y = retention = mean normalized "
+               "accuracy of the pair's merged model over both tasks and seeds. ρ: Spearman, 95% CI by Fisher z.")
+    stats_rows = []
+    chosen = [m for m in measures if m in set(points["measure"])]
+    for start in range(0, len(chosen), 2):
+        columns = st.columns(2)
+        for column, measure in zip(columns, chosen[start:start + 2]):
+            part = points[points["measure"] == measure]
+            stats = analysis.spearman(part["value"], part["retention"])
+            stats_rows.append({"measure": measure, **stats})
+            with column:
+                _chart(charts.similarity_figure(part, measure, stats))
+    st.subheader("Correlation with retention")
+    _table(pd.DataFrame(stats_rows))
+    st.subheader("Same-domain against cross-domain pairs")
+    comparison = analysis.domain_comparison(points)
+    _table(comparison)
+    _chart(charts.grouped_bar_figure(comparison.assign(model="retention"), "Retention by pair type",
+                                     "retention (normalized accuracy)", x="pairs"))
+
+
+# ------------------------------------------------------------------ 4 Merges vs head finetuning
+
+def merges_vs_heads(db: str, filters: Filters) -> None:
+    st.header("Merged models against head finetuning")
+    merges = queries.merge_results(db)
+    if merges is None or merges.empty:
+        _missing("merge results", "merge_results", merges)
+        results = queries.task_results(db)
+        if results is not None and not results.empty:
+            st.markdown("Meanwhile, each task's single adapter against its head baseline (from `task_results`):")
+            _chart(charts.grouped_bar_figure(analysis.kind_comparison(results), "Single adapter against head baseline",
+                                             "test accuracy"))
+        return
+    method = filters.select("Merge method", "method", sorted(merges["method"].unique()))
+    ks = sorted(int(k) for k in merges.loc[merges["method"] == method, "k"].unique())
+    k = filters.select("Adapters merged (k)", "k", ks, default=max(ks))
+    table = analysis.task_comparison(merges, method, k)
+    st.caption("Each task's accuracy with its own adapter, with its head on the frozen backbone, and inside the merged "
+               "model; mean ± sd over the groups that contain the task and seeds, all scored on the same images.")
+    _chart(charts.grouped_bar_figure(table, f"Per task: single adapter, head baseline, merged ({method}, k={k})",
+                                     "test accuracy"))
+    matrix = analysis.gain_matrix(merges, method)
+    st.caption("Normalized gain over the head baseline: 1 = as good as the task's own adapter, 0 = as good as the "
+               "frozen backbone with a head, below 0 = worse than the head (mean over seeds).")
+    _chart(charts.gain_heatmap(matrix, f"Normalized gain over head baseline ({method})"))
+
+
+# --------------------------------------------------------------------------------- 5 Methods
+
+def methods(db: str, filters: Filters) -> None:
+    st.header("Merge methods")
+    merges = queries.merge_results(db)
+    if _missing("merge results", "merge_results", merges):
+        return
+    labels = {m: analysis.METRIC_LABELS[m] for m in ("normalized_accuracy", "merged_accuracy", "normalized_gain")}
+    metric = filters.select("Figure", "metric", list(labels), format_func=labels.get)
+    table = analysis.methods_table(merges)
+    _chart(charts.methods_figure(table, metric, labels[metric]))
+    st.caption("Means over merged models (groups × seeds); sd in the *_sd columns; hyperparameters as stored with "
+               "every result.")
+    _table(table, column_config={c: st.column_config.NumberColumn(format="%.3f") for c in table.columns
+                                 if table[c].dtype.kind == "f"})
+
+
+# ------------------------------------------------------------------------------------ 6 Runs
+
+def runs(db: str, filters: Filters) -> None:
+    st.header("Runs and stored results")
+    runs_df = queries.runs(db)
+    results = queries.task_results(db)
+    merges = queries.merge_results(db)
+    search = filters.text("Search (run id, command, config)", "q")
+
+    st.subheader("Pipeline runs")
+    if runs_df is None or runs_df.empty:
+        st.info("This database stores no run records (no `runs` table, or it is empty).")
+    else:
+        shown = runs_df.assign(config=runs_df["config"].astype(str), machine=runs_df["machine"].astype(str))
+        if search:
+            text = shown[["run_id", "command", "config"]].astype(str).agg(" ".join, axis=1)
+            shown = shown[text.str.contains(search, case=False, regex=False)]
+        _table(shown)
+        st.download_button("Download runs (CSV)", shown.to_csv(index=False), "runs.csv", "text/csv")
+        chosen = st.selectbox("Configuration of run", shown["run_id"].tolist(), key="runs.config_run")
+        if chosen:
+            st.json(_as_json(shown.set_index("run_id").loc[chosen, "config"]), expanded=False)
+
+    st.subheader("Trained models (`task_results`)")
+    chosen_tasks = None
+    if not _missing("trained models", "task_results", results):
+        chosen_tasks = filters.multi("Task", "task", sorted(results["task"].unique()))
+        kinds = filters.multi("Model kind", "kind", sorted(results["model_kind"].unique()))
+        seeds = filters.multi("Seed", "seed", sorted(int(s) for s in results["seed"].unique()))
+        shown = results[results["task"].isin(chosen_tasks) & results["model_kind"].isin(kinds) & results["seed"].isin(seeds)]
+        if search:
+            text = shown[["run_id", "config_hash", "model_id"]].astype(str).agg(" ".join, axis=1)
+            shown = shown[text.str.contains(search, case=False, regex=False)]
+        st.caption(f"{len(shown)} of {len(results)} models")
+        _table(shown)
+        st.download_button("Download models (CSV)", shown.to_csv(index=False), "task_results.csv", "text/csv")
+
+    st.subheader("Merge evaluations (`merge_results`)")
+    if not _missing("merge results", "merge_results", merges):
+        method_options = sorted(merges["method"].unique())
+        chosen_methods = filters.multi("Merge method", "method", method_options)
+        shown = merges[merges["method"].isin(chosen_methods)]
+        if chosen_tasks is not None:
+            shown = shown[shown["task"].isin(chosen_tasks)]
+        st.caption(f"{len(shown)} of {len(merges)} rows")
+        _table(shown.assign(hyperparams=shown["hyperparams"].astype(str)))
+        st.download_button("Download merge results (CSV)", shown.to_csv(index=False), "merge_results.csv", "text/csv")
+
+
+# ------------------------------------------------------------------------------- 7 Performance
+
+def performance(db: str, filters: Filters) -> None:
+    st.header("Inference cost")
+    bench = queries.benchmarks(db)
+    if _missing("benchmarks", "benchmarks", bench, "the benchmark stage"):
+        return
+    devices = sorted(bench["device"].dropna().astype(str).unique())
+    device = filters.select("Device", "device", devices) if devices else None
+    rows = bench if device is None else bench[bench["device"].astype(str) == device]
+    sizes = sorted(int(b) for b in rows["batch_size"].dropna().unique())
+    batch = filters.select("Batch size", "batch", sizes) if sizes else None
+    if batch is not None:
+        rows = rows[rows["batch_size"] == batch]
+    left, right = st.columns(2)
+    with left:
+        _chart(charts.benchmark_figure(rows, "median_ms", "median latency (ms)"))
+    with right:
+        _chart(charts.benchmark_figure(rows, "throughput", "throughput (images/s)"))
+    if rows["ratio_to_backbone"].notna().any():
+        _chart(charts.benchmark_figure(rows, "ratio_to_backbone", "latency / backbone alone"))
+    _table(rows.assign(machine=rows["machine"].astype(str)))
+
+
+PAGES = {
+    "overview": ("Overview", overview),
+    "merge_count": ("Merge count", merge_count),
+    "dissimilarity": ("Dissimilarity", dissimilarity),
+    "merges_vs_heads": ("Merges vs head finetuning", merges_vs_heads),
+    "methods": ("Methods", methods),
+    "runs": ("Runs", runs),
+    "performance": ("Performance", performance),
+}

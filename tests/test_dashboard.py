@@ -1,0 +1,556 @@
+"""The dashboard: every page under AppTest on real databases, the data behind its charts checked
+against direct SQL on the views; broken databases give messages, never tracebacks; and one
+real-browser pass (headless Chromium) over every page.
+
+Databases used:
+- `tiny_study`: built by the project's own pipeline (conftest);
+- `full_db`: every view filled (merges, similarity, findings, benchmarks) through the
+  project's own `Store`, with seeded numbers, so the pages whose stages may not have run in
+  the tiny study are still checked against SQL;
+- the committed `results.duckdb`, when present.
+"""
+from __future__ import annotations
+
+import base64
+import itertools
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pandas as pd
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from mlvision.paths import DEFAULT_DB_PATH, REPO_ROOT
+from mlvision.store import Store
+
+APP = str(REPO_ROOT / "dashboard" / "app.py")
+PAGES = ["overview", "merge_count", "dissimilarity", "merges_vs_heads", "methods", "runs", "performance"]
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+SCREENS_COPY = Path("/tmp/dashboard_screens")
+
+
+# ------------------------------------------------------------------------------ helpers
+
+def render(db, page: str, params: dict | None = None, monkeypatch=None) -> AppTest:
+    os.environ["MLV_DB"] = str(db)
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.query_params["page"] = page
+    for key, value in (params or {}).items():
+        at.query_params[key] = value
+    at.run()
+    return at
+
+
+def figures(at: AppTest) -> list[dict]:
+    """The plotly figures of the page, arrays decoded to lists (plotly sends numpy data base64-packed)."""
+    return [_decode(json.loads(element.proto.spec)) for element in at.get("plotly_chart")]
+
+
+def _decode(value):
+    if isinstance(value, dict):
+        if "bdata" in value and "dtype" in value:
+            array = np.frombuffer(base64.b64decode(value["bdata"]), dtype=np.dtype(value["dtype"]))
+            if "shape" in value:
+                shape = value["shape"]
+                array = array.reshape([int(n) for n in str(shape).split(",")] if isinstance(shape, str) else shape)
+            return array.tolist()
+        return {key: _decode(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_decode(item) for item in value]
+    return value
+
+
+def lines(figure: dict) -> dict[str, tuple[list, list]]:
+    """name -> (x, y) of the line traces (bands have mode 'none')."""
+    return {t["name"]: (list(t["x"]), list(t["y"])) for t in figure["data"]
+            if t.get("type", "scatter") == "scatter" and "lines" in t.get("mode", "")}
+
+
+def bars(figure: dict) -> dict[str, dict]:
+    return {t["name"]: dict(zip(t["x"], t["y"])) for t in figure["data"] if t.get("type") == "bar"}
+
+
+def sql(db, query: str) -> pd.DataFrame:
+    with duckdb.connect(str(db), read_only=True) as con:
+        return con.execute(query).df()
+
+
+def assert_clean(at: AppTest) -> None:
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+
+
+@pytest.fixture(autouse=True)
+def _restore_env():
+    saved = os.environ.get("MLV_DB")
+    yield
+    if saved is None:
+        os.environ.pop("MLV_DB", None)
+    else:
+        os.environ["MLV_DB"] = saved
+
+
+# ----------------------------------------------------------------- a fully populated database
+
+def build_full_db(path: Path) -> Path:
+    """Every view filled, through the project's Store (schema, views) with seeded numbers."""
+    rng = np.random.default_rng(0)
+    tasks = {"mnist": "digits", "uci_digits": "digits", "lfw_faces": "photos", "textures": "photos"}
+    store = Store(path)
+    store.initialise()
+    seeds = [0, 1]
+    single = {t: 0.9 + 0.02 * i for i, t in enumerate(tasks)}
+    head = {t: 0.7 + 0.03 * i for i, t in enumerate(tasks)}
+    models, evaluations, merges, merge_evals, sims = [], [], [], [], []
+    for task, seed, kind in itertools.product(tasks, seeds, ["head", "adapter"]):
+        model_id = f"{kind}-{task}-{seed}"
+        models.append(dict(model_id=model_id, task=task, model_kind=kind, seed=seed, backbone="tf_efficientnet_lite0",
+                           config=json.dumps({"seed": seed}), config_hash=model_id, path="", run_id="run-full"))
+        accuracy = (single if kind == "adapter" else head)[task] + rng.normal(0, 0.01)
+        evaluations.append(dict(model_id=model_id, split="test", accuracy=accuracy, n=100, run_id="run-full"))
+    for method, k, seed in itertools.product(["linear", "ties"], [2, 3, 4], seeds):
+        for group in itertools.combinations(sorted(tasks), k):
+            merge_id = f"{method}-{'+'.join(group)}-{seed}"
+            merges.append(dict(merge_id=merge_id, method=method, k=k, tasks=",".join(group), seed=seed,
+                               hyperparams=json.dumps({"lambda": 0.5} if method == "ties" else {}),
+                               backbone="tf_efficientnet_lite0", run_id="run-full"))
+            for task in group:
+                drop = 0.04 * k * (1.5 if method == "linear" else 1.0) + rng.normal(0, 0.02)
+                merge_evals.append(dict(merge_id=merge_id, task=task, split="test",
+                                        merged_accuracy=single[task] - drop, single_accuracy=single[task],
+                                        head_accuracy=head[task], n=100, run_id="run-full"))
+    for (a, b), measure in itertools.product(itertools.combinations(sorted(tasks), 2), ["cosine", "frechet"]):
+        sims.append(dict(task_a=a, task_b=b, measure=measure, value=float(rng.uniform()), seed=0, run_id="run-full"))
+    findings = [dict(finding="retention_vs_k", statistic="slope", value=-0.05, ci_low=-0.07, ci_high=-0.03, n=24),
+                dict(finding="same_vs_cross_domain", statistic="difference", value=None, ci_low=None, ci_high=None,
+                     n=0, note="not enough pairs")]
+    bench = [dict(name="forward", variant=variant, k=k, batch_size=32, device="cpu", median_ms=10 + k * f,
+                  p95_ms=12 + k * f, throughput=3200 / (10 + k * f), ratio_to_backbone=(10 + k * f) / 10,
+                  machine=json.dumps({"cpu": 2}))
+             for variant, f in (("merged", 0.1), ("separate adapters", 5.0)) for k in (1, 2, 4)]
+    runs = [dict(run_id="run-full", status="finished", command="python training/run_all.py --full",
+                 config=json.dumps({"tasks": list(tasks), "seeds": seeds}), machine=json.dumps({"cpu": 2}))]
+    with store.write() as con:
+        for table, rows in (("models", models), ("evaluations", evaluations), ("merges", merges),
+                            ("merge_evaluations", merge_evals), ("similarities", sims), ("finding_rows", findings),
+                            ("benchmark_rows", bench), ("runs", runs)):
+            frame = pd.DataFrame(rows)
+            con.register("frame", frame)
+            con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM frame")
+            con.unregister("frame")
+        con.execute("INSERT INTO tasks (task, domain, label_names) VALUES " +
+                    ", ".join(f"('{t}', '{d}', '[\"a\", \"b\"]')" for t, d in tasks.items()))
+    return path
+
+
+@pytest.fixture(scope="module")
+def full_db(tmp_path_factory) -> Path:
+    return build_full_db(tmp_path_factory.mktemp("full_db") / "results.duckdb")
+
+
+# -------------------------------------------------------------- data behind every chart
+
+MERGE_COUNT_SQL = """
+    WITH unit AS (SELECT method, k, tasks, seed, avg({metric}) AS v FROM merge_results
+                  WHERE {where} GROUP BY ALL)
+    SELECT method, k, avg(v) AS mean, coalesce(stddev_samp(v), 0) AS sd, count(*) AS n
+    FROM unit GROUP BY ALL ORDER BY method, k"""
+
+
+def check_merge_count(at: AppTest, db, where: str = "true") -> None:
+    accuracy, normalized = figures(at)[:2]
+    for figure, metric in ((accuracy, "merged_accuracy"), (normalized, "normalized_accuracy")):
+        expected = sql(db, MERGE_COUNT_SQL.format(metric=metric, where=where))
+        drawn = lines(figure)
+        assert set(drawn) == set(expected["method"])
+        for method, part in expected.groupby("method"):
+            x, y = drawn[method]
+            assert x == part["k"].tolist()
+            np.testing.assert_allclose(y, part["mean"], rtol=1e-9)
+
+
+def test_merge_count_lines_match_sql(full_db):
+    at = render(full_db, "merge_count")
+    assert_clean(at)
+    check_merge_count(at, full_db)
+
+
+def test_merge_count_filters_come_from_and_go_to_the_url(full_db):
+    at = render(full_db, "merge_count", {"method": "ties", "task": ["mnist", "textures"]})
+    assert_clean(at)
+    check_merge_count(at, full_db, "method = 'ties' AND task IN ('mnist', 'textures')")
+    assert set(lines(figures(at)[0])) == {"ties"}
+    at.sidebar.multiselect[0].set_value(["linear"]).run()
+    assert at.query_params["method"] == ["linear"] or at.query_params["method"] == "linear"
+    assert set(lines(figures(at)[0])) == {"linear"}
+
+
+def test_bad_url_parameters_fall_back_to_defaults(full_db):
+    at = render(full_db, "no_such_page", {"method": "nope", "k": "abc", "task": ["x"]})
+    assert_clean(at)
+    assert at.query_params["page"] in ("overview", ["overview"])
+    at = render(full_db, "merges_vs_heads", {"method": "nope", "k": "abc"})
+    assert_clean(at)
+    assert len(figures(at)) == 2
+
+
+def test_dissimilarity_points_match_sql(full_db):
+    at = render(full_db, "dissimilarity", {"method": "ties"})
+    assert_clean(at)
+    expected = sql(full_db, """
+        WITH r AS (SELECT tasks, avg(normalized_accuracy) AS retention FROM merge_results
+                   WHERE k = 2 AND method = 'ties' GROUP BY tasks),
+             s AS (SELECT measure, task_a, task_b, avg(value) AS value FROM task_similarity GROUP BY ALL)
+        SELECT measure, task_a || ' + ' || task_b AS pair, value, retention
+        FROM s JOIN r ON r.tasks = s.task_a || ',' || s.task_b ORDER BY measure, pair""")
+    scatter_figures = figures(at)[:2]
+    for figure, (measure, part) in zip(scatter_figures, expected.groupby("measure")):
+        assert figure["layout"]["title"]["text"].startswith(measure)
+        drawn = {text: (x, y) for t in figure["data"] if t.get("mode") == "markers"
+                 for text, x, y in zip(t["text"], t["x"], t["y"])}
+        assert sorted(drawn) == part["pair"].tolist()
+        for row in part.itertuples():
+            np.testing.assert_allclose(drawn[row.pair], (row.value, row.retention), rtol=1e-9)
+        n = len(part)
+        assert f"n = {n} pairs" in figure["layout"]["title"]["text"]
+    stats = at.dataframe[0].value
+    assert stats["n"].tolist() == [6, 6]
+
+
+def test_merges_vs_heads_bars_and_heatmap_match_sql(full_db):
+    at = render(full_db, "merges_vs_heads", {"method": "linear", "k": "3"})
+    assert_clean(at)
+    bar_figure, heat = figures(at)
+    expected = sql(full_db, """SELECT task, avg(single_accuracy) s, avg(head_accuracy) h, avg(merged_accuracy) m
+                               FROM merge_results WHERE method = 'linear' AND k = 3 GROUP BY task ORDER BY task""")
+    drawn = bars(bar_figure)
+    for row in expected.itertuples():
+        np.testing.assert_allclose([drawn["single adapter"][row.task], drawn["head baseline"][row.task],
+                                    drawn["merged (linear, k=3)"][row.task]], [row.s, row.h, row.m], rtol=1e-9)
+    cells = sql(full_db, """SELECT k, tasks, task, avg(normalized_gain) g FROM merge_results
+                            WHERE method = 'linear' GROUP BY ALL""")
+    trace = heat["data"][0]
+    for row in cells.itertuples():
+        value = trace["z"][trace["y"].index(f"k={row.k}: {row.tasks}")][trace["x"].index(row.task)]
+        assert value == pytest.approx(row.g)
+    assert len(trace["y"]) == sql(full_db, "SELECT count(DISTINCT tasks) FROM merge_results").iloc[0, 0]
+
+
+def test_methods_table_and_chart_match_sql(full_db):
+    at = render(full_db, "methods")
+    assert_clean(at)
+    expected = sql(full_db, """
+        WITH unit AS (SELECT method, k, tasks, seed, avg(normalized_accuracy) v FROM merge_results GROUP BY ALL)
+        SELECT method, k, avg(v) v, count(*) n FROM unit GROUP BY ALL ORDER BY method, k""")
+    drawn = bars(figures(at)[0])
+    for row in expected.itertuples():
+        assert drawn[row.method][str(row.k)] == pytest.approx(row.v)
+    table = at.dataframe[0].value
+    assert table["merged_models"].tolist() == expected["n"].tolist()
+    assert table.loc[table["method"] == "ties", "hyperparams"].iloc[0] == '{"lambda": 0.5}'
+
+
+def test_performance_lines_match_sql(full_db):
+    at = render(full_db, "performance")
+    assert_clean(at)
+    expected = sql(full_db, "SELECT variant, k, median_ms FROM benchmarks ORDER BY variant, k")
+    drawn = lines(figures(at)[0])
+    for variant, part in expected.groupby("variant"):
+        assert drawn[variant][0] == part["k"].tolist()
+        np.testing.assert_allclose(drawn[variant][1], part["median_ms"])
+
+
+def test_runs_tables_filters_and_downloads(full_db):
+    at = render(full_db, "runs", {"kind": "adapter", "q": "run-full"})
+    assert_clean(at)
+    runs, models, merges = (d.value for d in at.dataframe)
+    assert runs["run_id"].tolist() == ["run-full"]
+    n_adapters = sql(full_db, "SELECT count(*) FROM task_results WHERE model_kind = 'adapter'").iloc[0, 0]
+    assert len(models) == n_adapters and set(models["model_kind"]) == {"adapter"}
+    assert len(merges) == sql(full_db, "SELECT count(*) FROM merge_results").iloc[0, 0]
+    assert len(at.get("download_button")) == 3
+    assert at.query_params["kind"] in ("adapter", ["adapter"])
+
+
+def test_overview_counts_match_sql(full_db):
+    at = render(full_db, "overview")
+    assert_clean(at)
+    metrics = {m.label: m.value for m in at.metric}
+    counts = sql(full_db, """SELECT count(DISTINCT task) t, count(*) FILTER (model_kind = 'adapter') a,
+                             count(*) FILTER (model_kind = 'head') h, count(DISTINCT seed) s FROM task_results""")
+    assert metrics["Tasks"] == str(counts.t[0]) and metrics["Adapters"] == str(counts.a[0])
+    assert metrics["Head baselines"] == str(counts.h[0]) and metrics["Seeds"] == str(counts.s[0])
+    merges = sql(full_db, "SELECT count(DISTINCT merge_id) FROM merge_results").iloc[0, 0]
+    assert metrics["Merged models"] == f"{merges:,}"
+    findings = at.dataframe[0].value
+    assert len(findings) == 2
+
+
+# ------------------------------------------------------------------- the tiny real study
+
+@pytest.mark.parametrize("page", PAGES)
+def test_every_page_on_tiny_study(tiny_study, page):
+    db = tiny_study["db"]
+    at = render(db, page)
+    assert_clean(at)
+    merge_rows = sql(db, "SELECT count(*) FROM merge_results").iloc[0, 0]
+    if page == "overview":
+        metrics = {m.label: m.value for m in at.metric}
+        assert metrics["Tasks"] == "3"
+        assert metrics["Adapters"] == str(sql(db, "SELECT count(*) FROM task_results WHERE model_kind='adapter'").iloc[0, 0])
+        assert len(at.get("image")) >= 3  # sample images of the three tasks
+    elif page == "merge_count":
+        if merge_rows:
+            check_merge_count(at, db)
+        else:
+            assert at.info
+    elif page == "merges_vs_heads" and not merge_rows:
+        drawn = bars(figures(at)[0])
+        expected = sql(db, "SELECT task, avg(accuracy) a FROM task_results WHERE model_kind = 'head' GROUP BY task")
+        for row in expected.itertuples():
+            assert drawn["head baseline"][row.task] == pytest.approx(row.a)
+    elif page == "runs":
+        assert len(at.dataframe[1].value) == sql(db, "SELECT count(*) FROM task_results").iloc[0, 0]
+    else:
+        assert at.info or figures(at) or at.dataframe
+
+
+# ---------------------------------------------------------------------- committed database
+
+@pytest.mark.skipif(not DEFAULT_DB_PATH.exists(), reason="no committed results.duckdb in this checkout")
+@pytest.mark.parametrize("page", PAGES)
+def test_every_page_on_committed_db(tmp_path, page):
+    db = tmp_path / "results.duckdb"  # a copy: the pipeline may be writing the original
+    shutil.copy(DEFAULT_DB_PATH, db)
+    at = render(db, page)
+    assert_clean(at)
+    assert at.info or figures(at) or at.dataframe or at.metric
+
+
+# -------------------------------------------------------------------- broken databases
+
+def test_missing_database_says_so(tmp_path):
+    for page in PAGES:
+        at = render(tmp_path / "nowhere.duckdb", page)
+        assert not at.exception
+        assert "no results database at" in at.error[0].value
+
+
+def test_corrupt_database_says_so(tmp_path):
+    db = tmp_path / "results.duckdb"
+    db.write_bytes(b"this is not a duckdb file" * 200)
+    at = render(db, "overview")
+    assert not at.exception
+    assert "not a readable DuckDB file" in at.error[0].value or "cannot open" in at.error[0].value
+
+
+def test_locked_database_says_so(full_db, tmp_path):
+    db = tmp_path / "results.duckdb"
+    shutil.copy(full_db, db)
+    holder = subprocess.Popen([sys.executable, "-c",
+                               f"import duckdb, sys, time; c = duckdb.connect({str(db)!r}); print('locked', flush=True); "
+                               "sys.stdin.read()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        at = render(db, "merge_count")
+        assert not at.exception
+        assert "locked" in at.error[0].value
+    finally:
+        holder.communicate("", timeout=30)
+
+
+@pytest.mark.parametrize("kind", ["no tables", "empty views", "only task_results"])
+def test_empty_or_older_database_shows_messages(tmp_path, kind):
+    db = tmp_path / "results.duckdb"
+    if kind == "no tables":
+        duckdb.connect(str(db)).close()
+    elif kind == "empty views":
+        Store(db).initialise()
+    else:  # an older file: task_results only, as the first stage wrote it
+        with duckdb.connect(str(db)) as con:
+            con.execute("""CREATE TABLE models AS SELECT 'm' AS model_id, 'mnist' AS task, 'head' AS model_kind,
+                           0 AS seed, 'b' AS backbone, 'h' AS config_hash, 'r' AS run_id""")
+            con.execute("CREATE TABLE evaluations AS SELECT 'm' AS model_id, 'test' AS split, 0.9 AS accuracy, 10 AS n")
+            con.execute("""CREATE VIEW task_results AS SELECT m.task, m.model_kind, m.seed, e.accuracy, e.n AS n_test,
+                           m.backbone, m.config_hash, m.run_id FROM models m JOIN evaluations e USING (model_id)""")
+    before = db.read_bytes()
+    for page in PAGES:
+        at = render(db, page)
+        assert_clean(at)
+        assert at.info, (kind, page)
+    assert db.read_bytes() == before  # the dashboard never writes
+
+
+# ------------------------------------------------------------------------ real browser
+#
+# Chromium's own `--screenshot` / `--dump-dom` do not wait for Streamlit: the page is drawn
+# from messages on a websocket, which `--virtual-time-budget` does not wait for, so they
+# capture the loading skeleton. The browser is therefore driven over the DevTools protocol:
+# open the page, wait until the app has finished running and drawn, then take the screenshot
+# and the DOM.
+
+READY_JS = """(() => {
+  const main = document.querySelector('[data-testid="stMain"]');
+  if (!main || !document.querySelector('[data-testid="stSidebar"]')) return false;
+  if (document.querySelector('[data-testid="stSkeleton"]')) return false;
+  const status = document.querySelector('[data-testid="stStatusWidget"]');
+  if (status && /running/i.test(status.innerText)) return false;
+  const heading = main.querySelector('h1, h2');
+  if (!heading) return false;
+  const charts = main.querySelectorAll('[data-testid="stPlotlyChart"]').length;
+  const drawn = main.querySelectorAll('[data-testid="stPlotlyChart"] .main-svg').length;
+  return charts === 0 || drawn >= charts;
+})()"""
+ERROR_TEST_IDS = ("stException", "stAlertContentError")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_http(url: str, seconds: float, process: subprocess.Popen, expect: bytes | None = None) -> bytes:
+    deadline = time.time() + seconds
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as reply:
+                body = reply.read()
+                if expect is None or body.strip() == expect:
+                    return body
+        except OSError:
+            pass
+        assert process.poll() is None, f"process exited early: {process.args[0]}"
+        assert time.time() < deadline, f"{url} did not answer in {seconds:.0f} s"
+        time.sleep(0.3)
+
+
+class DevTools:
+    """The smallest DevTools-protocol client: send a command, wait for its answer."""
+
+    def __init__(self, ws_url: str):
+        from websockets.sync.client import connect
+        self.socket = connect(ws_url, max_size=None, open_timeout=30)
+        self.next_id = 0
+
+    def call(self, method: str, **params):
+        self.next_id += 1
+        self.socket.send(json.dumps({"id": self.next_id, "method": method, "params": params}))
+        while True:
+            message = json.loads(self.socket.recv(timeout=60))
+            if message.get("id") == self.next_id:
+                assert "error" not in message, message
+                return message["result"]
+
+    def evaluate(self, expression: str):
+        return self.call("Runtime.evaluate", expression=expression, returnByValue=True)["result"].get("value")
+
+
+def _start_dashboard(db: Path) -> tuple[subprocess.Popen, int]:
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "streamlit", "run", APP, "--server.headless", "true",
+                               "--server.port", str(port), "--browser.gatherUsageStats", "false"],
+                              cwd=REPO_ROOT, env={**os.environ, "MLV_DB": str(db)},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_http(f"http://127.0.0.1:{port}/_stcore/health", 90, server, b"ok")
+    return server, port
+
+
+def _start_chromium(profile: Path) -> tuple[subprocess.Popen, int]:
+    if not (Path(CHROMIUM).exists() or shutil.which(CHROMIUM)):
+        pytest.fail(f"Chromium not found at {CHROMIUM}: install it (`apt-get install -y chromium`) "
+                    "or point $CHROMIUM at a Chromium/Chrome binary")
+    port = _free_port()
+    browser = subprocess.Popen([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                                "--no-first-run", "--disable-background-networking", "--disable-component-update",
+                                "--disable-sync", "--disable-dev-shm-usage", f"--user-data-dir={profile}",
+                                "--window-size=1400,1000", f"--remote-debugging-port={port}", "about:blank"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_http(f"http://127.0.0.1:{port}/json/version", 60, browser)
+    return browser, port
+
+
+def _stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def _shoot_every_page(db: Path, screens: Path, profile: Path) -> dict[str, float]:
+    """Open every page by its URL; save a screenshot; assert that no error element is shown."""
+    server, app_port = _start_dashboard(db)
+    browser = None
+    seconds = {}
+    try:
+        browser, port = _start_chromium(profile)
+        targets = json.loads(_wait_http(f"http://127.0.0.1:{port}/json/list", 30, browser))
+        page_target = next(t for t in targets if t["type"] == "page")
+        tools = DevTools(page_target["webSocketDebuggerUrl"])
+        tools.call("Page.enable")
+        tools.call("Emulation.setDeviceMetricsOverride", width=1400, height=1000, deviceScaleFactor=1, mobile=False)
+        for page in PAGES:
+            started = time.time()
+            tools.call("Page.navigate", url=f"http://127.0.0.1:{app_port}/?page={page}")
+            ready_since = None
+            while True:  # ready twice in a row, half a second apart: the page has settled
+                ready = tools.evaluate(READY_JS)
+                if ready and ready_since and time.time() - ready_since > 0.5:
+                    break
+                ready_since = (ready_since or time.time()) if ready else None
+                assert time.time() - started < 60, f"page {page} did not finish drawing in 60 s"
+                time.sleep(0.25)
+            seconds[page] = time.time() - started
+            shot = screens / f"{page}.png"
+            shot.write_bytes(base64.b64decode(tools.call("Page.captureScreenshot", format="png")["data"]))
+            assert shot.stat().st_size > 20_000, f"screenshot of {page} looks empty ({shot.stat().st_size} bytes)"
+            dom = tools.evaluate("document.documentElement.outerHTML")
+            for test_id in ERROR_TEST_IDS:
+                assert f'data-testid="{test_id}"' not in dom, f"page {page} shows an error element {test_id}"
+            assert "Traceback" not in dom, page
+            assert query_page(tools) == page  # the URL still names the page (shareable link)
+        tools.socket.close()
+    finally:
+        if browser is not None:
+            _stop(browser)
+        _stop(server)
+    return seconds
+
+
+def query_page(tools: DevTools) -> str | None:
+    return tools.evaluate("new URLSearchParams(location.search).get('page')")
+
+
+@pytest.mark.parametrize("which", ["full_db", "tiny_study"])
+def test_every_page_in_headless_chromium(which, request, tmp_path):
+    db = request.getfixturevalue("full_db") if which == "full_db" else request.getfixturevalue("tiny_study")["db"]
+    screens = tmp_path / "screens"
+    screens.mkdir()
+    seconds = _shoot_every_page(db, screens, tmp_path / "profile")
+    print(f"browser load + draw seconds per page ({which}):", {p: round(s, 2) for p, s in seconds.items()})
+    copy = SCREENS_COPY / which  # for a person to look at
+    copy.mkdir(parents=True, exist_ok=True)
+    for shot in screens.glob("*.png"):
+        shutil.copy(shot, copy / shot.name)
+
+
+def test_broken_view_says_so(tmp_path):
+    db = tmp_path / "results.duckdb"
+    with duckdb.connect(str(db)) as con:  # a view whose table is gone
+        con.execute("CREATE TABLE t AS SELECT 1 AS x")
+        con.execute("CREATE VIEW task_results AS SELECT x FROM t")
+        con.execute("DROP TABLE t")
+    at = render(db, "overview")
+    assert not at.exception
+    assert "cannot be read" in at.error[0].value
