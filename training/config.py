@@ -83,7 +83,7 @@ class StudyConfig:
         return data
 
 
-STAGES = ("train", "merge")
+STAGES = ("train", "merge", "findings")
 
 PROFILES = {
     "default": StudyConfig(),

@@ -50,7 +50,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     from mlvision.store import Store
     from mlvision.tasks import get_task
     from training.config import config_from_args
+    from merging.findings import FindingsStage
     from merging.sweep import MergeSweep
+    from mlvision.paths import DEFAULT_DB_PATH, REPO_ROOT
     from training.pipeline import TrainingStage
 
     config = config_from_args(args)
@@ -74,6 +76,12 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         counts = MergeSweep(config, store).run()
         print(f"merge sweep: {counts['merged']} merges evaluated, {counts['skipped']} already stored "
               f"({time.perf_counter() - started:.0f} s)")
+    if "findings" in args.stages and len(config.tasks) >= 2:
+        started = time.perf_counter()
+        report = REPO_ROOT / "reports" / "findings.md" if Path(config.db).resolve() == DEFAULT_DB_PATH else Path(config.db).parent / "findings.md"
+        counts = FindingsStage(config, store, report).run()
+        print(f"findings: similarity of {counts['pairs']} new (pair, seed)s, {counts['findings']} statistics, "
+              f"report {report} ({time.perf_counter() - started:.0f} s)")
     stage.finish_run()
     print(f"results in {config.db}")
     return 0
