@@ -1,0 +1,175 @@
+"""Gradio demo: one merged multi-task model answers every task for an uploaded image.
+
+    python demo/app.py [--host 127.0.0.1] [--port 7860] [--db results.duckdb]
+
+The named API endpoint `predict` (see README) takes (image file, tasks, method, compare) and
+returns JSON; the page renders that JSON. Model logic lives in demo/service.py (no Gradio).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+import gradio as gr  # noqa: E402
+
+from demo.service import BadImage, DemoService, load_image  # noqa: E402
+from mlvision.paths import DEFAULT_DB_PATH  # noqa: E402
+
+AUTO = "auto"
+
+
+def _pct(value) -> str:
+    return "–" if value is None else f"{100 * value:.1f}%"
+
+
+def _top_cell(top) -> str:
+    return "<br>".join(f"{'**' if i == 0 else ''}{label}{'**' if i == 0 else ''} {100 * prob:.1f}%"
+                       for i, (label, prob) in enumerate(top))
+
+
+def render_markdown(result: dict) -> str:
+    """The page's view of one `predict` answer."""
+    if not result:
+        return ""
+    if not result.get("ok"):
+        return f"### ⚠️ {result.get('error', 'The request failed.')}"
+    compare = result.get("compare")
+    lines = [f"**Method:** `{result['method']}` ({result['method_source']}) · **tasks:** {len(result['tasks'])} · "
+             f"**one forward pass:** {result['elapsed_ms']:.1f} ms on **{result['device']}**"]
+    if result.get("merge_build_seconds") is not None:
+        lines[0] += f" · merge built in {result['merge_build_seconds']:.2f} s (now cached)"
+    for note in result.get("notes") or []:
+        lines.append(f"> ℹ️ {note}")
+    header = "| task | merged model: top 3 |"
+    rule = "|---|---|"
+    if compare:
+        header += " own adapter: top 3 |"
+        rule += "---|"
+    header += " stored test accuracy: merged / single adapter / head |"
+    rule += "---|"
+    lines += ["", header, rule]
+    for task in result["tasks"]:
+        row = f"| **{task}** | {_top_cell(result['predictions'][task])} |"
+        if compare:
+            side = compare[task]
+            row += f" {_top_cell(side['top'])}<br>_{side['elapsed_ms']:.1f} ms_ |"
+        stored = result["stored_accuracy"].get(task)
+        row += (f" {_pct(stored['merged'])} / {_pct(stored['single'])} / {_pct(stored['head'])} |" if stored
+                else " not in results.duckdb (this merge was not swept) |")
+        lines.append(row)
+    if compare:
+        total = sum(side["elapsed_ms"] for side in compare.values())
+        lines.append(f"\nSeparate adapters: {len(compare)} forward passes, {total:.1f} ms in all, "
+                     f"against {result['elapsed_ms']:.1f} ms for the merged model.")
+    return "\n".join(lines)
+
+
+def write_examples(service: DemoService, folder: Path) -> list[list]:
+    """One test image per task (from the task's test split), saved as PNG for gr.Examples."""
+    from mlvision.tasks import load_task
+    examples = []
+    folder.mkdir(parents=True, exist_ok=True)
+    for task in service.tasks:
+        try:
+            image = load_task(task)["test"][0]["image"]
+            path = folder / f"{task}.png"
+            image.save(path)
+            examples.append([str(path)])
+        except Exception as error:  # noqa: BLE001 - an example is optional; the demo still works
+            print(f"[demo] no example image for {task}: {error}", file=sys.stderr)
+    return examples
+
+
+def build_demo(service: DemoService, examples: list[list] | None = None) -> gr.Blocks:
+    def predict(image, tasks, method, compare):
+        """Named API endpoint: JSON with top-3 labels per task, timing and stored accuracies."""
+        path = image.get("path") if isinstance(image, dict) else image
+        try:
+            result = service.predict_json(path, tasks or None, method or AUTO, bool(compare))
+        except Exception as error:  # noqa: BLE001 - a failing request never takes the app down
+            traceback.print_exc()
+            result = {"ok": False, "error": f"Internal error ({type(error).__name__}: {error}); the demo keeps running.",
+                      "device": service.device.type}
+        if not result.get("ok"):
+            gr.Warning(result["error"])
+        return result
+
+    def show(image, result):
+        preview = None
+        if result and result.get("ok"):
+            try:
+                preview = load_image(image.get("path") if isinstance(image, dict) else image)[0]
+            except BadImage:
+                preview = None
+        return render_markdown(result), preview
+
+    def method_hint(tasks):
+        if not tasks:
+            return "Choose at least one task."
+        try:
+            method, why = service.default_method(tasks)
+            return f"`auto` = **{method}** for this group ({why})."
+        except Exception as error:  # noqa: BLE001
+            return f"({error})"
+
+    with gr.Blocks(title="Multi-LoRA Vision demo") as demo:
+        gr.Markdown(
+            f"# Multi-LoRA Vision: one merged model, every task\n"
+            f"One LoRA adapter per task (seed {service.seed}) on `{service.backbone_config.name}` at "
+            f"{service.preprocess.image_size}px, merged into a single backbone: **one forward pass answers every task**. "
+            f"Running on **{service.device.type.upper()}**"
+            f"{' (' + __import__('torch').cuda.get_device_name(0) + ')' if service.device.type == 'cuda' else ''}. "
+            f"Results database: `{service.db_path.name}`.")
+        with gr.Row():
+            with gr.Column(scale=1):
+                image = gr.File(label="Image (PNG, JPEG, GIF, WebP, BMP, TIFF)", type="filepath")
+                tasks = gr.CheckboxGroup(service.tasks, value=service.tasks, label="Adapters to merge (tasks)")
+                method = gr.Dropdown([AUTO, *service.methods], value=AUTO, label="Merge method")
+                hint = gr.Markdown(method_hint(service.tasks))
+                compare = gr.Checkbox(False, label="Compare with each task's own adapter (one pass per task)")
+                button = gr.Button("Predict", variant="primary")
+                if examples:
+                    gr.Examples(examples, inputs=[image], label="Examples (one test image per task)")
+            with gr.Column(scale=2):
+                preview = gr.Image(label="Image as the model sees it (before resizing)", type="pil", height=200,
+                                   interactive=False)
+                output = gr.Markdown(elem_id="prediction")
+                raw = gr.JSON(label="API answer (endpoint `predict`)")
+        tasks.change(method_hint, tasks, hint, api_visibility="private")
+        button.click(predict, [image, tasks, method, compare], raw, api_name="predict").then(
+            show, [image, raw], [output, preview], api_visibility="private")
+    demo.queue(default_concurrency_limit=1, max_size=64)
+    return demo
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--host", default=os.environ.get("MLV_DEMO_HOST") or os.environ.get("GRADIO_SERVER_NAME")
+                        or "127.0.0.1", help="default 127.0.0.1 ($GRADIO_SERVER_NAME on a Hugging Face Space)")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("MLV_DEMO_PORT")
+                                                        or os.environ.get("GRADIO_SERVER_PORT") or 7860))
+    parser.add_argument("--db", default=os.environ.get("MLV_DB", str(DEFAULT_DB_PATH)))
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--share", action="store_true", help="also open a public gradio.live link")
+    args = parser.parse_args(argv)
+    try:
+        service = DemoService(args.db, device=args.device)
+    except Exception as error:  # noqa: BLE001
+        print(f"error: cannot start the demo: {error}", file=sys.stderr)
+        return 2
+    examples = write_examples(service, Path(tempfile.mkdtemp(prefix="mlv_demo_examples_")))
+    demo = build_demo(service, examples)
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,362 @@
+"""The demo's model logic, without any UI: adapters loaded once, merged models cached, predictions.
+
+`DemoService(db_path)` reads the adapters of one seed (the smallest stored) from the study's
+DuckDB file, builds merged multi-task models on demand (cached per (tasks, method)) and answers
+`predict(image, tasks, method)` with the top-3 labels per task from ONE forward pass of the merged
+model. Images are decoded and checked by `load_image` (the one place that deals with bad files)
+and then preprocessed with the adapters' own `Preprocess` (the same code as training/evaluation).
+"""
+from __future__ import annotations
+
+import copy
+import io
+import json
+import os
+import threading
+import time
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, ImageSequence, UnidentifiedImageError
+
+from merging.deltas import AdapterDeltas, check_compatible, load_deltas
+from merging.merged_model import FoldedBackbone, merge_deltas
+from merging.methods import get_method, list_methods
+from mlvision.backbone import BackboneConfig, Preprocess
+from mlvision.errors import MLVisionError, StoreError
+from mlvision.models import MultiTaskModel, load_model
+from mlvision.store import Store
+from training.pipeline import resolve_stored_path
+
+FALLBACK_METHOD = "ties"
+TOP_K = 3
+MAX_FILE_BYTES = 25 * 1024 * 1024   # larger uploads are refused before decoding
+MAX_PIXELS = 40_000_000             # decompression-bomb limit (width * height)
+MAX_ASPECT = 20.0                   # longer side / shorter side; beyond this the image is refused
+MERGE_CACHE_SIZE = 6                # merged models kept (each one is a backbone copy, ~14 MB)
+
+
+class BadImage(ValueError):
+    """An upload that cannot be used; the message is meant for the person who uploaded it."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Image validation: every upload goes through here.
+# --------------------------------------------------------------------------------------------------
+def _flatten_alpha(image: Image.Image) -> Image.Image:
+    """Composite a transparent image onto white (what a viewer shows), returning RGB."""
+    rgba = image.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def _to_rgb(image: Image.Image, notes: list[str]) -> Image.Image:
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        if mode.startswith("I;16"):
+            array = array / 65535.0 * 255.0            # 16-bit: scale the full range to 8 bits
+            notes.append("16-bit image: scaled to 8 bits")
+        else:
+            low, high = float(array.min()), float(array.max())
+            array = (array - low) / (high - low) * 255.0 if high > low else np.zeros_like(array)
+            notes.append(f"{'32-bit integer' if mode == 'I' else 'floating-point'} image: rescaled min..max to 8 bits")
+        return Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in image.info):
+        notes.append("transparent image: composited onto white")
+        return _flatten_alpha(image)
+    if mode == "CMYK":
+        notes.append("CMYK image: converted to RGB")
+    return image.convert("RGB")
+
+
+def load_image(source) -> tuple[Image.Image, list[str]]:
+    """Decode an upload (path, bytes or PIL image) into an RGB PIL image plus notes on what was done.
+
+    Raises `BadImage` with a clear message for: no upload, an empty file, a file that is too large,
+    a non-image file, a truncated or corrupt image, a decompression bomb, an image of extreme
+    aspect ratio (> 20:1, refused rather than squashed or padded). Converted (with a note): 16-bit
+    and 32-bit images, CMYK, RGBA/LA/transparent palettes (onto white), palette, 1-bit, animated
+    images (first frame), EXIF-rotated photos (rotated upright).
+    """
+    notes: list[str] = []
+    if source is None or (isinstance(source, str) and not source.strip()):
+        raise BadImage("No image uploaded: choose an image file (PNG, JPEG, GIF, WebP, BMP, TIFF ...).")
+    if isinstance(source, Image.Image):
+        image = source
+    else:
+        if isinstance(source, (bytes, bytearray)):
+            data = bytes(source)
+        else:
+            path = Path(source if isinstance(source, (str, os.PathLike)) else getattr(source, "name", source))
+            if not path.is_file():
+                raise BadImage(f"The upload did not arrive (no file at {path.name}): try uploading again.")
+            size = path.stat().st_size
+            if size > MAX_FILE_BYTES:
+                raise BadImage(f"The file is {size / 2**20:.0f} MB; the demo accepts images up to "
+                               f"{MAX_FILE_BYTES / 2**20:.0f} MB.")
+            data = path.read_bytes()
+        if not data:
+            raise BadImage("The uploaded file is empty (0 bytes): choose an image file.")
+        if len(data) > MAX_FILE_BYTES:
+            raise BadImage(f"The file is larger than {MAX_FILE_BYTES / 2**20:.0f} MB.")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                image = Image.open(io.BytesIO(data))
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise BadImage(f"The image is too large to decode safely (over {MAX_PIXELS:,} pixels): "
+                           "it looks like a decompression bomb. Resize it and try again.") from None
+        except UnidentifiedImageError:
+            raise BadImage("The file is not an image (or a format Pillow cannot read): "
+                           "upload a PNG, JPEG, GIF, WebP, BMP or TIFF file.") from None
+        except Exception as error:  # noqa: BLE001 - any decoder failure is a bad upload
+            raise BadImage(f"The file cannot be read as an image ({error}).") from None
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise BadImage(f"The image has no pixels ({width}x{height}).")
+    if width * height > MAX_PIXELS:
+        raise BadImage(f"The image is {width}x{height} = {width * height:,} pixels; the limit is {MAX_PIXELS:,} "
+                       "(a decompression-bomb guard). Resize it and try again.")
+    if max(width, height) / min(width, height) > MAX_ASPECT:
+        raise BadImage(f"The image is {width}x{height}: its aspect ratio is beyond {MAX_ASPECT:.0f}:1, and squashing "
+                       "it to a square would make the prediction meaningless. Crop it closer to square and try again.")
+    if getattr(image, "is_animated", False) and getattr(image, "n_frames", 1) > 1:
+        notes.append(f"animated image ({image.n_frames} frames): used the first frame")
+        image = next(iter(ImageSequence.Iterator(image)))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image.load()
+            transposed = ImageOps.exif_transpose(image)
+        if transposed is not None and transposed.size != image.size:
+            notes.append("rotated upright from its EXIF orientation")
+        image = transposed if transposed is not None else image
+        image = _to_rgb(image, notes)
+        image.load()
+    except BadImage:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise BadImage("The image is too large to decode safely (decompression bomb).") from None
+    except Exception as error:  # noqa: BLE001 - truncated / corrupt data fails here
+        raise BadImage(f"The image file is truncated or corrupt and cannot be decoded ({error}). "
+                       "Re-save or re-download it and try again.") from None
+    if width * height == 1:
+        notes.append("1x1 image: upscaled to the model's input size (the prediction says little)")
+    return image.copy(), notes
+
+
+# --------------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class MergedEntry:
+    model: MultiTaskModel
+    method: str
+    hyperparams: dict
+    build_seconds: float
+
+
+@dataclass
+class Prediction:
+    """JSON-serialisable answer of one request (see `as_dict`)."""
+
+    tasks: list[str]
+    method: str
+    method_source: str
+    hyperparams: dict
+    predictions: dict[str, list[tuple[str, float]]]
+    elapsed_ms: float
+    build_seconds: float | None
+    stored_accuracy: dict[str, dict]
+    notes: list[str] = field(default_factory=list)
+    compare: dict[str, dict] | None = None
+
+    def as_dict(self, device: str) -> dict:
+        return {"ok": True, "device": device, "tasks": self.tasks, "method": self.method,
+                "method_source": self.method_source, "hyperparams": self.hyperparams,
+                "predictions": {t: [[label, prob] for label, prob in top] for t, top in self.predictions.items()},
+                "elapsed_ms": self.elapsed_ms, "merge_build_seconds": self.build_seconds,
+                "stored_accuracy": self.stored_accuracy, "notes": self.notes,
+                "compare": self.compare}
+
+
+def _jsonable(value):
+    return json.loads(json.dumps(value, default=float))
+
+
+class DemoService:
+    """Adapters of one seed, loaded once; merged models cached by (tasks, method)."""
+
+    def __init__(self, db_path: str | Path, device: str | None = None):
+        self.db_path = Path(db_path)
+        if not self.db_path.exists():
+            raise StoreError(f"no results database at {self.db_path}: run `python training/run_all.py` first "
+                             "or pass --db PATH")
+        self.store = Store(self.db_path)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        rows = self.store.query("SELECT task, seed, path FROM models WHERE model_kind = 'adapter' ORDER BY task, seed")
+        if not rows:
+            raise StoreError(f"{self.db_path} holds no trained adapters: run `python training/run_all.py` first")
+        self.seed = min(seed for _, seed, _ in rows)
+        self.adapters: dict[str, AdapterDeltas] = {}
+        for task, seed, path in rows:
+            if seed == self.seed and task not in self.adapters:
+                self.adapters[task] = load_deltas(resolve_stored_path(path))
+        self.tasks = sorted(self.adapters)
+        check_compatible(list(self.adapters.values()))
+        first = self.adapters[self.tasks[0]].meta
+        self.preprocess = Preprocess.from_dict(first["preprocess"])
+        self.backbone_config = BackboneConfig(**first["backbone"])
+        self.labels = {t: list(a.meta["label_names"]) for t, a in self.adapters.items()}
+        self.methods = list_methods()
+        self._folded = FoldedBackbone(self.backbone_config)
+        self._merged: OrderedDict[tuple, MergedEntry] = OrderedDict()
+        self._single: dict[str, MultiTaskModel] = {}
+        self._lock = threading.RLock()
+        self._read_store()
+
+    # -- what the store says ------------------------------------------------------------------------
+    def _group(self, tasks) -> tuple[str, ...]:
+        if not tasks:
+            raise BadImage("Choose at least one task to merge.")
+        unknown = [t for t in tasks if t not in self.adapters]
+        if unknown:
+            raise BadImage(f"Unknown task(s) {', '.join(map(str, unknown))}; available: {', '.join(self.tasks)}.")
+        return tuple(sorted(set(tasks)))
+
+    def _read_store(self) -> None:
+        """Snapshot the stored merge results once: serving never touches the database again
+        (so a study still writing to it cannot lock the demo out)."""
+        self._results = self.store.query(
+            "SELECT tasks, method, seed, task, merged_accuracy, single_accuracy, head_accuracy, normalized_accuracy, n "
+            "FROM merge_results ORDER BY tasks, method, seed, task")
+        self._hyperparams = {}
+        for tasks, method, seed, hyperparams in self.store.query(
+                "SELECT tasks, method, seed, hyperparams FROM merges ORDER BY created_at"):
+            if hyperparams is not None:
+                self._hyperparams[(tasks, method, seed)] = json.loads(hyperparams) if isinstance(hyperparams, str) \
+                    else dict(hyperparams)
+
+    def default_method(self, tasks) -> tuple[str, str]:
+        """(method, why): the best mean normalized accuracy stored for exactly this group, else ties."""
+        key = ",".join(self._group(tasks))
+        scores: dict[str, list[float]] = {}
+        for tasks_, method, _, _, _, _, _, normalized, _ in self._results:
+            if tasks_ == key and method in self.methods and normalized is not None:
+                scores.setdefault(method, []).append(normalized)
+        if scores:
+            best = min(scores, key=lambda m: (-sum(scores[m]) / len(scores[m]), m))
+            mean = sum(scores[best]) / len(scores[best])
+            return best, f"best stored mean normalized accuracy for this group ({mean:.3f})"
+        return FALLBACK_METHOD, f"no stored merges for this group: default {FALLBACK_METHOD}"
+
+    def stored_hyperparams(self, tasks, method: str) -> dict | None:
+        return self._hyperparams.get((",".join(self._group(tasks)), method, self.seed))
+
+    def stored_accuracy(self, tasks, method: str) -> dict[str, dict]:
+        """Per task: the stored test accuracy of this merge (this seed), its single adapter and its head."""
+        key = ",".join(self._group(tasks))
+        return {task: {"merged": m, "single": s, "head": h, "normalized": r, "n": n}
+                for tasks_, method_, seed, task, m, s, h, r, n in self._results
+                if tasks_ == key and method_ == method and seed == self.seed}
+
+    # -- models -------------------------------------------------------------------------------------
+    def resolve_method(self, tasks, method: str | None) -> tuple[str, str]:
+        if method in (None, "", "auto"):
+            return self.default_method(tasks)
+        if method not in self.methods:
+            raise BadImage(f"Unknown merge method {method!r}; choose one of: auto, {', '.join(self.methods)}.")
+        return method, "chosen"
+
+    def merged_model(self, tasks, method: str) -> tuple[MergedEntry, bool]:
+        """(cached merged model, whether it was built now). Stored hyperparameters are reused when the
+        sweep stored this exact merge (so the stored accuracy describes the served model)."""
+        group = self._group(tasks)
+        key = (group, method)
+        with self._lock:
+            if key in self._merged:
+                self._merged.move_to_end(key)
+                return self._merged[key], False
+            start = time.perf_counter()
+            hyperparams = self.stored_hyperparams(group, method)
+            hyperparams = get_method(method).validate(hyperparams if hyperparams is not None else {})
+            adapters = [self.adapters[t] for t in group]
+            merged = merge_deltas(adapters, method, hyperparams)
+            backbone = copy.deepcopy(self._folded.fold(merged))
+            model = MultiTaskModel(backbone, {a.task: copy.deepcopy(a.head) for a in adapters}).eval().to(self.device)
+            entry = MergedEntry(model, method, _jsonable(hyperparams), time.perf_counter() - start)
+            self._merged[key] = entry
+            while len(self._merged) > MERGE_CACHE_SIZE:
+                self._merged.popitem(last=False)
+            return entry, True
+
+    def single_model(self, task: str) -> MultiTaskModel:
+        """The task's own adapter (peft-loaded backbone + head), loaded once."""
+        with self._lock:
+            if task not in self._single:
+                self._single[task] = load_model(self.adapters[task].path).model.eval().to(self.device)
+            return self._single[task]
+
+    # -- prediction ---------------------------------------------------------------------------------
+    def tensor(self, image: Image.Image) -> torch.Tensor:
+        return self.preprocess([image]).to(self.device)
+
+    @torch.inference_mode()
+    def _forward(self, model: torch.nn.Module, batch: torch.Tensor) -> tuple[dict[str, torch.Tensor], float]:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        logits = model(batch)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return logits, (time.perf_counter() - start) * 1000.0
+
+    def _top(self, task: str, logits: torch.Tensor) -> list[tuple[str, float]]:
+        probs = torch.softmax(logits.float(), dim=-1)[0].cpu()
+        values, indices = probs.topk(min(TOP_K, probs.numel()))
+        return [(self.labels[task][i], float(v)) for v, i in zip(values.tolist(), indices.tolist())]
+
+    def probabilities(self, image: Image.Image, tasks, method: str) -> dict[str, torch.Tensor]:
+        """Full softmax vectors per task from the merged model (for tests and inspection)."""
+        entry, _ = self.merged_model(tasks, method)
+        logits, _ = self._forward(entry.model, self.tensor(image))
+        return {t: torch.softmax(v.float(), dim=-1)[0].cpu() for t, v in logits.items()}
+
+    def predict(self, image, tasks=None, method: str | None = None, compare: bool = False) -> Prediction:
+        """Top-3 per task from one forward pass of the merged model; `image` is anything `load_image` takes."""
+        rgb, notes = load_image(image)
+        group = self._group(tasks if tasks else self.tasks)
+        method, why = self.resolve_method(group, method)
+        entry, built = self.merged_model(group, method)
+        batch = self.tensor(rgb)
+        with self._lock:
+            logits, elapsed = self._forward(entry.model, batch)
+            predictions = {t: self._top(t, logits[t]) for t in group}
+            side = None
+            if compare:
+                side = {}
+                for task in group:
+                    single_logits, single_ms = self._forward(self.single_model(task), batch)
+                    side[task] = {"top": [[l, p] for l, p in self._top(task, single_logits[task])],
+                                  "elapsed_ms": single_ms}
+        return Prediction(tasks=list(group), method=method, method_source=why, hyperparams=entry.hyperparams,
+                          predictions=predictions, elapsed_ms=elapsed,
+                          build_seconds=entry.build_seconds if built else None,
+                          stored_accuracy=_jsonable(self.stored_accuracy(group, method)), notes=notes, compare=side)
+
+    def predict_json(self, image, tasks=None, method: str | None = None, compare: bool = False) -> dict:
+        """`predict` as a JSON-ready dict; bad input and model errors become {"ok": False, "error": ...}."""
+        try:
+            return self.predict(image, tasks, method, compare).as_dict(self.device.type)
+        except (BadImage, MLVisionError) as error:
+            return {"ok": False, "error": str(error), "device": self.device.type}
+
+
+__all__ = ["BadImage", "DemoService", "Prediction", "load_image", "MAX_PIXELS", "MAX_ASPECT"]
