@@ -9,7 +9,6 @@ Wilson intervals for shares.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np

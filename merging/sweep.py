@@ -16,7 +16,6 @@ import itertools
 import time
 from dataclasses import dataclass
 
-import torch
 from tqdm.auto import tqdm
 
 from merging.deltas import AdapterDeltas, load_deltas

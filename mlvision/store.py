@@ -127,7 +127,7 @@ class Store:
             raise StoreError(f"folder {folder} for results database does not exist: create it or pass another --db path")
         if not os.access(folder, os.W_OK) or (self.path.exists() and not os.access(self.path, os.W_OK)):
             raise StoreError(f"cannot write {self.path}: permission denied; pass a writable --db path")
-        with self.write() as con:
+        with self.write():
             pass  # write() checks the version and creates the schema
 
     @contextmanager

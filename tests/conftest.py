@@ -7,7 +7,6 @@ the project's own code, never against mocks.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 import torch

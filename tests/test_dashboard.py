@@ -16,11 +16,9 @@ import itertools
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import duckdb
@@ -29,12 +27,12 @@ import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from browser import DevTools, free_port, start_chromium, stop, wait_http
 from mlvision.paths import DEFAULT_DB_PATH, REPO_ROOT
 from mlvision.store import Store
 
 APP = str(REPO_ROOT / "dashboard" / "app.py")
 PAGES = ["overview", "merge_count", "dissimilarity", "merges_vs_heads", "methods", "runs", "performance"]
-CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 SCREENS_COPY = Path("/tmp/dashboard_screens")
 
 
@@ -413,79 +411,14 @@ READY_JS = """(() => {
 ERROR_TEST_IDS = ("stException", "stAlertContentError")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_http(url: str, seconds: float, process: subprocess.Popen, expect: bytes | None = None) -> bytes:
-    deadline = time.time() + seconds
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as reply:
-                body = reply.read()
-                if expect is None or body.strip() == expect:
-                    return body
-        except OSError:
-            pass
-        assert process.poll() is None, f"process exited early: {process.args[0]}"
-        assert time.time() < deadline, f"{url} did not answer in {seconds:.0f} s"
-        time.sleep(0.3)
-
-
-class DevTools:
-    """The smallest DevTools-protocol client: send a command, wait for its answer."""
-
-    def __init__(self, ws_url: str):
-        from websockets.sync.client import connect
-        self.socket = connect(ws_url, max_size=None, open_timeout=30)
-        self.next_id = 0
-
-    def call(self, method: str, **params):
-        self.next_id += 1
-        self.socket.send(json.dumps({"id": self.next_id, "method": method, "params": params}))
-        while True:
-            message = json.loads(self.socket.recv(timeout=60))
-            if message.get("id") == self.next_id:
-                assert "error" not in message, message
-                return message["result"]
-
-    def evaluate(self, expression: str):
-        return self.call("Runtime.evaluate", expression=expression, returnByValue=True)["result"].get("value")
-
-
 def _start_dashboard(db: Path) -> tuple[subprocess.Popen, int]:
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "streamlit", "run", APP, "--server.headless", "true",
                                "--server.port", str(port), "--browser.gatherUsageStats", "false"],
                               cwd=REPO_ROOT, env={**os.environ, "MLV_DB": str(db)},
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _wait_http(f"http://127.0.0.1:{port}/_stcore/health", 90, server, b"ok")
+    wait_http(f"http://127.0.0.1:{port}/_stcore/health", 90, server, b"ok")
     return server, port
-
-
-def _start_chromium(profile: Path) -> tuple[subprocess.Popen, int]:
-    if not (Path(CHROMIUM).exists() or shutil.which(CHROMIUM)):
-        pytest.fail(f"Chromium not found at {CHROMIUM}: install it (`apt-get install -y chromium`) "
-                    "or point $CHROMIUM at a Chromium/Chrome binary")
-    port = _free_port()
-    browser = subprocess.Popen([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                                "--no-first-run", "--disable-background-networking", "--disable-component-update",
-                                "--disable-sync", "--disable-dev-shm-usage", f"--user-data-dir={profile}",
-                                "--window-size=1400,1000", f"--remote-debugging-port={port}", "about:blank"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _wait_http(f"http://127.0.0.1:{port}/json/version", 60, browser)
-    return browser, port
-
-
-def _stop(process: subprocess.Popen) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
 
 
 def _shoot_every_page(db: Path, screens: Path, profile: Path) -> dict[str, float]:
@@ -494,8 +427,8 @@ def _shoot_every_page(db: Path, screens: Path, profile: Path) -> dict[str, float
     browser = None
     seconds = {}
     try:
-        browser, port = _start_chromium(profile)
-        targets = json.loads(_wait_http(f"http://127.0.0.1:{port}/json/list", 30, browser))
+        browser, port = start_chromium(profile)
+        targets = json.loads(wait_http(f"http://127.0.0.1:{port}/json/list", 30, browser))
         page_target = next(t for t in targets if t["type"] == "page")
         tools = DevTools(page_target["webSocketDebuggerUrl"])
         tools.call("Page.enable")
@@ -523,8 +456,8 @@ def _shoot_every_page(db: Path, screens: Path, profile: Path) -> dict[str, float
         tools.socket.close()
     finally:
         if browser is not None:
-            _stop(browser)
-        _stop(server)
+            stop(browser)
+        stop(server)
     return seconds
 
 

@@ -7,11 +7,8 @@ import base64
 import io
 import json
 import shutil
-import socket
 import struct
-import subprocess
 import time
-import urllib.request
 import zlib
 from pathlib import Path
 
@@ -20,6 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
+from browser import DevTools, free_port, start_chromium, stop, wait_http
 from demo.service import MAX_PIXELS, BadImage, DemoService, load_image
 from merging.merged_model import build_merged_model
 from mlvision.backbone import Preprocess
@@ -27,7 +25,6 @@ from mlvision.data import split_tensors
 from mlvision.store import Store
 from mlvision.tasks import load_task
 
-CHROMIUM = "/usr/bin/chromium"
 SCREENS = Path("/tmp/demo_screens")
 
 
@@ -44,18 +41,12 @@ def example(tmp_path_factory) -> Path:
     return path
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def app_url(service, tmp_path_factory):
     from demo.app import build_demo, write_examples
     examples = write_examples(service, tmp_path_factory.mktemp("demo_examples"))
     demo = build_demo(service, examples)
-    port = _free_port()
+    port = free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     yield f"http://127.0.0.1:{port}/"
     demo.close()
@@ -201,55 +192,10 @@ def test_client_predictions_equal_the_service_and_bad_inputs_are_answered(app_ur
 
 
 # -- 3. a real browser: upload, predict, screenshot --------------------------------------------------
-class DevTools:
-    """The smallest DevTools-protocol client: send a command, wait for its answer."""
-
-    def __init__(self, ws_url: str):
-        from websockets.sync.client import connect
-        self.socket = connect(ws_url, max_size=None, open_timeout=30)
-        self.next_id = 0
-
-    def call(self, method: str, **params):
-        self.next_id += 1
-        self.socket.send(json.dumps({"id": self.next_id, "method": method, "params": params}))
-        while True:
-            message = json.loads(self.socket.recv(timeout=60))
-            if message.get("id") == self.next_id:
-                assert "error" not in message, message
-                return message["result"]
-
-    def evaluate(self, expression: str):
-        return self.call("Runtime.evaluate", expression=expression, returnByValue=True)["result"].get("value")
-
-    def wait_for(self, expression: str, seconds: float, what: str):
-        deadline = time.time() + seconds
-        while not self.evaluate(expression):
-            assert time.time() < deadline, f"{what} did not happen in {seconds:.0f} s"
-            time.sleep(0.25)
-
-
-def _wait_http(url: str, seconds: float) -> bytes:
-    deadline = time.time() + seconds
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as reply:
-                return reply.read()
-        except OSError:
-            assert time.time() < deadline, f"{url} did not answer in {seconds:.0f} s"
-            time.sleep(0.3)
-
-
 def test_headless_chromium_upload_and_screenshot(app_url, example, tmp_path):
-    if not (Path(CHROMIUM).exists() or shutil.which("chromium")):
-        pytest.fail(f"Chromium not found at {CHROMIUM}: install it (`apt-get install -y chromium`) to run this test")
-    port = _free_port()
-    browser = subprocess.Popen([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                                "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                                "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'profile'}",
-                                "--window-size=1400,1100", f"--remote-debugging-port={port}", "about:blank"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    browser, port = start_chromium(tmp_path / "profile", window="1400,1100")
     try:
-        targets = json.loads(_wait_http(f"http://127.0.0.1:{port}/json/list", 60))
+        targets = json.loads(wait_http(f"http://127.0.0.1:{port}/json/list", 60, browser))
         tools = DevTools(next(t for t in targets if t["type"] == "page")["webSocketDebuggerUrl"])
         tools.call("Page.enable")
         tools.call("DOM.enable")
@@ -273,9 +219,4 @@ def test_headless_chromium_upload_and_screenshot(app_url, example, tmp_path):
         shutil.copy(shot, SCREENS / shot.name)
         tools.socket.close()
     finally:
-        browser.terminate()
-        try:
-            browser.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            browser.kill()
-            browser.wait()
+        stop(browser)

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import duckdb
 import pytest
-import torch
 from peft import PeftModel
 
 from conftest import TINY_ARGS, TINY_TASKS, run_all

@@ -7,7 +7,7 @@ a sliver of everything in about a minute, for smoke tests.
 from __future__ import annotations
 
 import argparse
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 from mlvision.backbone import BackboneConfig, default_target_modules

@@ -8,7 +8,6 @@ uninterrupted run, and a second run with nothing left to do only checks hashes.
 """
 from __future__ import annotations
 
-import json
 import os
 import platform
 import time
