@@ -45,7 +45,7 @@ def wilson(successes: int, n: int) -> tuple[float, float]:
     z, p = 1.96, successes / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return float(centre - half), float(centre + half)
+    return max(0.0, float(centre - half)), min(1.0, float(centre + half))
 
 
 class FindingsStage:
@@ -213,12 +213,16 @@ def claims(retention: pd.DataFrame, wins: pd.DataFrame, pair: pd.DataFrame) -> l
         out.append("2. *Dissimilar data merges better*: not enough pairs to test.")
     else:
         f, d = frechet.iloc[0], domain.iloc[0] if not domain.empty else None
-        positive = f["ci_low"] > 0 and (d is None or pd.isna(d["value"]) or d["ci_low"] > 0)
-        negative = f["ci_high"] < 0
+        has_domain = d is not None and not pd.isna(d["value"])
+        positive = f["ci_low"] > 0 and (not has_domain or d["ci_low"] > 0)
+        negative = f["ci_high"] < 0 or (has_domain and d["ci_high"] < 0)
         verdict = "supported" if positive else "contradicted" if negative else "not supported (inconclusive)"
-        out.append(f"2. *Adapters trained on dissimilar data merge better* (rule: Spearman ρ of retention with Fréchet "
-                   f"distance > 0 with its CI, and cross-domain pairs retain more than same-domain pairs): **{verdict}**; "
-                   f"ρ = {f['value']:.2f} [{f['ci_low']:.2f}, {f['ci_high']:.2f}], n = {f['n']} pairs.")
+        domain_text = (f"; cross-domain minus same-domain retention {d['value'] * 100:.1f} points "
+                       f"[{d['ci_low'] * 100:.1f}, {d['ci_high'] * 100:.1f}], n = {d['n']} pairs") if has_domain else ""
+        out.append(f"2. *Adapters trained on dissimilar data merge better* (rule: supported if Spearman ρ of retention "
+                   f"with Fréchet distance and the cross-domain minus same-domain difference are both > 0 with their CIs; "
+                   f"contradicted if either is < 0 with its CI): **{verdict}**; "
+                   f"ρ = {f['value']:.2f} [{f['ci_low']:.2f}, {f['ci_high']:.2f}], n = {f['n']} pairs{domain_text}.")
     some = wins[wins["ci_low"] > 0]
     verdict = "supported" if not some.empty else "not supported"
     out.append(f"3. *Merges sometimes beat head finetuning* (rule: for some method and k the share of rows beating the "
