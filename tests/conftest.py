@@ -20,6 +20,16 @@ TINY_ARGS = ["--tasks", *TINY_TASKS, "--seeds", "0", "--image-size", "32", "--st
              "--max-test", "96", "--merge-methods", *TINY_METHODS, "--max-k", "3", "--merge-eval", "48", "--merge-select", "16"]
 
 
+def query_db(db, sql: str, params: list | None = None) -> list[tuple]:
+    """Rows of a query on a results database, opened read-only like every reader."""
+    import duckdb
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        return con.execute(sql, params or []).fetchall()
+    finally:
+        con.close()
+
+
 def run_all(*args: str) -> int:
     from training.run_all import main
     return main([str(a) for a in args])

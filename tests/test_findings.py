@@ -1,22 +1,14 @@
 """Similarity measures and findings: exact formulas, and 'not available' instead of a number when data is thin."""
-import duckdb
 import numpy as np
 import pytest
 import scipy.linalg
 import torch
 
+from conftest import query_db
 from merging.deltas import load_deltas
 from merging.findings import wilson
 from merging.similarity import adapter_cosine, frechet_distance, subspace_alignment
 from training.pipeline import resolve_stored_path
-
-
-def query(db, sql):
-    con = duckdb.connect(str(db), read_only=True)
-    try:
-        return con.execute(sql).fetchall()
-    finally:
-        con.close()
 
 
 def test_frechet_distance_matches_the_textbook_formula():
@@ -35,24 +27,24 @@ def test_wilson_interval():
 
 
 def test_adapter_similarity_of_an_adapter_with_itself(tiny_study):
-    (path,), = query(tiny_study["db"], "SELECT path FROM models WHERE model_kind = 'adapter' AND task = 'textures'")
+    (path,), = query_db(tiny_study["db"], "SELECT path FROM models WHERE model_kind = 'adapter' AND task = 'textures'")
     adapter = load_deltas(resolve_stored_path(path))
     assert adapter_cosine(adapter, adapter) == pytest.approx(1.0)
     assert subspace_alignment(adapter, adapter) == pytest.approx(1.0)
 
 
 def test_findings_stage_stores_similarity_findings_and_report(tiny_study):
-    similarity = query(tiny_study["db"], "SELECT task_a, task_b, measure, value FROM task_similarity")
+    similarity = query_db(tiny_study["db"], "SELECT task_a, task_b, measure, value FROM task_similarity")
     assert len(similarity) == 3 * 3  # three pairs of the three tiny tasks, three measures
     assert all(a < b for a, b, _, _ in similarity)
     assert all(v > 0 for _, _, m, v in similarity if m == "frechet")
     # three pairs are too few for a rank correlation: stored as not available, with the reason
-    spearman = query(tiny_study["db"], "SELECT value, n, note FROM findings WHERE statistic LIKE 'spearman/%'")
+    spearman = query_db(tiny_study["db"], "SELECT value, n, note FROM findings WHERE statistic LIKE 'spearman/%'")
     assert len(spearman) == 3 and all(v is None and n == 3 and "fewer than" in note for v, n, note in spearman)
-    retention = query(tiny_study["db"], "SELECT statistic, value, ci_low, ci_high, n FROM findings WHERE finding = 'retention_vs_k'")
+    retention = query_db(tiny_study["db"], "SELECT statistic, value, ci_low, ci_high, n FROM findings WHERE finding = 'retention_vs_k'")
     assert retention and all(low <= value <= high for _, value, low, high, _ in retention if value is not None)
     report = (tiny_study["root"] / "findings.md").read_text()
     assert "## The paper's three claims" in report and "n/a (fewer than 4 pairs" in report
-    (mean,), = query(tiny_study["db"], "SELECT avg(normalized_accuracy) FROM merge_results WHERE method = 'linear' AND k = 2")
-    (stored,), = query(tiny_study["db"], "SELECT value FROM findings WHERE finding = 'retention_vs_k' AND statistic = 'linear/k=2'")
+    (mean,), = query_db(tiny_study["db"], "SELECT avg(normalized_accuracy) FROM merge_results WHERE method = 'linear' AND k = 2")
+    (stored,), = query_db(tiny_study["db"], "SELECT value FROM findings WHERE finding = 'retention_vs_k' AND statistic = 'linear/k=2'")
     assert stored == pytest.approx(mean)

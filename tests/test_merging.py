@@ -2,12 +2,11 @@
 import json
 import shutil
 
-import duckdb
 import pytest
 import torch
 from peft import PeftModel
 
-from conftest import TINY_METHODS, TINY_TASKS, run_all
+from conftest import TINY_METHODS, TINY_TASKS, query_db, run_all
 from merging.deltas import load_deltas
 from merging.merge import main as merge_main
 from merging.merged_model import FoldedBackbone, build_merged_model, export_merge_as_lora, merge_deltas
@@ -20,17 +19,9 @@ from training.trainers import train_adapter
 from mlvision.models import save_model
 
 
-def query(db, sql):
-    con = duckdb.connect(str(db), read_only=True)
-    try:
-        return con.execute(sql).fetchall()
-    finally:
-        con.close()
-
-
 @pytest.fixture(scope="module")
 def adapter_folders(tiny_study):
-    rows = query(tiny_study["db"], "SELECT task, path FROM models WHERE model_kind = 'adapter' ORDER BY task")
+    rows = query_db(tiny_study["db"], "SELECT task, path FROM models WHERE model_kind = 'adapter' ORDER BY task")
     return {task: resolve_stored_path(path) for task, path in rows}
 
 
@@ -103,7 +94,7 @@ def test_adapters_of_different_ranks_merge_in_delta_space(adapter_folders, tmp_p
 
 
 def test_sweep_stores_every_merge_with_its_baselines(tiny_study):
-    rows = query(tiny_study["db"], "SELECT method, k, tasks, task, merged_accuracy, single_accuracy, head_accuracy, "
+    rows = query_db(tiny_study["db"], "SELECT method, k, tasks, task, merged_accuracy, single_accuracy, head_accuracy, "
                                    "normalized_accuracy, normalized_gain, n, hyperparams FROM merge_results")
     assert len(rows) == (3 * 2 + 1 * 3) * len(TINY_METHODS)  # 3 pairs and 1 triple of 3 tasks, k answers each
     assert {r[0] for r in rows} == set(TINY_METHODS) and {r[1] for r in rows} == {2, 3}
@@ -113,20 +104,20 @@ def test_sweep_stores_every_merge_with_its_baselines(tiny_study):
         if single != head:
             assert gain == pytest.approx((merged - head) / (single - head))
         json.loads(hyper)
-    (selection,), = query(tiny_study["db"], "SELECT selection FROM merges WHERE method = 'task_arithmetic' LIMIT 1")
+    (selection,), = query_db(tiny_study["db"], "SELECT selection FROM merges WHERE method = 'task_arithmetic' LIMIT 1")
     selection = json.loads(selection)
     assert selection["chosen"] in selection["grid"] and len(selection["validation_accuracy"]) == len(selection["grid"])
     # linear and peft_cat compute the same ΔW, so they score the same on the same images
-    same = query(tiny_study["db"], "SELECT a.merged_accuracy, b.merged_accuracy FROM merge_results a JOIN merge_results b "
+    same = query_db(tiny_study["db"], "SELECT a.merged_accuracy, b.merged_accuracy FROM merge_results a JOIN merge_results b "
                                    "ON a.tasks = b.tasks AND a.task = b.task WHERE a.method = 'linear' AND b.method = 'peft_cat'")
     assert len(same) == 9 and all(abs(x - y) < 1e-9 for x, y in same)
 
 
 def test_sweep_rerun_adds_nothing(tiny_study, capsys):
-    before = query(tiny_study["db"], "SELECT count(*) FROM merge_evaluations")
+    before = query_db(tiny_study["db"], "SELECT count(*) FROM merge_evaluations")
     assert run_all(*tiny_study["args"], "--stages", "merge") == 0
     assert "0 merges evaluated" in capsys.readouterr().out
-    assert query(tiny_study["db"], "SELECT count(*) FROM merge_evaluations") == before
+    assert query_db(tiny_study["db"], "SELECT count(*) FROM merge_evaluations") == before
 
 
 def test_bad_merge_inputs_name_the_problem(adapter_folders, tmp_path):
