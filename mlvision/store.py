@@ -104,6 +104,7 @@ class Store:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        self._schema_checked = False  # the schema is checked (and created) on the first write only
 
     # -- opening ---------------------------------------------------------------------------
     def _connect(self, read_only: bool) -> duckdb.DuckDBPyConnection:
@@ -136,9 +137,11 @@ class Store:
         con = self._connect(read_only=False)
         try:
             con.execute("BEGIN TRANSACTION")
-            self._ensure_schema(con)
+            if not self._schema_checked:
+                self._ensure_schema(con)
             yield con
             con.execute("COMMIT")
+            self._schema_checked = True
         except BaseException:
             try:
                 con.execute("ROLLBACK")
