@@ -30,6 +30,16 @@ def query_db(db, sql: str, params: list | None = None) -> list[tuple]:
         con.close()
 
 
+def make_newer_schema_db(path) -> None:
+    """A results file that claims a schema version this code does not know yet."""
+    import duckdb
+    from mlvision.store import SCHEMA_VERSION
+    con = duckdb.connect(str(path))
+    con.execute("CREATE TABLE schema_version (version INTEGER)")
+    con.execute("INSERT INTO schema_version VALUES (?)", [SCHEMA_VERSION + 1])
+    con.close()
+
+
 def run_all(*args: str) -> int:
     from training.run_all import main
     return main([str(a) for a in args])

@@ -11,12 +11,11 @@ import duckdb
 import pytest
 from peft import PeftModel
 
-from conftest import TINY_ARGS, TINY_TASKS, run_all
+from conftest import TINY_ARGS, TINY_TASKS, make_newer_schema_db, run_all
 from mlvision.backbone import BackboneConfig, create_backbone
 from mlvision.data import split_tensors
 from mlvision.models import MultiTaskModel, accuracy, load_head, load_model, read_meta
 from mlvision.paths import REPO_ROOT
-from mlvision.store import SCHEMA_VERSION
 from training.pipeline import resolve_stored_path
 
 RESULT_COLUMNS = "task, model_kind, seed, accuracy, n_test, backbone, config_hash"
@@ -123,10 +122,7 @@ def test_bad_input_gets_one_line_and_nonzero_exit(args, message):
 
 def test_newer_database_is_refused_and_left_untouched(tmp_path):
     db = tmp_path / "r.duckdb"
-    con = duckdb.connect(str(db))
-    con.execute("CREATE TABLE schema_version (version INTEGER)")
-    con.execute("INSERT INTO schema_version VALUES (?)", [SCHEMA_VERSION + 1])
-    con.close()
+    make_newer_schema_db(db)
     before = db.read_bytes()
     result = subprocess.run([sys.executable, str(REPO_ROOT / "training" / "run_all.py"), *TINY_ARGS, "--db", str(db)],
                             capture_output=True, text=True, timeout=120)

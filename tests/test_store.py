@@ -2,6 +2,7 @@
 import duckdb
 import pytest
 
+from conftest import make_newer_schema_db
 from mlvision.errors import StoreError
 from mlvision.store import SCHEMA_VERSION, Store, config_hash, insert_row
 
@@ -40,10 +41,7 @@ def test_readers_cannot_write(tmp_path):
 
 def test_newer_schema_is_refused_with_the_fix(tmp_path):
     path = tmp_path / "r.duckdb"
-    con = duckdb.connect(str(path))
-    con.execute("CREATE TABLE schema_version (version INTEGER)")
-    con.execute("INSERT INTO schema_version VALUES (?)", [SCHEMA_VERSION + 1])
-    con.close()
+    make_newer_schema_db(path)
     with pytest.raises(StoreError, match="newer than this code's.*update"):
         Store(path).initialise()
     assert duckdb.connect(str(path), read_only=True).execute("SELECT count(*) FROM information_schema.tables").fetchall()[0][0] == 1
