@@ -129,7 +129,7 @@ def methods_figure(table: pd.DataFrame, metric: str, y_title: str) -> go.Figure:
     return _layout(fig, f"{y_title} by method and k", "k (adapters merged)", y_title)
 
 
-def benchmark_figure(bench: pd.DataFrame, y: str, y_title: str) -> go.Figure:
+def benchmark_figure(bench: pd.DataFrame, y: str, y_title: str, x_title: str = "k (tasks served)") -> go.Figure:
     """One line per variant against k (a variant without k is drawn as a single point at 0)."""
     fig = go.Figure()
     variants = [str(v) for v in dict.fromkeys(bench["variant"].fillna("—"))]
@@ -140,4 +140,12 @@ def benchmark_figure(bench: pd.DataFrame, y: str, y_title: str) -> go.Figure:
                                  text=part["name"],
                                  hovertemplate=f"<b>{variant}</b> (%{{text}})<br>k=%{{x}}<br>{y_title}=%{{y:.4g}}<extra></extra>"))
     fig.update_xaxes(dtick=1)
-    return _layout(fig, f"{y_title} against k", "k (tasks served)", y_title)
+    return _layout(fig, f"{y_title} against k", x_title, y_title)
+
+
+def bar_figure(rows: pd.DataFrame, y: str, y_title: str) -> go.Figure:
+    """One bar per variant (e.g. the training benchmark's lora / head_only / full_finetune)."""
+    variants = [str(v) for v in rows["variant"]]
+    fig = go.Figure(go.Bar(x=variants, y=rows[y], marker_color=[color_for(v, variants) for v in variants],
+                           hovertemplate=f"<b>%{{x}}</b><br>{y_title}=%{{y:.4g}}<extra></extra>"))
+    return _layout(fig, y_title, "", y_title, height=360)

@@ -279,25 +279,69 @@ def runs(db: str, filters: Filters) -> None:
 # ------------------------------------------------------------------------------- 7 Performance
 
 def performance(db: str, filters: Filters) -> None:
-    st.header("Inference cost")
+    st.header("Performance")
     bench = queries.benchmarks(db)
-    if _missing("benchmarks", "benchmarks", bench, "the benchmark stage"):
+    if _missing("benchmarks", "benchmarks", bench, "`python -m training.bench` (or the bench stage of run_all)"):
         return
     devices = sorted(bench["device"].dropna().astype(str).unique())
     device = filters.select("Device", "device", devices) if devices else None
     rows = bench if device is None else bench[bench["device"].astype(str) == device]
-    sizes = sorted(int(b) for b in rows["batch_size"].dropna().unique())
-    batch = filters.select("Batch size", "batch", sizes) if sizes else None
-    if batch is not None:
-        rows = rows[rows["batch_size"] == batch]
-    left, right = st.columns(2)
-    with left:
-        _chart(charts.benchmark_figure(rows, "median_ms", "median latency (ms)"))
-    with right:
-        _chart(charts.benchmark_figure(rows, "throughput", "throughput (images/s)"))
-    if rows["ratio_to_backbone"].notna().any():
-        _chart(charts.benchmark_figure(rows, "ratio_to_backbone", "latency / backbone alone"))
+    _machine_caption(rows)
+
+    st.subheader("Inference: one merged pass against one pass per task")
+    inference = rows[rows["name"] == "inference"]
+    if inference.empty:
+        st.info("No inference figures for this device yet: run `python -m training.bench --bench-sections inference`.")
+    else:
+        sizes = sorted(int(b) for b in inference["batch_size"].dropna().unique())
+        batch = filters.select("Batch size", "batch", sizes, help="inference batch size")
+        inference = inference[inference["batch_size"] == batch]
+        st.caption("median of the timed runs; every variant and the plain backbone run interleaved in one loop, "
+                   "so the ratio to the backbone cancels drift of the machine")
+        left, right = st.columns(2)
+        with left:
+            _chart(charts.benchmark_figure(inference, "median_ms", "median latency (ms)"))
+        with right:
+            _chart(charts.benchmark_figure(inference, "ratio_to_backbone", "latency / plain backbone"))
+        _chart(charts.benchmark_figure(inference, "throughput", "throughput (images/s, every task answered)"))
+
+    st.subheader("Training: LoRA against head-only and full fine-tuning")
+    training = rows[rows["name"] == "training"]
+    if training.empty:
+        st.info("No training figures for this device yet: run `python -m training.bench --bench-sections training`.")
+    else:
+        left, right = st.columns(2)
+        with left:
+            _chart(charts.bar_figure(training, "throughput", "images per second"))
+        with right:
+            _chart(charts.bar_figure(training, "peak_memory_mb", "peak extra memory (MB)"))
+
+    st.subheader("Merge time per method")
+    merge = rows[rows["name"] == "merge"]
+    if merge.empty:
+        st.info("No merge timings for this device yet: run `python -m training.bench --bench-sections merge`.")
+    else:
+        _chart(charts.benchmark_figure(merge, "median_ms", "merge time (ms)", x_title="k (adapters merged)"))
     _table(rows.assign(machine=rows["machine"].astype(str)))
+
+
+def _machine_caption(rows: pd.DataFrame) -> None:
+    """Which machine the figures come from (the newest measurement's description)."""
+    latest = rows.sort_values("measured_at").iloc[-1]
+    try:
+        machine = json.loads(latest["machine"]) if isinstance(latest["machine"], str) else dict(latest["machine"])
+    except (TypeError, ValueError):
+        machine = {}
+    parts = [str(machine[k]) for k in ("device_name", "cpu_model") if machine.get(k)][:1]
+    if machine.get("cpu_count"):
+        parts.append(f"{machine['cpu_count']} cores")
+    if "threads" in rows and pd.notna(latest.get("threads")):
+        parts.append(f"{int(latest['threads'])} torch threads")
+    if machine.get("torch"):
+        parts.append(f"torch {machine['torch']}")
+    if "image_size" in rows and pd.notna(latest.get("image_size")):
+        parts.append(f"{int(latest['image_size'])} px images")
+    st.caption("Measured on: " + ", ".join(parts) + f"; last measured {latest['measured_at']}")
 
 
 PAGES = {

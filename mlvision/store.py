@@ -25,7 +25,9 @@ import duckdb
 
 from mlvision.errors import StoreError
 
-SCHEMA_VERSION = 1
+# 2: benchmark_rows (and the benchmarks view) gained bench_id, section, backbone, image_size, threads,
+#    repeats, peak_memory_mb, note, run_id; a version-1 file is upgraded in place (columns added).
+SCHEMA_VERSION = 2
 
 _TABLES = [
     """CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)""",
@@ -63,9 +65,14 @@ _TABLES = [
     """CREATE TABLE IF NOT EXISTS finding_rows (
         finding VARCHAR, statistic VARCHAR, value DOUBLE, ci_low DOUBLE, ci_high DOUBLE, n INTEGER,
         note VARCHAR, run_id VARCHAR, created_at TIMESTAMP, PRIMARY KEY (finding, statistic))""",
+    # One benchmark figure (training/bench.py). `name` is the section (inference | training | merge),
+    # `variant` what was timed; throughput is images per second; peak_memory_mb is NULL where not measured.
     """CREATE TABLE IF NOT EXISTS benchmark_rows (
         name VARCHAR, variant VARCHAR, k INTEGER, batch_size INTEGER, device VARCHAR, median_ms DOUBLE,
         p95_ms DOUBLE, throughput DOUBLE, ratio_to_backbone DOUBLE, machine JSON, measured_at TIMESTAMP)""",
+    *(f"ALTER TABLE benchmark_rows ADD COLUMN IF NOT EXISTS {column}" for column in (
+        "bench_id VARCHAR", "backbone VARCHAR", "image_size INTEGER", "threads INTEGER", "repeats INTEGER",
+        "peak_memory_mb DOUBLE", "note VARCHAR", "run_id VARCHAR")),
 ]
 
 _VIEWS = [
@@ -85,7 +92,8 @@ _VIEWS = [
         SELECT finding, statistic, value, ci_low, ci_high, n, note, run_id FROM finding_rows""",
     """CREATE OR REPLACE VIEW benchmarks AS
         SELECT name, variant, k, batch_size, device, median_ms, p95_ms, throughput, ratio_to_backbone,
-               machine, measured_at FROM benchmark_rows""",
+               machine, measured_at, peak_memory_mb, image_size, threads, repeats, backbone, note, bench_id, run_id
+        FROM benchmark_rows""",
 ]
 
 

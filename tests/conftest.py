@@ -17,7 +17,10 @@ TINY_TASKS = ["uci_digits", "lfw_faces", "textures"]
 TINY_METHODS = ["linear", "task_arithmetic", "ties", "peft_cat"]
 TINY_ARGS = ["--tasks", *TINY_TASKS, "--seeds", "0", "--image-size", "32", "--steps", "8", "--batch-size", "32",
              "--rank", "4", "--alpha", "8", "--head-epochs", "3", "--max-train", "128", "--max-validation", "64",
-             "--max-test", "96", "--merge-methods", *TINY_METHODS, "--max-k", "3", "--merge-eval", "48", "--merge-select", "16"]
+             "--max-test", "96", "--merge-methods", *TINY_METHODS, "--max-k", "3", "--merge-eval", "48", "--merge-select", "16",
+             # benchmarks: few repeats and small batches; the training section has its own test (test_bench.py)
+             "--bench-sections", "inference", "merge", "--bench-repeats", "3", "--bench-batch-sizes", "1", "4",
+             "--bench-merge-repeats", "1"]
 
 
 def query_db(db, sql: str, params: list | None = None) -> list[tuple]:

@@ -131,10 +131,15 @@ def build_full_db(path: Path) -> Path:
     findings = [dict(finding="retention_vs_k", statistic="slope", value=-0.05, ci_low=-0.07, ci_high=-0.03, n=24),
                 dict(finding="same_vs_cross_domain", statistic="difference", value=None, ci_low=None, ci_high=None,
                      n=0, note="not enough pairs")]
-    bench = [dict(name="forward", variant=variant, k=k, batch_size=32, device="cpu", median_ms=10 + k * f,
+    bench = [dict(name="inference", variant=variant, k=k, batch_size=32, device="cpu", median_ms=10 + k * f,
                   p95_ms=12 + k * f, throughput=3200 / (10 + k * f), ratio_to_backbone=(10 + k * f) / 10,
-                  machine=json.dumps({"cpu": 2}))
+                  machine=json.dumps({"cpu_count": 2}))
              for variant, f in (("merged", 0.1), ("separate adapters", 5.0)) for k in (1, 2, 4)]
+    bench += [dict(name="training", variant=variant, batch_size=64, device="cpu", median_ms=ms, p95_ms=ms + 1,
+                   throughput=64000 / ms, peak_memory_mb=memory, machine=json.dumps({"cpu_count": 2}))
+              for variant, ms, memory in (("lora", 300.0, 80.0), ("head_only", 100.0, 20.0), ("full_finetune", 400.0, 150.0))]
+    bench += [dict(name="merge", variant=method, k=k, device="cpu", median_ms=k * f, p95_ms=k * f + 1,
+                   machine=json.dumps({"cpu_count": 2})) for method, f in (("linear", 2.0), ("ties", 30.0)) for k in (2, 3)]
     runs = [dict(run_id="run-full", status="finished", command="python training/run_all.py --full",
                  config=json.dumps({"tasks": list(tasks), "seeds": seeds}), machine=json.dumps({"cpu": 2}))]
     with store.write() as con:
@@ -260,11 +265,19 @@ def test_methods_table_and_chart_match_sql(full_db):
 def test_performance_lines_match_sql(full_db):
     at = render(full_db, "performance")
     assert_clean(at)
-    expected = sql(full_db, "SELECT variant, k, median_ms FROM benchmarks ORDER BY variant, k")
-    drawn = lines(figures(at)[0])
+    drawn = [lines(figure) for figure in figures(at)]
+    expected = sql(full_db, "SELECT variant, k, median_ms FROM benchmarks WHERE name = 'inference' ORDER BY variant, k")
     for variant, part in expected.groupby("variant"):
-        assert drawn[variant][0] == part["k"].tolist()
-        np.testing.assert_allclose(drawn[variant][1], part["median_ms"])
+        assert drawn[0][variant][0] == part["k"].tolist()
+        np.testing.assert_allclose(drawn[0][variant][1], part["median_ms"])
+    merge = sql(full_db, "SELECT variant, k, median_ms FROM benchmarks WHERE name = 'merge' ORDER BY variant, k")
+    for method, part in merge.groupby("variant"):  # the merge-time chart is the last figure
+        np.testing.assert_allclose(drawn[-1][method][1], part["median_ms"])
+    training = sql(full_db, "SELECT variant, throughput, peak_memory_mb FROM benchmarks WHERE name = 'training'")
+    throughput, memory = (figure["data"][0] for figure in figures(at) if figure["data"][0].get("type") == "bar")
+    assert dict(zip(throughput["x"], throughput["y"])) == pytest.approx(dict(zip(training["variant"], training["throughput"])))
+    assert dict(zip(memory["x"], memory["y"])) == pytest.approx(dict(zip(training["variant"], training["peak_memory_mb"])))
+    assert "2 cores" in " ".join(c.value for c in at.caption)
 
 
 def test_runs_tables_filters_and_downloads(full_db):

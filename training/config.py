@@ -83,7 +83,7 @@ class StudyConfig:
         return data
 
 
-STAGES = ("train", "merge", "findings")
+STAGES = ("train", "merge", "findings", "bench")
 
 PROFILES = {
     "default": StudyConfig(),

@@ -22,6 +22,7 @@ from mlvision.errors import MLVisionError
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from training.bench import add_bench_arguments
     from training.config import add_study_arguments
 
     parser = argparse.ArgumentParser(
@@ -29,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Results go to results.duckdb (views: task_results, ...); adapters and heads to artifacts/.")
     add_study_arguments(parser)
+    add_bench_arguments(parser)
     return parser
 
 
@@ -53,12 +55,16 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     from merging.findings import FindingsStage
     from merging.sweep import MergeSweep
     from mlvision.paths import DEFAULT_DB_PATH, REPO_ROOT
+    from training.bench import BenchStage, bench_config_from_args, resolve_device
     from training.pipeline import TrainingStage
 
     config = config_from_args(args)
     check_backbone_name(config.backbone)  # unknown names fail before any work
     for name in config.tasks:
         get_task(name)  # unknown names fail before any work
+    bench_config = bench_config_from_args(args)  # so do bad benchmark options
+    if "bench" in args.stages:
+        resolve_device(bench_config.device)
     if args.quick:  # the quick profile writes under runs/quick/, which a fresh clone lacks
         Path(config.db).parent.mkdir(parents=True, exist_ok=True)
     store = Store(config.db)
@@ -82,6 +88,12 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         counts = FindingsStage(config, store, report).run()
         print(f"findings: similarity of {counts['pairs']} new (pair, seed)s, {counts['findings']} statistics, "
               f"report {report} ({time.perf_counter() - started:.0f} s)")
+    if "bench" in args.stages:
+        started = time.perf_counter()
+        bench = BenchStage(config, store, bench_config)
+        counts = bench.run()
+        print(f"benchmarks: {counts['measured']} sections measured, {counts['skipped']} already stored for this machine "
+              f"({time.perf_counter() - started:.0f} s)")
     stage.finish_run()
     print(f"results in {config.db}")
     return 0
