@@ -2,7 +2,8 @@
 
     OMP_NUM_THREADS=1 python demo/measure.py [--db results.duckdb] [--repeats 30] [--device cpu]
 
-Latency is the median of `--repeats` timed forward passes at batch 1 (after 3 warm-up passes):
+Latency is the median of `--repeats` timed forward passes at batch 1 (after 3 warm-up passes),
+the two variants interleaved (training/timing.py; `python -m training.bench` measures more):
 one pass through the merged model of every task, against one pass per task through each
 task's own adapter (peft-loaded), summed. Start-up is the time from nothing loaded to the
 app answering HTTP (adapters read, backbone built, default merge built, Gradio launched).
@@ -10,7 +11,6 @@ app answering HTTP (adapters read, backbone built, default merge built, Gradio l
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 import urllib.request
@@ -24,17 +24,7 @@ if str(REPO_ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from mlvision.paths import DEFAULT_DB_PATH  # noqa: E402
-
-
-def _median_ms(fn, repeats: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1000.0)
-    return statistics.median(times)
+from training.timing import median_p95, time_interleaved  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,10 +56,13 @@ def main(argv: list[str] | None = None) -> int:
     image = load_task(tasks[0])["test"][0]["image"]
     batch = service.tensor(image.convert("RGB"))
     singles = {t: service.single_model(t) for t in tasks}
-    with torch.inference_mode():
-        merged_ms = _median_ms(lambda: entry.model(batch), args.repeats)
-        separate_ms = _median_ms(lambda: [singles[t](batch) for t in tasks], args.repeats)
-        per_adapter = {t: _median_ms(lambda t=t: singles[t](batch), max(5, args.repeats // 3)) for t in tasks}
+    with torch.inference_mode():  # interleaved, so drift of the machine hits both alike
+        times = time_interleaved({"merged": lambda: entry.model(batch),
+                                  "separate": lambda: [singles[t](batch) for t in tasks]},
+                                 args.repeats, warmup=3, device=service.device)
+        merged_ms, separate_ms = (median_p95(times[name])[0] for name in ("merged", "separate"))
+        per_adapter = {t: median_p95(values)[0] for t, values in time_interleaved(
+            {t: (lambda t=t: singles[t](batch)) for t in tasks}, max(5, args.repeats // 3), 3, service.device).items()}
     print(f"latency, batch 1, median of {args.repeats}: merged model, {len(tasks)} tasks in one pass: "
           f"{merged_ms:.1f} ms; {len(tasks)} separate adapters, one pass each: {separate_ms:.1f} ms "
           f"({separate_ms / merged_ms:.1f}x)")
