@@ -259,7 +259,6 @@ class BenchStage:
                     median, p95 = median_p95(values)
                     rows.append({"variant": variant, "k": k, "batch_size": batch_size, "median_ms": median, "p95_ms": p95,
                                  "throughput": batch_size * 1000.0 / median, "ratio_to_backbone": median / base_median})
-                del merged
                 progress.update()
         progress.close()
         return rows
