@@ -40,6 +40,7 @@ _DEFAULT_TARGETS = {
 }
 
 WEIGHT_SOURCES = ("auto", "package", "hub", "random")
+RANDOM_WEIGHTS_SEED = 0  # "random" weights are a fixed random initialisation
 
 
 @dataclass(frozen=True)
@@ -135,7 +136,12 @@ def create_backbone(config: BackboneConfig, with_classifier: bool = False) -> to
                               f"(offline: {', '.join(_PACKAGED_WEIGHTS)}): use --backbone-weights hub or random")
     kwargs = {} if with_classifier else {"num_classes": 0}
     try:
-        model = timm.create_model(config.name, pretrained=(weights == "hub"), **kwargs, **_timm_kwargs(config))
+        with torch.random.fork_rng(devices=[], enabled=(weights == "random")):
+            if weights == "random":
+                # The same "random" backbone in every call and every process: adapters trained on
+                # it, the merge that folds them into it and the DDP ranks must all share one base.
+                torch.manual_seed(RANDOM_WEIGHTS_SEED)
+            model = timm.create_model(config.name, pretrained=(weights == "hub"), **kwargs, **_timm_kwargs(config))
     except Exception as error:  # hub unreachable, missing weights, ...
         raise DataSourceError(f"cannot create backbone '{config.name}' with {weights} weights ({error}): "
                               "check network access to the model hub or use the offline default") from None

@@ -70,7 +70,7 @@ class Task:
 
     name: str                      # registry name, e.g. "mnist", or "hub:<id>"
     label_names: tuple[str, ...]
-    domain: str                    # "digits" | "objects" | "photos" | "hub" (or user-given)
+    domain: str                    # "digits" | "objects" | "photos" | "hub" (or set_hub_domains)
     source: str                    # human-readable origin of the data
     description: str               # one line
 
@@ -124,11 +124,31 @@ def list_tasks() -> list[str]:
     return list(TASK_NAMES)
 
 
-def get_task(name: str, domain: str = "hub") -> Task:
+_HUB_DOMAINS: dict[str, str] = {}
+
+
+def set_hub_domains(domains: dict[str, str]) -> None:
+    """Domain tags of hub tasks by task name (e.g. {"hub:tanganke/eurosat": "remote_sensing"}).
+
+    A hub dataset carries no domain of its own, yet the findings compare same-domain with
+    cross-domain pairs; the study's profile (or --task-domains) sets them here once per process,
+    so every later `get_task(name)` (training metadata, the store's tasks table, the findings)
+    sees the same tag. Built-in tasks keep their registry domains.
+    """
+    unknown = [name for name in domains if not name.startswith(HUB_PREFIX)]
+    if unknown:
+        raise UnknownNameError(f"domains can only be given to {HUB_PREFIX} tasks (built-in tasks have "
+                               f"their own): {', '.join(unknown)}")
+    _HUB_DOMAINS.clear()
+    _HUB_DOMAINS.update(domains)
+
+
+def get_task(name: str, domain: str | None = None) -> Task:
     """The `Task` called `name`; "hub:<id>" loads that hub dataset (or local save_to_disk
-    folder) to learn its labels, and tags it with `domain`."""
+    folder) to learn its labels, and tags it with `domain` (default: the one set with
+    `set_hub_domains`, else "hub")."""
     if name.startswith(HUB_PREFIX):
-        return _load_hub(name[len(HUB_PREFIX):], domain)[0]
+        return _load_hub(name[len(HUB_PREFIX):], domain or _HUB_DOMAINS.get(name, "hub"))[0]
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -404,12 +424,14 @@ def _load_hub(ident: str, domain: str = "hub") -> tuple[Task, datasets.DatasetDi
                                 f"folder written by Dataset(Dict).save_to_disk") from exc
         source = f"local folder {ident} (save_to_disk)"
     else:
+        # "<id>@<config>" names a dataset configuration, e.g. ufldl-stanford/svhn@cropped_digits
+        path, _, config_name = ident.partition("@")
         try:
-            loaded = datasets.load_dataset(ident)
+            loaded = datasets.load_dataset(path, config_name or None)
         except Exception as exc:
-            raise MLVisionError(f"cannot load hub dataset {ident!r} ({type(exc).__name__}: "
-                                f"{exc}): check the id and your network, or pass a local "
-                                f"folder saved with save_to_disk") from exc
+            reason = " ".join(f"{type(exc).__name__}: {exc}".split())  # one line, whatever the cause
+            raise MLVisionError(f"cannot load hub dataset {ident!r} ({reason[:300]}): check the id and "
+                                f"your network, or pass a local folder saved with save_to_disk") from exc
         source = f"{HUB_PREFIX}{ident}"
     if isinstance(loaded, datasets.Dataset):
         loaded = datasets.DatasetDict({"train": loaded})

@@ -93,7 +93,7 @@ def test_hub_dataset_and_any_timm_backbone(tmp_path):
     task = f"hub:{tmp_path / 'ds'}"
     assert run_all("--tasks", task, "--seeds", "0", "--backbone", "vit_tiny_patch16_224", "--backbone-weights", "random",
                    "--image-size", "32", "--steps", "3", "--head-epochs", "2", "--db", tmp_path / "r.duckdb",
-                   "--artifacts", tmp_path / "artifacts") == 0
+                   "--artifacts", tmp_path / "artifacts", "--stages", "train") == 0
     stored = rows(tmp_path / "r.duckdb")
     assert [(r[0], r[1], r[5]) for r in stored] == [(task, "adapter", "vit_tiny_patch16_224"), (task, "head", "vit_tiny_patch16_224")]
     meta = read_meta(resolve_stored_path(rows(tmp_path / "r.duckdb", "SELECT path FROM models WHERE model_kind='adapter'")[0][0]))

@@ -1,14 +1,21 @@
-"""The study's configuration: one dataclass, two named profiles, and the CLI options built from it.
+"""The study's configuration: one dataclass, named profiles, and the CLI options built from it.
 
 `default` is the offline study of the README (six tasks, three seeds, EfficientNet-Lite0 at 48 px),
 sized to train on two CPU cores in about a quarter of an hour; `quick` runs the same pipeline on
-a sliver of everything in about a minute, for smoke tests.
+a sliver of everything in about a minute, for smoke tests. `paper` is the same study at the scale
+of the ViT merging literature (ViT-B/16 from the hub, six hub datasets, 224 px; needs a network
+and GPUs, see `accelerate launch`), and `tiny-vit` is its offline miniature (a randomly initialised
+ViT-Tiny on small local copies of offline tasks, saved like hub datasets), which the tests run.
 """
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
+
+from mlvision.errors import UnknownNameError
 
 from mlvision.backbone import BackboneConfig, default_target_modules
 from mlvision.store import config_hash
@@ -48,6 +55,10 @@ class StudyConfig:
     # where things go
     db: Path = DEFAULT_DB_PATH
     artifacts: Path = DEFAULT_ARTIFACTS_DIR
+    # added later; left out of stored configs while at their defaults, so earlier identities stand
+    task_domains: tuple[tuple[str, str], ...] = ()  # (hub task, domain) pairs for the findings
+    mixed_precision: str = "no"                      # "no" | "bf16": adapter training under accelerate
+    grad_accum: int = 1                              # micro-batches per step (same global batch)
 
     @property
     def backbone_config(self) -> BackboneConfig:
@@ -59,10 +70,15 @@ class StudyConfig:
 
     def adapter_training_config(self, task: str, seed: int) -> dict:
         """Everything that determines an adapter's weights: its hash is the adapter's identity."""
-        return {"kind": "adapter", "task": task, "seed": seed, "backbone": self.backbone_config.to_dict(),
-                "rank": self.rank, "alpha": self.alpha, "target_modules": self.lora_targets,
-                "steps": self.steps, "batch_size": self.batch_size, "lr": self.lr, "head_lr": self.head_lr,
-                "max_train": self.max_train, **self.eval_limits()}
+        config = {"kind": "adapter", "task": task, "seed": seed, "backbone": self.backbone_config.to_dict(),
+                  "rank": self.rank, "alpha": self.alpha, "target_modules": self.lora_targets,
+                  "steps": self.steps, "batch_size": self.batch_size, "lr": self.lr, "head_lr": self.head_lr,
+                  "max_train": self.max_train, **self.eval_limits()}
+        # bf16 changes the weights, so it is part of the identity; the number of processes and
+        # --grad-accum are not (same global batch, same maths up to float summation order).
+        if self.mixed_precision != "no":
+            config["mixed_precision"] = self.mixed_precision
+        return config
 
     def eval_limits(self) -> dict:
         return {"max_validation": self.max_validation, "max_test": self.max_test}
@@ -80,10 +96,37 @@ class StudyConfig:
     def to_dict(self) -> dict:
         data = asdict(self)
         data.update(db=str(self.db), artifacts=str(self.artifacts), target_modules=self.lora_targets)
+        for name, default in (("task_domains", ()), ("mixed_precision", "no"), ("grad_accum", 1)):
+            if getattr(self, name) == default:
+                del data[name]  # a run without them keeps the run id it had before they existed
+        if "task_domains" in data:
+            data["task_domains"] = dict(self.task_domains)
         return data
 
 
 STAGES = ("train", "merge", "findings", "bench")
+
+# The standard ViT merging benchmark's datasets (task arithmetic / FusionBench), as hub ids. Each
+# has an Image column "image" and a ClassLabel column "label", splits train and test (the tanganke
+# copies add corrupted test splits, which are ignored); validation is carved from train. Domains
+# make two similar pairs (digits; remote sensing); every other pair is dissimilar.
+PAPER_TASK_DOMAINS = (
+    ("hub:ylecun/mnist", "digits"),
+    ("hub:ufldl-stanford/svhn@cropped_digits", "digits"),
+    ("hub:tanganke/eurosat", "remote_sensing"),
+    ("hub:tanganke/resisc45", "remote_sensing"),
+    ("hub:tanganke/gtsrb", "traffic_signs"),
+    ("hub:tanganke/dtd", "textures"),
+)
+
+# tiny-vit: small local copies of four offline tasks saved with save_to_disk, i.e. in the shape of a
+# hub dataset; written on first use by `prepare_profile_data`, relative to the working directory
+# (the repo root, as for every command), so the task names stay the same on every machine.
+TINY_VIT_DATA = Path("runs") / "tiny-vit" / "data"
+TINY_VIT_SOURCES = {"uci_digits": "digits", "mnist": "digits", "lfw_faces": "photos", "textures": "photos"}
+TINY_VIT_SIZES = {"train": 96, "validation": 32, "test": 48}
+TINY_VIT_TASK_DOMAINS = tuple((f"hub:{(TINY_VIT_DATA / name).as_posix()}", domain)
+                              for name, domain in TINY_VIT_SOURCES.items())
 
 PROFILES = {
     "default": StudyConfig(),
@@ -92,12 +135,58 @@ PROFILES = {
                          merge_methods=("linear", "task_arithmetic", "ties"),
                          # a smoke test never touches the committed results
                          db=REPO_ROOT / "runs" / "quick" / "results.duckdb", artifacts=REPO_ROOT / "runs" / "quick" / "artifacts"),
+    # Paper scale: ViT-B/16 (ImageNet-21k, AugReg) from the hub at 224 px, LoRA on attention and MLP.
+    # Splits are held in memory as tensors (mlvision/data.py): 5000 train images are 3 GB per task.
+    "paper": StudyConfig(tasks=tuple(t for t, _ in PAPER_TASK_DOMAINS), task_domains=PAPER_TASK_DOMAINS,
+                         backbone="vit_base_patch16_224.augreg_in21k", backbone_weights="hub", image_size=224,
+                         rank=16, alpha=32.0, target_modules=("qkv", "proj", "fc1", "fc2"),
+                         steps=1000, batch_size=128, lr=1e-3, head_lr=1e-2, head_epochs=30,
+                         max_train=5000, max_validation=500, max_test=2000, merge_eval=1000, merge_select=200,
+                         db=REPO_ROOT / "runs" / "paper" / "results.duckdb", artifacts=REPO_ROOT / "runs" / "paper" / "artifacts"),
+    # Its offline miniature: the same code paths (hub loader, ViT, qkv/proj/fc1/fc2) in seconds.
+    "tiny-vit": StudyConfig(tasks=tuple(t for t, _ in TINY_VIT_TASK_DOMAINS), task_domains=TINY_VIT_TASK_DOMAINS,
+                            seeds=(0,), backbone="vit_tiny_patch16_224", backbone_weights="random", image_size=32,
+                            rank=4, alpha=8.0, target_modules=("qkv", "proj", "fc1", "fc2"),
+                            steps=8, batch_size=16, lr=3e-3, head_lr=1e-2, head_epochs=3,
+                            max_train=None, max_validation=None, max_test=None, max_k=3, merge_eval=48, merge_select=16,
+                            merge_methods=("linear", "task_arithmetic", "ties"),
+                            db=REPO_ROOT / "runs" / "tiny-vit" / "results.duckdb", artifacts=REPO_ROOT / "runs" / "tiny-vit" / "artifacts"),
 }
+
+
+def prepare_profile_data(profile: str) -> None:
+    """Write the local datasets a profile reads, when missing (only tiny-vit has any).
+
+    Each is a DatasetDict of the first images of an offline task's splits, saved with
+    `save_to_disk`, so the study loads it through the very code that loads hub datasets.
+    """
+    if profile != "tiny-vit":
+        return
+    import datasets
+    from mlvision.tasks import load_task
+
+    for name in TINY_VIT_SOURCES:
+        folder = TINY_VIT_DATA / name
+        if folder.exists():
+            continue
+        source = load_task(name)
+        subset = datasets.DatasetDict({split: source[split].select(range(min(n, len(source[split]))))
+                                       for split, n in TINY_VIT_SIZES.items()})
+        staging = folder.with_name(f".{name}.tmp-{os.getpid()}")
+        subset.save_to_disk(str(staging))
+        try:
+            staging.rename(folder)  # atomic: an interrupted write never looks like a finished one
+        except OSError:
+            if not folder.exists():  # another process (another rank) finishing first is fine
+                raise
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def add_study_arguments(parser: argparse.ArgumentParser) -> None:
     """CLI options for every StudyConfig field (defaults come from the chosen profile)."""
-    parser.add_argument("--quick", action="store_true", help="the 'quick' profile: whole pipeline on a sliver of the data in about a minute (smoke test)")
+    parser.add_argument("--config", choices=list(PROFILES), help="named profile giving every option's default: default (the offline study), "
+                        "quick (smoke test), paper (ViT-B/16 + six hub datasets; network, GPUs), tiny-vit (its offline miniature)")
+    parser.add_argument("--quick", action="store_true", help="same as --config quick: whole pipeline on a sliver of the data in about a minute (smoke test)")
     parser.add_argument("--tasks", nargs="+", help=f"tasks to study (default: all six: {' '.join(TASK_NAMES)}; also hub:<dataset id or saved folder>)")
     parser.add_argument("--seeds", nargs="+", type=int, help="training seeds (default: 0 1 2)")
     parser.add_argument("--backbone", help="timm model name (default: tf_efficientnet_lite0, weights from an offline package)")
@@ -120,15 +209,38 @@ def add_study_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--merge-all-seeds-up-to-k", type=int, help="groups up to this size are merged for every seed, larger ones for the first seed only (default: 2)")
     parser.add_argument("--merge-eval", type=int, help="test images per task scored for each merged model (fixed subset; default: 300)")
     parser.add_argument("--merge-select", type=int, help="validation images per task used to pick task arithmetic's lambda (default: 100)")
-    parser.add_argument("--db", type=Path, help="results database (default: results.duckdb at the repo root; --quick: runs/quick/results.duckdb)")
+    parser.add_argument("--task-domains", nargs="+", metavar="TASK=DOMAIN", help="domain tags of hub tasks for the same- vs cross-domain findings (default: the profile's, else 'hub')")
+    parser.add_argument("--mixed-precision", choices=["no", "bf16"], help="adapter training precision, under accelerate (default: no)")
+    parser.add_argument("--grad-accum", type=int, help="micro-batches per training step; the global batch stays --batch-size (default: 1)")
+    parser.add_argument("--db", type=Path, help="results database (default: results.duckdb at the repo root; other profiles: runs/<profile>/results.duckdb)")
     parser.add_argument("--artifacts", type=Path, help="folder for adapters and heads (default: artifacts/ at the repo root)")
 
 
+def profile_name(args: argparse.Namespace) -> str:
+    """The chosen profile: --config, or --quick (its older spelling), else default."""
+    if args.quick and args.config not in (None, "quick"):
+        raise UnknownNameError(f"--quick and --config {args.config} contradict each other: give one of them")
+    return args.config or ("quick" if args.quick else "default")
+
+
 def config_from_args(args: argparse.Namespace) -> StudyConfig:
-    base = PROFILES["quick" if args.quick else "default"]
+    base = PROFILES[profile_name(args)]
     changes = {}
     for f in fields(StudyConfig):
         value = getattr(args, f.name, None)
         if value is not None:
             changes[f.name] = tuple(value) if isinstance(value, list) else value
+    if "task_domains" in changes:
+        changes["task_domains"] = parse_task_domains(changes["task_domains"])
     return replace(base, **changes)
+
+
+def parse_task_domains(items) -> tuple[tuple[str, str], ...]:
+    """("hub:x=digits", ...) -> (("hub:x", "digits"), ...); the last "=" splits (ids have none)."""
+    pairs = []
+    for item in items:
+        task, sep, domain = item.rpartition("=")
+        if not sep or not task or not domain:
+            raise UnknownNameError(f"--task-domains expects TASK=DOMAIN, got {item!r}")
+        pairs.append((task, domain))
+    return tuple(pairs)

@@ -5,6 +5,12 @@ its full configuration. A unit whose test evaluation is already stored is skippe
 is trained, its folder written atomically, and its model and evaluation rows inserted in one
 transaction. So a run killed at any moment and started again ends with the same rows as an
 uninterrupted run, and a second run with nothing left to do only checks hashes.
+
+Under `accelerate launch` every process builds a TrainingStage, but only the main process has a
+store: it decides which adapters are missing and tells the others (a broadcast), all processes
+train each missing adapter together (DDP), and the main process alone evaluates it, writes its
+folder and its rows while the others wait at a barrier. Head baselines (cheap, cached features)
+are trained by the main process only.
 """
 from __future__ import annotations
 
@@ -14,16 +20,19 @@ import time
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 from tqdm.auto import tqdm
 
 from mlvision.backbone import create_backbone, make_preprocess
 from mlvision.data import split_tensors
+from mlvision.errors import MLVisionError
 from mlvision.models import MultiTaskModel, accuracy, save_model
 from mlvision.paths import REPO_ROOT
 from mlvision.store import Store, config_hash, insert_row, now
-from mlvision.tasks import get_task, load_task
+from mlvision.tasks import get_task, load_task, set_hub_domains
 from training.config import StudyConfig
-from training.trainers import extract_features, train_adapter, train_head
+from training.trainers import extract_features, make_accelerator, train_adapter, train_head
 
 
 def machine_info() -> dict:
@@ -53,12 +62,27 @@ def resolve_stored_path(stored: str) -> Path:
     return path if path.is_absolute() else REPO_ROOT / path
 
 
+def stored_model_folder(store: Store, config: StudyConfig, kind: str, task: str, seed: int) -> Path:
+    """The folder of the trained head or adapter of (task, seed) under `config`, as the store records it."""
+    model_id = config.model_id(kind, task, seed)
+    rows = store.query("SELECT path FROM models WHERE model_id = ?", [model_id]) if store.path.exists() else []
+    if not rows:
+        raise MLVisionError(f"no trained {kind} for task '{task}' seed {seed} with this configuration in "
+                            f"{store.path}: run the training stage first (python training/run_all.py)")
+    return resolve_stored_path(rows[0][0])
+
+
 class TrainingStage:
     """Trains and evaluates every (task, seed) head baseline and adapter that is not stored yet."""
 
-    def __init__(self, config: StudyConfig, store: Store):
+    def __init__(self, config: StudyConfig, store: Store | None, accelerator: Accelerator | None = None):
+        """`store` is None on every process but the main one (which alone writes results)."""
         self.config = config
         self.store = store
+        self.accelerator = accelerator or make_accelerator(config.mixed_precision, config.grad_accum)
+        if store is None and self.accelerator.is_main_process:
+            raise ValueError("the main process needs the store")
+        set_hub_domains(dict(config.task_domains))  # every later get_task (findings too) sees them
         self.run_id = study_run_id(config)
         self.backbone_config = config.backbone_config
         base = create_backbone(self.backbone_config)
@@ -76,7 +100,8 @@ class TrainingStage:
             else:
                 insert_row(con, "runs", {"run_id": self.run_id, "started_at": now(), "finished_at": None,
                                          "status": "running", "command": command, "config": self.config.to_dict(),
-                                         "machine": machine_info()}, key=("run_id",))
+                                         "machine": {**machine_info(), "processes": self.accelerator.num_processes}},
+                           key=("run_id",))
 
     def finish_run(self) -> None:
         with self.store.write() as con:
@@ -100,7 +125,8 @@ class TrainingStage:
     def features(self, task: str, split: str) -> torch.Tensor:
         key = (task, split)
         if key not in self._features:
-            self._features[key] = extract_features(self._frozen_backbone, self.tensors(task, split)[0])
+            self._features[key] = extract_features(self._frozen_backbone, self.tensors(task, split)[0],
+                                                   device=self.accelerator.device)
         return self._features[key]
 
     def model_folder(self, kind: str, task: str, seed: int, model_id: str) -> Path:
@@ -150,14 +176,20 @@ class TrainingStage:
         """LoRA adapter (+ its head) for (task, seed); returns False when it was already stored."""
         train_config = self.config.adapter_training_config(task, seed)
         model_id = self.config.model_id("adapter", task, seed)
-        if self.store.has_model(model_id):
+        stored = [self.store.has_model(model_id) if self.store is not None else None]
+        broadcast_object_list(stored)  # the main process's answer, on every process (no-op alone)
+        if stored[0]:
             return False
         images, labels = self.tensors(task, "train")
         peft_model, head, seconds = train_adapter(
             create_backbone(self.backbone_config), images, labels, get_task(task).num_classes,
             rank=self.config.rank, alpha=self.config.alpha, target_modules=self.config.lora_targets,
             steps=self.config.steps, batch_size=self.config.batch_size, lr=self.config.lr,
-            head_lr=self.config.head_lr, seed=seed, progress_label=f"adapter {task} seed {seed}")
+            head_lr=self.config.head_lr, seed=seed, progress_label=f"adapter {task} seed {seed}",
+            accelerator=self.accelerator)
+        if self.store is None:  # another rank: the main process evaluates and writes
+            self.accelerator.wait_for_everyone()
+            return True
         model = MultiTaskModel(peft_model, {task: head})
         accuracies = {}
         for split in ("validation", "test"):
@@ -167,13 +199,15 @@ class TrainingStage:
         save_model(folder, self._meta("adapter", task, train_config, model_id), head, peft_model)
         trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
         self._record(model_id, "adapter", task, seed, train_config, folder, trainable, seconds, accuracies)
+        self.accelerator.wait_for_everyone()  # the other ranks waited here while this process wrote
         return True
 
     def run(self) -> dict:
         """Every head baseline, then every adapter; returns counts of trained and skipped units."""
         counts = {"trained": 0, "skipped": 0}
-        units = [(kind, task, seed) for kind in ("head", "adapter") for task in self.config.tasks for seed in self.config.seeds]
-        for kind, task, seed in tqdm(units, desc="training", unit="model"):
+        units = [(kind, task, seed) for kind in ("head", "adapter") for task in self.config.tasks for seed in self.config.seeds
+                 if kind == "adapter" or self.store is not None]  # heads: the main process only
+        for kind, task, seed in tqdm(units, desc="training", unit="model", disable=self.store is None):
             done = (self.run_head if kind == "head" else self.run_adapter)(task, seed)
             counts["trained" if done else "skipped"] += 1
         return counts

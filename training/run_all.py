@@ -2,6 +2,8 @@
 
     python training/run_all.py            # the offline default (six tasks, three seeds)
     python training/run_all.py --quick    # the whole pipeline on a sliver, about a minute
+    python training/run_all.py --config tiny-vit            # a named profile (default, quick, paper, tiny-vit)
+    accelerate launch training/run_all.py --config paper    # adapters trained on every GPU (DDP)
     python training/run_all.py --help     # every option
 
 Every stage skips work already stored with the same configuration, so running it again (or
@@ -51,7 +53,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     from mlvision.backbone import check_backbone_name
     from mlvision.store import Store
     from mlvision.tasks import get_task
-    from training.config import config_from_args
+    from training.config import config_from_args, prepare_profile_data, profile_name
+    from training.trainers import make_accelerator
     from merging.findings import FindingsStage
     from merging.sweep import MergeSweep
     from mlvision.paths import DEFAULT_DB_PATH, REPO_ROOT
@@ -59,18 +62,24 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     from training.pipeline import TrainingStage
 
     config = config_from_args(args)
+    prepare_profile_data(profile_name(args))  # a profile's local datasets (tiny-vit), written once
     check_backbone_name(config.backbone)  # unknown names fail before any work
     for name in config.tasks:
         get_task(name)  # unknown names fail before any work
     bench_config = bench_config_from_args(args)  # so do bad benchmark options
     if "bench" in args.stages:
         resolve_device(bench_config.device)
-    if args.quick:  # the quick profile writes under runs/quick/, which a fresh clone lacks
+    accelerator = make_accelerator(config.mixed_precision, config.grad_accum)
+    if not accelerator.is_main_process:  # under accelerate launch: help train adapters, write nothing
+        if "train" in args.stages:
+            TrainingStage(config, None, accelerator).run()
+        return 0  # merges, findings and benchmarks run on the main process alone
+    if args.db is None:  # a profile's own database lives under runs/<profile>/, which a fresh clone lacks
         Path(config.db).parent.mkdir(parents=True, exist_ok=True)
     store = Store(config.db)
     store.initialise()
     started = time.perf_counter()
-    stage = TrainingStage(config, store)
+    stage = TrainingStage(config, store, accelerator)
     stage.start_run("python training/run_all.py " + shlex.join(argv))
     stage.prepare_tasks()
     if "train" in args.stages:

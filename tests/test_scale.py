@@ -1,0 +1,220 @@
+"""Paper-scale machinery, offline: hub-shaped datasets with a random tiny ViT, adapter training on
+two DDP processes under `accelerate launch`, and the paper profile's clean failure without a network.
+
+The `tiny-vit` profile is the paper profile in miniature: its tasks are `save_to_disk` folders of
+real images from four offline tasks (written into the working directory on first use), loaded by
+the same code as hub datasets, with domains assigned by the profile.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import datasets
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from conftest import query_db
+from mlvision.backbone import BackboneConfig, create_backbone
+from mlvision.models import add_lora, make_head
+from mlvision.paths import REPO_ROOT
+from training.config import PROFILES, TINY_VIT_SIZES, TINY_VIT_SOURCES, TINY_VIT_TASK_DOMAINS, config_from_args
+from training.pipeline import resolve_stored_path, study_run_id
+from training.run_all import build_parser
+from training.trainers import train_adapter
+
+# the tests' own sizes: the profile, with a smaller merge sweep
+SWEEP = ["--max-k", "2", "--merge-methods", "linear", "ties"]
+# Two DDP ranks on CPUs. `accelerate launch --cpu` starts a single process unless MPI is set up, so
+# the CPU recipe is the multi-process launcher with ACCELERATE_USE_CPU=1 (gloo backend).
+LAUNCH = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+# Measured: 2 ranks x 2 accumulated micro-batches vs 1 plain process differ by at most 6e-5 (LoRA)
+# and 4e-7 (head) in relative norm, from float summation order (mean of micro-batch means, gloo
+# all-reduce). A wrong shard, a different batch per rank or an unaveraged gradient moves the
+# weights by far more than this.
+LORA_RTOL, HEAD_RTOL = 1e-3, 1e-4
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def adapters(db: Path) -> dict[str, tuple[Path, float, int]]:
+    """model_id -> (folder, test accuracy, n_test) of every stored adapter."""
+    rows = query_db(db, "SELECT m.model_id, m.path, r.accuracy, r.n_test FROM models m JOIN task_results r USING (model_id) "
+                        "WHERE m.model_kind = 'adapter'")
+    return {model_id: (resolve_stored_path(path), acc, n) for model_id, path, acc, n in rows}
+
+
+def run_all_here(root: Path, *args, launcher: list[str] = ()) -> subprocess.CompletedProcess:
+    """run_all.py as a command run from `root` (where the profile writes and reads its datasets).
+
+    A subprocess with one thread per process, as the README's commands run: in-process, the test
+    session's thread settings make these runs many times slower on a busy two-core machine.
+    """
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1"}
+    command = [*(launcher or [sys.executable]), str(REPO_ROOT / "training" / "run_all.py"), *map(str, args)]
+    return subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory) -> Path:
+    """The tiny-vit profile run by one plain process (no accelerate launch), from a fresh directory."""
+    root = tmp_path_factory.mktemp("tiny_vit")
+    result = run_all_here(root, "--config", "tiny-vit", "--stages", "train", "merge", "findings", *SWEEP,
+                          "--db", root / "single.duckdb", "--artifacts", root / "single")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root
+
+
+def test_tiny_vit_trains_and_merges_hub_shaped_datasets(single):
+    db = single / "single.duckdb"
+    # the local datasets: real offline images in hub shape, the sizes the profile asks for
+    for name in TINY_VIT_SOURCES:
+        dd = datasets.load_from_disk(str(single / "runs" / "tiny-vit" / "data" / name))
+        assert set(dd) == {"train", "validation", "test"}
+        assert 0 < len(dd["test"]) <= TINY_VIT_SIZES["test"] and len(dd["train"]) == TINY_VIT_SIZES["train"]
+    # the domains the profile assigned reached the store ...
+    domains = dict(TINY_VIT_TASK_DOMAINS)
+    assert dict(query_db(db, "SELECT task, domain FROM tasks")) == domains
+    # ... and the findings: 2 same-domain pairs (digits, photos) against 4 cross-domain pairs
+    (n, note), = query_db(db, "SELECT n, note FROM findings WHERE statistic = 'cross_minus_same_domain'")
+    assert n == 6 and "2 same-domain pairs, 4 cross-domain pairs" in note
+    results = query_db(db, "SELECT task, model_kind, accuracy, backbone FROM task_results")
+    assert {(t, k) for t, k, _, _ in results} == {(t, k) for t in domains for k in ("head", "adapter")}
+    assert all(0 <= acc <= 1 and backbone == "vit_tiny_patch16_224" for _, _, acc, backbone in results)
+    for folder, _, _ in adapters(db).values():
+        weights = load_file(folder / "adapter_model.safetensors")
+        for module in ("qkv", "proj", "fc1", "fc2"):
+            lora_b = [w for key, w in weights.items() if f".{module}.lora_B" in key]
+            assert lora_b and any(w.abs().sum() > 0 for w in lora_b)  # B starts at zero: it was trained
+        assert json.loads((folder / "task.json").read_text())["domain"] in {"digits", "photos"}
+    # every pair merged by both methods, each merged model scored on both of its tasks
+    merges = query_db(db, "SELECT method, tasks, task, merged_accuracy FROM merge_results")
+    assert len(merges) == 6 * 2 * 2 and all(0 <= m[3] <= 1 for m in merges)
+
+
+def test_two_ddp_processes_match_one_and_write_once(single):
+    """accelerate launch, 2 CPU ranks, 2 micro-batches each: the adapters of one process (within LORA_RTOL), one set of rows."""
+    db, artifacts = single / "ddp.duckdb", single / "ddp"
+    result = run_all_here(single, "--config", "tiny-vit", "--stages", "train", "merge", *SWEEP, "--grad-accum", "2",
+                          "--db", db, "--artifacts", artifacts, launcher=[*LAUNCH, "--main_process_port", str(free_port())])
+    assert result.returncode == 0, result.stderr[-3000:]
+    (machine,), = query_db(db, "SELECT machine FROM runs")
+    assert json.loads(machine)["processes"] == 2  # really two ranks, not a silent single process
+    # exactly one set of rows and folders: rank 1 wrote nothing
+    assert query_db(db, "SELECT count(*), count(DISTINCT model_id) FROM models") == [(8, 8)]
+    assert query_db(db, "SELECT count(*) FROM evaluations") == [(16,)]
+    assert query_db(db, "SELECT count(*), count(DISTINCT (merge_id, task)) FROM merge_results") == [(24, 24)]
+    assert len([p for p in artifacts.rglob("*") if p.name.startswith(("adapter-", "head-"))]) == 8
+    assert "models trained" in result.stdout and result.stdout.count("results in") == 1
+    # the same adapters as the single-process run of the same configuration
+    one, two = adapters(single / "single.duckdb"), adapters(db)
+    assert one.keys() == two.keys() and len(one) == 4
+    for model_id, (folder, acc, n_test) in one.items():
+        folder2, acc2, _ = two[model_id]
+        for file, rtol in (("adapter_model.safetensors", LORA_RTOL), ("head.safetensors", HEAD_RTOL)):
+            a, b = load_file(folder / file), load_file(folder2 / file)
+            assert a.keys() == b.keys()
+            for key in a:
+                assert (a[key] - b[key]).norm() <= rtol * a[key].norm(), (file, key)
+        assert abs(acc - acc2) <= 1 / n_test + 1e-9  # at most one test image changes its answer
+
+
+def test_accelerate_loop_is_the_plain_loop_bit_for_bit():
+    """One process, default options: train_adapter gives exactly the weights of the loop it replaced."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # both loops alike; one thread is much faster on a busy machine
+    try:
+        check_bit_for_bit()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def check_bit_for_bit():
+    config = BackboneConfig("vit_tiny_patch16_224", "random", 32)
+    images, labels = torch.randn(40, 3, 32, 32), torch.arange(40) % 4
+    kwargs = dict(rank=4, alpha=8.0, target_modules=["qkv", "fc2"], steps=5, batch_size=8, lr=3e-3, head_lr=1e-2, seed=3)
+    peft_model, head, _ = train_adapter(create_backbone(config), images, labels, 4, **kwargs)
+
+    # the loop as it was before accelerate (same RNG use, same order of operations)
+    torch.manual_seed(3)
+    generator = torch.Generator().manual_seed(3)
+    ref = add_lora(create_backbone(config), rank=4, alpha=8.0, target_modules=["qkv", "fc2"])
+    ref_head = make_head(ref.num_features, 4)
+    optimizer = torch.optim.AdamW([{"params": [p for p in ref.parameters() if p.requires_grad], "lr": 3e-3},
+                                   {"params": ref_head.parameters(), "lr": 1e-2}], weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[3e-3, 1e-2], total_steps=5, pct_start=0.1)
+    ref.eval()
+    for _ in range(5):
+        batch = torch.randint(0, 40, (8,), generator=generator)
+        loss = F.cross_entropy(ref_head(ref(images[batch])), labels[batch])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    got, want = peft_model.state_dict(), ref.state_dict()
+    assert [k for k in got if "lora_" in k] and got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in got)
+    assert all(torch.equal(a, b) for a, b in zip(head.state_dict().values(), ref_head.state_dict().values()))
+
+
+def test_paper_profile_resolves():
+    paper = config_from_args(build_parser().parse_args(["--config", "paper"]))
+    assert paper == PROFILES["paper"]
+    assert timm.is_model(paper.backbone) and paper.backbone == "vit_base_patch16_224.augreg_in21k"
+    assert paper.backbone_weights == "hub" and paper.image_size == 224
+    assert paper.lora_targets == ["qkv", "proj", "fc1", "fc2"]
+    assert len(paper.tasks) == 6 and all(t.startswith("hub:") for t in paper.tasks)
+    domains = dict(paper.task_domains)
+    assert set(domains) == set(paper.tasks)
+    assert domains["hub:ylecun/mnist"] == domains["hub:ufldl-stanford/svhn@cropped_digits"] == "digits"
+    assert domains["hub:tanganke/eurosat"] == domains["hub:tanganke/resisc45"] == "remote_sensing"
+    assert len(set(domains.values())) == 4  # two similar pairs; every other pair dissimilar
+    assert Path(paper.db).parent == REPO_ROOT / "runs" / "paper"  # never the committed results
+    # overrides still apply on top of a profile
+    assert config_from_args(build_parser().parse_args(["--config", "paper", "--backbone", "vit_large_patch16_224",
+                                                       "--task-domains", "hub:a/b=x"])).task_domains == (("hub:a/b", "x"),)
+    # --quick stays the alias it was
+    quick = build_parser().parse_args(["--quick"])
+    assert config_from_args(quick) == config_from_args(build_parser().parse_args(["--config", "quick"])) == PROFILES["quick"]
+
+
+def test_default_profile_keeps_its_identities():
+    """The committed results.duckdb was made before these options existed: its ids must still match."""
+    default = PROFILES["default"]
+    assert not {"task_domains", "mixed_precision", "grad_accum"} & set(default.to_dict())
+    committed = REPO_ROOT / "results.duckdb"
+    assert (study_run_id(default),) in query_db(committed, "SELECT run_id FROM runs")
+    stored = {r[0] for r in query_db(committed, "SELECT model_id FROM models")}
+    assert {default.model_id("adapter", t, s) for t in default.tasks for s in default.seeds} <= stored
+    bf16 = config_from_args(build_parser().parse_args(["--mixed-precision", "bf16"]))
+    assert bf16.model_id("adapter", "mnist", 0) != default.model_id("adapter", "mnist", 0)  # bf16 is another adapter
+
+
+def test_paper_profile_offline_fails_in_one_line(tmp_path):
+    db = tmp_path / "paper.duckdb"
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "training" / "run_all.py"), "--config", "paper", "--db", str(db)],
+                            capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: cannot load hub dataset 'ylecun/mnist'")
+    assert "check the id and your network" in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not db.exists()  # nothing started
+
+
+def test_contradicting_profiles_are_refused():
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "training" / "run_all.py"), "--quick", "--config", "paper"],
+                            capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 2 and "contradict" in result.stderr and "Traceback" not in result.stderr
