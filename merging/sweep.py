@@ -7,6 +7,10 @@ baseline are scored on the very same images once per sweep, so normalized accura
 with like. A merge is keyed by the hash of (method, hyperparameters or selection rule, adapter
 ids, evaluation sizes) and skipped when already stored: the sweep is idempotent and resumable.
 
+Computing a merge's rows (`MergeSweep.compute`) is kept apart from storing them (`save_rows`), so
+the same computation can either go straight into results.duckdb (`MergeSweep.run`, serial) or into
+Parquet part files written by parallel workers and loaded later (merging/parallel_sweep.py).
+
 Task arithmetic picks its λ from a grid on the validation subset (mean accuracy over the group's
 tasks) and stores the grid, the validation scores and the choice.
 """
@@ -14,7 +18,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tqdm.auto import tqdm
 
@@ -23,12 +27,11 @@ from merging.merged_model import FoldedBackbone, merge_deltas
 from merging.methods import TASK_ARITHMETIC_GRID, get_method, list_methods
 from merging.peft_reference import PEFT_METHODS, PeftMerger
 from mlvision.data import split_tensors
-from mlvision.errors import MLVisionError
 from mlvision.backbone import Preprocess
 from mlvision.models import accuracy, load_head, predict, read_meta
 from mlvision.store import Store, config_hash, insert_row, now
 from training.config import StudyConfig
-from training.pipeline import resolve_stored_path, study_run_id
+from training.pipeline import stored_model_folder, study_run_id
 
 ALL_METHODS = tuple(list_methods()) + tuple(PEFT_METHODS)
 SELECTED_BY_VALIDATION = {"task_arithmetic": ("scaling", TASK_ARITHMETIC_GRID)}
@@ -49,17 +52,51 @@ def sweep_plan(config: StudyConfig) -> list[tuple[tuple[str, ...], int, str]]:
     return plan
 
 
+# The tables one merge writes, each with the key its rows are skipped by when already present.
+TABLE_KEYS = {"merges": ("merge_id",), "merge_evaluations": ("merge_id", "task", "split")}
+
+
+@dataclass
+class MergeRows:
+    """One merge's results as the store keeps them: its `merges` row and one `merge_evaluations` row per task."""
+    merge: dict
+    evaluations: list[dict] = field(default_factory=list)
+
+    def tables(self) -> dict[str, list[dict]]:
+        return {"merges": [self.merge], "merge_evaluations": self.evaluations}
+
+
+def insert_rows(con, table: str, rows: list[dict]) -> int:
+    """Insert rows into one of TABLE_KEYS' tables in an open transaction, skipping stored keys; returns how many went in."""
+    return sum(insert_row(con, table, row, key=TABLE_KEYS[table]) for row in rows)
+
+
+def save_rows(con, rows: MergeRows) -> int:
+    """Insert one merge's rows in an open transaction (keys already stored are skipped); returns rows inserted."""
+    return sum(insert_rows(con, table, table_rows) for table, table_rows in rows.tables().items())
+
+
+def stored_merge_ids(store: Store) -> set[str]:
+    """merge_ids already in the store (read-only)."""
+    return {row[0] for row in store.query("SELECT merge_id FROM merges")}
+
+
 @dataclass
 class Baseline:
     single: float  # the task's own adapter on the evaluation subset
     head: float    # the frozen backbone + trained head on the same images
 
 
+def check_methods(config: StudyConfig) -> None:
+    """Unknown merge method names fail before any work."""
+    for method in config.merge_methods:
+        if method not in PEFT_METHODS:
+            get_method(method)
+
+
 class MergeSweep:
     def __init__(self, config: StudyConfig, store: Store):
-        for method in config.merge_methods:
-            if method not in PEFT_METHODS:
-                get_method(method)  # unknown names fail before any work
+        check_methods(config)
         self.config = config
         self.store = store
         self.run_id = study_run_id(config)
@@ -71,12 +108,7 @@ class MergeSweep:
 
     # -- inputs -----------------------------------------------------------------------------------
     def _stored_path(self, kind: str, task: str, seed: int) -> str:
-        model_id = self.config.model_id(kind, task, seed)
-        rows = self.store.query("SELECT path FROM models WHERE model_id = ?", [model_id])
-        if not rows:
-            raise MLVisionError(f"no trained {kind} for task '{task}' seed {seed} with this configuration in "
-                                f"{self.store.path}: run the training stage first (python training/run_all.py)")
-        return str(resolve_stored_path(rows[0][0]))
+        return str(stored_model_folder(self.store, self.config, kind, task, seed))
 
     def eval_tensors(self, task: str, split: str = "test"):
         limit = self.config.merge_eval if split == "test" else self.config.merge_select
@@ -133,40 +165,52 @@ class MergeSweep:
         params = get_method(method).validate({})
         return merge_deltas(adapters, method, params), params, None
 
-    def run_one(self, group: tuple[str, ...], seed: int, method: str) -> bool:
+    def compute(self, group: tuple[str, ...], seed: int, method: str) -> MergeRows:
+        """Merge the group's adapters with `method` and score the merged model; stores nothing."""
         merge_id = self.merge_id(group, seed, method)
-        if self.store.query("SELECT count(*) FROM merges WHERE merge_id = ?", [merge_id])[0][0]:
-            return False
         start = time.perf_counter()
         merged, params, selection = self._merged_deltas(group, seed, method)
         seconds = time.perf_counter() - start
         heads = {task: self.adapters[(task, seed)].head for task in group}
         model = self.folded.model(merged, heads)
-        scores = {}
+        rows = MergeRows({
+            "merge_id": merge_id, "method": method, "k": len(group), "tasks": ",".join(group), "seed": seed,
+            "adapter_ids": [self.config.model_id("adapter", t, seed) for t in group], "hyperparams": params,
+            "backbone": self.config.backbone, "merge_seconds": seconds, "selection": selection,
+            "run_id": self.run_id, "created_at": now()})
         for task in group:
             images, labels = self.eval_tensors(task)
-            scores[task] = (float((predict(model, images)[task] == labels).float().mean()), len(labels))
+            baseline = self.baselines[(task, seed)]
+            rows.evaluations.append({
+                "merge_id": merge_id, "task": task, "split": "test",
+                "merged_accuracy": float((predict(model, images)[task] == labels).float().mean()),
+                "single_accuracy": baseline.single, "head_accuracy": baseline.head, "n": len(labels),
+                "run_id": self.run_id, "created_at": now()})
+        return rows
+
+    def run_one(self, group: tuple[str, ...], seed: int, method: str) -> bool:
+        """Compute and store one merge unless it is stored already; returns whether it computed."""
+        if self.store.query("SELECT count(*) FROM merges WHERE merge_id = ?", [self.merge_id(group, seed, method)])[0][0]:
+            return False
+        rows = self.compute(group, seed, method)
         with self.store.write() as con:
-            insert_row(con, "merges", {
-                "merge_id": merge_id, "method": method, "k": len(group), "tasks": ",".join(group), "seed": seed,
-                "adapter_ids": [self.config.model_id("adapter", t, seed) for t in group], "hyperparams": params,
-                "backbone": self.config.backbone, "merge_seconds": seconds, "selection": selection,
-                "run_id": self.run_id, "created_at": now()}, key=("merge_id",))
-            for task, (value, n) in scores.items():
-                baseline = self.baselines[(task, seed)]
-                insert_row(con, "merge_evaluations", {
-                    "merge_id": merge_id, "task": task, "split": "test", "merged_accuracy": value,
-                    "single_accuracy": baseline.single, "head_accuracy": baseline.head, "n": n,
-                    "run_id": self.run_id, "created_at": now()}, key=("merge_id", "task", "split"))
+            save_rows(con, rows)
         return True
+
+    def missing(self, items: list, done: set[str]) -> list:
+        """The plan items whose merge_id is not in `done`."""
+        return [item for item in items if self.merge_id(*item) not in done]
+
+    def prepare(self, todo: list) -> None:
+        """Load the adapters and score the baselines that the plan items `todo` need (nothing if none)."""
+        if todo:
+            self.load_inputs({seed for _, seed, _ in todo})
 
     def run(self) -> dict:
         plan = sweep_plan(self.config)
-        stored = {r[0] for r in self.store.query("SELECT merge_id FROM merges")}
-        todo = [item for item in plan if self.merge_id(*item) not in stored]
+        todo = self.missing(plan, stored_merge_ids(self.store))
+        self.prepare(todo)
         counts = {"merged": 0, "skipped": len(plan) - len(todo)}
-        if todo:
-            self.load_inputs({seed for _, seed, _ in todo})
         for group, seed, method in tqdm(todo, desc="merge sweep", unit="merge"):
             counts["merged"] += self.run_one(group, seed, method)
         return counts

@@ -46,7 +46,7 @@ from mlvision.models import MultiTaskModel, add_lora, load_head, load_model, mak
 from mlvision.store import Store, config_hash, insert_row, now
 from mlvision.tasks import get_task
 from training.config import StudyConfig
-from training.pipeline import resolve_stored_path, study_run_id
+from training.pipeline import stored_model_folder, study_run_id
 from training.timing import PeakMemory, machine_description, median_p95, time_interleaved
 
 SECTIONS = ("inference", "training", "merge")
@@ -157,12 +157,7 @@ class BenchStage:
 
     # -- inputs ---------------------------------------------------------------------------------
     def model_folder(self, kind: str, task: str) -> Path:
-        model_id = self.config.model_id(kind, task, self.seed)
-        rows = self.store.query("SELECT path FROM models WHERE model_id = ?", [model_id]) if self.store.path.exists() else []
-        if not rows:
-            raise MLVisionError(f"no trained {kind} for task '{task}' seed {self.seed} with this configuration in "
-                                f"{self.store.path}: run the training stage first (python training/run_all.py)")
-        return resolve_stored_path(rows[0][0])
+        return stored_model_folder(self.store, self.config, kind, task, self.seed)
 
     # -- identity and storage ---------------------------------------------------------------------
     def setting(self, section: str) -> dict:
