@@ -286,6 +286,11 @@ def performance(db: str, filters: Filters) -> None:
     devices = sorted(bench["device"].dropna().astype(str).unique())
     device = filters.select("Device", "device", devices) if devices else None
     rows = bench if device is None else bench[bench["device"].astype(str) == device]
+    sized = rows["name"] != "merge"  # a merge's time does not depend on the image size
+    pixels = sorted(int(v) for v in rows.loc[sized, "image_size"].dropna().unique()) if "image_size" in rows else []
+    if len(pixels) > 1:  # figures at several image sizes are never drawn on one axis
+        size = filters.select("Image size (px)", "px", pixels, help="input size the figures were measured at")
+        rows = rows[~sized | rows["image_size"].isna() | (rows["image_size"] == size)]
     _machine_caption(rows)
 
     st.subheader("Inference: one merged pass against one pass per task")

@@ -157,3 +157,15 @@ def test_version_1_file_is_upgraded_in_place_keeping_its_rows(tmp_path):
     Store(db).initialise()
     assert query_db(db, "SELECT version FROM schema_version") == [(SCHEMA_VERSION,)]
     assert query_db(db, "SELECT variant, median_ms, peak_memory_mb, bench_id FROM benchmarks") == [("merged", 5.0, None, None)]
+
+
+def test_another_image_size_is_a_figure_of_its_own(tiny_study, tmp_path):
+    db = copy_study(tiny_study, tmp_path)
+    before = query_db(db, "SELECT bench_id, measured_at FROM benchmark_rows WHERE name = 'inference' ORDER BY bench_id")
+    stage = BenchStage(study_config(db, tiny_study["artifacts"]), Store(db),
+                       BenchConfig(sections=("inference",), repeats=1, warmup=0, batch_sizes=(2,), max_k=2, image_size=40))
+    assert stage.run() == {"measured": 1, "skipped": 0}
+    assert query_db(db, "SELECT bench_id, measured_at FROM benchmark_rows WHERE name = 'inference' AND image_size = 32 "
+                        "ORDER BY bench_id") == before  # the study-size figures are kept
+    assert query_db(db, "SELECT count(*), min(batch_size), max(k) FROM benchmarks WHERE image_size = 40") == [(10, 2, 2)]
+

@@ -280,6 +280,25 @@ def test_performance_lines_match_sql(full_db):
     assert "2 cores" in " ".join(c.value for c in at.caption)
 
 
+def test_performance_draws_one_image_size_at_a_time(full_db, tmp_path):
+    db = tmp_path / "sizes.duckdb"
+    shutil.copy(full_db, db)
+    with Store(db).write() as con:
+        con.execute("UPDATE benchmark_rows SET image_size = 48 WHERE name = 'inference'")
+        con.execute("""INSERT INTO benchmark_rows (name, variant, k, batch_size, device, median_ms, image_size, measured_at)
+                       SELECT name, variant, k, batch_size, device, median_ms * 20, 224, measured_at
+                       FROM benchmark_rows WHERE name = 'inference'""")
+    at = render(db, "performance", {"px": "224"})
+    assert_clean(at)
+    expected = sql(db, "SELECT variant, k, median_ms FROM benchmarks WHERE name = 'inference' AND image_size = 224 ORDER BY variant, k")
+    drawn = lines(figures(at)[0])
+    for variant, part in expected.groupby("variant"):
+        assert drawn[variant][0] == part["k"].tolist()
+        np.testing.assert_allclose(drawn[variant][1], part["median_ms"])
+    merge = lines(figures(at)[-1])  # merge times do not depend on the image size: still drawn
+    assert set(merge) == {"linear", "ties"}
+
+
 def test_runs_tables_filters_and_downloads(full_db):
     at = render(full_db, "runs", {"kind": "adapter", "q": "run-full"})
     assert_clean(at)

@@ -64,6 +64,7 @@ class BenchConfig:
     train_steps: int = 20         # timed optimiser steps per training variant
     merge_repeats: int = 3        # timed merges per (method, k)
     device: str = "auto"
+    image_size: int | None = None  # None = the study's; inference and training can run at another size
     again: bool = False           # measure settings already stored for this machine, replacing them
 
 
@@ -75,6 +76,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--bench-max-k", type=int, help="largest number of tasks served / adapters merged (default: the study's --max-k)")
     group.add_argument("--bench-train-steps", type=int, help="timed optimiser steps per training variant (default: 20)")
     group.add_argument("--bench-merge-repeats", type=int, help="timed merges per method and k (default: 3)")
+    group.add_argument("--bench-image-size", type=int, help="image size for the inference and training sections "
+                       "(default: the study's --image-size; the adapters are reused as trained)")
     group.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to measure (default: auto = cuda if available)")
     group.add_argument("--again", action="store_true", help="measure again settings already stored for this machine (replacing them)")
 
@@ -82,12 +85,13 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 def bench_config_from_args(args: argparse.Namespace) -> BenchConfig:
     names = {"bench_sections": "sections", "bench_repeats": "repeats", "bench_batch_sizes": "batch_sizes",
              "bench_max_k": "max_k", "bench_train_steps": "train_steps", "bench_merge_repeats": "merge_repeats",
-             "device": "device"}
+             "bench_image_size": "image_size", "device": "device"}
     changes = {field: (tuple(value) if isinstance(value, list) else value)
                for option, field in names.items() if (value := getattr(args, option, None)) is not None}
     config = replace(BenchConfig(), again=bool(getattr(args, "again", False)), **changes)
-    if min(config.repeats, config.train_steps, config.merge_repeats, config.max_k or 1) < 1:
-        raise MLVisionError("--bench-repeats, --bench-train-steps, --bench-merge-repeats and --bench-max-k must be >= 1")
+    if min(config.repeats, config.train_steps, config.merge_repeats, config.max_k or 1, config.image_size or 1) < 1:
+        raise MLVisionError("--bench-repeats, --bench-train-steps, --bench-merge-repeats, --bench-max-k and "
+                            "--bench-image-size must be >= 1")
     if any(size < 1 for size in config.batch_sizes):
         raise MLVisionError(f"--bench-batch-sizes must be >= 1, got {list(config.batch_sizes)}")
     return config
@@ -154,6 +158,8 @@ class BenchStage:
         self.run_id = study_run_id(config)
         self.tasks = list(config.tasks)[:bench.max_k or config.max_k]
         self.seed = config.seeds[0]
+        # the backbone as benchmarked: the study's, possibly at another image size
+        self.backbone_config = replace(config.backbone_config, image_size=bench.image_size or config.image_size)
 
     # -- inputs ---------------------------------------------------------------------------------
     def model_folder(self, kind: str, task: str) -> Path:
@@ -162,7 +168,7 @@ class BenchStage:
     # -- identity and storage ---------------------------------------------------------------------
     def setting(self, section: str) -> dict:
         """What a section's figures depend on (besides variant, k and batch size)."""
-        common = {"section": section, "machine": self.machine, "backbone": self.config.backbone_config.to_dict(),
+        common = {"section": section, "machine": self.machine, "backbone": self.backbone_config.to_dict(),
                   "tasks": self.tasks, "seed": self.seed}
         if section == "inference":
             return {**common, "repeats": self.bench.repeats, "warmup": self.bench.warmup,
@@ -198,7 +204,7 @@ class BenchStage:
                 bench_id = self.bench_id(section, row["variant"], row["k"], row["batch_size"])
                 con.execute("DELETE FROM benchmark_rows WHERE bench_id = ?", [bench_id])
                 record = {"name": section, "device": self.device.type, "machine": self.machine, "measured_at": measured_at,
-                          "bench_id": bench_id, "backbone": self.config.backbone, "image_size": self.config.image_size,
+                          "bench_id": bench_id, "backbone": self.config.backbone, "image_size": self.backbone_config.image_size,
                           "threads": torch.get_num_threads(), "repeats": repeats, "run_id": self.run_id,
                           "ratio_to_backbone": None, "throughput": None, "peak_memory_mb": None, "note": None, **row}
                 insert_row(con, "benchmark_rows", record, key=("bench_id",))
@@ -207,16 +213,17 @@ class BenchStage:
     @torch.inference_mode()
     def measure_inference(self) -> list[dict]:
         from merging.deltas import load_deltas
-        from merging.merged_model import build_merged_model
+        from merging.merged_model import FoldedBackbone, merge_deltas
         from peft import PeftModel
 
         adapter_folders = [self.model_folder("adapter", task) for task in self.tasks]
         head_folders = [self.model_folder("head", task) for task in self.tasks]
-        backbone_config = self.config.backbone_config
+        backbone_config = self.backbone_config
         plain = create_backbone(backbone_config)
         preprocess = make_preprocess(backbone_config, plain)
         adapters = [load_deltas(folder) for folder in adapter_folders]
-        separate = [load_model(folder).model for folder in adapter_folders]
+        separate = [load_model(folder, create_backbone(backbone_config)).model for folder in adapter_folders]
+        folded = FoldedBackbone(backbone_config)
         baseline_heads = {task: load_head(folder, read_meta(folder)) for task, folder in zip(self.tasks, head_folders)}
         switch = PeftModel.from_pretrained(create_backbone(backbone_config), str(adapter_folders[0]), adapter_name=self.tasks[0])
         for task, folder in zip(self.tasks[1:], adapter_folders[1:]):
@@ -241,7 +248,7 @@ class BenchStage:
             images = image_batch(self.tasks, preprocess, batch_size).to(device)
             for k in range(1, len(self.tasks) + 1):
                 tasks = self.tasks[:k]
-                merged = build_merged_model(adapters[:k], "linear").to(device).eval()
+                merged = folded.model(merge_deltas(adapters[:k], "linear"), {a.task: a.head for a in adapters[:k]}).to(device)
                 head_model = MultiTaskModel(head_model_backbone, {t: baseline_heads[t] for t in tasks}).to(device).eval()
                 calls = {"backbone": lambda: plain(images),
                          "merged": lambda: merged(images),
@@ -259,7 +266,7 @@ class BenchStage:
         return rows
 
     def measure_training(self) -> list[dict]:
-        spec = {"backbone": self.config.backbone_config.to_dict(), "task": self.tasks[0], "batch_size": self.config.batch_size,
+        spec = {"backbone": self.backbone_config.to_dict(), "task": self.tasks[0], "batch_size": self.config.batch_size,
                 "rank": self.config.rank, "alpha": self.config.alpha, "target_modules": self.config.lora_targets,
                 "steps": self.bench.train_steps, "warmup": self.bench.warmup, "device": self.device.type,
                 "threads": torch.get_num_threads()}
@@ -323,20 +330,22 @@ class BenchStage:
         return counts
 
 
-def summary(store: Store, run_id: str, device: str) -> str:
-    """The headline figures of the stored benchmarks of this study on `device`, as printable lines."""
+def summary(store: Store, run_id: str, device: str, image_size: int) -> str:
+    """The headline figures of the stored benchmarks of this study on `device` at `image_size`, as printable lines."""
     lines = []
-    rows = store.query("""SELECT batch_size, variant, k, median_ms, ratio_to_backbone FROM benchmarks
-                          WHERE name = 'inference' AND run_id = ? AND device = ? AND k = (
-                              SELECT max(k) FROM benchmarks WHERE name = 'inference' AND run_id = ? AND device = ?)
-                          ORDER BY batch_size, variant""", [run_id, device, run_id, device])
+    where = "run_id = ? AND device = ? AND image_size = ?"
+    params = [run_id, device, image_size]
+    rows = store.query(f"""SELECT batch_size, variant, k, median_ms, ratio_to_backbone FROM benchmarks
+                           WHERE name = 'inference' AND {where} AND k = (
+                               SELECT max(k) FROM benchmarks WHERE name = 'inference' AND {where})
+                           ORDER BY batch_size, variant""", params + params)
     for batch_size in sorted({r[0] for r in rows}):
         parts = [f"{variant} {median:.1f} ms ({ratio:.2f}x)" for b, variant, k, median, ratio in rows if b == batch_size]
-        lines.append(f"inference, batch {batch_size}, k={rows[0][2]}: " + ", ".join(parts))
+        lines.append(f"inference, {image_size} px, batch {batch_size}, k={rows[0][2]}: " + ", ".join(parts))
     for variant, throughput, memory in store.query(
-            "SELECT variant, throughput, peak_memory_mb FROM benchmarks WHERE name = 'training' AND run_id = ? AND device = ? "
-            "ORDER BY variant", [run_id, device]):
-        lines.append(f"training {variant}: {throughput:.0f} images/s, peak +{memory:.0f} MB")
+            f"SELECT variant, throughput, peak_memory_mb FROM benchmarks WHERE name = 'training' AND {where} "
+            "ORDER BY variant", params):
+        lines.append(f"training {variant}, {image_size} px: {throughput:.0f} images/s, peak +{memory:.0f} MB")
     return "\n".join(lines)
 
 
@@ -355,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
         stage = BenchStage(config, store, bench_config_from_args(args))
         counts = stage.run()
         print(f"benchmarks: {counts['measured']} sections measured, {counts['skipped']} already stored for this machine")
-        print(summary(store, stage.run_id, stage.device.type))
+        print(summary(store, stage.run_id, stage.device.type, stage.backbone_config.image_size))
     except MLVisionError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
