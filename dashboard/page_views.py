@@ -293,11 +293,8 @@ def performance(db: str, filters: Filters) -> None:
         rows = rows[~sized | rows["image_size"].isna() | (rows["image_size"] == size)]
     _machine_caption(rows)
 
-    st.subheader("Inference: one merged pass against one pass per task")
-    inference = rows[rows["name"] == "inference"]
-    if inference.empty:
-        st.info("No inference figures for this device yet: run `python -m training.bench --bench-sections inference`.")
-    else:
+    inference = _bench_section(rows, "inference", "Inference: one merged pass against one pass per task")
+    if inference is not None:
         sizes = sorted(int(b) for b in inference["batch_size"].dropna().unique())
         batch = filters.select("Batch size", "batch", sizes, help="inference batch size")
         inference = inference[inference["batch_size"] == batch]
@@ -310,24 +307,28 @@ def performance(db: str, filters: Filters) -> None:
             _chart(charts.benchmark_figure(inference, "ratio_to_backbone", "latency / plain backbone"))
         _chart(charts.benchmark_figure(inference, "throughput", "throughput (images/s, every task answered)"))
 
-    st.subheader("Training: LoRA against head-only and full fine-tuning")
-    training = rows[rows["name"] == "training"]
-    if training.empty:
-        st.info("No training figures for this device yet: run `python -m training.bench --bench-sections training`.")
-    else:
+    training = _bench_section(rows, "training", "Training: LoRA against head-only and full fine-tuning")
+    if training is not None:
         left, right = st.columns(2)
         with left:
             _chart(charts.bar_figure(training, "throughput", "images per second"))
         with right:
             _chart(charts.bar_figure(training, "peak_memory_mb", "peak extra memory (MB)"))
 
-    st.subheader("Merge time per method")
-    merge = rows[rows["name"] == "merge"]
-    if merge.empty:
-        st.info("No merge timings for this device yet: run `python -m training.bench --bench-sections merge`.")
-    else:
+    merge = _bench_section(rows, "merge", "Merge time per method")
+    if merge is not None:
         _chart(charts.benchmark_figure(merge, "median_ms", "merge time (ms)", x_title="k (adapters merged)"))
     _table(rows.assign(machine=rows["machine"].astype(str)))
+
+
+def _bench_section(rows: pd.DataFrame, section: str, title: str) -> pd.DataFrame | None:
+    """The heading of one benchmark section and its rows; None (after saying how to measure) when it has none."""
+    st.subheader(title)
+    part = rows[rows["name"] == section]
+    if part.empty:
+        st.info(f"No {section} figures for this device yet: run `python -m training.bench --bench-sections {section}`.")
+        return None
+    return part
 
 
 def _machine_caption(rows: pd.DataFrame) -> None:

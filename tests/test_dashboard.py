@@ -299,6 +299,18 @@ def test_performance_draws_one_image_size_at_a_time(full_db, tmp_path):
     assert set(merge) == {"linear", "ties"}
 
 
+def test_performance_says_how_to_measure_a_missing_section(full_db, tmp_path):
+    db = tmp_path / "partial.duckdb"
+    shutil.copy(full_db, db)
+    with Store(db).write() as con:
+        con.execute("DELETE FROM benchmark_rows WHERE name = 'training'")
+    at = render(db, "performance")
+    assert_clean(at)
+    assert [i.value for i in at.info] == ["No training figures for this device yet: run "
+                                          "`python -m training.bench --bench-sections training`."]
+    assert not any(figure["data"][0].get("type") == "bar" for figure in figures(at))
+
+
 def test_runs_tables_filters_and_downloads(full_db):
     at = render(full_db, "runs", {"kind": "adapter", "q": "run-full"})
     assert_clean(at)
