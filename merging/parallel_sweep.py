@@ -40,7 +40,7 @@ import duckdb
 if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mlvision.errors import MLVisionError
+from mlvision.errors import MLVisionError, run_cli
 
 PART_GLOB = "worker-*/chunk-*"  # finished parts; folders being written are hidden (".tmp-chunk-...")
 
@@ -198,14 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = [str(arg) for arg in (sys.argv[1:] if argv is None else argv)]
     args = build_parser().parse_args(argv)
-    try:
-        return COMMANDS[args.command](args, argv)
-    except MLVisionError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: finished parts are kept; run the same command again to continue", file=sys.stderr)
-        return 130
+    return run_cli(lambda: COMMANDS[args.command](args, argv),
+                   "finished parts are kept; run the same command again to continue")
 
 
 def print_collected(counts: dict, db) -> None:

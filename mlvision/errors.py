@@ -3,8 +3,12 @@
 Every problem a user can cause or fix (unknown name, missing package, corrupt cache, bad path,
 newer database) raises a subclass of `MLVisionError` whose message names the problem *and* the
 fix in one line. Command-line entry points catch `MLVisionError`, print the message and exit
-non-zero, so no end user sees a traceback for a problem they can fix.
+non-zero, so no end user sees a traceback for a problem they can fix (`run_cli`).
 """
+from __future__ import annotations
+
+import sys
+from typing import Callable
 
 
 class MLVisionError(Exception):
@@ -36,3 +40,19 @@ class AdapterError(MLVisionError):
 
 class MergeConfigError(MLVisionError):
     """A merge was asked for with bad inputs or hyperparameters."""
+
+
+def run_cli(command: Callable[[], int], interrupted: str) -> int:
+    """Run a command-line entry point; returns its exit code.
+
+    One place for how every command ends badly: a problem the user can fix prints its one-line
+    message and exits 2; Ctrl-C prints `interrupted` (what is kept, how to continue) and exits 130.
+    """
+    try:
+        return command()
+    except MLVisionError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"interrupted: {interrupted}", file=sys.stderr)
+        return 130

@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from mlvision.backbone import BackboneConfig, create_backbone, make_preprocess
 from mlvision.data import split_tensors
-from mlvision.errors import MLVisionError
+from mlvision.errors import MLVisionError, run_cli
 from mlvision.models import MultiTaskModel, add_lora, load_head, load_model, make_head, read_meta
 from mlvision.store import Store, config_hash, insert_row, now
 from mlvision.tasks import get_task
@@ -248,7 +248,7 @@ class BenchStage:
             images = image_batch(self.tasks, preprocess, batch_size).to(device)
             for k in range(1, len(self.tasks) + 1):
                 tasks = self.tasks[:k]
-                merged = folded.model(merge_deltas(adapters[:k], "linear"), {a.task: a.head for a in adapters[:k]}).to(device)
+                merged = folded.model(merge_deltas(adapters[:k], "linear"), {t: adapter_heads[t] for t in tasks}).to(device)
                 head_model = MultiTaskModel(head_model_backbone, {t: baseline_heads[t] for t in tasks}).to(device).eval()
                 calls = {"backbone": lambda: plain(images),
                          "merged": lambda: merged(images),
@@ -357,7 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     add_study_arguments(parser)
     add_bench_arguments(parser)
     args = parser.parse_args(argv)
-    try:
+
+    def bench() -> int:
         config = config_from_args(args)
         store = Store(config.db)
         store.initialise()
@@ -365,13 +366,9 @@ def main(argv: list[str] | None = None) -> int:
         counts = stage.run()
         print(f"benchmarks: {counts['measured']} sections measured, {counts['skipped']} already stored for this machine")
         print(summary(store, stage.run_id, stage.device.type, stage.backbone_config.image_size))
-    except MLVisionError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: sections finished so far are stored; run the same command again to continue", file=sys.stderr)
-        return 130
-    return 0
+        return 0
+
+    return run_cli(bench, "sections finished so far are stored; run the same command again to continue")
 
 
 if __name__ == "__main__":

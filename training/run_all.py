@@ -20,7 +20,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mlvision.errors import MLVisionError
+from mlvision.errors import run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,15 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return run(args, argv if argv is not None else sys.argv[1:])
-    except MLVisionError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: everything finished so far is stored; run the same command again to continue",
-              file=sys.stderr)
-        return 130
+    return run_cli(lambda: run(args, argv if argv is not None else sys.argv[1:]),
+                   "everything finished so far is stored; run the same command again to continue")
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
