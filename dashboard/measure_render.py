@@ -1,7 +1,7 @@
 """Median render time of every dashboard page (Streamlit's AppTest, no browser).
 
-    python dashboard/measure_render.py                       # the repo's results.duckdb
-    python dashboard/measure_render.py --db path/to/results.duckdb --repeats 5
+    python -m dashboard.measure_render                     # the repo's results.duckdb
+    python -m dashboard.measure_render --db path/to/results.duckdb --repeats 5
 
 The first render of a page fills the query cache ("cold"); the median is over the renders
 after it ("warm", what a user sees when moving between pages). The issue's bar: under 1 s.
@@ -15,11 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-APP = str(ROOT / "dashboard" / "app.py")
+APP = str(Path(__file__).resolve().parent / "app.py")
 
 
 def measure(db: str, repeats: int = 5) -> list[dict]:

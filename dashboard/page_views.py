@@ -11,6 +11,7 @@ import json
 import pandas as pd
 import streamlit as st
 
+from benchmarks.sections import SECTIONS, Chart
 from dashboard import analysis, charts, queries
 from dashboard.filters import Filters
 
@@ -279,6 +280,7 @@ def runs(db: str, filters: Filters) -> None:
 # ------------------------------------------------------------------------------- 7 Performance
 
 def performance(db: str, filters: Filters) -> None:
+    """Every registered benchmark section (benchmarks/sections/), drawn from its own chart specs."""
     st.header("Performance")
     bench = queries.benchmarks(db)
     if _missing("benchmarks", "benchmarks", bench, "`python -m training.bench` (or the bench stage of run_all)"):
@@ -286,39 +288,34 @@ def performance(db: str, filters: Filters) -> None:
     devices = sorted(bench["device"].dropna().astype(str).unique())
     device = filters.select("Device", "device", devices) if devices else None
     rows = bench if device is None else bench[bench["device"].astype(str) == device]
-    sized = rows["name"] != "merge"  # a merge's time does not depend on the image size
+    sized = rows["name"].isin([s.name for s in SECTIONS.values() if s.sized])
     pixels = sorted(int(v) for v in rows.loc[sized, "image_size"].dropna().unique()) if "image_size" in rows else []
     if len(pixels) > 1:  # figures at several image sizes are never drawn on one axis
         size = filters.select("Image size (px)", "px", pixels, help="input size the figures were measured at")
         rows = rows[~sized | rows["image_size"].isna() | (rows["image_size"] == size)]
     _machine_caption(rows)
-
-    inference = _bench_section(rows, "inference", "Inference: one merged pass against one pass per task")
-    if inference is not None:
-        sizes = sorted(int(b) for b in inference["batch_size"].dropna().unique())
-        batch = filters.select("Batch size", "batch", sizes, help="inference batch size")
-        inference = inference[inference["batch_size"] == batch]
-        st.caption("median of the timed runs; every variant and the plain backbone run interleaved in one loop, "
-                   "so the ratio to the backbone cancels drift of the machine")
-        left, right = st.columns(2)
-        with left:
-            _chart(charts.benchmark_figure(inference, "median_ms", "median latency (ms)"))
-        with right:
-            _chart(charts.benchmark_figure(inference, "ratio_to_backbone", "latency / plain backbone"))
-        _chart(charts.benchmark_figure(inference, "throughput", "throughput (images/s, every task answered)"))
-
-    training = _bench_section(rows, "training", "Training: LoRA against head-only and full fine-tuning")
-    if training is not None:
-        left, right = st.columns(2)
-        with left:
-            _chart(charts.bar_figure(training, "throughput", "images per second"))
-        with right:
-            _chart(charts.bar_figure(training, "peak_memory_mb", "peak extra memory (MB)"))
-
-    merge = _bench_section(rows, "merge", "Merge time per method")
-    if merge is not None:
-        _chart(charts.benchmark_figure(merge, "median_ms", "merge time (ms)", x_title="k (adapters merged)"))
+    for section in SECTIONS.values():
+        part = _bench_section(rows, section.name, section.title)
+        if part is None:
+            continue
+        if section.facet:
+            column, label, key = section.facet
+            values = sorted(int(v) for v in part[column].dropna().unique())
+            part = part[part[column] == filters.select(label, key, values, help=f"{label.lower()} of the figures")]
+        if section.caption:
+            st.caption(section.caption)
+        for chart_row in section.charts:
+            columns = st.columns(len(chart_row)) if len(chart_row) > 1 else [st.container()]
+            for column, chart in zip(columns, chart_row):
+                with column:
+                    _chart(_bench_chart(part, chart))
     _table(rows.assign(machine=rows["machine"].astype(str)))
+
+
+def _bench_chart(rows: pd.DataFrame, chart: Chart):
+    if chart.kind == "bar":
+        return charts.bar_figure(rows, chart.y, chart.title)
+    return charts.benchmark_figure(rows, chart.y, chart.title, x_title=chart.x_title)
 
 
 def _bench_section(rows: pd.DataFrame, section: str, title: str) -> pd.DataFrame | None:

@@ -1,7 +1,7 @@
 """Every read the dashboard makes of results.duckdb: one function per question, each a DataFrame.
 
 Rules kept here, so the pages need not think about them:
-- results are read through the views of the results contract (DESIGN.md) only; the one
+- results are read through the views of the results contract (docs/ARCHITECTURE.md) only; the one
   exception is the `runs` table (run id, command, config), which no view exposes yet and
   which is read only when present;
 - connections are read-only (`Store.read()`): the dashboard can never change the file;

@@ -20,7 +20,9 @@ if str(REPO_ROOT) not in sys.path:
 
 import gradio as gr  # noqa: E402
 
-from demo.service import BadImage, DemoService, load_image  # noqa: E402
+from demo.service import DemoService  # noqa: E402
+from demo.uploads import load_image  # noqa: E402
+from mlvision.errors import BadImage  # noqa: E402
 from mlvision.paths import DEFAULT_DB_PATH  # noqa: E402
 
 AUTO = "auto"

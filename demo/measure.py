@@ -1,9 +1,9 @@
 """Figures for the demo: merged-model latency vs separate adapters, start-up time, merge build time.
 
-    OMP_NUM_THREADS=1 python demo/measure.py [--db results.duckdb] [--repeats 30] [--device cpu]
+    OMP_NUM_THREADS=1 python -m demo.measure [--db results.duckdb] [--repeats 30] [--device cpu]
 
 Latency is the median of `--repeats` timed forward passes at batch 1 (after 3 warm-up passes),
-the two variants interleaved (training/timing.py; `python -m training.bench` measures more):
+the two variants interleaved (benchmarks/timing.py; `python -m training.bench` measures more):
 one pass through the merged model of every task, against one pass per task through each
 task's own adapter (peft-loaded), summed. Start-up is the time from nothing loaded to the
 app answering HTTP (adapters read, backbone built, default merge built, Gradio launched).
@@ -17,14 +17,11 @@ import urllib.request
 from pathlib import Path
 
 _START = time.perf_counter()
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
 
 import torch  # noqa: E402
 
+from benchmarks.timing import median_p95, time_interleaved  # noqa: E402
 from mlvision.paths import DEFAULT_DB_PATH  # noqa: E402
-from training.timing import median_p95, time_interleaved  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,7 +19,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mlvision.errors import MergeConfigError, MLVisionError
+from mlvision.errors import MergeConfigError, run_cli
 
 
 def parse_param(text: str) -> tuple[str, object]:
@@ -48,16 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except MLVisionError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    return run_cli(lambda: run(args), "nothing was exported; run the same command again")
 
 
 def run(args) -> int:
     from merging.deltas import load_deltas
-    from merging.merged_model import FoldedBackbone, export_merge_as_lora, merge_deltas
+    from merging.merged_model import AdapterMerger, FoldedBackbone, export_merge_as_lora
     from merging.methods import MERGE_METHODS, get_method
     from mlvision.backbone import BackboneConfig, Preprocess
     from mlvision.data import split_tensors
@@ -74,10 +70,11 @@ def run(args) -> int:
     hyperparams = dict(parse_param(p) for p in args.param)
     get_method(args.method).validate(hyperparams)  # fail before loading anything
     adapters = [load_deltas(folder) for folder in args.adapters]
+    keys = [str(i) for i in range(len(adapters))]
+    merger = AdapterMerger(dict(zip(keys, adapters)), BackboneConfig(**adapters[0].meta["backbone"]))
     start = time.perf_counter()
-    merged = merge_deltas(adapters, args.method, hyperparams)
+    merged, params = merger.merge(keys, args.method, hyperparams)
     seconds = time.perf_counter() - start
-    params = get_method(args.method).validate(hyperparams)
     error = export_merge_as_lora(merged, adapters, args.rank, args.out,
                                  {"method": args.method, "hyperparams": params, "adapters": [str(a.path) for a in adapters],
                                   "merge_seconds": seconds})

@@ -15,6 +15,7 @@ import torch
 
 from merging.deltas import AdapterDeltas, check_compatible
 from merging.methods import get_method
+from merging.peft_reference import PeftMerger
 from mlvision.backbone import BackboneConfig, create_backbone
 from mlvision.models import MultiTaskModel, add_lora, save_model
 
@@ -34,6 +35,28 @@ def merge_deltas(adapters: list[AdapterDeltas], method: str, hyperparams: dict |
         layer_params = {**params, "seed": layer_seed(params["seed"], layer)} if "seed" in params else params
         merged[layer] = merge_method([a.deltas[layer] for a in adapters], **layer_params)
     return merged
+
+
+class AdapterMerger:
+    """Merges any subset of a fixed set of adapters with any registered method: the one merge entry.
+
+    Data-free methods run per layer on the adapters' exact ΔW (`merge_deltas`); reference methods
+    (peft's add_weighted_adapter) run through one PeftModel holding every adapter, loaded on first use.
+    `merge` returns the merged ΔW per layer and the hyperparameters to store with it.
+    """
+
+    def __init__(self, adapters: dict[str, AdapterDeltas], backbone_config: BackboneConfig):
+        self.adapters = adapters
+        self.backbone_config = backbone_config
+        self._peft: PeftMerger | None = None
+
+    def merge(self, keys: list[str], method: str, hyperparams: dict | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+        if get_method(method).kind == "reference":
+            if self._peft is None:
+                self._peft = PeftMerger(self.backbone_config, {key: str(a.path) for key, a in self.adapters.items()})
+            return self._peft.merge(method, list(keys)), self._peft.hyperparams(method, len(keys))
+        params = get_method(method).validate(hyperparams or {})
+        return merge_deltas([self.adapters[key] for key in keys], method, params), params
 
 
 class FoldedBackbone:
@@ -109,4 +132,4 @@ def export_merge_as_lora(merged: dict[str, torch.Tensor], adapters: list[Adapter
     return relative_error
 
 
-__all__ = ["FoldedBackbone", "build_merged_model", "export_merge_as_lora", "merge_deltas", "low_rank_factors"]
+__all__ = ["AdapterMerger", "FoldedBackbone", "build_merged_model", "export_merge_as_lora", "merge_deltas", "low_rank_factors"]

@@ -37,9 +37,6 @@ from pathlib import Path
 
 import duckdb
 
-if __package__ in (None, ""):  # run as a script: make the repo root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from mlvision.errors import MLVisionError, run_cli
 
 PART_GLOB = "worker-*/chunk-*"  # finished parts; folders being written are hidden (".tmp-chunk-...")
@@ -172,7 +169,7 @@ def collect(folders: list[Path], store) -> dict:
 # -- command line --------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     from mlvision.paths import DEFAULT_DB_PATH
-    from training.config import add_study_arguments
+    from mlvision.config import add_study_arguments
 
     parser = argparse.ArgumentParser(prog="python -m merging.parallel_sweep", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -209,10 +206,11 @@ def print_collected(counts: dict, db) -> None:
 
 
 def worker_command(args, argv) -> int:
-    from training.config import config_from_args
+    from merging.methods import list_methods
+    from mlvision.config import config_from_args
 
     started = time.perf_counter()
-    counts = run_worker(config_from_args(args), args.worker, args.workers, args.parts, args.chunk_size)
+    counts = run_worker(config_from_args(args, tuple(list_methods())), args.worker, args.workers, args.parts, args.chunk_size)
     print(f"worker {args.worker} of {args.workers}: {counts['merged']} merges computed, {counts['skipped']} already "
           f"stored or in parts; parts in {counts['folder']} ({time.perf_counter() - started:.0f} s)")
     return 0
@@ -229,13 +227,14 @@ def run_command(args, argv) -> int:
     """Start the workers as subprocesses of this very module (argv[0] is "run"), then collect."""
     from merging.sweep import check_methods, stored_merge_ids
     from mlvision.store import Store
-    from training.config import config_from_args
+    from merging.methods import list_methods
+    from mlvision.config import config_from_args
 
-    config = config_from_args(args)
+    config = config_from_args(args, tuple(list_methods()))
     check_split(None, args.workers, args.chunk_size)
     check_methods(config)
     stored_merge_ids(Store(config.db))  # a missing or unreadable database fails once, here
-    script = [sys.executable, str(Path(__file__).resolve()), "worker"]
+    script = [sys.executable, "-m", "merging.parallel_sweep", "worker"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # N workers share the cores
     workers = [subprocess.Popen([*script, "--worker", str(i), *argv[1:]], env=env) for i in range(args.workers)]
     try:

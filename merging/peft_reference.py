@@ -1,28 +1,15 @@
-"""peft's own `add_weighted_adapter`, run as reference merge methods on the same adapters.
+"""Runs the reference methods (merging/methods/peft_references.py) with peft's `add_weighted_adapter`.
 
-Stored under their own names (`peft_linear`, `peft_cat`, `peft_svd`, `peft_ties`) so a reader can
-compare them with this project's ΔW-space methods. Note (see OFFLINE_ASSETS.md): for `linear`
-and `ties` peft combines the A and B factors separately, so the result is not a merge of the
-weight updates (cross terms B_i A_j appear); `cat` is exact (it equals the weighted sum of the
-ΔW_i); `svd` truncates the weighted sum to the largest input rank.
-
-Weights: 1/k for linear, cat and svd (comparable to the plain mean), 1 for ties (comparable to
-TIES with λ = 1); ties density 0.2 as in the TIES paper. The merged ΔW is read back from peft
-(`get_delta_weight`) and folded into the base weights like every other method.
+The merged ΔW is read back from peft (`get_delta_weight`) and folded into the base weights like
+every other method's, so the references are scored exactly like this project's methods.
 """
 from __future__ import annotations
 
 import torch
 from peft import PeftModel
 
+from merging.methods import get_method
 from mlvision.backbone import BackboneConfig, create_backbone
-
-PEFT_METHODS = {
-    "peft_linear": {"combination_type": "linear"},
-    "peft_cat": {"combination_type": "cat"},
-    "peft_svd": {"combination_type": "svd"},
-    "peft_ties": {"combination_type": "ties", "density": 0.2},
-}
 
 
 class PeftMerger:
@@ -42,7 +29,7 @@ class PeftMerger:
         self.model = model
 
     def hyperparams(self, method: str, k: int) -> dict:
-        params = dict(PEFT_METHODS[method])
+        params = dict(get_method(method).options)
         params["weights"] = [1.0] * k if params["combination_type"] == "ties" else [1.0 / k] * k
         return params
 

@@ -11,8 +11,9 @@ Computing a merge's rows (`MergeSweep.compute`) is kept apart from storing them 
 the same computation can either go straight into results.duckdb (`MergeSweep.run`, serial) or into
 Parquet part files written by parallel workers and loaded later (merging/parallel_sweep.py).
 
-Task arithmetic picks its λ from a grid on the validation subset (mean accuracy over the group's
-tasks) and stores the grid, the validation scores and the choice.
+A method with a validation grid in the registry (task arithmetic's λ) has that hyperparameter
+picked on the validation subset (mean accuracy over the group's tasks); the grid, the validation
+scores and the choice are stored.
 """
 from __future__ import annotations
 
@@ -23,18 +24,14 @@ from dataclasses import dataclass, field
 from tqdm.auto import tqdm
 
 from merging.deltas import AdapterDeltas, load_deltas
-from merging.merged_model import FoldedBackbone, merge_deltas
-from merging.methods import TASK_ARITHMETIC_GRID, get_method, list_methods
-from merging.peft_reference import PEFT_METHODS, PeftMerger
-from mlvision.data import split_tensors
+from merging.merged_model import AdapterMerger, FoldedBackbone
+from merging.methods import get_method
 from mlvision.backbone import Preprocess
+from mlvision.config import StudyConfig
+from mlvision.data import split_tensors
 from mlvision.models import accuracy, load_head, predict, read_meta
+from mlvision.runs import stored_model_folder, study_run_id
 from mlvision.store import Store, config_hash, insert_row, now
-from training.config import StudyConfig
-from training.pipeline import stored_model_folder, study_run_id
-
-ALL_METHODS = tuple(list_methods()) + tuple(PEFT_METHODS)
-SELECTED_BY_VALIDATION = {"task_arithmetic": ("scaling", TASK_ARITHMETIC_GRID)}
 
 
 def merge_seeds(config: StudyConfig, k: int) -> tuple[int, ...]:
@@ -90,8 +87,7 @@ class Baseline:
 def check_methods(config: StudyConfig) -> None:
     """Unknown merge method names fail before any work."""
     for method in config.merge_methods:
-        if method not in PEFT_METHODS:
-            get_method(method)
+        get_method(method)
 
 
 class MergeSweep:
@@ -104,7 +100,7 @@ class MergeSweep:
         self.adapters: dict[tuple[str, int], AdapterDeltas] = {}
         self.folders: dict[tuple[str, int], str] = {}
         self.baselines: dict[tuple[str, int], Baseline] = {}
-        self._peft: dict[int, PeftMerger] = {}
+        self._mergers: dict[int, AdapterMerger] = {}
 
     # -- inputs -----------------------------------------------------------------------------------
     def _stored_path(self, kind: str, task: str, seed: int) -> str:
@@ -135,35 +131,37 @@ class MergeSweep:
     # -- one merge --------------------------------------------------------------------------------
     def merge_id(self, group, seed, method) -> str:
         adapter_ids = [self.config.model_id("adapter", task, seed) for task in group]
-        rule = {"select": SELECTED_BY_VALIDATION[method], "select_n": self.config.merge_select} \
-            if method in SELECTED_BY_VALIDATION else {}
-        hyper = {} if method in PEFT_METHODS or method in SELECTED_BY_VALIDATION else get_method(method).validate({})
+        selection = get_method(method).selection_rule()
+        rule = {"select": selection, "select_n": self.config.merge_select} if selection else {}
+        hyper = {} if selection else get_method(method).validate({})  # a reference has none
         return "merge-" + config_hash({"method": method, "hyperparams": hyper, "rule": rule,
                                         "adapters": adapter_ids, "eval_n": self.config.merge_eval})
 
+    def merger(self, seed: int) -> AdapterMerger:
+        """The merger of every task's adapter of `seed` (peft references load them once, on first use)."""
+        if seed not in self._mergers:
+            adapters = {task: self.adapters[(task, seed)] for task in self.config.tasks}
+            self._mergers[seed] = AdapterMerger(adapters, self.config.backbone_config)
+        return self._mergers[seed]
+
     def _merged_deltas(self, group, seed, method):
         """(merged ΔW per layer, hyperparams, selection record)."""
-        adapters = [self.adapters[(task, seed)] for task in group]
-        if method in PEFT_METHODS:
-            merger = self._peft.get(seed)
-            if merger is None:
-                folders = {task: self.folders[(task, seed)] for task in self.config.tasks}
-                merger = self._peft[seed] = PeftMerger(self.config.backbone_config, folders)
-            return merger.merge(method, list(group)), merger.hyperparams(method, len(group)), None
-        if method in SELECTED_BY_VALIDATION:
-            name, grid = SELECTED_BY_VALIDATION[method]
-            scores = {}
-            for value in grid:
-                merged = merge_deltas(adapters, method, {name: value})
-                model = self.folded.model(merged, {a.task: a.head for a in adapters})
-                scores[value] = sum(accuracy(model, t, *self.eval_tensors(t, "validation")) for t in group) / len(group)
-            best = max(grid, key=lambda v: (scores[v], -v))
-            params = get_method(method).validate({name: best})
-            selection = {"parameter": name, "grid": list(grid), "validation_accuracy": {str(v): s for v, s in scores.items()},
-                         "chosen": best, "validation_n_per_task": self.config.merge_select}
-            return merge_deltas(adapters, method, params), params, selection
-        params = get_method(method).validate({})
-        return merge_deltas(adapters, method, params), params, None
+        merger = self.merger(seed)
+        selection = get_method(method).selection_rule()
+        if selection is None:
+            return (*merger.merge(group, method), None)
+        name, grid = selection
+        heads = {task: self.adapters[(task, seed)].head for task in group}
+        scores = {}
+        for value in grid:
+            merged, _ = merger.merge(group, method, {name: value})
+            model = self.folded.model(merged, heads)
+            scores[value] = sum(accuracy(model, t, *self.eval_tensors(t, "validation")) for t in group) / len(group)
+        best = max(grid, key=lambda v: (scores[v], -v))
+        selection_record = {"parameter": name, "grid": list(grid), "validation_accuracy": {str(v): s for v, s in scores.items()},
+                            "chosen": best, "validation_n_per_task": self.config.merge_select}
+        merged, params = merger.merge(group, method, {name: best})
+        return merged, params, selection_record
 
     def compute(self, group: tuple[str, ...], seed: int, method: str) -> MergeRows:
         """Merge the group's adapters with `method` and score the merged model; stores nothing."""

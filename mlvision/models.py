@@ -157,3 +157,14 @@ def predict(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 256)
 def accuracy(model: torch.nn.Module, task: str, images: torch.Tensor, labels: torch.Tensor) -> float:
     """Share of `images` whose prediction for `task` equals `labels`."""
     return float((predict(model, images)[task] == labels).float().mean())
+
+
+@torch.inference_mode()
+def extract_features(backbone: torch.nn.Module, images: torch.Tensor, batch_size: int = 256,
+                     device: torch.device | str = "cpu") -> torch.Tensor:
+    """Frozen-backbone features for a tensor of images (computed once per task, reused by every seed).
+
+    Computed on `device` (a GPU when there is one: a ViT-B at 224 px is slow on CPUs), returned on the CPU.
+    """
+    backbone.eval().to(device)
+    return torch.cat([backbone(images[i:i + batch_size].to(device)).cpu() for i in range(0, len(images), batch_size)])

@@ -1,7 +1,7 @@
 """The store: one DuckDB file, `results.duckdb`, the only place results live.
 
 Tables are this module's business; readers use the views of the results contract
-(DESIGN.md): `task_results`, `merge_results`, `task_similarity`, `findings`, `benchmarks`.
+(docs/ARCHITECTURE.md): `task_results`, `merge_results`, `task_similarity`, `findings`, `benchmarks`.
 
 Why it is written this way:
 - every write is one transaction on a short-lived connection (`Store.write()`), so a crash

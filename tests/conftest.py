@@ -44,7 +44,7 @@ def make_newer_schema_db(path) -> None:
 
 
 def run_all(*args: str) -> int:
-    from training.run_all import main
+    from study.run_all import main
     return main([str(a) for a in args])
 
 

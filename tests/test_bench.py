@@ -19,14 +19,17 @@ import torch
 from conftest import TINY_ARGS, TINY_METHODS, TINY_TASKS, query_db, run_all
 from mlvision.paths import REPO_ROOT
 from mlvision.store import SCHEMA_VERSION, Store
-from training.bench import INFERENCE_VARIANTS, BenchConfig, BenchStage
-from training.config import config_from_args
-from training.run_all import build_parser
-from training.timing import PeakMemory, median_p95, time_interleaved
+from benchmarks.options import BenchConfig
+from benchmarks.sections import SECTIONS
+from benchmarks.stage import BenchStage
+from benchmarks.timing import PeakMemory, median_p95, time_interleaved
+from merging.methods import list_methods
+from mlvision.config import config_from_args
+from study.run_all import build_parser
 
 
 def study_config(db, artifacts):
-    return config_from_args(build_parser().parse_args([str(a) for a in (*TINY_ARGS, "--db", db, "--artifacts", artifacts)]))
+    return config_from_args(build_parser().parse_args([str(a) for a in (*TINY_ARGS, "--db", db, "--artifacts", artifacts)]), tuple(list_methods()))
 
 
 def copy_study(tiny_study, tmp_path):
@@ -72,7 +75,7 @@ def test_bench_stage_of_run_all_stores_every_setting_once(tiny_study):
     inference = query_db(db, "SELECT variant, k, batch_size, median_ms, p95_ms, throughput, ratio_to_backbone, repeats, "
                              "device, machine, image_size FROM benchmarks WHERE name = 'inference'")
     assert sorted((v, k, b) for v, k, b, *_ in inference) == sorted(
-        (v, k, b) for v in INFERENCE_VARIANTS for k in (1, 2, 3) for b in (1, 4))
+        (v, k, b) for v in SECTIONS["inference"].variants for k in (1, 2, 3) for b in (1, 4))
     backbone = {(k, b): median for v, k, b, median, *_ in inference if v == "backbone"}
     for variant, k, batch, median, p95, throughput, ratio, repeats, device, machine, image_size in inference:
         assert 0 < median <= p95

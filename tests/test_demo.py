@@ -18,7 +18,9 @@ import torch
 from PIL import Image
 
 from browser import DevTools, free_port, start_chromium, stop, wait_http
-from demo.service import MAX_PIXELS, BadImage, DemoService, load_image
+from demo.service import DemoService
+from demo.uploads import MAX_PIXELS, load_image
+from mlvision.errors import BadImage
 from merging.merged_model import build_merged_model
 from mlvision.backbone import Preprocess
 from mlvision.data import split_tensors

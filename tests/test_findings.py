@@ -6,9 +6,9 @@ import torch
 
 from conftest import query_db
 from merging.deltas import load_deltas
-from merging.findings import wilson
-from merging.similarity import adapter_cosine, frechet_distance, subspace_alignment
-from training.pipeline import resolve_stored_path
+from mlvision.runs import resolve_stored_path
+from study.findings import wilson
+from study.similarity import adapter_cosine, frechet_distance, subspace_alignment
 
 
 def test_frechet_distance_matches_the_textbook_formula():

@@ -12,10 +12,10 @@ from merging.methods._knots import knots_align
 from merging.methods.tsv_m import tsv_components
 from mlvision.errors import MergeConfigError, UnknownNameError
 
-ALL = [
-    "linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "magnitude_prune",
-    "knots_ties", "knots_ta", "tsv_m", "iso_c",
-]
+# Parametrized over the registry itself, never a hand-copied list: a new method is tested as it is listed.
+ALL = list_methods()
+PER_LAYER = list_methods(kind="data_free")  # pure functions on ΔW (references merge whole adapters through peft)
+REFERENCES = list_methods(kind="reference")
 
 
 def t(rows) -> torch.Tensor:
@@ -33,12 +33,13 @@ def assert_close(actual, expected, atol=1e-5):
 
 # ----------------------------------------------------------------------------- registry
 
-def test_registry_lists_every_method_in_order():
-    assert list_methods() == ALL
-    assert set(MERGE_METHODS) == set(ALL)
+def test_registry_holds_the_methods_and_the_peft_references():
+    assert list(MERGE_METHODS) == ALL == PER_LAYER + REFERENCES
+    assert {"linear", "task_arithmetic", "ties", "tsv_m", "iso_c"} <= set(PER_LAYER)
+    assert REFERENCES == ["peft_linear", "peft_cat", "peft_svd", "peft_ties"]
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", PER_LAYER)
 def test_every_method_is_documented_and_its_defaults_validate(name):
     m = get_method(name)
     assert m.name == name
@@ -47,6 +48,24 @@ def test_every_method_is_documented_and_its_defaults_validate(name):
     module = __import__(m.fn.__module__, fromlist=["_"])
     assert module.__name__ == f"merging.methods.{name}" and "Hyperparameters" in module.__doc__
     assert all(key in module.__doc__ for key in m.defaults)
+
+
+@pytest.mark.parametrize("name", REFERENCES)
+def test_references_are_documented_and_refuse_per_layer_calls(name):
+    m = get_method(name)
+    assert m.kind == "reference" and m.fn is None and m.paper and m.description
+    assert m.options["combination_type"] == name.removeprefix("peft_") and m.validate({}) == {}
+    with pytest.raises(MergeConfigError, match="reference merge of whole adapters"):
+        m([torch.ones(2, 2)])
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_a_method_with_a_grid_names_its_own_hyperparameters(name):
+    m = get_method(name)
+    rule = m.selection_rule()
+    assert (rule is None) == (not m.grid)
+    if rule:
+        assert rule[0] in m.defaults and all(m.validate({rule[0]: value}) for value in rule[1])
 
 
 def test_get_method_unknown_lists_known_names():
@@ -58,7 +77,8 @@ def test_get_method_unknown_lists_known_names():
 
 def test_task_arithmetic_grid_is_exported_and_in_range():
     m = get_method("task_arithmetic")
-    assert m.extra["grid"]["scaling"] == TASK_ARITHMETIC_GRID
+    assert m.grid["scaling"] == TASK_ARITHMETIC_GRID
+    assert m.selection_rule() == ("scaling", TASK_ARITHMETIC_GRID)
     for lam in TASK_ARITHMETIC_GRID:
         m.validate({"scaling": lam})
 
@@ -258,7 +278,7 @@ def test_linear_merges_adapters_of_different_ranks():
     expected = t([[1.5, 0, 0, 0, 0], [0, 1.5, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 0, 1, 0]])
     assert_close(get_method("linear")([d1, d2]), expected)
     assert_close(get_method("knots_ta")([d1, d2], scaling=0.5), expected)
-    for name in ALL:
+    for name in PER_LAYER:
         out = get_method(name)([d1, d2])
         assert out.shape == (4, 5) and torch.isfinite(out).all(), name
 
@@ -362,7 +382,7 @@ def test_knots_ta_equals_task_arithmetic():
 
 # ----------------------------------------------------------------------------- purity, dtypes
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", PER_LAYER)
 def test_methods_are_pure_and_keep_the_input_dtype(name):
     for dtype in (torch.float32, torch.float64, torch.bfloat16):
         xs = [low_rank(10, 6, 2, s).to(dtype) for s in range(3)]
@@ -375,7 +395,7 @@ def test_methods_are_pure_and_keep_the_input_dtype(name):
         assert all(torch.equal(a, b) for a, b in zip(xs, before))
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", PER_LAYER)
 def test_all_zero_updates_merge_to_zero(name):
     out = get_method(name)([torch.zeros(5, 4), torch.zeros(5, 4)])
     assert torch.equal(out, torch.zeros(5, 4))

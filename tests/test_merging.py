@@ -14,7 +14,7 @@ from merging.peft_reference import PeftMerger
 from mlvision.backbone import BackboneConfig, create_backbone
 from mlvision.errors import AdapterError, MergeConfigError, UnknownNameError
 from mlvision.models import load_model
-from training.pipeline import resolve_stored_path
+from mlvision.runs import resolve_stored_path
 from training.trainers import train_adapter
 from mlvision.models import save_model
 

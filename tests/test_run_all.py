@@ -16,7 +16,7 @@ from mlvision.backbone import BackboneConfig, create_backbone
 from mlvision.data import split_tensors
 from mlvision.models import MultiTaskModel, accuracy, load_head, load_model, read_meta
 from mlvision.paths import REPO_ROOT
-from training.pipeline import resolve_stored_path
+from mlvision.runs import resolve_stored_path
 
 RESULT_COLUMNS = "task, model_kind, seed, accuracy, n_test, backbone, config_hash"
 

@@ -25,9 +25,10 @@ from conftest import query_db
 from mlvision.backbone import BackboneConfig, create_backbone
 from mlvision.models import add_lora, make_head
 from mlvision.paths import REPO_ROOT
-from training.config import PROFILES, TINY_VIT_SIZES, TINY_VIT_SOURCES, TINY_VIT_TASK_DOMAINS, config_from_args
-from training.pipeline import resolve_stored_path, study_run_id
-from training.run_all import build_parser
+from merging.methods import list_methods
+from mlvision.config import PROFILES, TINY_VIT_SIZES, TINY_VIT_SOURCES, TINY_VIT_TASK_DOMAINS, config_from_args
+from mlvision.runs import resolve_stored_path, study_run_id
+from study.run_all import build_parser
 from training.trainers import train_adapter
 
 # the tests' own sizes: the profile, with a smaller merge sweep
@@ -170,8 +171,8 @@ def check_bit_for_bit():
 
 
 def test_paper_profile_resolves():
-    paper = config_from_args(build_parser().parse_args(["--config", "paper"]))
-    assert paper == PROFILES["paper"]
+    paper = config_from_args(build_parser().parse_args(["--config", "paper"]), tuple(list_methods()))
+    assert paper == PROFILES["paper"].with_methods(tuple(list_methods()))
     assert timm.is_model(paper.backbone) and paper.backbone == "vit_base_patch16_224.augreg_in21k"
     assert paper.backbone_weights == "hub" and paper.image_size == 224
     assert paper.lora_targets == ["qkv", "proj", "fc1", "fc2"]
@@ -184,21 +185,21 @@ def test_paper_profile_resolves():
     assert Path(paper.db).parent == REPO_ROOT / "runs" / "paper"  # never the committed results
     # overrides still apply on top of a profile
     assert config_from_args(build_parser().parse_args(["--config", "paper", "--backbone", "vit_large_patch16_224",
-                                                       "--task-domains", "hub:a/b=x"])).task_domains == (("hub:a/b", "x"),)
+                                                       "--task-domains", "hub:a/b=x"]), tuple(list_methods())).task_domains == (("hub:a/b", "x"),)
     # --quick stays the alias it was
     quick = build_parser().parse_args(["--quick"])
-    assert config_from_args(quick) == config_from_args(build_parser().parse_args(["--config", "quick"])) == PROFILES["quick"]
+    assert config_from_args(quick, tuple(list_methods())) == config_from_args(build_parser().parse_args(["--config", "quick"]), tuple(list_methods())) == PROFILES["quick"]
 
 
 def test_default_profile_keeps_its_identities():
     """The committed results.duckdb was made before these options existed: its ids must still match."""
-    default = PROFILES["default"]
+    default = PROFILES["default"].with_methods(tuple(list_methods()))
     assert not {"task_domains", "mixed_precision", "grad_accum"} & set(default.to_dict())
     committed = REPO_ROOT / "results.duckdb"
     assert (study_run_id(default),) in query_db(committed, "SELECT run_id FROM runs")
     stored = {r[0] for r in query_db(committed, "SELECT model_id FROM models")}
     assert {default.model_id("adapter", t, s) for t in default.tasks for s in default.seeds} <= stored
-    bf16 = config_from_args(build_parser().parse_args(["--mixed-precision", "bf16"]))
+    bf16 = config_from_args(build_parser().parse_args(["--mixed-precision", "bf16"]), tuple(list_methods()))
     assert bf16.model_id("adapter", "mnist", 0) != default.model_id("adapter", "mnist", 0)  # bf16 is another adapter
 
 

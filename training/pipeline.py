@@ -14,8 +14,6 @@ are trained by the main process only.
 """
 from __future__ import annotations
 
-import os
-import platform
 import time
 from pathlib import Path
 
@@ -28,48 +26,12 @@ from mlvision.backbone import create_backbone, make_preprocess
 from mlvision.data import split_tensors
 from mlvision.errors import MLVisionError
 from mlvision.models import MultiTaskModel, accuracy, save_model
-from mlvision.paths import REPO_ROOT
 from mlvision.store import Store, config_hash, insert_row, now
 from mlvision.tasks import get_task, load_task, set_hub_domains
-from training.config import StudyConfig
-from training.trainers import extract_features, make_accelerator, train_adapter, train_head
-
-
-def machine_info() -> dict:
-    return {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-            "threads": torch.get_num_threads(), "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
-
-
-def study_run_id(config: StudyConfig) -> str:
-    """A run is one study configuration (paths excluded): re-running it continues the same run."""
-    data = config.to_dict()
-    data.pop("db"), data.pop("artifacts")
-    return "run-" + config_hash(data)
-
-
-def relative_to_repo(path: Path) -> str:
-    """Paths are stored relative to the repo when inside it, so a cloned results.duckdb still works."""
-    path = Path(path).resolve()
-    try:
-        return str(path.relative_to(REPO_ROOT))
-    except ValueError:
-        return str(path)
-
-
-def resolve_stored_path(stored: str) -> Path:
-    path = Path(stored)
-    return path if path.is_absolute() else REPO_ROOT / path
-
-
-def stored_model_folder(store: Store, config: StudyConfig, kind: str, task: str, seed: int) -> Path:
-    """The folder of the trained head or adapter of (task, seed) under `config`, as the store records it."""
-    model_id = config.model_id(kind, task, seed)
-    rows = store.query("SELECT path FROM models WHERE model_id = ?", [model_id]) if store.path.exists() else []
-    if not rows:
-        raise MLVisionError(f"no trained {kind} for task '{task}' seed {seed} with this configuration in "
-                            f"{store.path}: run the training stage first (python training/run_all.py)")
-    return resolve_stored_path(rows[0][0])
+from mlvision.config import StudyConfig
+from mlvision.models import extract_features
+from mlvision.runs import machine_info, model_folder, relative_to_repo, study_run_id
+from training.trainers import make_accelerator, train_adapter, train_head
 
 
 class TrainingStage:
@@ -129,10 +91,6 @@ class TrainingStage:
                                                    device=self.accelerator.device)
         return self._features[key]
 
-    def model_folder(self, kind: str, task: str, seed: int, model_id: str) -> Path:
-        safe_task = task.replace(":", "_").replace("/", "_")
-        return Path(self.config.artifacts) / self.backbone_config.name / safe_task / f"{kind}-seed{seed}-{model_id[:8]}"
-
     # -- units -----------------------------------------------------------------------------------
     def _record(self, model_id, kind, task, seed, train_config, folder, trainable, seconds, accuracies) -> None:
         with self.store.write() as con:
@@ -166,7 +124,7 @@ class TrainingStage:
         with torch.inference_mode():
             accuracies = {split: (float((head(self.features(task, split)).argmax(-1) == labels[split]).float().mean()),
                                   len(labels[split])) for split in ("validation", "test")}
-        folder = self.model_folder("head", task, seed, model_id)
+        folder = model_folder(self.config, "head", task, seed, model_id)
         save_model(folder, self._meta("head", task, train_config, model_id), head)
         trainable = sum(p.numel() for p in head.parameters())
         self._record(model_id, "head", task, seed, train_config, folder, trainable, seconds, accuracies)
@@ -195,7 +153,7 @@ class TrainingStage:
         for split in ("validation", "test"):
             split_images, split_labels = self.tensors(task, split)
             accuracies[split] = (accuracy(model, task, split_images, split_labels), len(split_labels))
-        folder = self.model_folder("adapter", task, seed, model_id)
+        folder = model_folder(self.config, "adapter", task, seed, model_id)
         save_model(folder, self._meta("adapter", task, train_config, model_id), head, peft_model)
         trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
         self._record(model_id, "adapter", task, seed, train_config, folder, trainable, seconds, accuracies)

@@ -1,105 +1,16 @@
-"""Run the whole study: prepare tasks, train head baselines and adapters, evaluate, store.
+"""`python training/run_all.py`, as the README runs it: the whole study (see study/run_all.py).
 
-    python training/run_all.py            # the offline default (six tasks, three seeds)
-    python training/run_all.py --quick    # the whole pipeline on a sliver, about a minute
-    python training/run_all.py --config tiny-vit            # a named profile (default, quick, paper, tiny-vit)
-    accelerate launch training/run_all.py --config paper    # adapters trained on every GPU (DDP)
-    python training/run_all.py --help     # every option
-
-Every stage skips work already stored with the same configuration, so running it again (or
-after an interruption) only does what is missing.
+This file is an entry shim, not part of the training package's code: run by path (also under
+`accelerate launch`), it makes the repo root importable and hands over to `study.run_all`, the
+orchestration layer above training/ and merging/ (docs/ARCHITECTURE.md, "Entry points").
 """
-from __future__ import annotations
-
-import argparse
-import shlex
 import sys
-import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repo root importable
+if __package__ in (None, ""):  # run by path: the repo root, not training/, must be importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mlvision.errors import run_cli
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from training.bench import add_bench_arguments
-    from training.config import add_study_arguments
-
-    parser = argparse.ArgumentParser(
-        prog="python training/run_all.py", description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Results go to results.duckdb (views: task_results, ...); adapters and heads to artifacts/.")
-    add_study_arguments(parser)
-    add_bench_arguments(parser)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return run_cli(lambda: run(args, argv if argv is not None else sys.argv[1:]),
-                   "everything finished so far is stored; run the same command again to continue")
-
-
-def run(args: argparse.Namespace, argv: list[str]) -> int:
-    from mlvision.backbone import check_backbone_name
-    from mlvision.store import Store
-    from mlvision.tasks import get_task
-    from training.config import config_from_args, prepare_profile_data, profile_name
-    from training.trainers import make_accelerator
-    from merging.findings import FindingsStage
-    from merging.sweep import MergeSweep
-    from mlvision.paths import DEFAULT_DB_PATH, REPO_ROOT
-    from training.bench import BenchStage, bench_config_from_args, resolve_device
-    from training.pipeline import TrainingStage
-
-    config = config_from_args(args)
-    prepare_profile_data(profile_name(args))  # a profile's local datasets (tiny-vit), written once
-    check_backbone_name(config.backbone)  # unknown names fail before any work
-    for name in config.tasks:
-        get_task(name)  # unknown names fail before any work
-    bench_config = bench_config_from_args(args)  # so do bad benchmark options
-    if "bench" in args.stages:
-        resolve_device(bench_config.device)
-    accelerator = make_accelerator(config.mixed_precision, config.grad_accum)
-    if not accelerator.is_main_process:  # under accelerate launch: help train adapters, write nothing
-        if "train" in args.stages:
-            TrainingStage(config, None, accelerator).run()
-        return 0  # merges, findings and benchmarks run on the main process alone
-    if args.db is None:  # a profile's own database lives under runs/<profile>/, which a fresh clone lacks
-        Path(config.db).parent.mkdir(parents=True, exist_ok=True)
-    store = Store(config.db)
-    store.initialise()
-    started = time.perf_counter()
-    stage = TrainingStage(config, store, accelerator)
-    stage.start_run("python training/run_all.py " + shlex.join(argv))
-    stage.prepare_tasks()
-    if "train" in args.stages:
-        counts = stage.run()
-        print(f"training: {counts['trained']} models trained, {counts['skipped']} already stored "
-              f"({time.perf_counter() - started:.0f} s)")
-    if "merge" in args.stages and len(config.tasks) >= 2:
-        started = time.perf_counter()
-        counts = MergeSweep(config, store).run()
-        print(f"merge sweep: {counts['merged']} merges evaluated, {counts['skipped']} already stored "
-              f"({time.perf_counter() - started:.0f} s)")
-    if "findings" in args.stages and len(config.tasks) >= 2:
-        started = time.perf_counter()
-        report = REPO_ROOT / "reports" / "findings.md" if Path(config.db).resolve() == DEFAULT_DB_PATH else Path(config.db).parent / "findings.md"
-        counts = FindingsStage(config, store, report).run()
-        print(f"findings: similarity of {counts['pairs']} new (pair, seed)s, {counts['findings']} statistics, "
-              f"report {report} ({time.perf_counter() - started:.0f} s)")
-    if "bench" in args.stages:
-        started = time.perf_counter()
-        bench = BenchStage(config, store, bench_config)
-        counts = bench.run()
-        print(f"benchmarks: {counts['measured']} sections measured, {counts['skipped']} already stored for this machine "
-              f"({time.perf_counter() - started:.0f} s)")
-    stage.finish_run()
-    print(f"results in {config.db}")
-    return 0
-
+from study.run_all import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

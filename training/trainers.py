@@ -18,17 +18,6 @@ from mlvision.errors import MLVisionError
 from mlvision.models import add_lora, make_head
 
 
-@torch.inference_mode()
-def extract_features(backbone: torch.nn.Module, images: torch.Tensor, batch_size: int = 256,
-                     device: torch.device | str = "cpu") -> torch.Tensor:
-    """Frozen-backbone features for a tensor of images (computed once per task, reused by every seed).
-
-    Computed on `device` (a GPU when there is one: a ViT-B at 224 px is slow on CPUs), returned on the CPU.
-    """
-    backbone.eval().to(device)
-    return torch.cat([backbone(images[i:i + batch_size].to(device)).cpu() for i in range(0, len(images), batch_size)])
-
-
 def train_head(features: torch.Tensor, labels: torch.Tensor, num_classes: int, *, epochs: int, lr: float,
                batch_size: int, seed: int) -> torch.nn.Linear:
     """A linear head on cached features (the head baseline): AdamW, cosine schedule."""

@@ -1,9 +1,12 @@
-"""Merge methods: pure per-layer functions on weight updates, found by name.
+"""The merge-method registry: every method the project knows, found by name. The one list of them.
 
-Every method merges ONE layer: ``get_method(name)(deltas, **hyperparams) -> Tensor`` where
+A data-free method merges ONE layer: ``get_method(name)(deltas, **hyperparams) -> Tensor`` where
 ``deltas`` are k >= 1 exact updates ΔW_i = scaling_i · B_i A_i of that layer (2-D
-[out_features, in_features], same shape and dtype; the caller flattens 1x1 convs). Each module
-here defines one method's function and its `METHOD`; this file lists them explicitly.
+[out_features, in_features], same shape and dtype; the caller flattens 1x1 convs). Reference
+methods (peft's own merges, kind "reference") merge whole adapters through their library and are
+run by `merging.merged_model.AdapterMerger`. Each module here defines one method's function and
+its `METHOD` record (paper, defaults, ranges, validation grid); `_ALL` below lists them once, and
+the study's default method list is every name registered here. See docs/ARCHITECTURE.md.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from . import (
     knots_ties,
     linear,
     magnitude_prune,
+    peft_references,
     task_arithmetic,
     ties,
     tsv_m,
@@ -36,15 +40,16 @@ _ALL = [
     knots_ta.METHOD,
     tsv_m.METHOD,
     iso_c.METHOD,
+    *peft_references.METHODS,
 ]
 
 MERGE_METHODS: dict[str, MergeMethod] = {m.name: m for m in _ALL}
 assert len(MERGE_METHODS) == len(_ALL), "duplicate merge method name"
 
 
-def list_methods() -> list[str]:
-    """Registered method names, in registration order."""
-    return list(MERGE_METHODS)
+def list_methods(kind: str | None = None) -> list[str]:
+    """Registered method names in registration order; only those of `kind` when given."""
+    return [name for name, method in MERGE_METHODS.items() if kind is None or method.kind == kind]
 
 
 def get_method(name: str) -> MergeMethod:

@@ -21,6 +21,7 @@ from mlvision.errors import MergeConfigError
 # allowed, the usual interval notation. A hyperparameter whose default is an int (DARE's seed)
 # must be an int; the others are real numbers.
 _BRACKETS = {"[]", "(]", "[)", "()"}
+KINDS = ("data_free", "reference")
 
 
 def format_range(spec: tuple) -> str:
@@ -40,14 +41,26 @@ class MergeMethod:
     """One registered merge method: its pure per-layer function plus what a sweep needs to know."""
 
     name: str  # registry name
-    fn: Callable[..., Tensor]  # fn(deltas, **hyperparams) -> merged ΔW
+    fn: Callable[..., Tensor] | None  # fn(deltas, **hyperparams) -> merged ΔW; None for a reference
     paper: str  # citation: authors, title, venue, year (arXiv id)
     defaults: dict  # every hyperparameter with its default
     ranges: dict  # name -> (low, high, brackets), see format_range
     description: str  # one line
-    extra: dict = field(default_factory=dict)  # e.g. a suggested validation grid
+    # Values to choose from on the validation split, e.g. {"scaling": (0.1, 0.2, ...)}: a method with
+    # a grid is merged once per value by the sweep, which keeps the best on validation and stores all.
+    grid: dict = field(default_factory=dict)
+    # "data_free": a pure per-layer function on ΔW (`fn`); "reference": another library's merge of
+    # whole adapters (peft's add_weighted_adapter), run by merging/merged_model.AdapterMerger for comparison.
+    kind: str = "data_free"
+    options: dict = field(default_factory=dict)  # fixed settings passed to a reference's library
 
     def __post_init__(self) -> None:  # a programming error, not a user error: fail at import
+        if self.kind not in KINDS:
+            raise ValueError(f"{self.name}: kind must be one of {KINDS}")
+        if (self.fn is None) != (self.kind == "reference"):
+            raise ValueError(f"{self.name}: a data-free method needs fn; a reference has none")
+        if set(self.grid) - set(self.defaults):
+            raise ValueError(f"{self.name}: the grid names a hyperparameter it does not have")
         if set(self.defaults) != set(self.ranges):
             raise ValueError(f"{self.name}: defaults and ranges must name the same hyperparameters")
         for spec in self.ranges.values():
@@ -121,7 +134,19 @@ class MergeMethod:
                 )
         return deltas
 
+    def selection_rule(self) -> tuple[str, tuple] | None:
+        """(hyperparameter, values) chosen on validation, or None when the method has no grid."""
+        if not self.grid:
+            return None
+        if len(self.grid) != 1:
+            raise NotImplementedError(f"{self.name}: the sweep selects one hyperparameter on validation")
+        ((name, values),) = self.grid.items()
+        return name, tuple(values)
+
     def __call__(self, deltas: Sequence[Tensor], **hyperparams) -> Tensor:
+        if self.fn is None:
+            raise MergeConfigError(f"'{self.name}' is a reference merge of whole adapters, not a per-layer "
+                                   "function: merge adapters with merging.merged_model.AdapterMerger")
         params = self.validate(hyperparams)
         deltas = self.check_deltas(deltas)
         with torch.no_grad():

@@ -39,5 +39,5 @@ METHOD = MergeMethod(
     defaults={"scaling": 0.3},
     ranges={"scaling": (0.0, 2.0, "(]")},
     description="λ · Σ ΔW_i (λ chosen on validation from TASK_ARITHMETIC_GRID).",
-    extra={"grid": {"scaling": TASK_ARITHMETIC_GRID}},
+    grid={"scaling": TASK_ARITHMETIC_GRID},
 )

@@ -17,15 +17,15 @@ from scipy import stats
 from tqdm.auto import tqdm
 
 from merging.deltas import load_deltas
-from merging.similarity import adapter_cosine, frechet_distance, pairs, subspace_alignment
 from mlvision.backbone import create_backbone, make_preprocess
+from mlvision.config import StudyConfig
 from mlvision.data import split_tensors
+from mlvision.models import extract_features
 from mlvision.paths import REPO_ROOT
+from mlvision.runs import resolve_stored_path, study_run_id
 from mlvision.store import Store, insert_row, now
 from mlvision.tasks import get_task
-from training.config import StudyConfig
-from training.pipeline import resolve_stored_path, study_run_id
-from training.trainers import extract_features
+from study.similarity import adapter_cosine, frechet_distance, pairs, subspace_alignment
 
 BOOTSTRAP = 2000
 MIN_PAIRS = 4

@@ -15,11 +15,10 @@ import shutil
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
-from mlvision.errors import UnknownNameError
-
 from mlvision.backbone import BackboneConfig, default_target_modules
-from mlvision.store import config_hash
+from mlvision.errors import UnknownNameError
 from mlvision.paths import DEFAULT_ARTIFACTS_DIR, DEFAULT_DB_PATH, REPO_ROOT
+from mlvision.store import config_hash
 from mlvision.tasks import TASK_NAMES
 
 
@@ -45,9 +44,9 @@ class StudyConfig:
     max_validation: int | None = 1000
     max_test: int | None = 2000
     # merge sweep (merging/sweep.py)
-    merge_methods: tuple[str, ...] = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "magnitude_prune",
-                                      "knots_ties", "knots_ta", "tsv_m", "iso_c",
-                                      "peft_linear", "peft_cat", "peft_svd", "peft_ties")
+    # None = every method in the merge registry (merging/methods/__init__.py); the core cannot import
+    # that registry, so whoever builds a config for a stage resolves it (`with_methods`).
+    merge_methods: tuple[str, ...] | None = None
     max_k: int = 6
     merge_all_seeds_up_to_k: int = 2  # larger groups use the first seed only (time budget)
     merge_eval: int | None = 300      # test images per task scored for each merged model (fixed subset)
@@ -93,7 +92,13 @@ class StudyConfig:
         make = self.adapter_training_config if kind == "adapter" else self.head_training_config
         return config_hash(make(task, seed))
 
+    def with_methods(self, registered: tuple[str, ...]) -> "StudyConfig":
+        """This config with `merge_methods` None replaced by the registry's names (`registered`)."""
+        return self if self.merge_methods is not None else replace(self, merge_methods=tuple(registered))
+
     def to_dict(self) -> dict:
+        if self.merge_methods is None:  # a programming error: the run id depends on the method list
+            raise ValueError("StudyConfig.merge_methods is unresolved: call config.with_methods(registered names) first")
         data = asdict(self)
         data.update(db=str(self.db), artifacts=str(self.artifacts), target_modules=self.lora_targets)
         for name, default in (("task_domains", ()), ("mixed_precision", "no"), ("grad_accum", 1)):
@@ -223,8 +228,10 @@ def profile_name(args: argparse.Namespace) -> str:
     return args.config or ("quick" if args.quick else "default")
 
 
-def config_from_args(args: argparse.Namespace) -> StudyConfig:
-    base = PROFILES[profile_name(args)]
+def config_from_args(args: argparse.Namespace, registered_methods: tuple[str, ...]) -> StudyConfig:
+    """The study config the options describe; `registered_methods` (the merge registry's names) is the
+    default method list of profiles that do not name their own."""
+    base = PROFILES[profile_name(args)].with_methods(registered_methods)
     changes = {}
     for f in fields(StudyConfig):
         value = getattr(args, f.name, None)
