@@ -8,6 +8,7 @@ Sections (benchmarks/sections/): inference (merged vs separate vs peft-switched 
 the plain backbone, interleaved), training (LoRA vs head-only vs full fine-tuning step: speed and
 peak memory) and merge (time per method). Skip it in run_all with `--stages train merge findings`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,8 +23,11 @@ from mlvision.store import Store
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.bench", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m training.bench",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_study_arguments(parser)
     add_bench_arguments(parser)
     args = parser.parse_args(argv)
@@ -34,7 +38,9 @@ def main(argv: list[str] | None = None) -> int:
         store.initialise()
         stage = BenchStage(config, store, bench_config_from_args(args))
         counts = stage.run()
-        print(f"benchmarks: {counts['measured']} sections measured, {counts['skipped']} already stored for this machine")
+        print(
+            f"benchmarks: {counts['measured']} sections measured, {counts['skipped']} already stored for this machine"
+        )
         print(summary(store, stage.run_id, stage.device.type, stage.backbone_config.image_size))
         return 0
 

@@ -4,6 +4,7 @@ A figure is identified by its setting and the machine (CPU model, cores, threads
 a setting already measured on this machine is skipped (`--again` measures and replaces it). Each
 section's figures go into the `benchmark_rows` table (the `benchmarks` view) in one transaction.
 """
+
 from __future__ import annotations
 
 from dataclasses import replace
@@ -27,7 +28,7 @@ class BenchStage:
         self.device = resolve_device(bench.device)
         self.machine = machine_description(self.device)
         self.run_id = study_run_id(config)
-        self.tasks = list(config.tasks)[:bench.max_k or config.max_k]
+        self.tasks = list(config.tasks)[: bench.max_k or config.max_k]
         self.seed = config.seeds[0]
         # the backbone as benchmarked: the study's, possibly at another image size
         self.backbone_config = replace(config.backbone_config, image_size=bench.image_size or config.image_size)
@@ -38,8 +39,13 @@ class BenchStage:
     # -- identity and storage ---------------------------------------------------------------------
     def setting(self, section: str) -> dict:
         """What a section's figures depend on (besides variant, k and batch size)."""
-        common = {"section": section, "machine": self.machine, "backbone": self.backbone_config.to_dict(),
-                  "tasks": self.tasks, "seed": self.seed}
+        common = {
+            "section": section,
+            "machine": self.machine,
+            "backbone": self.backbone_config.to_dict(),
+            "tasks": self.tasks,
+            "seed": self.seed,
+        }
         return {**common, **SECTIONS[section].setting(self)}
 
     def bench_id(self, section: str, variant: str, k: int | None, batch_size: int | None) -> str:
@@ -63,10 +69,23 @@ class BenchStage:
             for row in rows:
                 bench_id = self.bench_id(section, row["variant"], row["k"], row["batch_size"])
                 con.execute("DELETE FROM benchmark_rows WHERE bench_id = ?", [bench_id])
-                record = {"name": section, "device": self.device.type, "machine": self.machine, "measured_at": measured_at,
-                          "bench_id": bench_id, "backbone": self.config.backbone, "image_size": self.backbone_config.image_size,
-                          "threads": torch.get_num_threads(), "repeats": repeats, "run_id": self.run_id,
-                          "ratio_to_backbone": None, "throughput": None, "peak_memory_mb": None, "note": None, **row}
+                record = {
+                    "name": section,
+                    "device": self.device.type,
+                    "machine": self.machine,
+                    "measured_at": measured_at,
+                    "bench_id": bench_id,
+                    "backbone": self.config.backbone,
+                    "image_size": self.backbone_config.image_size,
+                    "threads": torch.get_num_threads(),
+                    "repeats": repeats,
+                    "run_id": self.run_id,
+                    "ratio_to_backbone": None,
+                    "throughput": None,
+                    "peak_memory_mb": None,
+                    "note": None,
+                    **row,
+                }
                 insert_row(con, "benchmark_rows", record, key=("bench_id",))
 
     def run(self) -> dict:
@@ -89,15 +108,22 @@ def summary(store: Store, run_id: str, device: str, image_size: int) -> str:
     lines = []
     where = "run_id = ? AND device = ? AND image_size = ?"
     params = [run_id, device, image_size]
-    rows = store.query(f"""SELECT batch_size, variant, k, median_ms, ratio_to_backbone FROM benchmarks
+    rows = store.query(
+        f"""SELECT batch_size, variant, k, median_ms, ratio_to_backbone FROM benchmarks
                            WHERE name = 'inference' AND {where} AND k = (
                                SELECT max(k) FROM benchmarks WHERE name = 'inference' AND {where})
-                           ORDER BY batch_size, variant""", params + params)
+                           ORDER BY batch_size, variant""",
+        params + params,
+    )
     for batch_size in sorted({r[0] for r in rows}):
-        parts = [f"{variant} {median:.1f} ms ({ratio:.2f}x)" for b, variant, k, median, ratio in rows if b == batch_size]
+        parts = [
+            f"{variant} {median:.1f} ms ({ratio:.2f}x)" for b, variant, k, median, ratio in rows if b == batch_size
+        ]
         lines.append(f"inference, {image_size} px, batch {batch_size}, k={rows[0][2]}: " + ", ".join(parts))
     for variant, throughput, memory in store.query(
-            f"SELECT variant, throughput, peak_memory_mb FROM benchmarks WHERE name = 'training' AND {where} "
-            "ORDER BY variant", params):
+        f"SELECT variant, throughput, peak_memory_mb FROM benchmarks WHERE name = 'training' AND {where} "
+        "ORDER BY variant",
+        params,
+    ):
         lines.append(f"training {variant}, {image_size} px: {throughput:.0f} images/s, peak +{memory:.0f} MB")
     return "\n".join(lines)

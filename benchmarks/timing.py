@@ -6,6 +6,7 @@ that drift of a shared machine (frequency scaling, a neighbour's job) hits every
 and cancels in the ratio. On CUDA a kernel launch returns before the work is done, so every
 clock reading is preceded by `torch.cuda.synchronize()`.
 """
+
 from __future__ import annotations
 
 import math
@@ -25,8 +26,9 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_interleaved(calls: dict[str, Callable[[], object]], repeats: int, warmup: int,
-                     device: torch.device) -> dict[str, list[float]]:
+def time_interleaved(
+    calls: dict[str, Callable[[], object]], repeats: int, warmup: int, device: torch.device
+) -> dict[str, list[float]]:
     """Milliseconds of each call over `repeats` rounds; each round runs every call once, in a rotated order.
 
     Rotation (round r starts at call r mod n) keeps any one variant from always following the
@@ -58,6 +60,7 @@ def median_p95(times_ms: list[float]) -> tuple[float, float]:
 
 def _rss_bytes() -> int:
     import psutil  # a dependency of accelerate; pinned in requirements.txt
+
     return psutil.Process().memory_info().rss
 
 
@@ -114,6 +117,12 @@ def _cpu_model() -> str:
 
 def machine_description(device: torch.device) -> dict:
     """What a benchmark figure depends on: stored with every row, and part of its identity."""
-    return {"cpu_model": _cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(), "device": device.type,
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_model()}
+    return {
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": device.type,
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_model(),
+    }

@@ -3,6 +3,7 @@
 Kept apart from plotting so tests can compare them with a direct SQL aggregate, and so a
 reader sees in one place what a line, a point or a cell of a chart means.
 """
+
 from __future__ import annotations
 
 import math
@@ -57,8 +58,10 @@ def similarity_points(similarity: pd.DataFrame, retention: pd.DataFrame, domains
     mean_sim = similarity.groupby(["measure", "task_a", "task_b"])["value"].mean().reset_index()
     points = mean_sim.merge(retention[["task_a", "task_b", "retention"]], on=["task_a", "task_b"])
     points["pair"] = points["task_a"] + " + " + points["task_b"]
-    points["same_domain"] = [domains.get(a, "?") == domains.get(b, "?") and domains.get(a, "?") != "unknown"
-                             for a, b in zip(points["task_a"], points["task_b"])]
+    points["same_domain"] = [
+        domains.get(a, "?") == domains.get(b, "?") and domains.get(a, "?") != "unknown"
+        for a, b in zip(points["task_a"], points["task_b"])
+    ]
     return points.sort_values(["measure", "task_a", "task_b"], ignore_index=True)
 
 
@@ -86,16 +89,20 @@ def domain_comparison(points: pd.DataFrame) -> pd.DataFrame:
     pairs = points.drop_duplicates(["task_a", "task_b"])
     if pairs.empty:
         return pd.DataFrame(columns=["pairs", "mean", "sd", "n"])
-    out = _spread(pairs.assign(pairs=np.where(pairs["same_domain"], "same domain", "cross domain"))
-                  .groupby("pairs")["retention"])
+    out = _spread(
+        pairs.assign(pairs=np.where(pairs["same_domain"], "same domain", "cross domain")).groupby("pairs")["retention"]
+    )
     return out
 
 
 def task_comparison(merges: pd.DataFrame, method: str, k: int) -> pd.DataFrame:
     """Per task: single adapter, head baseline and merged accuracy (mean, sd, n) for one method and k."""
     rows = merges[(merges["method"] == method) & (merges["k"] == k)]
-    columns = {"single_accuracy": "single adapter", "head_accuracy": "head baseline",
-               "merged_accuracy": f"merged ({method}, k={k})"}
+    columns = {
+        "single_accuracy": "single adapter",
+        "head_accuracy": "head baseline",
+        "merged_accuracy": f"merged ({method}, k={k})",
+    }
     parts = []
     for column, model in columns.items():
         part = _spread(rows.groupby("task")[column])
@@ -130,18 +137,29 @@ def methods_table(merges: pd.DataFrame) -> pd.DataFrame:
     """Every method at every k: counts, mean ± sd of the figures, and the hyperparameters used."""
     if merges.empty:
         return pd.DataFrame()
-    unit = merges.groupby(["method", "k", "tasks", "seed"]).agg(
-        merged_accuracy=("merged_accuracy", "mean"), normalized_accuracy=("normalized_accuracy", "mean"),
-        normalized_gain=("normalized_gain", "mean")).reset_index()
+    unit = (
+        merges.groupby(["method", "k", "tasks", "seed"])
+        .agg(
+            merged_accuracy=("merged_accuracy", "mean"),
+            normalized_accuracy=("normalized_accuracy", "mean"),
+            normalized_gain=("normalized_gain", "mean"),
+        )
+        .reset_index()
+    )
     grouped = unit.groupby(["method", "k"])
-    table = grouped.agg(merged_models=("tasks", "size"), groups=("tasks", "nunique"), seeds=("seed", "nunique"),
-                        merged_accuracy=("merged_accuracy", "mean"),
-                        normalized_accuracy=("normalized_accuracy", "mean"),
-                        normalized_accuracy_sd=("normalized_accuracy", "std"),
-                        normalized_gain=("normalized_gain", "mean"),
-                        normalized_gain_sd=("normalized_gain", "std")).reset_index()
+    table = grouped.agg(
+        merged_models=("tasks", "size"),
+        groups=("tasks", "nunique"),
+        seeds=("seed", "nunique"),
+        merged_accuracy=("merged_accuracy", "mean"),
+        normalized_accuracy=("normalized_accuracy", "mean"),
+        normalized_accuracy_sd=("normalized_accuracy", "std"),
+        normalized_gain=("normalized_gain", "mean"),
+        normalized_gain_sd=("normalized_gain", "std"),
+    ).reset_index()
     hyper = merges.groupby(["method", "k"])["hyperparams"].agg(
-        lambda values: " | ".join(sorted({str(v) for v in values if v is not None})))
+        lambda values: " | ".join(sorted({str(v) for v in values if v is not None}))
+    )
     table = table.merge(hyper.reset_index(), on=["method", "k"])
     return table.sort_values(["method", "k"], ignore_index=True)
 

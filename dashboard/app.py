@@ -7,6 +7,7 @@
 Pages are chosen in the sidebar; every page and its filters are in the URL
 (`?page=merge_count&method=ties`), so a view can be shared by its link.
 """
+
 from __future__ import annotations
 
 import argparse

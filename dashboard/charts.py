@@ -3,6 +3,7 @@
 One look for every chart (white background, thin grid, colour per method stable across
 pages), so figures can go into a paper as they are.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -22,14 +23,21 @@ def color_for(name: str, names: list[str]) -> str:
 
 def _rgba(color: str, alpha: float) -> str:
     """'#1f77b4' or 'rgb(31,119,180)' -> 'rgba(31,119,180,alpha)'."""
-    r, g, b = (hex_to_rgb(color) if color.startswith("#") else unlabel_rgb(color))
+    r, g, b = hex_to_rgb(color) if color.startswith("#") else unlabel_rgb(color)
     return f"rgba({int(r)},{int(g)},{int(b)},{alpha})"
 
 
 def _layout(fig: go.Figure, title: str, x: str, y: str, height: int = 420) -> go.Figure:
-    fig.update_layout(template=TEMPLATE, title=dict(text=title, font=dict(size=15)), xaxis_title=x, yaxis_title=y, height=height,
-                      legend_title_text="", margin=dict(l=60, r=20, t=80, b=50),
-                      font=dict(size=13))
+    fig.update_layout(
+        template=TEMPLATE,
+        title=dict(text=title, font=dict(size=15)),
+        xaxis_title=x,
+        yaxis_title=y,
+        height=height,
+        legend_title_text="",
+        margin=dict(l=60, r=20, t=80, b=50),
+        font=dict(size=13),
+    )
     fig.update_xaxes(showgrid=True, gridcolor="#eee")
     fig.update_yaxes(showgrid=True, gridcolor="#eee")
     return fig
@@ -44,18 +52,37 @@ def merge_count_figure(curve: pd.DataFrame, y_title: str, references: dict[str, 
         color = color_for(method, methods)
         x = part["k"].tolist()
         upper, lower = (part["mean"] + part["sd"]).tolist(), (part["mean"] - part["sd"]).tolist()
-        fig.add_trace(go.Scatter(x=x + x[::-1], y=upper + lower[::-1], fill="toself", mode="none",
-                                 fillcolor=_rgba(color, 0.15), hoverinfo="skip", showlegend=False,
-                                 legendgroup=method, name=f"{method} ±1 sd"))
-        fig.add_trace(go.Scatter(x=x, y=part["mean"].tolist(), mode="lines+markers", name=method,
-                                 legendgroup=method, line=dict(color=color, width=2),
-                                 customdata=np.stack([part["sd"], part["n"]], axis=-1),
-                                 hovertemplate=f"<b>{method}</b><br>k=%{{x}}<br>mean=%{{y:.3f}}"
-                                               "<br>sd=%{customdata[0]:.3f}<br>n=%{customdata[1]}<extra></extra>"))
+        fig.add_trace(
+            go.Scatter(
+                x=x + x[::-1],
+                y=upper + lower[::-1],
+                fill="toself",
+                mode="none",
+                fillcolor=_rgba(color, 0.15),
+                hoverinfo="skip",
+                showlegend=False,
+                legendgroup=method,
+                name=f"{method} ±1 sd",
+            )
+        )
+        fig.add_trace(
+            go.Scatter(
+                x=x,
+                y=part["mean"].tolist(),
+                mode="lines+markers",
+                name=method,
+                legendgroup=method,
+                line=dict(color=color, width=2),
+                customdata=np.stack([part["sd"], part["n"]], axis=-1),
+                hovertemplate=f"<b>{method}</b><br>k=%{{x}}<br>mean=%{{y:.3f}}"
+                "<br>sd=%{customdata[0]:.3f}<br>n=%{customdata[1]}<extra></extra>",
+            )
+        )
     for label, value in (references or {}).items():
         if value is not None and np.isfinite(value):
-            fig.add_hline(y=value, line_dash="dot", line_color="#777", annotation_text=label,
-                          annotation_position="bottom left")
+            fig.add_hline(
+                y=value, line_dash="dot", line_color="#777", annotation_text=label, annotation_position="bottom left"
+            )
     fig.update_xaxes(dtick=1)
     return _layout(fig, f"{y_title} against k", "k (adapters merged)", y_title)
 
@@ -67,14 +94,30 @@ def similarity_figure(points: pd.DataFrame, measure: str, stats: dict) -> go.Fig
         part = points[points["same_domain"] == same]
         if part.empty:
             continue
-        fig.add_trace(go.Scatter(x=part["value"], y=part["retention"], mode="markers", name=label,
-                                 text=part["pair"], marker=dict(size=11, color=color, line=dict(width=1, color="#333")),
-                                 hovertemplate="<b>%{text}</b><br>similarity=%{x:.4g}<br>retention=%{y:.3f}<extra></extra>"))
+        fig.add_trace(
+            go.Scatter(
+                x=part["value"],
+                y=part["retention"],
+                mode="markers",
+                name=label,
+                text=part["pair"],
+                marker=dict(size=11, color=color, line=dict(width=1, color="#333")),
+                hovertemplate="<b>%{text}</b><br>similarity=%{x:.4g}<br>retention=%{y:.3f}<extra></extra>",
+            )
+        )
     if len(points) >= 2 and np.ptp(points["value"].to_numpy(dtype=float)) > 0:
         slope, intercept = np.polyfit(points["value"].astype(float), points["retention"].astype(float), 1)
         xs = np.linspace(points["value"].min(), points["value"].max(), 20)
-        fig.add_trace(go.Scatter(x=xs, y=slope * xs + intercept, mode="lines", name="least-squares trend",
-                                 line=dict(color="#444", dash="dash"), hoverinfo="skip"))
+        fig.add_trace(
+            go.Scatter(
+                x=xs,
+                y=slope * xs + intercept,
+                mode="lines",
+                name="least-squares trend",
+                line=dict(color="#444", dash="dash"),
+                hoverinfo="skip",
+            )
+        )
     rho = stats.get("rho")
     subtitle = f"Spearman ρ = {rho:.2f}" if rho is not None and np.isfinite(rho) else "Spearman ρ: n/a"
     if np.isfinite(stats.get("ci_low", np.nan)):
@@ -83,17 +126,24 @@ def similarity_figure(points: pd.DataFrame, measure: str, stats: dict) -> go.Fig
     return _layout(fig, f"{measure}<br><sup>{subtitle}</sup>", measure, "retention (normalized accuracy)")
 
 
-def grouped_bar_figure(table: pd.DataFrame, title: str, y_title: str, x: str = "task",
-                       group: str = "model") -> go.Figure:
+def grouped_bar_figure(
+    table: pd.DataFrame, title: str, y_title: str, x: str = "task", group: str = "model"
+) -> go.Figure:
     """Bars of `mean` with ±sd error bars, one bar group per `x`, one colour per `group`."""
     fig = go.Figure()
     for index, name in enumerate(dict.fromkeys(table[group])):
         part = table[table[group] == name]
-        fig.add_trace(go.Bar(x=part[x].astype(str), y=part["mean"], name=str(name),
-                             marker_color=PALETTE[index % len(PALETTE)],
-                             error_y=dict(type="data", array=part["sd"], visible=True),
-                             customdata=part["n"],
-                             hovertemplate=f"<b>{name}</b><br>%{{x}}: %{{y:.3f}}<br>n=%{{customdata}}<extra></extra>"))
+        fig.add_trace(
+            go.Bar(
+                x=part[x].astype(str),
+                y=part["mean"],
+                name=str(name),
+                marker_color=PALETTE[index % len(PALETTE)],
+                error_y=dict(type="data", array=part["sd"], visible=True),
+                customdata=part["n"],
+                hovertemplate=f"<b>{name}</b><br>%{{x}}: %{{y:.3f}}<br>n=%{{customdata}}<extra></extra>",
+            )
+        )
     fig.update_layout(barmode="group")
     return _layout(fig, title, x, y_title)
 
@@ -102,11 +152,21 @@ def gain_heatmap(matrix: pd.DataFrame, title: str) -> go.Figure:
     """Normalized gain for every (group, task): 1 = own adapter, 0 = head baseline, < 0 worse."""
     z = matrix.to_numpy(dtype=float)
     text = [["" if np.isnan(v) else f"{v:.2f}" for v in row] for row in z]
-    fig = go.Figure(go.Heatmap(z=z, x=list(matrix.columns), y=list(matrix.index), text=text,
-                               texttemplate="%{text}", colorscale="RdBu", zmid=0, zmin=min(-1.0, np.nanmin(z)) if z.size else -1,
-                               zmax=max(1.0, np.nanmax(z)) if z.size else 1,
-                               colorbar=dict(title="gain"),
-                               hovertemplate="%{y}<br>task %{x}<br>gain=%{z:.3f}<extra></extra>"))
+    fig = go.Figure(
+        go.Heatmap(
+            z=z,
+            x=list(matrix.columns),
+            y=list(matrix.index),
+            text=text,
+            texttemplate="%{text}",
+            colorscale="RdBu",
+            zmid=0,
+            zmin=min(-1.0, np.nanmin(z)) if z.size else -1,
+            zmax=max(1.0, np.nanmax(z)) if z.size else 1,
+            colorbar=dict(title="gain"),
+            hovertemplate="%{y}<br>task %{x}<br>gain=%{z:.3f}<extra></extra>",
+        )
+    )
     height = max(320, 60 + 28 * len(matrix.index))
     fig = _layout(fig, title, "task evaluated", "merged group", height=height)
     fig.update_yaxes(autorange="reversed", showgrid=False)
@@ -122,9 +182,15 @@ def methods_figure(table: pd.DataFrame, metric: str, y_title: str) -> go.Figure:
     for method in methods:
         part = table[table["method"] == method].sort_values("k")
         error = part[sd_column].fillna(0) if sd_column in part else None
-        fig.add_trace(go.Bar(x=part["k"].astype(str), y=part[metric], name=method,
-                             marker_color=color_for(method, methods),
-                             error_y=dict(type="data", array=error, visible=error is not None)))
+        fig.add_trace(
+            go.Bar(
+                x=part["k"].astype(str),
+                y=part[metric],
+                name=method,
+                marker_color=color_for(method, methods),
+                error_y=dict(type="data", array=error, visible=error is not None),
+            )
+        )
     fig.update_layout(barmode="group")
     return _layout(fig, f"{y_title} by method and k", "k (adapters merged)", y_title)
 
@@ -135,10 +201,17 @@ def benchmark_figure(bench: pd.DataFrame, y: str, y_title: str, x_title: str = "
     variants = [str(v) for v in dict.fromkeys(bench["variant"].fillna("—"))]
     for variant in variants:
         part = bench[bench["variant"].fillna("—").astype(str) == variant].sort_values("k")
-        fig.add_trace(go.Scatter(x=part["k"].fillna(0), y=part[y], mode="lines+markers", name=variant,
-                                 line=dict(color=color_for(variant, variants)),
-                                 text=part["name"],
-                                 hovertemplate=f"<b>{variant}</b> (%{{text}})<br>k=%{{x}}<br>{y_title}=%{{y:.4g}}<extra></extra>"))
+        fig.add_trace(
+            go.Scatter(
+                x=part["k"].fillna(0),
+                y=part[y],
+                mode="lines+markers",
+                name=variant,
+                line=dict(color=color_for(variant, variants)),
+                text=part["name"],
+                hovertemplate=f"<b>{variant}</b> (%{{text}})<br>k=%{{x}}<br>{y_title}=%{{y:.4g}}<extra></extra>",
+            )
+        )
     fig.update_xaxes(dtick=1)
     return _layout(fig, f"{y_title} against k", x_title, y_title)
 
@@ -146,6 +219,12 @@ def benchmark_figure(bench: pd.DataFrame, y: str, y_title: str, x_title: str = "
 def bar_figure(rows: pd.DataFrame, y: str, y_title: str) -> go.Figure:
     """One bar per variant (e.g. the training benchmark's lora / head_only / full_finetune)."""
     variants = [str(v) for v in rows["variant"]]
-    fig = go.Figure(go.Bar(x=variants, y=rows[y], marker_color=[color_for(v, variants) for v in variants],
-                           hovertemplate=f"<b>%{{x}}</b><br>{y_title}=%{{y:.4g}}<extra></extra>"))
+    fig = go.Figure(
+        go.Bar(
+            x=variants,
+            y=rows[y],
+            marker_color=[color_for(v, variants) for v in variants],
+            hovertemplate=f"<b>%{{x}}</b><br>{y_title}=%{{y:.4g}}<extra></extra>",
+        )
+    )
     return _layout(fig, y_title, "", y_title, height=360)

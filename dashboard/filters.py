@@ -5,6 +5,7 @@ user's choice; after the page has drawn, `sync_url` writes the current choices b
 address bar always describes what is on screen. Keys in the URL are short (`method`, `k`,
 `task`); widget keys are prefixed with the page, so pages never share a widget's state.
 """
+
 from __future__ import annotations
 
 import streamlit as st

@@ -2,6 +2,7 @@
 
 Streamlit runs an app from its file, so this console command only builds that command line.
 """
+
 from __future__ import annotations
 
 import sys

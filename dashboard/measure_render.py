@@ -6,6 +6,7 @@
 The first render of a page fills the query cache ("cold"); the median is over the renders
 after it ("warm", what a user sees when moving between pages). The issue's bar: under 1 s.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,8 +37,15 @@ def measure(db: str, repeats: int = 5) -> list[dict]:
             at.run()
             times.append(time.perf_counter() - started)
             problems = [e.value for e in at.exception] + [e.value for e in at.error]
-        rows.append({"page": title, "cold_s": times[0], "median_s": statistics.median(times[1:]),
-                     "max_s": max(times[1:]), "problems": problems})
+        rows.append(
+            {
+                "page": title,
+                "cold_s": times[0],
+                "median_s": statistics.median(times[1:]),
+                "max_s": max(times[1:]),
+                "problems": problems,
+            }
+        )
     return rows
 
 

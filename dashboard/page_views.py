@@ -4,6 +4,7 @@ A page reads through `queries`, computes through `analysis`, draws through `char
 its data is not in the database (an older file without the view, or an empty view) it says
 so with `st.info` and returns.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,10 @@ RUN_HINT = "`python training/run_all.py`"
 def _missing(what: str, view: str, df: pd.DataFrame | None, how: str = RUN_HINT) -> bool:
     """Show why a page has nothing to draw; True when the caller should stop."""
     if df is None:
-        st.info(f"No {what} in this database yet: it has no `{view}` view (an older or partial "
-                f"results file). Run {how} with the current code to add it.")
+        st.info(
+            f"No {what} in this database yet: it has no `{view}` view (an older or partial "
+            f"results file). Run {how} with the current code to add it."
+        )
         return True
     if df.empty:
         st.info(f"No {what} stored yet: the `{view}` view is empty. Run {how} to fill it.")
@@ -39,6 +42,7 @@ def _table(df: pd.DataFrame, **kwargs) -> None:
 
 
 # --------------------------------------------------------------------------------- 1 Overview
+
 
 def overview(db: str, filters: Filters) -> None:
     st.header("Overview")
@@ -60,20 +64,25 @@ def overview(db: str, filters: Filters) -> None:
     found = queries.findings(db)
     if not _missing("findings", "findings", found, "the merge sweep (`python training/run_all.py`)"):
         shown = found[["finding", "statistic", "value", "ci_low", "ci_high", "n", "note"]]
-        _table(shown, column_config={c: st.column_config.NumberColumn(format="%.3f")
-                                     for c in ("value", "ci_low", "ci_high")})
+        _table(
+            shown,
+            column_config={c: st.column_config.NumberColumn(format="%.3f") for c in ("value", "ci_low", "ci_high")},
+        )
 
     st.subheader("Last run")
     runs = queries.runs(db)
     if runs is not None and not runs.empty:
         last = runs.iloc[0]
-        st.markdown(f"`{last['run_id']}`: **{_text(last['status'])}**, started {_text(last['started_at'])}, "
-                    f"finished {_text(last['finished_at'])}  \ncommand: `{_text(last['command'])}`")
+        st.markdown(
+            f"`{last['run_id']}`: **{_text(last['status'])}**, started {_text(last['started_at'])}, "
+            f"finished {_text(last['finished_at'])}  \ncommand: `{_text(last['command'])}`"
+        )
         with st.expander("Configuration of the last run"):
             st.json(_as_json(last["config"]))
     else:
-        st.caption("This database stores no run records; latest run id in task_results: "
-                   f"`{results['run_id'].dropna().max()}`")
+        st.caption(
+            f"This database stores no run records; latest run id in task_results: `{results['run_id'].dropna().max()}`"
+        )
 
     st.subheader("Tasks")
     tasks = sorted(results["task"].unique())
@@ -82,8 +91,9 @@ def overview(db: str, filters: Filters) -> None:
     for task in tasks:
         row = info.loc[task]
         labels = list(row["label_names"])
-        st.markdown(f"**{task}** · domain *{_text(row['domain'])}* · {len(labels)} classes  \n"
-                    f"{_text(row['description'], '')}")
+        st.markdown(
+            f"**{task}** · domain *{_text(row['domain'])}* · {len(labels)} classes  \n{_text(row['description'], '')}"
+        )
         if task in accuracy.index:
             st.caption(" · ".join(f"{c}: {v}" for c, v in accuracy.loc[task].dropna().items()))
         try:
@@ -113,24 +123,34 @@ def _as_json(value):
 
 # ----------------------------------------------------------------------------- 2 Merge count
 
+
 def merge_count(db: str, filters: Filters) -> None:
     st.header("Accuracy against the number of merged adapters")
     merges = queries.merge_results(db)
     if _missing("merge results", "merge_results", merges):
         return
     methods = filters.multi("Methods", "method", sorted(merges["method"].unique()))
-    tasks = filters.multi("Tasks evaluated", "task", sorted(merges["task"].unique()),
-                          help="Only these tasks' accuracies count; a merged group counts with the mean over them")
+    tasks = filters.multi(
+        "Tasks evaluated",
+        "task",
+        sorted(merges["task"].unique()),
+        help="Only these tasks' accuracies count; a merged group counts with the mean over them",
+    )
     rows = merges[merges["method"].isin(methods) & merges["task"].isin(tasks)]
     if rows.empty:
         st.info("No merge results match the filters: select at least one method and one task.")
         return
-    st.caption("Line: mean over merged models (every group of k tasks and seed; a model's value is the mean over "
-               "the tasks it serves). Band: ±1 standard deviation over those models; hover shows n.")
+    st.caption(
+        "Line: mean over merged models (every group of k tasks and seed; a model's value is the mean over "
+        "the tasks it serves). Band: ±1 standard deviation over those models; hover shows n."
+    )
     left, right = st.columns(2)
     with left:
         curve = analysis.merge_count_curve(rows, "merged_accuracy")
-        refs = {"single adapter (mean)": rows["single_accuracy"].mean(), "head baseline (mean)": rows["head_accuracy"].mean()}
+        refs = {
+            "single adapter (mean)": rows["single_accuracy"].mean(),
+            "head baseline (mean)": rows["head_accuracy"].mean(),
+        }
         _chart(charts.merge_count_figure(curve, "accuracy", refs))
     with right:
         curve_norm = analysis.merge_count_curve(rows, "normalized_accuracy")
@@ -141,6 +161,7 @@ def merge_count(db: str, filters: Filters) -> None:
 
 
 # --------------------------------------------------------------------------- 3 Dissimilarity
+
 
 def dissimilarity(db: str, filters: Filters) -> None:
     st.header("Task similarity against merge retention")
@@ -163,13 +184,15 @@ def dissimilarity(db: str, filters: Filters) -> None:
     if points.empty:
         st.info("No pair has both a similarity (for the chosen measures) and a merge retention.")
         return
-    st.caption("One point per pair of tasks: x = similarity (mean over seeds), y = retention = mean normalized "
-               "accuracy of the pair's merged model over both tasks and seeds. ρ: Spearman, 95% CI by Fisher z.")
+    st.caption(
+        "One point per pair of tasks: x = similarity (mean over seeds), y = retention = mean normalized "
+        "accuracy of the pair's merged model over both tasks and seeds. ρ: Spearman, 95% CI by Fisher z."
+    )
     stats_rows = []
     chosen = [m for m in measures if m in set(points["measure"])]
     for start in range(0, len(chosen), 2):
         columns = st.columns(2)
-        for column, measure in zip(columns, chosen[start:start + 2]):
+        for column, measure in zip(columns, chosen[start : start + 2]):
             part = points[points["measure"] == measure]
             stats = analysis.spearman(part["value"], part["retention"])
             stats_rows.append({"measure": measure, **stats})
@@ -180,11 +203,15 @@ def dissimilarity(db: str, filters: Filters) -> None:
     st.subheader("Same-domain against cross-domain pairs")
     comparison = analysis.domain_comparison(points)
     _table(comparison)
-    _chart(charts.grouped_bar_figure(comparison.assign(model="retention"), "Retention by pair type",
-                                     "retention (normalized accuracy)", x="pairs"))
+    _chart(
+        charts.grouped_bar_figure(
+            comparison.assign(model="retention"), "Retention by pair type", "retention (normalized accuracy)", x="pairs"
+        )
+    )
 
 
 # ------------------------------------------------------------------ 4 Merges vs head finetuning
+
 
 def merges_vs_heads(db: str, filters: Filters) -> None:
     st.header("Merged models against head finetuning")
@@ -194,24 +221,35 @@ def merges_vs_heads(db: str, filters: Filters) -> None:
         results = queries.task_results(db)
         if results is not None and not results.empty:
             st.markdown("Meanwhile, each task's single adapter against its head baseline (from `task_results`):")
-            _chart(charts.grouped_bar_figure(analysis.kind_comparison(results), "Single adapter against head baseline",
-                                             "test accuracy"))
+            _chart(
+                charts.grouped_bar_figure(
+                    analysis.kind_comparison(results), "Single adapter against head baseline", "test accuracy"
+                )
+            )
         return
     method = filters.select("Merge method", "method", sorted(merges["method"].unique()))
     ks = sorted(int(k) for k in merges.loc[merges["method"] == method, "k"].unique())
     k = filters.select("Adapters merged (k)", "k", ks, default=max(ks))
     table = analysis.task_comparison(merges, method, k)
-    st.caption("Each task's accuracy with its own adapter, with its head on the frozen backbone, and inside the merged "
-               "model; mean ± sd over the groups that contain the task and seeds, all scored on the same images.")
-    _chart(charts.grouped_bar_figure(table, f"Per task: single adapter, head baseline, merged ({method}, k={k})",
-                                     "test accuracy"))
+    st.caption(
+        "Each task's accuracy with its own adapter, with its head on the frozen backbone, and inside the merged "
+        "model; mean ± sd over the groups that contain the task and seeds, all scored on the same images."
+    )
+    _chart(
+        charts.grouped_bar_figure(
+            table, f"Per task: single adapter, head baseline, merged ({method}, k={k})", "test accuracy"
+        )
+    )
     matrix = analysis.gain_matrix(merges, method)
-    st.caption("Normalized gain over the head baseline: 1 = as good as the task's own adapter, 0 = as good as the "
-               "frozen backbone with a head, below 0 = worse than the head (mean over seeds).")
+    st.caption(
+        "Normalized gain over the head baseline: 1 = as good as the task's own adapter, 0 = as good as the "
+        "frozen backbone with a head, below 0 = worse than the head (mean over seeds)."
+    )
     _chart(charts.gain_heatmap(matrix, f"Normalized gain over head baseline ({method})"))
 
 
 # --------------------------------------------------------------------------------- 5 Methods
+
 
 def methods(db: str, filters: Filters) -> None:
     st.header("Merge methods")
@@ -222,13 +260,20 @@ def methods(db: str, filters: Filters) -> None:
     metric = filters.select("Figure", "metric", list(labels), format_func=labels.get)
     table = analysis.methods_table(merges)
     _chart(charts.methods_figure(table, metric, labels[metric]))
-    st.caption("Means over merged models (groups × seeds); sd in the *_sd columns; hyperparameters as stored with "
-               "every result.")
-    _table(table, column_config={c: st.column_config.NumberColumn(format="%.3f") for c in table.columns
-                                 if table[c].dtype.kind == "f"})
+    st.caption(
+        "Means over merged models (groups × seeds); sd in the *_sd columns; hyperparameters as stored with "
+        "every result."
+    )
+    _table(
+        table,
+        column_config={
+            c: st.column_config.NumberColumn(format="%.3f") for c in table.columns if table[c].dtype.kind == "f"
+        },
+    )
 
 
 # ------------------------------------------------------------------------------------ 6 Runs
+
 
 def runs(db: str, filters: Filters) -> None:
     st.header("Runs and stored results")
@@ -257,7 +302,9 @@ def runs(db: str, filters: Filters) -> None:
         chosen_tasks = filters.multi("Task", "task", sorted(results["task"].unique()))
         kinds = filters.multi("Model kind", "kind", sorted(results["model_kind"].unique()))
         seeds = filters.multi("Seed", "seed", sorted(int(s) for s in results["seed"].unique()))
-        shown = results[results["task"].isin(chosen_tasks) & results["model_kind"].isin(kinds) & results["seed"].isin(seeds)]
+        shown = results[
+            results["task"].isin(chosen_tasks) & results["model_kind"].isin(kinds) & results["seed"].isin(seeds)
+        ]
         if search:
             text = shown[["run_id", "config_hash", "model_id"]].astype(str).agg(" ".join, axis=1)
             shown = shown[text.str.contains(search, case=False, regex=False)]
@@ -278,6 +325,7 @@ def runs(db: str, filters: Filters) -> None:
 
 
 # ------------------------------------------------------------------------------- 7 Performance
+
 
 def performance(db: str, filters: Filters) -> None:
     """Every registered benchmark section (benchmarks/sections/), drawn from its own chart specs."""

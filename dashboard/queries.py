@@ -11,6 +11,7 @@ Rules kept here, so the pages need not think about them:
 - results are cached by (path, modification time of the file and of its write-ahead log), so
   a page re-renders from memory until the pipeline writes something new.
 """
+
 from __future__ import annotations
 
 import json
@@ -63,11 +64,14 @@ def _read(db: str, relation: str, sql: str) -> pd.DataFrame | None:
     try:
         return _query(str(db), db_version(db), sql).copy()
     except duckdb.Error as error:  # e.g. a view over a table an incompatible version dropped
-        raise StoreError(f"the `{relation}` view of {db} cannot be read ({str(error).splitlines()[0]}): the file "
-                         "may come from an incompatible version; re-create it with `python training/run_all.py`") from None
+        raise StoreError(
+            f"the `{relation}` view of {db} cannot be read ({str(error).splitlines()[0]}): the file "
+            "may come from an incompatible version; re-create it with `python training/run_all.py`"
+        ) from None
 
 
 # -- the questions the pages ask -----------------------------------------------------------
+
 
 def task_results(db: str) -> pd.DataFrame | None:
     """One row per trained model (head baseline or adapter) with its test accuracy."""
@@ -98,13 +102,18 @@ def runs(db: str) -> pd.DataFrame | None:
 
 def merge_summary(db: str) -> pd.DataFrame | None:
     """Per (method, k): number of merged models, groups, seeds and evaluated rows."""
-    return _read(db, "merge_results", """
+    return _read(
+        db,
+        "merge_results",
+        """
         SELECT method, k, count(DISTINCT merge_id) AS merges, count(DISTINCT tasks) AS groups,
                count(DISTINCT seed) AS seeds, count(*) AS rows
-        FROM merge_results GROUP BY method, k ORDER BY method, k""")
+        FROM merge_results GROUP BY method, k ORDER BY method, k""",
+    )
 
 
 # -- facts about tasks (labels, domain) ----------------------------------------------------
+
 
 def task_info(db: str, names: list[str]) -> pd.DataFrame:
     """task, domain, label_names (list), description, source for each name.
@@ -120,6 +129,7 @@ def task_info(db: str, names: list[str]) -> pd.DataFrame:
             record["label_names"] = json.loads(labels) if isinstance(labels, str) else list(labels or [])
             rows[record["task"]] = record
     from mlvision.tasks import HUB_PREFIX, get_task
+
     for name in names:
         if name in rows:
             continue
@@ -127,8 +137,12 @@ def task_info(db: str, names: list[str]) -> pd.DataFrame:
         if not name.startswith(HUB_PREFIX):  # a hub name would load the dataset: never here
             try:
                 task = get_task(name)
-                record.update(domain=task.domain, label_names=list(task.label_names),
-                              description=task.description, source=task.source)
+                record.update(
+                    domain=task.domain,
+                    label_names=list(task.label_names),
+                    description=task.description,
+                    source=task.source,
+                )
             except Exception:  # an unknown name: keep the placeholder
                 pass
         rows[name] = record
@@ -169,4 +183,5 @@ def sample_images(name: str, per_class: int = 1, max_images: int = 10, size: int
 
 def default_db() -> str:
     from mlvision.paths import DEFAULT_DB_PATH
+
     return os.environ.get("MLV_DB") or str(DEFAULT_DB_PATH)

@@ -5,6 +5,7 @@
 The named API endpoint `predict` (see README) takes (image file, tasks, method, compare) and
 returns JSON; the page renders that JSON. Model logic lives in demo/service.py (no Gradio).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,10 @@ def _pct(value) -> str:
 
 
 def _top_cell(top) -> str:
-    return "<br>".join(f"{'**' if i == 0 else ''}{label}{'**' if i == 0 else ''} {100 * prob:.1f}%"
-                       for i, (label, prob) in enumerate(top))
+    return "<br>".join(
+        f"{'**' if i == 0 else ''}{label}{'**' if i == 0 else ''} {100 * prob:.1f}%"
+        for i, (label, prob) in enumerate(top)
+    )
 
 
 def render_markdown(result: dict) -> str:
@@ -44,8 +47,10 @@ def render_markdown(result: dict) -> str:
     if not result.get("ok"):
         return f"### ⚠️ {result.get('error', 'The request failed.')}"
     compare = result.get("compare")
-    lines = [f"**Method:** `{result['method']}` ({result['method_source']}) · **tasks:** {len(result['tasks'])} · "
-             f"**one forward pass:** {result['elapsed_ms']:.1f} ms on **{result['device']}**"]
+    lines = [
+        f"**Method:** `{result['method']}` ({result['method_source']}) · **tasks:** {len(result['tasks'])} · "
+        f"**one forward pass:** {result['elapsed_ms']:.1f} ms on **{result['device']}**"
+    ]
     if result.get("merge_build_seconds") is not None:
         lines[0] += f" · merge built in {result['merge_build_seconds']:.2f} s (now cached)"
     for note in result.get("notes") or []:
@@ -64,19 +69,25 @@ def render_markdown(result: dict) -> str:
             side = compare[task]
             row += f" {_top_cell(side['top'])}<br>_{side['elapsed_ms']:.1f} ms_ |"
         stored = result["stored_accuracy"].get(task)
-        row += (f" {_pct(stored['merged'])} / {_pct(stored['single'])} / {_pct(stored['head'])} |" if stored
-                else " not in results.duckdb (this merge was not swept) |")
+        row += (
+            f" {_pct(stored['merged'])} / {_pct(stored['single'])} / {_pct(stored['head'])} |"
+            if stored
+            else " not in results.duckdb (this merge was not swept) |"
+        )
         lines.append(row)
     if compare:
         total = sum(side["elapsed_ms"] for side in compare.values())
-        lines.append(f"\nSeparate adapters: {len(compare)} forward passes, {total:.1f} ms in all, "
-                     f"against {result['elapsed_ms']:.1f} ms for the merged model.")
+        lines.append(
+            f"\nSeparate adapters: {len(compare)} forward passes, {total:.1f} ms in all, "
+            f"against {result['elapsed_ms']:.1f} ms for the merged model."
+        )
     return "\n".join(lines)
 
 
 def write_examples(service: DemoService, folder: Path) -> list[list]:
     """One test image per task (from the task's test split), saved as PNG for gr.Examples."""
     from mlvision.tasks import load_task
+
     examples = []
     folder.mkdir(parents=True, exist_ok=True)
     for task in service.tasks:
@@ -98,8 +109,11 @@ def build_demo(service: DemoService, examples: list[list] | None = None) -> gr.B
             result = service.predict_json(path, tasks or None, method or AUTO, bool(compare))
         except Exception as error:  # noqa: BLE001 - a failing request never takes the app down
             traceback.print_exc()
-            result = {"ok": False, "error": f"Internal error ({type(error).__name__}: {error}); the demo keeps running.",
-                      "device": service.device.type}
+            result = {
+                "ok": False,
+                "error": f"Internal error ({type(error).__name__}: {error}); the demo keeps running.",
+                "device": service.device.type,
+            }
         if not result.get("ok"):
             gr.Warning(result["error"])
         return result
@@ -126,10 +140,12 @@ def build_demo(service: DemoService, examples: list[list] | None = None) -> gr.B
         gr.Markdown(
             f"# Multi-LoRA Vision: one merged model, every task\n"
             f"One LoRA adapter per task (seed {service.seed}) on `{service.backbone_config.name}` at "
-            f"{service.preprocess.image_size}px, merged into a single backbone: **one forward pass answers every task**. "
+            f"{service.preprocess.image_size}px, merged into a single backbone: "
+            "**one forward pass answers every task**. "
             f"Running on **{service.device.type.upper()}**"
             f"{' (' + __import__('torch').cuda.get_device_name(0) + ')' if service.device.type == 'cuda' else ''}. "
-            f"Results database: `{service.db_path.name}`.")
+            f"Results database: `{service.db_path.name}`."
+        )
         with gr.Row():
             with gr.Column(scale=1):
                 image = gr.File(label="Image (PNG, JPEG, GIF, WebP, BMP, TIFF)", type="filepath")
@@ -141,23 +157,29 @@ def build_demo(service: DemoService, examples: list[list] | None = None) -> gr.B
                 if examples:
                     gr.Examples(examples, inputs=[image], label="Examples (one test image per task)")
             with gr.Column(scale=2):
-                preview = gr.Image(label="Image as the model sees it (before resizing)", type="pil", height=200,
-                                   interactive=False)
+                preview = gr.Image(
+                    label="Image as the model sees it (before resizing)", type="pil", height=200, interactive=False
+                )
                 output = gr.Markdown(elem_id="prediction")
                 raw = gr.JSON(label="API answer (endpoint `predict`)")
         tasks.change(method_hint, tasks, hint, api_visibility="private")
         button.click(predict, [image, tasks, method, compare], raw, api_name="predict").then(
-            show, [image, raw], [output, preview], api_visibility="private")
+            show, [image, raw], [output, preview], api_visibility="private"
+        )
     demo.queue(default_concurrency_limit=1, max_size=64)
     return demo
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--host", default=os.environ.get("MLV_DEMO_HOST") or os.environ.get("GRADIO_SERVER_NAME")
-                        or "127.0.0.1", help="default 127.0.0.1 ($GRADIO_SERVER_NAME on a Hugging Face Space)")
-    parser.add_argument("--port", type=int, default=int(os.environ.get("MLV_DEMO_PORT")
-                                                        or os.environ.get("GRADIO_SERVER_PORT") or 7860))
+    parser.add_argument(
+        "--host",
+        default=os.environ.get("MLV_DEMO_HOST") or os.environ.get("GRADIO_SERVER_NAME") or "127.0.0.1",
+        help="default 127.0.0.1 ($GRADIO_SERVER_NAME on a Hugging Face Space)",
+    )
+    parser.add_argument(
+        "--port", type=int, default=int(os.environ.get("MLV_DEMO_PORT") or os.environ.get("GRADIO_SERVER_PORT") or 7860)
+    )
     parser.add_argument("--db", default=os.environ.get("MLV_DB", str(DEFAULT_DB_PATH)))
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--share", action="store_true", help="also open a public gradio.live link")

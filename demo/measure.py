@@ -8,13 +8,13 @@ one pass through the merged model of every task, against one pass per task throu
 task's own adapter (peft-loaded), summed. Start-up is the time from nothing loaded to the
 app answering HTTP (adapters read, backbone built, default merge built, Gradio launched).
 """
+
 from __future__ import annotations
 
 import argparse
 import sys
 import time
 import urllib.request
-from pathlib import Path
 
 _START = time.perf_counter()
 
@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     import gradio  # noqa: F401  (counted in start-up, as `python demo/app.py` imports it)
+
     from demo.app import build_demo
     from demo.service import DemoService
     from mlvision.tasks import load_task
@@ -45,25 +46,40 @@ def main(argv: list[str] | None = None) -> int:
     urllib.request.urlopen(demo.local_url, timeout=30).read()
     startup = time.perf_counter() - _START
 
-    print(f"device: {service.device.type}; torch threads: {torch.get_num_threads()}; db: {args.db}; "
-          f"{len(tasks)} tasks ({', '.join(tasks)}); seed {service.seed}; image size {service.preprocess.image_size}px")
-    print(f"app start-up (imports + adapters + default merge '{default_method}' + launch, until HTTP answers): "
-          f"{startup:.1f} s")
+    print(
+        f"device: {service.device.type}; torch threads: {torch.get_num_threads()}; db: {args.db}; "
+        f"{len(tasks)} tasks ({', '.join(tasks)}); seed {service.seed}; image size {service.preprocess.image_size}px"
+    )
+    print(
+        f"app start-up (imports + adapters + default merge '{default_method}' + launch, until HTTP answers): "
+        f"{startup:.1f} s"
+    )
 
     image = load_task(tasks[0])["test"][0]["image"]
     batch = service.tensor(image.convert("RGB"))
     singles = {t: service.single_model(t) for t in tasks}
     with torch.inference_mode():  # interleaved, so drift of the machine hits both alike
-        times = time_interleaved({"merged": lambda: entry.model(batch),
-                                  "separate": lambda: [singles[t](batch) for t in tasks]},
-                                 args.repeats, warmup=3, device=service.device)
+        times = time_interleaved(
+            {"merged": lambda: entry.model(batch), "separate": lambda: [singles[t](batch) for t in tasks]},
+            args.repeats,
+            warmup=3,
+            device=service.device,
+        )
         merged_ms, separate_ms = (median_p95(times[name])[0] for name in ("merged", "separate"))
-        per_adapter = {t: median_p95(values)[0] for t, values in time_interleaved(
-            {t: (lambda t=t: singles[t](batch)) for t in tasks}, max(5, args.repeats // 3), 3, service.device).items()}
-    print(f"latency, batch 1, median of {args.repeats}: merged model, {len(tasks)} tasks in one pass: "
-          f"{merged_ms:.1f} ms; {len(tasks)} separate adapters, one pass each: {separate_ms:.1f} ms "
-          f"({separate_ms / merged_ms:.1f}x)")
-    print("  per adapter (peft-wrapped, unmerged LoRA): " + ", ".join(f"{t} {v:.1f} ms" for t, v in per_adapter.items()))
+        per_adapter = {
+            t: median_p95(values)[0]
+            for t, values in time_interleaved(
+                {t: (lambda t=t: singles[t](batch)) for t in tasks}, max(5, args.repeats // 3), 3, service.device
+            ).items()
+        }
+    print(
+        f"latency, batch 1, median of {args.repeats}: merged model, {len(tasks)} tasks in one pass: "
+        f"{merged_ms:.1f} ms; {len(tasks)} separate adapters, one pass each: {separate_ms:.1f} ms "
+        f"({separate_ms / merged_ms:.1f}x)"
+    )
+    print(
+        "  per adapter (peft-wrapped, unmerged LoRA): " + ", ".join(f"{t} {v:.1f} ms" for t, v in per_adapter.items())
+    )
 
     for method in ("linear", "task_arithmetic", "ties", "dare_ties", "tsv_m"):
         if method not in service.methods:
@@ -71,8 +87,10 @@ def main(argv: list[str] | None = None) -> int:
         service._merged.clear()
         start = time.perf_counter()
         service.merged_model(tasks, method)
-        print(f"merge build ({method}, k={len(tasks)}, as the UI does on a cache miss): "
-              f"{time.perf_counter() - start:.2f} s")
+        print(
+            f"merge build ({method}, k={len(tasks)}, as the UI does on a cache miss): "
+            f"{time.perf_counter() - start:.2f} s"
+        )
     demo.close()
     return 0
 

@@ -6,36 +6,33 @@ DuckDB file, builds merged multi-task models on demand (cached per (tasks, metho
 model. Images are decoded and checked by `load_image` (the one place that deals with bad files)
 and then preprocessed with the adapters' own `Preprocess` (the same code as training/evaluation).
 """
+
 from __future__ import annotations
 
 import copy
-import io
 import json
-import os
 import threading
 import time
-import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image, ImageOps, ImageSequence, UnidentifiedImageError
+from PIL import Image
 
+from demo.uploads import load_image
 from merging.deltas import AdapterDeltas, check_compatible, load_deltas
 from merging.merged_model import FoldedBackbone, merge_deltas
 from merging.methods import get_method, list_methods
 from mlvision.backbone import BackboneConfig, Preprocess
 from mlvision.errors import BadImage, MLVisionError, StoreError
 from mlvision.models import MultiTaskModel, load_model
-from mlvision.store import Store
 from mlvision.runs import resolve_stored_path
-from demo.uploads import load_image
+from mlvision.store import Store
 
 FALLBACK_METHOD = "ties"
 TOP_K = 3
-MERGE_CACHE_SIZE = 6                # merged models kept (each one is a backbone copy, ~14 MB)
+MERGE_CACHE_SIZE = 6  # merged models kept (each one is a backbone copy, ~14 MB)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -65,12 +62,20 @@ class Prediction:
     compare: dict[str, dict] | None = None
 
     def as_dict(self, device: str) -> dict:
-        return {"ok": True, "device": device, "tasks": self.tasks, "method": self.method,
-                "method_source": self.method_source, "hyperparams": self.hyperparams,
-                "predictions": {t: [[label, prob] for label, prob in top] for t, top in self.predictions.items()},
-                "elapsed_ms": self.elapsed_ms, "merge_build_seconds": self.build_seconds,
-                "stored_accuracy": self.stored_accuracy, "notes": self.notes,
-                "compare": self.compare}
+        return {
+            "ok": True,
+            "device": device,
+            "tasks": self.tasks,
+            "method": self.method,
+            "method_source": self.method_source,
+            "hyperparams": self.hyperparams,
+            "predictions": {t: [[label, prob] for label, prob in top] for t, top in self.predictions.items()},
+            "elapsed_ms": self.elapsed_ms,
+            "merge_build_seconds": self.build_seconds,
+            "stored_accuracy": self.stored_accuracy,
+            "notes": self.notes,
+            "compare": self.compare,
+        }
 
 
 def _jsonable(value):
@@ -83,8 +88,9 @@ class DemoService:
     def __init__(self, db_path: str | Path, device: str | None = None):
         self.db_path = Path(db_path)
         if not self.db_path.exists():
-            raise StoreError(f"no results database at {self.db_path}: run `python training/run_all.py` first "
-                             "or pass --db PATH")
+            raise StoreError(
+                f"no results database at {self.db_path}: run `python training/run_all.py` first or pass --db PATH"
+            )
         self.store = Store(self.db_path)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         rows = self.store.query("SELECT task, seed, path FROM models WHERE model_kind = 'adapter' ORDER BY task, seed")
@@ -122,13 +128,16 @@ class DemoService:
         (so a study still writing to it cannot lock the demo out)."""
         self._results = self.store.query(
             "SELECT tasks, method, seed, task, merged_accuracy, single_accuracy, head_accuracy, normalized_accuracy, n "
-            "FROM merge_results ORDER BY tasks, method, seed, task")
+            "FROM merge_results ORDER BY tasks, method, seed, task"
+        )
         self._hyperparams = {}
         for tasks, method, seed, hyperparams in self.store.query(
-                "SELECT tasks, method, seed, hyperparams FROM merges ORDER BY created_at"):
+            "SELECT tasks, method, seed, hyperparams FROM merges ORDER BY created_at"
+        ):
             if hyperparams is not None:
-                self._hyperparams[(tasks, method, seed)] = json.loads(hyperparams) if isinstance(hyperparams, str) \
-                    else dict(hyperparams)
+                self._hyperparams[(tasks, method, seed)] = (
+                    json.loads(hyperparams) if isinstance(hyperparams, str) else dict(hyperparams)
+                )
 
     def default_method(self, tasks) -> tuple[str, str]:
         """(method, why): the best mean normalized accuracy stored for exactly this group, else ties."""
@@ -149,9 +158,11 @@ class DemoService:
     def stored_accuracy(self, tasks, method: str) -> dict[str, dict]:
         """Per task: the stored test accuracy of this merge (this seed), its single adapter and its head."""
         key = ",".join(self._group(tasks))
-        return {task: {"merged": m, "single": s, "head": h, "normalized": r, "n": n}
-                for tasks_, method_, seed, task, m, s, h, r, n in self._results
-                if tasks_ == key and method_ == method and seed == self.seed}
+        return {
+            task: {"merged": m, "single": s, "head": h, "normalized": r, "n": n}
+            for tasks_, method_, seed, task, m, s, h, r, n in self._results
+            if tasks_ == key and method_ == method and seed == self.seed
+        }
 
     # -- models -------------------------------------------------------------------------------------
     def resolve_method(self, tasks, method: str | None) -> tuple[str, str]:
@@ -230,12 +241,22 @@ class DemoService:
                 side = {}
                 for task in group:
                     single_logits, single_ms = self._forward(self.single_model(task), batch)
-                    side[task] = {"top": [[l, p] for l, p in self._top(task, single_logits[task])],
-                                  "elapsed_ms": single_ms}
-        return Prediction(tasks=list(group), method=method, method_source=why, hyperparams=entry.hyperparams,
-                          predictions=predictions, elapsed_ms=elapsed,
-                          build_seconds=entry.build_seconds if built else None,
-                          stored_accuracy=_jsonable(self.stored_accuracy(group, method)), notes=notes, compare=side)
+                    side[task] = {
+                        "top": [[label, p] for label, p in self._top(task, single_logits[task])],
+                        "elapsed_ms": single_ms,
+                    }
+        return Prediction(
+            tasks=list(group),
+            method=method,
+            method_source=why,
+            hyperparams=entry.hyperparams,
+            predictions=predictions,
+            elapsed_ms=elapsed,
+            build_seconds=entry.build_seconds if built else None,
+            stored_accuracy=_jsonable(self.stored_accuracy(group, method)),
+            notes=notes,
+            compare=side,
+        )
 
     def predict_json(self, image, tasks=None, method: str | None = None, compare: bool = False) -> dict:
         """`predict` as a JSON-ready dict; bad input and model errors become {"ok": False, "error": ...}."""

@@ -4,6 +4,7 @@ It turns anything Gradio or a client hands over (a path, bytes, a PIL image) int
 plus notes on what was converted, or raises `BadImage` (mlvision/errors.py) with a message for
 the person who uploaded it.
 """
+
 from __future__ import annotations
 
 import io
@@ -16,9 +17,9 @@ from PIL import Image, ImageOps, ImageSequence, UnidentifiedImageError
 
 from mlvision.errors import BadImage
 
-MAX_FILE_BYTES = 25 * 1024 * 1024   # larger uploads are refused before decoding
-MAX_PIXELS = 40_000_000             # decompression-bomb limit (width * height)
-MAX_ASPECT = 20.0                   # longer side / shorter side; beyond this the image is refused
+MAX_FILE_BYTES = 25 * 1024 * 1024  # larger uploads are refused before decoding
+MAX_PIXELS = 40_000_000  # decompression-bomb limit (width * height)
+MAX_ASPECT = 20.0  # longer side / shorter side; beyond this the image is refused
 
 
 # --------------------------------------------------------------------------------------------------
@@ -38,7 +39,7 @@ def _to_rgb(image: Image.Image, notes: list[str]) -> Image.Image:
     if mode.startswith("I;16") or mode in ("I", "F"):
         array = np.asarray(image, dtype=np.float64)
         if mode.startswith("I;16"):
-            array = array / 65535.0 * 255.0            # 16-bit: scale the full range to 8 bits
+            array = array / 65535.0 * 255.0  # 16-bit: scale the full range to 8 bits
             notes.append("16-bit image: scaled to 8 bits")
         else:
             low, high = float(array.min()), float(array.max())
@@ -76,8 +77,9 @@ def load_image(source) -> tuple[Image.Image, list[str]]:
                 raise BadImage(f"The upload did not arrive (no file at {path.name}): try uploading again.")
             size = path.stat().st_size
             if size > MAX_FILE_BYTES:
-                raise BadImage(f"The file is {size / 2**20:.0f} MB; the demo accepts images up to "
-                               f"{MAX_FILE_BYTES / 2**20:.0f} MB.")
+                raise BadImage(
+                    f"The file is {size / 2**20:.0f} MB; the demo accepts images up to {MAX_FILE_BYTES / 2**20:.0f} MB."
+                )
             data = path.read_bytes()
         if not data:
             raise BadImage("The uploaded file is empty (0 bytes): choose an image file.")
@@ -88,22 +90,30 @@ def load_image(source) -> tuple[Image.Image, list[str]]:
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 image = Image.open(io.BytesIO(data))
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-            raise BadImage(f"The image is too large to decode safely (over {MAX_PIXELS:,} pixels): "
-                           "it looks like a decompression bomb. Resize it and try again.") from None
+            raise BadImage(
+                f"The image is too large to decode safely (over {MAX_PIXELS:,} pixels): "
+                "it looks like a decompression bomb. Resize it and try again."
+            ) from None
         except UnidentifiedImageError:
-            raise BadImage("The file is not an image (or a format Pillow cannot read): "
-                           "upload a PNG, JPEG, GIF, WebP, BMP or TIFF file.") from None
+            raise BadImage(
+                "The file is not an image (or a format Pillow cannot read): "
+                "upload a PNG, JPEG, GIF, WebP, BMP or TIFF file."
+            ) from None
         except Exception as error:  # noqa: BLE001 - any decoder failure is a bad upload
             raise BadImage(f"The file cannot be read as an image ({error}).") from None
     width, height = image.size
     if width < 1 or height < 1:
         raise BadImage(f"The image has no pixels ({width}x{height}).")
     if width * height > MAX_PIXELS:
-        raise BadImage(f"The image is {width}x{height} = {width * height:,} pixels; the limit is {MAX_PIXELS:,} "
-                       "(a decompression-bomb guard). Resize it and try again.")
+        raise BadImage(
+            f"The image is {width}x{height} = {width * height:,} pixels; the limit is {MAX_PIXELS:,} "
+            "(a decompression-bomb guard). Resize it and try again."
+        )
     if max(width, height) / min(width, height) > MAX_ASPECT:
-        raise BadImage(f"The image is {width}x{height}: its aspect ratio is beyond {MAX_ASPECT:.0f}:1, and squashing "
-                       "it to a square would make the prediction meaningless. Crop it closer to square and try again.")
+        raise BadImage(
+            f"The image is {width}x{height}: its aspect ratio is beyond {MAX_ASPECT:.0f}:1, and squashing "
+            "it to a square would make the prediction meaningless. Crop it closer to square and try again."
+        )
     if getattr(image, "is_animated", False) and getattr(image, "n_frames", 1) > 1:
         notes.append(f"animated image ({image.n_frames} frames): used the first frame")
         image = next(iter(ImageSequence.Iterator(image)))
@@ -122,8 +132,10 @@ def load_image(source) -> tuple[Image.Image, list[str]]:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise BadImage("The image is too large to decode safely (decompression bomb).") from None
     except Exception as error:  # noqa: BLE001 - truncated / corrupt data fails here
-        raise BadImage(f"The image file is truncated or corrupt and cannot be decoded ({error}). "
-                       "Re-save or re-download it and try again.") from None
+        raise BadImage(
+            f"The image file is truncated or corrupt and cannot be decoded ({error}). "
+            "Re-save or re-download it and try again."
+        ) from None
     if width * height == 1:
         notes.append("1x1 image: upscaled to the model's input size (the prediction says little)")
     return image.copy(), notes

@@ -5,6 +5,7 @@ per adapter; reading the factors from `adapter_model.safetensors` is the same ar
 and lets a sweep hold k adapters as plain tensors. 1x1 convolutions are flattened to 2-D
 [out, in] so merge methods see one shape for every layer kind.
 """
+
 from __future__ import annotations
 
 import json
@@ -49,7 +50,9 @@ def load_deltas(folder: str | os.PathLike) -> AdapterDeltas:
     folder = Path(folder)
     meta = read_meta(folder)
     if meta.get("model_kind") != "adapter":
-        raise AdapterError(f"{folder} holds a {meta.get('model_kind')} model, not a LoRA adapter: pass an adapter folder")
+        raise AdapterError(
+            f"{folder} holds a {meta.get('model_kind')} model, not a LoRA adapter: pass an adapter folder"
+        )
     try:
         config = json.loads((folder / "adapter_config.json").read_text())
         factors = load_file(str(folder / "adapter_model.safetensors"))
@@ -61,7 +64,7 @@ def load_deltas(folder: str | os.PathLike) -> AdapterDeltas:
     for key, a in factors.items():
         if not key.endswith(".lora_A.weight"):
             continue
-        layer = key[len(_PREFIX):-len(".lora_A.weight")] if key.startswith(_PREFIX) else key[:-len(".lora_A.weight")]
+        layer = key[len(_PREFIX) : -len(".lora_A.weight")] if key.startswith(_PREFIX) else key[: -len(".lora_A.weight")]
         b = factors.get(key.replace("lora_A", "lora_B"))
         if b is None:
             raise AdapterError(f"{folder}: layer {layer} has a LoRA A factor but no B factor: re-train that adapter")
@@ -85,16 +88,24 @@ def check_compatible(adapters: list[AdapterDeltas]) -> None:
     first = adapters[0]
     for other in adapters[1:]:
         if other.meta["backbone"] != first.meta["backbone"]:
-            raise AdapterError(f"adapter {other.path} was trained on backbone {other.meta['backbone']} but "
-                               f"{first.path} on {first.meta['backbone']}: merge adapters of one backbone only")
+            raise AdapterError(
+                f"adapter {other.path} was trained on backbone {other.meta['backbone']} but "
+                f"{first.path} on {first.meta['backbone']}: merge adapters of one backbone only"
+            )
         if other.meta["preprocess"] != first.meta["preprocess"]:
-            raise AdapterError(f"adapter {other.path} uses preprocessing {other.meta['preprocess']} but {first.path} "
-                               f"uses {first.meta['preprocess']}: merge adapters trained at one image size")
+            raise AdapterError(
+                f"adapter {other.path} uses preprocessing {other.meta['preprocess']} but {first.path} "
+                f"uses {first.meta['preprocess']}: merge adapters trained at one image size"
+            )
         if set(other.deltas) != set(first.deltas):
             missing = sorted(set(first.deltas) ^ set(other.deltas))[:3]
-            raise AdapterError(f"adapter {other.path} adapts other layers than {first.path} (e.g. {', '.join(missing)}): "
-                               "merge adapters trained with the same target modules")
+            raise AdapterError(
+                f"adapter {other.path} adapts other layers than {first.path} (e.g. {', '.join(missing)}): "
+                "merge adapters trained with the same target modules"
+            )
     tasks = [a.task for a in adapters]
     if len(set(tasks)) != len(tasks):
-        raise AdapterError(f"two adapters for the same task in one merge ({', '.join(tasks)}): "
-                           "a merged model has one head per task; pass one adapter per task")
+        raise AdapterError(
+            f"two adapters for the same task in one merge ({', '.join(tasks)}): "
+            "a merged model has one head per task; pass one adapter per task"
+        )

@@ -8,6 +8,7 @@ each merged ΔW; load it with `PeftModel.from_pretrained(backbone, out)`), one h
 `heads/`, and `merge.json` (method, hyperparameters, inputs, relative reconstruction error).
 Optionally, the merged model is scored on each task's test split.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,20 +30,33 @@ def parse_param(text: str) -> tuple[str, object]:
     try:
         return name, json.loads(value)
     except json.JSONDecodeError:
-        raise MergeConfigError(f"hyperparameter {name} has value '{value}', which is not a number: "
-                               f"write e.g. --param {name}=0.5") from None
+        raise MergeConfigError(
+            f"hyperparameter {name} has value '{value}', which is not a number: write e.g. --param {name}=0.5"
+        ) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python merging/merge.py", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 2)[2])
-    parser.add_argument("adapters", nargs="*", type=Path, help="adapter folders (written by training/run_all.py under artifacts/)")
+    parser = argparse.ArgumentParser(
+        prog="python merging/merge.py",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 2)[2],
+    )
+    parser.add_argument(
+        "adapters", nargs="*", type=Path, help="adapter folders (written by training/run_all.py under artifacts/)"
+    )
     parser.add_argument("--method", default="ties", help="merge method (default: ties); see --list-methods")
-    parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="a method hyperparameter; repeatable")
+    parser.add_argument(
+        "--param", action="append", default=[], metavar="NAME=VALUE", help="a method hyperparameter; repeatable"
+    )
     parser.add_argument("--out", type=Path, help="output folder for the exported merge")
     parser.add_argument("--rank", type=int, default=32, help="rank of the exported LoRA (default: 32)")
-    parser.add_argument("--evaluate", type=int, metavar="N", help="also score the merged model on N test images per task")
-    parser.add_argument("--list-methods", action="store_true", help="list merge methods with their hyperparameters and papers")
+    parser.add_argument(
+        "--evaluate", type=int, metavar="N", help="also score the merged model on N test images per task"
+    )
+    parser.add_argument(
+        "--list-methods", action="store_true", help="list merge methods with their hyperparameters and papers"
+    )
     return parser
 
 
@@ -75,9 +89,18 @@ def run(args) -> int:
     start = time.perf_counter()
     merged, params = merger.merge(keys, args.method, hyperparams)
     seconds = time.perf_counter() - start
-    error = export_merge_as_lora(merged, adapters, args.rank, args.out,
-                                 {"method": args.method, "hyperparams": params, "adapters": [str(a.path) for a in adapters],
-                                  "merge_seconds": seconds})
+    error = export_merge_as_lora(
+        merged,
+        adapters,
+        args.rank,
+        args.out,
+        {
+            "method": args.method,
+            "hyperparams": params,
+            "adapters": [str(a.path) for a in adapters],
+            "merge_seconds": seconds,
+        },
+    )
     print(f"merged {len(adapters)} adapters with {args.method} {params} in {seconds:.2f} s")
     print(f"saved to {args.out} as a rank-{args.rank} LoRA; relative reconstruction error {error:.4f}")
     if args.evaluate:
@@ -86,7 +109,10 @@ def run(args) -> int:
         preprocess = Preprocess.from_dict(adapters[0].meta["preprocess"])
         for adapter in adapters:
             images, labels = split_tensors(adapter.task, "test", preprocess, args.evaluate)
-            print(f"  {adapter.task}: merged accuracy {accuracy(model, adapter.task, images, labels):.4f} (n={len(labels)})")
+            print(
+                f"  {adapter.task}: merged accuracy {accuracy(model, adapter.task, images, labels):.4f} "
+                f"(n={len(labels)})"
+            )
     return 0
 
 

@@ -4,6 +4,7 @@ The merged model is the base backbone with the merged ΔW added to its weights p
 heads, so one forward pass answers every task (`MultiTaskModel`). A merge can also be exported
 as a peft LoRA adapter of a chosen rank (truncated SVD of each merged ΔW).
 """
+
 from __future__ import annotations
 
 import copy
@@ -25,7 +26,9 @@ def layer_seed(seed: int, layer: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(layer.encode())) % (2**31)
 
 
-def merge_deltas(adapters: list[AdapterDeltas], method: str, hyperparams: dict | None = None) -> dict[str, torch.Tensor]:
+def merge_deltas(
+    adapters: list[AdapterDeltas], method: str, hyperparams: dict | None = None
+) -> dict[str, torch.Tensor]:
     """Merged ΔW per layer with `method`; hyperparameters are validated (defaults filled) first."""
     check_compatible(adapters)
     merge_method = get_method(method)
@@ -50,7 +53,9 @@ class AdapterMerger:
         self.backbone_config = backbone_config
         self._peft: PeftMerger | None = None
 
-    def merge(self, keys: list[str], method: str, hyperparams: dict | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    def merge(
+        self, keys: list[str], method: str, hyperparams: dict | None = None
+    ) -> tuple[dict[str, torch.Tensor], dict]:
         if get_method(method).kind == "reference":
             if self._peft is None:
                 self._peft = PeftMerger(self.backbone_config, {key: str(a.path) for key, a in self.adapters.items()})
@@ -96,8 +101,9 @@ def low_rank_factors(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torc
     return (u[:, :rank] * root).float(), (root[:, None] * vh[:rank]).float()
 
 
-def export_merge_as_lora(merged: dict[str, torch.Tensor], adapters: list[AdapterDeltas], rank: int,
-                         folder: str | Path, merge_info: dict) -> float:
+def export_merge_as_lora(
+    merged: dict[str, torch.Tensor], adapters: list[AdapterDeltas], rank: int, folder: str | Path, merge_info: dict
+) -> float:
     """Save a merge as a peft LoRA (alpha = rank, so scaling 1) plus the k heads; returns the relative error.
 
     The folder loads with `PeftModel.from_pretrained(backbone, folder)`; heads are saved as
@@ -124,12 +130,28 @@ def export_merge_as_lora(merged: dict[str, torch.Tensor], adapters: list[Adapter
     folder.mkdir(parents=True, exist_ok=True)
     peft_model.save_pretrained(str(folder))
     for adapter in adapters:
-        save_model(folder / "heads" / adapter.task.replace(":", "_").replace("/", "_"),
-                   {**adapter.meta, "model_kind": "head", "training": {"from_adapter": str(adapter.path)}}, adapter.head)
-    info = {**merge_info, "export_rank": rank, "relative_error": relative_error,
-            "tasks": [a.task for a in adapters], "backbone": meta0["backbone"], "preprocess": meta0["preprocess"]}
+        save_model(
+            folder / "heads" / adapter.task.replace(":", "_").replace("/", "_"),
+            {**adapter.meta, "model_kind": "head", "training": {"from_adapter": str(adapter.path)}},
+            adapter.head,
+        )
+    info = {
+        **merge_info,
+        "export_rank": rank,
+        "relative_error": relative_error,
+        "tasks": [a.task for a in adapters],
+        "backbone": meta0["backbone"],
+        "preprocess": meta0["preprocess"],
+    }
     (folder / "merge.json").write_text(json.dumps(info, indent=2, sort_keys=True))
     return relative_error
 
 
-__all__ = ["AdapterMerger", "FoldedBackbone", "build_merged_model", "export_merge_as_lora", "merge_deltas", "low_rank_factors"]
+__all__ = [
+    "AdapterMerger",
+    "FoldedBackbone",
+    "build_merged_model",
+    "export_merge_as_lora",
+    "merge_deltas",
+    "low_rank_factors",
+]

@@ -24,6 +24,7 @@ Why it works this way:
 - Each worker loads the adapters and scores the baselines itself (seconds): the price of sharing
   nothing but files.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,8 +64,10 @@ def read_part(con, part: Path, table: str) -> list[dict]:
         columns = [column[0] for column in cursor.description]
         return [dict(zip(columns, row)) for row in cursor.fetchall()]
     except duckdb.Error as error:
-        raise PartsError(f"{path} is not a readable part file ({str(error).splitlines()[0]}): delete the folder "
-                         f"{part} and run its worker again (it recomputes only what is missing)") from None
+        raise PartsError(
+            f"{path} is not a readable part file ({str(error).splitlines()[0]}): delete the folder "
+            f"{part} and run its worker again (it recomputes only what is missing)"
+        ) from None
 
 
 def write_part(folder: Path, merges: list) -> Path:
@@ -133,7 +136,7 @@ def run_worker(config, worker: int, workers: int, parts: Path, chunk_size: int) 
     with tqdm(total=len(todo), desc=f"worker {worker} of {workers}", unit="merge", position=worker) as bar:
         for start in range(0, len(todo), chunk_size):
             merges = []
-            for item in todo[start:start + chunk_size]:
+            for item in todo[start : start + chunk_size]:
                 merges.append(sweep.compute(*item))
                 bar.update()
             write_part(folder, merges)
@@ -160,49 +163,71 @@ def collect(folders: list[Path], store) -> dict:
                 try:
                     counts[table] += insert_rows(con, table, rows)
                 except duckdb.Error as error:
-                    raise PartsError(f"{part / table}.parquet does not fit the {table} table of {store.path} "
-                                     f"({str(error).splitlines()[0]}): it was written by another version of the "
-                                     "code; delete it and run its worker again") from None
+                    raise PartsError(
+                        f"{part / table}.parquet does not fit the {table} table of {store.path} "
+                        f"({str(error).splitlines()[0]}): it was written by another version of the "
+                        "code; delete it and run its worker again"
+                    ) from None
     return counts
 
 
 # -- command line --------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    from mlvision.paths import DEFAULT_DB_PATH
     from mlvision.config import add_study_arguments
+    from mlvision.paths import DEFAULT_DB_PATH
 
-    parser = argparse.ArgumentParser(prog="python -m merging.parallel_sweep", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=__doc__.split("\n\n", 1)[1], allow_abbrev=False)
+    parser = argparse.ArgumentParser(
+        prog="python -m merging.parallel_sweep",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+        allow_abbrev=False,
+    )
     commands = parser.add_subparsers(dest="command", required=True)
-    for name, text in (("run", "start N local workers, wait for them, then collect"),
-                       ("worker", "compute one worker's share of the sweep into Parquet parts")):
+    for name, text in (
+        ("run", "start N local workers, wait for them, then collect"),
+        ("worker", "compute one worker's share of the sweep into Parquet parts"),
+    ):
         command = commands.add_parser(name, help=text, description=text, allow_abbrev=False)
         if name == "worker":
             command.add_argument("--worker", type=int, required=True, metavar="I", help="this worker's index, 0..N-1")
         command.add_argument("--workers", type=int, required=True, metavar="N", help="how many workers share the sweep")
         command.add_argument("--parts", type=Path, required=True, metavar="DIR", help="folder for the Parquet parts")
-        command.add_argument("--chunk-size", type=int, default=4, metavar="M",
-                             help="merges per part file: at most this much work is lost when a worker is killed (default: 4)")
+        command.add_argument(
+            "--chunk-size",
+            type=int,
+            default=4,
+            metavar="M",
+            help="merges per part file: at most this much work is lost when a worker is killed (default: 4)",
+        )
         add_study_arguments(command)
-    command = commands.add_parser("collect", help="load the parts into results.duckdb", allow_abbrev=False,
-                                  description="load every finished part into results.duckdb (rows stored already are skipped)")
+    command = commands.add_parser(
+        "collect",
+        help="load the parts into results.duckdb",
+        allow_abbrev=False,
+        description="load every finished part into results.duckdb (rows stored already are skipped)",
+    )
     command.add_argument("--parts", type=Path, nargs="+", required=True, metavar="DIR", help="parts folder(s)")
-    command.add_argument("--db", type=Path, default=DEFAULT_DB_PATH, help=f"results database (default: {DEFAULT_DB_PATH})")
+    command.add_argument(
+        "--db", type=Path, default=DEFAULT_DB_PATH, help=f"results database (default: {DEFAULT_DB_PATH})"
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = [str(arg) for arg in (sys.argv[1:] if argv is None else argv)]
     args = build_parser().parse_args(argv)
-    return run_cli(lambda: COMMANDS[args.command](args, argv),
-                   "finished parts are kept; run the same command again to continue")
+    return run_cli(
+        lambda: COMMANDS[args.command](args, argv), "finished parts are kept; run the same command again to continue"
+    )
 
 
 def print_collected(counts: dict, db) -> None:
     added = counts["merges"] + counts["merge_evaluations"]
-    print(f"collected {counts['parts']} parts: {counts['merges']} merges and {counts['merge_evaluations']} merge "
-          f"evaluations added, {counts['read'] - added} rows already stored; results in {db}")
+    print(
+        f"collected {counts['parts']} parts: {counts['merges']} merges and {counts['merge_evaluations']} merge "
+        f"evaluations added, {counts['read'] - added} rows already stored; results in {db}"
+    )
 
 
 def worker_command(args, argv) -> int:
@@ -210,9 +235,13 @@ def worker_command(args, argv) -> int:
     from mlvision.config import config_from_args
 
     started = time.perf_counter()
-    counts = run_worker(config_from_args(args, tuple(list_methods())), args.worker, args.workers, args.parts, args.chunk_size)
-    print(f"worker {args.worker} of {args.workers}: {counts['merged']} merges computed, {counts['skipped']} already "
-          f"stored or in parts; parts in {counts['folder']} ({time.perf_counter() - started:.0f} s)")
+    counts = run_worker(
+        config_from_args(args, tuple(list_methods())), args.worker, args.workers, args.parts, args.chunk_size
+    )
+    print(
+        f"worker {args.worker} of {args.workers}: {counts['merged']} merges computed, {counts['skipped']} already "
+        f"stored or in parts; parts in {counts['folder']} ({time.perf_counter() - started:.0f} s)"
+    )
     return 0
 
 
@@ -225,10 +254,10 @@ def collect_command(args, argv) -> int:
 
 def run_command(args, argv) -> int:
     """Start the workers as subprocesses of this very module (argv[0] is "run"), then collect."""
-    from merging.sweep import check_methods, stored_merge_ids
-    from mlvision.store import Store
     from merging.methods import list_methods
+    from merging.sweep import check_methods, stored_merge_ids
     from mlvision.config import config_from_args
+    from mlvision.store import Store
 
     config = config_from_args(args, tuple(list_methods()))
     check_split(None, args.workers, args.chunk_size)
@@ -246,8 +275,10 @@ def run_command(args, argv) -> int:
                 worker.wait()
     failed = [i for i, code in enumerate(codes) if code]
     if failed:
-        raise PartsError(f"worker(s) {', '.join(map(str, failed))} failed (see above); finished parts are kept in "
-                         f"{args.parts}: run the same command again to continue")
+        raise PartsError(
+            f"worker(s) {', '.join(map(str, failed))} failed (see above); finished parts are kept in "
+            f"{args.parts}: run the same command again to continue"
+        )
     print_collected(collect([args.parts], Store(config.db)), config.db)
     return 0
 

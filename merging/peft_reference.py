@@ -3,6 +3,7 @@
 The merged ΔW is read back from peft (`get_delta_weight`) and folded into the base weights like
 every other method's, so the references are scored exactly like this project's methods.
 """
+
 from __future__ import annotations
 
 import torch

@@ -15,6 +15,7 @@ A method with a validation grid in the registry (task arithmetic's λ) has that 
 picked on the validation subset (mean accuracy over the group's tasks); the grid, the validation
 scores and the choice are stored.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -56,6 +57,7 @@ TABLE_KEYS = {"merges": ("merge_id",), "merge_evaluations": ("merge_id", "task",
 @dataclass
 class MergeRows:
     """One merge's results as the store keeps them: its `merges` row and one `merge_evaluations` row per task."""
+
     merge: dict
     evaluations: list[dict] = field(default_factory=list)
 
@@ -64,7 +66,9 @@ class MergeRows:
 
 
 def insert_rows(con, table: str, rows: list[dict]) -> int:
-    """Insert rows into one of TABLE_KEYS' tables in an open transaction, skipping stored keys; returns how many went in."""
+    """Insert rows into one of TABLE_KEYS' tables in an open transaction, skipping stored keys.
+
+    Returns how many went in."""
     return sum(insert_row(con, table, row, key=TABLE_KEYS[table]) for row in rows)
 
 
@@ -81,7 +85,7 @@ def stored_merge_ids(store: Store) -> set[str]:
 @dataclass
 class Baseline:
     single: float  # the task's own adapter on the evaluation subset
-    head: float    # the frozen backbone + trained head on the same images
+    head: float  # the frozen backbone + trained head on the same images
 
 
 def check_methods(config: StudyConfig) -> None:
@@ -134,8 +138,15 @@ class MergeSweep:
         selection = get_method(method).selection_rule()
         rule = {"select": selection, "select_n": self.config.merge_select} if selection else {}
         hyper = {} if selection else get_method(method).validate({})  # a reference has none
-        return "merge-" + config_hash({"method": method, "hyperparams": hyper, "rule": rule,
-                                        "adapters": adapter_ids, "eval_n": self.config.merge_eval})
+        return "merge-" + config_hash(
+            {
+                "method": method,
+                "hyperparams": hyper,
+                "rule": rule,
+                "adapters": adapter_ids,
+                "eval_n": self.config.merge_eval,
+            }
+        )
 
     def merger(self, seed: int) -> AdapterMerger:
         """The merger of every task's adapter of `seed` (peft references load them once, on first use)."""
@@ -158,8 +169,13 @@ class MergeSweep:
             model = self.folded.model(merged, heads)
             scores[value] = sum(accuracy(model, t, *self.eval_tensors(t, "validation")) for t in group) / len(group)
         best = max(grid, key=lambda v: (scores[v], -v))
-        selection_record = {"parameter": name, "grid": list(grid), "validation_accuracy": {str(v): s for v, s in scores.items()},
-                            "chosen": best, "validation_n_per_task": self.config.merge_select}
+        selection_record = {
+            "parameter": name,
+            "grid": list(grid),
+            "validation_accuracy": {str(v): s for v, s in scores.items()},
+            "chosen": best,
+            "validation_n_per_task": self.config.merge_select,
+        }
         merged, params = merger.merge(group, method, {name: best})
         return merged, params, selection_record
 
@@ -171,24 +187,45 @@ class MergeSweep:
         seconds = time.perf_counter() - start
         heads = {task: self.adapters[(task, seed)].head for task in group}
         model = self.folded.model(merged, heads)
-        rows = MergeRows({
-            "merge_id": merge_id, "method": method, "k": len(group), "tasks": ",".join(group), "seed": seed,
-            "adapter_ids": [self.config.model_id("adapter", t, seed) for t in group], "hyperparams": params,
-            "backbone": self.config.backbone, "merge_seconds": seconds, "selection": selection,
-            "run_id": self.run_id, "created_at": now()})
+        rows = MergeRows(
+            {
+                "merge_id": merge_id,
+                "method": method,
+                "k": len(group),
+                "tasks": ",".join(group),
+                "seed": seed,
+                "adapter_ids": [self.config.model_id("adapter", t, seed) for t in group],
+                "hyperparams": params,
+                "backbone": self.config.backbone,
+                "merge_seconds": seconds,
+                "selection": selection,
+                "run_id": self.run_id,
+                "created_at": now(),
+            }
+        )
         for task in group:
             images, labels = self.eval_tensors(task)
             baseline = self.baselines[(task, seed)]
-            rows.evaluations.append({
-                "merge_id": merge_id, "task": task, "split": "test",
-                "merged_accuracy": float((predict(model, images)[task] == labels).float().mean()),
-                "single_accuracy": baseline.single, "head_accuracy": baseline.head, "n": len(labels),
-                "run_id": self.run_id, "created_at": now()})
+            rows.evaluations.append(
+                {
+                    "merge_id": merge_id,
+                    "task": task,
+                    "split": "test",
+                    "merged_accuracy": float((predict(model, images)[task] == labels).float().mean()),
+                    "single_accuracy": baseline.single,
+                    "head_accuracy": baseline.head,
+                    "n": len(labels),
+                    "run_id": self.run_id,
+                    "created_at": now(),
+                }
+            )
         return rows
 
     def run_one(self, group: tuple[str, ...], seed: int, method: str) -> bool:
         """Compute and store one merge unless it is stored already; returns whether it computed."""
-        if self.store.query("SELECT count(*) FROM merges WHERE merge_id = ?", [self.merge_id(group, seed, method)])[0][0]:
+        if self.store.query("SELECT count(*) FROM merges WHERE merge_id = ?", [self.merge_id(group, seed, method)])[0][
+            0
+        ]:
             return False
         rows = self.compute(group, seed, method)
         with self.store.write() as con:

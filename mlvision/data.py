@@ -5,6 +5,7 @@ every model that needs it: the head baseline, each seed's adapter, every merge e
 Subsets are chosen with a fixed seed that does not depend on the training seed, so every model
 of a task is scored on the very same test images (and `n` is stored with every accuracy).
 """
+
 from __future__ import annotations
 
 from functools import lru_cache
@@ -27,7 +28,9 @@ def subset_indices(n_available: int, max_n: int | None) -> np.ndarray:
 
 
 @lru_cache(maxsize=64)
-def split_tensors(task: str, split: str, preprocess: Preprocess, max_n: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+def split_tensors(
+    task: str, split: str, preprocess: Preprocess, max_n: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(images [n,3,S,S] float32, labels [n] int64) for a task split, cached in memory."""
     dataset = load_task(task)[split]
     indices = subset_indices(len(dataset), max_n)

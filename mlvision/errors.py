@@ -5,6 +5,7 @@ newer database) raises a subclass of `MLVisionError` whose message names the pro
 fix in one line. Command-line entry points catch `MLVisionError`, print the message and exit
 non-zero, so no end user sees a traceback for a problem they can fix (`run_cli`).
 """
+
 from __future__ import annotations
 
 import sys

@@ -8,6 +8,7 @@ On disk, a trained model is a folder:
 `task.json` holds what is needed to use the model without the database: task name, label names,
 backbone config, preprocessing and the full training config with its hash.
 """
+
 from __future__ import annotations
 
 import json
@@ -84,6 +85,7 @@ def _atomic_folder(final: Path):
         if final.exists():
             shutil.rmtree(final)
         os.replace(temp, final)
+
     return temp, commit
 
 
@@ -107,8 +109,10 @@ def read_meta(folder: str | os.PathLike) -> dict:
     if not folder.is_dir():
         raise AdapterError(f"no model folder at {folder}: check the path (adapters live under artifacts/)")
     if not meta_path.exists():
-        raise AdapterError(f"{folder} is not a Multi-LoRA Vision model folder (no {META_FILE}): "
-                           "pass a folder written by training/run_all.py")
+        raise AdapterError(
+            f"{folder} is not a Multi-LoRA Vision model folder (no {META_FILE}): "
+            "pass a folder written by training/run_all.py"
+        )
     try:
         return json.loads(meta_path.read_text())
     except json.JSONDecodeError as error:
@@ -119,12 +123,16 @@ def load_head(folder: Path, meta: dict) -> torch.nn.Linear:
     try:
         state = load_file(str(Path(folder) / HEAD_FILE))
     except Exception as error:
-        raise AdapterError(f"cannot read the task head in {folder} ({error}): delete the folder and re-run training") from None
+        raise AdapterError(
+            f"cannot read the task head in {folder} ({error}): delete the folder and re-run training"
+        ) from None
     head = make_head(state["weight"].shape[1], state["weight"].shape[0])
     head.load_state_dict(state)
     if head.out_features != len(meta["label_names"]):
-        raise AdapterError(f"head in {folder} has {head.out_features} outputs but the task has "
-                           f"{len(meta['label_names'])} labels: the folder is inconsistent; re-train it")
+        raise AdapterError(
+            f"head in {folder} has {head.out_features} outputs but the task has "
+            f"{len(meta['label_names'])} labels: the folder is inconsistent; re-train it"
+        )
     return head
 
 
@@ -138,8 +146,10 @@ def load_model(folder: str | os.PathLike, backbone: torch.nn.Module | None = Non
         try:
             backbone = PeftModel.from_pretrained(backbone, str(folder)).eval()
         except Exception as error:
-            raise AdapterError(f"cannot load the LoRA adapter in {folder} ({error}): it does not fit backbone "
-                               f"{meta['backbone']['name']}; re-train it or pass the matching backbone") from None
+            raise AdapterError(
+                f"cannot load the LoRA adapter in {folder} ({error}): it does not fit backbone "
+                f"{meta['backbone']['name']}; re-train it or pass the matching backbone"
+            ) from None
     return LoadedModel(meta=meta, model=MultiTaskModel(backbone, {meta["task"]: head}).eval(), path=folder)
 
 
@@ -149,7 +159,7 @@ def predict(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 256)
     model.eval()
     outputs: dict[str, list[torch.Tensor]] = {}
     for start in range(0, len(images), batch_size):
-        for task, logits in model(images[start:start + batch_size]).items():
+        for task, logits in model(images[start : start + batch_size]).items():
             outputs.setdefault(task, []).append(logits.argmax(-1))
     return {task: torch.cat(parts) for task, parts in outputs.items()}
 
@@ -160,11 +170,12 @@ def accuracy(model: torch.nn.Module, task: str, images: torch.Tensor, labels: to
 
 
 @torch.inference_mode()
-def extract_features(backbone: torch.nn.Module, images: torch.Tensor, batch_size: int = 256,
-                     device: torch.device | str = "cpu") -> torch.Tensor:
+def extract_features(
+    backbone: torch.nn.Module, images: torch.Tensor, batch_size: int = 256, device: torch.device | str = "cpu"
+) -> torch.Tensor:
     """Frozen-backbone features for a tensor of images (computed once per task, reused by every seed).
 
     Computed on `device` (a GPU when there is one: a ViT-B at 224 px is slow on CPUs), returned on the CPU.
     """
     backbone.eval().to(device)
-    return torch.cat([backbone(images[i:i + batch_size].to(device)).cpu() for i in range(0, len(images), batch_size)])
+    return torch.cat([backbone(images[i : i + batch_size].to(device)).cpu() for i in range(0, len(images), batch_size)])

@@ -4,6 +4,7 @@
   `$MLV_CACHE_DIR` or `~/.cache/multilora-vision`;
 - results and artifacts default to the repository root, so a clone works out of the box.
 """
+
 import os
 from pathlib import Path
 

@@ -3,6 +3,7 @@
 Every stage needs these (training writes model folders, the sweep, the benchmarks, the findings
 and the demo read them back), so they live in the core, once.
 """
+
 from __future__ import annotations
 
 import os
@@ -18,9 +19,15 @@ from mlvision.store import Store, config_hash
 
 
 def machine_info() -> dict:
-    return {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-            "threads": torch.get_num_threads(), "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
 
 
 def study_run_id(config: StudyConfig) -> str:
@@ -49,8 +56,10 @@ def stored_model_folder(store: Store, config: StudyConfig, kind: str, task: str,
     model_id = config.model_id(kind, task, seed)
     rows = store.query("SELECT path FROM models WHERE model_id = ?", [model_id]) if store.path.exists() else []
     if not rows:
-        raise MLVisionError(f"no trained {kind} for task '{task}' seed {seed} with this configuration in "
-                            f"{store.path}: run the training stage first (python training/run_all.py)")
+        raise MLVisionError(
+            f"no trained {kind} for task '{task}' seed {seed} with this configuration in "
+            f"{store.path}: run the training stage first (python training/run_all.py)"
+        )
     return resolve_stored_path(rows[0][0])
 
 

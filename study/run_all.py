@@ -12,6 +12,7 @@ benchmarks/); `python training/run_all.py` and the `mlv-run-all` command both la
 Every stage skips work already stored with the same configuration, so running it again (or
 after an interruption) only does what is missing.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,9 +38,11 @@ from training.trainers import make_accelerator
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python training/run_all.py", description=__doc__.split("\n\n")[0],
+        prog="python training/run_all.py",
+        description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Results go to results.duckdb (views: task_results, ...); adapters and heads to artifacts/.")
+        epilog="Results go to results.duckdb (views: task_results, ...); adapters and heads to artifacts/.",
+    )
     add_study_arguments(parser)
     add_bench_arguments(parser)
     return parser
@@ -47,8 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_cli(lambda: run(args, argv if argv is not None else sys.argv[1:]),
-                   "everything finished so far is stored; run the same command again to continue")
+    return run_cli(
+        lambda: run(args, argv if argv is not None else sys.argv[1:]),
+        "everything finished so far is stored; run the same command again to continue",
+    )
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
@@ -75,25 +80,37 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     stage.prepare_tasks()
     if "train" in args.stages:
         counts = stage.run()
-        print(f"training: {counts['trained']} models trained, {counts['skipped']} already stored "
-              f"({time.perf_counter() - started:.0f} s)")
+        print(
+            f"training: {counts['trained']} models trained, {counts['skipped']} already stored "
+            f"({time.perf_counter() - started:.0f} s)"
+        )
     if "merge" in args.stages and len(config.tasks) >= 2:
         started = time.perf_counter()
         counts = MergeSweep(config, store).run()
-        print(f"merge sweep: {counts['merged']} merges evaluated, {counts['skipped']} already stored "
-              f"({time.perf_counter() - started:.0f} s)")
+        print(
+            f"merge sweep: {counts['merged']} merges evaluated, {counts['skipped']} already stored "
+            f"({time.perf_counter() - started:.0f} s)"
+        )
     if "findings" in args.stages and len(config.tasks) >= 2:
         started = time.perf_counter()
-        report = REPO_ROOT / "reports" / "findings.md" if Path(config.db).resolve() == DEFAULT_DB_PATH else Path(config.db).parent / "findings.md"
+        report = (
+            REPO_ROOT / "reports" / "findings.md"
+            if Path(config.db).resolve() == DEFAULT_DB_PATH
+            else Path(config.db).parent / "findings.md"
+        )
         counts = FindingsStage(config, store, report).run()
-        print(f"findings: similarity of {counts['pairs']} new (pair, seed)s, {counts['findings']} statistics, "
-              f"report {report} ({time.perf_counter() - started:.0f} s)")
+        print(
+            f"findings: similarity of {counts['pairs']} new (pair, seed)s, {counts['findings']} statistics, "
+            f"report {report} ({time.perf_counter() - started:.0f} s)"
+        )
     if "bench" in args.stages:
         started = time.perf_counter()
         bench = BenchStage(config, store, bench_config)
         counts = bench.run()
-        print(f"benchmarks: {counts['measured']} sections measured, {counts['skipped']} already stored for this machine "
-              f"({time.perf_counter() - started:.0f} s)")
+        print(
+            f"benchmarks: {counts['measured']} sections measured, {counts['skipped']} already stored for this machine "
+            f"({time.perf_counter() - started:.0f} s)"
+        )
     stage.finish_run()
     print(f"results in {config.db}")
     return 0

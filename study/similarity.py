@@ -8,6 +8,7 @@
   directions of the other's, per layer, pooled over layers, averaged over both directions
   (in the spirit of the subspace-overlap analyses of Stoica et al. 2025, KnOTS).
 """
+
 from __future__ import annotations
 
 import itertools

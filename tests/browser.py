@@ -3,6 +3,7 @@
 Chromium's own --screenshot/--dump-dom do not wait for websocket-driven pages (Streamlit, Gradio),
 so the tests drive the browser through the DevTools protocol and wait for the page to draw.
 """
+
 from __future__ import annotations
 
 import json
@@ -53,14 +54,31 @@ def stop(process: subprocess.Popen) -> None:
 def start_chromium(profile: Path, window: str = "1400,1000") -> tuple[subprocess.Popen, int]:
     """Headless Chromium with remote debugging on a free port; fails (never skips) when it is missing."""
     if not (Path(CHROMIUM).exists() or shutil.which(CHROMIUM)):
-        pytest.fail(f"Chromium not found at {CHROMIUM}: install it (`apt-get install -y chromium`) "
-                    "or point $CHROMIUM at a Chromium/Chrome binary")
+        pytest.fail(
+            f"Chromium not found at {CHROMIUM}: install it (`apt-get install -y chromium`) "
+            "or point $CHROMIUM at a Chromium/Chrome binary"
+        )
     port = free_port()
-    browser = subprocess.Popen([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                                "--no-first-run", "--disable-background-networking", "--disable-component-update",
-                                "--disable-sync", "--disable-dev-shm-usage", f"--user-data-dir={profile}",
-                                f"--window-size={window}", f"--remote-debugging-port={port}", "about:blank"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    browser = subprocess.Popen(
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--disable-dev-shm-usage",
+            f"--user-data-dir={profile}",
+            f"--window-size={window}",
+            f"--remote-debugging-port={port}",
+            "about:blank",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     wait_http(f"http://127.0.0.1:{port}/json/version", 60, browser)
     return browser, port
 
@@ -70,6 +88,7 @@ class DevTools:
 
     def __init__(self, ws_url: str):
         from websockets.sync.client import connect
+
         self.socket = connect(ws_url, max_size=None, open_timeout=30)
         self.next_id = 0
 

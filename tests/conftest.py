@@ -4,6 +4,7 @@ The tiny study trains on three small offline tasks with the real EfficientNet-Li
 tests of the store, adapter files, merging, dashboard and demo all run against artifacts made by
 the project's own code, never against mocks.
 """
+
 from __future__ import annotations
 
 import os
@@ -15,17 +16,55 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 TINY_TASKS = ["uci_digits", "lfw_faces", "textures"]
 TINY_METHODS = ["linear", "task_arithmetic", "ties", "peft_cat"]
-TINY_ARGS = ["--tasks", *TINY_TASKS, "--seeds", "0", "--image-size", "32", "--steps", "8", "--batch-size", "32",
-             "--rank", "4", "--alpha", "8", "--head-epochs", "3", "--max-train", "128", "--max-validation", "64",
-             "--max-test", "96", "--merge-methods", *TINY_METHODS, "--max-k", "3", "--merge-eval", "48", "--merge-select", "16",
-             # benchmarks: few repeats and small batches; the training section has its own test (test_bench.py)
-             "--bench-sections", "inference", "merge", "--bench-repeats", "3", "--bench-batch-sizes", "1", "4",
-             "--bench-merge-repeats", "1"]
+TINY_ARGS = [
+    "--tasks",
+    *TINY_TASKS,
+    "--seeds",
+    "0",
+    "--image-size",
+    "32",
+    "--steps",
+    "8",
+    "--batch-size",
+    "32",
+    "--rank",
+    "4",
+    "--alpha",
+    "8",
+    "--head-epochs",
+    "3",
+    "--max-train",
+    "128",
+    "--max-validation",
+    "64",
+    "--max-test",
+    "96",
+    "--merge-methods",
+    *TINY_METHODS,
+    "--max-k",
+    "3",
+    "--merge-eval",
+    "48",
+    "--merge-select",
+    "16",
+    # benchmarks: few repeats and small batches; the training section has its own test (test_bench.py)
+    "--bench-sections",
+    "inference",
+    "merge",
+    "--bench-repeats",
+    "3",
+    "--bench-batch-sizes",
+    "1",
+    "4",
+    "--bench-merge-repeats",
+    "1",
+]
 
 
 def query_db(db, sql: str, params: list | None = None) -> list[tuple]:
     """Rows of a query on a results database, opened read-only like every reader."""
     import duckdb
+
     con = duckdb.connect(str(db), read_only=True)
     try:
         return con.execute(sql, params or []).fetchall()
@@ -36,7 +75,9 @@ def query_db(db, sql: str, params: list | None = None) -> list[tuple]:
 def make_newer_schema_db(path) -> None:
     """A results file that claims a schema version this code does not know yet."""
     import duckdb
+
     from mlvision.store import SCHEMA_VERSION
+
     con = duckdb.connect(str(path))
     con.execute("CREATE TABLE schema_version (version INTEGER)")
     con.execute("INSERT INTO schema_version VALUES (?)", [SCHEMA_VERSION + 1])
@@ -45,6 +86,7 @@ def make_newer_schema_db(path) -> None:
 
 def run_all(*args: str) -> int:
     from study.run_all import main
+
     return main([str(a) for a in args])
 
 

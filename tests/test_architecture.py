@@ -7,6 +7,7 @@ an import cycle; the two entry shims that keep the README's old commands working
 their target and contain nothing else; only the files the README runs by path touch sys.path;
 no code points to design notes outside the repository.
 """
+
 from __future__ import annotations
 
 import ast
@@ -99,8 +100,11 @@ def test_imports_only_go_down(package):
     for module, imports in GRAPH.items():
         if module.split(".")[0] != package or relative(module) in ENTRY_SHIMS:
             continue
-        upward += [f"{relative(module)} imports {name}" for name in sorted(imports)
-                   if name.split(".")[0] not in ALLOWED[package] | {package}]
+        upward += [
+            f"{relative(module)} imports {name}"
+            for name in sorted(imports)
+            if name.split(".")[0] not in ALLOWED[package] | {package}
+        ]
     assert not upward, f"{package} may import only {sorted(ALLOWED[package])}: " + "; ".join(upward)
 
 
@@ -115,7 +119,7 @@ def test_no_import_cycles():
             if target not in GRAPH:
                 continue
             if state.get(target) == "open":
-                cycles.append(" -> ".join(trail[trail.index(target):] + [target]))
+                cycles.append(" -> ".join(trail[trail.index(target) :] + [target]))
             elif target not in state:
                 visit(target, trail + [target])
         state[module] = "done"
@@ -142,7 +146,11 @@ def test_only_scripts_run_by_path_edit_sys_path():
 
 def test_code_points_only_inside_the_repository():
     outside = ("DESIGN.md", "OFFLINE_ASSETS.md", "../shared")
-    found = [f"{relative(module)}: {word}" for module, path in FILES.items()
-             for word in outside if word in path.read_text(encoding="utf-8")]
+    found = [
+        f"{relative(module)}: {word}"
+        for module, path in FILES.items()
+        for word in outside
+        if word in path.read_text(encoding="utf-8")
+    ]
     assert not found, "comments must point to docs/ARCHITECTURE.md, not outside the repo: " + "; ".join(found)
     assert (REPO_ROOT / "docs" / "ARCHITECTURE.md").is_file()

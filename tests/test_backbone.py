@@ -1,4 +1,5 @@
 """The backbone: real ImageNet weights from the offline package, loaded strictly; other timm names."""
+
 import pytest
 import torch
 from PIL import Image

@@ -4,6 +4,7 @@ No timing is asserted (a test cannot know how fast a machine is): the tests chec
 planned setting is measured and stored once, that derived columns follow from the measured ones,
 and the primitives (interleaving order, percentile, peak memory) on inputs with known answers.
 """
+
 from __future__ import annotations
 
 import json
@@ -15,21 +16,24 @@ import sys
 import duckdb
 import pytest
 import torch
-
 from conftest import TINY_ARGS, TINY_METHODS, TINY_TASKS, query_db, run_all
-from mlvision.paths import REPO_ROOT
-from mlvision.store import SCHEMA_VERSION, Store
+
 from benchmarks.options import BenchConfig
 from benchmarks.sections import SECTIONS
 from benchmarks.stage import BenchStage
 from benchmarks.timing import PeakMemory, median_p95, time_interleaved
 from merging.methods import list_methods
 from mlvision.config import config_from_args
+from mlvision.paths import REPO_ROOT
+from mlvision.store import SCHEMA_VERSION, Store
 from study.run_all import build_parser
 
 
 def study_config(db, artifacts):
-    return config_from_args(build_parser().parse_args([str(a) for a in (*TINY_ARGS, "--db", db, "--artifacts", artifacts)]), tuple(list_methods()))
+    return config_from_args(
+        build_parser().parse_args([str(a) for a in (*TINY_ARGS, "--db", db, "--artifacts", artifacts)]),
+        tuple(list_methods()),
+    )
 
 
 def copy_study(tiny_study, tmp_path):
@@ -41,11 +45,18 @@ def copy_study(tiny_study, tmp_path):
 def bench_cli(*args, timeout=300):
     """The CLI in a subprocess with this process's torch threads (threads are part of a figure's identity)."""
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    return subprocess.run([sys.executable, "-m", "training.bench", *map(str, args)], cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "training.bench", *map(str, args)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
 
 
 # ------------------------------------------------------------------------------ primitives
+
 
 def test_median_and_p95_by_nearest_rank():
     values = [float(v) for v in range(1, 101)]  # 1..100
@@ -70,12 +81,17 @@ def test_peak_memory_sees_a_temporary_allocation():
 
 # ------------------------------------------------------------------------------ the stored figures
 
+
 def test_bench_stage_of_run_all_stores_every_setting_once(tiny_study):
     db = tiny_study["db"]
-    inference = query_db(db, "SELECT variant, k, batch_size, median_ms, p95_ms, throughput, ratio_to_backbone, repeats, "
-                             "device, machine, image_size FROM benchmarks WHERE name = 'inference'")
+    inference = query_db(
+        db,
+        "SELECT variant, k, batch_size, median_ms, p95_ms, throughput, ratio_to_backbone, repeats, "
+        "device, machine, image_size FROM benchmarks WHERE name = 'inference'",
+    )
     assert sorted((v, k, b) for v, k, b, *_ in inference) == sorted(
-        (v, k, b) for v in SECTIONS["inference"].variants for k in (1, 2, 3) for b in (1, 4))
+        (v, k, b) for v in SECTIONS["inference"].variants for k in (1, 2, 3) for b in (1, 4)
+    )
     backbone = {(k, b): median for v, k, b, median, *_ in inference if v == "backbone"}
     for variant, k, batch, median, p95, throughput, ratio, repeats, device, machine, image_size in inference:
         assert 0 < median <= p95
@@ -87,7 +103,10 @@ def test_bench_stage_of_run_all_stores_every_setting_once(tiny_study):
     assert sorted((m, k) for m, k, _ in merge) == sorted((m, k) for m in TINY_METHODS for k in (2, 3))
     assert all(ms > 0 for *_, ms in merge)
     # one run's figures: a single measurement time per section, and the study's run id
-    assert query_db(db, "SELECT count(DISTINCT measured_at), count(DISTINCT run_id) FROM benchmarks GROUP BY name") == [(1, 1)] * 2
+    assert (
+        query_db(db, "SELECT count(DISTINCT measured_at), count(DISTINCT run_id) FROM benchmarks GROUP BY name")
+        == [(1, 1)] * 2
+    )
 
 
 def test_rerun_skips_and_again_replaces_without_duplicates(tiny_study, tmp_path):
@@ -95,24 +114,34 @@ def test_rerun_skips_and_again_replaces_without_duplicates(tiny_study, tmp_path)
     before = query_db(db, "SELECT bench_id, measured_at FROM benchmark_rows ORDER BY bench_id")
     assert run_all(*TINY_ARGS, "--db", db, "--artifacts", tiny_study["artifacts"], "--stages", "bench") == 0
     assert query_db(db, "SELECT bench_id, measured_at FROM benchmark_rows ORDER BY bench_id") == before  # skipped
-    result = bench_cli(*TINY_ARGS, "--db", db, "--artifacts", tiny_study["artifacts"], "--bench-sections", "merge", "--again")
+    result = bench_cli(
+        *TINY_ARGS, "--db", db, "--artifacts", tiny_study["artifacts"], "--bench-sections", "merge", "--again"
+    )
     assert result.returncode == 0, result.stderr
     assert "1 sections measured" in result.stdout
     after = query_db(db, "SELECT bench_id, measured_at FROM benchmark_rows ORDER BY bench_id")
     assert [b for b, _ in after] == [b for b, _ in before]  # same figures, replaced in place
-    merge_ids = {b for b, in query_db(db, "SELECT bench_id FROM benchmark_rows WHERE name = 'merge'")}
+    merge_ids = {b for (b,) in query_db(db, "SELECT bench_id FROM benchmark_rows WHERE name = 'merge'")}
     assert all(after_t > before_t for (b, before_t), (_, after_t) in zip(before, after) if b in merge_ids)
     assert all(after_t == before_t for (b, before_t), (_, after_t) in zip(before, after) if b not in merge_ids)
 
 
 def test_training_section_measures_three_variants_in_fresh_processes(tiny_study, tmp_path):
     db = copy_study(tiny_study, tmp_path)
-    stage = BenchStage(study_config(db, tiny_study["artifacts"]), Store(db),
-                       BenchConfig(sections=("training",), train_steps=2, warmup=1))
+    stage = BenchStage(
+        study_config(db, tiny_study["artifacts"]),
+        Store(db),
+        BenchConfig(sections=("training",), train_steps=2, warmup=1),
+    )
     assert stage.run() == {"measured": 1, "skipped": 0}
-    rows = {r[0]: r[1:] for r in query_db(
-        db, "SELECT variant, batch_size, median_ms, p95_ms, throughput, peak_memory_mb, note, repeats "
-            "FROM benchmarks WHERE name = 'training'")}
+    rows = {
+        r[0]: r[1:]
+        for r in query_db(
+            db,
+            "SELECT variant, batch_size, median_ms, p95_ms, throughput, peak_memory_mb, note, repeats "
+            "FROM benchmarks WHERE name = 'training'",
+        )
+    }
     assert set(rows) == {"lora", "head_only", "full_finetune"}
     trainable = {}
     for variant, (batch, median, p95, throughput, memory, note, repeats) in rows.items():
@@ -128,11 +157,15 @@ def test_training_section_measures_three_variants_in_fresh_processes(tiny_study,
 
 # ------------------------------------------------------------------------------ bad input
 
-@pytest.mark.parametrize("args, message", [
-    (["--bench-repeats", "0"], "must be >= 1"),
-    (["--bench-batch-sizes", "1", "-4"], "--bench-batch-sizes must be >= 1"),
-    (["--device", "cuda"], "no CUDA device"),
-])
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--bench-repeats", "0"], "must be >= 1"),
+        (["--bench-batch-sizes", "1", "-4"], "--bench-batch-sizes must be >= 1"),
+        (["--device", "cuda"], "no CUDA device"),
+    ],
+)
 def test_bad_options_get_one_line(tmp_path, args, message):
     if message == "no CUDA device" and torch.cuda.is_available():
         args, message = ["--device", "tpu"], "invalid choice"  # the same check of a refused device, on a GPU machine
@@ -143,7 +176,10 @@ def test_bad_options_get_one_line(tmp_path, args, message):
 def test_benchmarks_before_training_say_what_to_run(tmp_path):
     result = bench_cli(*TINY_ARGS, "--db", tmp_path / "r.duckdb", "--artifacts", tmp_path / "a")
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert f"no trained adapter for task '{TINY_TASKS[0]}'" in result.stderr and "run the training stage first" in result.stderr
+    assert (
+        f"no trained adapter for task '{TINY_TASKS[0]}'" in result.stderr
+        and "run the training stage first" in result.stderr
+    )
     assert query_db(tmp_path / "r.duckdb", "SELECT count(*) FROM benchmark_rows") == [(0,)]
 
 
@@ -159,16 +195,28 @@ def test_version_1_file_is_upgraded_in_place_keeping_its_rows(tmp_path):
     con.close()
     Store(db).initialise()
     assert query_db(db, "SELECT version FROM schema_version") == [(SCHEMA_VERSION,)]
-    assert query_db(db, "SELECT variant, median_ms, peak_memory_mb, bench_id FROM benchmarks") == [("merged", 5.0, None, None)]
+    assert query_db(db, "SELECT variant, median_ms, peak_memory_mb, bench_id FROM benchmarks") == [
+        ("merged", 5.0, None, None)
+    ]
 
 
 def test_another_image_size_is_a_figure_of_its_own(tiny_study, tmp_path):
     db = copy_study(tiny_study, tmp_path)
     before = query_db(db, "SELECT bench_id, measured_at FROM benchmark_rows WHERE name = 'inference' ORDER BY bench_id")
-    stage = BenchStage(study_config(db, tiny_study["artifacts"]), Store(db),
-                       BenchConfig(sections=("inference",), repeats=1, warmup=0, batch_sizes=(2,), max_k=2, image_size=40))
+    stage = BenchStage(
+        study_config(db, tiny_study["artifacts"]),
+        Store(db),
+        BenchConfig(sections=("inference",), repeats=1, warmup=0, batch_sizes=(2,), max_k=2, image_size=40),
+    )
     assert stage.run() == {"measured": 1, "skipped": 0}
-    assert query_db(db, "SELECT bench_id, measured_at FROM benchmark_rows WHERE name = 'inference' AND image_size = 32 "
-                        "ORDER BY bench_id") == before  # the study-size figures are kept
-    assert query_db(db, "SELECT count(*), min(batch_size), max(k) FROM benchmarks WHERE image_size = 40") == [(10, 2, 2)]
-
+    assert (
+        query_db(
+            db,
+            "SELECT bench_id, measured_at FROM benchmark_rows WHERE name = 'inference' AND image_size = 32 "
+            "ORDER BY bench_id",
+        )
+        == before
+    )  # the study-size figures are kept
+    assert query_db(db, "SELECT count(*), min(batch_size), max(k) FROM benchmarks WHERE image_size = 40") == [
+        (10, 2, 2)
+    ]

@@ -9,6 +9,7 @@ Databases used:
   the tiny study are still checked against SQL;
 - the committed `results.duckdb`, when present.
 """
+
 from __future__ import annotations
 
 import base64
@@ -25,9 +26,9 @@ import duckdb
 import numpy as np
 import pandas as pd
 import pytest
+from browser import DevTools, free_port, start_chromium, stop, wait_http
 from streamlit.testing.v1 import AppTest
 
-from browser import DevTools, free_port, start_chromium, stop, wait_http
 from mlvision.paths import DEFAULT_DB_PATH, REPO_ROOT
 from mlvision.store import Store
 
@@ -37,6 +38,7 @@ SCREENS_COPY = Path("/tmp/dashboard_screens")
 
 
 # ------------------------------------------------------------------------------ helpers
+
 
 def render(db, page: str, params: dict | None = None, monkeypatch=None) -> AppTest:
     os.environ["MLV_DB"] = str(db)
@@ -69,8 +71,11 @@ def _decode(value):
 
 def lines(figure: dict) -> dict[str, tuple[list, list]]:
     """name -> (x, y) of the line traces (bands have mode 'none')."""
-    return {t["name"]: (list(t["x"]), list(t["y"])) for t in figure["data"]
-            if t.get("type", "scatter") == "scatter" and "lines" in t.get("mode", "")}
+    return {
+        t["name"]: (list(t["x"]), list(t["y"]))
+        for t in figure["data"]
+        if t.get("type", "scatter") == "scatter" and "lines" in t.get("mode", "")
+    }
 
 
 def bars(figure: dict) -> dict[str, dict]:
@@ -99,6 +104,7 @@ def _restore_env():
 
 # ----------------------------------------------------------------- a fully populated database
 
+
 def build_full_db(path: Path) -> Path:
     """Every view filled, through the project's Store (schema, views) with seeded numbers."""
     rng = np.random.default_rng(0)
@@ -111,47 +117,135 @@ def build_full_db(path: Path) -> Path:
     models, evaluations, merges, merge_evals, sims = [], [], [], [], []
     for task, seed, kind in itertools.product(tasks, seeds, ["head", "adapter"]):
         model_id = f"{kind}-{task}-{seed}"
-        models.append(dict(model_id=model_id, task=task, model_kind=kind, seed=seed, backbone="tf_efficientnet_lite0",
-                           config=json.dumps({"seed": seed}), config_hash=model_id, path="", run_id="run-full"))
+        models.append(
+            dict(
+                model_id=model_id,
+                task=task,
+                model_kind=kind,
+                seed=seed,
+                backbone="tf_efficientnet_lite0",
+                config=json.dumps({"seed": seed}),
+                config_hash=model_id,
+                path="",
+                run_id="run-full",
+            )
+        )
         accuracy = (single if kind == "adapter" else head)[task] + rng.normal(0, 0.01)
         evaluations.append(dict(model_id=model_id, split="test", accuracy=accuracy, n=100, run_id="run-full"))
     for method, k, seed in itertools.product(["linear", "ties"], [2, 3, 4], seeds):
         for group in itertools.combinations(sorted(tasks), k):
             merge_id = f"{method}-{'+'.join(group)}-{seed}"
-            merges.append(dict(merge_id=merge_id, method=method, k=k, tasks=",".join(group), seed=seed,
-                               hyperparams=json.dumps({"lambda": 0.5} if method == "ties" else {}),
-                               backbone="tf_efficientnet_lite0", run_id="run-full"))
+            merges.append(
+                dict(
+                    merge_id=merge_id,
+                    method=method,
+                    k=k,
+                    tasks=",".join(group),
+                    seed=seed,
+                    hyperparams=json.dumps({"lambda": 0.5} if method == "ties" else {}),
+                    backbone="tf_efficientnet_lite0",
+                    run_id="run-full",
+                )
+            )
             for task in group:
                 drop = 0.04 * k * (1.5 if method == "linear" else 1.0) + rng.normal(0, 0.02)
-                merge_evals.append(dict(merge_id=merge_id, task=task, split="test",
-                                        merged_accuracy=single[task] - drop, single_accuracy=single[task],
-                                        head_accuracy=head[task], n=100, run_id="run-full"))
+                merge_evals.append(
+                    dict(
+                        merge_id=merge_id,
+                        task=task,
+                        split="test",
+                        merged_accuracy=single[task] - drop,
+                        single_accuracy=single[task],
+                        head_accuracy=head[task],
+                        n=100,
+                        run_id="run-full",
+                    )
+                )
     for (a, b), measure in itertools.product(itertools.combinations(sorted(tasks), 2), ["cosine", "frechet"]):
         sims.append(dict(task_a=a, task_b=b, measure=measure, value=float(rng.uniform()), seed=0, run_id="run-full"))
-    findings = [dict(finding="retention_vs_k", statistic="slope", value=-0.05, ci_low=-0.07, ci_high=-0.03, n=24),
-                dict(finding="same_vs_cross_domain", statistic="difference", value=None, ci_low=None, ci_high=None,
-                     n=0, note="not enough pairs")]
-    bench = [dict(name="inference", variant=variant, k=k, batch_size=32, device="cpu", median_ms=10 + k * f,
-                  p95_ms=12 + k * f, throughput=3200 / (10 + k * f), ratio_to_backbone=(10 + k * f) / 10,
-                  machine=json.dumps({"cpu_count": 2}))
-             for variant, f in (("merged", 0.1), ("separate adapters", 5.0)) for k in (1, 2, 4)]
-    bench += [dict(name="training", variant=variant, batch_size=64, device="cpu", median_ms=ms, p95_ms=ms + 1,
-                   throughput=64000 / ms, peak_memory_mb=memory, machine=json.dumps({"cpu_count": 2}))
-              for variant, ms, memory in (("lora", 300.0, 80.0), ("head_only", 100.0, 20.0), ("full_finetune", 400.0, 150.0))]
-    bench += [dict(name="merge", variant=method, k=k, device="cpu", median_ms=k * f, p95_ms=k * f + 1,
-                   machine=json.dumps({"cpu_count": 2})) for method, f in (("linear", 2.0), ("ties", 30.0)) for k in (2, 3)]
-    runs = [dict(run_id="run-full", status="finished", command="python training/run_all.py --full",
-                 config=json.dumps({"tasks": list(tasks), "seeds": seeds}), machine=json.dumps({"cpu": 2}))]
+    findings = [
+        dict(finding="retention_vs_k", statistic="slope", value=-0.05, ci_low=-0.07, ci_high=-0.03, n=24),
+        dict(
+            finding="same_vs_cross_domain",
+            statistic="difference",
+            value=None,
+            ci_low=None,
+            ci_high=None,
+            n=0,
+            note="not enough pairs",
+        ),
+    ]
+    bench = [
+        dict(
+            name="inference",
+            variant=variant,
+            k=k,
+            batch_size=32,
+            device="cpu",
+            median_ms=10 + k * f,
+            p95_ms=12 + k * f,
+            throughput=3200 / (10 + k * f),
+            ratio_to_backbone=(10 + k * f) / 10,
+            machine=json.dumps({"cpu_count": 2}),
+        )
+        for variant, f in (("merged", 0.1), ("separate adapters", 5.0))
+        for k in (1, 2, 4)
+    ]
+    bench += [
+        dict(
+            name="training",
+            variant=variant,
+            batch_size=64,
+            device="cpu",
+            median_ms=ms,
+            p95_ms=ms + 1,
+            throughput=64000 / ms,
+            peak_memory_mb=memory,
+            machine=json.dumps({"cpu_count": 2}),
+        )
+        for variant, ms, memory in (("lora", 300.0, 80.0), ("head_only", 100.0, 20.0), ("full_finetune", 400.0, 150.0))
+    ]
+    bench += [
+        dict(
+            name="merge",
+            variant=method,
+            k=k,
+            device="cpu",
+            median_ms=k * f,
+            p95_ms=k * f + 1,
+            machine=json.dumps({"cpu_count": 2}),
+        )
+        for method, f in (("linear", 2.0), ("ties", 30.0))
+        for k in (2, 3)
+    ]
+    runs = [
+        dict(
+            run_id="run-full",
+            status="finished",
+            command="python training/run_all.py --full",
+            config=json.dumps({"tasks": list(tasks), "seeds": seeds}),
+            machine=json.dumps({"cpu": 2}),
+        )
+    ]
     with store.write() as con:
-        for table, rows in (("models", models), ("evaluations", evaluations), ("merges", merges),
-                            ("merge_evaluations", merge_evals), ("similarities", sims), ("finding_rows", findings),
-                            ("benchmark_rows", bench), ("runs", runs)):
+        for table, rows in (
+            ("models", models),
+            ("evaluations", evaluations),
+            ("merges", merges),
+            ("merge_evaluations", merge_evals),
+            ("similarities", sims),
+            ("finding_rows", findings),
+            ("benchmark_rows", bench),
+            ("runs", runs),
+        ):
             frame = pd.DataFrame(rows)
             con.register("frame", frame)
             con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM frame")
             con.unregister("frame")
-        con.execute("INSERT INTO tasks (task, domain, label_names) VALUES " +
-                    ", ".join(f"('{t}', '{d}', '[\"a\", \"b\"]')" for t, d in tasks.items()))
+        con.execute(
+            "INSERT INTO tasks (task, domain, label_names) VALUES "
+            + ", ".join(f"('{t}', '{d}', '[\"a\", \"b\"]')" for t, d in tasks.items())
+        )
     return path
 
 
@@ -209,17 +303,24 @@ def test_bad_url_parameters_fall_back_to_defaults(full_db):
 def test_dissimilarity_points_match_sql(full_db):
     at = render(full_db, "dissimilarity", {"method": "ties"})
     assert_clean(at)
-    expected = sql(full_db, """
+    expected = sql(
+        full_db,
+        """
         WITH r AS (SELECT tasks, avg(normalized_accuracy) AS retention FROM merge_results
                    WHERE k = 2 AND method = 'ties' GROUP BY tasks),
              s AS (SELECT measure, task_a, task_b, avg(value) AS value FROM task_similarity GROUP BY ALL)
         SELECT measure, task_a || ' + ' || task_b AS pair, value, retention
-        FROM s JOIN r ON r.tasks = s.task_a || ',' || s.task_b ORDER BY measure, pair""")
+        FROM s JOIN r ON r.tasks = s.task_a || ',' || s.task_b ORDER BY measure, pair""",
+    )
     scatter_figures = figures(at)[:2]
     for figure, (measure, part) in zip(scatter_figures, expected.groupby("measure")):
         assert figure["layout"]["title"]["text"].startswith(measure)
-        drawn = {text: (x, y) for t in figure["data"] if t.get("mode") == "markers"
-                 for text, x, y in zip(t["text"], t["x"], t["y"])}
+        drawn = {
+            text: (x, y)
+            for t in figure["data"]
+            if t.get("mode") == "markers"
+            for text, x, y in zip(t["text"], t["x"], t["y"])
+        }
         assert sorted(drawn) == part["pair"].tolist()
         for row in part.itertuples():
             np.testing.assert_allclose(drawn[row.pair], (row.value, row.retention), rtol=1e-9)
@@ -233,14 +334,27 @@ def test_merges_vs_heads_bars_and_heatmap_match_sql(full_db):
     at = render(full_db, "merges_vs_heads", {"method": "linear", "k": "3"})
     assert_clean(at)
     bar_figure, heat = figures(at)
-    expected = sql(full_db, """SELECT task, avg(single_accuracy) s, avg(head_accuracy) h, avg(merged_accuracy) m
-                               FROM merge_results WHERE method = 'linear' AND k = 3 GROUP BY task ORDER BY task""")
+    expected = sql(
+        full_db,
+        """SELECT task, avg(single_accuracy) s, avg(head_accuracy) h, avg(merged_accuracy) m
+                               FROM merge_results WHERE method = 'linear' AND k = 3 GROUP BY task ORDER BY task""",
+    )
     drawn = bars(bar_figure)
     for row in expected.itertuples():
-        np.testing.assert_allclose([drawn["single adapter"][row.task], drawn["head baseline"][row.task],
-                                    drawn["merged (linear, k=3)"][row.task]], [row.s, row.h, row.m], rtol=1e-9)
-    cells = sql(full_db, """SELECT k, tasks, task, avg(normalized_gain) g FROM merge_results
-                            WHERE method = 'linear' GROUP BY ALL""")
+        np.testing.assert_allclose(
+            [
+                drawn["single adapter"][row.task],
+                drawn["head baseline"][row.task],
+                drawn["merged (linear, k=3)"][row.task],
+            ],
+            [row.s, row.h, row.m],
+            rtol=1e-9,
+        )
+    cells = sql(
+        full_db,
+        """SELECT k, tasks, task, avg(normalized_gain) g FROM merge_results
+                            WHERE method = 'linear' GROUP BY ALL""",
+    )
     trace = heat["data"][0]
     for row in cells.itertuples():
         value = trace["z"][trace["y"].index(f"k={row.k}: {row.tasks}")][trace["x"].index(row.task)]
@@ -251,9 +365,12 @@ def test_merges_vs_heads_bars_and_heatmap_match_sql(full_db):
 def test_methods_table_and_chart_match_sql(full_db):
     at = render(full_db, "methods")
     assert_clean(at)
-    expected = sql(full_db, """
+    expected = sql(
+        full_db,
+        """
         WITH unit AS (SELECT method, k, tasks, seed, avg(normalized_accuracy) v FROM merge_results GROUP BY ALL)
-        SELECT method, k, avg(v) v, count(*) n FROM unit GROUP BY ALL ORDER BY method, k""")
+        SELECT method, k, avg(v) v, count(*) n FROM unit GROUP BY ALL ORDER BY method, k""",
+    )
     drawn = bars(figures(at)[0])
     for row in expected.itertuples():
         assert drawn[row.method][str(row.k)] == pytest.approx(row.v)
@@ -275,8 +392,12 @@ def test_performance_lines_match_sql(full_db):
         np.testing.assert_allclose(drawn[-1][method][1], part["median_ms"])
     training = sql(full_db, "SELECT variant, throughput, peak_memory_mb FROM benchmarks WHERE name = 'training'")
     throughput, memory = (figure["data"][0] for figure in figures(at) if figure["data"][0].get("type") == "bar")
-    assert dict(zip(throughput["x"], throughput["y"])) == pytest.approx(dict(zip(training["variant"], training["throughput"])))
-    assert dict(zip(memory["x"], memory["y"])) == pytest.approx(dict(zip(training["variant"], training["peak_memory_mb"])))
+    assert dict(zip(throughput["x"], throughput["y"])) == pytest.approx(
+        dict(zip(training["variant"], training["throughput"]))
+    )
+    assert dict(zip(memory["x"], memory["y"])) == pytest.approx(
+        dict(zip(training["variant"], training["peak_memory_mb"]))
+    )
     assert "2 cores" in " ".join(c.value for c in at.caption)
 
 
@@ -285,12 +406,17 @@ def test_performance_draws_one_image_size_at_a_time(full_db, tmp_path):
     shutil.copy(full_db, db)
     with Store(db).write() as con:
         con.execute("UPDATE benchmark_rows SET image_size = 48 WHERE name = 'inference'")
-        con.execute("""INSERT INTO benchmark_rows (name, variant, k, batch_size, device, median_ms, image_size, measured_at)
+        con.execute("""INSERT INTO benchmark_rows
+                           (name, variant, k, batch_size, device, median_ms, image_size, measured_at)
                        SELECT name, variant, k, batch_size, device, median_ms * 20, 224, measured_at
                        FROM benchmark_rows WHERE name = 'inference'""")
     at = render(db, "performance", {"px": "224"})
     assert_clean(at)
-    expected = sql(db, "SELECT variant, k, median_ms FROM benchmarks WHERE name = 'inference' AND image_size = 224 ORDER BY variant, k")
+    expected = sql(
+        db,
+        "SELECT variant, k, median_ms FROM benchmarks WHERE name = 'inference' AND image_size = 224 "
+        "ORDER BY variant, k",
+    )
     drawn = lines(figures(at)[0])
     for variant, part in expected.groupby("variant"):
         assert drawn[variant][0] == part["k"].tolist()
@@ -306,8 +432,9 @@ def test_performance_says_how_to_measure_a_missing_section(full_db, tmp_path):
         con.execute("DELETE FROM benchmark_rows WHERE name = 'training'")
     at = render(db, "performance")
     assert_clean(at)
-    assert [i.value for i in at.info] == ["No training figures for this device yet: run "
-                                          "`python -m training.bench --bench-sections training`."]
+    assert [i.value for i in at.info] == [
+        "No training figures for this device yet: run `python -m training.bench --bench-sections training`."
+    ]
     assert not any(figure["data"][0].get("type") == "bar" for figure in figures(at))
 
 
@@ -327,8 +454,11 @@ def test_overview_counts_match_sql(full_db):
     at = render(full_db, "overview")
     assert_clean(at)
     metrics = {m.label: m.value for m in at.metric}
-    counts = sql(full_db, """SELECT count(DISTINCT task) t, count(*) FILTER (model_kind = 'adapter') a,
-                             count(*) FILTER (model_kind = 'head') h, count(DISTINCT seed) s FROM task_results""")
+    counts = sql(
+        full_db,
+        """SELECT count(DISTINCT task) t, count(*) FILTER (model_kind = 'adapter') a,
+                             count(*) FILTER (model_kind = 'head') h, count(DISTINCT seed) s FROM task_results""",
+    )
     assert metrics["Tasks"] == str(counts.t[0]) and metrics["Adapters"] == str(counts.a[0])
     assert metrics["Head baselines"] == str(counts.h[0]) and metrics["Seeds"] == str(counts.s[0])
     merges = sql(full_db, "SELECT count(DISTINCT merge_id) FROM merge_results").iloc[0, 0]
@@ -339,6 +469,7 @@ def test_overview_counts_match_sql(full_db):
 
 # ------------------------------------------------------------------- the tiny real study
 
+
 @pytest.mark.parametrize("page", PAGES)
 def test_every_page_on_tiny_study(tiny_study, page):
     db = tiny_study["db"]
@@ -348,7 +479,9 @@ def test_every_page_on_tiny_study(tiny_study, page):
     if page == "overview":
         metrics = {m.label: m.value for m in at.metric}
         assert metrics["Tasks"] == "3"
-        assert metrics["Adapters"] == str(sql(db, "SELECT count(*) FROM task_results WHERE model_kind='adapter'").iloc[0, 0])
+        assert metrics["Adapters"] == str(
+            sql(db, "SELECT count(*) FROM task_results WHERE model_kind='adapter'").iloc[0, 0]
+        )
         assert len(at.get("image")) >= 3  # sample images of the three tasks
     elif page == "merge_count":
         if merge_rows:
@@ -368,9 +501,12 @@ def test_every_page_on_tiny_study(tiny_study, page):
 
 # ---------------------------------------------------------------------- committed database
 
+
 @pytest.mark.parametrize("page", PAGES)
 def test_every_page_on_committed_db(tmp_path, page):
-    assert DEFAULT_DB_PATH.exists(), "the default run's results.duckdb is committed at the repo root: restore it (git checkout results.duckdb)"
+    assert DEFAULT_DB_PATH.exists(), (
+        "the default run's results.duckdb is committed at the repo root: restore it (git checkout results.duckdb)"
+    )
     db = tmp_path / "results.duckdb"  # a copy: the pipeline may be writing the original
     shutil.copy(DEFAULT_DB_PATH, db)
     at = render(db, page)
@@ -379,6 +515,7 @@ def test_every_page_on_committed_db(tmp_path, page):
 
 
 # -------------------------------------------------------------------- broken databases
+
 
 def test_missing_database_says_so(tmp_path):
     for page in PAGES:
@@ -398,9 +535,16 @@ def test_corrupt_database_says_so(tmp_path):
 def test_locked_database_says_so(full_db, tmp_path):
     db = tmp_path / "results.duckdb"
     shutil.copy(full_db, db)
-    holder = subprocess.Popen([sys.executable, "-c",
-                               f"import duckdb, sys, time; c = duckdb.connect({str(db)!r}); print('locked', flush=True); "
-                               "sys.stdin.read()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"import duckdb, sys, time; c = duckdb.connect({str(db)!r}); print('locked', flush=True); sys.stdin.read()",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         at = render(db, "merge_count")
@@ -457,10 +601,25 @@ ERROR_TEST_IDS = ("stException", "stAlertContentError")
 
 def _start_dashboard(db: Path) -> tuple[subprocess.Popen, int]:
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "streamlit", "run", APP, "--server.headless", "true",
-                               "--server.port", str(port), "--browser.gatherUsageStats", "false"],
-                              cwd=REPO_ROOT, env={**os.environ, "MLV_DB": str(db)},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "streamlit",
+            "run",
+            APP,
+            "--server.headless",
+            "true",
+            "--server.port",
+            str(port),
+            "--browser.gatherUsageStats",
+            "false",
+        ],
+        cwd=REPO_ROOT,
+        env={**os.environ, "MLV_DB": str(db)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     wait_http(f"http://127.0.0.1:{port}/_stcore/health", 90, server, b"ok")
     return server, port
 

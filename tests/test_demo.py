@@ -1,6 +1,7 @@
 """The Gradio demo against the tiny study: the service equals the evaluation path, the launched app
 answers `gradio_client` with the same numbers, every kind of bad upload gets a clear message while
 the app keeps serving, and a headless Chromium shows a prediction after a real upload."""
+
 from __future__ import annotations
 
 import base64
@@ -15,15 +16,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from browser import DevTools, free_port, start_chromium, stop, wait_http
 from PIL import Image
 
-from browser import DevTools, free_port, start_chromium, stop, wait_http
 from demo.service import DemoService
 from demo.uploads import MAX_PIXELS, load_image
-from mlvision.errors import BadImage
 from merging.merged_model import build_merged_model
 from mlvision.backbone import Preprocess
 from mlvision.data import split_tensors
+from mlvision.errors import BadImage
 from mlvision.store import Store
 from mlvision.tasks import load_task
 
@@ -46,6 +47,7 @@ def example(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def app_url(service, tmp_path_factory):
     from demo.app import build_demo, write_examples
+
     examples = write_examples(service, tmp_path_factory.mktemp("demo_examples"))
     demo = build_demo(service, examples)
     port = free_port()
@@ -59,8 +61,11 @@ def test_service_prediction_equals_evaluation_path(service, tiny_study):
     tasks = service.tasks
     method, _ = service.default_method(tasks)
     store = Store(tiny_study["db"])
-    best = store.query("SELECT method FROM merge_results WHERE tasks = ? GROUP BY method "
-                       "ORDER BY avg(normalized_accuracy) DESC, method LIMIT 1", [",".join(sorted(tasks))])
+    best = store.query(
+        "SELECT method FROM merge_results WHERE tasks = ? GROUP BY method "
+        "ORDER BY avg(normalized_accuracy) DESC, method LIMIT 1",
+        [",".join(sorted(tasks))],
+    )
     assert best and method == best[0][0]
     entry, _ = service.merged_model(tasks, method)
     reference = build_merged_model([service.adapters[t] for t in tasks], method, entry.hyperparams)
@@ -69,7 +74,7 @@ def test_service_prediction_equals_evaluation_path(service, tiny_study):
         images, _ = split_tensors(task, "test", preprocess, None)
         for index in (0, 5):
             with torch.inference_mode():
-                expected = {t: torch.softmax(v, -1)[0] for t, v in reference(images[index:index + 1]).items()}
+                expected = {t: torch.softmax(v, -1)[0] for t, v in reference(images[index : index + 1]).items()}
             pil = load_task(task)["test"][index]["image"]
             answer = service.predict(pil, tasks, method)
             assert answer.method == method
@@ -88,8 +93,10 @@ def test_service_prediction_equals_evaluation_path(service, tiny_study):
 # -- bad inputs --------------------------------------------------------------------------------------
 def _png_header_only(width: int, height: int) -> bytes:
     """A PNG whose header claims width x height (a decompression bomb as far as the decoder knows)."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
@@ -153,13 +160,19 @@ def test_load_image_converts_correctly(tmp_path, example):
 # -- 2. the launched app through gradio_client ------------------------------------------------------
 def test_client_predictions_equal_the_service_and_bad_inputs_are_answered(app_url, service, example, tmp_path):
     from gradio_client import Client, handle_file
+
     client = Client(app_url, verbose=False)
     info = client.view_api(return_format="dict", print_info=False)
     assert "/predict" in info["named_endpoints"]
 
     def ask(path, tasks=None, method="auto", compare=False):
-        return client.predict(handle_file(str(path)) if path is not None else None, service.tasks if tasks is None else tasks,
-                              method, compare, api_name="/predict")
+        return client.predict(
+            handle_file(str(path)) if path is not None else None,
+            service.tasks if tasks is None else tasks,
+            method,
+            compare,
+            api_name="/predict",
+        )
 
     for method in ("auto", "linear", "ties"):
         answer = ask(example, method=method, compare=method == "auto")
@@ -167,14 +180,18 @@ def test_client_predictions_equal_the_service_and_bad_inputs_are_answered(app_ur
         assert answer["ok"] and direct["ok"] and answer["method"] == direct["method"]
         assert answer["device"] == "cpu" and answer["elapsed_ms"] > 0
         for task in service.tasks:
-            assert [l for l, _ in answer["predictions"][task]] == [l for l, _ in direct["predictions"][task]]
-            assert np.allclose([p for _, p in answer["predictions"][task]],
-                               [p for _, p in direct["predictions"][task]], atol=1e-6)
+            assert [label for label, _ in answer["predictions"][task]] == [
+                label for label, _ in direct["predictions"][task]
+            ]
+            assert np.allclose(
+                [p for _, p in answer["predictions"][task]], [p for _, p in direct["predictions"][task]], atol=1e-6
+            )
         assert answer["stored_accuracy"] == direct["stored_accuracy"]
         if method == "auto":  # compare mode: each task's own adapter, one pass each
             assert set(answer["compare"]) == set(service.tasks)
-            assert [l for l, _ in answer["compare"][service.tasks[0]]["top"]] == \
-                [l for l, _ in direct["compare"][service.tasks[0]]["top"]]
+            assert [label for label, _ in answer["compare"][service.tasks[0]]["top"]] == [
+                label for label, _ in direct["compare"][service.tasks[0]]["top"]
+            ]
     two = ask(example, tasks=service.tasks[:2])
     assert two["ok"] and set(two["predictions"]) == set(service.tasks[:2])
     every = ask(example, tasks=[])  # an empty selection means every task
@@ -209,8 +226,11 @@ def test_headless_chromium_upload_and_screenshot(app_url, example, tmp_path):
         tools.call("DOM.setFileInputFiles", nodeId=node, files=[str(example)])
         tools.wait_for(f"document.body.innerText.includes('{example.name}')", 30, "the upload")
         tools.evaluate("[...document.querySelectorAll('button')].find(b => b.innerText.trim() === 'Predict').click()")
-        tools.wait_for("(document.querySelector('#prediction') || {innerText: ''}).innerText.includes('forward pass')",
-                       60, "the prediction")
+        tools.wait_for(
+            "(document.querySelector('#prediction') || {innerText: ''}).innerText.includes('forward pass')",
+            60,
+            "the prediction",
+        )
         time.sleep(1.0)  # let the preview image and the JSON panel draw
         text = tools.evaluate("document.querySelector('#prediction').innerText")
         assert "uci_digits" in text and "Error" not in text

@@ -33,6 +33,7 @@ def assert_close(actual, expected, atol=1e-5):
 
 # ----------------------------------------------------------------------------- registry
 
+
 def test_registry_holds_the_methods_and_the_peft_references():
     assert list(MERGE_METHODS) == ALL == PER_LAYER + REFERENCES
     assert {"linear", "task_arithmetic", "ties", "tsv_m", "iso_c"} <= set(PER_LAYER)
@@ -84,6 +85,7 @@ def test_task_arithmetic_grid_is_exported_and_in_range():
 
 
 # ----------------------------------------------------------------------------- validation
+
 
 @pytest.mark.parametrize(
     "name, params, needle",
@@ -178,12 +180,11 @@ def test_magnitude_prune_by_hand():
 
 # ----------------------------------------------------------------------------- DARE
 
+
 def test_dare_with_drop_rate_zero_equals_the_plain_methods():
     xs = [low_rank(6, 5, 2, s) for s in range(3)]
     assert torch.equal(get_method("dare_linear")(xs, drop_rate=0.0, seed=3), get_method("linear")(xs))
-    assert torch.equal(
-        get_method("dare_ties")(xs, drop_rate=0.0, seed=3), get_method("ties")(xs, density=1.0)
-    )
+    assert torch.equal(get_method("dare_ties")(xs, drop_rate=0.0, seed=3), get_method("ties")(xs, density=1.0))
 
 
 @pytest.mark.parametrize("name", ["dare_linear", "dare_ties"])
@@ -214,6 +215,7 @@ def test_dare_preserves_the_expected_update():
 
 
 # ----------------------------------------------------------------------------- task arithmetic
+
 
 def test_task_arithmetic_of_one_adapter_with_lambda_one_is_exact():
     x = low_rank(7, 5, 2, 0)
@@ -270,6 +272,7 @@ def test_methods_that_do_not_return_identical_adapters():
 
 # ----------------------------------------------------------------------------- different ranks
 
+
 def test_linear_merges_adapters_of_different_ranks():
     # rank 2: B1 A1 = e1 e1ᵀ + e2 e2ᵀ;  rank 4: B2 A2 = 2·(e1e1ᵀ + e2e2ᵀ + e3e3ᵀ + e4e4ᵀ) (4 x 5)
     b1, a1 = torch.eye(4)[:, :2], torch.eye(5)[:2]
@@ -284,6 +287,7 @@ def test_linear_merges_adapters_of_different_ranks():
 
 
 # ----------------------------------------------------------------------------- Iso-C
+
 
 def test_iso_c_by_hand():
     # diag(3, 0) + diag(0, 1) = diag(3, 1): σ = (3, 1), mean 2 -> 2·U Vᵀ = diag(2, 2)
@@ -309,6 +313,7 @@ def test_iso_c_on_full_rank_updates_matches_the_paper_formula():
 
 # ----------------------------------------------------------------------------- TSV-M
 
+
 def test_tsv_m_on_orthogonal_subspaces_equals_task_arithmetic():
     # ΔW_1 lives on e1, e2 (both sides), ΔW_2 on e3: U_cat and V_cat are already orthonormal.
     d1 = t([[3, 0, 0, 0], [0, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]])
@@ -317,7 +322,9 @@ def test_tsv_m_on_orthogonal_subspaces_equals_task_arithmetic():
     xs = [low_rank(16, 12, 2, s) for s in range(3)]  # random: generic, not orthogonal
     q_out = torch.linalg.qr(torch.randn(16, 6, generator=torch.Generator().manual_seed(0)))[0]
     q_in = torch.linalg.qr(torch.randn(12, 6, generator=torch.Generator().manual_seed(1)))[0]
-    ortho = [q_out[:, 2 * i : 2 * i + 2] @ torch.diag(t([3.0 - i, 1.0])) @ q_in[:, 2 * i : 2 * i + 2].T for i in range(3)]
+    ortho = [
+        q_out[:, 2 * i : 2 * i + 2] @ torch.diag(t([3.0 - i, 1.0])) @ q_in[:, 2 * i : 2 * i + 2].T for i in range(3)
+    ]
     assert_close(get_method("tsv_m")(ortho), sum(ortho))
     assert not torch.allclose(get_method("tsv_m")(xs), sum(xs), atol=1e-3)
 
@@ -346,6 +353,7 @@ def test_tsv_m_rank_is_at_most_the_kept_components():
 
 
 # ----------------------------------------------------------------------------- KnOTS
+
 
 def test_knots_align_reconstructs_each_update_exactly():
     xs = [low_rank(12, 7, 2, 0), low_rank(12, 7, 3, 1), low_rank(12, 7, 1, 2)]
@@ -381,6 +389,7 @@ def test_knots_ta_equals_task_arithmetic():
 
 
 # ----------------------------------------------------------------------------- purity, dtypes
+
 
 @pytest.mark.parametrize("name", PER_LAYER)
 def test_methods_are_pure_and_keep_the_input_dtype(name):

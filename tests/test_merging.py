@@ -1,22 +1,22 @@
 """The merge engine on real adapters: exact ΔW, folding, export, the sweep's stored figures, bad input."""
+
 import json
 import shutil
 
 import pytest
 import torch
+from conftest import TINY_METHODS, TINY_TASKS, query_db, run_all
 from peft import PeftModel
 
-from conftest import TINY_METHODS, TINY_TASKS, query_db, run_all
 from merging.deltas import load_deltas
 from merging.merge import main as merge_main
 from merging.merged_model import FoldedBackbone, build_merged_model, export_merge_as_lora, merge_deltas
 from merging.peft_reference import PeftMerger
 from mlvision.backbone import BackboneConfig, create_backbone
 from mlvision.errors import AdapterError, MergeConfigError, UnknownNameError
-from mlvision.models import load_model
+from mlvision.models import load_model, save_model
 from mlvision.runs import resolve_stored_path
 from training.trainers import train_adapter
-from mlvision.models import save_model
 
 
 @pytest.fixture(scope="module")
@@ -82,9 +82,20 @@ def test_adapters_of_different_ranks_merge_in_delta_space(adapter_folders, tmp_p
     rank4 = load_deltas(adapter_folders["textures"])
     meta = dict(json.loads((adapter_folders["lfw_faces"] / "task.json").read_text()))
     backbone = create_backbone(BackboneConfig(**meta["backbone"]))
-    peft_model, head, _ = train_adapter(backbone, torch.randn(8, 3, 32, 32), torch.tensor([0, 1] * 4), 2, rank=2, alpha=4,
-                                        target_modules=meta["training"]["target_modules"], steps=2, batch_size=4,
-                                        lr=1e-2, head_lr=1e-2, seed=0)
+    peft_model, head, _ = train_adapter(
+        backbone,
+        torch.randn(8, 3, 32, 32),
+        torch.tensor([0, 1] * 4),
+        2,
+        rank=2,
+        alpha=4,
+        target_modules=meta["training"]["target_modules"],
+        steps=2,
+        batch_size=4,
+        lr=1e-2,
+        head_lr=1e-2,
+        seed=0,
+    )
     save_model(tmp_path / "rank2", {**meta, "training": {**meta["training"], "rank": 2}}, head, peft_model)
     rank2 = load_deltas(tmp_path / "rank2")
     merged = merge_deltas([rank4, rank2], "linear")
@@ -94,8 +105,11 @@ def test_adapters_of_different_ranks_merge_in_delta_space(adapter_folders, tmp_p
 
 
 def test_sweep_stores_every_merge_with_its_baselines(tiny_study):
-    rows = query_db(tiny_study["db"], "SELECT method, k, tasks, task, merged_accuracy, single_accuracy, head_accuracy, "
-                                   "normalized_accuracy, normalized_gain, n, hyperparams FROM merge_results")
+    rows = query_db(
+        tiny_study["db"],
+        "SELECT method, k, tasks, task, merged_accuracy, single_accuracy, head_accuracy, "
+        "normalized_accuracy, normalized_gain, n, hyperparams FROM merge_results",
+    )
     assert len(rows) == (3 * 2 + 1 * 3) * len(TINY_METHODS)  # 3 pairs and 1 triple of 3 tasks, k answers each
     assert {r[0] for r in rows} == set(TINY_METHODS) and {r[1] for r in rows} == {2, 3}
     for method, k, tasks, task, merged, single, head, normalized, gain, n, hyper in rows:
@@ -104,12 +118,17 @@ def test_sweep_stores_every_merge_with_its_baselines(tiny_study):
         if single != head:
             assert gain == pytest.approx((merged - head) / (single - head))
         json.loads(hyper)
-    (selection,), = query_db(tiny_study["db"], "SELECT selection FROM merges WHERE method = 'task_arithmetic' LIMIT 1")
+    ((selection,),) = query_db(
+        tiny_study["db"], "SELECT selection FROM merges WHERE method = 'task_arithmetic' LIMIT 1"
+    )
     selection = json.loads(selection)
     assert selection["chosen"] in selection["grid"] and len(selection["validation_accuracy"]) == len(selection["grid"])
     # linear and peft_cat compute the same ΔW, so they score the same on the same images
-    same = query_db(tiny_study["db"], "SELECT a.merged_accuracy, b.merged_accuracy FROM merge_results a JOIN merge_results b "
-                                   "ON a.tasks = b.tasks AND a.task = b.task WHERE a.method = 'linear' AND b.method = 'peft_cat'")
+    same = query_db(
+        tiny_study["db"],
+        "SELECT a.merged_accuracy, b.merged_accuracy FROM merge_results a JOIN merge_results b "
+        "ON a.tasks = b.tasks AND a.task = b.task WHERE a.method = 'linear' AND b.method = 'peft_cat'",
+    )
     assert len(same) == 9 and all(abs(x - y) < 1e-9 for x, y in same)
 
 
@@ -145,7 +164,12 @@ def test_bad_merge_inputs_name_the_problem(adapter_folders, tmp_path):
 
 def test_merge_cli_saves_a_merge_and_refuses_bad_values(adapter_folders, tmp_path, capsys):
     folders = [str(f) for f in adapter_folders.values()]
-    assert merge_main([*folders, "--method", "ties", "--param", "density=0.3", "--out", str(tmp_path / "m"), "--rank", "4"]) == 0
+    assert (
+        merge_main(
+            [*folders, "--method", "ties", "--param", "density=0.3", "--out", str(tmp_path / "m"), "--rank", "4"]
+        )
+        == 0
+    )
     assert "relative reconstruction error" in capsys.readouterr().out
     assert json.loads((tmp_path / "m" / "merge.json").read_text())["hyperparams"]["density"] == 0.3
     assert merge_main([*folders, "--method", "ties", "--param", "density=2", "--out", str(tmp_path / "bad")]) == 2

@@ -3,19 +3,24 @@
 Each test starts from a copy of the tiny study's database with its merge rows deleted, so the workers
 recompute the sweep from the very adapters the serial sweep merged, and compares with the serial rows.
 """
+
 import shutil
 
 import duckdb
 import pytest
-
 from conftest import TINY_ARGS, query_db
+
 from merging.parallel_sweep import main
 
 # Accuracies are (correct images) / n, so equal predictions give equal floats: 1e-9 means "exact".
 TOLERANCE = 1e-9
-RESULTS = ("SELECT merge_id, method, k, tasks, task, seed, merged_accuracy, single_accuracy, head_accuracy, n, "
-           "hyperparams, backbone, run_id FROM merge_results ORDER BY merge_id, task")
-MERGES = "SELECT merge_id, method, k, tasks, seed, adapter_ids, hyperparams, selection, run_id FROM merges ORDER BY merge_id"
+RESULTS = (
+    "SELECT merge_id, method, k, tasks, task, seed, merged_accuracy, single_accuracy, head_accuracy, n, "
+    "hyperparams, backbone, run_id FROM merge_results ORDER BY merge_id, task"
+)
+MERGES = (
+    "SELECT merge_id, method, k, tasks, seed, adapter_ids, hyperparams, selection, run_id FROM merges ORDER BY merge_id"
+)
 
 
 def study_args() -> list[str]:
@@ -69,8 +74,15 @@ def test_two_workers_equal_the_serial_sweep(tiny_study, parallel_run):
     assert query_db(parallel_run["db"], MERGES) == query_db(tiny_study["db"], MERGES)  # λ selection records too
     # each worker wrote its own parts, and the two shares split the sweep without overlap
     con = duckdb.connect()
-    shares = [{row[0] for row in con.execute(f"SELECT merge_id FROM read_parquet('{parallel_run['parts']}/worker-{i}-of-2/"
-                                             "*/merges.parquet')").fetchall()} for i in range(2)]
+    shares = [
+        {
+            row[0]
+            for row in con.execute(
+                f"SELECT merge_id FROM read_parquet('{parallel_run['parts']}/worker-{i}-of-2/*/merges.parquet')"
+            ).fetchall()
+        }
+        for i in range(2)
+    ]
     assert len(shares[0]) == len(shares[1]) == 8 and not shares[0] & shares[1]
     assert shares[0] | shares[1] == {r[0] for r in serial}
     assert len(part_folders(parallel_run["parts"])) == 8  # 8 merges per worker, 2 per part

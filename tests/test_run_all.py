@@ -1,4 +1,5 @@
 """run_all end to end on real data: stored rows, skipping, resuming after a kill, adapters peft can load."""
+
 import json
 import os
 import signal
@@ -9,9 +10,9 @@ from pathlib import Path
 
 import duckdb
 import pytest
+from conftest import TINY_ARGS, TINY_TASKS, make_newer_schema_db, run_all
 from peft import PeftModel
 
-from conftest import TINY_ARGS, TINY_TASKS, make_newer_schema_db, run_all
 from mlvision.backbone import BackboneConfig, create_backbone
 from mlvision.data import split_tensors
 from mlvision.models import MultiTaskModel, accuracy, load_head, load_model, read_meta
@@ -48,10 +49,15 @@ def test_second_run_adds_nothing(tiny_study, capsys):
 
 
 def test_adapter_folder_loads_with_peft_and_reproduces_its_accuracy(tiny_study):
-    (path, stored_accuracy, n_test), = rows(tiny_study["db"], "SELECT m.path, r.accuracy, r.n_test FROM task_results r "
-                                            "JOIN models m USING (model_id) WHERE r.task = 'textures' AND r.model_kind = 'adapter'")
+    ((path, stored_accuracy, n_test),) = rows(
+        tiny_study["db"],
+        "SELECT m.path, r.accuracy, r.n_test FROM task_results r "
+        "JOIN models m USING (model_id) WHERE r.task = 'textures' AND r.model_kind = 'adapter'",
+    )
     folder = resolve_stored_path(path)
-    assert {"adapter_config.json", "adapter_model.safetensors", "head.safetensors", "task.json"} <= {p.name for p in folder.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "head.safetensors", "task.json"} <= {
+        p.name for p in folder.iterdir()
+    }
     meta = read_meta(folder)
     backbone = create_backbone(BackboneConfig(**meta["backbone"]))
     peft_model = PeftModel.from_pretrained(backbone, str(folder)).eval()  # peft's own loader
@@ -66,7 +72,15 @@ def test_adapter_folder_loads_with_peft_and_reproduces_its_accuracy(tiny_study):
 def test_killed_run_resumes_to_the_same_rows(tiny_study, tmp_path):
     """SIGKILL a real run as soon as its first model folder appears, run again: same rows as uninterrupted."""
     db, artifacts = tmp_path / "r.duckdb", tmp_path / "artifacts"
-    command = [sys.executable, str(REPO_ROOT / "training" / "run_all.py"), *TINY_ARGS, "--db", str(db), "--artifacts", str(artifacts)]
+    command = [
+        sys.executable,
+        str(REPO_ROOT / "training" / "run_all.py"),
+        *TINY_ARGS,
+        "--db",
+        str(db),
+        "--artifacts",
+        str(artifacts),
+    ]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 240
     while time.time() < deadline and process.poll() is None:
@@ -86,35 +100,75 @@ def test_hub_dataset_and_any_timm_backbone(tmp_path):
     """The online path, offline: a dataset saved to disk and a randomly initialised tiny ViT."""
     import datasets
     from PIL import Image
+
     features = datasets.Features({"img": datasets.Image(), "fine_label": datasets.ClassLabel(names=["dark", "light"])})
-    images = [Image.new("L", (20, 20), 10 + i) for i in range(20)] + [Image.new("L", (20, 20), 200 + i) for i in range(20)]
-    datasets.DatasetDict({"train": datasets.Dataset.from_dict(
-        {"img": images, "fine_label": [0] * 20 + [1] * 20}, features=features)}).save_to_disk(str(tmp_path / "ds"))
+    images = [Image.new("L", (20, 20), 10 + i) for i in range(20)] + [
+        Image.new("L", (20, 20), 200 + i) for i in range(20)
+    ]
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_dict({"img": images, "fine_label": [0] * 20 + [1] * 20}, features=features)}
+    ).save_to_disk(str(tmp_path / "ds"))
     task = f"hub:{tmp_path / 'ds'}"
-    assert run_all("--tasks", task, "--seeds", "0", "--backbone", "vit_tiny_patch16_224", "--backbone-weights", "random",
-                   "--image-size", "32", "--steps", "3", "--head-epochs", "2", "--db", tmp_path / "r.duckdb",
-                   "--artifacts", tmp_path / "artifacts", "--stages", "train") == 0
+    assert (
+        run_all(
+            "--tasks",
+            task,
+            "--seeds",
+            "0",
+            "--backbone",
+            "vit_tiny_patch16_224",
+            "--backbone-weights",
+            "random",
+            "--image-size",
+            "32",
+            "--steps",
+            "3",
+            "--head-epochs",
+            "2",
+            "--db",
+            tmp_path / "r.duckdb",
+            "--artifacts",
+            tmp_path / "artifacts",
+            "--stages",
+            "train",
+        )
+        == 0
+    )
     stored = rows(tmp_path / "r.duckdb")
-    assert [(r[0], r[1], r[5]) for r in stored] == [(task, "adapter", "vit_tiny_patch16_224"), (task, "head", "vit_tiny_patch16_224")]
-    meta = read_meta(resolve_stored_path(rows(tmp_path / "r.duckdb", "SELECT path FROM models WHERE model_kind='adapter'")[0][0]))
+    assert [(r[0], r[1], r[5]) for r in stored] == [
+        (task, "adapter", "vit_tiny_patch16_224"),
+        (task, "head", "vit_tiny_patch16_224"),
+    ]
+    meta = read_meta(
+        resolve_stored_path(rows(tmp_path / "r.duckdb", "SELECT path FROM models WHERE model_kind='adapter'")[0][0])
+    )
     assert meta["training"]["target_modules"] == ["qkv", "proj", "fc1", "fc2"]
 
 
 def test_help_documents_the_options():
-    result = subprocess.run([sys.executable, str(REPO_ROOT / "training" / "run_all.py"), "--help"], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "training" / "run_all.py"), "--help"], capture_output=True, text=True
+    )
     assert result.returncode == 0
     for option in ["--tasks", "--backbone", "--seeds", "--image-size", "--steps", "--db", "--artifacts", "--quick"]:
         assert option in result.stdout
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--tasks", "mnits"], "unknown task 'mnits'"),
-    (["--backbone", "resnet_9000"], "unknown backbone 'resnet_9000'"),
-    (["--db", "/nonexistent-dir/r.duckdb"], "does not exist"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--tasks", "mnits"], "unknown task 'mnits'"),
+        (["--backbone", "resnet_9000"], "unknown backbone 'resnet_9000'"),
+        (["--db", "/nonexistent-dir/r.duckdb"], "does not exist"),
+    ],
+)
 def test_bad_input_gets_one_line_and_nonzero_exit(args, message):
-    result = subprocess.run([sys.executable, str(REPO_ROOT / "training" / "run_all.py"), *TINY_ARGS, *args],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "training" / "run_all.py"), *TINY_ARGS, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
@@ -124,7 +178,11 @@ def test_newer_database_is_refused_and_left_untouched(tmp_path):
     db = tmp_path / "r.duckdb"
     make_newer_schema_db(db)
     before = db.read_bytes()
-    result = subprocess.run([sys.executable, str(REPO_ROOT / "training" / "run_all.py"), *TINY_ARGS, "--db", str(db)],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "training" / "run_all.py"), *TINY_ARGS, "--db", str(db)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2 and "newer than this code's" in result.stderr and "Traceback" not in result.stderr
     assert db.read_bytes() == before

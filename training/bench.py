@@ -3,6 +3,7 @@
 This module is an entry shim, not part of the training package's code: it only hands over to
 `benchmarks.cli` (docs/ARCHITECTURE.md, "Entry points").
 """
+
 import sys
 
 from benchmarks.cli import main

@@ -12,10 +12,10 @@ train each missing adapter together (DDP), and the main process alone evaluates 
 folder and its rows while the others wait at a barrier. Head baselines (cheap, cached features)
 are trained by the main process only.
 """
+
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -23,14 +23,12 @@ from accelerate.utils import broadcast_object_list
 from tqdm.auto import tqdm
 
 from mlvision.backbone import create_backbone, make_preprocess
+from mlvision.config import StudyConfig
 from mlvision.data import split_tensors
-from mlvision.errors import MLVisionError
-from mlvision.models import MultiTaskModel, accuracy, save_model
+from mlvision.models import MultiTaskModel, accuracy, extract_features, save_model
+from mlvision.runs import machine_info, model_folder, relative_to_repo, study_run_id
 from mlvision.store import Store, config_hash, insert_row, now
 from mlvision.tasks import get_task, load_task, set_hub_domains
-from mlvision.config import StudyConfig
-from mlvision.models import extract_features
-from mlvision.runs import machine_info, model_folder, relative_to_repo, study_run_id
 from training.trainers import make_accelerator, train_adapter, train_head
 
 
@@ -60,10 +58,20 @@ class TrainingStage:
             if exists:
                 con.execute("UPDATE runs SET status = 'running' WHERE run_id = ?", [self.run_id])
             else:
-                insert_row(con, "runs", {"run_id": self.run_id, "started_at": now(), "finished_at": None,
-                                         "status": "running", "command": command, "config": self.config.to_dict(),
-                                         "machine": {**machine_info(), "processes": self.accelerator.num_processes}},
-                           key=("run_id",))
+                insert_row(
+                    con,
+                    "runs",
+                    {
+                        "run_id": self.run_id,
+                        "started_at": now(),
+                        "finished_at": None,
+                        "status": "running",
+                        "command": command,
+                        "config": self.config.to_dict(),
+                        "machine": {**machine_info(), "processes": self.accelerator.num_processes},
+                    },
+                    key=("run_id",),
+                )
 
     def finish_run(self) -> None:
         with self.store.write() as con:
@@ -74,41 +82,90 @@ class TrainingStage:
         for name in tqdm(self.config.tasks, desc="prepare tasks", unit="task"):
             task, splits = get_task(name), load_task(name)
             with self.store.write() as con:
-                insert_row(con, "tasks", {"task": task.name, "label_names": list(task.label_names), "domain": task.domain,
-                                          "source": task.source, "description": task.description,
-                                          "n_train": len(splits["train"]), "n_validation": len(splits["validation"]),
-                                          "n_test": len(splits["test"])}, key=("task",))
+                insert_row(
+                    con,
+                    "tasks",
+                    {
+                        "task": task.name,
+                        "label_names": list(task.label_names),
+                        "domain": task.domain,
+                        "source": task.source,
+                        "description": task.description,
+                        "n_train": len(splits["train"]),
+                        "n_validation": len(splits["validation"]),
+                        "n_test": len(splits["test"]),
+                    },
+                    key=("task",),
+                )
 
     # -- data ----------------------------------------------------------------------------------
     def tensors(self, task: str, split: str):
-        limit = {"train": self.config.max_train, "validation": self.config.max_validation, "test": self.config.max_test}[split]
+        limit = {
+            "train": self.config.max_train,
+            "validation": self.config.max_validation,
+            "test": self.config.max_test,
+        }[split]
         return split_tensors(task, split, self.preprocess, limit)
 
     def features(self, task: str, split: str) -> torch.Tensor:
         key = (task, split)
         if key not in self._features:
-            self._features[key] = extract_features(self._frozen_backbone, self.tensors(task, split)[0],
-                                                   device=self.accelerator.device)
+            self._features[key] = extract_features(
+                self._frozen_backbone, self.tensors(task, split)[0], device=self.accelerator.device
+            )
         return self._features[key]
 
     # -- units -----------------------------------------------------------------------------------
     def _record(self, model_id, kind, task, seed, train_config, folder, trainable, seconds, accuracies) -> None:
         with self.store.write() as con:
-            insert_row(con, "models", {
-                "model_id": model_id, "task": task, "model_kind": kind, "seed": seed,
-                "backbone": self.backbone_config.name, "config": train_config, "config_hash": model_id,
-                "path": relative_to_repo(folder), "trainable_params": trainable, "backbone_params": self.backbone_params,
-                "train_seconds": seconds, "run_id": self.run_id, "created_at": now()}, key=("model_id",))
+            insert_row(
+                con,
+                "models",
+                {
+                    "model_id": model_id,
+                    "task": task,
+                    "model_kind": kind,
+                    "seed": seed,
+                    "backbone": self.backbone_config.name,
+                    "config": train_config,
+                    "config_hash": model_id,
+                    "path": relative_to_repo(folder),
+                    "trainable_params": trainable,
+                    "backbone_params": self.backbone_params,
+                    "train_seconds": seconds,
+                    "run_id": self.run_id,
+                    "created_at": now(),
+                },
+                key=("model_id",),
+            )
             for split, (value, n) in accuracies.items():
-                insert_row(con, "evaluations", {"model_id": model_id, "split": split, "accuracy": value, "n": n,
-                                                "eval_config_hash": config_hash(self.config.eval_limits()),
-                                                "run_id": self.run_id, "created_at": now()}, key=("model_id", "split"))
+                insert_row(
+                    con,
+                    "evaluations",
+                    {
+                        "model_id": model_id,
+                        "split": split,
+                        "accuracy": value,
+                        "n": n,
+                        "eval_config_hash": config_hash(self.config.eval_limits()),
+                        "run_id": self.run_id,
+                        "created_at": now(),
+                    },
+                    key=("model_id", "split"),
+                )
 
     def _meta(self, kind: str, task: str, train_config: dict, model_id: str) -> dict:
         t = get_task(task)
-        return {"model_kind": kind, "task": task, "label_names": list(t.label_names), "domain": t.domain,
-                "backbone": self.backbone_config.to_dict(), "preprocess": self.preprocess.to_dict(),
-                "training": train_config, "config_hash": model_id}
+        return {
+            "model_kind": kind,
+            "task": task,
+            "label_names": list(t.label_names),
+            "domain": t.domain,
+            "backbone": self.backbone_config.to_dict(),
+            "preprocess": self.preprocess.to_dict(),
+            "training": train_config,
+            "config_hash": model_id,
+        }
 
     def run_head(self, task: str, seed: int) -> bool:
         """Head baseline for (task, seed); returns False when it was already stored."""
@@ -118,12 +175,24 @@ class TrainingStage:
             return False
         labels = {split: self.tensors(task, split)[1] for split in ("train", "validation", "test")}
         start = time.perf_counter()
-        head = train_head(self.features(task, "train"), labels["train"], get_task(task).num_classes,
-                          epochs=self.config.head_epochs, lr=self.config.head_lr, batch_size=256, seed=seed)
+        head = train_head(
+            self.features(task, "train"),
+            labels["train"],
+            get_task(task).num_classes,
+            epochs=self.config.head_epochs,
+            lr=self.config.head_lr,
+            batch_size=256,
+            seed=seed,
+        )
         seconds = time.perf_counter() - start
         with torch.inference_mode():
-            accuracies = {split: (float((head(self.features(task, split)).argmax(-1) == labels[split]).float().mean()),
-                                  len(labels[split])) for split in ("validation", "test")}
+            accuracies = {
+                split: (
+                    float((head(self.features(task, split)).argmax(-1) == labels[split]).float().mean()),
+                    len(labels[split]),
+                )
+                for split in ("validation", "test")
+            }
         folder = model_folder(self.config, "head", task, seed, model_id)
         save_model(folder, self._meta("head", task, train_config, model_id), head)
         trainable = sum(p.numel() for p in head.parameters())
@@ -140,11 +209,21 @@ class TrainingStage:
             return False
         images, labels = self.tensors(task, "train")
         peft_model, head, seconds = train_adapter(
-            create_backbone(self.backbone_config), images, labels, get_task(task).num_classes,
-            rank=self.config.rank, alpha=self.config.alpha, target_modules=self.config.lora_targets,
-            steps=self.config.steps, batch_size=self.config.batch_size, lr=self.config.lr,
-            head_lr=self.config.head_lr, seed=seed, progress_label=f"adapter {task} seed {seed}",
-            accelerator=self.accelerator)
+            create_backbone(self.backbone_config),
+            images,
+            labels,
+            get_task(task).num_classes,
+            rank=self.config.rank,
+            alpha=self.config.alpha,
+            target_modules=self.config.lora_targets,
+            steps=self.config.steps,
+            batch_size=self.config.batch_size,
+            lr=self.config.lr,
+            head_lr=self.config.head_lr,
+            seed=seed,
+            progress_label=f"adapter {task} seed {seed}",
+            accelerator=self.accelerator,
+        )
         if self.store is None:  # another rank: the main process evaluates and writes
             self.accelerator.wait_for_everyone()
             return True
@@ -163,8 +242,13 @@ class TrainingStage:
     def run(self) -> dict:
         """Every head baseline, then every adapter; returns counts of trained and skipped units."""
         counts = {"trained": 0, "skipped": 0}
-        units = [(kind, task, seed) for kind in ("head", "adapter") for task in self.config.tasks for seed in self.config.seeds
-                 if kind == "adapter" or self.store is not None]  # heads: the main process only
+        units = [
+            (kind, task, seed)
+            for kind in ("head", "adapter")
+            for task in self.config.tasks
+            for seed in self.config.seeds
+            if kind == "adapter" or self.store is not None
+        ]  # heads: the main process only
         for kind, task, seed in tqdm(units, desc="training", unit="model", disable=self.store is None):
             done = (self.run_head if kind == "head" else self.run_adapter)(task, seed)
             counts["trained" if done else "skipped"] += 1

@@ -4,6 +4,7 @@ This file is an entry shim, not part of the training package's code: run by path
 `accelerate launch`), it makes the repo root importable and hands over to `study.run_all`, the
 orchestration layer above training/ and merging/ (docs/ARCHITECTURE.md, "Entry points").
 """
+
 import sys
 from pathlib import Path
 

@@ -2,6 +2,7 @@
 
 Both loops fit on one screen on purpose (nanoGPT style): a reader sees every step.
 """
+
 from __future__ import annotations
 
 import os
@@ -18,8 +19,16 @@ from mlvision.errors import MLVisionError
 from mlvision.models import add_lora, make_head
 
 
-def train_head(features: torch.Tensor, labels: torch.Tensor, num_classes: int, *, epochs: int, lr: float,
-               batch_size: int, seed: int) -> torch.nn.Linear:
+def train_head(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+) -> torch.nn.Linear:
     """A linear head on cached features (the head baseline): AdamW, cosine schedule."""
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -55,22 +64,43 @@ def make_accelerator(mixed_precision: str = "no", grad_accum: int = 1) -> Accele
     run_all's own options (not the launcher's flags) decide precision and accumulation, because they
     are recorded with the study; a launcher flag that disagrees is refused rather than ignored.
     """
-    for variable, ours, option in (("ACCELERATE_MIXED_PRECISION", mixed_precision, "--mixed-precision"),
-                                   ("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", str(grad_accum), "--grad-accum")):
+    for variable, ours, option in (
+        ("ACCELERATE_MIXED_PRECISION", mixed_precision, "--mixed-precision"),
+        ("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", str(grad_accum), "--grad-accum"),
+    ):
         theirs = os.environ.get(variable)
         if theirs is not None and theirs.lower() != ours:
-            raise MLVisionError(f"accelerate launch asked for {variable.split('_', 1)[1].lower()} = {theirs} but run_all has "
-                                f"{option} {ours}: give run_all's {option} {theirs} instead (it is recorded with the study)")
+            raise MLVisionError(
+                f"accelerate launch asked for {variable.split('_', 1)[1].lower()} = {theirs} but run_all has "
+                f"{option} {ours}: give run_all's {option} {theirs} instead (it is recorded with the study)"
+            )
     # The other ranks wait at a barrier while the main process evaluates and stores each adapter
     # (and trains the head baselines): allow that longer than torch's default 10 minutes.
     patience = InitProcessGroupKwargs(timeout=timedelta(hours=2))
-    return Accelerator(mixed_precision=mixed_precision, kwargs_handlers=[patience],
-                       gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=grad_accum))
+    return Accelerator(
+        mixed_precision=mixed_precision,
+        kwargs_handlers=[patience],
+        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=grad_accum),
+    )
 
 
-def train_adapter(backbone: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, num_classes: int, *,
-                  rank: int, alpha: float, target_modules: list[str], steps: int, batch_size: int, lr: float,
-                  head_lr: float, seed: int, progress_label: str = "adapter", accelerator: Accelerator | None = None):
+def train_adapter(
+    backbone: torch.nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    *,
+    rank: int,
+    alpha: float,
+    target_modules: list[str],
+    steps: int,
+    batch_size: int,
+    lr: float,
+    head_lr: float,
+    seed: int,
+    progress_label: str = "adapter",
+    accelerator: Accelerator | None = None,
+):
     """Train a fresh LoRA on `backbone` together with a new linear head; returns (peft_model, head, seconds).
 
     BatchNorm layers stay in eval mode (base running statistics), because statistics are not part
@@ -94,8 +124,9 @@ def train_adapter(backbone: torch.nn.Module, images: torch.Tensor, labels: torch
     peft_model = add_lora(backbone, rank=rank, alpha=alpha, target_modules=target_modules)
     head = make_head(backbone.num_features, num_classes)
     lora_params = [p for p in peft_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW([{"params": lora_params, "lr": lr}, {"params": head.parameters(), "lr": head_lr}],
-                                  weight_decay=0.0)
+    optimizer = torch.optim.AdamW(
+        [{"params": lora_params, "lr": lr}, {"params": head.parameters(), "lr": head_lr}], weight_decay=0.0
+    )
     # Stepped by hand once per optimizer step: accelerate's prepared scheduler would step once per process.
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[lr, head_lr], total_steps=steps, pct_start=0.1)
     model, optimizer = accelerator.prepare(AdapterWithHead(peft_model, head), optimizer)

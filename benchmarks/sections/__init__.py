@@ -3,6 +3,7 @@
 Adding a section: write one module here with a `Section` subclass and its `SECTION` object, and
 list it below (docs/ARCHITECTURE.md); the CLI's --bench-sections choices and the dashboard follow.
 """
+
 from __future__ import annotations
 
 from benchmarks.sections import inference, merge, training

@@ -6,6 +6,7 @@ A section is one object (a subclass of `Section`, one module each) registered in
 identity), calls `measure` when they are not stored yet, and stores the rows; the dashboard's
 Performance page draws every registered section from its `charts`, without code of its own.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -21,20 +22,20 @@ Plan = list[tuple[str, "int | None", "int | None"]]  # (variant, k, batch size) 
 class Chart:
     """One plotly chart of a section's rows: `y` against k, one line (or one bar) per variant."""
 
-    y: str                          # a column of the benchmarks view
-    title: str                      # the axis title, with its unit
-    kind: str = "line"              # "line": y against k per variant; "bar": one bar per variant
+    y: str  # a column of the benchmarks view
+    title: str  # the axis title, with its unit
+    kind: str = "line"  # "line": y against k per variant; "bar": one bar per variant
     x_title: str = "k (tasks served)"
 
 
 class Section:
     name: str = ""
-    title: str = ""                            # heading on the dashboard's Performance page
-    caption: str = ""                          # how to read it (shown under the heading)
+    title: str = ""  # heading on the dashboard's Performance page
+    caption: str = ""  # how to read it (shown under the heading)
     variants: tuple[str, ...] = ()
     charts: tuple[tuple[Chart, ...], ...] = ()  # rows of charts; a row of two is drawn side by side
     facet: tuple[str, str, str] | None = None  # (column, label, URL key) the page filters on, e.g. batch size
-    sized: bool = True                         # do its figures depend on the image size?
+    sized: bool = True  # do its figures depend on the image size?
 
     def repeats(self, stage: BenchStage) -> int:
         """Timed runs per figure (stored with each row)."""

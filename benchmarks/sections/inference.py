@@ -8,6 +8,7 @@ the frozen backbone, one pass and k heads; and the plain `backbone` (features on
 interleaved in one loop, so `ratio_to_backbone` = median / the backbone's median from that same
 loop, and drift of the machine cancels.
 """
+
 from __future__ import annotations
 
 import copy
@@ -31,22 +32,31 @@ def image_batch(tasks, preprocess, size: int) -> torch.Tensor:
 class InferenceSection(Section):
     name = "inference"
     title = "Inference: one merged pass against one pass per task"
-    caption = ("median of the timed runs; every variant and the plain backbone run interleaved in one loop, "
-               "so the ratio to the backbone cancels drift of the machine")
+    caption = (
+        "median of the timed runs; every variant and the plain backbone run interleaved in one loop, "
+        "so the ratio to the backbone cancels drift of the machine"
+    )
     variants = ("backbone", "merged", "separate_adapters", "peft_switch", "head_baseline")
-    charts = ((Chart("median_ms", "median latency (ms)"), Chart("ratio_to_backbone", "latency / plain backbone")),
-              (Chart("throughput", "throughput (images/s, every task answered)"),))
+    charts = (
+        (Chart("median_ms", "median latency (ms)"), Chart("ratio_to_backbone", "latency / plain backbone")),
+        (Chart("throughput", "throughput (images/s, every task answered)"),),
+    )
     facet = ("batch_size", "Batch size", "batch")
 
     def repeats(self, stage) -> int:
         return stage.bench.repeats
 
     def setting(self, stage) -> dict:
-        return {"repeats": stage.bench.repeats, "warmup": stage.bench.warmup,
-                "adapters": [stage.config.model_id("adapter", t, stage.seed) for t in stage.tasks]}
+        return {
+            "repeats": stage.bench.repeats,
+            "warmup": stage.bench.warmup,
+            "adapters": [stage.config.model_id("adapter", t, stage.seed) for t in stage.tasks],
+        }
 
     def plan(self, stage):
-        return [(v, k, b) for b in stage.bench.batch_sizes for k in range(1, len(stage.tasks) + 1) for v in self.variants]
+        return [
+            (v, k, b) for b in stage.bench.batch_sizes for k in range(1, len(stage.tasks) + 1) for v in self.variants
+        ]
 
     @torch.inference_mode()
     def measure(self, stage) -> list[dict]:
@@ -65,7 +75,9 @@ class InferenceSection(Section):
         separate = [load_model(folder, create_backbone(backbone_config)).model for folder in adapter_folders]
         folded = FoldedBackbone(backbone_config)
         baseline_heads = {task: load_head(folder, read_meta(folder)) for task, folder in zip(tasks_all, head_folders)}
-        switch = PeftModel.from_pretrained(create_backbone(backbone_config), str(adapter_folders[0]), adapter_name=tasks_all[0])
+        switch = PeftModel.from_pretrained(
+            create_backbone(backbone_config), str(adapter_folders[0]), adapter_name=tasks_all[0]
+        )
         for task, folder in zip(tasks_all[1:], adapter_folders[1:]):
             switch.load_adapter(str(folder), adapter_name=task)
         device = stage.device
@@ -87,19 +99,34 @@ class InferenceSection(Section):
             images = image_batch(tasks_all, preprocess, batch_size).to(device)
             for k in range(1, len(tasks_all) + 1):
                 tasks = tasks_all[:k]
-                merged = folded.model(merge_deltas(adapters[:k], "linear"), {t: adapter_heads[t] for t in tasks}).to(device)
-                head_model = MultiTaskModel(head_model_backbone, {t: baseline_heads[t] for t in tasks}).to(device).eval()
-                calls = {"backbone": lambda: plain(images),
-                         "merged": lambda: merged(images),
-                         "separate_adapters": lambda: [model(images) for model in separate[:k]],
-                         "peft_switch": lambda: switched(images, tasks),
-                         "head_baseline": lambda: head_model(images)}
+                merged = folded.model(merge_deltas(adapters[:k], "linear"), {t: adapter_heads[t] for t in tasks}).to(
+                    device
+                )
+                head_model = (
+                    MultiTaskModel(head_model_backbone, {t: baseline_heads[t] for t in tasks}).to(device).eval()
+                )
+                calls = {
+                    "backbone": lambda: plain(images),
+                    "merged": lambda: merged(images),
+                    "separate_adapters": lambda: [model(images) for model in separate[:k]],
+                    "peft_switch": lambda: switched(images, tasks),
+                    "head_baseline": lambda: head_model(images),
+                }
                 times = time_interleaved(calls, stage.bench.repeats, stage.bench.warmup, device)
                 base_median = median_p95(times["backbone"])[0]
                 for variant, values in times.items():
                     median, p95 = median_p95(values)
-                    rows.append({"variant": variant, "k": k, "batch_size": batch_size, "median_ms": median, "p95_ms": p95,
-                                 "throughput": batch_size * 1000.0 / median, "ratio_to_backbone": median / base_median})
+                    rows.append(
+                        {
+                            "variant": variant,
+                            "k": k,
+                            "batch_size": batch_size,
+                            "median_ms": median,
+                            "p95_ms": p95,
+                            "throughput": batch_size * 1000.0 / median,
+                            "ratio_to_backbone": median / base_median,
+                        }
+                    )
                 progress.update()
         progress.close()
         return rows

@@ -1,4 +1,5 @@
 """Merge: seconds to compute the merged ΔW of 2..max_k adapters with each method of the study."""
+
 from __future__ import annotations
 
 import torch
@@ -41,11 +42,15 @@ class MergeSection(Section):
             for method, values in times.items():
                 median, p95 = median_p95(values)
                 if get_method(method).selection_rule():
-                    note = ("ΔW at the default λ; the λ search of the sweep (one merge and validation scoring per grid "
-                            "value) is not included")
+                    note = (
+                        "ΔW at the default λ; the λ search of the sweep (one merge and validation scoring per grid "
+                        "value) is not included"
+                    )
                 else:
                     note = "merged ΔW of every LoRA layer, CPU"
-                rows.append({"variant": method, "k": k, "batch_size": None, "median_ms": median, "p95_ms": p95, "note": note})
+                rows.append(
+                    {"variant": method, "k": k, "batch_size": None, "median_ms": median, "p95_ms": p95, "note": note}
+                )
         return rows
 
 

@@ -4,6 +4,7 @@ At the study's batch size and image size for `lora` (the study's adapter + head)
 (frozen backbone forward + head) and `full_finetune` (every weight trained); each in a fresh
 process so memory is not shared.
 """
+
 from __future__ import annotations
 
 import multiprocessing
@@ -60,36 +61,62 @@ class TrainingSection(Section):
     name = "training"
     title = "Training: LoRA against head-only and full fine-tuning"
     variants = ("lora", "head_only", "full_finetune")
-    charts = ((Chart("throughput", "images per second", kind="bar"),
-               Chart("peak_memory_mb", "peak extra memory (MB)", kind="bar")),)
+    charts = (
+        (
+            Chart("throughput", "images per second", kind="bar"),
+            Chart("peak_memory_mb", "peak extra memory (MB)", kind="bar"),
+        ),
+    )
 
     def repeats(self, stage) -> int:
         return stage.bench.train_steps
 
     def setting(self, stage) -> dict:
-        return {"steps": stage.bench.train_steps, "batch_size": stage.config.batch_size,
-                "rank": stage.config.rank, "targets": stage.config.lora_targets}
+        return {
+            "steps": stage.bench.train_steps,
+            "batch_size": stage.config.batch_size,
+            "rank": stage.config.rank,
+            "targets": stage.config.lora_targets,
+        }
 
     def plan(self, stage):
         return [(v, None, stage.config.batch_size) for v in self.variants]
 
     def measure(self, stage) -> list[dict]:
-        spec = {"backbone": stage.backbone_config.to_dict(), "task": stage.tasks[0], "batch_size": stage.config.batch_size,
-                "rank": stage.config.rank, "alpha": stage.config.alpha, "target_modules": stage.config.lora_targets,
-                "steps": stage.bench.train_steps, "warmup": stage.bench.warmup, "device": stage.device.type,
-                "threads": torch.get_num_threads()}
+        spec = {
+            "backbone": stage.backbone_config.to_dict(),
+            "task": stage.tasks[0],
+            "batch_size": stage.config.batch_size,
+            "rank": stage.config.rank,
+            "alpha": stage.config.alpha,
+            "target_modules": stage.config.lora_targets,
+            "steps": stage.bench.train_steps,
+            "warmup": stage.bench.warmup,
+            "device": stage.device.type,
+            "threads": torch.get_num_threads(),
+        }
         rows = []
         context = multiprocessing.get_context("spawn")  # a fresh process per variant: memory is not shared
         for variant in tqdm(self.variants, desc="bench training", unit="variant"):
             with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
                 result = pool.submit(train_step_worker, {**spec, "variant": variant}).result()
             median, p95 = median_p95(result["times"])
-            memory_kind = "device memory allocated" if stage.device.type == "cuda" else "resident memory (RSS) sampled every 1 ms"
-            rows.append({"variant": variant, "k": None, "batch_size": stage.config.batch_size, "median_ms": median,
-                         "p95_ms": p95, "throughput": stage.config.batch_size * 1000.0 / median,
-                         "peak_memory_mb": result["peak_mb"],
-                         "note": f"one AdamW step on task {stage.tasks[0]}; {result['trainable']} trainable parameters; "
-                                 f"peak = extra {memory_kind} over the {stage.bench.warmup} warm-up + timed steps"})
+            memory_kind = (
+                "device memory allocated" if stage.device.type == "cuda" else "resident memory (RSS) sampled every 1 ms"
+            )
+            rows.append(
+                {
+                    "variant": variant,
+                    "k": None,
+                    "batch_size": stage.config.batch_size,
+                    "median_ms": median,
+                    "p95_ms": p95,
+                    "throughput": stage.config.batch_size * 1000.0 / median,
+                    "peak_memory_mb": result["peak_mb"],
+                    "note": f"one AdamW step on task {stage.tasks[0]}; {result['trainable']} trainable parameters; "
+                    f"peak = extra {memory_kind} over the {stage.bench.warmup} warm-up + timed steps",
+                }
+            )
         return rows
 
 

@@ -57,9 +57,7 @@ def get_method(name: str) -> MergeMethod:
     try:
         return MERGE_METHODS[name]
     except (KeyError, TypeError):
-        raise UnknownNameError(
-            f"unknown merge method {name!r}; known methods: {', '.join(MERGE_METHODS)}"
-        ) from None
+        raise UnknownNameError(f"unknown merge method {name!r}; known methods: {', '.join(MERGE_METHODS)}") from None
 
 
 __all__ = ["MERGE_METHODS", "MergeMethod", "TASK_ARITHMETIC_GRID", "get_method", "list_methods"]

@@ -74,26 +74,25 @@ class MergeMethod:
         if unknown:
             known = ", ".join(sorted(self.defaults)) or "(none)"
             raise MergeConfigError(
-                f"merge method '{self.name}' has no hyperparameter {unknown[0]!r}; "
-                f"it takes: {known}"
+                f"merge method '{self.name}' has no hyperparameter {unknown[0]!r}; it takes: {known}"
             )
         full = dict(self.defaults)
         for key, value in hyperparams.items():
             spec = self.ranges[key]
             allowed = format_range(spec)
             wants_int = isinstance(self.defaults[key], int) and not isinstance(self.defaults[key], bool)
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or (
-                wants_int and not isinstance(value, numbers.Integral)
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, numbers.Real)
+                or (wants_int and not isinstance(value, numbers.Integral))
             ):
                 kind = "an integer" if wants_int else "a number"
                 raise MergeConfigError(
-                    f"merge method '{self.name}': hyperparameter '{key}' = {value!r} must be "
-                    f"{kind} in {allowed}"
+                    f"merge method '{self.name}': hyperparameter '{key}' = {value!r} must be {kind} in {allowed}"
                 )
             if (not wants_int and not math.isfinite(float(value))) or not _in_range(value, spec):
                 raise MergeConfigError(
-                    f"merge method '{self.name}': hyperparameter '{key}' = {value!r} is out of "
-                    f"range; allowed {allowed}"
+                    f"merge method '{self.name}': hyperparameter '{key}' = {value!r} is out of range; allowed {allowed}"
                 )
             full[key] = int(value) if wants_int else float(value)
         return full
@@ -102,8 +101,7 @@ class MergeMethod:
         """The deltas as a list, or MergeConfigError naming what is wrong and at which index."""
         if isinstance(deltas, Tensor) or not isinstance(deltas, Sequence):
             raise MergeConfigError(
-                f"merge method '{self.name}': deltas must be a list of 2-D tensors, "
-                f"got {type(deltas).__name__}"
+                f"merge method '{self.name}': deltas must be a list of 2-D tensors, got {type(deltas).__name__}"
             )
         deltas = list(deltas)
         if not deltas:
@@ -117,8 +115,7 @@ class MergeMethod:
                 )
             if not d.is_floating_point():
                 raise MergeConfigError(
-                    f"merge method '{self.name}': update {i} has dtype {d.dtype}; "
-                    "a floating-point tensor is needed"
+                    f"merge method '{self.name}': update {i} has dtype {d.dtype}; a floating-point tensor is needed"
                 )
         ref = deltas[0]
         for i, d in enumerate(deltas[1:], start=1):
@@ -145,8 +142,10 @@ class MergeMethod:
 
     def __call__(self, deltas: Sequence[Tensor], **hyperparams) -> Tensor:
         if self.fn is None:
-            raise MergeConfigError(f"'{self.name}' is a reference merge of whole adapters, not a per-layer "
-                                   "function: merge adapters with merging.merged_model.AdapterMerger")
+            raise MergeConfigError(
+                f"'{self.name}' is a reference merge of whole adapters, not a per-layer "
+                "function: merge adapters with merging.merged_model.AdapterMerger"
+            )
         params = self.validate(hyperparams)
         deltas = self.check_deltas(deltas)
         with torch.no_grad():

@@ -31,9 +31,7 @@ def knots_align(deltas: Sequence[Tensor]) -> tuple[Tensor, Tensor, list[Tensor]]
     left = torch.cat([u * s for u, s, _ in parts], dim=1)  # [out, R]
     if left.shape[1] == 0:  # every update is zero
         empty = torch.zeros(0, in_f, dtype=torch.float64)
-        return torch.zeros(out_f, 0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64), [
-            empty for _ in deltas
-        ]
+        return torch.zeros(out_f, 0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64), [empty for _ in deltas]
     p, sigma, wh = torch.linalg.svd(left, full_matrices=False)  # wh: [q, R]
     keep = sigma > rtol * sigma[0]
     p, sigma, wh = p[:, keep], sigma[keep], wh[keep]

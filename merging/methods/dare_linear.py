@@ -27,9 +27,7 @@ from ._base import MergeMethod
 from ._common import dare, stack
 
 
-def dare_linear(
-    deltas: Sequence[Tensor], drop_rate: float = 0.5, scaling: float = 1.0, seed: int = 0
-) -> Tensor:
+def dare_linear(deltas: Sequence[Tensor], drop_rate: float = 0.5, scaling: float = 1.0, seed: int = 0) -> Tensor:
     x = dare(stack(deltas), drop_rate, seed)
     return (scaling * x.mean(dim=0)).to(deltas[0].dtype)
 

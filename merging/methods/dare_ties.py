@@ -24,9 +24,7 @@ from ._base import MergeMethod
 from ._common import dare, elect_and_disjoint_mean, stack
 
 
-def dare_ties(
-    deltas: Sequence[Tensor], drop_rate: float = 0.5, scaling: float = 1.0, seed: int = 0
-) -> Tensor:
+def dare_ties(deltas: Sequence[Tensor], drop_rate: float = 0.5, scaling: float = 1.0, seed: int = 0) -> Tensor:
     x = dare(stack(deltas), drop_rate, seed)
     return (scaling * elect_and_disjoint_mean(x)).to(deltas[0].dtype)
 

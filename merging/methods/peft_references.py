@@ -17,14 +17,23 @@ from __future__ import annotations
 
 from ._base import MergeMethod
 
-_PAPER = ("Mangrulkar, Gugger, Debut, Belkada, Paul, Bossan, 'PEFT: State-of-the-art Parameter-Efficient "
-          "Fine-Tuning methods' (huggingface/peft, add_weighted_adapter), 2022; not a paper, no arXiv id")
+_PAPER = (
+    "Mangrulkar, Gugger, Debut, Belkada, Paul, Bossan, 'PEFT: State-of-the-art Parameter-Efficient "
+    "Fine-Tuning methods' (huggingface/peft, add_weighted_adapter), 2022; not a paper, no arXiv id"
+)
 
 
 def _reference(combination_type: str, description: str, **options) -> MergeMethod:
-    return MergeMethod(name=f"peft_{combination_type}", fn=None, paper=_PAPER, defaults={}, ranges={},
-                       description=description, kind="reference",
-                       options={"combination_type": combination_type, **options})
+    return MergeMethod(
+        name=f"peft_{combination_type}",
+        fn=None,
+        paper=_PAPER,
+        defaults={},
+        ranges={},
+        description=description,
+        kind="reference",
+        options={"combination_type": combination_type, **options},
+    )
 
 
 METHODS = [
