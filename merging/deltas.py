@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from mlvision.errors import AdapterError
-from mlvision.models import load_head, read_meta
+from mlvision.models import META_FILE, load_head, read_meta
 
 _PREFIX = "base_model.model."
 
@@ -45,21 +46,87 @@ def _pattern_value(layer: str, pattern: dict, default):
     return default
 
 
-def load_deltas(folder: str | os.PathLike) -> AdapterDeltas:
-    """Read an adapter folder (written by training) into exact per-layer ΔW."""
-    folder = Path(folder)
-    meta = read_meta(folder)
+def _is_target(layer: str, target_modules) -> bool:
+    """peft's own rule: a list names module suffixes, a string is a regex the whole name must match."""
+    if isinstance(target_modules, str):
+        try:
+            return re.fullmatch(target_modules, layer) is not None
+        except re.error:  # a broken pattern matches nothing, so the layer is reported as not targeted
+            return False
+    return any(layer == name or layer.endswith("." + name) for name in target_modules)
+
+
+def _read_lora_config(folder: Path) -> dict:
+    """adapter_config.json, refused unless it has the fields the ΔW arithmetic relies on.
+
+    A config that does not describe its factors would give a wrong scaling (alpha / r) without
+    any error, so the fields are checked here rather than trusted.
+    """
+    path = folder / "adapter_config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise AdapterError(f"cannot read {path} ({error}): re-train that adapter") from None
+    if not isinstance(config, dict):
+        raise AdapterError(f"{path} is not a JSON object: re-train that adapter")
+    r, alpha, targets = config.get("r"), config.get("lora_alpha"), config.get("target_modules")
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise AdapterError(f"{path} has no valid LoRA rank r (got {r!r}): re-train that adapter")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise AdapterError(f"{path} has no valid lora_alpha (got {alpha!r}): re-train that adapter")
+    if not targets or not (isinstance(targets, str) or all(isinstance(t, str) for t in targets)):
+        raise AdapterError(f"{path} has no valid target_modules (got {targets!r}): re-train that adapter")
+    for pattern in ("rank_pattern", "alpha_pattern"):
+        if not isinstance(config.get(pattern) or {}, dict):
+            raise AdapterError(f"{path} has a {pattern} that is not a JSON object: re-train that adapter")
+    if config.get("use_dora"):
+        raise AdapterError(f"{folder} is a DoRA adapter: its update is not B·A, so it cannot be merged here")
+    return config
+
+
+def _read_meta(folder: Path) -> dict:
+    """task.json of an adapter, refused unless it is an object with the fields a merge reads."""
+    try:
+        meta = read_meta(folder)
+    except (OSError, UnicodeDecodeError) as error:  # read_meta names a missing or corrupt file, not these
+        raise AdapterError(f"cannot read {folder / META_FILE} ({error}): check the folder's permissions") from None
+    if not isinstance(meta, dict):
+        raise AdapterError(
+            f"{folder / META_FILE} is not a JSON object (it holds a {type(meta).__name__}): "
+            "delete the folder and re-run training"
+        )
     if meta.get("model_kind") != "adapter":
         raise AdapterError(
             f"{folder} holds a {meta.get('model_kind')} model, not a LoRA adapter: pass an adapter folder"
         )
+    missing = [key for key in ("task", "label_names", "backbone", "preprocess") if key not in meta]
+    if missing or not isinstance(meta["backbone"], dict) or not isinstance(meta["preprocess"], dict):
+        raise AdapterError(
+            f"{folder / META_FILE} lacks {', '.join(missing) or 'a valid backbone or preprocess'}: "
+            "delete the folder and re-run training"
+        )
+    return meta
+
+
+def load_deltas(folder: str | os.PathLike) -> AdapterDeltas:
+    """Read an adapter folder (written by training) into exact per-layer ΔW.
+
+    Every factor pair is checked against adapter_config.json (rank r, target_modules) and against
+    itself (A and B of one rank, finite values): a folder whose config and factors disagree would
+    otherwise merge silently with a wrong scaling, and one NaN spreads into every merged layer.
+    """
+    folder = Path(folder)
+    meta = _read_meta(folder)
+    config = _read_lora_config(folder)
     try:
-        config = json.loads((folder / "adapter_config.json").read_text())
         factors = load_file(str(folder / "adapter_model.safetensors"))
-    except (OSError, json.JSONDecodeError, Exception) as error:
+    except Exception as error:  # safetensors raises its own error types for a damaged file
         raise AdapterError(f"cannot read the LoRA files in {folder} ({error}): re-train that adapter") from None
-    if config.get("use_dora"):
-        raise AdapterError(f"{folder} is a DoRA adapter: its update is not B·A, so it cannot be merged here")
+    orphans = [
+        key for key in factors if key.endswith(".lora_B.weight") and key.replace("lora_B", "lora_A") not in factors
+    ]
+    if orphans:
+        raise AdapterError(f"{folder}: {orphans[0]} has no matching lora_A factor: re-train that adapter")
     deltas = {}
     for key, a in factors.items():
         if not key.endswith(".lora_A.weight"):
@@ -68,7 +135,25 @@ def load_deltas(folder: str | os.PathLike) -> AdapterDeltas:
         b = factors.get(key.replace("lora_A", "lora_B"))
         if b is None:
             raise AdapterError(f"{folder}: layer {layer} has a LoRA A factor but no B factor: re-train that adapter")
+        if a.dim() < 2 or b.dim() < 2 or a.shape[0] != b.shape[1]:
+            raise AdapterError(
+                f"{folder}: layer {layer} has lora_A of shape {list(a.shape)} but lora_B of shape {list(b.shape)} "
+                "(their ranks differ): re-train that adapter"
+            )
         rank = a.shape[0]
+        expected = _pattern_value(layer, config.get("rank_pattern") or {}, config["r"])
+        if rank != expected:
+            raise AdapterError(
+                f"{folder}: layer {layer} has rank-{rank} factors but adapter_config.json says r={expected}: "
+                "the config does not belong to these factors; re-train that adapter"
+            )
+        if not _is_target(layer, config["target_modules"]):
+            raise AdapterError(
+                f"{folder}: layer {layer} has LoRA factors but is not in target_modules "
+                f"{config['target_modules']} of adapter_config.json: re-train that adapter"
+            )
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            raise AdapterError(f"{folder}: layer {layer} has NaN or infinite LoRA factors: re-train that adapter")
         alpha = _pattern_value(layer, config.get("alpha_pattern") or {}, config["lora_alpha"])
         scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
         deltas[layer] = scaling * (b.flatten(1).double() @ a.flatten(1).double()).float()
@@ -103,6 +188,12 @@ def check_compatible(adapters: list[AdapterDeltas]) -> None:
                 f"adapter {other.path} adapts other layers than {first.path} (e.g. {', '.join(missing)}): "
                 "merge adapters trained with the same target modules"
             )
+        for layer, delta in first.deltas.items():
+            if other.deltas[layer].shape != delta.shape:
+                raise AdapterError(
+                    f"adapter {other.path} has a {list(other.deltas[layer].shape)} update for layer {layer} but "
+                    f"{first.path} a {list(delta.shape)} one: merge adapters of one backbone only"
+                )
     tasks = [a.task for a in adapters]
     if len(set(tasks)) != len(tasks):
         raise AdapterError(

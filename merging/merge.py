@@ -7,6 +7,10 @@ The output folder holds the merge exported as a peft LoRA of the chosen rank (tr
 each merged ΔW; load it with `PeftModel.from_pretrained(backbone, out)`), one head per task under
 `heads/`, and `merge.json` (method, hyperparameters, inputs, relative reconstruction error).
 Optionally, the merged model is scored on each task's test split.
+
+The folder is written beside --out and renamed into place when complete, so a failed merge leaves
+nothing behind. --out must be new or empty; --overwrite replaces a previous merge output (a folder
+with merge.json), never an adapter or any other folder. Every error is one line, exit code 2.
 """
 
 from __future__ import annotations
@@ -35,8 +39,15 @@ def parse_param(text: str) -> tuple[str, object]:
         ) from None
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad argument raises MergeConfigError so it ends like every other error: one line, exit 2."""
+
+    def error(self, message: str):
+        raise MergeConfigError(f"{message} (see --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         prog="python merging/merge.py",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -49,10 +60,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--param", action="append", default=[], metavar="NAME=VALUE", help="a method hyperparameter; repeatable"
     )
-    parser.add_argument("--out", type=Path, help="output folder for the exported merge")
-    parser.add_argument("--rank", type=int, default=32, help="rank of the exported LoRA (default: 32)")
+    parser.add_argument("--out", type=Path, help="output folder for the exported merge (new or empty)")
     parser.add_argument(
-        "--evaluate", type=int, metavar="N", help="also score the merged model on N test images per task"
+        "--overwrite", action="store_true", help="replace --out if it holds a previous merge output (merge.json)"
+    )
+    parser.add_argument(
+        "--rank",
+        type=int,
+        default=32,
+        help="rank of the exported LoRA (default: 32); each layer gets at most min(out, in) of its weight, "
+        "and a rank above the largest such bound (320 for tf_efficientnet_lite0) is refused",
+    )
+    parser.add_argument(
+        "--evaluate", type=int, metavar="N", help="also score the merged model on N >= 1 test images per task"
     )
     parser.add_argument(
         "--list-methods", action="store_true", help="list merge methods with their hyperparameters and papers"
@@ -61,13 +81,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return run_cli(lambda: run(args), "nothing was exported; run the same command again")
+    return run_cli(lambda: run(build_parser().parse_args(argv)), "nothing was exported; run the same command again")
 
 
 def run(args) -> int:
-    from merging.deltas import load_deltas
-    from merging.merged_model import AdapterMerger, FoldedBackbone, export_merge_as_lora
+    from merging.deltas import check_compatible, load_deltas
+    from merging.merged_model import (
+        AdapterMerger,
+        FoldedBackbone,
+        check_export_rank,
+        check_output_folder,
+        export_merge_as_lora,
+    )
     from merging.methods import MERGE_METHODS, get_method
     from mlvision.backbone import BackboneConfig, Preprocess
     from mlvision.data import split_tensors
@@ -81,9 +106,14 @@ def run(args) -> int:
         raise MergeConfigError("give at least one adapter folder and --out FOLDER (see --help)")
     if args.rank < 1:
         raise MergeConfigError(f"--rank must be at least 1, got {args.rank}")
+    if args.evaluate is not None and args.evaluate < 1:
+        raise MergeConfigError(f"--evaluate must be at least 1 test image per task, got {args.evaluate}")
     hyperparams = dict(parse_param(p) for p in args.param)
     get_method(args.method).validate(hyperparams)  # fail before loading anything
+    check_output_folder(args.out, args.adapters, args.overwrite)  # and before merging (export checks again)
     adapters = [load_deltas(folder) for folder in args.adapters]
+    check_compatible(adapters)  # reference methods go through peft, which would not name the adapter that differs
+    check_export_rank(args.rank, adapters[0].deltas)
     keys = [str(i) for i in range(len(adapters))]
     merger = AdapterMerger(dict(zip(keys, adapters)), BackboneConfig(**adapters[0].meta["backbone"]))
     start = time.perf_counter()
@@ -100,6 +130,7 @@ def run(args) -> int:
             "adapters": [str(a.path) for a in adapters],
             "merge_seconds": seconds,
         },
+        overwrite=args.overwrite,
     )
     print(f"merged {len(adapters)} adapters with {args.method} {params} in {seconds:.2f} s")
     print(f"saved to {args.out} as a rank-{args.rank} LoRA; relative reconstruction error {error:.4f}")

@@ -9,16 +9,21 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import shutil
+import uuid
 import zlib
 from pathlib import Path
 
 import torch
+from peft import LoraConfig, get_peft_model
 
 from merging.deltas import AdapterDeltas, check_compatible
 from merging.methods import get_method
 from merging.peft_reference import PeftMerger
 from mlvision.backbone import BackboneConfig, create_backbone
-from mlvision.models import MultiTaskModel, add_lora, save_model
+from mlvision.errors import AdapterError, MergeConfigError
+from mlvision.models import META_FILE, MultiTaskModel, save_model
 
 
 def layer_seed(seed: int, layer: str) -> int:
@@ -101,40 +106,178 @@ def low_rank_factors(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torc
     return (u[:, :rank] * root).float(), (root[:, None] * vh[:rank]).float()
 
 
+MERGE_INFO_FILE = "merge.json"
+
+
+def check_export_rank(rank: int, deltas: dict[str, torch.Tensor]) -> None:
+    """Refuse an export rank above the largest useful one: max over layers of min(out, in).
+
+    A layer's ΔW [out, in] has rank at most min(out, in), so a larger rank only adds zero rows to
+    its factors (`--rank 100000` once wrote gigabytes of zeros). An export gives each layer
+    min(rank, out, in); a rank that no layer can use is a mistake, so it is refused, not clipped.
+    """
+    bound = max(min(delta.shape) for delta in deltas.values())
+    if rank < 1:
+        raise MergeConfigError(f"--rank must be at least 1, got {rank}")
+    if rank > bound:
+        raise MergeConfigError(
+            f"--rank {rank} is above {bound}, the largest useful rank for these layers (a layer's rank is at "
+            f"most min(out, in) of its weight): use --rank {bound} or less"
+        )
+
+
+def check_output_folder(folder: str | Path, inputs: list[str | Path], overwrite: bool = False) -> None:
+    """Refuse an output folder whose replacement would destroy something that is not a previous merge.
+
+    The export replaces the whole folder, so it must not be (or be inside, or contain) an input
+    adapter, must not be a file or lie under one, and must be empty unless it is a previous merge
+    output (it holds merge.json and no task.json) and `overwrite` is set. A folder that cannot
+    even be looked at (no permission) is refused in one line too.
+    """
+    try:
+        _check_output_folder(folder, inputs, overwrite)
+    except OSError as error:
+        raise MergeConfigError(
+            f"cannot inspect output folder {folder} ({error.strerror or error}): choose a folder you can write"
+        ) from None
+
+
+def _check_output_folder(folder: str | Path, inputs: list[str | Path], overwrite: bool) -> None:
+    out = Path(folder).resolve()
+    for source in inputs:
+        source = Path(source).resolve()
+        if out == source:
+            raise MergeConfigError(
+                f"output folder {folder} is the input adapter {source}: the merge would overwrite it; "
+                "choose a new folder"
+            )
+        if source in out.parents:
+            raise MergeConfigError(
+                f"output folder {folder} is inside the input adapter {source}: choose a folder outside every adapter"
+            )
+        if out in source.parents:
+            raise MergeConfigError(
+                f"output folder {folder} contains the input adapter {source}: replacing it would delete that "
+                "adapter; choose a new folder"
+            )
+    if out.exists() and not out.is_dir():
+        raise MergeConfigError(f"output folder {folder} is a file, not a folder: choose a new folder")
+    if not out.exists():
+        ancestor = out.parent
+        while not ancestor.exists():
+            ancestor = ancestor.parent
+        if not ancestor.is_dir():
+            raise MergeConfigError(f"output folder {folder} lies under the file {ancestor}: choose a folder path")
+        return
+    if not any(out.iterdir()):
+        return
+    if (out / META_FILE).exists():
+        raise MergeConfigError(
+            f"output folder {folder} holds a trained model ({META_FILE}): a merge never replaces one; "
+            "choose a new folder"
+        )
+    if not (out / MERGE_INFO_FILE).is_file():
+        raise MergeConfigError(
+            f"output folder {folder} is not empty and is not a previous merge output (no {MERGE_INFO_FILE}): "
+            "choose a new or empty folder"
+        )
+    if not overwrite:
+        raise MergeConfigError(
+            f"output folder {folder} already holds a merge: pass --overwrite to replace it, or choose a new folder"
+        )
+
+
+def _write_folder_atomically(folder: Path, write) -> None:
+    """Run `write(temp)` on a temporary sibling of `folder`, then rename it into place.
+
+    Nothing half-written is ever left at `folder`: on any failure the temporary (and any parent
+    folder made for it) is removed and a previous `folder` stays as it was; on success a previous
+    folder is swapped out and deleted only after the new one is in place.
+    """
+    made = [parent for parent in [folder.parent, *folder.parent.parents] if not parent.exists()]
+    temp = None
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        temp = folder.parent / f".{folder.name}.{uuid.uuid4().hex[:8]}.tmp"
+        temp.mkdir()  # not mkdtemp: its 0o700 would become the output folder's mode
+        write(temp)
+        if folder.exists():
+            old = folder.parent / f".{folder.name}.{uuid.uuid4().hex[:8]}.old"
+            os.replace(folder, old)
+            try:
+                os.replace(temp, folder)
+            except BaseException:
+                os.replace(old, folder)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(temp, folder)
+    except BaseException:
+        if temp is not None:
+            shutil.rmtree(temp, ignore_errors=True)
+        for parent in made:  # deepest first; stops at the first one that is not empty
+            try:
+                parent.rmdir()
+            except OSError:
+                break
+        raise
+
+
 def export_merge_as_lora(
-    merged: dict[str, torch.Tensor], adapters: list[AdapterDeltas], rank: int, folder: str | Path, merge_info: dict
+    merged: dict[str, torch.Tensor],
+    adapters: list[AdapterDeltas],
+    rank: int,
+    folder: str | Path,
+    merge_info: dict,
+    overwrite: bool = False,
 ) -> float:
-    """Save a merge as a peft LoRA (alpha = rank, so scaling 1) plus the k heads; returns the relative error.
+    """Save a merge as a peft LoRA (scaling 1 on every layer) plus the k heads; returns the relative error.
 
     The folder loads with `PeftModel.from_pretrained(backbone, folder)`; heads are saved as
-    `heads/<task>/` model folders. The returned figure is ||ΔW - B A||_F / ||ΔW||_F over all layers.
+    `heads/<task>/` model folders. Each layer gets rank min(rank, out, in) (peft's rank_pattern,
+    with alpha_pattern equal to it so the scaling stays 1); a rank no layer can use is refused
+    (`check_export_rank`). The folder is checked with `check_output_folder` and written atomically.
+    The returned figure is ||ΔW - B A||_F / ||ΔW||_F over all layers.
     """
     folder = Path(folder)
+    check_output_folder(folder, [a.path for a in adapters], overwrite)
+    check_export_rank(rank, merged)
     meta0 = adapters[0].meta
     backbone = create_backbone(BackboneConfig(**meta0["backbone"]))
+    for layer, delta in merged.items():
+        weight = getattr(_submodule(backbone, layer), "weight", None)
+        if weight is None or weight.shape[0] != delta.shape[0] or weight[0].numel() != delta.shape[1]:
+            raise AdapterError(
+                f"merged layer {layer} ({list(delta.shape)}) does not fit backbone {meta0['backbone']['name']}: "
+                "merge adapters trained on that backbone"
+            )
+        if not torch.isfinite(delta).all():
+            raise MergeConfigError(
+                f"the merge gave NaN or infinite values in layer {layer}: check the method's hyperparameters"
+            )
+    clipped = {layer: min(delta.shape) for layer, delta in merged.items() if min(delta.shape) < rank}
     targets = sorted({layer.rsplit(".", 1)[-1] for layer in merged})
-    peft_model = add_lora(backbone, rank=rank, alpha=rank, target_modules=targets)
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=rank,
+        target_modules=targets,
+        lora_dropout=0.0,
+        bias="none",
+        rank_pattern=clipped,
+        alpha_pattern=clipped,
+    )
+    peft_model = get_peft_model(backbone, config)
     error_sq, total_sq = 0.0, 0.0
     with torch.no_grad():
         for layer, delta in merged.items():
             module = peft_model.base_model.model.get_submodule(layer)
             b, a = low_rank_factors(delta, rank)
-            r = a.shape[0]
             lora_a, lora_b = module.lora_A["default"].weight, module.lora_B["default"].weight
-            lora_a.zero_(), lora_b.zero_()
-            lora_a[:r].copy_(a.reshape(lora_a[:r].shape))
-            lora_b[:, :r].copy_(b.reshape(lora_b[:, :r].shape))
+            lora_a.copy_(a.reshape(lora_a.shape))
+            lora_b.copy_(b.reshape(lora_b.shape))
             error_sq += float((delta.double() - b.double() @ a.double()).pow(2).sum())
             total_sq += float(delta.double().pow(2).sum())
     relative_error = (error_sq / total_sq) ** 0.5 if total_sq > 0 else 0.0
-    folder.mkdir(parents=True, exist_ok=True)
-    peft_model.save_pretrained(str(folder))
-    for adapter in adapters:
-        save_model(
-            folder / "heads" / adapter.task.replace(":", "_").replace("/", "_"),
-            {**adapter.meta, "model_kind": "head", "training": {"from_adapter": str(adapter.path)}},
-            adapter.head,
-        )
     info = {
         **merge_info,
         "export_rank": rank,
@@ -143,14 +286,39 @@ def export_merge_as_lora(
         "backbone": meta0["backbone"],
         "preprocess": meta0["preprocess"],
     }
-    (folder / "merge.json").write_text(json.dumps(info, indent=2, sort_keys=True))
+
+    def write(temp: Path) -> None:
+        peft_model.save_pretrained(str(temp))
+        for adapter in adapters:
+            save_model(
+                temp / "heads" / adapter.task.replace(":", "_").replace("/", "_"),
+                {**adapter.meta, "model_kind": "head", "training": {"from_adapter": str(adapter.path)}},
+                adapter.head,
+            )
+        (temp / MERGE_INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True))
+
+    try:
+        _write_folder_atomically(folder, write)
+    except OSError as error:
+        raise MergeConfigError(
+            f"cannot write output folder {folder} ({error.strerror or error}): choose a writable folder"
+        ) from None
     return relative_error
+
+
+def _submodule(model: torch.nn.Module, name: str) -> torch.nn.Module | None:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
 
 
 __all__ = [
     "AdapterMerger",
     "FoldedBackbone",
     "build_merged_model",
+    "check_export_rank",
+    "check_output_folder",
     "export_merge_as_lora",
     "merge_deltas",
     "low_rank_factors",

@@ -1,0 +1,337 @@
+"""The merge CLI on hostile input: every refusal is one line with exit code 2, and nothing is written.
+
+The inputs are copies of the committed adapters (artifacts/tf_efficientnet_lite0/<task>/adapter-seed0-*),
+damaged in tmp_path where a case needs it; the originals are never passed to the CLI. Each refusal
+also checks that the output folder was not created (or is unchanged) and that the input adapters'
+files are byte-identical afterwards.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file, save_file
+
+import merging.merged_model
+from merging.deltas import load_deltas
+from merging.merge import main as merge_main
+from merging.merged_model import FoldedBackbone, merge_deltas
+from mlvision.backbone import BackboneConfig, create_backbone
+from mlvision.paths import REPO_ROOT
+
+ARTIFACTS = REPO_ROOT / "artifacts" / "tf_efficientnet_lite0"
+TASKS = ["mnist", "fashion_mnist"]
+LAYER = "base_model.model.blocks.1.0.conv_pwl"  # a layer every committed adapter factors (rank 8)
+
+
+def committed_adapter(task: str) -> Path:
+    folders = sorted((ARTIFACTS / task).glob("adapter-seed0-*"))
+    if not folders:
+        pytest.skip(f"no committed adapter for {task} under {ARTIFACTS}")
+    return folders[0]
+
+
+@pytest.fixture
+def adapters(tmp_path) -> list[Path]:
+    """Copies of two committed adapters, free to damage."""
+    copies = []
+    for task in TASKS:
+        copy = tmp_path / "adapters" / task
+        shutil.copytree(committed_adapter(task), copy)
+        copies.append(copy)
+    return copies
+
+
+def snapshot(*folders: Path) -> dict[str, bytes]:
+    """Every file under the folders with its bytes: equal snapshots mean nothing was touched."""
+    return {str(f): f.read_bytes() for folder in folders for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+def leftovers(parent: Path) -> list[str]:
+    """Temporary siblings an interrupted export could leave beside --out."""
+    return [p.name for p in parent.iterdir() if p.name.endswith((".tmp", ".old"))] if parent.is_dir() else []
+
+
+def refused(argv: list[str], capsys, *words: str) -> str:
+    """Run the CLI; it must exit 2 with one line on stderr that contains every word."""
+    capsys.readouterr()
+    code = merge_main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for word in words:
+        assert word in lines[0], lines[0]
+    return lines[0]
+
+
+def damage_factors(folder: Path, change) -> None:
+    path = folder / "adapter_model.safetensors"
+    factors = load_file(str(path))
+    change(factors)
+    save_file(factors, str(path), metadata={"format": "pt"})
+
+
+def edit_json(path: Path, change) -> None:
+    data = json.loads(path.read_text())
+    path.write_text(json.dumps(change(data)))
+
+
+# --- the output folder -------------------------------------------------------------------------------
+
+
+def test_out_that_is_an_input_adapter_is_refused_and_the_adapter_is_untouched(adapters, capsys):
+    before = snapshot(*adapters)
+    refused([*adapters, "--out", adapters[0], "--rank", "4"], capsys, "is the input adapter", str(adapters[0]))
+    refused([*adapters, "--out", adapters[0], "--rank", "4", "--overwrite"], capsys, "is the input adapter")
+    assert snapshot(*adapters) == before
+
+
+def test_out_inside_an_input_adapter_is_refused(adapters, capsys):
+    before = snapshot(*adapters)
+    refused([*adapters, "--out", adapters[1] / "merged", "--rank", "4"], capsys, "is inside the input adapter")
+    assert snapshot(*adapters) == before and not (adapters[1] / "merged").exists()
+
+
+def test_out_that_contains_an_input_adapter_is_refused_even_with_overwrite(adapters, capsys):
+    parent = adapters[0].parent
+    (parent / "merge.json").write_text("{}")  # looks like a previous merge, but holds the inputs
+    before = snapshot(parent)
+    refused([*adapters, "--out", parent, "--rank", "4", "--overwrite"], capsys, "contains the input adapter")
+    assert snapshot(parent) == before
+
+
+def test_out_that_is_a_file_is_refused(adapters, tmp_path, capsys):
+    out = tmp_path / "notes.txt"
+    out.write_text("keep me")
+    refused([*adapters, "--out", out, "--rank", "4"], capsys, "is a file", str(out))
+    assert out.read_text() == "keep me"
+
+
+def test_out_under_a_file_is_refused(adapters, tmp_path, capsys):
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("keep me")
+    refused([*adapters, "--out", blocker / "sub" / "merged", "--rank", "4"], capsys, "lies under the file", "notes.txt")
+    assert blocker.read_text() == "keep me"
+
+
+@pytest.fixture
+def unwritable(tmp_path):
+    """A folder nothing can be created in: read-only for a normal user; /proc for root, who writes anywhere else."""
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    folder.chmod(0o500)
+    try:
+        (folder / "probe").touch()
+    except OSError:
+        yield folder
+    else:
+        (folder / "probe").unlink()
+        if not Path("/proc").is_dir():
+            pytest.skip("running as root without /proc: no folder is unwritable")
+        yield Path("/proc")
+    finally:
+        folder.chmod(0o700)
+
+
+def test_unwritable_out_is_one_line_and_writes_nothing(adapters, unwritable, capsys):
+    out = unwritable / "mlv-merge-test-out"
+    before = snapshot(*adapters)
+    refused([*adapters, "--out", out, "--rank", "4"], capsys, "cannot write output folder", str(out))
+    assert not out.exists() and snapshot(*adapters) == before
+    if unwritable.name == "read_only":
+        assert list(unwritable.iterdir()) == []
+
+
+def test_non_empty_folder_that_is_not_a_merge_is_never_replaced(adapters, tmp_path, capsys):
+    """The hostile run's `DIR/heads is a file` left a half-written DIR; now DIR is refused as it is."""
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "heads").write_text("a file where the heads would go")
+    before = snapshot(out)
+    refused([*adapters, "--out", out, "--rank", "4"], capsys, "is not empty and is not a previous merge output")
+    refused([*adapters, "--out", out, "--rank", "4", "--overwrite"], capsys, "not a previous merge output")
+    assert snapshot(out) == before and leftovers(tmp_path) == []
+
+
+def test_overwrite_never_replaces_an_adapter(adapters, tmp_path, capsys):
+    other = tmp_path / "other_adapter"
+    shutil.copytree(committed_adapter("uci_digits"), other)
+    before = snapshot(other)
+    refused([*adapters, "--out", other, "--rank", "4", "--overwrite"], capsys, "holds a trained model")
+    assert snapshot(other) == before
+
+
+def test_reusing_a_merge_output_needs_overwrite_and_leaves_no_stale_heads(adapters, tmp_path, capsys):
+    out = tmp_path / "merged"
+    assert merge_main([*map(str, adapters), "--out", str(out), "--rank", "4"]) == 0
+    before = snapshot(out)
+    refused([adapters[0], "--out", out, "--rank", "4"], capsys, "already holds a merge", "--overwrite")
+    assert snapshot(out) == before
+    assert merge_main([str(adapters[0]), "--out", str(out), "--rank", "4", "--overwrite"]) == 0
+    assert json.loads((out / "merge.json").read_text())["tasks"] == [TASKS[0]]
+    assert sorted(p.name for p in (out / "heads").iterdir()) == [TASKS[0]]  # the second task's head is gone
+    assert leftovers(tmp_path) == []
+
+
+def test_a_failure_while_writing_leaves_nothing_at_out(adapters, tmp_path, capsys, monkeypatch):
+    """A crash half-way through the export (here: the second head) removes the temporary folder."""
+    real_save_model, calls = merging.merged_model.save_model, []
+
+    def fail_on_second_head(folder, *args, **kwargs):
+        calls.append(folder)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real_save_model(folder, *args, **kwargs)
+
+    monkeypatch.setattr(merging.merged_model, "save_model", fail_on_second_head)
+    out = tmp_path / "new" / "merged"
+    refused([*adapters, "--out", out, "--rank", "4"], capsys, "cannot write output folder", "No space left")
+    assert not (tmp_path / "new").exists()  # neither the folder nor the parent made for it
+
+    previous = tmp_path / "previous"
+    monkeypatch.setattr(merging.merged_model, "save_model", real_save_model)
+    assert merge_main([*map(str, adapters), "--out", str(previous), "--rank", "4"]) == 0
+    before = snapshot(previous)
+    calls.clear()
+    monkeypatch.setattr(merging.merged_model, "save_model", fail_on_second_head)
+    refused([*adapters, "--out", previous, "--rank", "4", "--overwrite"], capsys, "No space left")
+    assert snapshot(previous) == before and leftovers(tmp_path) == []
+
+
+# --- the rank ------------------------------------------------------------------------------------------
+
+
+def test_rank_above_the_largest_layer_bound_is_refused(adapters, tmp_path, capsys):
+    out = tmp_path / "merged"
+    refused([*adapters, "--out", out, "--rank", "100000"], capsys, "--rank 100000", "320", "--rank 320 or less")
+    assert not out.exists()
+
+
+def test_exported_rank_is_bounded_per_layer_and_loads_in_peft(adapters, tmp_path):
+    """Rank 20 exceeds blocks.0.0.conv_pw's min(16, 32): that layer gets rank 16, and the export is still exact."""
+    out = tmp_path / "merged"
+    assert merge_main([*map(str, adapters), "--method", "linear", "--out", str(out), "--rank", "20"]) == 0
+    factors = load_file(str(out / "adapter_model.safetensors"))
+    for key, a in factors.items():
+        if key.endswith("lora_A.weight"):
+            b = factors[key.replace("lora_A", "lora_B")]
+            assert a.shape[0] == b.shape[1] == min(20, a.shape[1], b.shape[0]), key
+    assert factors["base_model.model.blocks.0.0.conv_pw.lora_A.weight"].shape[0] == 16
+    loaded = [load_deltas(folder) for folder in adapters]
+    config = BackboneConfig(**loaded[0].meta["backbone"])
+    peft_model = PeftModel.from_pretrained(create_backbone(config), str(out)).eval()
+    folded = FoldedBackbone(config).fold(merge_deltas(loaded, "linear"))  # two rank-8 updates: rank <= 16 < 20
+    images = torch.randn(2, 3, 48, 48, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        assert torch.allclose(peft_model(images), folded(images), atol=1e-4)
+
+
+# --- the adapters --------------------------------------------------------------------------------------
+
+
+def test_task_json_that_is_not_an_object_is_refused(adapters, tmp_path, capsys):
+    (adapters[0] / "task.json").write_text("[]")
+    before = snapshot(*adapters)
+    refused([*adapters, "--out", tmp_path / "merged", "--rank", "4"], capsys, "task.json is not a JSON object")
+    assert snapshot(*adapters) == before and not (tmp_path / "merged").exists()
+
+
+def test_lora_factors_of_different_ranks_are_refused(adapters, tmp_path, capsys):
+    def drop_a_column(factors):
+        factors[f"{LAYER}.lora_B.weight"] = factors[f"{LAYER}.lora_B.weight"][:, :7].contiguous()
+
+    damage_factors(adapters[1], drop_a_column)
+    before = snapshot(*adapters)
+    refused([*adapters, "--out", tmp_path / "merged", "--rank", "4"], capsys, "blocks.1.0.conv_pwl", "ranks differ")
+    assert snapshot(*adapters) == before and not (tmp_path / "merged").exists()
+
+
+def test_non_finite_factors_are_refused(adapters, tmp_path, capsys):
+    def poison(factors):
+        factors[f"{LAYER}.lora_A.weight"][0, 0] = float("nan")
+
+    damage_factors(adapters[0], poison)
+    before = snapshot(*adapters)
+    refused([*adapters, "--out", tmp_path / "merged", "--rank", "4"], capsys, "blocks.1.0.conv_pwl", "NaN")
+    assert snapshot(*adapters) == before and not (tmp_path / "merged").exists()
+
+
+def test_config_rank_that_disagrees_with_the_factors_is_refused(adapters, tmp_path, capsys):
+    edit_json(adapters[1] / "adapter_config.json", lambda config: {**config, "r": 4})
+    before = snapshot(*adapters)
+    refused(
+        [*adapters, "--out", tmp_path / "merged", "--rank", "4"],
+        capsys,
+        "rank-8 factors",
+        "adapter_config.json says r=4",
+    )
+    assert snapshot(*adapters) == before and not (tmp_path / "merged").exists()
+
+
+def test_config_target_modules_that_miss_a_factored_layer_are_refused(adapters, tmp_path, capsys):
+    edit_json(
+        adapters[0] / "adapter_config.json", lambda config: {**config, "target_modules": ["conv_pw", "conv_head"]}
+    )
+    before = snapshot(*adapters)
+    refused([*adapters, "--out", tmp_path / "merged", "--rank", "4"], capsys, "conv_pwl", "not in target_modules")
+    assert snapshot(*adapters) == before and not (tmp_path / "merged").exists()
+
+
+# --- the other arguments -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", ["-5", "0"])
+def test_evaluate_below_one_is_refused(adapters, tmp_path, capsys, n):
+    refused([*adapters, "--out", tmp_path / "merged", "--rank", "4", "--evaluate", n], capsys, "--evaluate", n)
+    assert not (tmp_path / "merged").exists()
+
+
+def test_a_bad_argument_value_is_one_line(adapters, tmp_path, capsys):
+    refused([*adapters, "--out", tmp_path / "merged", "--rank", "four"], capsys, "--rank", "invalid int value")
+
+
+def test_the_script_prints_one_line_and_exits_2(adapters):
+    """Run as the README does: `python merging/merge.py ...`; no traceback, the adapter unchanged."""
+    before = snapshot(*adapters)
+    result = subprocess.run(
+        [sys.executable, "merging/merge.py", *map(str, adapters), "--out", str(adapters[0]), "--rank", "4"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=300,
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()], result.stderr
+    assert "is the input adapter" in result.stderr and "Traceback" not in result.stderr
+    assert snapshot(*adapters) == before
+
+
+# --- a valid merge -------------------------------------------------------------------------------------
+
+
+def test_valid_merge_writes_a_complete_folder_and_overwrite_replaces_it(adapters, tmp_path, capsys):
+    out = tmp_path / "merged"
+    before = snapshot(*adapters)
+    assert merge_main([*map(str, adapters), "--method", "ties", "--out", str(out), "--rank", "4"]) == 0
+    assert "relative reconstruction error" in capsys.readouterr().out
+    assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
+    for task in TASKS:
+        assert (out / "heads" / task / "head.safetensors").is_file()
+        assert json.loads((out / "heads" / task / "task.json").read_text())["model_kind"] == "head"
+    info = json.loads((out / "merge.json").read_text())
+    assert info["tasks"] == TASKS and info["method"] == "ties" and info["export_rank"] == 4
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 4
+
+    args = [*map(str, adapters), "--method", "linear", "--out", str(out), "--rank", "4", "--overwrite"]
+    assert merge_main(args) == 0
+    assert json.loads((out / "merge.json").read_text())["method"] == "linear"
+    assert sorted(p.name for p in (out / "heads").iterdir()) == sorted(TASKS)
+    assert snapshot(*adapters) == before and leftovers(tmp_path) == []
