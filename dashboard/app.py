@@ -6,12 +6,20 @@
 
 Pages are chosen in the sidebar; every page and its filters are in the URL
 (`?page=merge_count&method=ties`), so a view can be shared by its link.
+
+The server listens on 127.0.0.1 only (.streamlit/config.toml, read when started from the repo
+root); `--server.address 0.0.0.0` serves other machines too.
+
+No problem with the database ends in a traceback: the store names it in one line (missing,
+locked, not DuckDB's, truncated, newer, unexpected types) and the page shows that line. While a
+run holds the file, the page shows the results it last read, and says from when.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,11 +56,26 @@ def main() -> None:
     st.sidebar.divider()
 
     filters = Filters(page)
+    queries.start_render()
+    notice = st.empty()  # above the page: filled when a result came from memory
     try:
         queries.relations(db)  # fails early, with the store's message, on a missing/locked/corrupt file
         PAGES[page][1](db, filters)
     except StoreError as error:
         st.error(f"Cannot read the results database: {error}")
+    except Exception as error:  # the last resort: a page that fails on data it did not expect shows one line
+        traceback.print_exc()  # the details go to the server's log
+        reason = (str(error).splitlines() or [""])[0]
+        st.error(
+            f"This page could not be drawn ({type(error).__name__}: {reason}): `{db}` holds data this version "
+            "does not expect; re-create it with `python training/run_all.py`"
+        )
+    since = queries.stale_since()
+    if since is not None:
+        notice.warning(
+            f"Showing results from {since:%H:%M:%S}; the database is busy being written. "
+            "Refresh in a moment for newer ones."
+        )
     sync_url(page, filters)
 
 

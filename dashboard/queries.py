@@ -5,17 +5,27 @@ Rules kept here, so the pages need not think about them:
   exception is the `runs` table (run id, command, config), which no view exposes yet and
   which is read only when present;
 - connections are read-only (`Store.read()`): the dashboard can never change the file;
+- every question is answered from one snapshot of the file, read in one short connection per
+  version of the file (path, modification time and size of the file and of its write-ahead log).
+  Opening the file costs more than all the queries together, a run writing the file finds it
+  free between snapshots, and every page sees one consistent state. A page re-renders from
+  memory until the pipeline writes something new;
 - a view that an older database lacks gives `None` (the page says "not there yet"), an
-  empty view gives an empty DataFrame; a missing, locked or corrupt file raises
-  `StoreError`, whose message the page shows as it is;
-- results are cached by (path, modification time of the file and of its write-ahead log), so
-  a page re-renders from memory until the pipeline writes something new.
+  empty view gives an empty DataFrame; a missing, corrupt or newer file, or a view whose columns
+  hold unexpected types, raises `StoreError`, whose message the page shows as it is;
+- while a run writes, the file is locked: `Store.read()` waits (up to $MLV_STORE_READ_WAIT_S), and
+  if the file is still locked, the last snapshot read (kept in memory) answers instead, and
+  `stale_since()` tells the app to say from when. Only a file never read before shows the lock as
+  an error.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import threading
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import duckdb
@@ -23,13 +33,45 @@ import pandas as pd
 import streamlit as st
 
 from mlvision.errors import StoreError
-from mlvision.store import Store
+from mlvision.store import Store, StoreBusyError
 
 VIEWS = ("task_results", "merge_results", "task_similarity", "findings", "benchmarks")
 
+# Every question the pages ask: name -> (the view or table it reads, its SQL).
+QUESTIONS = {
+    "task_results": ("task_results", "SELECT * FROM task_results ORDER BY task, model_kind, seed"),
+    "merge_results": ("merge_results", "SELECT * FROM merge_results ORDER BY method, k, tasks, seed, task"),
+    "task_similarity": ("task_similarity", "SELECT * FROM task_similarity ORDER BY measure, task_a, task_b, seed"),
+    "findings": ("findings", "SELECT * FROM findings ORDER BY finding, statistic"),
+    "benchmarks": ("benchmarks", "SELECT * FROM benchmarks ORDER BY name, variant, k, batch_size"),
+    "runs": ("runs", "SELECT * FROM runs ORDER BY started_at DESC NULLS LAST"),
+    "merge_summary": (
+        "merge_results",
+        """SELECT method, k, count(DISTINCT merge_id) AS merges, count(DISTINCT tasks) AS groups,
+                  count(DISTINCT seed) AS seeds, count(*) AS rows
+           FROM merge_results GROUP BY method, k ORDER BY method, k""",
+    ),
+    "tasks": ("tasks", "SELECT task, domain, label_names, description, source FROM tasks"),
+}
+
+
+@dataclass
+class Snapshot:
+    """What the file held at one moment: enough to answer every question in QUESTIONS."""
+
+    columns: dict[str, dict[str, str]]  # table or view -> {column: DuckDB type}
+    schema_version: int | None
+    answers: dict[str, pd.DataFrame | str | None]  # question -> rows; None: no such view; str: why it failed
+
+
+# db -> (its last snapshot, when it was read); shared by every session of this server.
+_last_good: dict[str, tuple[Snapshot, datetime]] = {}
+# Per script run (each runs in its own thread): when the last-good snapshot this render used was read.
+_render = threading.local()
+
 
 def db_version(db: str) -> tuple:
-    """Cache key part that changes whenever the file (or its WAL) changes; () if absent."""
+    """Cache key part that changes whenever the file (or its WAL) changes; None parts where absent."""
     key = []
     for path in (Path(db), Path(str(db) + ".wal")):
         try:
@@ -40,34 +82,72 @@ def db_version(db: str) -> tuple:
     return tuple(key)
 
 
-@st.cache_data(show_spinner=False, max_entries=256)
-def _relations(db: str, version: tuple) -> frozenset[str]:
-    with Store(db).read() as con:
-        rows = con.execute("SELECT table_name FROM information_schema.tables").fetchall()
-    return frozenset(name for (name,) in rows)
+def start_render() -> None:
+    """Forget what the previous render served from memory (the app calls this before drawing a page)."""
+    _render.stale_since = None
 
 
-@st.cache_data(show_spinner=False, max_entries=256)
-def _query(db: str, version: tuple, sql: str) -> pd.DataFrame:
+def stale_since() -> datetime | None:
+    """When the results this render served from memory were read; None when they were read now."""
+    return getattr(_render, "stale_since", None)
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def _read_snapshot(db: str, version: tuple) -> Snapshot:
+    """Every answer, read in one read-only connection (cached per version of the file)."""
     with Store(db).read() as con:
-        return con.execute(sql).df()
+        columns: dict[str, dict[str, str]] = {}
+        for table, column, kind in con.execute(
+            "SELECT table_name, column_name, data_type FROM information_schema.columns"
+        ).fetchall():
+            columns.setdefault(table, {})[column] = kind
+        schema_version = None
+        if "schema_version" in columns:
+            schema_version = con.execute("SELECT max(version) FROM schema_version").fetchall()[0][0]
+        answers: dict[str, pd.DataFrame | str | None] = {}
+        for name, (relation, sql) in QUESTIONS.items():
+            if relation not in columns:
+                answers[name] = None
+                continue
+            try:
+                answers[name] = con.execute(sql).df()
+            except (duckdb.CatalogException, duckdb.BinderException) as error:  # e.g. a view over a dropped table
+                answers[name] = str(error).splitlines()[0]
+    return Snapshot(columns, schema_version, answers)
+
+
+def snapshot(db: str) -> Snapshot:
+    """The file's current snapshot, or while it stays locked the last one read; raises StoreError if
+    it cannot be read (and was never read before) or was written by a newer version of the code."""
+    try:
+        snap = _read_snapshot(str(db), db_version(db))
+        _last_good[str(db)] = (snap, datetime.now())
+    except StoreBusyError:
+        if str(db) not in _last_good:
+            raise
+        snap, _render.stale_since = _last_good[str(db)]
+    Store(db).check_version(snap.schema_version)
+    return snap
 
 
 def relations(db: str) -> frozenset[str]:
     """Names of the tables and views the file holds (raises StoreError if it cannot be read)."""
-    return _relations(str(db), db_version(db))
+    return frozenset(snapshot(db).columns)
 
 
-def _read(db: str, relation: str, sql: str) -> pd.DataFrame | None:
-    if relation not in relations(db):
+def _answer(db: str, question: str) -> pd.DataFrame | None:
+    snap = snapshot(db)
+    relation, _ = QUESTIONS[question]
+    answer = snap.answers[question]
+    if answer is None:
         return None
-    try:
-        return _query(str(db), db_version(db), sql).copy()
-    except duckdb.Error as error:  # e.g. a view over a table an incompatible version dropped
+    Store(db).check_view_types(relation, snap.columns[relation])
+    if isinstance(answer, str):
         raise StoreError(
-            f"the `{relation}` view of {db} cannot be read ({str(error).splitlines()[0]}): the file "
-            "may come from an incompatible version; re-create it with `python training/run_all.py`"
-        ) from None
+            f"the `{relation}` view of {db} cannot be read ({answer}): it refers to tables or columns the file "
+            "lacks (an incompatible or edited file); re-create it with `python training/run_all.py`"
+        )
+    return answer.copy()
 
 
 # -- the questions the pages ask -----------------------------------------------------------
@@ -75,41 +155,34 @@ def _read(db: str, relation: str, sql: str) -> pd.DataFrame | None:
 
 def task_results(db: str) -> pd.DataFrame | None:
     """One row per trained model (head baseline or adapter) with its test accuracy."""
-    return _read(db, "task_results", "SELECT * FROM task_results ORDER BY task, model_kind, seed")
+    return _answer(db, "task_results")
 
 
 def merge_results(db: str) -> pd.DataFrame | None:
     """One row per (merged model, task it serves)."""
-    return _read(db, "merge_results", "SELECT * FROM merge_results ORDER BY method, k, tasks, seed, task")
+    return _answer(db, "merge_results")
 
 
 def task_similarity(db: str) -> pd.DataFrame | None:
-    return _read(db, "task_similarity", "SELECT * FROM task_similarity ORDER BY measure, task_a, task_b, seed")
+    return _answer(db, "task_similarity")
 
 
 def findings(db: str) -> pd.DataFrame | None:
-    return _read(db, "findings", "SELECT * FROM findings ORDER BY finding, statistic")
+    return _answer(db, "findings")
 
 
 def benchmarks(db: str) -> pd.DataFrame | None:
-    return _read(db, "benchmarks", "SELECT * FROM benchmarks ORDER BY name, variant, k, batch_size")
+    return _answer(db, "benchmarks")
 
 
 def runs(db: str) -> pd.DataFrame | None:
     """Stored pipeline runs (the `runs` table: no contract view exposes it yet), newest first."""
-    return _read(db, "runs", "SELECT * FROM runs ORDER BY started_at DESC NULLS LAST")
+    return _answer(db, "runs")
 
 
 def merge_summary(db: str) -> pd.DataFrame | None:
     """Per (method, k): number of merged models, groups, seeds and evaluated rows."""
-    return _read(
-        db,
-        "merge_results",
-        """
-        SELECT method, k, count(DISTINCT merge_id) AS merges, count(DISTINCT tasks) AS groups,
-               count(DISTINCT seed) AS seeds, count(*) AS rows
-        FROM merge_results GROUP BY method, k ORDER BY method, k""",
-    )
+    return _answer(db, "merge_summary")
 
 
 # -- facts about tasks (labels, domain) ----------------------------------------------------
@@ -121,7 +194,7 @@ def task_info(db: str, names: list[str]) -> pd.DataFrame:
     The `tasks` table of the file is used when present (it knows hub tasks too); otherwise the
     built-in registry. Unknown names get domain "unknown" rather than an error.
     """
-    stored = _read(db, "tasks", "SELECT task, domain, label_names, description, source FROM tasks")
+    stored = _answer(db, "tasks")
     rows = {}
     if stored is not None:
         for record in stored.to_dict("records"):

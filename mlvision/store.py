@@ -8,9 +8,23 @@ Why it is written this way:
   never leaves half a result, and readers (dashboard, demo) can open the file between writes;
 - rows are keyed by the hash of their full configuration, and inserts skip keys already
   present, so re-running any stage adds no duplicate rows;
-- readers open the file read-only (`Store.read()`), so they can never change it;
+- readers open the file read-only (`Store.read()`), so they can never change it, and only for
+  the moment of a query, so the writer finds the file free between their queries;
 - a file written by a newer version of the code (higher `schema_version`) is refused with
   a message, never silently mis-read or "upgraded" downwards.
+
+Waiting for a busy file: DuckDB lets one process write a file, or any number of processes read
+it, never both at once, and refuses a connection at once when the file is locked. So opening
+retries with exponential backoff and jitter (a dashboard refreshing must not kill a run that is
+writing, and a run writing must not blank the dashboard), prints a line on stderr every few
+seconds naming the file and the process that holds it, and gives up with a one-line
+`StoreBusyError` after a limit:
+- writers wait up to 120 s, or `$MLV_STORE_WAIT_S` seconds;
+- readers wait up to 20 s, or `$MLV_STORE_READ_WAIT_S` seconds (the dashboard then shows the
+  last result it read, see dashboard/queries.py).
+
+Every other problem with the file gets its own one-line `StoreError` naming what it is (missing,
+not a DuckDB file, truncated or corrupt, newer schema, views holding unexpected types) and the fix.
 """
 
 from __future__ import annotations
@@ -18,6 +32,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
+import re
+import sys
+import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,6 +43,19 @@ from pathlib import Path
 import duckdb
 
 from mlvision.errors import StoreError
+
+WRITE_WAIT_ENV, DEFAULT_WRITE_WAIT_S = "MLV_STORE_WAIT_S", 120.0
+READ_WAIT_ENV, DEFAULT_READ_WAIT_S = "MLV_STORE_READ_WAIT_S", 20.0
+_FIRST_DELAY_S, _MAX_DELAY_S = 0.05, 0.5  # backoff between tries: doubles from the first up to the max
+_FIRST_NOTE_S, _NOTE_EVERY_S = 2.0, 5.0  # a wait shorter than the first goes unmentioned
+# How DuckDB's messages (first line, lower case) say that the file is not DuckDB's, or is damaged.
+_NOT_DUCKDB = ("not a valid duckdb database file",)
+_DAMAGED = ("could not read enough bytes", "corrupt", "checksum")
+
+
+class StoreBusyError(StoreError):
+    """The file stayed locked by another process for longer than the wait limit."""
+
 
 # 2: benchmark_rows (and the benchmarks view) gained bench_id, section, backbone, image_size, threads,
 #    repeats, peak_memory_mb, note, run_id; a version-1 file is upgraded in place (columns added).
@@ -109,6 +140,56 @@ _VIEWS = [
 ]
 
 
+# What readers rely on in the views' columns: numbers they compute with, text they group and filter
+# by. A file whose views hold something else was not written by this code (or was edited by hand);
+# readers refuse it with a message instead of failing somewhere inside a chart.
+VIEW_COLUMN_KINDS = {
+    "task_results": {
+        "numbers": ("seed", "accuracy", "n_test", "trainable_params", "backbone_params"),
+        "text": ("task", "model_kind", "backbone", "config_hash", "run_id", "model_id"),
+    },
+    "merge_results": {
+        "numbers": (
+            "k", "seed", "merged_accuracy", "single_accuracy", "head_accuracy",
+            "normalized_accuracy", "normalized_gain", "n",
+        ),
+        "text": ("merge_id", "method", "tasks", "task", "backbone", "run_id"),
+    },
+    "task_similarity": {"numbers": ("value", "seed"), "text": ("task_a", "task_b", "measure", "run_id")},
+    "findings": {"numbers": ("value", "ci_low", "ci_high", "n"), "text": ("finding", "statistic", "note", "run_id")},
+    "benchmarks": {
+        "numbers": (
+            "k", "batch_size", "median_ms", "p95_ms", "throughput", "ratio_to_backbone",
+            "peak_memory_mb", "image_size", "threads", "repeats",
+        ),
+        "text": ("name", "variant", "device", "backbone", "note", "bench_id", "run_id"),
+    },
+}  # fmt: skip
+_TYPE_KINDS = {
+    **dict.fromkeys(
+        ("TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT", "UTINYINT", "USMALLINT", "UINTEGER", "UBIGINT",
+         "UHUGEINT", "FLOAT", "REAL", "DOUBLE", "DECIMAL"),
+        "numbers",
+    ),
+    "VARCHAR": "text",
+    "JSON": "text",
+}  # fmt: skip
+
+
+def wait_limit(read_only: bool) -> float:
+    """Seconds to wait for a locked file: readers' and writers' limits, each overridable by its variable."""
+    name, default = (READ_WAIT_ENV, DEFAULT_READ_WAIT_S) if read_only else (WRITE_WAIT_ENV, DEFAULT_WRITE_WAIT_S)
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return max(0.0, float(raw))
+    except ValueError:
+        raise StoreError(
+            f"${name}={raw!r} is not a number of seconds: set it to e.g. {default:g}, or unset it"
+        ) from None
+
+
 def config_hash(config: dict) -> str:
     """Stable short hash of a JSON-able config (key order does not matter)."""
     canonical = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
@@ -128,24 +209,94 @@ class Store:
 
     # -- opening ---------------------------------------------------------------------------
     def _connect(self, read_only: bool) -> duckdb.DuckDBPyConnection:
-        try:
-            return duckdb.connect(str(self.path), read_only=read_only)
-        except duckdb.IOException as error:
-            text = str(error)
-            if "lock" in text.lower():
-                raise StoreError(
-                    f"{self.path} is locked by another process ({text.splitlines()[0]}): "
-                    "wait for it to finish or stop it, then try again"
-                ) from None
+        """A connection; while another process holds the file, waits (see the module docstring)."""
+        limit = wait_limit(read_only)
+        started = time.monotonic()
+        delay, next_note = _FIRST_DELAY_S, _FIRST_NOTE_S
+        while True:
+            try:
+                return duckdb.connect(str(self.path), read_only=read_only)
+            except duckdb.Error as error:
+                text = _first_line(error)
+                if not (isinstance(error, duckdb.IOException) and "lock" in text.lower()):
+                    raise self.problem(error) from None
+            holder = _lock_holder(text)
+            waited = time.monotonic() - started
+            if waited >= limit:
+                variable = READ_WAIT_ENV if read_only else WRITE_WAIT_ENV
+                raise StoreBusyError(
+                    f"{self.path} is locked by another process ({holder}) and stayed locked for {waited:.1f} s: "
+                    f"wait for it to finish or stop it, then try again (${variable} sets how long to wait)"
+                )
+            if waited >= next_note:
+                print(
+                    f"waiting for {self.path}: it is locked by {holder} ({waited:.0f} s of at most {limit:g} s)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                next_note = waited + _NOTE_EVERY_S
+            time.sleep(min(random.uniform(delay / 2, delay), limit - waited))
+            delay = min(2 * delay, _MAX_DELAY_S)
+
+    def problem(self, error: duckdb.Error) -> StoreError:
+        """The one-line StoreError for an error DuckDB raised opening or reading the file."""
+        text = _first_line(error)
+        lower = text.lower()
+        if any(sign in lower for sign in _NOT_DUCKDB):
+            return StoreError(
+                f"{self.path} is not a readable DuckDB file: it holds something else ({text}); pass the path "
+                "of a results.duckdb, or move this file away and run `python training/run_all.py` to create one"
+            )
+        if any(sign in lower for sign in _DAMAGED):
+            return self._damaged(text)
+        if isinstance(error, duckdb.IOException):
+            return StoreError(
+                f"cannot open {self.path} ({text}): check the path and that its folder exists and is writable"
+            )
+        return StoreError(
+            f"{self.path} is not a readable DuckDB file ({text}): move it away and run again to create a new one"
+        )
+
+    def _damaged(self, detail: str) -> StoreError:
+        return StoreError(
+            f"{self.path} is not a readable DuckDB file: it is truncated or corrupt ({detail}); restore it "
+            "from a copy, or move it away and run `python training/run_all.py` to re-create it"
+        )
+
+    def _check_complete(self, con: duckdb.DuckDBPyConnection) -> None:
+        """Refuse a file cut short (an interrupted copy, a full disk): it still opens, and would fail
+        only on the queries that reach its missing part, so its size is compared with its used blocks."""
+        block_size, used_blocks = con.execute(
+            "SELECT block_size, used_blocks FROM pragma_database_size() WHERE database_name = current_database()"
+        ).fetchall()[0]
+        if not used_blocks or str(self.path) == ":memory:":  # nothing stored yet, or no file at all
+            return
+        size = self.path.stat().st_size
+        if size < block_size * used_blocks:
+            raise self._damaged(f"{size:,} bytes, while its {used_blocks} blocks need {block_size * used_blocks:,}")
+
+    def check_version(self, version: int | None) -> None:
+        """Refuse a file written by a newer version of this code (readers and writers alike)."""
+        if version is not None and version > SCHEMA_VERSION:
             raise StoreError(
-                f"cannot open {self.path} ({text.splitlines()[0]}): check the path and "
-                "that its folder exists and is writable"
-            ) from None
-        except duckdb.Error as error:
-            raise StoreError(
-                f"{self.path} is not a readable DuckDB file ({str(error).splitlines()[0]}): "
-                "move it away and run again to create a new one"
-            ) from None
+                f"{self.path} has schema version {version}, newer than this code's "
+                f"{SCHEMA_VERSION}: update Multi-LoRA Vision (git pull && pip install -r "
+                "requirements.txt) or use another --db path"
+            )
+
+    def check_view_types(self, view: str, types: dict[str, str]) -> None:
+        """Refuse a view whose columns (name -> DuckDB type) hold other kinds than VIEW_COLUMN_KINDS says."""
+        for kind, columns in VIEW_COLUMN_KINDS.get(view, {}).items():
+            for column in columns:
+                found = types.get(column)
+                if found is None or found.strip('"') == "NULL":  # absent (an older file) or all NULL
+                    continue
+                if _TYPE_KINDS.get(found.split("(")[0].upper()) != kind:
+                    raise StoreError(
+                        f"the `{view}` view of {self.path} holds {found} in column `{column}` where {kind} belong: "
+                        "the file was not written by Multi-LoRA Vision (or was edited); re-create it with "
+                        "`python training/run_all.py` or pass another --db path"
+                    )
 
     def initialise(self) -> None:
         """Create tables and views if needed; refuse a file from a newer schema."""
@@ -156,32 +307,65 @@ class Store:
             )
         if not os.access(folder, os.W_OK) or (self.path.exists() and not os.access(self.path, os.W_OK)):
             raise StoreError(f"cannot write {self.path}: permission denied; pass a writable --db path")
+        if self._schema_is_current():
+            self._schema_checked = True  # nothing to create: a run with nothing to do writes no byte
+            return
         with self.write():
             pass  # write() checks the version and creates the schema
 
+    def _schema_is_current(self) -> bool:
+        """True when the file already holds this code's schema version and every table and view (read-only)."""
+        if not self.path.exists():
+            return False
+        names = [statement.split(" EXISTS ")[1].split()[0] for statement in _TABLES if "CREATE TABLE" in statement]
+        names += [statement.split(" VIEW ")[1].split()[0] for statement in _VIEWS]
+        with self.read() as con:
+            present = {row[0] for row in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+            if not set(names) <= present:
+                return False
+            version = con.execute("SELECT max(version) FROM schema_version").fetchall()[0][0]
+            columns = {
+                row[0]
+                for row in con.execute(
+                    "SELECT column_name FROM information_schema.columns WHERE table_name = 'benchmark_rows'"
+                ).fetchall()
+            }
+        added = {statement.split(" EXISTS ")[1].split()[0] for statement in _TABLES if "ADD COLUMN" in statement}
+        return version == SCHEMA_VERSION and added <= columns
+
     @contextmanager
     def write(self):
-        """One transaction: commits at the end of the block, rolls back on any error."""
+        """One transaction: commits at the end of the block, rolls back on any error.
+
+        Waits while readers hold the file (see the module docstring); keep the block short, since
+        readers wait for it in turn."""
         con = self._connect(read_only=False)
         try:
+            self._check_complete(con)  # writing on would damage a truncated file further
             con.execute("BEGIN TRANSACTION")
             if not self._schema_checked:
                 self._ensure_schema(con)
             yield con
             con.execute("COMMIT")
             self._schema_checked = True
-        except BaseException:
+        except BaseException as error:
             try:
                 con.execute("ROLLBACK")
             except duckdb.Error:
                 pass
+            if isinstance(error, duckdb.Error) and _is_damage(error):
+                raise self.problem(error) from None
             raise
         finally:
             con.close()
 
     @contextmanager
     def read(self):
-        """A read-only connection (readers can never change the file)."""
+        """A read-only connection (readers can never change the file); hold it only for a query.
+
+        A truncated or corrupt file often opens and fails only when a query reaches the damage:
+        that failure, too, becomes the store's one-line message, and so does a file shorter than its blocks.
+        """
         if not self.path.exists():
             raise StoreError(
                 f"no results database at {self.path}: run `python training/run_all.py` first "
@@ -189,7 +373,12 @@ class Store:
             )
         con = self._connect(read_only=True)
         try:
+            self._check_complete(con)
             yield con
+        except duckdb.Error as error:
+            if _is_damage(error):
+                raise self.problem(error) from None
+            raise
         finally:
             con.close()
 
@@ -198,14 +387,7 @@ class Store:
             "SELECT count(*) FROM information_schema.tables WHERE table_name = 'schema_version'"
         ).fetchall()[0][0]
         if has_version:
-            rows = con.execute("SELECT max(version) FROM schema_version").fetchall()
-            version = rows[0][0]
-            if version is not None and version > SCHEMA_VERSION:
-                raise StoreError(
-                    f"{self.path} has schema version {version}, newer than this code's "
-                    f"{SCHEMA_VERSION}: update Multi-LoRA Vision (git pull && pip install -r "
-                    "requirements.txt) or use another --db path"
-                )
+            self.check_version(con.execute("SELECT max(version) FROM schema_version").fetchall()[0][0])
         # Idempotent: also adds tables and views that later stages introduced to an older file.
         for statement in _TABLES:
             con.execute(statement)
@@ -234,6 +416,22 @@ class Store:
                     "SELECT count(*) FROM evaluations WHERE model_id = ? AND split = 'test'", [model_id]
                 ).fetchall()[0][0]
             )
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).splitlines() or [""])[0]
+
+
+def _lock_holder(text: str) -> str:
+    """Who holds the lock, as DuckDB's message names it ("process 1234"), else "another process"."""
+    found = re.search(r"\(PID (\d+)\)", text)
+    return f"process {found.group(1)}" if found else "another process"
+
+
+def _is_damage(error: duckdb.Error) -> bool:
+    """Whether a query failed because the file itself is damaged (not because of the SQL)."""
+    lower = _first_line(error).lower()
+    return any(sign in lower for sign in _NOT_DUCKDB + _DAMAGED)
 
 
 def insert_row(con, table: str, row: dict, key: tuple[str, ...]) -> bool:
