@@ -4,6 +4,12 @@
 
 The named API endpoint `predict` (see README) takes (image file, tasks, method, compare) and
 returns JSON; the page renders that JSON. Model logic lives in demo/service.py (no Gradio).
+
+Serving many visitors at once: up to PREDICT_CONCURRENCY predictions are in progress together
+(each decodes its upload in its own thread), and the service runs the forward passes of those
+that wait at the same moment as one batched pass. Uploads are limited to MAX_FILE_BYTES by Gradio
+itself (refused while streaming, nothing kept on disk), and no error shows a traceback or a server
+path to a visitor. `python demo/load_test.py` measures it under 50 simultaneous clients.
 """
 
 from __future__ import annotations
@@ -21,12 +27,17 @@ if str(REPO_ROOT) not in sys.path:
 
 import gradio as gr  # noqa: E402
 
-from demo.service import DemoService  # noqa: E402
-from demo.uploads import load_image  # noqa: E402
+from demo.service import BATCH_MAX, BATCH_WAIT_S, DemoService  # noqa: E402
+from demo.uploads import ACCEPTED, MAX_FILE_BYTES, MAX_FRAMES, MAX_PIXELS, load_image, public_text  # noqa: E402
 from mlvision.errors import BadImage  # noqa: E402
 from mlvision.paths import DEFAULT_DB_PATH  # noqa: E402
 
 AUTO = "auto"
+# Predictions in progress at once. Each one mostly waits (its upload is decoded in its own thread,
+# then it waits for the shared batched pass), so this is about how many can join one batch.
+PREDICT_CONCURRENCY = BATCH_MAX
+OTHER_CONCURRENCY = 4  # the page's cheap events (method hint, preview)
+QUEUE_SIZE = 256  # requests waiting beyond the ones in progress; more get Gradio's "queue full" message
 
 
 def _pct(value) -> str:
@@ -103,7 +114,12 @@ def write_examples(service: DemoService, folder: Path) -> list[list]:
 
 def build_demo(service: DemoService, examples: list[list] | None = None) -> gr.Blocks:
     def predict(image, tasks, method, compare):
-        """Named API endpoint: JSON with top-3 labels per task, timing and stored accuracies."""
+        """Named API endpoint: JSON with top-3 labels per task, timing and stored accuracies.
+
+        Never raises: bad uploads come back as {"ok": False, "error": ...}, and so does anything
+        unexpected (its traceback goes to the server's log only). Error texts pass `public_text`,
+        so no server path reaches the visitor.
+        """
         path = image.get("path") if isinstance(image, dict) else image
         try:
             result = service.predict_json(path, tasks or None, method or AUTO, bool(compare))
@@ -111,10 +127,12 @@ def build_demo(service: DemoService, examples: list[list] | None = None) -> gr.B
             traceback.print_exc()
             result = {
                 "ok": False,
-                "error": f"Internal error ({type(error).__name__}: {error}); the demo keeps running.",
+                "error": f"Internal error ({type(error).__name__}) while answering this request; "
+                "the demo keeps running: try again or with another image.",
                 "device": service.device.type,
             }
         if not result.get("ok"):
+            result["error"] = public_text(result.get("error", "The request failed."))
             gr.Warning(result["error"])
         return result
 
@@ -148,7 +166,7 @@ def build_demo(service: DemoService, examples: list[list] | None = None) -> gr.B
         )
         with gr.Row():
             with gr.Column(scale=1):
-                image = gr.File(label="Image (PNG, JPEG, GIF, WebP, BMP, TIFF)", type="filepath")
+                image = gr.File(label=f"Image ({ACCEPTED}; up to {MAX_FILE_BYTES // 2**20} MB)", type="filepath")
                 tasks = gr.CheckboxGroup(service.tasks, value=service.tasks, label="Adapters to merge (tasks)")
                 method = gr.Dropdown([AUTO, *service.methods], value=AUTO, label="Merge method")
                 hint = gr.Markdown(method_hint(service.tasks))
@@ -163,11 +181,36 @@ def build_demo(service: DemoService, examples: list[list] | None = None) -> gr.B
                 output = gr.Markdown(elem_id="prediction")
                 raw = gr.JSON(label="API answer (endpoint `predict`)")
         tasks.change(method_hint, tasks, hint, api_visibility="private")
-        button.click(predict, [image, tasks, method, compare], raw, api_name="predict").then(
-            show, [image, raw], [output, preview], api_visibility="private"
-        )
-    demo.queue(default_concurrency_limit=1, max_size=64)
+        button.click(
+            predict, [image, tasks, method, compare], raw, api_name="predict", concurrency_limit=PREDICT_CONCURRENCY
+        ).then(show, [image, raw], [output, preview], api_visibility="private")
+    demo.queue(default_concurrency_limit=OTHER_CONCURRENCY, max_size=QUEUE_SIZE)
     return demo
+
+
+def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int | None = None, **options):
+    """`demo.launch` with the demo's limits, for `main` and the tests alike.
+
+    max_file_size: Gradio refuses a larger upload while it streams in (HTTP 413) and deletes the part
+    it wrote, so a 200 MB upload never lands on disk; the same figure as load_image's own check.
+    show_error=False: an exception that escapes an event (none should) shows a generic error, never
+    its text, which may name server paths.
+    """
+    return demo.launch(server_name=host, server_port=port, max_file_size=MAX_FILE_BYTES, show_error=False, **options)
+
+
+def settings_line(service: DemoService) -> str:
+    """One line with the serving settings and the machine (printed at start-up; demo/load_test.py reads it)."""
+    import torch
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return (
+        f"[demo] settings: predict concurrency {PREDICT_CONCURRENCY}, other events {OTHER_CONCURRENCY}, "
+        f"queue size {QUEUE_SIZE}; batch up to {BATCH_MAX} images, waiting {BATCH_WAIT_S * 1000:.0f} ms; "
+        f"uploads up to {MAX_FILE_BYTES / 2**20:.0f} MB, {MAX_PIXELS:,} pixels, {MAX_FRAMES:,} frames; "
+        f"device {service.device.type}; torch threads {torch.get_num_threads()}; {cores} cores; "
+        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -191,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     examples = write_examples(service, Path(tempfile.mkdtemp(prefix="mlv_demo_examples_")))
     demo = build_demo(service, examples)
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=True)
+    print(settings_line(service), flush=True)
+    launch(demo, args.host, args.port, share=args.share)
     return 0
 
 

@@ -5,15 +5,21 @@ DuckDB file, builds merged multi-task models on demand (cached per (tasks, metho
 `predict(image, tasks, method)` with the top-3 labels per task from ONE forward pass of the merged
 model. Images are decoded and checked by `load_image` (the one place that deals with bad files)
 and then preprocessed with the adapters' own `Preprocess` (the same code as training/evaluation).
+
+Concurrent visitors: decoding and preprocessing run in each caller's thread, in parallel and
+without a lock; the forward passes run on one worker thread (`Batcher`), which gathers the
+requests that arrive together and answers all that share a model with ONE forward pass.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import queue
 import threading
 import time
 from collections import OrderedDict
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +39,8 @@ from mlvision.store import Store
 FALLBACK_METHOD = "ties"
 TOP_K = 3
 MERGE_CACHE_SIZE = 6  # merged models kept (each one is a backbone copy, ~14 MB)
+BATCH_MAX = 16  # images in one forward pass at most (a pass of 16 costs far less than 16 passes of 1)
+BATCH_WAIT_S = 0.005  # how long the first request of a batch waits for others to join it
 
 
 # --------------------------------------------------------------------------------------------------
@@ -78,6 +86,87 @@ class Prediction:
         }
 
 
+# --------------------------------------------------------------------------------------------------
+# Batching: concurrent requests, one forward pass
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class _Job:
+    model: torch.nn.Module
+    images: torch.Tensor  # [n, 3, S, S] on the CPU
+    future: Future
+
+
+class Batcher:
+    """Runs the forward passes of concurrent requests on one worker thread, batched per model.
+
+    Why: a forward pass of 16 images costs little more than one of 1 (on a CPU and on a GPU), while
+    passes run one after the other make the 50th of 50 simultaneous visitors wait for 49 passes.
+    A caller hands over `(model, images)` and waits for its rows; the worker takes the first waiting
+    request, waits up to `wait_s` for more, then runs ONE pass per model (the merged model of one
+    (tasks, method), or one task's own adapter) for up to `max_batch` of the requests that share it,
+    and gives each request its rows. Only this thread runs forward passes, so passes never fight
+    over the cores and the models need no lock; callers decode and preprocess in parallel.
+    """
+
+    def __init__(self, forward, max_batch: int = BATCH_MAX, wait_s: float = BATCH_WAIT_S):
+        self._forward = forward  # (model, images) -> (logits per task, elapsed ms)
+        self.max_batch = max_batch
+        self.wait_s = wait_s
+        self.passes = 0  # forward passes run so far (for tests and the curious)
+        self.largest = 0  # most requests in one pass so far
+        self._queue: queue.Queue[_Job] = queue.Queue()
+        self._thread = threading.Thread(target=self._loop, name="demo-batcher", daemon=True)
+        self._thread.start()
+
+    def submit(self, model: torch.nn.Module, images: torch.Tensor) -> Future:
+        """Queue `images` for `model`; the future gives (logits per task for these rows, elapsed ms of the pass)."""
+        job = _Job(model, images, Future())
+        self._queue.put(job)
+        return job.future
+
+    def run(self, model: torch.nn.Module, images: torch.Tensor) -> tuple[dict[str, torch.Tensor], float]:
+        return self.submit(model, images).result()
+
+    def _gather(self) -> list[_Job]:
+        """The first waiting job, plus those that arrive within `wait_s` of it or are waiting when it ends.
+
+        Bounded without a cap: the callers wait for their answers, so no more jobs can be waiting than
+        there are callers (the app's concurrency limit) times the passes one request asks for.
+        """
+        jobs = [self._queue.get()]
+        deadline = time.monotonic() + self.wait_s
+        while True:
+            try:
+                jobs.append(self._queue.get(timeout=max(0.0, deadline - time.monotonic())))
+            except queue.Empty:
+                return jobs
+
+    def _loop(self) -> None:
+        while True:
+            by_model: dict[int, list[_Job]] = {}
+            for job in self._gather():
+                by_model.setdefault(id(job.model), []).append(job)
+            for jobs in by_model.values():
+                for start in range(0, len(jobs), self.max_batch):
+                    self._run(jobs[start : start + self.max_batch])
+
+    def _run(self, jobs: list[_Job]) -> None:
+        """One forward pass for `jobs` (same model); each job's future gets its own rows, or the error."""
+        try:
+            logits, elapsed = self._forward(jobs[0].model, torch.cat([job.images for job in jobs]))
+        except Exception as error:  # noqa: BLE001 - the callers see the error; the worker keeps serving
+            for job in jobs:
+                job.future.set_exception(error)
+            return
+        self.passes += 1
+        self.largest = max(self.largest, len(jobs))
+        row = 0
+        for job in jobs:
+            rows = len(job.images)
+            job.future.set_result(({task: value[row : row + rows] for task, value in logits.items()}, elapsed))
+            row += rows
+
+
 def _jsonable(value):
     return json.loads(json.dumps(value, default=float))
 
@@ -111,7 +200,10 @@ class DemoService:
         self._folded = FoldedBackbone(self.backbone_config)
         self._merged: OrderedDict[tuple, MergedEntry] = OrderedDict()
         self._single: dict[str, MultiTaskModel] = {}
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # guards the model caches (not the passes: those run on the batcher)
+        self._building: dict[tuple, threading.Lock] = {}  # one lock per merge being built
+        self._fold_lock = threading.Lock()
+        self._batcher = Batcher(self._forward)
         self._read_store()
 
     # -- what the store says ------------------------------------------------------------------------
@@ -174,24 +266,37 @@ class DemoService:
 
     def merged_model(self, tasks, method: str) -> tuple[MergedEntry, bool]:
         """(cached merged model, whether it was built now). Stored hyperparameters are reused when the
-        sweep stored this exact merge (so the stored accuracy describes the served model)."""
+        sweep stored this exact merge (so the stored accuracy describes the served model).
+
+        A build takes from a fraction of a second to a few seconds, so it does not hold the cache lock:
+        requests for merges already cached go on meanwhile; requests for the same merge wait for this
+        build (one lock per key) instead of building it again."""
         group = self._group(tasks)
         key = (group, method)
         with self._lock:
             if key in self._merged:
                 self._merged.move_to_end(key)
                 return self._merged[key], False
+            build_lock = self._building.setdefault(key, threading.Lock())
+        with build_lock:
+            with self._lock:
+                if key in self._merged:  # built by the request this one waited for
+                    self._merged.move_to_end(key)
+                    return self._merged[key], False
             start = time.perf_counter()
             hyperparams = self.stored_hyperparams(group, method)
             hyperparams = get_method(method).validate(hyperparams if hyperparams is not None else {})
             adapters = [self.adapters[t] for t in group]
             merged = merge_deltas(adapters, method, hyperparams)
-            backbone = copy.deepcopy(self._folded.fold(merged))
+            with self._fold_lock:  # FoldedBackbone rewrites one shared backbone in place
+                backbone = copy.deepcopy(self._folded.fold(merged))
             model = MultiTaskModel(backbone, {a.task: copy.deepcopy(a.head) for a in adapters}).eval().to(self.device)
             entry = MergedEntry(model, method, _jsonable(hyperparams), time.perf_counter() - start)
-            self._merged[key] = entry
-            while len(self._merged) > MERGE_CACHE_SIZE:
-                self._merged.popitem(last=False)
+            with self._lock:
+                self._merged[key] = entry
+                self._building.pop(key, None)
+                while len(self._merged) > MERGE_CACHE_SIZE:
+                    self._merged.popitem(last=False)
             return entry, True
 
     def single_model(self, task: str) -> MultiTaskModel:
@@ -207,13 +312,16 @@ class DemoService:
 
     @torch.inference_mode()
     def _forward(self, model: torch.nn.Module, batch: torch.Tensor) -> tuple[dict[str, torch.Tensor], float]:
+        """One timed forward pass (called on the batcher's thread); logits come back on the CPU."""
+        batch = batch.to(self.device)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
         logits = model(batch)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
-        return logits, (time.perf_counter() - start) * 1000.0
+        elapsed = (time.perf_counter() - start) * 1000.0
+        return {task: value.float().cpu() for task, value in logits.items()}, elapsed
 
     def _top(self, task: str, logits: torch.Tensor) -> list[tuple[str, float]]:
         probs = torch.softmax(logits.float(), dim=-1)[0].cpu()
@@ -223,28 +331,34 @@ class DemoService:
     def probabilities(self, image: Image.Image, tasks, method: str) -> dict[str, torch.Tensor]:
         """Full softmax vectors per task from the merged model (for tests and inspection)."""
         entry, _ = self.merged_model(tasks, method)
-        logits, _ = self._forward(entry.model, self.tensor(image))
-        return {t: torch.softmax(v.float(), dim=-1)[0].cpu() for t, v in logits.items()}
+        logits, _ = self._batcher.run(entry.model, self.preprocess([image]))
+        return {t: torch.softmax(v.float(), dim=-1)[0] for t, v in logits.items()}
 
     def predict(self, image, tasks=None, method: str | None = None, compare: bool = False) -> Prediction:
-        """Top-3 per task from one forward pass of the merged model; `image` is anything `load_image` takes."""
+        """Top-3 per task from one forward pass of the merged model; `image` is anything `load_image` takes.
+
+        Decoding and preprocessing happen here, in the caller's thread; the pass itself is shared with
+        the other requests waiting at the same time (`Batcher`), so `elapsed_ms` is the time of the pass
+        that answered this image (with any others in its batch).
+        """
         rgb, notes = load_image(image)
         group = self._group(tasks if tasks else self.tasks)
         method, why = self.resolve_method(group, method)
         entry, built = self.merged_model(group, method)
-        batch = self.tensor(rgb)
-        with self._lock:
-            logits, elapsed = self._forward(entry.model, batch)
-            predictions = {t: self._top(t, logits[t]) for t in group}
-            side = None
-            if compare:
-                side = {}
-                for task in group:
-                    single_logits, single_ms = self._forward(self.single_model(task), batch)
-                    side[task] = {
-                        "top": [[label, p] for label, p in self._top(task, single_logits[task])],
-                        "elapsed_ms": single_ms,
-                    }
+        images = self.preprocess([rgb])
+        merged = self._batcher.submit(entry.model, images)
+        singles = {task: self._batcher.submit(self.single_model(task), images) for task in group} if compare else {}
+        logits, elapsed = merged.result()
+        predictions = {t: self._top(t, logits[t]) for t in group}
+        side = None
+        if compare:
+            side = {}
+            for task, future in singles.items():
+                single_logits, single_ms = future.result()
+                side[task] = {
+                    "top": [[label, p] for label, p in self._top(task, single_logits[task])],
+                    "elapsed_ms": single_ms,
+                }
         return Prediction(
             tasks=list(group),
             method=method,
@@ -266,4 +380,4 @@ class DemoService:
             return {"ok": False, "error": str(error), "device": self.device.type}
 
 
-__all__ = ["DemoService", "Prediction"]
+__all__ = ["Batcher", "DemoService", "Prediction"]

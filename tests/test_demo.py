@@ -1,14 +1,17 @@
 """The Gradio demo against the tiny study: the service equals the evaluation path, the launched app
 answers `gradio_client` with the same numbers, every kind of bad upload gets a clear message while
-the app keeps serving, and a headless Chromium shows a prediction after a real upload."""
+the app keeps serving, concurrent requests are batched into one pass and answered as if alone, and
+a headless Chromium shows a prediction after a real upload."""
 
 from __future__ import annotations
 
 import base64
 import io
 import json
+import re
 import shutil
 import struct
+import threading
 import time
 import zlib
 from pathlib import Path
@@ -19,8 +22,8 @@ import torch
 from browser import DevTools, free_port, start_chromium, stop, wait_http
 from PIL import Image
 
-from demo.service import DemoService
-from demo.uploads import MAX_PIXELS, load_image
+from demo.service import Batcher, DemoService
+from demo.uploads import MAX_FILE_BYTES, MAX_FRAMES, MAX_PIXELS, gif_frames, load_image, public_text
 from merging.merged_model import build_merged_model
 from mlvision.backbone import Preprocess
 from mlvision.data import split_tensors
@@ -46,12 +49,12 @@ def example(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def app_url(service, tmp_path_factory):
-    from demo.app import build_demo, write_examples
+    from demo.app import build_demo, launch, write_examples
 
     examples = write_examples(service, tmp_path_factory.mktemp("demo_examples"))
     demo = build_demo(service, examples)
     port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    launch(demo, "127.0.0.1", port, prevent_thread_lock=True, quiet=True)  # with the app's upload limits
     yield f"http://127.0.0.1:{port}/"
     demo.close()
 
@@ -157,6 +160,116 @@ def test_load_image_converts_correctly(tmp_path, example):
     assert 8000 * 8000 > MAX_PIXELS
 
 
+def _broken_second_ifd_tiff() -> bytes:
+    """A two-page TIFF whose second IFD is overwritten with 0xFF bytes (Pillow raised TypeError on it)."""
+    pages = [Image.new("RGB", (20, 20), (i * 100, 0, 0)) for i in range(2)]
+    buffer = io.BytesIO()
+    pages[0].save(buffer, "TIFF", save_all=True, append_images=pages[1:])
+    data = bytearray(buffer.getvalue())
+    assert data[:4] == b"II*\0"
+    first = struct.unpack("<I", data[4:8])[0]
+    entries = struct.unpack("<H", data[first : first + 2])[0]
+    second = struct.unpack("<I", data[first + 2 + 12 * entries : first + 6 + 12 * entries])[0]
+    data[second : second + 40] = b"\xff" * 40
+    return bytes(data)
+
+
+def _many_frames_gif(frames: int) -> bytes:
+    """A valid GIF of `frames` one-pixel frames (15 bytes each), written by hand so it is quick to make."""
+    head = b"GIF89a" + struct.pack("<HHBBB", 1, 1, 0x80, 0, 0) + b"\x00\x00\x00\xff\xff\xff"
+    frame = b"\x2c" + struct.pack("<HHHHB", 0, 0, 1, 1, 0) + b"\x02\x02\x44\x01\x00"
+    return head + frame * frames + b"\x3b"
+
+
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n%%EndComments\n0 0 moveto 10 10 lineto stroke\nshowpage\n"
+PATH_LIKE = re.compile(r"(^|[\s(\"'=])(/|~/|[A-Za-z]:\\)\w|Traceback|\.py\b")
+
+
+def hostile_inputs(folder: Path) -> dict[str, tuple[Path, str]]:
+    """name -> (file, expected keyword): the uploads of the load findings."""
+    files = {
+        "broken_ifd.tiff": (_broken_second_ifd_tiff(), "corrupt"),
+        "drawing.eps": (EPS, "not an image the demo accepts"),
+        "many_frames.gif": (_many_frames_gif(MAX_FRAMES + 4000), "frames"),
+    }
+    out = {}
+    for name, (data, keyword) in files.items():
+        (folder / name).write_bytes(data)
+        out[name] = (folder / name, keyword)
+    return out
+
+
+def test_hostile_uploads_are_refused_before_any_decoder_runs_away(tmp_path, monkeypatch):
+    from PIL import EpsImagePlugin
+
+    opened_eps = []
+    monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open", lambda self: opened_eps.append(1))
+    for name, (path, keyword) in hostile_inputs(tmp_path).items():
+        with pytest.raises(BadImage) as caught:
+            load_image(path)
+        assert keyword in str(caught.value), (name, str(caught.value))
+        assert not PATH_LIKE.search(str(caught.value)), (name, str(caught.value))
+    assert not opened_eps, "the EPS decoder (which starts Ghostscript) was tried"
+    # frames are counted without walking the whole file: the count stops one past the limit
+    assert gif_frames(_many_frames_gif(50_000), MAX_FRAMES + 1) == MAX_FRAMES + 1
+    assert gif_frames(_many_frames_gif(7), MAX_FRAMES + 1) == 7
+    image, notes = load_image(_many_frames_gif(MAX_FRAMES))
+    assert image.size == (1, 1) and any(f"{MAX_FRAMES} frames" in n for n in notes)
+
+
+def test_public_text_hides_server_paths():
+    text = public_text(
+        "cannot open '/tmp/gradio/ab12/photo.png' (see /usr/lib/python3.11/site-packages/PIL/Image.py, "
+        "C:\\Users\\me\\x.png, ~/cache/x) at <_io.BytesIO object at 0x7f3a2c1d>; PNG/JPEG 1/2 and/or 25 MB / 2"
+    )
+    assert "/tmp" not in text and "site-packages" not in text and "Users" not in text and "cache" not in text
+    assert "0x7f" not in text and "PNG/JPEG 1/2 and/or 25 MB / 2" in text
+    assert len(public_text("x" * 1000)) <= 300
+
+
+def test_batcher_runs_waiting_requests_as_one_pass_per_model():
+    """Deterministic: the first pass is held open while three more requests queue up behind it."""
+    entered, release = threading.Event(), threading.Event()
+    calls = []
+
+    def forward(model, images):
+        calls.append((model, len(images)))
+        entered.set()
+        release.wait(10)
+        return {"t": images * model.scale}, 1.0
+
+    class Model:
+        def __init__(self, scale):
+            self.scale = scale
+
+    double, triple = Model(2.0), Model(3.0)
+    batcher = Batcher(forward, max_batch=2, wait_s=0.001)
+    first = batcher.submit(double, torch.tensor([[1.0]]))
+    assert entered.wait(10)
+    waiting = [
+        batcher.submit(double, torch.tensor([[2.0]])),
+        batcher.submit(triple, torch.tensor([[5.0]])),
+        batcher.submit(double, torch.tensor([[3.0], [4.0]])),
+        batcher.submit(double, torch.tensor([[6.0]])),
+    ]
+    release.set()
+    assert first.result(10)[0]["t"].tolist() == [[2.0]]
+    results = [future.result(10)[0]["t"].tolist() for future in waiting]
+    assert results == [[[4.0]], [[15.0]], [[6.0], [8.0]], [[12.0]]]
+    # the waiting `double` requests shared passes of at most max_batch=2 requests; `triple` had its own
+    assert calls == [(double, 1), (double, 3), (double, 1), (triple, 1)]
+    assert batcher.passes == 4 and batcher.largest == 2
+
+    def broken(model, images):
+        raise RuntimeError("out of memory")
+
+    failing = Batcher(broken)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        failing.run(double, torch.tensor([[1.0]]))
+    with pytest.raises(RuntimeError):  # the worker survives and answers the next request (with its error)
+        failing.run(double, torch.tensor([[1.0]]))
+
+
 # -- 2. the launched app through gradio_client ------------------------------------------------------
 def test_client_predictions_equal_the_service_and_bad_inputs_are_answered(app_url, service, example, tmp_path):
     from gradio_client import Client, handle_file
@@ -208,6 +321,93 @@ def test_client_predictions_equal_the_service_and_bad_inputs_are_answered(app_ur
             assert any(k.lower() in answer["error"].lower() for k in keyword.split("|")), (name, answer["error"])
         again = ask(example)  # the app keeps serving after every bad request
         assert again["ok"], name
+
+
+def test_hostile_uploads_through_the_app_get_friendly_errors_and_it_keeps_serving(app_url, service, example, tmp_path):
+    from gradio_client import Client, handle_file
+
+    client = Client(app_url, verbose=False)
+
+    def ask(path):
+        return client.predict(handle_file(str(path)), service.tasks, "auto", False, api_name="/predict")
+
+    for name, (path, keyword) in hostile_inputs(tmp_path).items():
+        answer = ask(path)
+        assert isinstance(answer, dict) and not answer["ok"], (name, answer)
+        assert keyword in answer["error"], (name, answer["error"])
+        assert not PATH_LIKE.search(answer["error"]) and "Internal error" not in answer["error"], (name, answer)
+        assert ask(example)["ok"], name  # and the app keeps serving
+
+
+def test_uploads_over_the_size_limit_are_refused(app_url, service, example, tmp_path):
+    import gradio
+    import httpx
+    from gradio_client import Client, handle_file
+
+    big = tmp_path / "huge.png"
+    with open(big, "wb") as f:  # a PNG header, then zeros up to one byte over the limit (sparse on disk)
+        f.write(example.read_bytes())
+        f.truncate(MAX_FILE_BYTES + 1)
+    client = Client(app_url, verbose=False)
+    with pytest.raises(ValueError, match="maximum file size"):  # the client reads the limit from the app
+        client.predict(handle_file(str(big)), service.tasks, "auto", False, api_name="/predict")
+    with open(big, "rb") as f:  # a client that does not check: the server stops reading at the limit
+        response = httpx.post(f"{app_url}gradio_api/upload", files={"files": ("huge.png", f)}, timeout=60)
+    assert response.status_code == 413, response.text
+    assert not PATH_LIKE.search(response.text)
+    cache = Path(gradio.utils.get_upload_folder())
+    kept = [p for p in cache.rglob("*") if p.is_file() and p.stat().st_size > MAX_FILE_BYTES]
+    assert not kept, kept
+    answer = client.predict(handle_file(str(example)), service.tasks, "auto", False, api_name="/predict")
+    assert answer["ok"]
+
+
+def test_simultaneous_predictions_are_answered_as_if_alone(app_url, service, example, tmp_path):
+    """12 clients at once (3 images, 2 methods, one with compare): every answer equals the one-at-a-time answer."""
+    from gradio_client import Client, handle_file
+
+    images = [example]
+    for task in service.tasks[:2]:
+        path = tmp_path / f"{task}.png"
+        load_task(task)["test"][1]["image"].save(path)
+        images.append(path)
+    requests = [(images[i % 3], "auto" if i % 2 else "linear", i == 5) for i in range(12)]
+
+    def ask(client, request):
+        path, method, compare = request
+        return client.predict(handle_file(str(path)), service.tasks, method, compare, api_name="/predict")
+
+    alone = Client(app_url, verbose=False)
+    expected = [ask(alone, request) for request in requests]
+    clients = [Client(app_url, verbose=False) for _ in requests]
+    answers: list = [None] * len(requests)
+    barrier = threading.Barrier(len(requests))
+
+    def visitor(index):
+        barrier.wait(60)
+        try:
+            answers[index] = ask(clients[index], requests[index])
+        except Exception as error:  # noqa: BLE001 - reported by the assertion below
+            answers[index] = error
+
+    threads = [threading.Thread(target=visitor, args=(i,)) for i in range(len(requests))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    for request, answer, reference in zip(requests, answers, expected):
+        assert isinstance(answer, dict) and answer["ok"], (request, answer)
+        assert answer["method"] == reference["method"] and answer["stored_accuracy"] == reference["stored_accuracy"]
+        for task in service.tasks:
+            got, want = answer["predictions"][task], reference["predictions"][task]
+            assert [label for label, _ in got] == [label for label, _ in want], (request, task)
+            assert np.allclose([p for _, p in got], [p for _, p in want], atol=1e-5), (request, task)
+        if request[2]:
+            assert set(answer["compare"]) == set(service.tasks)
+            for task in service.tasks:
+                assert [label for label, _ in answer["compare"][task]["top"]] == [
+                    label for label, _ in reference["compare"][task]["top"]
+                ]
 
 
 # -- 3. a real browser: upload, predict, screenshot --------------------------------------------------
