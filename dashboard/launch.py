@@ -16,6 +16,10 @@ def main(argv: list[str] | None = None) -> int:
     ours = [a for i, a in enumerate(args) if a == "--db" or (i and args[i - 1] == "--db") or a.startswith("--db=")]
     theirs = [a for a in args if a not in ours]
     app = str(Path(__file__).resolve().parent / "app.py")
+    # .streamlit/config.toml binds 127.0.0.1 only when streamlit starts in the repo root; say it here too,
+    # so the command listens on this machine alone wherever it is started (override: --server.address).
+    if not any(a.startswith("--server.address") for a in theirs):
+        theirs = ["--server.address", "127.0.0.1", *theirs]
     sys.argv = ["streamlit", "run", app, *theirs, "--", *ours]
     return streamlit_cli.main()
 

@@ -188,7 +188,21 @@ class FindingsStage:
             )
         return rows
 
-    def store_findings(self, rows: list[dict]) -> None:
+    def stored_findings(self) -> dict[tuple, tuple]:
+        """(finding, statistic) -> (value, ci_low, ci_high, n, note, run_id) as stored now."""
+        columns = "finding, statistic, value, ci_low, ci_high, n, note, run_id"
+        return {(r[0], r[1]): tuple(r[2:]) for r in self.store.query(f"SELECT {columns} FROM finding_rows")}
+
+    def store_findings(self, rows: list[dict]) -> bool:
+        """Replace the stored findings with `rows`; returns False (and writes nothing) when they are the same.
+
+        A run with nothing new computes exactly the stored figures again (fixed bootstrap seed), and
+        leaving the file untouched keeps a fresh clone's results.duckdb byte-identical.
+        """
+        fields = ("value", "ci_low", "ci_high", "n", "note")
+        wanted = {(r["finding"], r["statistic"]): (*(r[f] for f in fields), self.run_id) for r in rows}
+        if wanted == self.stored_findings():
+            return False
         with self.store.write() as con:  # derived figures: replaced as a whole, in one transaction
             con.execute("DELETE FROM finding_rows")
             for row in rows:
@@ -198,19 +212,23 @@ class FindingsStage:
                     {**row, "run_id": self.run_id, "created_at": now()},
                     key=("finding", "statistic"),
                 )
+        return True
 
     # -- report ----------------------------------------------------------------------------------
     def write_report(self) -> None:
         findings = self.store.query_df("SELECT * FROM findings")
+        text = render_report(findings)
+        if self.report.exists() and self.report.read_text() == text:
+            return  # unchanged: the file (and its timestamp) is left alone
         self.report.parent.mkdir(parents=True, exist_ok=True)
-        self.report.write_text(render_report(findings))
+        self.report.write_text(text)
 
     def run(self) -> dict:
         computed = self.compute_similarity()
         rows = self.compute_findings()
-        self.store_findings(rows)
+        changed = self.store_findings(rows)
         self.write_report()
-        return {"pairs": computed, "findings": len(rows)}
+        return {"pairs": computed, "findings": len(rows), "changed": changed}
 
 
 def _fmt(row, percent=True) -> str:
@@ -219,6 +237,24 @@ def _fmt(row, percent=True) -> str:
     if not percent:
         return f"{row['value']:.2f} [{row['ci_low']:.2f}, {row['ci_high']:.2f}] (n={row['n']})"
     return f"{row['value'] * 100:.1f} % [{row['ci_low'] * 100:.1f}, {row['ci_high'] * 100:.1f}] (n={row['n']})"
+
+
+def _with_method_and_k(rows: pd.DataFrame) -> pd.DataFrame:
+    """A copy of findings rows whose statistic is named "method/k=K", with `method` and `k` columns."""
+    rows = rows.copy()
+    rows[["method", "k"]] = rows["statistic"].str.extract(r"(.+)/k=(\d+)")
+    rows["k"] = rows["k"].astype(int)
+    return rows
+
+
+def _method_by_k_table(rows: pd.DataFrame, heading: str) -> list[str]:
+    """Markdown lines: `heading`, then one row per method and one column per k (`_with_method_and_k` rows)."""
+    ks = sorted(rows["k"].unique())
+    lines = [heading, "", "| method | " + " | ".join(f"k={k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
+    for method, group in rows.groupby("method"):
+        cells = {r["k"]: _fmt(r) for _, r in group.iterrows()}
+        lines.append(f"| {method} | " + " | ".join(cells.get(k, "") for k in ks) + " |")
+    return lines
 
 
 def render_report(findings: pd.DataFrame) -> str:
@@ -230,33 +266,14 @@ def render_report(findings: pd.DataFrame) -> str:
         "do not edit by hand. Brackets: 95 % CI; n: rows, or task pairs for pair statistics.",
         "",
     ]
-    retention = findings[findings["finding"] == "retention_vs_k"].copy()
+    retention = _with_method_and_k(findings[findings["finding"] == "retention_vs_k"])
     if retention.empty:
         return "\n".join(lines + ["No merges stored yet."]) + "\n"
-    retention[["method", "k"]] = retention["statistic"].str.extract(r"(.+)/k=(\d+)")
-    retention["k"] = retention["k"].astype(int)
-    lines += [
-        "## Retention (merged / single-adapter accuracy) by group size",
-        "",
-        "| method | " + " | ".join(f"k={k}" for k in sorted(retention["k"].unique())) + " |",
-        "|---|" + "---|" * retention["k"].nunique(),
-    ]
-    for method, group in retention.groupby("method"):
-        cells = {r["k"]: _fmt(r) for _, r in group.iterrows()}
-        lines.append(f"| {method} | " + " | ".join(cells.get(k, "") for k in sorted(retention["k"].unique())) + " |")
-    wins = findings[findings["finding"] == "beats_head"].copy()
-    wins[["method", "k"]] = wins["statistic"].str.extract(r"(.+)/k=(\d+)")
-    wins["k"] = wins["k"].astype(int)
-    lines += [
-        "",
-        "## Share of (group, task) rows where the merged model beats the head baseline",
-        "",
-        "| method | " + " | ".join(f"k={k}" for k in sorted(wins["k"].unique())) + " |",
-        "|---|" + "---|" * wins["k"].nunique(),
-    ]
-    for method, group in wins.groupby("method"):
-        cells = {r["k"]: _fmt(r) for _, r in group.iterrows()}
-        lines.append(f"| {method} | " + " | ".join(cells.get(k, "") for k in sorted(wins["k"].unique())) + " |")
+    lines += _method_by_k_table(retention, "## Retention (merged / single-adapter accuracy) by group size")
+    wins = _with_method_and_k(findings[findings["finding"] == "beats_head"])
+    lines += [""] + _method_by_k_table(
+        wins, "## Share of (group, task) rows where the merged model beats the head baseline"
+    )
     pair = findings[findings["finding"] == "pair_similarity"]
     lines += [
         "",

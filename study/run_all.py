@@ -20,6 +20,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 from benchmarks.options import add_bench_arguments, bench_config_from_args, resolve_device
 from benchmarks.stage import BenchStage
@@ -34,6 +35,16 @@ from mlvision.tasks import get_task
 from study.findings import FindingsStage
 from training.pipeline import TrainingStage
 from training.trainers import make_accelerator
+
+
+class Step(NamedTuple):
+    """One stage of the study as run_all runs it."""
+
+    name: str  # as given to --stages
+    applies: bool  # whether this study has anything for it (e.g. two tasks to merge)
+    run: Callable[[], dict]  # runs the stage; returns its counts
+    stored_something: Callable[[dict], bool]  # whether those counts mean a row was written
+    summary: str  # the line printed after it, formatted with its counts
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,44 +85,34 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         Path(config.db).parent.mkdir(parents=True, exist_ok=True)
     store = Store(config.db)
     store.initialise()
-    started = time.perf_counter()
     stage = TrainingStage(config, store, accelerator)
-    stage.start_run("python training/run_all.py " + shlex.join(argv))
-    stage.prepare_tasks()
-    if "train" in args.stages:
-        counts = stage.run()
-        print(
-            f"training: {counts['trained']} models trained, {counts['skipped']} already stored "
-            f"({time.perf_counter() - started:.0f} s)"
-        )
-    if "merge" in args.stages and len(config.tasks) >= 2:
+    # Whether this invocation stored anything: a run with nothing to do writes nothing at all.
+    changed = stage.start_run("python training/run_all.py " + shlex.join(argv))
+    changed |= stage.prepare_tasks() > 0
+    report = (
+        REPO_ROOT / "reports" / "findings.md"
+        if Path(config.db).resolve() == DEFAULT_DB_PATH
+        else Path(config.db).parent / "findings.md"
+    )
+    stages = [
+        Step("train", True, stage.run, lambda c: c["trained"] > 0,
+             "training: {trained} models trained, {skipped} already stored"),
+        Step("merge", len(config.tasks) >= 2, lambda: MergeSweep(config, store).run(), lambda c: c["merged"] > 0,
+             "merge sweep: {merged} merges evaluated, {skipped} already stored"),
+        Step("findings", len(config.tasks) >= 2, lambda: FindingsStage(config, store, report).run(),
+             lambda c: c["pairs"] > 0 or c["changed"],
+             f"findings: similarity of {{pairs}} new (pair, seed)s, {{findings}} statistics, report {report}"),
+        Step("bench", True, lambda: BenchStage(config, store, bench_config).run(), lambda c: c["measured"] > 0,
+             "benchmarks: {measured} sections measured, {skipped} already stored for this machine"),
+    ]  # fmt: skip
+    for step in stages:
+        if step.name not in args.stages or not step.applies:
+            continue
         started = time.perf_counter()
-        counts = MergeSweep(config, store).run()
-        print(
-            f"merge sweep: {counts['merged']} merges evaluated, {counts['skipped']} already stored "
-            f"({time.perf_counter() - started:.0f} s)"
-        )
-    if "findings" in args.stages and len(config.tasks) >= 2:
-        started = time.perf_counter()
-        report = (
-            REPO_ROOT / "reports" / "findings.md"
-            if Path(config.db).resolve() == DEFAULT_DB_PATH
-            else Path(config.db).parent / "findings.md"
-        )
-        counts = FindingsStage(config, store, report).run()
-        print(
-            f"findings: similarity of {counts['pairs']} new (pair, seed)s, {counts['findings']} statistics, "
-            f"report {report} ({time.perf_counter() - started:.0f} s)"
-        )
-    if "bench" in args.stages:
-        started = time.perf_counter()
-        bench = BenchStage(config, store, bench_config)
-        counts = bench.run()
-        print(
-            f"benchmarks: {counts['measured']} sections measured, {counts['skipped']} already stored for this machine "
-            f"({time.perf_counter() - started:.0f} s)"
-        )
-    stage.finish_run()
+        counts = step.run()
+        changed |= step.stored_something(counts)
+        print(step.summary.format(**counts) + f" ({time.perf_counter() - started:.0f} s)")
+    stage.finish_run(changed)
     print(f"results in {config.db}")
     return 0
 

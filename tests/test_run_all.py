@@ -1,7 +1,9 @@
 """run_all end to end on real data: stored rows, skipping, resuming after a kill, adapters peft can load."""
 
+import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -46,6 +48,21 @@ def test_second_run_adds_nothing(tiny_study, capsys):
     assert run_all(*tiny_study["args"]) == 0
     assert "0 models trained, 6 already stored" in capsys.readouterr().out
     assert rows(tiny_study["db"], "SELECT * FROM models ORDER BY model_id") == before
+
+
+def test_a_run_with_nothing_to_do_leaves_the_committed_database_byte_identical(tmp_path):
+    """The README's first command on a fresh clone: everything is stored, so not one byte may change.
+
+    The bench stage is left out: its figures are keyed by the machine, so on another machine it has
+    real work to do (and stores it).
+    """
+    db = tmp_path / "results.duckdb"
+    shutil.copy(REPO_ROOT / "results.duckdb", db)
+    before = hashlib.sha256(db.read_bytes()).hexdigest()
+    assert run_all("--db", db, "--stages", "train", "merge", "findings") == 0
+    assert hashlib.sha256(db.read_bytes()).hexdigest() == before
+    # the report it wrote beside that copy is the committed report, word for word
+    assert (tmp_path / "findings.md").read_text() == (REPO_ROOT / "reports" / "findings.md").read_text()
 
 
 def test_adapter_folder_loads_with_peft_and_reproduces_its_accuracy(tiny_study):

@@ -52,35 +52,47 @@ class TrainingStage:
         self._features: dict[tuple[str, str], torch.Tensor] = {}
 
     # -- bookkeeping ---------------------------------------------------------------------------
-    def start_run(self, command: str) -> None:
-        with self.store.write() as con:
-            exists = con.execute("SELECT count(*) FROM runs WHERE run_id = ?", [self.run_id]).fetchall()[0][0]
-            if exists:
-                con.execute("UPDATE runs SET status = 'running' WHERE run_id = ?", [self.run_id])
-            else:
-                insert_row(
-                    con,
-                    "runs",
-                    {
-                        "run_id": self.run_id,
-                        "started_at": now(),
-                        "finished_at": None,
-                        "status": "running",
-                        "command": command,
-                        "config": self.config.to_dict(),
-                        "machine": {**machine_info(), "processes": self.accelerator.num_processes},
-                    },
-                    key=("run_id",),
-                )
+    def start_run(self, command: str) -> bool:
+        """Record a new run as running; returns False (writing nothing) when the run is already stored.
 
-    def finish_run(self) -> None:
+        A stored run is marked again only by `finish_run`, when this invocation changed something, so a
+        run with nothing to do leaves results.duckdb byte-identical.
+        """
+        if self.store.query("SELECT count(*) FROM runs WHERE run_id = ?", [self.run_id])[0][0]:
+            return False
+        with self.store.write() as con:
+            insert_row(
+                con,
+                "runs",
+                {
+                    "run_id": self.run_id,
+                    "started_at": now(),
+                    "finished_at": None,
+                    "status": "running",
+                    "command": command,
+                    "config": self.config.to_dict(),
+                    "machine": {**machine_info(), "processes": self.accelerator.num_processes},
+                },
+                key=("run_id",),
+            )
+        return True
+
+    def finish_run(self, changed: bool) -> None:
+        """Mark the run finished, when this invocation stored anything (else nothing is written)."""
+        if not changed:
+            return
         with self.store.write() as con:
             con.execute("UPDATE runs SET status = 'finished', finished_at = ? WHERE run_id = ?", [now(), self.run_id])
 
-    def prepare_tasks(self) -> None:
-        """Fetch and cache every task's data; record the tasks in the store."""
+    def prepare_tasks(self) -> int:
+        """Fetch and cache every task's data; record the tasks not stored yet; returns how many were recorded."""
+        stored = {row[0] for row in self.store.query("SELECT task FROM tasks")}
+        recorded = 0
         for name in tqdm(self.config.tasks, desc="prepare tasks", unit="task"):
             task, splits = get_task(name), load_task(name)
+            if task.name in stored:
+                continue
+            recorded += 1
             with self.store.write() as con:
                 insert_row(
                     con,
@@ -97,6 +109,7 @@ class TrainingStage:
                     },
                     key=("task",),
                 )
+        return recorded
 
     # -- data ----------------------------------------------------------------------------------
     def tensors(self, task: str, split: str):
