@@ -28,8 +28,8 @@ from PIL import Image
 
 from demo.uploads import load_image
 from merging.deltas import AdapterDeltas, check_compatible, load_deltas
-from merging.merged_model import FoldedBackbone, merge_deltas
-from merging.methods import get_method, list_methods
+from merging.merged_model import AdapterMerger, FoldedBackbone
+from merging.methods import list_methods
 from mlvision.backbone import BackboneConfig, Preprocess
 from mlvision.errors import BadImage, MLVisionError, StoreError
 from mlvision.models import MultiTaskModel, load_model
@@ -198,6 +198,7 @@ class DemoService:
         self.labels = {t: list(a.meta["label_names"]) for t, a in self.adapters.items()}
         self.methods = list_methods(kind="data_free")
         self._folded = FoldedBackbone(self.backbone_config)
+        self._merger = AdapterMerger(self.adapters, self.backbone_config)
         self._merged: OrderedDict[tuple, MergedEntry] = OrderedDict()
         self._single: dict[str, MultiTaskModel] = {}
         self._lock = threading.RLock()  # guards the model caches (not the passes: those run on the batcher)
@@ -284,10 +285,8 @@ class DemoService:
                     self._merged.move_to_end(key)
                     return self._merged[key], False
             start = time.perf_counter()
-            hyperparams = self.stored_hyperparams(group, method)
-            hyperparams = get_method(method).validate(hyperparams if hyperparams is not None else {})
+            merged, hyperparams = self._merger.merge(group, method, self.stored_hyperparams(group, method))
             adapters = [self.adapters[t] for t in group]
-            merged = merge_deltas(adapters, method, hyperparams)
             with self._fold_lock:  # FoldedBackbone rewrites one shared backbone in place
                 backbone = copy.deepcopy(self._folded.fold(merged))
             model = MultiTaskModel(backbone, {a.task: copy.deepcopy(a.head) for a in adapters}).eval().to(self.device)
