@@ -120,6 +120,12 @@ def summary(store: Store, run_id: str, device: str, image_size: int) -> str:
             f"{variant} {median:.1f} ms ({ratio:.2f}x)" for b, variant, k, median, ratio in rows if b == batch_size
         ]
         lines.append(f"inference, {image_size} px, batch {batch_size}, k={rows[0][2]}: " + ", ".join(parts))
+    for throughput, speedup in store.query(
+        f"SELECT throughput, ratio_to_backbone FROM benchmarks WHERE name = 'evaluation' AND variant = 'fast' "
+        f"AND {where}",
+        params,
+    ):
+        lines.append(f"evaluation, {image_size} px: fast path {throughput:.0f} images/s, {speedup:.2f}x eager")
     for variant, throughput, memory in store.query(
         f"SELECT variant, throughput, peak_memory_mb FROM benchmarks WHERE name = 'training' AND {where} "
         "ORDER BY variant",

@@ -28,11 +28,12 @@ from PIL import Image
 
 from demo.uploads import load_image
 from merging.deltas import AdapterDeltas, check_compatible, load_deltas
-from merging.merged_model import AdapterMerger, FoldedBackbone
+from merging.merged_model import AdapterMerger
 from merging.methods import list_methods
 from mlvision.backbone import BackboneConfig, Preprocess
 from mlvision.errors import BadImage, MLVisionError, StoreError
-from mlvision.models import MultiTaskModel, load_model
+from mlvision.evaluation import FoldedBackbone
+from mlvision.models import MultiTaskModel
 from mlvision.runs import resolve_stored_path
 from mlvision.store import Store
 
@@ -288,7 +289,7 @@ class DemoService:
             merged, hyperparams = self._merger.merge(group, method, self.stored_hyperparams(group, method))
             adapters = [self.adapters[t] for t in group]
             with self._fold_lock:  # FoldedBackbone rewrites one shared backbone in place
-                backbone = copy.deepcopy(self._folded.fold(merged))
+                backbone = self._folded.standalone(merged)
             model = MultiTaskModel(backbone, {a.task: copy.deepcopy(a.head) for a in adapters}).eval().to(self.device)
             entry = MergedEntry(model, method, _jsonable(hyperparams), time.perf_counter() - start)
             with self._lock:
@@ -299,10 +300,14 @@ class DemoService:
             return entry, True
 
     def single_model(self, task: str) -> MultiTaskModel:
-        """The task's own adapter (peft-loaded backbone + head), loaded once."""
+        """The task's own adapter (its ΔW folded into a copy of the backbone, as the sweep scores it) + its head."""
         with self._lock:
             if task not in self._single:
-                self._single[task] = load_model(self.adapters[task].path).model.eval().to(self.device)
+                adapter = self.adapters[task]
+                with self._fold_lock:
+                    backbone = self._folded.standalone(adapter.deltas)
+                model = MultiTaskModel(backbone, {task: copy.deepcopy(adapter.head)})
+                self._single[task] = model.eval().to(self.device)
             return self._single[task]
 
     # -- prediction ---------------------------------------------------------------------------------

@@ -88,7 +88,6 @@ def run(args) -> int:
     from merging.deltas import check_compatible, load_deltas
     from merging.merged_model import (
         AdapterMerger,
-        FoldedBackbone,
         check_export_rank,
         check_output_folder,
         export_merge_as_lora,
@@ -96,7 +95,7 @@ def run(args) -> int:
     from merging.methods import MERGE_METHODS, get_method
     from mlvision.backbone import BackboneConfig, Preprocess
     from mlvision.data import split_tensors
-    from mlvision.models import accuracy
+    from mlvision.evaluation import FoldedBackbone, accuracy
 
     if args.list_methods:
         for method in MERGE_METHODS.values():

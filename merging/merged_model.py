@@ -23,6 +23,7 @@ from merging.methods import get_method
 from merging.peft_reference import PeftMerger
 from mlvision.backbone import BackboneConfig, create_backbone
 from mlvision.errors import AdapterError, MergeConfigError
+from mlvision.evaluation import FoldedBackbone
 from mlvision.models import META_FILE, MultiTaskModel, save_model
 
 
@@ -69,33 +70,11 @@ class AdapterMerger:
         return merge_deltas([self.adapters[key] for key in keys], method, params), params
 
 
-class FoldedBackbone:
-    """One base backbone whose weights are swapped to base + ΔW for each merge (no rebuild per merge)."""
-
-    def __init__(self, config: BackboneConfig):
-        self.config = config
-        self.backbone = create_backbone(config)
-        self._base = {name: p.detach().clone() for name, p in self.backbone.named_parameters()}
-
-    @torch.no_grad()
-    def fold(self, merged: dict[str, torch.Tensor]) -> torch.nn.Module:
-        """Set the weights to base + ΔW for the layers in `merged`, base elsewhere; returns the backbone."""
-        for name, parameter in self.backbone.named_parameters():
-            parameter.copy_(self._base[name])
-        for layer, delta in merged.items():
-            weight = self.backbone.get_submodule(layer).weight
-            weight.add_(delta.to(weight.dtype).reshape(weight.shape))
-        return self.backbone
-
-    def model(self, merged: dict[str, torch.Tensor], heads: dict[str, torch.nn.Linear]) -> MultiTaskModel:
-        return MultiTaskModel(self.fold(merged), heads).eval()
-
-
 def build_merged_model(adapters: list[AdapterDeltas], method: str, hyperparams: dict | None = None) -> MultiTaskModel:
     """A standalone merged multi-task model (its own backbone copy): one forward pass, k answers."""
     merged = merge_deltas(adapters, method, hyperparams)
-    folded = FoldedBackbone(BackboneConfig(**adapters[0].meta["backbone"]))
-    return MultiTaskModel(copy.deepcopy(folded.fold(merged)), {a.task: copy.deepcopy(a.head) for a in adapters}).eval()
+    backbone = FoldedBackbone(BackboneConfig(**adapters[0].meta["backbone"])).standalone(merged)
+    return MultiTaskModel(backbone, {a.task: copy.deepcopy(a.head) for a in adapters}).eval()
 
 
 def low_rank_factors(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -315,7 +294,6 @@ def _submodule(model: torch.nn.Module, name: str) -> torch.nn.Module | None:
 
 __all__ = [
     "AdapterMerger",
-    "FoldedBackbone",
     "build_merged_model",
     "check_export_rank",
     "check_output_folder",

@@ -151,31 +151,3 @@ def load_model(folder: str | os.PathLike, backbone: torch.nn.Module | None = Non
                 f"{meta['backbone']['name']}; re-train it or pass the matching backbone"
             ) from None
     return LoadedModel(meta=meta, model=MultiTaskModel(backbone, {meta["task"]: head}).eval(), path=folder)
-
-
-@torch.inference_mode()
-def predict(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 256) -> dict[str, torch.Tensor]:
-    """Predicted class indices per task for a tensor of preprocessed images."""
-    model.eval()
-    outputs: dict[str, list[torch.Tensor]] = {}
-    for start in range(0, len(images), batch_size):
-        for task, logits in model(images[start : start + batch_size]).items():
-            outputs.setdefault(task, []).append(logits.argmax(-1))
-    return {task: torch.cat(parts) for task, parts in outputs.items()}
-
-
-def accuracy(model: torch.nn.Module, task: str, images: torch.Tensor, labels: torch.Tensor) -> float:
-    """Share of `images` whose prediction for `task` equals `labels`."""
-    return float((predict(model, images)[task] == labels).float().mean())
-
-
-@torch.inference_mode()
-def extract_features(
-    backbone: torch.nn.Module, images: torch.Tensor, batch_size: int = 256, device: torch.device | str = "cpu"
-) -> torch.Tensor:
-    """Frozen-backbone features for a tensor of images (computed once per task, reused by every seed).
-
-    Computed on `device` (a GPU when there is one: a ViT-B at 224 px is slow on CPUs), returned on the CPU.
-    """
-    backbone.eval().to(device)
-    return torch.cat([backbone(images[i : i + batch_size].to(device)).cpu() for i in range(0, len(images), batch_size)])

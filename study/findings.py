@@ -21,7 +21,7 @@ from merging.deltas import load_deltas
 from mlvision.backbone import create_backbone, make_preprocess
 from mlvision.config import StudyConfig
 from mlvision.data import split_tensors
-from mlvision.models import extract_features
+from mlvision.evaluation import extract_features, prepared_copy
 from mlvision.paths import REPO_ROOT
 from mlvision.runs import resolve_stored_path, study_run_id
 from mlvision.store import Store, insert_row, now
@@ -67,8 +67,9 @@ class FindingsStage:
             return 0
         backbone = create_backbone(self.config.backbone_config)
         preprocess = make_preprocess(self.config.backbone_config, backbone)
+        fast_backbone = prepared_copy(backbone)
         features = {
-            t: extract_features(backbone, split_tensors(t, "test", preprocess, self.config.merge_eval)[0])
+            t: extract_features(fast_backbone, split_tensors(t, "test", preprocess, self.config.merge_eval)[0])
             for t in self.config.tasks
         }
         adapters = {}

@@ -142,7 +142,7 @@ def test_training_section_measures_three_variants_in_fresh_processes(tiny_study,
             "FROM benchmarks WHERE name = 'training'",
         )
     }
-    assert set(rows) == {"lora", "head_only", "full_finetune"}
+    assert set(rows) == {"lora", "lora_channels_last", "head_only", "full_finetune"}
     trainable = {}
     for variant, (batch, median, p95, throughput, memory, note, repeats) in rows.items():
         assert batch == 32 and repeats == 2 and 0 < median <= p95
@@ -150,9 +150,35 @@ def test_training_section_measures_three_variants_in_fresh_processes(tiny_study,
         assert memory > 0
         trainable[variant] = int(note.split(" trainable")[0].split("; ")[-1])
     # which weights learn: the head alone < LoRA + head < everything
-    assert trainable["head_only"] < trainable["lora"] < trainable["full_finetune"]
+    assert trainable["head_only"] < trainable["lora"] == trainable["lora_channels_last"] < trainable["full_finetune"]
     # full fine-tuning keeps gradients and AdamW state for every weight, the head-only step for almost none
     assert rows["full_finetune"][4] > rows["head_only"][4]
+
+
+def test_evaluation_section_stores_eager_and_fast_with_the_speed_up_from_one_loop(tiny_study, tmp_path):
+    db = copy_study(tiny_study, tmp_path)
+    config = study_config(db, tiny_study["artifacts"])
+    stage = BenchStage(config, Store(db), BenchConfig(sections=("evaluation",), repeats=3, warmup=1))
+    assert stage.run() == {"measured": 1, "skipped": 0}
+    rows = {
+        r[0]: r[1:]
+        for r in query_db(
+            db,
+            "SELECT variant, k, batch_size, median_ms, p95_ms, throughput, ratio_to_backbone, repeats, image_size "
+            "FROM benchmarks WHERE name = 'evaluation'",
+        )
+    }
+    assert set(rows) == {"eager", "fast"}
+    for k, batch, median, p95, throughput, ratio, repeats, image_size in rows.values():
+        assert (k, batch, repeats, image_size) == (len(TINY_TASKS), 256, 3, 32)
+        assert 0 < median <= p95 and throughput == pytest.approx(batch * 1000.0 / median)
+    assert rows["eager"][5] == pytest.approx(1.0)
+    assert rows["fast"][5] == pytest.approx(rows["eager"][2] / rows["fast"][2])  # eager median / fast median
+    assert rows["fast"][4] / rows["eager"][4] == pytest.approx(rows["fast"][5])  # throughput ratio = speed-up
+    assert BenchStage(config, Store(db), BenchConfig(sections=("evaluation",), repeats=3, warmup=1)).run() == {
+        "measured": 0,
+        "skipped": 1,
+    }
 
 
 # ------------------------------------------------------------------------------ bad input

@@ -21,8 +21,9 @@ from safetensors.torch import load_file, save_file
 import merging.merged_model
 from merging.deltas import load_deltas
 from merging.merge import main as merge_main
-from merging.merged_model import FoldedBackbone, merge_deltas
+from merging.merged_model import merge_deltas
 from mlvision.backbone import BackboneConfig, create_backbone
+from mlvision.evaluation import FoldedBackbone
 from mlvision.paths import REPO_ROOT
 
 ARTIFACTS = REPO_ROOT / "artifacts" / "tf_efficientnet_lite0"

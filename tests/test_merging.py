@@ -10,10 +10,11 @@ from peft import PeftModel
 
 from merging.deltas import load_deltas
 from merging.merge import main as merge_main
-from merging.merged_model import FoldedBackbone, build_merged_model, export_merge_as_lora, merge_deltas
+from merging.merged_model import build_merged_model, export_merge_as_lora, merge_deltas
 from merging.peft_reference import PeftMerger
 from mlvision.backbone import BackboneConfig, create_backbone
 from mlvision.errors import AdapterError, MergeConfigError, UnknownNameError
+from mlvision.evaluation import FoldedBackbone
 from mlvision.models import load_model, save_model
 from mlvision.runs import resolve_stored_path
 from training.trainers import train_adapter

@@ -17,7 +17,8 @@ from peft import PeftModel
 
 from mlvision.backbone import BackboneConfig, create_backbone
 from mlvision.data import split_tensors
-from mlvision.models import MultiTaskModel, accuracy, load_head, load_model, read_meta
+from mlvision.evaluation import accuracy
+from mlvision.models import MultiTaskModel, load_head, load_model, read_meta
 from mlvision.paths import REPO_ROOT
 from mlvision.runs import resolve_stored_path
 

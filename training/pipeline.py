@@ -15,6 +15,7 @@ are trained by the main process only.
 
 from __future__ import annotations
 
+import copy
 import time
 
 import torch
@@ -25,7 +26,8 @@ from tqdm.auto import tqdm
 from mlvision.backbone import create_backbone, make_preprocess
 from mlvision.config import StudyConfig
 from mlvision.data import split_tensors
-from mlvision.models import MultiTaskModel, accuracy, extract_features, save_model
+from mlvision.evaluation import accuracy, extract_features, prepare_for_inference
+from mlvision.models import MultiTaskModel, save_model
 from mlvision.runs import machine_info, model_folder, relative_to_repo, study_run_id
 from mlvision.store import Store, config_hash, insert_row, now
 from mlvision.tasks import get_task, load_task, set_hub_domains
@@ -240,7 +242,9 @@ class TrainingStage:
         if self.store is None:  # another rank: the main process evaluates and writes
             self.accelerator.wait_for_everyone()
             return True
-        model = MultiTaskModel(peft_model, {task: head})
+        # Scored through the evaluation path: the adapter merged into a copy of the backbone, prepared for speed.
+        fast_backbone, _ = prepare_for_inference(copy.deepcopy(peft_model).merge_and_unload())
+        model = MultiTaskModel(fast_backbone, {task: head})
         accuracies = {}
         for split in ("validation", "test"):
             split_images, split_labels = self.tensors(task, split)

@@ -6,9 +6,11 @@ list it below (docs/ARCHITECTURE.md); the CLI's --bench-sections choices and the
 
 from __future__ import annotations
 
-from benchmarks.sections import inference, merge, training
+from benchmarks.sections import evaluation, inference, merge, training
 from benchmarks.sections.base import Chart, Section
 
-SECTIONS: dict[str, Section] = {s.name: s for s in (inference.SECTION, training.SECTION, merge.SECTION)}
+SECTIONS: dict[str, Section] = {
+    s.name: s for s in (inference.SECTION, evaluation.SECTION, training.SECTION, merge.SECTION)
+}
 
 __all__ = ["SECTIONS", "Chart", "Section"]

@@ -63,7 +63,8 @@ class InferenceSection(Section):
         from peft import PeftModel
 
         from merging.deltas import load_deltas
-        from merging.merged_model import FoldedBackbone, merge_deltas
+        from merging.merged_model import merge_deltas
+        from mlvision.evaluation import FoldedBackbone
 
         tasks_all = stage.tasks
         adapter_folders = [stage.model_folder("adapter", task) for task in tasks_all]
@@ -73,7 +74,7 @@ class InferenceSection(Section):
         preprocess = make_preprocess(backbone_config, plain)
         adapters = [load_deltas(folder) for folder in adapter_folders]
         separate = [load_model(folder, create_backbone(backbone_config)).model for folder in adapter_folders]
-        folded = FoldedBackbone(backbone_config)
+        folded = FoldedBackbone(backbone_config, fast=False)  # eager, like every other variant here
         baseline_heads = {task: load_head(folder, read_meta(folder)) for task, folder in zip(tasks_all, head_folders)}
         switch = PeftModel.from_pretrained(
             create_backbone(backbone_config), str(adapter_folders[0]), adapter_name=tasks_all[0]
