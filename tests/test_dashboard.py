@@ -532,7 +532,8 @@ def test_corrupt_database_says_so(tmp_path):
     assert "not a readable DuckDB file" in at.error[0].value or "cannot open" in at.error[0].value
 
 
-def test_locked_database_says_so(full_db, tmp_path):
+def test_locked_database_says_so(full_db, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLV_STORE_READ_WAIT_S", "1")  # how long readers wait is tested in test_store_concurrency
     db = tmp_path / "results.duckdb"
     shutil.copy(full_db, db)
     holder = subprocess.Popen(

@@ -122,3 +122,40 @@ def test_extract_features_agrees_between_the_two_paths():
     eager = extract_features(create_backbone(config), images, batch_size=8)
     assert fast.shape == eager.shape == (20, 1280)
     assert torch.allclose(fast, eager, atol=LOGIT_TOLERANCE)
+
+
+# ------------------------------------------------------------------ the same technique in training
+
+
+def test_channels_last_training_gives_nearly_the_same_adapter_and_its_own_identity():
+    from mlvision.config import StudyConfig
+    from training.trainers import train_adapter
+
+    images = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    labels = torch.tensor([0, 1] * 8)
+    trained = {}
+    for channels_last in (False, True):
+        peft_model, head, _ = train_adapter(
+            create_backbone(BackboneConfig()),
+            images,
+            labels,
+            2,
+            rank=2,
+            alpha=4,
+            target_modules=["conv_pw", "conv_pwl"],
+            steps=3,
+            batch_size=8,
+            lr=1e-2,
+            head_lr=1e-2,
+            seed=0,
+            channels_last=channels_last,
+        )
+        factors = {n: p.detach() for n, p in peft_model.named_parameters() if "lora_" in n}
+        assert all(p.is_contiguous() for p in factors.values())  # saved and merged as usual
+        trained[channels_last] = factors
+    for name, value in trained[False].items():
+        difference = (trained[True][name] - value).norm() / value.norm()
+        assert difference < 1e-3, name  # the same maths, rounded in another order
+    config = StudyConfig(merge_methods=("linear",))
+    assert config.model_id("adapter", "mnist", 0) != StudyConfig(channels_last=True).model_id("adapter", "mnist", 0)
+    assert "channels_last" not in config.to_dict()  # off: every stored identity stays what it was

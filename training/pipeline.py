@@ -238,6 +238,7 @@ class TrainingStage:
             seed=seed,
             progress_label=f"adapter {task} seed {seed}",
             accelerator=self.accelerator,
+            channels_last=self.config.channels_last,
         )
         if self.store is None:  # another rank: the main process evaluates and writes
             self.accelerator.wait_for_everyone()
