@@ -207,6 +207,21 @@ def build_full_db(path: Path) -> Path:
     ]
     bench += [
         dict(
+            name="evaluation",
+            variant=variant,
+            k=3,
+            batch_size=256,
+            device="cpu",
+            median_ms=ms,
+            p95_ms=ms + 5,
+            throughput=256000 / ms,
+            ratio_to_backbone=500.0 / ms,
+            machine=json.dumps({"cpu_count": 2}),
+        )
+        for variant, ms in (("eager", 500.0), ("fast", 200.0))
+    ]
+    bench += [
+        dict(
             name="merge",
             variant=method,
             k=k,
@@ -391,7 +406,13 @@ def test_performance_lines_match_sql(full_db):
     for method, part in merge.groupby("variant"):  # the merge-time chart is the last figure
         np.testing.assert_allclose(drawn[-1][method][1], part["median_ms"])
     training = sql(full_db, "SELECT variant, throughput, peak_memory_mb FROM benchmarks WHERE name = 'training'")
-    throughput, memory = (figure["data"][0] for figure in figures(at) if figure["data"][0].get("type") == "bar")
+    evaluation = sql(full_db, "SELECT variant, throughput, ratio_to_backbone FROM benchmarks WHERE name = 'evaluation'")
+    bars = [figure["data"][0] for figure in figures(at) if figure["data"][0].get("type") == "bar"]
+    eval_throughput, speed_up, throughput, memory = bars  # sections in registry order: evaluation, training
+    assert dict(zip(eval_throughput["x"], eval_throughput["y"])) == pytest.approx(
+        dict(zip(evaluation["variant"], evaluation["throughput"]))
+    )
+    assert dict(zip(speed_up["x"], speed_up["y"])) == pytest.approx({"eager": 1.0, "fast": 2.5})
     assert dict(zip(throughput["x"], throughput["y"])) == pytest.approx(
         dict(zip(training["variant"], training["throughput"]))
     )
@@ -435,7 +456,8 @@ def test_performance_says_how_to_measure_a_missing_section(full_db, tmp_path):
     assert [i.value for i in at.info] == [
         "No training figures for this device yet: run `python -m training.bench --bench-sections training`."
     ]
-    assert not any(figure["data"][0].get("type") == "bar" for figure in figures(at))
+    bars = [figure["data"][0] for figure in figures(at) if figure["data"][0].get("type") == "bar"]
+    assert [set(bar["x"]) for bar in bars] == [{"eager", "fast"}] * 2  # the evaluation section's; no training bars
 
 
 def test_runs_tables_filters_and_downloads(full_db):
