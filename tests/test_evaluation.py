@@ -159,3 +159,33 @@ def test_channels_last_training_gives_nearly_the_same_adapter_and_its_own_identi
     config = StudyConfig(merge_methods=("linear",))
     assert config.model_id("adapter", "mnist", 0) != StudyConfig(channels_last=True).model_id("adapter", "mnist", 0)
     assert "channels_last" not in config.to_dict()  # off: every stored identity stays what it was
+
+
+class SmallConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+        self.num_features = 4
+
+    def forward(self, images):
+        return torch.relu(self.bn(self.conv(images))).mean((2, 3))
+
+
+def test_without_a_working_compiler_compile_falls_back_with_one_line(monkeypatch, capsys):
+    import torch._dynamo
+    import torch._inductor.config
+
+    from mlvision.evaluation import _CompiledOrEager
+
+    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", (None, "/nonexistent/c++"))
+    torch._dynamo.reset()
+    model = SmallConvNet().eval()
+    images = torch.randn(2, 3, 8, 8)
+    with torch.inference_mode():
+        expected = model(images)
+        compiled = _CompiledOrEager(prepare_for_inference(model)[0])
+        assert torch.allclose(compiled(images), expected, atol=1e-5)
+        assert torch.allclose(compiled(images), expected, atol=1e-5)  # the second call does not try again
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [lines[0]] and lines[0].startswith("evaluation: torch.compile unavailable")
+    torch._dynamo.reset()
