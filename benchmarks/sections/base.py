@@ -28,6 +28,15 @@ class Chart:
     x_title: str = "k (tasks served)"
 
 
+def interleaved_setting(stage: BenchStage) -> dict:
+    """What figures timed in one interleaved loop over the study's adapters depend on (inference, evaluation)."""
+    return {
+        "repeats": stage.bench.repeats,
+        "warmup": stage.bench.warmup,
+        "adapters": [stage.config.model_id("adapter", t, stage.seed) for t in stage.tasks],
+    }
+
+
 class Section:
     name: str = ""
     title: str = ""  # heading on the dashboard's Performance page

@@ -14,7 +14,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from benchmarks.sections.base import Chart, Section
+from benchmarks.sections.base import Chart, Section, interleaved_setting
 from benchmarks.sections.inference import image_batch
 from benchmarks.timing import median_p95, time_interleaved
 from mlvision.backbone import make_preprocess
@@ -41,13 +41,7 @@ class EvaluationSection(Section):
         return stage.bench.repeats
 
     def setting(self, stage) -> dict:
-        return {
-            "repeats": stage.bench.repeats,
-            "warmup": stage.bench.warmup,
-            "batch_size": EVAL_BATCH_SIZE,
-            "compile": compile_requested(),
-            "adapters": [stage.config.model_id("adapter", t, stage.seed) for t in stage.tasks],
-        }
+        return {**interleaved_setting(stage), "batch_size": EVAL_BATCH_SIZE, "compile": compile_requested()}
 
     def plan(self, stage):
         return [(variant, len(stage.tasks), EVAL_BATCH_SIZE) for variant in self.variants]

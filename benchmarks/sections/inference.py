@@ -16,7 +16,7 @@ import copy
 import torch
 from tqdm.auto import tqdm
 
-from benchmarks.sections.base import Chart, Section
+from benchmarks.sections.base import Chart, Section, interleaved_setting
 from benchmarks.timing import median_p95, time_interleaved
 from mlvision.backbone import create_backbone, make_preprocess
 from mlvision.data import split_tensors
@@ -47,11 +47,7 @@ class InferenceSection(Section):
         return stage.bench.repeats
 
     def setting(self, stage) -> dict:
-        return {
-            "repeats": stage.bench.repeats,
-            "warmup": stage.bench.warmup,
-            "adapters": [stage.config.model_id("adapter", t, stage.seed) for t in stage.tasks],
-        }
+        return interleaved_setting(stage)
 
     def plan(self, stage):
         return [
