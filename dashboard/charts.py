@@ -151,6 +151,10 @@ def grouped_bar_figure(
 def gain_heatmap(matrix: pd.DataFrame, title: str) -> go.Figure:
     """Normalized gain for every (group, task): 1 = own adapter, 0 = head baseline, < 0 worse."""
     z = matrix.to_numpy(dtype=float)
+    finite = z[np.isfinite(z)]
+    # Limits symmetric about 0, so the scale's white is the head baseline's 0: plotly ignores zmid
+    # once zmin and zmax are given, and with limits like (-2.2, 1) white fell at -0.6.
+    bound = max(1.0, float(np.abs(finite).max())) if finite.size else 1.0
     text = [["" if np.isnan(v) else f"{v:.2f}" for v in row] for row in z]
     fig = go.Figure(
         go.Heatmap(
@@ -160,9 +164,8 @@ def gain_heatmap(matrix: pd.DataFrame, title: str) -> go.Figure:
             text=text,
             texttemplate="%{text}",
             colorscale="RdBu",
-            zmid=0,
-            zmin=min(-1.0, np.nanmin(z)) if z.size else -1,
-            zmax=max(1.0, np.nanmax(z)) if z.size else 1,
+            zmin=-bound,
+            zmax=bound,
             colorbar=dict(title="gain"),
             hovertemplate="%{y}<br>task %{x}<br>gain=%{z:.3f}<extra></extra>",
         )

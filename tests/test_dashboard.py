@@ -375,6 +375,17 @@ def test_merges_vs_heads_bars_and_heatmap_match_sql(full_db):
         value = trace["z"][trace["y"].index(f"k={row.k}: {row.tasks}")][trace["x"].index(row.task)]
         assert value == pytest.approx(row.g)
     assert len(trace["y"]) == sql(full_db, "SELECT count(DISTINCT tasks) FROM merge_results").iloc[0, 0]
+    assert trace["zmin"] == -trace["zmax"] and trace["zmax"] >= 1  # white (the middle of RdBu) is a gain of 0
+
+
+def test_gain_heatmap_puts_white_at_zero_whatever_the_range():
+    from dashboard.charts import gain_heatmap
+
+    gains = pd.DataFrame([[-2.2, 0.5], [np.nan, -0.4]], index=["k=2: a,b", "k=2: a,c"], columns=["a", "b"])
+    trace = gain_heatmap(gains, "gain").data[0]
+    assert (trace.zmin, trace.zmax) == (-2.2, 2.2)  # RdBu's white, its middle, is 0: a gain of -0.4 is red
+    empty = gain_heatmap(pd.DataFrame([[np.nan]], index=["k=2: a,b"], columns=["a"]), "gain").data[0]
+    assert (empty.zmin, empty.zmax) == (-1.0, 1.0)
 
 
 def test_methods_table_and_chart_match_sql(full_db):
