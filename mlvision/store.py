@@ -59,7 +59,16 @@ class StoreBusyError(StoreError):
 
 # 2: benchmark_rows (and the benchmarks view) gained bench_id, section, backbone, image_size, threads,
 #    repeats, peak_memory_mb, note, run_id; a version-1 file is upgraded in place (columns added).
-SCHEMA_VERSION = 2
+# 3: merge_evaluations gained merged_correct, single_correct, head_correct (which images each model got
+#    right, `pack_correct`), for paired tests on the same images; table adapter_updates (each adapter's
+#    update norm); merge_results exposes them, with normalized_gain NULL (and gain_note saying why) where
+#    single and head differ by less than GAIN_MIN_DIFFERENCE.
+SCHEMA_VERSION = 3
+
+# normalized_gain = (merged - head) / (single - head) is a ratio of two small differences when single and
+# head are close; below this difference (2 points: 6 images of 300) it is noise divided by noise, so the
+# view leaves it NULL with a reason instead of a figure like -18.
+GAIN_MIN_DIFFERENCE = 0.02
 
 _TABLES = [
     """CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)""",
@@ -90,6 +99,15 @@ _TABLES = [
         merge_id VARCHAR, task VARCHAR, split VARCHAR, merged_accuracy DOUBLE, single_accuracy DOUBLE,
         head_accuracy DOUBLE, n INTEGER, run_id VARCHAR, created_at TIMESTAMP,
         PRIMARY KEY (merge_id, task, split))""",
+    # Which of the n images each model got right, in image order (`pack_correct`): McNemar's test on the same images.
+    *(
+        f"ALTER TABLE merge_evaluations ADD COLUMN IF NOT EXISTS {column} VARCHAR"
+        for column in ("merged_correct", "single_correct", "head_correct")
+    ),
+    # The size of each adapter's weight update: sqrt of the sum over adapted layers of ||ΔW||_F^2.
+    """CREATE TABLE IF NOT EXISTS adapter_updates (
+        model_id VARCHAR PRIMARY KEY, task VARCHAR, seed INTEGER, update_norm DOUBLE, layers INTEGER,
+        run_id VARCHAR, created_at TIMESTAMP)""",
     """CREATE TABLE IF NOT EXISTS similarities (
         task_a VARCHAR, task_b VARCHAR, measure VARCHAR, value DOUBLE, seed INTEGER, config JSON,
         run_id VARCHAR, created_at TIMESTAMP, PRIMARY KEY (task_a, task_b, measure, seed))""",
@@ -125,10 +143,19 @@ _VIEWS = [
     """CREATE OR REPLACE VIEW merge_results AS
         SELECT g.merge_id, g.method, g.k, g.tasks, e.task, g.seed, e.merged_accuracy, e.single_accuracy,
                e.head_accuracy, e.merged_accuracy / nullif(e.single_accuracy, 0) AS normalized_accuracy,
-               (e.merged_accuracy - e.head_accuracy)
-                   / nullif(e.single_accuracy - e.head_accuracy, 0) AS normalized_gain,
-               g.hyperparams, g.backbone, e.n, g.run_id
-        FROM merges g JOIN merge_evaluations e ON e.merge_id = g.merge_id AND e.split = 'test'""",
+               CASE WHEN abs(e.single_accuracy - e.head_accuracy) >= {gain_min}
+                    THEN (e.merged_accuracy - e.head_accuracy) / (e.single_accuracy - e.head_accuracy)
+               END AS normalized_gain,
+               CASE WHEN abs(e.single_accuracy - e.head_accuracy) < {gain_min}
+                    THEN 'single adapter and head differ by less than {gain_points:g} points: the gain ratio is noise'
+               END AS gain_note,
+               g.hyperparams, g.selection, g.backbone, e.n, g.run_id,
+               e.merged_correct, e.single_correct, e.head_correct
+        FROM merges g JOIN merge_evaluations e ON e.merge_id = g.merge_id AND e.split = 'test'""".format(
+        gain_min=GAIN_MIN_DIFFERENCE, gain_points=GAIN_MIN_DIFFERENCE * 100
+    ),
+    """CREATE OR REPLACE VIEW adapter_update_norms AS
+        SELECT model_id, task, seed, update_norm, layers, run_id FROM adapter_updates""",
     """CREATE OR REPLACE VIEW task_similarity AS
         SELECT task_a, task_b, measure, value, seed, config, run_id FROM similarities""",
     """CREATE OR REPLACE VIEW findings AS
@@ -153,8 +180,12 @@ VIEW_COLUMN_KINDS = {
             "k", "seed", "merged_accuracy", "single_accuracy", "head_accuracy",
             "normalized_accuracy", "normalized_gain", "n",
         ),
-        "text": ("merge_id", "method", "tasks", "task", "backbone", "run_id"),
+        "text": (
+            "merge_id", "method", "tasks", "task", "backbone", "run_id", "gain_note",
+            "merged_correct", "single_correct", "head_correct",
+        ),
     },
+    "adapter_update_norms": {"numbers": ("seed", "update_norm", "layers"), "text": ("model_id", "task", "run_id")},
     "task_similarity": {"numbers": ("value", "seed"), "text": ("task_a", "task_b", "measure", "run_id")},
     "findings": {"numbers": ("value", "ci_low", "ci_high", "n"), "text": ("finding", "statistic", "note", "run_id")},
     "benchmarks": {
@@ -194,6 +225,24 @@ def config_hash(config: dict) -> str:
     """Stable short hash of a JSON-able config (key order does not matter)."""
     canonical = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def pack_correct(correct) -> str:
+    """Which images a model got right (a sequence of bools, in image order) as compact hex text.
+
+    Why: paired tests (McNemar) need the per-image outcomes of the merged model, the single adapter and
+    the head on the same images; 300 outcomes take 76 characters this way (np.packbits, then hex).
+    """
+    import numpy as np
+
+    return np.packbits(np.asarray(correct, dtype=bool)).tobytes().hex()
+
+
+def unpack_correct(packed: str, n: int):
+    """The bool array of `n` outcomes that `pack_correct` stored."""
+    import numpy as np
+
+    return np.unpackbits(np.frombuffer(bytes.fromhex(packed), dtype=np.uint8), count=n).astype(bool)
 
 
 def now() -> datetime:
@@ -325,12 +374,16 @@ class Store:
                 return False
             version = con.execute("SELECT max(version) FROM schema_version").fetchall()[0][0]
             columns = {
-                row[0]
-                for row in con.execute(
-                    "SELECT column_name FROM information_schema.columns WHERE table_name = 'benchmark_rows'"
+                (table, column)
+                for table, column in con.execute(
+                    "SELECT table_name, column_name FROM information_schema.columns"
                 ).fetchall()
             }
-        added = {statement.split(" EXISTS ")[1].split()[0] for statement in _TABLES if "ADD COLUMN" in statement}
+        added = {
+            (statement.split()[2], statement.split(" EXISTS ")[1].split()[0])
+            for statement in _TABLES
+            if "ADD COLUMN" in statement
+        }
         return version == SCHEMA_VERSION and added <= columns
 
     @contextmanager
