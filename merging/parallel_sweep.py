@@ -22,7 +22,8 @@ Why it works this way:
 - `collect` inserts with the store's key-based skip, so collecting twice, or parts that overlap, adds
   no duplicate rows; a corrupt part stops it with nothing written.
 - Each worker loads the adapters and scores the baselines itself (seconds): the price of sharing
-  nothing but files.
+  nothing but files. The adapters' update norms (table adapter_updates) go into the first part a
+  worker run writes; `collect` skips those stored already, like every row.
 """
 
 from __future__ import annotations
@@ -70,9 +71,10 @@ def read_part(con, part: Path, table: str) -> list[dict]:
         ) from None
 
 
-def write_part(folder: Path, merges: list) -> Path:
-    """Write the rows of some merges (MergeRows) as one part folder, which appears only once complete."""
-    from merging.sweep import TABLE_KEYS, save_rows
+def write_part(folder: Path, merges: list, updates: list[dict] = ()) -> Path:
+    """Write the rows of some merges (MergeRows), and any adapter update norms (`MergeSweep.update_rows`),
+    as one part folder, which appears only once complete."""
+    from merging.sweep import TABLE_KEYS, insert_rows, save_rows
     from mlvision.store import Store
 
     temp = folder / f".tmp-chunk-{time.time_ns()}-{uuid.uuid4().hex[:8]}"
@@ -80,6 +82,7 @@ def write_part(folder: Path, merges: list) -> Path:
     with Store(":memory:").write() as con:  # the store's own tables, in memory: parts keep its schema
         for rows in merges:
             save_rows(con, rows)
+        insert_rows(con, "adapter_updates", list(updates))
         for table in TABLE_KEYS:
             target = str(temp / f"{table}.parquet").replace("'", "''")
             con.execute(f"COPY {table} TO '{target}' (FORMAT parquet)")
@@ -133,13 +136,15 @@ def run_worker(config, worker: int, workers: int, parts: Path, chunk_size: int) 
     share = worker_share(sweep, worker, workers)
     todo = sweep.missing(share, done)
     sweep.prepare(todo)
+    updates = sweep.update_rows()  # go into this run's first part (collect skips those stored already)
     with tqdm(total=len(todo), desc=f"worker {worker} of {workers}", unit="merge", position=worker) as bar:
         for start in range(0, len(todo), chunk_size):
             merges = []
             for item in todo[start : start + chunk_size]:
                 merges.append(sweep.compute(*item))
                 bar.update()
-            write_part(folder, merges)
+            write_part(folder, merges, updates)
+            updates = []
     return {"merged": len(todo), "skipped": len(share) - len(todo), "folder": folder}
 
 
@@ -223,10 +228,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def print_collected(counts: dict, db) -> None:
-    added = counts["merges"] + counts["merge_evaluations"]
+    from merging.sweep import TABLE_KEYS
+
+    added = sum(counts[table] for table in TABLE_KEYS)
     print(
         f"collected {counts['parts']} parts: {counts['merges']} merges and {counts['merge_evaluations']} merge "
-        f"evaluations added, {counts['read'] - added} rows already stored; results in {db}"
+        f"evaluations added ({counts['adapter_updates']} adapter update norms), {counts['read'] - added} rows "
+        f"already stored; results in {db}"
     )
 
 

@@ -4,24 +4,37 @@ For each (group, method, seed) the adapters' ΔW are merged layer by layer, fold
 backbone (weights swapped in place, no model rebuilt from disk), and the merged model is scored
 on each of its tasks' fixed evaluation subset. Beside it, each task's own adapter and head
 baseline are scored on the very same images once per sweep, so normalized accuracy compares like
-with like. A merge is keyed by the hash of (method, hyperparameters or selection rule, adapter
-ids, evaluation sizes) and skipped when already stored: the sweep is idempotent and resumable.
+with like; which images each of the three got right is stored too (`pack_correct`), for paired
+tests. A merge is keyed by the hash of (method, defaults, validation grid and size, adapter ids,
+evaluation size) and skipped when already stored: the sweep is idempotent and resumable.
+
+Selection (study v2): every merge, of every method, is scored on the validation subset
+(`merge_select` images per task) at each point of its method's grid (`MergeMethod.grid_points`: 4
+points for every data-free method, the default first; one point, its fixed setting, for an untuned
+peft reference); the point with the best mean validation accuracy over the group's tasks is kept
+(ties: the earlier grid point) and `merges.selection` stores {"tuned", "grid", "validation_accuracy",
+"chosen", "chosen_validation_accuracy", "validation_n_per_task"}. Where a method's `scaling` is a
+pure multiplier of its output (`scaling_is_output_multiplier`), ΔW is merged once per combination of
+the other hyperparameters and multiplied per scaling, not re-merged. `merge_seconds` is the time from
+the first grid merge to the chosen ΔW: every grid merge and its validation scoring.
 
 Computing a merge's rows (`MergeSweep.compute`) is kept apart from storing them (`save_rows`), so
 the same computation can either go straight into results.duckdb (`MergeSweep.run`, serial) or into
-Parquet part files written by parallel workers and loaded later (merging/parallel_sweep.py).
-
-A method with a validation grid in the registry (task arithmetic's λ) has that hyperparameter
-picked on the validation subset (mean accuracy over the group's tasks); the grid, the validation
-scores and the choice are stored.
+Parquet part files written by parallel workers and loaded later (merging/parallel_sweep.py). Each
+loaded adapter's update norm goes into `adapter_updates` the same two ways (`MergeSweep.update_rows`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
+import math
+import random
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from merging.deltas import AdapterDeltas, load_deltas
@@ -30,22 +43,42 @@ from merging.methods import get_method
 from mlvision.backbone import Preprocess
 from mlvision.config import StudyConfig
 from mlvision.data import split_tensors
-from mlvision.evaluation import FoldedBackbone, accuracy, task_accuracies
+from mlvision.errors import MLVisionError
+from mlvision.evaluation import FoldedBackbone, accuracy_of, task_correct
 from mlvision.models import load_head, read_meta
 from mlvision.runs import stored_model_folder, study_run_id
-from mlvision.store import Store, config_hash, insert_row, now
+from mlvision.store import Store, config_hash, insert_row, now, pack_correct
 
 
 def merge_seeds(config: StudyConfig, k: int) -> tuple[int, ...]:
-    """Seeds swept for groups of size k: all of them up to `merge_all_seeds_up_to_k`, else the first."""
-    return tuple(config.seeds) if k <= config.merge_all_seeds_up_to_k else tuple(config.seeds[:1])
+    """Seeds swept for groups of size k: every seed (`merge_all_seeds_up_to_k` None, the default), or
+    every seed up to that k and the first one above it."""
+    up_to = config.merge_all_seeds_up_to_k
+    return tuple(config.seeds) if up_to is None or k <= up_to else tuple(config.seeds[:1])
+
+
+def sample_groups(tasks, k: int, max_groups: int | None) -> list[tuple[str, ...]]:
+    """The groups of size k merged: every combination of the sorted tasks, or for k >= 3 with
+    `max_groups` set a fixed sample of that many (all when fewer exist), in combination order.
+
+    The sample is a pure function of (sorted tasks, k, max_groups): its random generator is seeded by a
+    hash of them, so every run, seed, method and worker gets the same groups and nothing extra is stored."""
+    tasks = sorted(tasks)
+    groups = list(itertools.combinations(tasks, k))
+    if max_groups is None or k < 3 or len(groups) <= max_groups:
+        return groups
+    digest = hashlib.sha256(json.dumps([tasks, k, max_groups]).encode()).hexdigest()
+    chosen = sorted(random.Random(int(digest[:16], 16)).sample(range(len(groups)), max_groups))
+    return [groups[i] for i in chosen]
 
 
 def sweep_plan(config: StudyConfig) -> list[tuple[tuple[str, ...], int, str]]:
     """Every (group, seed, method) the sweep covers, smallest groups first."""
+    if config.max_groups_per_k is not None and config.max_groups_per_k < 1:
+        raise MLVisionError(f"--max-groups-per-k must be at least 1, got {config.max_groups_per_k}")
     plan = []
     for k in range(2, min(config.max_k, len(config.tasks)) + 1):
-        for group in itertools.combinations(sorted(config.tasks), k):
+        for group in sample_groups(config.tasks, k, config.max_groups_per_k):
             for seed in merge_seeds(config, k):
                 plan.extend((group, seed, method) for method in config.merge_methods)
     return plan
@@ -56,7 +89,11 @@ def sweep_plan(config: StudyConfig) -> list[tuple[tuple[str, ...], int, str]]:
 SAVE_EVERY_S = 10.0
 
 # The tables one merge writes, each with the key its rows are skipped by when already present.
-TABLE_KEYS = {"merges": ("merge_id",), "merge_evaluations": ("merge_id", "task", "split")}
+TABLE_KEYS = {
+    "merges": ("merge_id",),
+    "merge_evaluations": ("merge_id", "task", "split"),
+    "adapter_updates": ("model_id",),  # written once per loaded adapter, not per merge (`update_rows`)
+}
 
 
 @dataclass
@@ -89,8 +126,30 @@ def stored_merge_ids(store: Store) -> set[str]:
 
 @dataclass
 class Baseline:
-    single: float  # the task's own adapter on the evaluation subset
-    head: float  # the frozen backbone + trained head on the same images
+    single_correct: np.ndarray  # which evaluation images the task's own adapter gets right
+    head_correct: np.ndarray  # ... and the frozen backbone + trained head, on the same images
+
+    @property
+    def single(self) -> float:
+        return accuracy_of(self.single_correct)
+
+    @property
+    def head(self) -> float:
+        return accuracy_of(self.head_correct)
+
+
+def update_norm(adapter: AdapterDeltas) -> float:
+    """sqrt(sum over the adapted layers of ||ΔW||_F^2), in float64, on ΔW exactly as merged."""
+    return math.sqrt(sum(float(delta.double().pow(2).sum()) for delta in adapter.deltas.values()))
+
+
+@dataclass
+class Selection:
+    """The outcome of scoring a merge's grid on validation: the chosen ΔW, its hyperparameters, the record."""
+
+    merged: dict
+    params: dict
+    record: dict
 
 
 def check_methods(config: StudyConfig) -> None:
@@ -130,25 +189,40 @@ class MergeSweep:
                 first = first or adapter
         self.preprocess = Preprocess.from_dict(first.meta["preprocess"])
         for (task, seed), adapter in tqdm(self.adapters.items(), desc="baselines", unit="adapter", leave=False):
-            images, labels = self.eval_tensors(task)
+            data = {task: self.eval_tensors(task)}
             single_model = self.folded.model(adapter.deltas, {task: adapter.head})
-            single = accuracy(single_model, task, images, labels)
+            single = task_correct(single_model, data)[task]
             head_folder = self._stored_path("head", task, seed)
             head_model = self.folded.model({}, {task: load_head(head_folder, read_meta(head_folder))})
-            self.baselines[(task, seed)] = Baseline(single=single, head=accuracy(head_model, task, images, labels))
+            self.baselines[(task, seed)] = Baseline(
+                single_correct=single, head_correct=task_correct(head_model, data)[task]
+            )
+
+    def update_rows(self) -> list[dict]:
+        """One `adapter_updates` row per loaded adapter: its update norm and number of adapted layers."""
+        return [
+            {
+                "model_id": self.config.model_id("adapter", task, seed),
+                "task": task,
+                "seed": seed,
+                "update_norm": update_norm(adapter),
+                "layers": len(adapter.deltas),
+                "run_id": self.run_id,
+                "created_at": now(),
+            }
+            for (task, seed), adapter in self.adapters.items()
+        ]
 
     # -- one merge --------------------------------------------------------------------------------
     def merge_id(self, group, seed, method) -> str:
-        adapter_ids = [self.config.model_id("adapter", task, seed) for task in group]
-        selection = get_method(method).selection_rule()
-        rule = {"select": selection, "select_n": self.config.merge_select} if selection else {}
-        hyper = {} if selection else get_method(method).validate({})  # a reference has none
+        merge_method = get_method(method)
         return "merge-" + config_hash(
             {
                 "method": method,
-                "hyperparams": hyper,
-                "rule": rule,
-                "adapters": adapter_ids,
+                "hyperparams": merge_method.validate({}),  # the defaults (a reference has none)
+                "grid": merge_method.grid_points(),
+                "select_n": self.config.merge_select,
+                "adapters": [self.config.model_id("adapter", task, seed) for task in group],
                 "eval_n": self.config.merge_eval,
             }
         )
@@ -160,39 +234,61 @@ class MergeSweep:
             self._mergers[seed] = AdapterMerger(adapters, self.config.backbone_config)
         return self._mergers[seed]
 
-    def _merged_deltas(self, group, seed, method):
-        """(merged ΔW per layer, hyperparams, selection record)."""
-        merger = self.merger(seed)
-        selection = get_method(method).selection_rule()
-        if selection is None:
-            return (*merger.merge(group, method), None)
-        name, grid = selection
+    def grid_merges(self, group, seed, method):
+        """(grid index, merged ΔW, full hyperparameters) for every point of the method's grid.
+
+        Where `scaling` is an output multiplier, ΔW is merged once at scaling 1 per combination of the
+        other hyperparameters and multiplied per scaling value; otherwise each point is merged. Yielded
+        one at a time (bucket by bucket), so only the merges in use are held."""
+        merge_method, merger = get_method(method), self.merger(seed)
+        points = merge_method.grid_points()
+        if merge_method.kind == "reference" or not merge_method.scaling_is_output_multiplier:
+            for index, point in enumerate(points):
+                yield (index, *merger.merge(group, method, point))
+            return
+        buckets: dict[str, list[int]] = {}
+        for index, point in enumerate(points):
+            rest = {name: value for name, value in point.items() if name != "scaling"}
+            buckets.setdefault(json.dumps(rest, sort_keys=True), []).append(index)
+        for key, indices in buckets.items():
+            base, params = merger.merge(group, method, {**json.loads(key), "scaling": 1.0})
+            for index in indices:
+                scaling = points[index].get("scaling", merge_method.defaults["scaling"])
+                merged = base if scaling == 1.0 else {layer: scaling * delta for layer, delta in base.items()}
+                yield index, merged, {**params, "scaling": float(scaling)}
+
+    def select(self, group, seed, method) -> Selection:
+        """Score every grid point's merge on the validation subset and keep the best (ties: grid order)."""
+        merge_method = get_method(method)
+        points = merge_method.grid_points()
         heads = {task: self.adapters[(task, seed)].head for task in group}
-        scores = {}
-        for value in grid:
-            merged, _ = merger.merge(group, method, {name: value})
-            model = self.folded.model(merged, heads)
-            validation = task_accuracies(model, {t: self.eval_tensors(t, "validation") for t in group})
-            scores[value] = sum(validation[t] for t in group) / len(group)
-        best = max(grid, key=lambda v: (scores[v], -v))
-        selection_record = {
-            "parameter": name,
-            "grid": list(grid),
-            "validation_accuracy": {str(v): s for v, s in scores.items()},
-            "chosen": best,
-            "validation_n_per_task": self.config.merge_select,
+        validation = {task: self.eval_tensors(task, "validation") for task in group}
+        scores: list[float | None] = [None] * len(points)
+        best = None  # (score, index, merged, params)
+        for index, merged, params in self.grid_merges(group, seed, method):
+            correct = task_correct(self.folded.model(merged, heads), validation)
+            scores[index] = sum(accuracy_of(correct[task]) for task in group) / len(group)
+            if best is None or (scores[index], -index) > (best[0], -best[1]):
+                best = (scores[index], index, merged, params)
+        score, index, merged, params = best
+        record = {
+            "tuned": merge_method.tuned,
+            "grid": points,
+            "validation_accuracy": scores,
+            "chosen": points[index],
+            "chosen_validation_accuracy": score,
+            "validation_n_per_task": min(len(labels) for _, labels in validation.values()),
         }
-        merged, params = merger.merge(group, method, {name: best})
-        return merged, params, selection_record
+        return Selection(merged, params, record)
 
     def compute(self, group: tuple[str, ...], seed: int, method: str) -> MergeRows:
-        """Merge the group's adapters with `method` and score the merged model; stores nothing."""
+        """Merge the group's adapters with `method` (chosen on validation) and score it; stores nothing."""
         merge_id = self.merge_id(group, seed, method)
         start = time.perf_counter()
-        merged, params, selection = self._merged_deltas(group, seed, method)
+        selection = self.select(group, seed, method)
         seconds = time.perf_counter() - start
         heads = {task: self.adapters[(task, seed)].head for task in group}
-        model = self.folded.model(merged, heads)
+        model = self.folded.model(selection.merged, heads)
         rows = MergeRows(
             {
                 "merge_id": merge_id,
@@ -201,16 +297,16 @@ class MergeSweep:
                 "tasks": ",".join(group),
                 "seed": seed,
                 "adapter_ids": [self.config.model_id("adapter", t, seed) for t in group],
-                "hyperparams": params,
+                "hyperparams": selection.params,
                 "backbone": self.config.backbone,
                 "merge_seconds": seconds,
-                "selection": selection,
+                "selection": selection.record,
                 "run_id": self.run_id,
                 "created_at": now(),
             }
         )
         test_data = {task: self.eval_tensors(task) for task in group}
-        merged_accuracy = task_accuracies(model, test_data)
+        merged_correct = task_correct(model, test_data)
         for task in group:
             baseline = self.baselines[(task, seed)]
             rows.evaluations.append(
@@ -218,15 +314,26 @@ class MergeSweep:
                     "merge_id": merge_id,
                     "task": task,
                     "split": "test",
-                    "merged_accuracy": merged_accuracy[task],
+                    "merged_accuracy": accuracy_of(merged_correct[task]),
                     "single_accuracy": baseline.single,
                     "head_accuracy": baseline.head,
                     "n": len(test_data[task][1]),
+                    "merged_correct": pack_correct(merged_correct[task]),
+                    "single_correct": pack_correct(baseline.single_correct),
+                    "head_correct": pack_correct(baseline.head_correct),
                     "run_id": self.run_id,
                     "created_at": now(),
                 }
             )
         return rows
+
+    def save_updates(self) -> int:
+        """Store the loaded adapters' update norms (those stored already are skipped); returns rows inserted."""
+        rows = self.update_rows()
+        if not rows:
+            return 0
+        with self.store.write() as con:
+            return insert_rows(con, "adapter_updates", rows)
 
     def save(self, computed: list[MergeRows]) -> int:
         """Store computed merges in one transaction (a merge another process stored meanwhile is skipped);
@@ -253,6 +360,7 @@ class MergeSweep:
         plan = sweep_plan(self.config)
         todo = self.missing(plan, stored_merge_ids(self.store))
         self.prepare(todo)
+        self.save_updates()
         counts = {"merged": 0, "skipped": len(plan) - len(todo)}
         computed: list[MergeRows] = []
         last_save = time.monotonic()

@@ -40,6 +40,7 @@ import copy
 import os
 import sys
 
+import numpy as np
 import torch
 import torch.fx
 from torch import nn
@@ -299,22 +300,35 @@ def accuracy(model: nn.Module, task: str, images: torch.Tensor, labels: torch.Te
     return float((predict(model, images)[task] == labels).float().mean())
 
 
-def task_accuracies(
+def task_correct(
     model: nn.Module, data: dict[str, tuple[torch.Tensor, torch.Tensor]], batch_size: int = EVAL_BATCH_SIZE
-) -> dict[str, float]:
-    """Accuracy of a multi-task model on each task's own (images, labels).
+) -> dict[str, np.ndarray]:
+    """Which of each task's own images a multi-task model gets right: {task: bool array, in image order}.
 
+    The per-image outcomes behind `task_accuracies`, kept for paired tests (McNemar) on the same images.
     Every task's images go through in one stream of full batches (a merged model answers every task
     in each pass anyway), so a merge of k tasks costs ceil(k·n / batch) passes, not k·ceil(n / batch)
     with a small last batch per task."""
     tasks = list(data)
     predictions = predict(model, torch.cat([data[task][0] for task in tasks]), batch_size)
-    accuracies, start = {}, 0
+    correct, start = {}, 0
     for task in tasks:
         labels = data[task][1]
-        accuracies[task] = float((predictions[task][start : start + len(labels)] == labels).float().mean())
+        correct[task] = (predictions[task][start : start + len(labels)] == labels).numpy().astype(bool)
         start += len(labels)
-    return accuracies
+    return correct
+
+
+def accuracy_of(correct: np.ndarray) -> float:
+    """The share of True in a `task_correct` array (the figure `task_accuracies` reports)."""
+    return float(torch.from_numpy(np.asarray(correct, dtype=bool)).float().mean())
+
+
+def task_accuracies(
+    model: nn.Module, data: dict[str, tuple[torch.Tensor, torch.Tensor]], batch_size: int = EVAL_BATCH_SIZE
+) -> dict[str, float]:
+    """Accuracy of a multi-task model on each task's own (images, labels): the mean of `task_correct`."""
+    return {task: accuracy_of(correct) for task, correct in task_correct(model, data, batch_size).items()}
 
 
 @torch.inference_mode()

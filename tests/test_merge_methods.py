@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from merging.methods import MERGE_METHODS, TASK_ARITHMETIC_GRID, get_method, list_methods
+from merging.methods import MERGE_METHODS, TASK_ARITHMETIC_GRID, MergeMethod, get_method, list_methods
+from merging.methods._base import GRID_SIZE
 from merging.methods._knots import knots_align
 from merging.methods.tsv_m import tsv_components
 from mlvision.errors import MergeConfigError, UnknownNameError
@@ -64,9 +65,67 @@ def test_references_are_documented_and_refuse_per_layer_calls(name):
 def test_a_method_with_a_grid_names_its_own_hyperparameters(name):
     m = get_method(name)
     rule = m.selection_rule()
-    assert (rule is None) == (not m.grid)
-    if rule:
-        assert rule[0] in m.defaults and all(m.validate({rule[0]: value}) for value in rule[1])
+    assert isinstance(rule, list) and bool(rule) == m.tuned == bool(m.grid)
+    for point in rule:
+        assert set(point) == set(m.grid) <= set(m.defaults) and m.validate(point)
+
+
+@pytest.mark.parametrize("name", PER_LAYER)
+def test_every_data_free_method_has_a_four_point_grid_starting_at_its_defaults(name):
+    """The same validation budget for every method: 4 distinct points, the paper's default first."""
+    m = get_method(name)
+    points = m.selection_rule()
+    assert m.tuned and len(points) == GRID_SIZE == 4
+    assert len({tuple(sorted(p.items())) for p in points}) == 4  # distinct
+    assert points[0] == {key: m.defaults[key] for key in m.grid}  # the default point, first (wins ties)
+    assert all(len(values) in (2, 4) for values in m.grid.values())  # 4 values of one, or 2 x 2
+    assert m.default_source and "grid" in __import__(m.fn.__module__, fromlist=["_"]).__doc__.lower()
+    assert all(m.validate(point) for point in points)
+
+
+@pytest.mark.parametrize("name", REFERENCES)
+def test_references_are_untuned_with_one_setting(name):
+    m = get_method(name)
+    assert not m.tuned and m.selection_rule() == [] and m.grid_points() == [{}]
+
+
+def test_a_grid_is_the_product_of_two_hyperparameters_with_the_default_first():
+    assert get_method("ties").grid_points() == [
+        {"density": 0.2, "scaling": 1.0},
+        {"density": 0.2, "scaling": 0.7},
+        {"density": 0.5, "scaling": 0.7},
+        {"density": 0.5, "scaling": 1.0},
+    ]
+
+
+def test_a_grid_without_its_default_or_out_of_range_is_refused_at_definition():
+    fields = dict(name="x", fn=lambda deltas, scaling: deltas[0], paper="p", description="d")
+    with pytest.raises(ValueError, match="contain its default"):
+        MergeMethod(**fields, defaults={"scaling": 1.0}, ranges={"scaling": (0, 2, "(]")}, grid={"scaling": (0.5,)})
+    with pytest.raises(ValueError, match="range"):
+        MergeMethod(**fields, defaults={"scaling": 1.0}, ranges={"scaling": (0, 2, "(]")}, grid={"scaling": (1.0, 3)})
+    with pytest.raises(ValueError, match="scaling_is_output_multiplier"):
+        MergeMethod(**fields, defaults={}, ranges={}, scaling_is_output_multiplier=True)
+
+
+MULTIPLIERS = [name for name in PER_LAYER if get_method(name).scaling_is_output_multiplier]
+
+
+def test_the_study_methods_declare_the_scaling_shortcut():
+    assert {"task_arithmetic", "ties", "dare_ties", "knots_ties", "tsv_m", "iso_c"} <= set(MULTIPLIERS)
+
+
+@pytest.mark.parametrize("name", MULTIPLIERS)
+def test_scaling_declared_a_multiplier_is_one(name):
+    """merge(scaling = s) == s · merge(scaling = 1) at every grid point (the sweep merges once and multiplies)."""
+    m = get_method(name)
+    xs = [low_rank(12, 10, 3, seed) for seed in range(3)]
+    for point in m.grid_points():
+        rest = {key: value for key, value in point.items() if key != "scaling"}
+        unit = m(xs, **rest, scaling=1.0)
+        assert unit.abs().max() > 0
+        for scaling in {point["scaling"], 0.37}:
+            assert_close(m(xs, **rest, scaling=scaling), scaling * unit, atol=1e-6)
 
 
 def test_get_method_unknown_lists_known_names():
@@ -78,8 +137,8 @@ def test_get_method_unknown_lists_known_names():
 
 def test_task_arithmetic_grid_is_exported_and_in_range():
     m = get_method("task_arithmetic")
-    assert m.grid["scaling"] == TASK_ARITHMETIC_GRID
-    assert m.selection_rule() == ("scaling", TASK_ARITHMETIC_GRID)
+    assert m.grid["scaling"] == TASK_ARITHMETIC_GRID == (0.3, 0.5, 0.7, 1.0)
+    assert m.selection_rule() == [{"scaling": value} for value in TASK_ARITHMETIC_GRID]
     for lam in TASK_ARITHMETIC_GRID:
         m.validate({"scaling": lam})
 
@@ -91,7 +150,8 @@ def test_task_arithmetic_grid_is_exported_and_in_range():
     "name, params, needle",
     [
         ("ties", {"densty": 0.3}, "densty"),
-        ("linear", {"scaling": 1.0}, "scaling"),
+        ("linear", {"scalin": 1.0}, "scalin"),
+        ("linear", {"scaling": 0}, "(0.0, 4.0]"),
         ("ties", {"density": 0}, "(0.0, 1.0]"),
         ("ties", {"density": 1.5}, "1.5"),
         ("magnitude_prune", {"density": -0.1}, "density"),

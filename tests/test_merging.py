@@ -1,7 +1,9 @@
 """The merge engine on real adapters: exact ΔW, folding, export, the sweep's stored figures, bad input."""
 
 import json
+import math
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -11,12 +13,16 @@ from peft import PeftModel
 from merging.deltas import load_deltas
 from merging.merge import main as merge_main
 from merging.merged_model import build_merged_model, export_merge_as_lora, merge_deltas
+from merging.methods import get_method
 from merging.peft_reference import PeftMerger
+from merging.sweep import MergeSweep, sample_groups, sweep_plan
 from mlvision.backbone import BackboneConfig, create_backbone
-from mlvision.errors import AdapterError, MergeConfigError, UnknownNameError
-from mlvision.evaluation import FoldedBackbone
+from mlvision.config import PROFILES, StudyConfig, config_from_args
+from mlvision.errors import AdapterError, MergeConfigError, MLVisionError, UnknownNameError
+from mlvision.evaluation import FoldedBackbone, task_accuracies, task_correct
 from mlvision.models import load_model, save_model
 from mlvision.runs import resolve_stored_path
+from mlvision.store import Store, pack_correct, unpack_correct
 from training.trainers import train_adapter
 
 
@@ -119,18 +125,169 @@ def test_sweep_stores_every_merge_with_its_baselines(tiny_study):
         if single != head:
             assert gain == pytest.approx((merged - head) / (single - head))
         json.loads(hyper)
-    ((selection,),) = query_db(
-        tiny_study["db"], "SELECT selection FROM merges WHERE method = 'task_arithmetic' LIMIT 1"
-    )
-    selection = json.loads(selection)
-    assert selection["chosen"] in selection["grid"] and len(selection["validation_accuracy"]) == len(selection["grid"])
-    # linear and peft_cat compute the same ΔW, so they score the same on the same images
+    # linear at its default point (the plain mean) and peft_cat compute the same ΔW, so they score the
+    # same on the same validation images
     same = query_db(
         tiny_study["db"],
-        "SELECT a.merged_accuracy, b.merged_accuracy FROM merge_results a JOIN merge_results b "
-        "ON a.tasks = b.tasks AND a.task = b.task WHERE a.method = 'linear' AND b.method = 'peft_cat'",
+        "SELECT a.selection, b.selection FROM merges a JOIN merges b ON a.tasks = b.tasks "
+        "WHERE a.method = 'linear' AND b.method = 'peft_cat'",
     )
-    assert len(same) == 9 and all(abs(x - y) < 1e-9 for x, y in same)
+    assert len(same) == 4
+    for linear, cat in same:
+        linear, cat = json.loads(linear), json.loads(cat)
+        assert linear["grid"][0] == {"scaling": 1.0}
+        assert abs(linear["validation_accuracy"][0] - cat["validation_accuracy"][0]) < 1e-9
+
+
+SELECTION_KEYS = {
+    "tuned",
+    "grid",
+    "validation_accuracy",
+    "chosen",
+    "chosen_validation_accuracy",
+    "validation_n_per_task",
+}
+
+
+def test_every_merge_is_selected_on_validation_and_stores_the_record(tiny_study):
+    rows = query_db(tiny_study["db"], "SELECT method, hyperparams, selection FROM merges")
+    assert len(rows) == 4 * len(TINY_METHODS)
+    for method, hyper, selection in rows:
+        hyper, selection = json.loads(hyper), json.loads(selection)
+        assert set(selection) == SELECTION_KEYS
+        m = get_method(method)
+        assert selection["tuned"] == m.tuned == (method != "peft_cat")
+        assert selection["grid"] == (m.grid_points() if m.tuned else [{}])
+        assert len(selection["grid"]) == (4 if m.tuned else 1) == len(selection["validation_accuracy"])
+        assert selection["validation_n_per_task"] == 16  # --merge-select
+        scores = selection["validation_accuracy"]
+        best = scores.index(max(scores))  # the first of the best: ties go to the earlier point (default first)
+        assert selection["chosen"] == selection["grid"][best]
+        assert selection["chosen_validation_accuracy"] == max(scores)
+        assert all(hyper[key] == value for key, value in selection["chosen"].items())  # full chosen hyperparameters
+        if m.kind == "data_free":
+            assert set(hyper) == set(m.defaults)
+
+
+def test_stored_correct_arrays_unpack_to_the_stored_accuracies(tiny_study):
+    rows = query_db(
+        tiny_study["db"],
+        "SELECT merged_accuracy, single_accuracy, head_accuracy, n, merged_correct, single_correct, head_correct "
+        "FROM merge_results",
+    )
+    assert len(rows) == (3 * 2 + 3) * len(TINY_METHODS)
+    for row in rows:
+        accuracies, n, packed = row[:3], row[3], row[4:]
+        assert 0 < n <= 48  # --merge-eval (a task's test split may hold fewer)
+        for accuracy, hexes in zip(accuracies, packed):
+            assert len(hexes) == 2 * math.ceil(n / 8)  # one bit per image
+            correct = unpack_correct(hexes, n)
+            assert correct.shape == (n,) and correct.dtype == bool
+            assert correct.mean() == pytest.approx(accuracy, abs=1e-6)
+    # the baselines are one array per (task, seed): the same in every merge holding the task
+    per_task = query_db(
+        tiny_study["db"],
+        "SELECT task, count(DISTINCT single_correct), count(DISTINCT head_correct) FROM merge_results GROUP BY task",
+    )
+    assert len(per_task) == 3 and all(singles == heads == 1 for _, singles, heads in per_task)
+
+
+def test_adapter_update_norms_are_stored_once_per_adapter(tiny_study, adapter_folders):
+    rows = query_db(
+        tiny_study["db"], "SELECT model_id, task, seed, update_norm, layers FROM adapter_updates ORDER BY task"
+    )
+    ids = dict(query_db(tiny_study["db"], "SELECT task, model_id FROM models WHERE model_kind = 'adapter'"))
+    assert [r[1] for r in rows] == sorted(TINY_TASKS) and all(r[2] == 0 for r in rows)
+    for model_id, task, _, norm, layers in rows:
+        deltas = load_deltas(adapter_folders[task]).deltas
+        assert model_id == ids[task] and layers == len(deltas) > 0
+        assert norm == pytest.approx(math.sqrt(sum(float(d.double().pow(2).sum()) for d in deltas.values())), rel=1e-9)
+
+
+def tiny_config(tiny_study) -> StudyConfig:
+    from study.run_all import build_parser
+
+    return config_from_args(build_parser().parse_args([str(a) for a in tiny_study["args"]]), tuple(TINY_METHODS))
+
+
+def test_a_recomputed_merge_equals_the_stored_one_and_its_chosen_point_merged_directly(tiny_study):
+    """compute() is deterministic, and the scaling shortcut (merge once, multiply) gives the very ΔW of a
+    direct merge at the chosen point: same per-image outcomes on the test images."""
+    sweep = MergeSweep(tiny_config(tiny_study), Store(tiny_study["db"]))
+    sweep.load_inputs({0})
+    group = ("lfw_faces", "textures", "uci_digits")
+    for method in ("task_arithmetic", "ties"):
+        rows = sweep.compute(group, 0, method)
+        stored = query_db(
+            tiny_study["db"],
+            "SELECT task, merged_accuracy, merged_correct FROM merge_evaluations WHERE merge_id = ? ORDER BY task",
+            [rows.merge["merge_id"]],
+        )
+        assert [
+            (e["task"], e["merged_accuracy"], e["merged_correct"])
+            for e in sorted(rows.evaluations, key=lambda e: e["task"])
+        ] == stored
+        ((selection,),) = query_db(
+            tiny_study["db"], "SELECT selection FROM merges WHERE merge_id = ?", [rows.merge["merge_id"]]
+        )
+        assert rows.merge["selection"]["validation_accuracy"] == json.loads(selection)["validation_accuracy"]
+        adapters = [sweep.adapters[(task, 0)] for task in group]
+        direct = merge_deltas(adapters, method, rows.merge["hyperparams"])
+        model = sweep.folded.model(direct, {a.task: a.head for a in adapters})
+        test = {task: sweep.eval_tensors(task) for task in group}
+        correct = task_correct(model, test)
+        assert {e["task"]: e["merged_correct"] for e in rows.evaluations} == {
+            task: pack_correct(c) for task, c in correct.items()
+        }
+        assert task_accuracies(model, test) == {e["task"]: e["merged_accuracy"] for e in rows.evaluations}
+
+
+def test_merge_id_covers_the_grid_and_the_validation_size(tiny_study):
+    config = tiny_config(tiny_study)
+    store = Store(tiny_study["db"])
+    group = ("lfw_faces", "textures")
+    one = MergeSweep(config, store).merge_id(group, 0, "ties")
+    assert MergeSweep(config, store).merge_id(group, 0, "ties") == one
+    assert MergeSweep(replace(config, merge_select=17), store).merge_id(group, 0, "ties") != one
+    assert MergeSweep(config, store).merge_id(group, 0, "task_arithmetic") != one
+
+
+SIX = ("mnist", "uci_digits", "fashion_mnist", "animals", "lfw_faces", "textures")
+
+
+def test_the_plan_merges_every_seed_at_every_k_by_default_and_honours_an_int():
+    config = replace(PROFILES["default"], tasks=SIX)
+    assert config.merge_all_seeds_up_to_k is None and config.max_groups_per_k is None
+    plan = sweep_plan(config)
+    methods = len(config.merge_methods)
+    assert len(plan) == (15 + 20 + 15 + 6 + 1) * 3 * methods  # 57 groups x 3 seeds x 5 methods = 855 merges
+    for k in range(2, 7):
+        assert {seed for group, seed, _ in plan if len(group) == k} == {0, 1, 2}
+    capped = sweep_plan(replace(config, merge_all_seeds_up_to_k=2))
+    assert {seed for group, seed, _ in capped if len(group) == 2} == {0, 1, 2}
+    assert {seed for group, seed, _ in capped if len(group) > 2} == {0}
+    assert len(capped) == (15 * 3 + 20 + 15 + 6 + 1) * methods
+
+
+def test_max_groups_per_k_samples_a_fixed_reproducible_set_of_groups():
+    tasks = tuple(f"task{i}" for i in range(8))
+    config = replace(PROFILES["default"], tasks=tasks, max_k=8, max_groups_per_k=5)
+    plan = sweep_plan(config)
+    groups = {}
+    for group, seed, method in plan:
+        groups.setdefault(len(group), set()).add(group)
+    assert len(groups[2]) == math.comb(8, 2)  # pairs: always all
+    assert all(len(groups[k]) == 5 for k in range(3, 8)) and len(groups[8]) == 1  # one group of 8 exists
+    # the same groups for every seed and method
+    for group, seed, method in plan:
+        assert group in groups[len(group)]
+    assert len(plan) == (28 + 5 * 5 + 1) * 3 * len(config.merge_methods)
+    # a pure function of (sorted tasks, k, N): same sample in any task order and on every call
+    assert sample_groups(tasks[::-1], 4, 5) == sample_groups(tasks, 4, 5) == sorted(groups[4])
+    assert len({tuple(sample_groups(tasks, 4, 5)) for _ in range(3)}) == 1
+    assert sweep_plan(config) == plan
+    with pytest.raises(MLVisionError, match="max-groups-per-k"):
+        sweep_plan(replace(config, max_groups_per_k=0))
 
 
 def test_sweep_rerun_adds_nothing(tiny_study, capsys):

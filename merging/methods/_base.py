@@ -7,6 +7,7 @@ k >= 1 exact weight updates ΔW_i (2-D, [out_features, in_features], same shape 
 
 from __future__ import annotations
 
+import itertools
 import math
 import numbers
 from dataclasses import dataclass, field
@@ -22,6 +23,9 @@ from mlvision.errors import MergeConfigError
 # must be an int; the others are real numbers.
 _BRACKETS = {"[]", "(]", "[)", "()"}
 KINDS = ("data_free", "reference")
+# Every data-free method is tuned on validation from a grid of this many points (the same budget for
+# each, so no method wins by having more tries); methods with a density or drop rate use 2 x 2.
+GRID_SIZE = 4
 
 
 def format_range(spec: tuple) -> str:
@@ -46,9 +50,17 @@ class MergeMethod:
     defaults: dict  # every hyperparameter with its default
     ranges: dict  # name -> (low, high, brackets), see format_range
     description: str  # one line
-    # Values to choose from on the validation split, e.g. {"scaling": (0.1, 0.2, ...)}: a method with
-    # a grid is merged once per value by the sweep, which keeps the best on validation and stores all.
+    # Values to choose from on the validation split, e.g. {"density": (0.2, 0.5), "scaling": (0.7, 1.0)}:
+    # the grid is the Cartesian product of its hyperparameters' values (`grid_points`, the default point
+    # first); the sweep scores every point on validation, keeps the best and stores them all. Every
+    # data-free method of the study has a grid of GRID_SIZE points that contains its default.
     grid: dict = field(default_factory=dict)
+    # Where the default (the grid's first point) comes from: the paper, its code, or why it was chosen.
+    default_source: str = ""
+    # True when fn(deltas, scaling=s, **rest) == s * fn(deltas, scaling=1, **rest) for every input:
+    # the sweep then merges once per combination of the other hyperparameters and multiplies, instead
+    # of re-merging per value of scaling (tests/test_merge_methods.py checks the identity per method).
+    scaling_is_output_multiplier: bool = False
     # "data_free": a pure per-layer function on ΔW (`fn`); "reference": another library's merge of
     # whole adapters (peft's add_weighted_adapter), run by merging/merged_model.AdapterMerger for comparison.
     kind: str = "data_free"
@@ -63,6 +75,13 @@ class MergeMethod:
             raise ValueError(f"{self.name}: the grid names a hyperparameter it does not have")
         if set(self.defaults) != set(self.ranges):
             raise ValueError(f"{self.name}: defaults and ranges must name the same hyperparameters")
+        for key, values in self.grid.items():
+            if not values or not all(_in_range(v, self.ranges[key]) for v in values):
+                raise ValueError(f"{self.name}: the grid of {key!r} is empty or leaves its range")
+            if self.defaults[key] not in values:
+                raise ValueError(f"{self.name}: the grid of {key!r} must contain its default {self.defaults[key]}")
+        if self.scaling_is_output_multiplier and "scaling" not in self.defaults:
+            raise ValueError(f"{self.name}: scaling_is_output_multiplier needs a 'scaling' hyperparameter")
         for spec in self.ranges.values():
             if len(spec) != 3 or spec[2] not in _BRACKETS:
                 raise ValueError(f"{self.name}: bad range {spec!r}")
@@ -131,14 +150,23 @@ class MergeMethod:
                 )
         return deltas
 
-    def selection_rule(self) -> tuple[str, tuple] | None:
-        """(hyperparameter, values) chosen on validation, or None when the method has no grid."""
-        if not self.grid:
-            return None
-        if len(self.grid) != 1:
-            raise NotImplementedError(f"{self.name}: the sweep selects one hyperparameter on validation")
-        ((name, values),) = self.grid.items()
-        return name, tuple(values)
+    @property
+    def tuned(self) -> bool:
+        """Whether the sweep chooses hyperparameters on validation (a grid of more than one point)."""
+        return len(self.grid_points()) > 1
+
+    def grid_points(self) -> list[dict]:
+        """The grid as a list of points {hyperparameter: value}: the Cartesian product of the grid's
+        values (hyperparameters in the grid's order), the default point first, the others in product
+        order. A method without a grid has one point, {} (its defaults)."""
+        names = list(self.grid)
+        points = [dict(zip(names, values)) for values in itertools.product(*(self.grid[n] for n in names))]
+        default = {name: self.defaults[name] for name in names}
+        return [default] + [point for point in points if point != default]
+
+    def selection_rule(self) -> list[dict]:
+        """The grid points chosen from on validation (`grid_points`); [] when the method is untuned."""
+        return self.grid_points() if self.tuned else []
 
     def __call__(self, deltas: Sequence[Tensor], **hyperparams) -> Tensor:
         if self.fn is None:

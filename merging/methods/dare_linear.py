@@ -15,6 +15,10 @@ Hyperparameters:
     common merging toolkits (mergekit, FusionBench examples). Tune on validation.
   scaling (λ): default 1.0, range (0, 4]: the mean keeps each update's scale.
   seed: default 0, integer >= 0; the caller passes a different seed per layer.
+Validation grid (study v2, 2 x 2 = 4 points like every method's): drop_rate in {0.5 (default), 0.8}
+  x scaling in {1.0 (default), 2.0}. Not 0.5 for λ as for dare_ties: this is a mean, whose magnitude
+  already shrinks as 1/k (λ = 2 is task arithmetic's 2/k), so the useful direction is up. λ is a pure
+  output multiplier: one merge per drop rate.
 """
 
 from __future__ import annotations
@@ -46,4 +50,10 @@ METHOD = MergeMethod(
         "seed": (0, 2**63 - 1, "[]"),
     },
     description="DARE (drop with prob. p, rescale by 1/(1-p)) on each update, then mean, times λ.",
+    grid={"drop_rate": (0.5, 0.8), "scaling": (1.0, 2.0)},
+    default_source=(
+        "drop_rate 0.5: the moderate default of merging toolkits (mergekit, FusionBench) for dense LoRA "
+        "updates; scaling 1.0: the plain mean (DARE + linear)"
+    ),
+    scaling_is_output_multiplier=True,
 )

@@ -12,6 +12,10 @@ Hyperparameters:
   drop_rate (p): default 0.5, range [0, 1): see dare_linear (moderate for dense LoRA products).
   scaling (λ): default 1.0, range (0, 4]: the disjoint mean keeps each entry's scale.
   seed: default 0, integer >= 0; the caller passes a per-layer seed.
+Validation grid (study v2, 2 x 2 = 4 points like every method's): drop_rate in {0.5 (default), 0.8}
+  x scaling in {0.5, 1.0 (default)}. 0.8 moves towards the paper's 0.9 for full fine-tuning; λ 0.5
+  because DARE's 1/(1-p) rescaling inflates the surviving entries that the disjoint mean keeps. λ is a
+  pure output multiplier (the masks depend on p and the seed only): one merge per drop rate.
 """
 
 from __future__ import annotations
@@ -43,4 +47,10 @@ METHOD = MergeMethod(
         "seed": (0, 2**63 - 1, "[]"),
     },
     description="DARE drop+rescale, then TIES sign election and disjoint mean, times λ.",
+    grid={"drop_rate": (0.5, 0.8), "scaling": (0.5, 1.0)},
+    default_source=(
+        "drop_rate 0.5: the moderate default of merging toolkits (mergekit, FusionBench) for dense LoRA "
+        "updates; scaling 1.0: TIES's λ without validation (Yadav et al. 2023)"
+    ),
+    scaling_is_output_multiplier=True,
 )

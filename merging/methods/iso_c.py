@@ -10,6 +10,9 @@ Algorithm: ΔW_TA = Σ_i ΔW_i = U Σ Vᵀ (thin SVD); replace every singular va
 Hyperparameters:
   scaling (α): default 1.0, range (0, 4]. The paper picks α on validation data (its chosen values
     are around 1-1.5 for ViT models); 1.0 keeps ‖ΔW‖ in the scale of the summed update.
+    Validation grid (study v2): scaling in {1.0 (default), 0.5, 0.7, 1.5}, 4 points like every
+    method's (the paper's range 1-1.5 and below it, since LoRA sums over-shoot as k grows). α is a
+    pure output multiplier: the sweep merges once and rescales.
 Deviation: the reference code flattens all min(out, in) singular values. For full-rank updates
 (full fine-tuning, the paper's setting) that is what happens here too. A sum of k LoRA updates
 has rank <= Σ r_i (e.g. 48 of 320): its other "singular values" are rounding noise whose
@@ -50,4 +53,7 @@ METHOD = MergeMethod(
     defaults={"scaling": 1.0},
     ranges={"scaling": (0.0, 4.0, "(]")},
     description="SVD of Σ ΔW_i with every non-zero singular value set to their mean, times α.",
+    grid={"scaling": (0.5, 0.7, 1.0, 1.5)},
+    default_source="scaling 1.0: Marczak et al. 2025 (keeps the scale of the summed update; chosen α ≈ 1-1.5)",
+    scaling_is_output_multiplier=True,
 )

@@ -10,6 +10,8 @@ alignment (the KnOTS paper makes the same point; its gains come from non-linear 
 TIES). It is kept so a sweep can show that, and as a check of the alignment.
 Hyperparameters:
   scaling (λ): default 0.3, range (0, 2] — the same default and range as task_arithmetic.
+    Validation grid (study v2): task arithmetic's, {0.3 (default), 0.5, 0.7, 1.0}; λ is a pure
+    output multiplier (the sweep aligns once and rescales).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from torch import Tensor
 
 from ._base import MergeMethod
 from ._knots import knots_align
+from .task_arithmetic import TASK_ARITHMETIC_GRID
 
 
 def knots_ta(deltas: Sequence[Tensor], scaling: float = 0.3) -> Tensor:
@@ -39,4 +42,7 @@ METHOD = MergeMethod(
     defaults={"scaling": 0.3},
     ranges={"scaling": (0.0, 2.0, "(]")},
     description="SVD-align the concatenated updates, sum the task factors, times λ (= TA).",
+    grid={"scaling": TASK_ARITHMETIC_GRID},
+    default_source="scaling 0.3: task arithmetic's (Ilharco et al. 2023), as the method equals it",
+    scaling_is_output_multiplier=True,
 )

@@ -11,6 +11,9 @@ Hyperparameters:
     over the whole model's concatenated factors; here per layer and task.
   scaling (λ): default 0.6, range (0, 4] — the reference ViT-B LoRA config's value
     ('scaling_coeffs': .6, found by its validation search); tune on validation.
+Validation grid (study v2, 2 x 2 = 4 points like every method's): density in {0.2 (default), 0.5}
+  x scaling in {0.6 (default), 1.0}; default point (0.2, 0.6) from the reference config. λ is a pure
+  output multiplier, so the sweep aligns and merges once per density and rescales.
 With k = 1 the single update is returned up to trimming (density 1, λ 1: exactly).
 """
 
@@ -46,4 +49,7 @@ METHOD = MergeMethod(
     defaults={"density": 0.2, "scaling": 0.6},
     ranges={"density": (0.0, 1.0, "(]"), "scaling": (0.0, 4.0, "(]")},
     description="SVD-align the concatenated updates, TIES-merge the task factors ΣV_iᵀ, times λ.",
+    grid={"density": (0.2, 0.5), "scaling": (0.6, 1.0)},
+    default_source="density 0.2 and scaling 0.6: the KnOTS reference ViT-B LoRA config (Stoica et al. 2025)",
+    scaling_is_output_multiplier=True,
 )

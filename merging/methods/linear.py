@@ -5,8 +5,12 @@ accuracy without increasing inference time", ICML 2022 (arXiv 2203.05482) — we
 for LoRA adapters on vision tasks it is the simple-merge baseline of Kesim & Helli, "Multi LoRA
 Meets Vision: Merging multiple adapters to create a multi task model" (arXiv 2411.14064).
 
-Algorithm: ΔW = (1/k) Σ_i ΔW_i, computed in float32, returned in the input dtype.
-Hyperparameters: none (a weighted mean with a global factor is `task_arithmetic`).
+Algorithm: ΔW = λ · (1/k) Σ_i ΔW_i, computed in float32, returned in the input dtype.
+Hyperparameters:
+  scaling (λ): default 1.0, range (0, 4] — the plain mean of model soups (Wortsman et al.) and of
+    Kesim & Helli. Validation grid (study v2): scaling in {1.0 (default), 0.5, 0.75, 1.5}, 4 points
+    like every method's; λ is a pure output multiplier, so the sweep merges once and rescales.
+    (λ · mean is task arithmetic with λ/k; linear's grid stays near the mean, TA's is k-independent.)
 """
 
 from __future__ import annotations
@@ -19,8 +23,8 @@ from ._base import MergeMethod
 from ._common import stack
 
 
-def linear(deltas: Sequence[Tensor]) -> Tensor:
-    return stack(deltas).mean(dim=0).to(deltas[0].dtype)
+def linear(deltas: Sequence[Tensor], scaling: float = 1.0) -> Tensor:
+    return (scaling * stack(deltas).mean(dim=0)).to(deltas[0].dtype)
 
 
 METHOD = MergeMethod(
@@ -31,7 +35,10 @@ METHOD = MergeMethod(
         "accuracy without increasing inference time', ICML 2022, arXiv:2203.05482; as used for "
         "LoRA in Kesim & Helli, 'Multi LoRA Meets Vision', arXiv:2411.14064, 2024"
     ),
-    defaults={},
-    ranges={},
-    description="Plain mean of the k updates.",
+    defaults={"scaling": 1.0},
+    ranges={"scaling": (0.0, 4.0, "(]")},
+    description="Plain mean of the k updates, times λ (λ chosen on validation).",
+    grid={"scaling": (0.5, 0.75, 1.0, 1.5)},
+    default_source="scaling 1.0: the plain mean (Wortsman et al. 2022; Kesim & Helli 2024)",
+    scaling_is_output_multiplier=True,
 )

@@ -8,7 +8,8 @@ and `ties` peft combines the A and B factors separately, so the result is not a 
 weight updates (cross terms B_i A_j appear); `cat` is exact (it equals the weighted sum of the
 ΔW_i); `svd` truncates the weighted sum to the largest input rank.
 
-Hyperparameters: none are tuned. Weights are 1/k for linear, cat and svd (comparable to the plain
+Hyperparameters: none are tuned (untuned: the sweep scores them on validation at their single
+setting, so every merge has the same selection record). Weights are 1/k for linear, cat and svd (comparable to the plain
 mean) and 1 for ties (comparable to TIES with λ = 1); ties density 0.2 as in the TIES paper. These
 fixed settings are each method's `options`; merging/peft_reference.py runs them.
 """

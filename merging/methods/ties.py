@@ -15,6 +15,9 @@ Hyperparameters:
     layer at a time.
   scaling (λ): default 1.0, range (0, 4]. The disjoint mean already keeps each entry's scale;
     the paper's recommended λ without validation is 1 (it searches 0.8-1.8 with validation).
+Validation grid (study v2, 2 x 2 = 4 points like every method's): density in {0.2 (default), 0.5}
+  x scaling in {0.7, 1.0 (default)}; default point (0.2, 1.0) from the paper. λ is a pure output
+  multiplier, so the sweep merges once per density and rescales.
 """
 
 from __future__ import annotations
@@ -43,4 +46,7 @@ METHOD = MergeMethod(
     defaults={"density": 0.2, "scaling": 1.0},
     ranges={"density": (0.0, 1.0, "(]"), "scaling": (0.0, 4.0, "(]")},
     description="Trim to top-density magnitudes, elect sign per entry, disjoint mean, times λ.",
+    grid={"density": (0.2, 0.5), "scaling": (0.7, 1.0)},
+    default_source="density 0.2 and scaling 1.0: Yadav et al. 2023 (top 20%; λ = 1 without validation)",
+    scaling_is_output_multiplier=True,
 )

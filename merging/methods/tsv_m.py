@@ -10,6 +10,11 @@ their orthogonal polar factors (U_⊥ = P Qᵀ where P S Qᵀ = U_cat; same for 
 interference between tasks' singular vectors; ΔW = α · U_⊥ diag(σ_cat) V_⊥ᵀ.
 Hyperparameters:
   scaling (α): default 1.0, range (0, 4] — the paper reports α = 1.0 works without tuning.
+    Validation grid (study v2): scaling in {1.0 (default), 0.3, 0.5, 0.7}, 4 points like every
+    method's. Downwards only: with updates in mutually orthogonal subspaces α = 1 returns Σ ΔW_i,
+    the task-arithmetic sum at λ = 1, which already over-shoots as k grows (study v1: TSV-M's
+    collapse with k at α = 1 was this scale). α is a pure output multiplier: the sweep merges once
+    and rescales.
 Deviations, both for low-rank (LoRA) updates and both identical to the paper when the updates
 are full rank: (1) components with σ <= rtol·σ_max (numerical zeros: a rank-8 update has only 8
 real components but ⌊min/k⌋ may be 53) are not kept — their singular vectors are arbitrary
@@ -73,4 +78,7 @@ METHOD = MergeMethod(
     defaults={"scaling": 1.0},
     ranges={"scaling": (0.0, 4.0, "(]")},
     description="Top 1/k singular components per task, orthogonalise U and V jointly, times α.",
+    grid={"scaling": (0.3, 0.5, 0.7, 1.0)},
+    default_source="scaling 1.0: Gargiulo et al. 2025 (α = 1.0 works without tuning)",
+    scaling_is_output_multiplier=True,
 )
