@@ -1,6 +1,12 @@
 """Similarity measures and findings: exact formulas, and 'not available' instead of a number when data is thin."""
 
+import itertools
+import json
+import time
+
+import duckdb
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.linalg
 import torch
@@ -8,8 +14,25 @@ from conftest import query_db
 
 from merging.deltas import load_deltas
 from mlvision.runs import resolve_stored_path
-from study.findings import wilson
+from mlvision.store import pack_correct
+from study.findings import (
+    CONTRADICTED,
+    INCONCLUSIVE,
+    SUPPORTED,
+    ExclusionRules,
+    StudyInputs,
+    analyse,
+    cell_figures,
+    claim1_rule,
+    claim2_rule,
+    claim3_rule,
+    compute_rows,
+    prepare_merges,
+    render_report,
+    wilson,
+)
 from study.similarity import adapter_cosine, frechet_distance, subspace_alignment
+from study.statistics import group_bootstrap_mean, percentile_interval, rng_for
 
 
 def test_frechet_distance_matches_the_textbook_formula():
@@ -38,24 +61,219 @@ def test_adapter_similarity_of_an_adapter_with_itself(tiny_study):
     assert subspace_alignment(adapter, adapter) == pytest.approx(1.0)
 
 
-def test_findings_stage_stores_similarity_findings_and_report(tiny_study):
+def test_findings_stage_stores_exclusions_claims_and_report(tiny_study):
     similarity = query_db(tiny_study["db"], "SELECT task_a, task_b, measure, value FROM task_similarity")
     assert len(similarity) == 3 * 3  # three pairs of the three tiny tasks, three measures
     assert all(a < b for a, b, _, _ in similarity)
     assert all(v > 0 for _, _, m, v in similarity if m == "frechet")
-    # three pairs are too few for a rank correlation: stored as not available, with the reason
-    spearman = query_db(tiny_study["db"], "SELECT value, n, note FROM findings WHERE statistic LIKE 'spearman/%'")
-    assert len(spearman) == 3 and all(v is None and n == 3 and "fewer than" in note for v, n, note in spearman)
-    retention = query_db(
-        tiny_study["db"], "SELECT statistic, value, ci_low, ci_high, n FROM findings WHERE finding = 'retention_vs_k'"
+    # the tiny study scores 96 test images per task (48 per merge): every task is excluded by rule, with the reason
+    excluded = query_db(
+        tiny_study["db"], "SELECT statistic, value, note FROM findings WHERE statistic LIKE '%/excluded'"
     )
-    assert retention and all(low <= value <= high for _, value, low, high, _ in retention if value is not None)
+    assert len(excluded) == 3 and all(v == 1 and "< 350" in note and "< 300" in note for _, v, note in excluded)
+    claims = query_db(tiny_study["db"], "SELECT statistic, value, note FROM findings WHERE finding = 'claims'")
+    assert {c for c, _, _ in claims} == {"claim1", "claim2", "claim3"}
+    assert all(v is None and "every task is excluded by rule" in note for _, v, note in claims)
     report = (tiny_study["root"] / "findings.md").read_text()
-    assert "## The paper's three claims" in report and "n/a (fewer than 4 pairs" in report
+    assert "## The paper's three claims" in report and "Excluded: " in report and "**not available**" in report
+
+
+def _tiny_inputs(db) -> StudyInputs:
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        merges = con.execute("SELECT * FROM merge_results").df()
+        results = con.execute("SELECT task, model_kind, seed, accuracy, n_test FROM task_results").df()
+        norms = con.execute("SELECT task, seed, update_norm FROM adapter_update_norms").df()
+        sim = con.execute("SELECT task_a, task_b, measure, avg(value) AS value FROM task_similarity GROUP BY ALL").df()
+    finally:
+        con.close()
+    tasks = tuple(sorted(results["task"].unique()))
+    return StudyInputs(prepare_merges(merges), results, norms, sim, tasks, ExclusionRules(1.0, 1.0, 0, 0))
+
+
+def test_tiny_study_figures_with_relaxed_exclusion_rules(tiny_study):
+    """With no task excluded, the tiny study's figures: group means, CI only with 3 or more groups."""
+    rows = pd.DataFrame(compute_rows(_tiny_inputs(tiny_study["db"])))
+    get = {(r.finding, r.statistic): r for r in rows.itertuples()}
     ((mean,),) = query_db(
         tiny_study["db"], "SELECT avg(normalized_accuracy) FROM merge_results WHERE method = 'linear' AND k = 2"
     )
-    ((stored,),) = query_db(
-        tiny_study["db"], "SELECT value FROM findings WHERE finding = 'retention_vs_k' AND statistic = 'linear/k=2'"
+    k2 = get[("retention_vs_k", "linear/k=2")]  # 3 groups (pairs), one seed, two tasks each: balanced
+    assert k2.value == pytest.approx(mean) and k2.n == 3 and "unit: merged groups (3)" in k2.note
+    assert k2.ci_low <= k2.value <= k2.ci_high
+    k3 = get[("retention_vs_k", "linear/k=3")]  # one group: a mean, no CI, and the reason
+    assert pd.isna(k3.ci_low) and "1 group: a CI over groups needs at least 3" in k3.note
+    # three pairs are too few for a rank correlation: not available, with the reason
+    spearman = rows[rows["statistic"] == "spearman/frechet"]
+    assert len(spearman) == 1 and spearman["value"].isna().all() and "fewer than 4 pairs" in spearman["note"].iloc[0]
+    assert "n/a (fewer than 4 pairs" in render_report(rows)
+
+
+# -- synthetic studies: the rules and the sensitivity table on data built by hand -------------------
+
+TASKS = ("t0", "t1", "t2", "t3", "t4", "t5")
+
+
+def synthetic_inputs(
+    tasks=TASKS, methods=("linear", "ties"), seeds=(0, 1, 2), max_k=6, n=300, merged=None, single=None,
+    head=None, seed=0, rules=None, related_pairs=(),
+):  # fmt: skip
+    """A study like the real one (every group of 2..max_k tasks; all seeds for pairs, the first above).
+
+    merged(task, k, method_index) -> probability an image is right (default: 3 % lost per extra adapter);
+    single / head: task -> accuracy. Per-image outcomes are drawn, so McNemar has real discordant pairs.
+    """
+    rng = np.random.default_rng(seed)
+    single, head = single or {}, head or {}
+    merged = merged or (lambda t, k, mi: single.get(t, 0.9) * (1 - 0.03 * (k - 1) - 0.01 * mi))
+    rows, results, norms, sim = [], [], [], []
+    for k in range(2, max_k + 1):
+        for group in itertools.combinations(sorted(tasks), k):
+            for s in seeds if k == 2 else seeds[:1]:
+                for mi, method in enumerate(methods):
+                    val = 0.8 - 0.01 * mi - 0.02 * k
+                    selection = json.dumps({"tuned": False, "grid": [{}], "validation_accuracy": [val],
+                                            "chosen": {}, "chosen_validation_accuracy": val,
+                                            "validation_n_per_task": 100})  # fmt: skip
+                    for t in group:
+                        h = rng.random(n) < head.get(t, 0.85)
+                        sc = rng.random(n) < single.get(t, 0.9)
+                        m = rng.random(n) < min(1.0, merged(t, k, mi))
+                        sa, ha, ma = sc.mean(), h.mean(), m.mean()
+                        gain = (ma - ha) / (sa - ha) if abs(sa - ha) >= 0.02 else None
+                        rows.append(
+                            dict(merge_id=f"{method}-{'-'.join(group)}-{s}", method=method, k=k,
+                                 tasks=",".join(group), task=t, seed=s, merged_accuracy=ma, single_accuracy=sa,
+                                 head_accuracy=ha, normalized_accuracy=ma / sa, normalized_gain=gain,
+                                 gain_note=None if gain is not None else "single adapter and head differ by < 2 points",
+                                 selection=selection, n=n, merged_correct=pack_correct(m),
+                                 single_correct=pack_correct(sc), head_correct=pack_correct(h))
+                        )  # fmt: skip
+    for i, t in enumerate(sorted(tasks)):
+        for s in seeds:
+            results.append(dict(task=t, model_kind="adapter", seed=s, accuracy=single.get(t, 0.9), n_test=1000))
+            results.append(dict(task=t, model_kind="head", seed=s, accuracy=head.get(t, 0.85), n_test=1000))
+            norms.append(dict(task=t, seed=s, update_norm=1.0 + 0.1 * i))
+    for i, (a, b) in enumerate(itertools.combinations(sorted(tasks), 2)):
+        for measure in ("frechet", "adapter_cosine", "subspace_alignment"):
+            sim.append(dict(task_a=a, task_b=b, measure=measure, value=10.0 + i))
+    related = {frozenset(p) for p in related_pairs}
+    return StudyInputs(
+        prepare_merges(pd.DataFrame(rows)), pd.DataFrame(results), pd.DataFrame(norms), pd.DataFrame(sim),
+        tuple(sorted(tasks)), rules or ExclusionRules(), lambda a, b: frozenset((a, b)) in related,
+    )  # fmt: skip
+
+
+def test_a_cell_bootstraps_groups_and_differs_from_a_row_bootstrap():
+    """Rows within a group share one merged model: the cell's CI is the group bootstrap, wider than rows'."""
+    inputs = synthetic_inputs(methods=("linear",), max_k=2, seeds=(0, 1, 2))
+    rows = inputs.merges[inputs.merges["k"] == 2].copy()
+    # make the groups differ a lot and the rows within a group agree
+    level = {g: 0.80 + 0.02 * i for i, g in enumerate(sorted(rows["tasks"].unique()))}
+    rows["normalized_accuracy"] = rows["tasks"].map(level)
+    cell = cell_figures(rows, "linear", 2)
+    mean, low, high, reason = cell["retention"]
+    expected = group_bootstrap_mean(pd.Series(level).sort_index(), rng_for("retention", "linear", 2))
+    assert (mean, low, high, reason) == pytest.approx(expected) and cell["groups"] == 15
+    values = rows["normalized_accuracy"].to_numpy()
+    rng = np.random.default_rng(0)
+    row_low, row_high = percentile_interval(values[rng.integers(0, len(values), (2000, len(values)))].mean(1))
+    assert (high - low) > 2 * (row_high - row_low)
+
+
+def _claim1(r2, w2, r3, w3):
+    return pd.DataFrame(
+        {k: dict(method="linear", retention=r[1], retention_low=r[0], retention_high=r[2], worst_task="t0",
+                 worst=w[1], worst_low=w[0], worst_high=w[2]) for k, r, w in ((2, r2, w2), (3, r3, w3))}
+    ).T  # fmt: skip
+
+
+def test_claim1_rule_can_come_out_every_way():
+    good, bad_worst = (0.85, 0.9, 0.95), (0.6, 0.7, 0.78)
+    assert claim1_rule(_claim1((0.91, 0.93, 0.95), good, (0.90, 0.92, 0.94), good))[0] == SUPPORTED
+    assert claim1_rule(_claim1((0.91, 0.93, 0.95), good, (0.85, 0.87, 0.89), good))[0] == CONTRADICTED
+    assert claim1_rule(_claim1((0.91, 0.93, 0.95), good, (0.90, 0.92, 0.94), bad_worst))[0] == CONTRADICTED
+    assert claim1_rule(_claim1((0.88, 0.92, 0.95), good, (0.90, 0.92, 0.94), good))[0] == INCONCLUSIVE
+    # worst task's mean under 80 % with a CI reaching above it: not supported, not contradicted
+    assert claim1_rule(_claim1((0.91, 0.93, 0.95), (0.7, 0.79, 0.85), (0.9, 0.92, 0.94), good))[0] == INCONCLUSIVE
+    verdict, reason = claim1_rule(_claim1((0.91, 0.93, 0.95), good, (0.9, 0.92, 0.94), good).drop(index=3))
+    assert verdict is None and "k = 3" in reason
+
+
+def _claim2(rho, partial):
+    return pd.DataFrame(
+        {
+            name: dict(value=v[0], ci_low=v[1], ci_high=v[2], p=v[3])
+            for name, v in (("spearman", rho), ("partial", partial))
+        }
+    ).T
+
+
+def test_claim2_rule_is_symmetric():
+    assert claim2_rule(_claim2((0.6, 0.2, 0.9, 0.01), (0.5, 0.1, 0.8, 0.02)))[0] == SUPPORTED
+    assert claim2_rule(_claim2((-0.6, -0.9, -0.2, 0.01), (-0.5, -0.8, -0.1, 0.02)))[0] == CONTRADICTED
+    # one test alone is not enough either way: the same evidence is needed for both verdicts
+    assert claim2_rule(_claim2((-0.6, -0.9, -0.2, 0.01), (-0.3, -0.8, 0.2, 0.2)))[0] == INCONCLUSIVE
+    assert claim2_rule(_claim2((0.6, 0.2, 0.9, 0.01), (0.5, 0.1, 0.8, 0.08)))[0] == INCONCLUSIVE
+    assert claim2_rule(_claim2((0.6, 0.2, 0.9, 0.01), (np.nan, np.nan, np.nan, np.nan)))[0] is None
+
+
+def _claim3(*cells):
+    return pd.DataFrame(
+        {k: dict(method="linear", diff=d[1], diff_low=d[0], diff_high=d[2], wins=w, rows=n, wins_low=wilson(w, n)[0])
+         for k, d, w, n in cells}
+    ).T  # fmt: skip
+
+
+def test_claim3_rule_can_come_out_every_way():
+    assert claim3_rule(_claim3((2, (0.5, 1.0, 1.5), 0, 90), (3, (-3, -2, -1), 0, 60)))[0] == SUPPORTED
+    # a single real win is not enough: its Wilson lower bound is under the chance rate
+    assert wilson(1, 90)[0] < 0.025
+    assert claim3_rule(_claim3((2, (-2, -1, -0.5), 1, 90), (3, (-3, -2, -1), 0, 60)))[0] == CONTRADICTED
+    # many real wins are: 10 of 90 has a Wilson lower bound of 0.061
+    assert claim3_rule(_claim3((2, (-2, -1, -0.5), 10, 90), (3, (-3, -2, -1), 0, 60)))[0] == SUPPORTED
+    assert claim3_rule(_claim3((2, (-2, -0.5, 0.5), 1, 90), (3, (-3, -2, -1), 0, 60)))[0] == INCONCLUSIVE
+    # k without a CI (fewer than 3 groups) are not judged
+    assert claim3_rule(_claim3((6, (np.nan, -9, np.nan), 0, 6)))[0] is None
+
+
+def test_a_ceiling_task_is_excluded_from_every_claim():
+    inputs = synthetic_inputs(methods=("linear",), max_k=3, single={"t5": 0.995}, head={"t5": 0.98})
+    rows, _ = analyse(inputs)
+    get = {(r["finding"], r["statistic"]): r for r in rows}
+    flag = get[("task", "t5/excluded")]
+    assert (
+        flag["value"] == 1 and "single adapter at the ceiling" in flag["note"] and "head at the ceiling" in flag["note"]
     )
-    assert stored == pytest.approx(mean)
+    assert get[("task", "t0/excluded")]["value"] == 0
+    assert not any(r["statistic"].endswith("/t5") for r in rows if r["finding"] == "task_retention")
+    assert not any(
+        r["statistic"].startswith("t5,") or ",t5/" in r["statistic"] for r in rows if r["finding"] == "pairs"
+    )
+    assert "t5 (single adapter at the ceiling" in render_report(pd.DataFrame(rows))
+
+
+def test_the_sensitivity_table_reports_a_verdict_that_rests_on_one_task():
+    """Merges beat the head only on t5 (a weak head): without t5, claim 3 is contradicted."""
+    merged = lambda t, k, mi: 0.88 if t == "t5" else 0.84  # noqa: E731
+    inputs = synthetic_inputs(methods=("linear",), max_k=3, merged=merged, head={t: 0.9 for t in TASKS} | {"t5": 0.5})
+    rows = pd.DataFrame(compute_rows(inputs))
+    get = {(r.finding, r.statistic): r for r in rows.itertuples()}
+    assert get[("claims", "claim3")].value == SUPPORTED
+    assert get[("sensitivity", "claim3/without=t5")].value == CONTRADICTED
+    assert get[("sensitivity", "claim3/without=t0")].value == SUPPORTED
+    dependence = get[("sensitivity", "claim3/single_task_dependence")]
+    assert dependence.value == 1 and "t5" in dependence.note
+    report = render_report(rows)
+    assert "| claim3 | supported |" in report and "yes: the verdict changes when t5 is left out" in report
+
+
+def test_findings_of_a_full_size_study_take_well_under_a_minute():
+    """~1,200 merges x 2.8 tasks: 14 methods, every group of the six tasks, three seeds for pairs."""
+    inputs = synthetic_inputs(methods=tuple(f"method{i:02d}" for i in range(14)), related_pairs=[("t0", "t1")])
+    started = time.perf_counter()
+    rows = compute_rows(inputs)
+    assert time.perf_counter() - started < 60
+    assert compute_rows(inputs) == rows  # fixed seeds: the same figures again
+    chosen = [r for r in rows if r["finding"] == "chosen_method"]
+    assert [r["statistic"] for r in chosen] == [f"method00/k={k}" for k in range(2, 7)]  # best on validation

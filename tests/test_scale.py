@@ -8,6 +8,7 @@ the same code as hub datasets, with domains assigned by the profile.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import socket
@@ -29,6 +30,7 @@ from mlvision.config import PROFILES, TINY_VIT_SIZES, TINY_VIT_SOURCES, TINY_VIT
 from mlvision.models import add_lora, make_head
 from mlvision.paths import REPO_ROOT
 from mlvision.runs import resolve_stored_path, study_run_id
+from mlvision.tasks import related, set_hub_domains
 from study.run_all import build_parser
 from training.trainers import train_adapter
 
@@ -115,9 +117,13 @@ def test_tiny_vit_trains_and_merges_hub_shaped_datasets(single):
     # the domains the profile assigned reached the store ...
     domains = dict(TINY_VIT_TASK_DOMAINS)
     assert dict(query_db(db, "SELECT task, domain FROM tasks")) == domains
-    # ... and the findings: 2 same-domain pairs (digits, photos) against 4 cross-domain pairs
-    ((n, note),) = query_db(db, "SELECT n, note FROM findings WHERE statistic = 'cross_minus_same_domain'")
-    assert n == 6 and "2 same-domain pairs, 4 cross-domain pairs" in note
+    # ... and the findings: hub tasks are related by their domain tags (2 related pairs: digits, photos),
+    # but the tiny copies (48 test images) fall under the exclusion rule, so no claim is judged on them
+    set_hub_domains(domains)
+    assert sum(related(a, b) for a, b in itertools.combinations(sorted(domains), 2)) == 2
+    claims = dict(query_db(db, "SELECT statistic, note FROM findings WHERE finding = 'claims'"))
+    assert set(claims) == {"claim1", "claim2", "claim3"}
+    assert all("every task is excluded by rule" in note for note in claims.values())
     results = query_db(db, "SELECT task, model_kind, accuracy, backbone FROM task_results")
     assert {(t, k) for t, k, _, _ in results} == {(t, k) for t in domains for k in ("head", "adapter")}
     assert all(0 <= acc <= 1 and backbone == "vit_tiny_patch16_224" for _, _, acc, backbone in results)
