@@ -172,7 +172,17 @@ def get_task(name: str, domain: str | None = None) -> Task:
 
 
 def related(task_a: str, task_b: str) -> bool:
-    """True when two tasks are related by construction: same label space, or same style (see `Task`)."""
+    """True when two tasks are related by construction: same label space, or same style (see `Task`).
+
+    A task without either (a hub task) is related to another only when both carry the same domain
+    tag given by the study's profile or --task-domains (the default tag "hub" relates nothing).
+    """
+    if task_a.startswith(HUB_PREFIX) or task_b.startswith(HUB_PREFIX):  # never load a hub dataset for a tag
+        domain_a, domain_b = (
+            _HUB_DOMAINS.get(name, "hub") if name.startswith(HUB_PREFIX) else get_task(name).domain
+            for name in (task_a, task_b)
+        )
+        return domain_a == domain_b != "hub"
     a, b = get_task(task_a), get_task(task_b)
     same_labels = bool(a.label_space) and a.label_space == b.label_space
     same_style = bool(a.style) and a.style == b.style
