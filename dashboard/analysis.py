@@ -7,6 +7,7 @@ reader sees in one place what a line, a point or a cell of a chart means.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -51,17 +52,19 @@ def pair_retention(merges: pd.DataFrame, method: str, metric: str = "normalized_
     return out
 
 
-def similarity_points(similarity: pd.DataFrame, retention: pd.DataFrame, domains: dict[str, str]) -> pd.DataFrame:
-    """One row per (measure, pair): similarity (mean over seeds) beside the pair's retention."""
+def similarity_points(
+    similarity: pd.DataFrame, retention: pd.DataFrame, related: Callable[[str, str], bool]
+) -> pd.DataFrame:
+    """One row per (measure, pair): similarity (mean over seeds) beside the pair's retention.
+
+    `related(a, b)` says whether the pair is related by construction (the same label space in another
+    style, or the same style with other labels: mlvision.tasks.related)."""
     if similarity.empty or retention.empty:
-        return pd.DataFrame(columns=["measure", "task_a", "task_b", "value", "retention", "pair", "same_domain"])
+        return pd.DataFrame(columns=["measure", "task_a", "task_b", "value", "retention", "pair", "related"])
     mean_sim = similarity.groupby(["measure", "task_a", "task_b"])["value"].mean().reset_index()
     points = mean_sim.merge(retention[["task_a", "task_b", "retention"]], on=["task_a", "task_b"])
     points["pair"] = points["task_a"] + " + " + points["task_b"]
-    points["same_domain"] = [
-        domains.get(a, "?") == domains.get(b, "?") and domains.get(a, "?") != "unknown"
-        for a, b in zip(points["task_a"], points["task_b"])
-    ]
+    points["related"] = [bool(related(a, b)) for a, b in zip(points["task_a"], points["task_b"])]
     return points.sort_values(["measure", "task_a", "task_b"], ignore_index=True)
 
 
@@ -84,15 +87,13 @@ def spearman(x, y) -> dict:
     return result
 
 
-def domain_comparison(points: pd.DataFrame) -> pd.DataFrame:
-    """Retention of same-domain against cross-domain pairs (each pair once)."""
+def relation_comparison(points: pd.DataFrame) -> pd.DataFrame:
+    """Retention of pairs related by construction against unrelated pairs (each pair once)."""
     pairs = points.drop_duplicates(["task_a", "task_b"])
     if pairs.empty:
         return pd.DataFrame(columns=["pairs", "mean", "sd", "n"])
-    out = _spread(
-        pairs.assign(pairs=np.where(pairs["same_domain"], "same domain", "cross domain")).groupby("pairs")["retention"]
-    )
-    return out
+    labels = np.where(pairs["related"], "related by construction", "unrelated")
+    return _spread(pairs.assign(pairs=labels).groupby("pairs")["retention"])
 
 
 def task_comparison(merges: pd.DataFrame, method: str, k: int) -> pd.DataFrame:
@@ -174,3 +175,31 @@ def describe_accuracy(task_results: pd.DataFrame) -> pd.DataFrame:
         sd = 0.0 if pd.isna(row["std"]) else row["std"]
         out.setdefault(task, {})[f"{kind} accuracy"] = f"{row['mean']:.3f} ± {sd:.3f} (n={int(row['count'])})"
     return pd.DataFrame([{"task": t, **v} for t, v in out.items()])
+
+
+CLAIM_TITLES = {
+    "claim1": "Merging up to three adapters works",
+    "claim2": "Adapters trained on dissimilar data merge better",
+    "claim3": "Merges sometimes beat head finetuning",
+}
+VERDICT_WORDS = {1: "supported", 0: "inconclusive", -1: "contradicted"}
+
+
+def verdict_lines(findings: pd.DataFrame) -> list[str]:
+    """One Markdown line per claim from the stored verdicts (`finding = 'claims'`: 1, 0, -1 or NULL).
+
+    The note after the verdict word is the findings stage's own statistics or reason, so the page
+    says exactly what the stage concluded and nothing more."""
+    claims = findings[findings["finding"] == "claims"].set_index("statistic")
+    lines = []
+    for claim, title in CLAIM_TITLES.items():
+        if claim not in claims.index:
+            lines.append(f"- *{title}*: not judged yet (run the findings stage)")
+            continue
+        row = claims.loc[claim]
+        value = row["value"]
+        word = "not available" if value is None or pd.isna(value) else VERDICT_WORDS.get(int(value), "?")
+        note = str(row["note"]) if isinstance(row["note"], str) else ""
+        detail = note.split(": ", 1)[1] if ": " in note else note
+        lines.append(f"- *{title}*: **{word}**" + (f" ({detail})" if detail else ""))
+    return lines

@@ -88,10 +88,10 @@ def merge_count_figure(curve: pd.DataFrame, y_title: str, references: dict[str, 
 
 
 def similarity_figure(points: pd.DataFrame, measure: str, stats: dict) -> go.Figure:
-    """Similarity of a pair against the retention of its merge; colour = same / cross domain."""
+    """Similarity of a pair against the retention of its merge; colour = related by construction or not."""
     fig = go.Figure()
-    for same, label, color in ((True, "same domain", PALETTE[1]), (False, "cross domain", PALETTE[0])):
-        part = points[points["same_domain"] == same]
+    for same, label, color in ((True, "related by construction", PALETTE[1]), (False, "unrelated", PALETTE[0])):
+        part = points[points["related"] == same]
         if part.empty:
             continue
         fig.add_trace(

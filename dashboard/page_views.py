@@ -60,14 +60,21 @@ def overview(db: str, filters: Filters) -> None:
     columns[5].metric("Runs", results["run_id"].nunique())
     st.markdown("**Backbone:** " + ", ".join(f"`{b}`" for b in sorted(results["backbone"].dropna().unique())))
 
-    st.subheader("Headline findings")
+    st.subheader("The paper's claims: verdicts of this study")
     found = queries.findings(db)
     if not _missing("findings", "findings", found, "the merge sweep (`python training/run_all.py`)"):
-        shown = found[["finding", "statistic", "value", "ci_low", "ci_high", "n", "note"]]
-        _table(
-            shown,
-            column_config={c: st.column_config.NumberColumn(format="%.3f") for c in ("value", "ci_low", "ci_high")},
+        for line in analysis.verdict_lines(found):
+            st.markdown(line)
+        st.caption(
+            "Each verdict follows a rule stated in reports/findings.md that can come out either way; "
+            "'inconclusive' means the data cannot decide. Every figure below comes from the findings stage."
         )
+        with st.expander("Every figure of the findings stage"):
+            shown = found[["finding", "statistic", "value", "ci_low", "ci_high", "n", "note"]]
+            _table(
+                shown,
+                column_config={c: st.column_config.NumberColumn(format="%.3f") for c in ("value", "ci_low", "ci_high")},
+            )
 
     st.subheader("Last run")
     runs = queries.runs(db)
@@ -179,14 +186,19 @@ def dissimilarity(db: str, filters: Filters) -> None:
     measures = filters.multi("Similarity measures", "measure", sorted(similarity["measure"].unique()))
     retention = analysis.pair_retention(merges, method)
     names = sorted(set(similarity["task_a"]) | set(similarity["task_b"]) | set(merges["task"]))
-    domains = queries.task_info(db, names).set_index("task")["domain"].to_dict()
-    points = analysis.similarity_points(similarity[similarity["measure"].isin(measures)], retention, domains)
+    points = analysis.similarity_points(
+        similarity[similarity["measure"].isin(measures)], retention, queries.related_pairs(db, names)
+    )
     if points.empty:
         st.info("No pair has both a similarity (for the chosen measures) and a merge retention.")
         return
     st.caption(
-        "One point per pair of tasks: x = similarity (mean over seeds), y = retention = mean normalized "
-        "accuracy of the pair's merged model over both tasks and seeds. ρ: Spearman, 95% CI by Fisher z."
+        "One point per pair of tasks: x = the measure (mean over seeds), y = retention = mean normalized "
+        "accuracy of the pair's merged model over both tasks and seeds. **frechet is a distance** between the "
+        "tasks' backbone features (higher = more dissimilar data); **adapter_cosine** and **subspace_alignment** "
+        "are similarities of the adapters' updates (higher = more alike). ρ: Spearman with a Fisher-z 95% CI over "
+        "pairs, which share tasks and are not independent: the study's verdict (Overview, reports/findings.md) "
+        "uses a task-resampling CI and an exact permutation test instead."
     )
     stats_rows = []
     chosen = [m for m in measures if m in set(points["measure"])]
@@ -200,8 +212,12 @@ def dissimilarity(db: str, filters: Filters) -> None:
                 _chart(charts.similarity_figure(part, measure, stats))
     st.subheader("Correlation with retention")
     _table(pd.DataFrame(stats_rows))
-    st.subheader("Same-domain against cross-domain pairs")
-    comparison = analysis.domain_comparison(points)
+    st.subheader("Pairs related by construction against unrelated pairs")
+    st.caption(
+        "Related by construction: the same label space in another style (handwritten and printed digits), "
+        "or the same style with other labels (printed digits and letters; clothing and animal silhouettes)."
+    )
+    comparison = analysis.relation_comparison(points)
     _table(comparison)
     _chart(
         charts.grouped_bar_figure(

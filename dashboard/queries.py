@@ -27,6 +27,7 @@ import threading
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Callable
 
 import duckdb
 import pandas as pd
@@ -186,6 +187,27 @@ def merge_summary(db: str) -> pd.DataFrame | None:
 
 
 # -- facts about tasks (labels, domain) ----------------------------------------------------
+
+
+def related_pairs(db: str, names: list[str]) -> Callable[[str, str], bool]:
+    """A predicate: are two of `names` related by construction (mlvision.tasks.related)?
+
+    Built-in tasks answer from the registry (label space, style); a task the registry does not know
+    (a hub task) is related to another only when the file's `tasks` table gives both the same domain.
+    """
+    from mlvision.tasks import HUB_PREFIX, related
+
+    domains = task_info(db, names).set_index("task")["domain"].to_dict()
+
+    def is_related(a: str, b: str) -> bool:
+        if not (a.startswith(HUB_PREFIX) or b.startswith(HUB_PREFIX)):  # a hub name would load the dataset
+            try:
+                return related(a, b)
+            except Exception:  # noqa: BLE001 - a name this version's registry does not know
+                pass
+        return domains.get(a, "unknown") == domains.get(b, "unknown") != "unknown"
+
+    return is_related
 
 
 def task_info(db: str, names: list[str]) -> pd.DataFrame:

@@ -174,6 +174,8 @@ def build_full_db(path: Path) -> Path:
             n=0,
             note="not enough pairs",
         ),
+        dict(finding="claims", statistic="claim1", value=1, n=6, note="supported: retention 93 % at k = 2"),
+        dict(finding="claims", statistic="claim2", value=0, n=6, note="inconclusive: ρ = 0.1 [-0.5, 0.6]"),
     ]
     bench = [
         dict(
@@ -497,7 +499,12 @@ def test_overview_counts_match_sql(full_db):
     merges = sql(full_db, "SELECT count(DISTINCT merge_id) FROM merge_results").iloc[0, 0]
     assert metrics["Merged models"] == f"{merges:,}"
     findings = at.dataframe[0].value
-    assert len(findings) == 2
+    assert len(findings) == 4
+    # the verdicts are spelled out, each with the stage's own statistics; a claim not stored says so
+    text = " ".join(m.value for m in at.markdown)
+    assert "*Merging up to three adapters works*: **supported** (retention 93 % at k = 2)" in text
+    assert "*Adapters trained on dissimilar data merge better*: **inconclusive**" in text
+    assert "*Merges sometimes beat head finetuning*: not judged yet" in text
 
 
 # ------------------------------------------------------------------- the tiny real study
