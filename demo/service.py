@@ -225,25 +225,32 @@ class DemoService:
             "FROM merge_results ORDER BY tasks, method, seed, task"
         )
         self._hyperparams = {}
-        for tasks, method, seed, hyperparams in self.store.query(
-            "SELECT tasks, method, seed, hyperparams FROM merges ORDER BY created_at"
+        self._validation: dict[tuple[str, str], list[float]] = {}  # (tasks, method) -> chosen validation accuracies
+        for tasks, method, seed, hyperparams, selection in self.store.query(
+            "SELECT tasks, method, seed, hyperparams, selection FROM merges ORDER BY created_at"
         ):
             if hyperparams is not None:
                 self._hyperparams[(tasks, method, seed)] = (
                     json.loads(hyperparams) if isinstance(hyperparams, str) else dict(hyperparams)
                 )
+            selection = json.loads(selection) if isinstance(selection, str) else selection
+            score = selection.get("chosen_validation_accuracy") if isinstance(selection, dict) else None
+            if isinstance(score, (int, float)):
+                self._validation.setdefault((tasks, method), []).append(float(score))
 
     def default_method(self, tasks) -> tuple[str, str]:
-        """(method, why): the best mean normalized accuracy stored for exactly this group, else ties."""
+        """(method, why): the method with the best mean validation accuracy stored for exactly this group
+        (the study's rule: the best method is chosen on validation, never on test), else ties."""
         key = ",".join(self._group(tasks))
-        scores: dict[str, list[float]] = {}
-        for tasks_, method, _, _, _, _, _, normalized, _ in self._results:
-            if tasks_ == key and method in self.methods and normalized is not None:
-                scores.setdefault(method, []).append(normalized)
+        scores = {
+            method: values
+            for (tasks_, method), values in self._validation.items()
+            if tasks_ == key and method in self.methods
+        }
         if scores:
             best = min(scores, key=lambda m: (-sum(scores[m]) / len(scores[m]), m))
             mean = sum(scores[best]) / len(scores[best])
-            return best, f"best stored mean normalized accuracy for this group ({mean:.3f})"
+            return best, f"best stored mean validation accuracy for this group ({mean:.3f})"
         return FALLBACK_METHOD, f"no stored merges for this group: default {FALLBACK_METHOD}"
 
     def stored_hyperparams(self, tasks, method: str) -> dict | None:

@@ -1,6 +1,6 @@
 """Pure statistical helpers for the findings stage (study v2), each chosen so that a verdict survives review.
 
-The rules these implement (see /work/shared/DESIGN.md, "Statistics"):
+The rules these implement (the findings stage's, see docs/ARCHITECTURE.md):
 
 - Resample the independent unit. The rows of one merged group (its tasks, its seeds) share one merged
   model, so they are not independent draws: CIs of per-(method, k) figures bootstrap *groups*
