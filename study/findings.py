@@ -485,24 +485,16 @@ def analyse(inputs: StudyInputs, leave_out: str | None = None, full: bool = True
     out: list[dict] = []
     if full:
         for task, r in tasks_info.iterrows():
-            out.append(
-                _row(
-                    "task",
-                    f"{task}/adapter_accuracy",
-                    r["adapter_accuracy"],
-                    n=r["adapter_n"],
-                    note=f"mean test accuracy over {r['adapter_seeds']} seeds; n = smallest test split",
+            for kind in ("adapter", "head"):
+                out.append(
+                    _row(
+                        "task",
+                        f"{task}/{kind}_accuracy",
+                        r[f"{kind}_accuracy"],
+                        n=r[f"{kind}_n"],
+                        note=f"mean test accuracy over {r[f'{kind}_seeds']} seeds; n = smallest test split",
+                    )
                 )
-            )
-            out.append(
-                _row(
-                    "task",
-                    f"{task}/head_accuracy",
-                    r["head_accuracy"],
-                    n=r["head_n"],
-                    note=f"mean test accuracy over {r['head_seeds']} seeds; n = smallest test split",
-                )
-            )
             out.append(
                 _row(
                     "task",
