@@ -709,6 +709,9 @@ def _build_font_letters() -> Splits:
     return _build_fonts("font_letters")
 
 
+# Where both font tasks come from (one sentence, shared by their registry entries).
+_FONT_SOURCE = "Debian packages " + ", ".join(f"{p}={v}" for p, v in sources.FONT_DEBS.items()) + " (TrueType fonts)"
+
 # The built-in tasks, one entry each (name, labels, domain, source, description, builder, sizes), in
 # the study's order. Adding one: write its _build_* function above and list it here.
 _REGISTRY: dict[str, Task] = {
@@ -740,7 +743,7 @@ _REGISTRY: dict[str, Task] = {
             "font_digits",
             _DIGITS,
             "digits",
-            "Debian packages " + ", ".join(f"{p}={v}" for p, v in sources.FONT_DEBS.items()) + " (TrueType fonts)",
+            _FONT_SOURCE,
             "Digits 0-9 rendered from ~450 printed and display fonts, 28x28 grayscale, splits by font family",
             builder=_build_font_digits,
             sizes=(5380, 2000, 2310),  # 269 / 100 / 77 fonts x 10 classes x 2 / 2 / 3 renders
@@ -751,7 +754,7 @@ _REGISTRY: dict[str, Task] = {
             "font_letters",
             _LETTERS,
             "letters",
-            "Debian packages " + ", ".join(f"{p}={v}" for p, v in sources.FONT_DEBS.items()) + " (TrueType fonts)",
+            _FONT_SOURCE,
             "Capitals A-Z rendered from ~450 printed and display fonts, 28x28 grayscale, splits by font family",
             builder=_build_font_letters,
             sizes=(6916, 2600, 2002),  # 266 / 100 / 77 fonts x 26 classes x 1 render
