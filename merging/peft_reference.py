@@ -12,6 +12,8 @@ from peft import PeftModel
 from merging.methods import get_method
 from mlvision.backbone import BackboneConfig, create_backbone
 
+MERGED = "merged"  # name of the temporary adapter peft merges into (the study's adapters are a0, a1, ...)
+
 
 class PeftMerger:
     """One PeftModel holding every adapter of a study; merges any subset with add_weighted_adapter."""
@@ -36,12 +38,24 @@ class PeftMerger:
 
     @torch.no_grad()
     def merge(self, method: str, keys: list[str]) -> dict[str, torch.Tensor]:
-        """Merged ΔW per layer (2-D, float32) for the adapters `keys` with peft's `method`."""
+        """Merged ΔW per layer (2-D, float32) for the adapters `keys` with peft's `method`.
+
+        peft's add_weighted_adapter silently keeps an existing adapter of the same name, so a
+        "merged" adapter left by a failed merge would be returned again by every later merge: it
+        is deleted before the merge and, whatever happens, after it.
+        """
         params = self.hyperparams(method, len(keys))
-        self.model.add_weighted_adapter([self.names[key] for key in keys], adapter_name="merged", **params)
-        merged = {}
-        for name, module in self.model.base_model.model.named_modules():
-            if hasattr(module, "lora_A") and "merged" in module.lora_A:
-                merged[name] = module.get_delta_weight("merged").detach().flatten(1).float().clone()
-        self.model.delete_adapter("merged")
+        self._delete_merged()
+        try:
+            self.model.add_weighted_adapter([self.names[key] for key in keys], adapter_name=MERGED, **params)
+            merged = {}
+            for name, module in self.model.base_model.model.named_modules():
+                if hasattr(module, "lora_A") and MERGED in module.lora_A:
+                    merged[name] = module.get_delta_weight(MERGED).detach().flatten(1).float().clone()
+        finally:
+            self._delete_merged()
         return merged
+
+    def _delete_merged(self) -> None:
+        if MERGED in self.model.peft_config:
+            self.model.delete_adapter(MERGED)

@@ -10,6 +10,7 @@ import torch
 from merging.methods import MERGE_METHODS, TASK_ARITHMETIC_GRID, MergeMethod, get_method, list_methods
 from merging.methods._base import GRID_SIZE
 from merging.methods._knots import knots_align
+from merging.methods.iso_cts import subspace_sizes
 from merging.methods.tsv_m import tsv_components
 from mlvision.errors import MergeConfigError, UnknownNameError
 
@@ -36,8 +37,9 @@ def assert_close(actual, expected, atol=1e-5):
 
 
 def test_registry_holds_the_methods_and_the_peft_references():
-    assert list(MERGE_METHODS) == ALL == PER_LAYER + REFERENCES
-    assert {"linear", "task_arithmetic", "ties", "tsv_m", "iso_c"} <= set(PER_LAYER)
+    assert list(MERGE_METHODS) == ALL and ALL[-len(REFERENCES) :] == REFERENCES  # the references come last
+    assert {"linear", "task_arithmetic", "ties", "tsv_m", "iso_c", "iso_cts"} <= set(PER_LAYER)
+    assert ALL.index("iso_cts") == ALL.index("iso_c") + 1
     assert REFERENCES == ["peft_linear", "peft_cat", "peft_svd", "peft_ties"]
 
 
@@ -112,7 +114,7 @@ MULTIPLIERS = [name for name in PER_LAYER if get_method(name).scaling_is_output_
 
 
 def test_the_study_methods_declare_the_scaling_shortcut():
-    assert {"task_arithmetic", "ties", "dare_ties", "knots_ties", "tsv_m", "iso_c"} <= set(MULTIPLIERS)
+    assert {"task_arithmetic", "ties", "dare_ties", "knots_ties", "tsv_m", "iso_c", "iso_cts"} <= set(MULTIPLIERS)
 
 
 @pytest.mark.parametrize("name", MULTIPLIERS)
@@ -172,7 +174,8 @@ def test_validate_rejects_bad_hyperparameters_naming_method_and_parameter(name, 
 
 
 def test_validate_fills_defaults_and_keeps_given_values():
-    assert get_method("ties").validate({"density": 0.5}) == {"density": 0.5, "scaling": 1.0}
+    ties = get_method("ties")
+    assert ties.validate({"density": 0.5}) == {**ties.defaults, "density": 0.5} and ties.defaults["scaling"] == 1.0
     assert get_method("dare_ties").validate({"seed": 7})["seed"] == 7
 
 
@@ -275,59 +278,12 @@ def test_dare_preserves_the_expected_update():
 
 
 # ----------------------------------------------------------------------------- task arithmetic
-
-
-def test_task_arithmetic_of_one_adapter_with_lambda_one_is_exact():
-    x = low_rank(7, 5, 2, 0)
-    assert torch.equal(get_method("task_arithmetic")([x], scaling=1.0), x)
+# One adapter, k copies of one adapter, adapter order, float64: tests/test_method_invariants.py.
 
 
 def test_task_arithmetic_by_hand():
     # 0.5 · ([[1, 2]] + [[3, -4]]) = [[2, -1]]
     assert_close(get_method("task_arithmetic")([t([[1, 2]]), t([[3, -4]])], scaling=0.5), t([[2, -1]]))
-
-
-# ----------------------------------------------------------------------------- identical adapters
-
-K = 3
-# (method, hyperparameters) for which merging k copies of one adapter returns that adapter.
-IDENTITY_CASES = [
-    ("linear", {}),
-    ("task_arithmetic", {"scaling": 1 / K}),
-    ("ties", {"density": 1.0, "scaling": 1.0}),
-    ("dare_linear", {"drop_rate": 0.0}),
-    ("dare_ties", {"drop_rate": 0.0}),
-    ("magnitude_prune", {"density": 1.0}),
-    ("knots_ties", {"density": 1.0, "scaling": 1.0}),
-    ("knots_ta", {"scaling": 1 / K}),
-    # TSV-M: k copies of U give U_cat = U [I .. I], whose polar factor on its range is
-    # U [I .. I]/√k (same for V), so U_⊥ diag(σ,..,σ) V_⊥ᵀ = (1/k)·k·U Σ Vᵀ — true when the
-    # adapter's rank (2) fits in ⌊min(out,in)/k⌋ = ⌊9/3⌋ = 3 kept components.
-    ("tsv_m", {"scaling": 1.0}),
-]
-
-
-@pytest.mark.parametrize("name, params", IDENTITY_CASES)
-def test_merging_identical_adapters_returns_the_adapter(name, params):
-    x = low_rank(10, 9, 2, 42)
-    out = get_method(name)([x.clone() for _ in range(K)], **params)
-    assert_close(out, x)
-
-
-def test_methods_that_do_not_return_identical_adapters():
-    x = low_rank(10, 9, 2, 42)
-    xs = [x.clone() for _ in range(K)]
-    # trimming with density < 1 keeps only the top entries of the (identical) adapter
-    keep = x.abs() >= x.abs().flatten().topk(round(0.2 * 90)).values[-1]
-    assert_close(get_method("ties")(xs, density=0.2), x * keep)
-    # Iso-C flattens the spectrum: k·x has σ = k·(σ1, σ2) -> both become k·(σ1+σ2)/2
-    u, s, vh = torch.linalg.svd(x.double(), full_matrices=False)
-    expected = (K * s[:2].mean() * u[:, :2] @ vh[:2]).float()
-    assert_close(get_method("iso_c")(xs, scaling=1.0), expected)
-    # ... and is the identity only for an isotropic adapter with α = 1/k: x = 2·Q (Q partial isometry)
-    q = torch.linalg.qr(torch.randn(10, 9, generator=torch.Generator().manual_seed(1)))[0][:, :2]
-    iso = 2 * q @ torch.linalg.qr(torch.randn(9, 2, generator=torch.Generator().manual_seed(2)))[0].T
-    assert_close(get_method("iso_c")([iso] * K, scaling=1 / K), iso)
 
 
 # ----------------------------------------------------------------------------- different ranks
@@ -369,6 +325,68 @@ def test_iso_c_on_full_rank_updates_matches_the_paper_formula():
     xs = [torch.randn(6, 4, generator=g, dtype=torch.float64) for _ in range(2)]
     u, s, vh = torch.linalg.svd(xs[0] + xs[1], full_matrices=False)  # all min(6,4) = 4 values
     torch.testing.assert_close(get_method("iso_c")(xs, scaling=1.0), s.mean() * u @ vh)
+
+
+# ----------------------------------------------------------------------------- Iso-CTS
+
+
+def test_iso_cts_splits_the_components_as_the_reference_code():
+    # c0 = ⌊f·n⌋, k·p = round((n - c0)/k)·k, c = n - k·p. ViT-B (n = 768, k = 8): c0 = 614,
+    # round(154/8) = 19 -> p = 19, c = 616. n = 12, k = 3: c0 = 9, round(1) -> p = 1, c = 9.
+    # n = 3, k = 2: c0 = 2, round(0.5) = 0 (Python's banker's rounding, as in the reference) -> p = 0.
+    # f = 0, n = 7, k = 2: round(3.5)·2 = 8 > 7 would leave c = -1; lowered to 6 -> (1, 3).
+    assert subspace_sizes(768, 8, 0.8) == (616, 19)
+    assert subspace_sizes(12, 3, 0.8) == (9, 1)
+    assert subspace_sizes(3, 2, 0.8) == (3, 0)
+    assert subspace_sizes(7, 2, 0.0) == (1, 3)
+    assert subspace_sizes(10, 4, 1.0) == (10, 0)
+
+
+def iso_cts_reference(xs: list[torch.Tensor], fraction: float) -> torch.Tensor:
+    """The paper's Iso-CTS written out on full-rank updates: full spectra, no rank cut-off."""
+    n, k = min(xs[0].shape), len(xs)
+    common = n - round((n - int(n * fraction)) / k) * k
+    per_task = (n - common) // k
+    u, s, vh = torch.linalg.svd(sum(xs), full_matrices=False)
+    u_c = u[:, :common]
+    us, ss, vhs = [u_c], [s[:common]], [vh[:common]]
+    for x in xs:
+        u_t, s_t, vh_t = torch.linalg.svd(x - u_c @ u_c.T @ x, full_matrices=False)
+        us, ss, vhs = us + [u_t[:, :per_task]], ss + [s_t[:per_task]], vhs + [vh_t[:per_task]]
+
+    def polar(m):
+        p, _, qh = torch.linalg.svd(m, full_matrices=False)
+        return p @ qh
+
+    return torch.cat(ss).mean() * polar(torch.cat(us, dim=1)) @ polar(torch.cat(vhs, dim=0))
+
+
+def test_iso_cts_on_full_rank_updates_matches_the_paper_formula():
+    # 12 x 10, k = 3, f = 0.8: n = 10, c = 7 common directions + 1 per task
+    g = torch.Generator().manual_seed(4)
+    xs = [torch.randn(12, 10, generator=g, dtype=torch.float64) for _ in range(3)]
+    expected = iso_cts_reference(xs, 0.8)
+    torch.testing.assert_close(get_method("iso_cts")(xs, scaling=1.0), expected)
+    torch.testing.assert_close(
+        get_method("iso_cts")(xs, scaling=1.0, common_space_fraction=0.5), iso_cts_reference(xs, 0.5)
+    )
+    assert not torch.allclose(expected, get_method("iso_c")(xs), atol=1e-3)  # the task-specific part matters
+
+
+def test_iso_cts_on_low_rank_updates_keeps_the_rank_of_the_sum():
+    # 3 rank-4 updates in 30 x 20: the sum has rank R = 12 (not 20), split c = 9 + 3·1 (see above).
+    # Result: rank 12, every singular value α times the mean of the 9 common σ (top of Σ ΔW_i) and
+    # of each task's top σ once the common subspace is projected out of it.
+    xs = [low_rank(30, 20, 4, s).double() for s in range(3)]
+    u, s, _ = torch.linalg.svd(sum(xs), full_matrices=False)
+    u_c = u[:, :9]
+    task_sigma = [torch.linalg.svdvals(x - u_c @ u_c.T @ x)[0] for x in xs]
+    mean = torch.cat([s[:9], torch.stack(task_sigma)]).mean()
+    s_out = torch.linalg.svdvals(get_method("iso_cts")(xs, scaling=0.7))
+    torch.testing.assert_close(s_out[:12], 0.7 * mean.expand(12))
+    assert s_out[12:].max() < 1e-9 * s_out[0]  # no null-space directions added
+    # f = 1 leaves no task-specific part: Iso-C
+    torch.testing.assert_close(get_method("iso_cts")(xs, common_space_fraction=1.0), get_method("iso_c")(xs))
 
 
 # ----------------------------------------------------------------------------- TSV-M
@@ -430,12 +448,6 @@ def test_knots_align_reconstructs_each_update_exactly():
     torch.testing.assert_close(s, direct)
 
 
-def test_knots_with_one_adapter_returns_it():
-    x = low_rank(9, 6, 3, 7)
-    assert_close(get_method("knots_ties")([x], density=1.0, scaling=1.0), x)
-    assert_close(get_method("knots_ta")([x], scaling=1.0), x)
-
-
 def test_knots_by_hand():
     # [ΔW_1 | ΔW_2] = [[2,0,0,0],[0,0,0,1]] -> U = I, s = (2, 1), ΣV_1ᵀ = [[2,0],[0,0]],
     # ΣV_2ᵀ = [[0,0],[0,1]]; TIES (density 1): no conflicts -> [[2,0],[0,1]]; times λ = 1.
@@ -453,7 +465,7 @@ def test_knots_ta_equals_task_arithmetic():
 
 @pytest.mark.parametrize("name", PER_LAYER)
 def test_methods_are_pure_and_keep_the_input_dtype(name):
-    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+    for dtype in (torch.float32, torch.bfloat16):  # float64: tests/test_method_invariants.py
         xs = [low_rank(10, 6, 2, s).to(dtype) for s in range(3)]
         before = [x.clone() for x in xs]
         out = get_method(name)(xs)

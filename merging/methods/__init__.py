@@ -14,14 +14,17 @@ from __future__ import annotations
 from mlvision.errors import UnknownNameError
 
 from . import (
+    adamerging,
     dare_linear,
     dare_ties,
     iso_c,
+    iso_cts,
     knots_ta,
     knots_ties,
     linear,
     magnitude_prune,
     peft_references,
+    regmean,
     task_arithmetic,
     ties,
     tsv_m,
@@ -40,6 +43,9 @@ _ALL = [
     knots_ta.METHOD,
     tsv_m.METHOD,
     iso_c.METHOD,
+    iso_cts.METHOD,
+    regmean.METHOD,
+    adamerging.METHOD,
     *peft_references.METHODS,
 ]
 

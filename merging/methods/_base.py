@@ -2,6 +2,11 @@
 
 A merge method merges ONE layer: ``fn(deltas, **hyperparams) -> Tensor`` where ``deltas`` are
 k >= 1 exact weight updates ΔW_i (2-D, [out_features, in_features], same shape and dtype).
+A data-aware method (kind "data_aware", e.g. RegMean) also takes per-task statistics of that
+layer, named in `statistics` and passed as keyword lists aligned with ``deltas``:
+``fn(deltas, grams=[G_1, ..., G_k], **hyperparams)``. A test-time method (kind "test_time",
+AdaMerging) learns its coefficients on unlabeled images through the whole model, so it has no
+per-layer function; merging/merged_model.AdapterMerger runs it.
 `MergeMethod.__call__` checks the inputs and hyperparameters, then calls the pure function.
 """
 
@@ -22,7 +27,9 @@ from mlvision.errors import MergeConfigError
 # allowed, the usual interval notation. A hyperparameter whose default is an int (DARE's seed)
 # must be an int; the others are real numbers.
 _BRACKETS = {"[]", "(]", "[)", "()"}
-KINDS = ("data_free", "reference")
+KINDS = ("data_free", "data_aware", "test_time", "reference")
+# kinds whose merge is not a per-layer function of ΔW (fn is None)
+WHOLE_MODEL_KINDS = ("test_time", "reference")
 # Every data-free method is tuned on validation from a grid of this many points (the same budget for
 # each, so no method wins by having more tries); methods with a density or drop rate use 2 x 2.
 GRID_SIZE = 4
@@ -61,16 +68,35 @@ class MergeMethod:
     # the sweep then merges once per combination of the other hyperparameters and multiplies, instead
     # of re-merging per value of scaling (tests/test_merge_methods.py checks the identity per method).
     scaling_is_output_multiplier: bool = False
-    # "data_free": a pure per-layer function on ΔW (`fn`); "reference": another library's merge of
-    # whole adapters (peft's add_weighted_adapter), run by merging/merged_model.AdapterMerger for comparison.
+    # "data_free": a pure per-layer function on ΔW (`fn`); "data_aware": the same plus per-task statistics
+    # of the layer's inputs (`statistics`); "test_time": coefficients learned on unlabeled test images
+    # through the whole model (no `fn`); "reference": another library's merge of whole adapters (peft's
+    # add_weighted_adapter). merging/merged_model.AdapterMerger runs every kind.
     kind: str = "data_free"
     options: dict = field(default_factory=dict)  # fixed settings passed to a reference's library
+    # Per-task statistics a data-aware fn takes as keyword lists aligned with the deltas, e.g. ("grams",).
+    statistics: tuple[str, ...] = ()
+    # Statistics a data-aware fn can take to skip work, same shape as the deltas (RegMean's ΔW_i G_i, which
+    # a sweep computes once per adapter instead of once per merge); the result must not depend on them.
+    optional_statistics: tuple[str, ...] = ()
+    # For a method too costly to sweep in full on 2 CPU cores: the part of the sweep it runs on, e.g.
+    # {"k": (2, 4, 6), "seeds": (0,)}; None = every group and seed like the others.
+    study_subset: dict | None = None
+    # A method whose definition spans the whole model, not one layer (TIES' trim over the whole task vector):
+    # merge_model({layer: [ΔW_1..ΔW_k]}, **hyperparams) -> {layer: ΔW}; merging/merged_model.merge_deltas calls
+    # it instead of `fn` layer by layer. `fn` stays the per-layer function (a one-layer model).
+    merge_model: Callable[..., dict] | None = None
+    # Hyperparameters added after a study was stored, with the value that reproduces the old behaviour: left
+    # out of a merge's identity while at that value (`identity_defaults`), so stored merges keep their ids.
+    added_later: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:  # a programming error, not a user error: fail at import
         if self.kind not in KINDS:
             raise ValueError(f"{self.name}: kind must be one of {KINDS}")
-        if (self.fn is None) != (self.kind == "reference"):
-            raise ValueError(f"{self.name}: a data-free method needs fn; a reference has none")
+        if (self.fn is None) != (self.kind in WHOLE_MODEL_KINDS):
+            raise ValueError(f"{self.name}: a per-layer method needs fn; a {self.kind} method has none")
+        if bool(self.statistics) != (self.kind == "data_aware"):
+            raise ValueError(f"{self.name}: a data-aware method names its statistics, and only it")
         if set(self.grid) - set(self.defaults):
             raise ValueError(f"{self.name}: the grid names a hyperparameter it does not have")
         if set(self.defaults) != set(self.ranges):
@@ -150,6 +176,14 @@ class MergeMethod:
                 )
         return deltas
 
+    def identity_defaults(self) -> dict:
+        """The defaults that identify a merge: every default except those added later at their old value."""
+        return {
+            key: value
+            for key, value in self.defaults.items()
+            if not (key in self.added_later and self.added_later[key] == value)
+        }
+
     @property
     def tuned(self) -> bool:
         """Whether the sweep chooses hyperparameters on validation (a grid of more than one point)."""
@@ -168,13 +202,56 @@ class MergeMethod:
         """The grid points chosen from on validation (`grid_points`); [] when the method is untuned."""
         return self.grid_points() if self.tuned else []
 
-    def __call__(self, deltas: Sequence[Tensor], **hyperparams) -> Tensor:
+    def check_statistics(self, deltas: list[Tensor], statistics: dict) -> dict:
+        """The per-task statistics the method needs (one [in, in] matrix per update), or MergeConfigError."""
+        unknown = sorted(set(statistics) - set(self.statistics) - set(self.optional_statistics))
+        if unknown:
+            raise MergeConfigError(f"merge method '{self.name}' takes no statistic {unknown[0]!r}")
+        for name in self.statistics:
+            values = statistics.get(name)
+            if values is None:
+                raise MergeConfigError(
+                    f"merge method '{self.name}' needs the {name} of every adapter's layer inputs; "
+                    "merge through merging.merged_model.AdapterMerger, which computes them"
+                )
+            values = list(values)
+            if len(values) != len(deltas):
+                raise MergeConfigError(
+                    f"merge method '{self.name}': {len(values)} {name} for {len(deltas)} updates; give one per update"
+                )
+            in_features = deltas[0].shape[1]
+            for i, value in enumerate(values):
+                if not isinstance(value, Tensor) or value.shape != (in_features, in_features):
+                    what = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+                    raise MergeConfigError(
+                        f"merge method '{self.name}': {name} {i} must be [{in_features}, {in_features}] "
+                        f"(the layer's in_features), got {what}"
+                    )
+            statistics = {**statistics, name: values}
+        for name in self.optional_statistics:
+            values = statistics.get(name)
+            if values is None:
+                continue
+            values = list(values)
+            if len(values) != len(deltas) or any(
+                not isinstance(v, Tensor) or v.shape != deltas[0].shape for v in values
+            ):
+                raise MergeConfigError(
+                    f"merge method '{self.name}': {name} must be one {tuple(deltas[0].shape)} tensor per update"
+                )
+            statistics = {**statistics, name: values}
+        return statistics
+
+    def __call__(self, deltas: Sequence[Tensor], **arguments) -> Tensor:
         if self.fn is None:
             raise MergeConfigError(
-                f"'{self.name}' is a reference merge of whole adapters, not a per-layer "
+                f"'{self.name}' is a {self.kind} merge of whole adapters, not a per-layer "
                 "function: merge adapters with merging.merged_model.AdapterMerger"
             )
-        params = self.validate(hyperparams)
+        names = (*self.statistics, *self.optional_statistics)
+        statistics = {name: arguments.pop(name) for name in list(arguments) if name in names}
+        params = self.validate(arguments)
         deltas = self.check_deltas(deltas)
+        statistics = self.check_statistics(deltas, statistics)
         with torch.no_grad():
-            return self.fn(deltas, **params)
+            return self.fn(deltas, **statistics, **params)

@@ -8,8 +8,18 @@ import torch
 from torch import Tensor
 
 
-def stack(deltas: Sequence[Tensor], dtype: torch.dtype = torch.float32) -> Tensor:
-    """[k, out, in] copy of the updates in `dtype` (a new tensor: inputs are never modified)."""
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a merge computes in for inputs of `dtype`: float64 stays float64; float32 and the
+    half-precision types (bf16, fp16) are computed in float32, and the result is cast back."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def stack(deltas: Sequence[Tensor], dtype: torch.dtype | None = None) -> Tensor:
+    """[k, out, in] copy of the updates in `dtype` (a new tensor: inputs are never modified).
+
+    dtype None: `compute_dtype` of the inputs (float64 for float64 inputs, float32 otherwise).
+    """
+    dtype = compute_dtype(deltas[0].dtype) if dtype is None else dtype
     return torch.stack([d.detach().to(dtype) for d in deltas]).clone()
 
 
@@ -52,6 +62,18 @@ def low_rank_svd(x: Tensor, rtol: float) -> tuple[Tensor, Tensor, Tensor]:
     return u[:, final], s[final], vh[final]
 
 
+def polar_on_range(x: Tensor, rtol: float) -> Tensor:
+    """Orthogonal polar factor P Qᵀ of a 2-D x (P S Qᵀ = x), restricted to x's numerical range.
+
+    The nearest matrix with orthonormal columns (or rows) to x; where x is rank-deficient (two
+    tasks sharing a singular vector) the full polar factor is not unique and its arbitrary part
+    would add arbitrary directions, so only the components with s > rtol·s_max are kept.
+    """
+    p, s, qh = torch.linalg.svd(x, full_matrices=False)
+    keep = s > rtol * s[0]
+    return p[:, keep] @ qh[keep]
+
+
 def topk_mask(x: Tensor, density: float) -> Tensor:
     """Boolean mask of the top-`density` fraction of |x|'s entries (per leading index).
 
@@ -91,11 +113,13 @@ def dare(x: Tensor, drop_rate: float, seed: int) -> Tensor:
     """DARE on [k, out, in]: drop each entry with probability p, multiply survivors by 1/(1-p).
 
     The randomness comes only from a local generator seeded with `seed`; tasks are drawn in
-    order, so a (seed, k, shape) triple always gives the same masks. With p = 0 nothing is
-    dropped and x is returned unchanged (torch.rand is in [0, 1)).
+    order, so a (seed, k, shape) triple always gives the same masks: the mask is drawn per
+    position, so the i-th update gets the i-th mask whichever adapter it is. The uniforms are
+    drawn in float32 whatever x's dtype, so float32 and float64 inputs get the same masks. With
+    p = 0 nothing is dropped and x is returned unchanged (torch.rand is in [0, 1)).
     """
     if drop_rate == 0:
         return x
     gen = torch.Generator(device=x.device).manual_seed(int(seed))
-    keep = torch.rand(x.shape, generator=gen, device=x.device) >= drop_rate
+    keep = torch.rand(x.shape, generator=gen, device=x.device, dtype=torch.float32) >= drop_rate
     return x * keep / (1.0 - drop_rate)

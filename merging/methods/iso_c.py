@@ -8,11 +8,18 @@ Algorithm: ΔW_TA = Σ_i ΔW_i = U Σ Vᵀ (thin SVD); replace every singular va
 (an isotropic spectrum, so no task's directions are drowned by a dominant one);
 ΔW = α · σ̄ · U Vᵀ.
 Hyperparameters:
-  scaling (α): default 1.0, range (0, 4]. The paper picks α on validation data (its chosen values
-    are around 1-1.5 for ViT models); 1.0 keeps ‖ΔW‖ in the scale of the summed update.
+  scaling (α): default 1.0, range (0, 4]. The reference code does not fix α and does not
+    recommend α = 1: its evaluation (src/eval/eval.py, `evaluate_task_vector`, methods "iso_c" and
+    "iso_cts") scans α in np.linspace(0, 3, n_eval_points)[1:] with n_eval_points = 31
+    (config/config.yaml), i.e. 0.1, 0.2, ..., 3.0 in increasing order, on the validation splits,
+    stopping early once 3 consecutive α do not improve the average validation accuracy
+    (early_stopping_patience = 3); it keeps the scored α with the best average normalized
+    accuracy (`find_optimal_coef` on avg_normalized_top1) and reports test accuracy at that α.
+    (FusionBench's example commands for Iso-C use α = 1.5.) 1.0 is this project's choice: it
+    keeps ‖ΔW‖ in the scale of the summed update.
     Validation grid (study v2): scaling in {1.0 (default), 0.5, 0.7, 1.5}, 4 points like every
-    method's (the paper's range 1-1.5 and below it, since LoRA sums over-shoot as k grows). α is a
-    pure output multiplier: the sweep merges once and rescales.
+    method's (around 1 and below it, since LoRA sums over-shoot as k grows). α is a pure output
+    multiplier: the sweep merges once and rescales.
 Deviation: the reference code flattens all min(out, in) singular values. For full-rank updates
 (full fine-tuning, the paper's setting) that is what happens here too. A sum of k LoRA updates
 has rank <= Σ r_i (e.g. 48 of 320): its other "singular values" are rounding noise whose
@@ -54,6 +61,9 @@ METHOD = MergeMethod(
     ranges={"scaling": (0.0, 4.0, "(]")},
     description="SVD of Σ ΔW_i with every non-zero singular value set to their mean, times α.",
     grid={"scaling": (0.5, 0.7, 1.0, 1.5)},
-    default_source="scaling 1.0: Marczak et al. 2025 (keeps the scale of the summed update; chosen α ≈ 1-1.5)",
+    default_source=(
+        "scaling 1.0: this project's choice (keeps the scale of the summed update); the reference code "
+        "picks α on validation from {0.1, 0.2, ..., 3.0} (Marczak et al. 2025)"
+    ),
     scaling_is_output_multiplier=True,
 )

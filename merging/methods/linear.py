@@ -5,7 +5,8 @@ accuracy without increasing inference time", ICML 2022 (arXiv 2203.05482) — we
 for LoRA adapters on vision tasks it is the simple-merge baseline of Kesim & Helli, "Multi LoRA
 Meets Vision: Merging multiple adapters to create a multi task model" (arXiv 2411.14064).
 
-Algorithm: ΔW = λ · (1/k) Σ_i ΔW_i, computed in float32, returned in the input dtype.
+Algorithm: ΔW = λ · (1/k) Σ_i ΔW_i, computed in float32 (float64 for float64 inputs), returned in
+the input dtype.
 Hyperparameters:
   scaling (λ): default 1.0, range (0, 4] — the plain mean of model soups (Wortsman et al.) and of
     Kesim & Helli. Validation grid (study v2): scaling in {1.0 (default), 0.5, 0.75, 1.5}, 4 points

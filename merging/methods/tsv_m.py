@@ -9,12 +9,17 @@ Algorithm: SVD each ΔW_i = U_i S_i V_iᵀ and keep its top ⌊min(out, in)/k⌋
 their orthogonal polar factors (U_⊥ = P Qᵀ where P S Qᵀ = U_cat; same for V) to remove the
 interference between tasks' singular vectors; ΔW = α · U_⊥ diag(σ_cat) V_⊥ᵀ.
 Hyperparameters:
-  scaling (α): default 1.0, range (0, 4] — the paper reports α = 1.0 works without tuning.
+  scaling (α): default 1.0, range (0, 4]. The reference code does not fix α and does not
+    recommend α = 1: its evaluation (src/eval/eval.py, `evaluate_task_vector`, method "TSVM")
+    scores α in np.linspace(0, 3, n_eval_points)[1:] with n_eval_points = 31 (config/config.yaml),
+    i.e. {0.1, 0.2, ..., 3.0}, on the validation splits, keeps the α with the best average
+    normalized accuracy (`find_optimal_coef` on avg_normalized_top1) and reports test accuracy at
+    that α. 1.0 is this project's choice: with updates in mutually orthogonal subspaces α = 1
+    returns Σ ΔW_i, the task-arithmetic sum at λ = 1.
     Validation grid (study v2): scaling in {1.0 (default), 0.3, 0.5, 0.7}, 4 points like every
-    method's. Downwards only: with updates in mutually orthogonal subspaces α = 1 returns Σ ΔW_i,
-    the task-arithmetic sum at λ = 1, which already over-shoots as k grows (study v1: TSV-M's
-    collapse with k at α = 1 was this scale). α is a pure output multiplier: the sweep merges once
-    and rescales.
+    method's. Downwards only: that sum already over-shoots as k grows (study v1: TSV-M's collapse
+    with k at α = 1 was this scale). α is a pure output multiplier: the sweep merges once and
+    rescales.
 Deviations, both for low-rank (LoRA) updates and both identical to the paper when the updates
 are full rank: (1) components with σ <= rtol·σ_max (numerical zeros: a rank-8 update has only 8
 real components but ⌊min/k⌋ may be 53) are not kept — their singular vectors are arbitrary
@@ -33,14 +38,7 @@ import torch
 from torch import Tensor
 
 from ._base import MergeMethod
-from ._common import low_rank_svd, svd_rtol
-
-
-def _polar_on_range(x: Tensor, rtol: float) -> Tensor:
-    """Orthogonal polar factor P Qᵀ of x (P S Qᵀ = x), restricted to x's numerical range."""
-    p, s, qh = torch.linalg.svd(x, full_matrices=False)
-    keep = s > rtol * s[0]
-    return p[:, keep] @ qh[keep]
+from ._common import low_rank_svd, polar_on_range, svd_rtol
 
 
 def tsv_components(deltas: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
@@ -62,8 +60,8 @@ def tsv_m(deltas: Sequence[Tensor], scaling: float = 1.0) -> Tensor:
     if s_cat.numel() == 0:
         return torch.zeros_like(deltas[0])
     rtol = svd_rtol(deltas[0].dtype)
-    u_orth = _polar_on_range(u_cat, rtol)  # [out, m]
-    vh_orth = _polar_on_range(vh_cat, rtol)  # [m, in]
+    u_orth = polar_on_range(u_cat, rtol)  # [out, m]
+    vh_orth = polar_on_range(vh_cat, rtol)  # [m, in]
     merged = (u_orth * s_cat) @ vh_orth
     return (scaling * merged).to(deltas[0].dtype)
 
@@ -79,6 +77,9 @@ METHOD = MergeMethod(
     ranges={"scaling": (0.0, 4.0, "(]")},
     description="Top 1/k singular components per task, orthogonalise U and V jointly, times α.",
     grid={"scaling": (0.3, 0.5, 0.7, 1.0)},
-    default_source="scaling 1.0: Gargiulo et al. 2025 (α = 1.0 works without tuning)",
+    default_source=(
+        "scaling 1.0: this project's choice (α = 1 gives Σ ΔW_i for updates in orthogonal subspaces); the "
+        "reference code picks α on validation from {0.1, 0.2, ..., 3.0} (Gargiulo et al. 2025)"
+    ),
     scaling_is_output_multiplier=True,
 )
