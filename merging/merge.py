@@ -8,6 +8,10 @@ each merged ΔW; load it with `PeftModel.from_pretrained(backbone, out)`), one h
 `heads/`, and `merge.json` (method, hyperparameters, inputs, relative reconstruction error).
 Optionally, the merged model is scored on each task's test split.
 
+Data-aware methods need each task's images: RegMean computes every adapter's Gram matrices once
+from its task's training images (cached in the data cache, with progress); AdaMerging learns its
+coefficients on the unlabeled test images of the tasks (transductive, as in its paper).
+
 The folder is written beside --out and renamed into place when complete, so a failed merge leaves
 nothing behind. --out must be new or empty; --overwrite replaces a previous merge output (a folder
 with merge.json), never an adapter or any other folder. Every error is one line, exit code 2.
@@ -80,12 +84,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Unlabeled test images per task AdaMerging learns on from the command line (the sweep's merge_eval, 300).
+ADAMERGING_IMAGES = 300
+
+
+def task_images(task: str, split: str, preprocess, n: int):
+    """A task's images for a data-aware merge, or one line saying the task's data cannot be loaded here."""
+    from mlvision.data import split_tensors
+    from mlvision.errors import MLVisionError
+
+    try:
+        return split_tensors(task, split, preprocess, n)[0]
+    except MLVisionError as error:
+        raise MergeConfigError(
+            f"this method needs images of task {task!r} ({split} split), which cannot be loaded here ({error}); "
+            "use a data-free method or run where the task's data is available"
+        ) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     return run_cli(lambda: run(build_parser().parse_args(argv)), "nothing was exported; run the same command again")
 
 
 def run(args) -> int:
     from merging.deltas import check_compatible, load_deltas
+    from merging.grams import GRAM_IMAGES, GramStore
     from merging.merged_model import (
         AdapterMerger,
         check_export_rank,
@@ -114,7 +137,16 @@ def run(args) -> int:
     check_compatible(adapters)  # reference methods go through peft, which would not name the adapter that differs
     check_export_rank(args.rank, adapters[0].deltas)
     keys = [str(i) for i in range(len(adapters))]
-    merger = AdapterMerger(dict(zip(keys, adapters)), BackboneConfig(**adapters[0].meta["backbone"]))
+    backbone_config = BackboneConfig(**adapters[0].meta["backbone"])
+    preprocess = Preprocess.from_dict(adapters[0].meta["preprocess"])
+    folded = FoldedBackbone(backbone_config) if get_method(args.method).kind in ("data_aware", "test_time") else None
+    merger = AdapterMerger(
+        dict(zip(keys, adapters)),
+        backbone_config,
+        grams=GramStore(folded, lambda task: task_images(task, "train", preprocess, GRAM_IMAGES)) if folded else None,
+        folded=folded,
+        unlabeled_for=lambda task: task_images(task, "test", preprocess, ADAMERGING_IMAGES),
+    )
     start = time.perf_counter()
     merged, params = merger.merge(keys, args.method, hyperparams)
     seconds = time.perf_counter() - start
@@ -134,9 +166,8 @@ def run(args) -> int:
     print(f"merged {len(adapters)} adapters with {args.method} {params} in {seconds:.2f} s")
     print(f"saved to {args.out} as a rank-{args.rank} LoRA; relative reconstruction error {error:.4f}")
     if args.evaluate:
-        folded = FoldedBackbone(BackboneConfig(**adapters[0].meta["backbone"]))
+        folded = folded or FoldedBackbone(backbone_config)
         model = folded.model(merged, {a.task: a.head for a in adapters})
-        preprocess = Preprocess.from_dict(adapters[0].meta["preprocess"])
         for adapter in adapters:
             images, labels = split_tensors(adapter.task, "test", preprocess, args.evaluate)
             print(

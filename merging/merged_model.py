@@ -19,7 +19,9 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from merging.deltas import AdapterDeltas, check_compatible
+from merging.grams import GramStore
 from merging.methods import get_method
+from merging.methods.regmean import singular_channels
 from merging.peft_reference import PeftMerger
 from mlvision.backbone import BackboneConfig, create_backbone
 from mlvision.errors import AdapterError, MergeConfigError
@@ -33,41 +35,118 @@ def layer_seed(seed: int, layer: str) -> int:
 
 
 def merge_deltas(
-    adapters: list[AdapterDeltas], method: str, hyperparams: dict | None = None
+    adapters: list[AdapterDeltas],
+    method: str,
+    hyperparams: dict | None = None,
+    grams: list[dict[str, torch.Tensor]] | None = None,
+    gram_products: list[dict[str, torch.Tensor]] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Merged ΔW per layer with `method`; hyperparameters are validated (defaults filled) first."""
+    """Merged ΔW per layer with `method`; hyperparameters are validated (defaults filled) first.
+
+    A data-aware method (RegMean) also needs `grams`: per adapter, its Gram matrix per layer
+    (merging/grams.py). A method defined on the whole model (`merge_model`) gets every layer at once."""
     check_compatible(adapters)
     merge_method = get_method(method)
     params = merge_method.validate(hyperparams or {})
+    if merge_method.merge_model is not None:
+        layer_deltas = {layer: [a.deltas[layer] for a in adapters] for layer in adapters[0].deltas}
+        for layer, deltas in layer_deltas.items():
+            merge_method.check_deltas(deltas)
+        with torch.no_grad():
+            return merge_method.merge_model(layer_deltas, **params)
     merged = {}
     for layer in adapters[0].deltas:
         layer_params = {**params, "seed": layer_seed(params["seed"], layer)} if "seed" in params else params
-        merged[layer] = merge_method([a.deltas[layer] for a in adapters], **layer_params)
+        statistics = {"grams": [g[layer] for g in grams]} if "grams" in merge_method.statistics and grams else {}
+        if gram_products and "gram_products" in merge_method.optional_statistics:
+            statistics["gram_products"] = [p[layer] for p in gram_products]
+        merged[layer] = merge_method([a.deltas[layer] for a in adapters], **statistics, **layer_params)
     return merged
+
+
+# Figures a merge stores beside its hyperparameters: RegMean's regularized channels, AdaMerging's coefficients.
+RECORDED_OUTPUTS = ("singular_channels", "mean_coefficient_per_task")
 
 
 class AdapterMerger:
     """Merges any subset of a fixed set of adapters with any registered method: the one merge entry.
 
-    Data-free methods run per layer on the adapters' exact ΔW (`merge_deltas`); reference methods
-    (peft's add_weighted_adapter) run through one PeftModel holding every adapter, loaded on first use.
+    Data-free methods run per layer on the adapters' exact ΔW (`merge_deltas`); data-aware ones
+    (RegMean) also get each adapter's Gram matrices from `grams` (loaded from the cache or computed once);
+    a test-time method (AdaMerging) learns its coefficients through `folded` on the unlabeled images
+    `unlabeled_for(task)` gives (the group's test images: transductive); reference methods (peft's
+    add_weighted_adapter) run through one PeftModel holding every adapter, loaded on first use.
     `merge` returns the merged ΔW per layer and the hyperparameters to store with it.
     """
 
-    def __init__(self, adapters: dict[str, AdapterDeltas], backbone_config: BackboneConfig):
+    def __init__(
+        self,
+        adapters: dict[str, AdapterDeltas],
+        backbone_config: BackboneConfig,
+        grams: GramStore | None = None,
+        folded: FoldedBackbone | None = None,
+        unlabeled_for=None,
+    ):
         self.adapters = adapters
         self.backbone_config = backbone_config
+        self.grams = grams
+        self.folded = folded
+        self.unlabeled_for = unlabeled_for
         self._peft: PeftMerger | None = None
 
     def merge(
         self, keys: list[str], method: str, hyperparams: dict | None = None
     ) -> tuple[dict[str, torch.Tensor], dict]:
-        if get_method(method).kind == "reference":
+        merge_method = get_method(method)
+        if merge_method.kind == "reference":
             if self._peft is None:
                 self._peft = PeftMerger(self.backbone_config, {key: str(a.path) for key, a in self.adapters.items()})
             return self._peft.merge(method, list(keys)), self._peft.hyperparams(method, len(keys))
-        params = get_method(method).validate(hyperparams or {})
-        return merge_deltas([self.adapters[key] for key in keys], method, params), params
+        # what a merge records beside its hyperparameters (stored together in merges.hyperparams) is not an input
+        hyperparams = {key: value for key, value in (hyperparams or {}).items() if key not in RECORDED_OUTPUTS}
+        params = merge_method.validate(hyperparams)
+        adapters = [self.adapters[key] for key in keys]
+        if merge_method.kind == "test_time":
+            return self._merge_test_time(adapters, params)
+        grams = None
+        if merge_method.kind == "data_aware":
+            if self.grams is None:
+                raise MergeConfigError(
+                    f"merge method '{method}' needs each adapter's Gram matrices: build the AdapterMerger with a "
+                    "GramStore (merging/grams.py)"
+                )
+            grams = [self.grams.get(adapter) for adapter in adapters]
+            params = {**params, "singular_channels": _singular_channels(adapters, grams)}
+            params = {key: value for key, value in params.items() if key != "singular_channels" or value}
+        hyper = {key: value for key, value in params.items() if key in merge_method.defaults}
+        products = [self.grams.products(adapter) for adapter in adapters] if grams else None
+        return merge_deltas(adapters, method, hyper, grams, products), params
+
+    def _merge_test_time(self, adapters: list[AdapterDeltas], params: dict) -> tuple[dict[str, torch.Tensor], dict]:
+        from merging.adamerging import layerwise_merge, learn_coefficients
+
+        if self.folded is None or self.unlabeled_for is None:
+            raise MergeConfigError(
+                "AdaMerging learns on the unlabeled test images of the group's tasks: build the AdapterMerger with "
+                "a FoldedBackbone and unlabeled_for"
+            )
+        check_compatible(adapters)
+        layers = list(adapters[0].deltas)
+        coefficients = learn_coefficients(
+            self.folded,
+            [a.deltas for a in adapters],
+            [a.head for a in adapters],
+            [self.unlabeled_for(a.task) for a in adapters],
+            **params,
+        )
+        merged = layerwise_merge([a.deltas for a in adapters], coefficients, layers)
+        mean = [round(float(c), 4) for c in coefficients.mean(dim=1)]
+        return merged, {**params, "mean_coefficient_per_task": mean}
+
+
+def _singular_channels(adapters: list[AdapterDeltas], grams: list[dict[str, torch.Tensor]]) -> int:
+    """Input channels, over all layers, that no adapter's images use: RegMean regularizes them (see regmean.py)."""
+    return sum(singular_channels([g[layer] for g in grams]) for layer in adapters[0].deltas)
 
 
 def build_merged_model(adapters: list[AdapterDeltas], method: str, hyperparams: dict | None = None) -> MultiTaskModel:

@@ -38,6 +38,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from merging.deltas import AdapterDeltas, load_deltas
+from merging.grams import GRAM_IMAGES, GramStore
 from merging.merged_model import AdapterMerger
 from merging.methods import get_method
 from mlvision.backbone import Preprocess
@@ -72,15 +73,23 @@ def sample_groups(tasks, k: int, max_groups: int | None) -> list[tuple[str, ...]
     return [groups[i] for i in chosen]
 
 
+def in_study_subset(method: str, k: int, seed: int) -> bool:
+    """Whether a costly method's stated subset (`MergeMethod.study_subset`, e.g. AdaMerging's) holds (k, seed)."""
+    subset = get_method(method).study_subset
+    return subset is None or (k in subset.get("k", (k,)) and seed in subset.get("seeds", (seed,)))
+
+
 def sweep_plan(config: StudyConfig) -> list[tuple[tuple[str, ...], int, str]]:
-    """Every (group, seed, method) the sweep covers, smallest groups first."""
+    """Every (group, seed, method) the sweep covers, smallest groups first (a costly method only on its subset)."""
     if config.max_groups_per_k is not None and config.max_groups_per_k < 1:
         raise MLVisionError(f"--max-groups-per-k must be at least 1, got {config.max_groups_per_k}")
     plan = []
     for k in range(2, min(config.max_k, len(config.tasks)) + 1):
         for group in sample_groups(config.tasks, k, config.max_groups_per_k):
             for seed in merge_seeds(config, k):
-                plan.extend((group, seed, method) for method in config.merge_methods)
+                plan.extend(
+                    (group, seed, method) for method in config.merge_methods if in_study_subset(method, k, seed)
+                )
     return plan
 
 
@@ -169,6 +178,8 @@ class MergeSweep:
         self.folders: dict[tuple[str, int], str] = {}
         self.baselines: dict[tuple[str, int], Baseline] = {}
         self._mergers: dict[int, AdapterMerger] = {}
+        # RegMean's statistics: each adapter's Gram matrices on GRAM_IMAGES of its task's training images
+        self.grams = GramStore(self.folded, lambda task: split_tensors(task, "train", self.preprocess, GRAM_IMAGES)[0])
 
     # -- inputs -----------------------------------------------------------------------------------
     def _stored_path(self, kind: str, task: str, seed: int) -> str:
@@ -219,7 +230,7 @@ class MergeSweep:
         return "merge-" + config_hash(
             {
                 "method": method,
-                "hyperparams": merge_method.validate({}),  # the defaults (a reference has none)
+                "hyperparams": merge_method.identity_defaults(),  # the defaults (a reference has none)
                 "grid": merge_method.grid_points(),
                 "select_n": self.config.merge_select,
                 "adapters": [self.config.model_id("adapter", task, seed) for task in group],
@@ -231,7 +242,13 @@ class MergeSweep:
         """The merger of every task's adapter of `seed` (peft references load them once, on first use)."""
         if seed not in self._mergers:
             adapters = {task: self.adapters[(task, seed)] for task in self.config.tasks}
-            self._mergers[seed] = AdapterMerger(adapters, self.config.backbone_config)
+            self._mergers[seed] = AdapterMerger(
+                adapters,
+                self.config.backbone_config,
+                grams=self.grams,
+                folded=self.folded,
+                unlabeled_for=lambda task: self.eval_tensors(task)[0],  # AdaMerging: the test images, unlabeled
+            )
         return self._mergers[seed]
 
     def grid_merges(self, group, seed, method):
@@ -242,6 +259,10 @@ class MergeSweep:
         one at a time (bucket by bucket), so only the merges in use are held."""
         merge_method, merger = get_method(method), self.merger(seed)
         points = merge_method.grid_points()
+        if merge_method.kind == "test_time":  # AdaMerging starts from task arithmetic's λ chosen on validation
+            start = self.select(group, seed, "task_arithmetic").params["scaling"]
+            yield (0, *merger.merge(group, method, {**points[0], "init": start}))
+            return
         if merge_method.kind == "reference" or not merge_method.scaling_is_output_multiplier:
             for index, point in enumerate(points):
                 yield (index, *merger.merge(group, method, point))
@@ -352,9 +373,17 @@ class MergeSweep:
         return [item for item in items if self.merge_id(*item) not in done]
 
     def prepare(self, todo: list) -> None:
-        """Load the adapters and score the baselines that the plan items `todo` need (nothing if none)."""
+        """Load the adapters and score the baselines that the plan items `todo` need (nothing if none); load or
+        compute (once, cached) the Gram matrices of the adapters a data-aware method will merge."""
         if todo:
             self.load_inputs({seed for _, seed, _ in todo})
+            needed = {
+                (task, seed)
+                for group, seed, method in todo
+                if get_method(method).kind == "data_aware"
+                for task in group
+            }
+            self.grams.prepare([self.adapters[key] for key in sorted(needed)])
 
     def run(self) -> dict:
         plan = sweep_plan(self.config)

@@ -180,7 +180,7 @@ TINY_VIT_TASK_DOMAINS = tuple(
 # task arithmetic; dare_ties (TIES after a random drop), dare_linear, magnitude_prune, knots_ta and peft's
 # references stay available (--merge-methods) but are left out to keep the default run within its time
 # budget (a merge costs about 0.8 s per task it serves on 2 CPU cores, 4-point grid included).
-STUDY_MERGE_METHODS = ("task_arithmetic", "ties", "knots_ties", "tsv_m", "iso_c")
+STUDY_MERGE_METHODS = ("task_arithmetic", "ties", "knots_ties", "tsv_m", "iso_c", "iso_cts", "regmean", "adamerging")
 
 PROFILES = {
     "default": StudyConfig(merge_methods=STUDY_MERGE_METHODS),

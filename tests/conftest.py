@@ -90,6 +90,14 @@ def run_all(*args: str) -> int:
     return main([str(a) for a in args])
 
 
+def tiny_config(tiny_study):
+    """The StudyConfig of the tiny study, rebuilt from its command line."""
+    from mlvision.config import config_from_args
+    from study.run_all import build_parser
+
+    return config_from_args(build_parser().parse_args([str(a) for a in tiny_study["args"]]), tuple(TINY_METHODS))
+
+
 @pytest.fixture(scope="session")
 def tiny_study(tmp_path_factory) -> dict:
     """Paths of a finished tiny study: {'db': Path, 'artifacts': Path, 'args': [...]}."""

@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import TINY_METHODS, TINY_TASKS, query_db, run_all
+from conftest import TINY_METHODS, TINY_TASKS, query_db, run_all, tiny_config
 from peft import PeftModel
 
 from merging.deltas import load_deltas
@@ -17,7 +17,7 @@ from merging.methods import get_method
 from merging.peft_reference import PeftMerger
 from merging.sweep import MergeSweep, sample_groups, sweep_plan
 from mlvision.backbone import BackboneConfig, create_backbone
-from mlvision.config import PROFILES, StudyConfig, config_from_args
+from mlvision.config import PROFILES
 from mlvision.errors import AdapterError, MergeConfigError, MLVisionError, UnknownNameError
 from mlvision.evaluation import FoldedBackbone, task_accuracies, task_correct
 from mlvision.models import load_model, save_model
@@ -204,12 +204,6 @@ def test_adapter_update_norms_are_stored_once_per_adapter(tiny_study, adapter_fo
         assert norm == pytest.approx(math.sqrt(sum(float(d.double().pow(2).sum()) for d in deltas.values())), rel=1e-9)
 
 
-def tiny_config(tiny_study) -> StudyConfig:
-    from study.run_all import build_parser
-
-    return config_from_args(build_parser().parse_args([str(a) for a in tiny_study["args"]]), tuple(TINY_METHODS))
-
-
 def test_a_recomputed_merge_equals_the_stored_one_and_its_chosen_point_merged_directly(tiny_study):
     """compute() is deterministic, and the scaling shortcut (merge once, multiply) gives the very ΔW of a
     direct merge at the chosen point: same per-image outcomes on the test images."""
@@ -259,14 +253,18 @@ def test_the_plan_merges_every_seed_at_every_k_by_default_and_honours_an_int():
     config = replace(PROFILES["default"], tasks=SIX)
     assert config.merge_all_seeds_up_to_k is None and config.max_groups_per_k is None
     plan = sweep_plan(config)
-    methods = len(config.merge_methods)
-    assert len(plan) == (15 + 20 + 15 + 6 + 1) * 3 * methods  # 57 groups x 3 seeds x 5 methods = 855 merges
+    full = [m for m in config.merge_methods if get_method(m).study_subset is None]
+    assert set(full) | {"adamerging"} == set(config.merge_methods)
+    # 57 groups x 3 seeds x 7 methods, plus AdaMerging on its subset: every group at k = 2, 4, 6 with seed 0
+    assert len(plan) == (15 + 20 + 15 + 6 + 1) * 3 * len(full) + (15 + 15 + 1)
+    ada = [(group, seed) for group, seed, method in plan if method == "adamerging"]
+    assert {len(group) for group, _ in ada} == {2, 4, 6} and {seed for _, seed in ada} == {0}
     for k in range(2, 7):
         assert {seed for group, seed, _ in plan if len(group) == k} == {0, 1, 2}
     capped = sweep_plan(replace(config, merge_all_seeds_up_to_k=2))
     assert {seed for group, seed, _ in capped if len(group) == 2} == {0, 1, 2}
     assert {seed for group, seed, _ in capped if len(group) > 2} == {0}
-    assert len(capped) == (15 * 3 + 20 + 15 + 6 + 1) * methods
+    assert len(capped) == (15 * 3 + 20 + 15 + 6 + 1) * len(full) + (15 + 15 + 1)
 
 
 def test_max_groups_per_k_samples_a_fixed_reproducible_set_of_groups():
@@ -281,7 +279,9 @@ def test_max_groups_per_k_samples_a_fixed_reproducible_set_of_groups():
     # the same groups for every seed and method
     for group, seed, method in plan:
         assert group in groups[len(group)]
-    assert len(plan) == (28 + 5 * 5 + 1) * 3 * len(config.merge_methods)
+    full = [m for m in config.merge_methods if get_method(m).study_subset is None]
+    ada = [item for item in plan if item[2] == "adamerging"]  # k in {2, 4, 6}, seed 0: 28 + 5 + 5 groups
+    assert len(plan) == (28 + 5 * 5 + 1) * 3 * len(full) + len(ada) and len(ada) == 28 + 5 + 5
     # a pure function of (sorted tasks, k, N): same sample in any task order and on every call
     assert sample_groups(tasks[::-1], 4, 5) == sample_groups(tasks, 4, 5) == sorted(groups[4])
     assert len({tuple(sample_groups(tasks, 4, 5)) for _ in range(3)}) == 1
