@@ -23,9 +23,6 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from merging import methods as registry
 from merging.sweep import MergeSweep
 from mlvision.config import StudyConfig

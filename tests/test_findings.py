@@ -277,3 +277,27 @@ def test_findings_of_a_full_size_study_take_well_under_a_minute():
     assert compute_rows(inputs) == rows  # fixed seeds: the same figures again
     chosen = [r for r in rows if r["finding"] == "chosen_method"]
     assert [r["statistic"] for r in chosen] == [f"method00/k={k}" for k in range(2, 7)]  # best on validation
+
+
+def test_a_transductive_or_partial_method_is_never_chosen_and_data_aware_methods_are_compared_on_their_merges():
+    """AdaMerging (learned on the test images) and any method merged on a subset of the (group, seed) pairs
+    never become 'the method chosen on validation', however high their validation accuracy; the data-aware
+    comparison sets each of them against the best data-free method over the very same merges."""
+    # methods: index 0 is best on validation, so adamerging/regmean (index 0 and 1) would win if eligible
+    inputs = synthetic_inputs(methods=("adamerging", "regmean", "ties", "linear"), max_k=3)
+    merges = inputs.merges
+    partial = merges[(merges["method"] == "regmean") & (merges["tasks"] == "t0,t1") & (merges["seed"] == 1)]
+    inputs.merges = merges.drop(partial.index)  # regmean now misses one (group, seed) at k = 2
+    rows, _ = analyse(inputs)
+    chosen = {r["statistic"] for r in rows if r["finding"] == "chosen_method"}
+    assert chosen == {"ties/k=2", "regmean/k=3"}  # adamerging: transductive; regmean at k = 2: incomplete
+    compared = {r["statistic"]: r for r in rows if r["finding"] == "data_aware"}
+    assert {s.rsplit("/", 1)[0] for s in compared} == {"adamerging/k=3", "regmean/k=3"}
+    mean = compared["adamerging/k=3/mean"]
+    assert "vs ties" in mean["note"] and "transductive" in mean["note"] and mean["n"] == 20  # 20 groups of 3
+    assert compared["regmean/k=3/t0"]["value"] == pytest.approx(
+        100 * (merges[(merges["method"] == "regmean") & (merges["k"] == 3) & (merges["task"] == "t0")][
+            "merged_accuracy"].mean() - merges[(merges["method"] == "ties") & (merges["k"] == 3) & (
+            merges["task"] == "t0")]["merged_accuracy"].mean())
+    )  # fmt: skip
+    assert "## Data-aware methods against the best data-free method" in render_report(pd.DataFrame(rows))
