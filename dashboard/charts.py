@@ -14,9 +14,37 @@ from plotly.colors import hex_to_rgb, qualitative, unlabel_rgb
 PALETTE = qualitative.D3 + qualitative.Set2
 TEMPLATE = "simple_white"
 
+# One fixed colour per merge method, whatever the page or filter shows (a colour taken from a method's
+# position among the selected ones changed when the selection changed, and two methods got near-identical
+# pinks). Distinct, dark enough for a white background; peft's references are one grey family. The
+# dashboard may not import the merge registry (docs/ARCHITECTURE.md), so the names are listed here and
+# tests/test_dashboard.py checks that every registered method has its own colour.
+METHOD_COLORS = {
+    "linear": "#bcbd22",
+    "task_arithmetic": "#1f77b4",
+    "ties": "#ff7f0e",
+    "dare_linear": "#e7ba52",
+    "dare_ties": "#ad494a",
+    "magnitude_prune": "#637939",
+    "knots_ties": "#d62728",
+    "knots_ta": "#e377c2",
+    "tsv_m": "#9467bd",
+    "iso_c": "#17becf",
+    "iso_cts": "#393b79",
+    "regmean": "#2ca02c",
+    "adamerging": "#ff1493",
+    "peft_linear": "#7f7f7f",
+    "peft_cat": "#525252",
+    "peft_svd": "#a5a5a5",
+    "peft_ties": "#303030",
+}
+
 
 def color_for(name: str, names: list[str]) -> str:
-    """The colour of `name` among `names` (sorted), so a method has one colour everywhere."""
+    """The colour of `name`: a merge method's own fixed colour; any other name (a benchmark variant) by its
+    place among `names` (sorted) in the general palette."""
+    if name in METHOD_COLORS:
+        return METHOD_COLORS[name]
     ordered = sorted(set(names))
     return PALETTE[ordered.index(name) % len(PALETTE)] if name in ordered else PALETTE[0]
 

@@ -390,6 +390,39 @@ def test_gain_heatmap_puts_white_at_zero_whatever_the_range():
     assert (empty.zmin, empty.zmax) == (-1.0, 1.0)
 
 
+def test_every_method_has_its_own_colour_whatever_the_selection():
+    """A method keeps one colour on every chart and under every filter; no two methods share one; peft's
+    references are one grey family (defect 2 of issue 17: colours came from the position among the shown
+    methods, so filtering repainted them and tsv_m / magnitude_prune got near-identical pinks)."""
+    from plotly.colors import hex_to_rgb
+
+    from dashboard.charts import METHOD_COLORS, color_for, methods_figure
+    from merging.methods import list_methods
+
+    registered = list_methods()
+    assert set(registered) <= set(METHOD_COLORS)
+    colours = [METHOD_COLORS[m] for m in registered]
+    assert len(set(colours)) == len(colours)
+    for name in registered:
+        assert {color_for(name, registered), color_for(name, [name]), color_for(name, registered[::-1][:3])} == {
+            METHOD_COLORS[name]
+        }
+    # references: greys (r = g = b); our methods: coloured, and no two closer than a visible distance
+    for name in registered:
+        r, g, b = hex_to_rgb(METHOD_COLORS[name])
+        assert (r == g == b) == name.startswith("peft_"), name
+    ours = [hex_to_rgb(METHOD_COLORS[m]) for m in registered if not m.startswith("peft_")]
+    closest = min(sum((x - y) ** 2 for x, y in zip(a, b)) ** 0.5 for a, b in itertools.combinations(ours, 2))
+    assert closest > 60, closest
+    # a chart of two methods paints them as a chart of all of them does
+    table = pd.DataFrame({"method": ["ties", "regmean"], "k": [2, 2], "normalized_accuracy": [0.9, 0.95]})
+    figure = methods_figure(table, "normalized_accuracy", "retention")
+    assert {trace.name: trace.marker.color for trace in figure.data} == {
+        "ties": METHOD_COLORS["ties"],
+        "regmean": METHOD_COLORS["regmean"],
+    }
+
+
 def test_methods_table_and_chart_match_sql(full_db):
     at = render(full_db, "methods")
     assert_clean(at)
