@@ -38,6 +38,7 @@ from mlvision.runs import resolve_stored_path
 from mlvision.store import Store
 
 FALLBACK_METHOD = "ties"
+OWN_ADAPTER = "own adapter"  # what the answer names as its "method" when one task is chosen: no merge
 TOP_K = 3
 MERGE_CACHE_SIZE = 6  # merged models kept (each one is a backbone copy, ~14 MB)
 BATCH_MAX = 16  # images in one forward pass at most (a pass of 16 costs far less than 16 passes of 1)
@@ -354,6 +355,8 @@ class DemoService:
         """
         rgb, notes = load_image(image)
         group = self._group(tasks if tasks else self.tasks)
+        if len(group) == 1:  # nothing to merge: the task's own adapter, exactly as the sweep scores it
+            return self._predict_own_adapter(rgb, group[0], method, compare, notes)
         method, why = self.resolve_method(group, method)
         entry, built = self.merged_model(group, method)
         images = self.preprocess([rgb])
@@ -381,6 +384,33 @@ class DemoService:
             stored_accuracy=_jsonable(self.stored_accuracy(group, method)),
             notes=notes,
             compare=side,
+        )
+
+    def _predict_own_adapter(self, rgb, task: str, method: str | None, compare: bool, notes) -> Prediction:
+        """One task chosen: its own adapter and head, no merge (a "merge" of one adapter with TIES at density
+        0.2 would serve a trimmed copy of it). The stored accuracy is the adapter's and the head's on the
+        sweep's test images."""
+        if method not in (None, "", "auto", OWN_ADAPTER):
+            self.resolve_method((task,), method)  # an unknown name is still refused in one line
+        logits, elapsed = self._batcher.run(self.single_model(task), self.preprocess([rgb]))
+        top = self._top(task, logits[task])
+        stored = next(
+            ({"merged": single, "single": single, "head": head, "normalized": 1.0, "n": n}
+             for tasks_, _, seed, task_, _, single, head, _, n in self._results if task_ == task and seed == self.seed),
+            None,
+        )  # fmt: skip
+        ignored = f" ({method} not applied)" if method not in (None, "", "auto", OWN_ADAPTER) else ""
+        return Prediction(
+            tasks=[task],
+            method=OWN_ADAPTER,
+            method_source=f"one task chosen: its own adapter, no merge{ignored}",
+            hyperparams={},
+            predictions={task: top},
+            elapsed_ms=elapsed,
+            build_seconds=None,
+            stored_accuracy=_jsonable({task: stored} if stored else {}),
+            notes=notes,
+            compare={task: {"top": [[label, p] for label, p in top], "elapsed_ms": elapsed}} if compare else None,
         )
 
     def predict_json(self, image, tasks=None, method: str | None = None, compare: bool = False) -> dict:

@@ -94,6 +94,28 @@ def test_service_prediction_equals_evaluation_path(service, tiny_study):
     assert set(stored) == set(tasks) and all(0 <= row["merged"] <= 1 for row in stored.values())
 
 
+def test_one_task_is_answered_by_its_own_adapter_not_a_merge(service, tiny_study):
+    """Issue 17, defect 7: one task chosen used to be 'merged' alone with TIES (density 0.2: a trimmed copy)."""
+    task = service.tasks[0]
+    pil = load_task(task)["test"][2]["image"]
+    for method in (None, "auto", "ties"):
+        answer = service.predict(pil, [task], method)
+        assert answer.method == "own adapter" and answer.tasks == [task] and answer.hyperparams == {}
+        assert ("ties not applied" in answer.method_source) == (method == "ties")
+    preprocess = Preprocess.from_dict(service.adapters[task].meta["preprocess"])
+    with torch.inference_mode():
+        expected = torch.softmax(service.single_model(task)(preprocess([load_image(pil)[0]]))[task], -1)[0]
+    assert answer.predictions[task][0][0] == service.labels[task][int(expected.argmax())]
+    assert answer.predictions[task][0][1] == pytest.approx(float(expected.max()), abs=1e-5)
+    (single, head), *_ = Store(tiny_study["db"]).query(
+        "SELECT single_accuracy, head_accuracy FROM merge_results WHERE task = ? AND seed = ? LIMIT 1",
+        [task, service.seed],
+    )
+    assert answer.stored_accuracy[task]["single"] == single and answer.stored_accuracy[task]["head"] == head
+    with pytest.raises(BadImage, match="Unknown merge method"):
+        service.predict(pil, [task], "no_such_method")
+
+
 # -- bad inputs --------------------------------------------------------------------------------------
 def _png_header_only(width: int, height: int) -> bytes:
     """A PNG whose header claims width x height (a decompression bomb as far as the decoder knows)."""
