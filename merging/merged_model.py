@@ -138,6 +138,7 @@ class AdapterMerger:
             [a.head for a in adapters],
             [self.unlabeled_for(a.task) for a in adapters],
             **params,
+            progress=True,  # tens of seconds per merge on a CPU: show the steps (the bar vanishes when done)
         )
         merged = layerwise_merge([a.deltas for a in adapters], coefficients, layers)
         mean = [round(float(c), 4) for c in coefficients.mean(dim=1)]
