@@ -7,6 +7,7 @@ reader sees in one place what a line, a point or a cell of a chart means.
 from __future__ import annotations
 
 import math
+from datetime import datetime
 from typing import Callable
 
 import numpy as np
@@ -18,6 +19,11 @@ METRIC_LABELS = {
     "normalized_gain": "normalized gain over head baseline",
     "single_accuracy": "single adapter accuracy",
     "head_accuracy": "head baseline accuracy",
+}
+METRIC_UNITS = {
+    "merged_accuracy": "fraction of test images right",
+    "normalized_accuracy": "ratio (1 = single adapter)",
+    "normalized_gain": "ratio (0 = head baseline, 1 = single adapter)",
 }
 
 
@@ -203,3 +209,140 @@ def verdict_lines(findings: pd.DataFrame) -> list[str]:
         detail = note.split(": ", 1)[1] if ": " in note else note
         lines.append(f"- *{title}*: **{word}**" + (f" ({detail})" if detail else ""))
     return lines
+
+
+# -- the study's own figures (the `findings` view), per (method, k) --------------------------------------
+
+
+def split_figures(findings: pd.DataFrame, finding: str) -> pd.DataFrame:
+    """The rows of one finding whose statistic reads '<method>/k=<k>[/<rest>]', with method, k and rest split out."""
+    rows = findings[findings["finding"] == finding]
+    parts = rows["statistic"].str.extract(r"^(?P<method>[^/]+)/k=(?P<k>\d+)(?:/(?P<rest>.*))?$")
+    out = pd.concat([rows.reset_index(drop=True), parts.reset_index(drop=True)], axis=1).dropna(subset=["k"])
+    out["k"] = out["k"].astype(int)
+    return out.sort_values(["method", "k"], ignore_index=True)
+
+
+def chosen_methods(findings: pd.DataFrame) -> dict[int, str]:
+    """k -> the method the study chooses on validation at k ('chosen_method'; a k where none was chosen is left out)."""
+    chosen = split_figures(findings, "chosen_method")
+    return {int(k): m for k, m in zip(chosen["k"], chosen["method"]) if m != "none"}
+
+
+def percent(value, low, high) -> str:
+    if value is None or pd.isna(value):
+        return ""
+    ci = f" [{100 * low:.1f}, {100 * high:.1f}]" if pd.notna(low) and pd.notna(high) else " [no CI]"
+    return f"{100 * value:.1f} %{ci}"
+
+
+CHOSEN_MARK = "★"
+
+
+def ranking_table(findings: pd.DataFrame) -> pd.DataFrame:
+    """Method × k: retention (mean normalized accuracy, %) with its group CI from 'retention_vs_k'; the cell of
+    the method chosen on validation at that k ends with CHOSEN_MARK."""
+    retention = split_figures(findings, "retention_vs_k")
+    if retention.empty:
+        return pd.DataFrame(columns=["method"])
+    chosen = chosen_methods(findings)
+    cells = retention.assign(
+        cell=[
+            percent(r.value, r.ci_low, r.ci_high) + (f" {CHOSEN_MARK}" if chosen.get(r.k) == r.method else "")
+            for r in retention.itertuples()
+        ]
+    )
+    table = cells.pivot(index="method", columns="k", values="cell").fillna("")
+    table.columns = [f"k={k}" for k in table.columns]
+    return table.reset_index()
+
+
+def largest_k_keeping(findings: pd.DataFrame, threshold: float) -> dict | None:
+    """The largest k whose chosen method keeps at least `threshold` (a fraction) of every task's single-adapter
+    accuracy: the lowest per-task retention ('task_retention' of that method at k) is >= threshold.
+
+    Returns k, method, the worst task and its retention, the number of tasks, and the method's mean retention
+    with its CI at k (the evidence); None when no k qualifies."""
+    chosen = chosen_methods(findings)
+    per_task = split_figures(findings, "task_retention")
+    retention = split_figures(findings, "retention_vs_k").set_index(["method", "k"])
+    for k in sorted(chosen, reverse=True):
+        tasks = per_task[(per_task["method"] == chosen[k]) & (per_task["k"] == k)].dropna(subset=["value"])
+        if tasks.empty or tasks["value"].min() < threshold:
+            continue
+        worst = tasks.loc[tasks["value"].idxmin()]
+        mean = retention.loc[(chosen[k], k)] if (chosen[k], k) in retention.index else None
+        return {
+            "k": k,
+            "method": chosen[k],
+            "worst_task": worst["rest"],
+            "worst": float(worst["value"]),
+            "tasks": len(tasks),
+            "retention": None if mean is None else (mean["value"], mean["ci_low"], mean["ci_high"]),
+        }
+    return None
+
+
+def largest_k_beating_head(findings: pd.DataFrame) -> dict | None:
+    """The largest k whose chosen method beats the head baseline: the lower end of the CI of merged − head accuracy
+    ('merged_minus_head', points) is above 0. A k whose CI could not be computed does not count. None if no k."""
+    chosen = chosen_methods(findings)
+    diff = split_figures(findings, "merged_minus_head").set_index(["method", "k"])
+    for k in sorted(chosen, reverse=True):
+        if (chosen[k], k) not in diff.index:
+            continue
+        row = diff.loc[(chosen[k], k)]
+        if pd.notna(row["ci_low"]) and row["ci_low"] > 0:
+            return {
+                "k": k,
+                "method": chosen[k],
+                "value": row["value"],
+                "ci_low": row["ci_low"],
+                "ci_high": row["ci_high"],
+            }
+    return None
+
+
+def chosen_real_wins(findings: pd.DataFrame) -> pd.DataFrame:
+    """Per k: the chosen method's share of (merge, task) rows that are significant wins over the head ('real_wins'),
+    its Wilson CI and the number of rows."""
+    chosen = chosen_methods(findings)
+    wins = split_figures(findings, "real_wins")
+    wins = wins[[chosen.get(k) == m for m, k in zip(wins["method"], wins["k"])]].dropna(subset=["value"])
+    columns = ["k", "method", "value", "ci_low", "ci_high", "n", "note"]
+    return wins[columns].rename(columns={"value": "share", "n": "rows"}).sort_values("k", ignore_index=True)
+
+
+# -- runs ------------------------------------------------------------------------------------------------
+
+STALE_RUN_HOURS = 24
+INTERRUPTED = "interrupted (no finish recorded)"
+
+
+def run_states(runs: pd.DataFrame, now: datetime) -> pd.Series:
+    """The status to show for each stored run. A run records 'running' when it starts and 'finished' when it ends;
+    one that died in between keeps 'running' forever. Such a run (no finish time) is shown as INTERRUPTED when it
+    started more than STALE_RUN_HOURS before `now` (UTC, as the store records times), or when a run that started
+    after it has already finished."""
+    started = pd.to_datetime(runs["started_at"])
+    finished = pd.to_datetime(runs["finished_at"])
+    done_after = [bool(((started > s) & finished.notna()).any()) if pd.notna(s) else False for s in started]
+    old = (started < pd.Timestamp(now) - pd.Timedelta(hours=STALE_RUN_HOURS)).fillna(False)
+    interrupted = finished.isna() & (runs["status"] == "running") & (old | pd.Series(done_after, index=runs.index))
+    return runs["status"].where(~interrupted, INTERRUPTED)
+
+
+def default_methods(findings: pd.DataFrame | None, available: list[str], extra: tuple[str, ...] = ()) -> list[str]:
+    """The methods a method filter starts with: those the study chooses at some k (plus `extra`), among
+    `available`; every available method when the study chose none of them (no findings yet)."""
+    chosen = set(chosen_methods(findings).values()) if findings is not None and not findings.empty else set()
+    picked = [m for m in available if m in chosen]
+    return picked + [m for m in available if m in extra and m not in picked] if picked else list(available)
+
+
+def blank_gains(merges: pd.DataFrame, method: str) -> tuple[int, int, str]:
+    """(rows of `method` without a normalized gain, its rows, the store's reason from `gain_note`)."""
+    rows = merges[merges["method"] == method]
+    blank = rows["normalized_gain"].isna()
+    notes = rows.loc[blank, "gain_note"].dropna() if "gain_note" in rows else pd.Series(dtype=str)
+    return int(blank.sum()), len(rows), (notes.iloc[0] if len(notes) else "")

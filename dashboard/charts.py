@@ -71,8 +71,17 @@ def _layout(fig: go.Figure, title: str, x: str, y: str, height: int = 420) -> go
     return fig
 
 
-def merge_count_figure(curve: pd.DataFrame, y_title: str, references: dict[str, float] | None = None) -> go.Figure:
-    """One line per method (mean over groups and seeds) with a ±1 sd band; trace name = method."""
+def merge_count_figure(
+    curve: pd.DataFrame,
+    y_title: str,
+    references: dict[str, float] | None = None,
+    chosen: dict[int, str] | None = None,
+) -> go.Figure:
+    """One line per method (mean over groups and seeds) with a ±1 sd band; trace name = method.
+
+    `chosen` (k -> method): a star on the method the study chooses at k, where that method is drawn.
+    `references` (label -> y): dotted horizontal lines named in the legend (legend group "reference"), so
+    their labels never overlap each other or the data."""
     fig = go.Figure()
     methods = sorted(curve["method"].unique()) if not curve.empty else []
     for method in methods:
@@ -106,10 +115,35 @@ def merge_count_figure(curve: pd.DataFrame, y_title: str, references: dict[str, 
                 "<br>sd=%{customdata[0]:.3f}<br>n=%{customdata[1]}<extra></extra>",
             )
         )
-    for label, value in (references or {}).items():
+    stars = [(k, m) for k, m in sorted((chosen or {}).items()) if ((curve["method"] == m) & (curve["k"] == k)).any()]
+    if stars:
+        means = curve.set_index(["method", "k"])["mean"]
+        fig.add_trace(
+            go.Scatter(
+                x=[k for k, _ in stars],
+                y=[means[(m, k)] for k, m in stars],
+                mode="markers",
+                name="chosen on validation",
+                text=[m for _, m in stars],
+                marker=dict(symbol="star", size=16, color=[color_for(m, methods) for _, m in stars],
+                            line=dict(width=1, color="#222")),
+                hovertemplate="k=%{x}: <b>%{text}</b> chosen on validation<extra></extra>",
+            )
+        )  # fmt: skip
+    ks = sorted(curve["k"].unique()) if not curve.empty else [0]
+    dashes = ["dot", "dash", "dashdot", "longdash"]
+    for index, (label, value) in enumerate((references or {}).items()):
         if value is not None and np.isfinite(value):
-            fig.add_hline(
-                y=value, line_dash="dot", line_color="#777", annotation_text=label, annotation_position="bottom left"
+            fig.add_trace(
+                go.Scatter(
+                    x=[ks[0], ks[-1]],
+                    y=[value, value],
+                    mode="lines",
+                    name=label,
+                    legendgroup="reference",
+                    line=dict(color="#555", width=1.5, dash=dashes[index % len(dashes)]),
+                    hovertemplate=f"{label}: {value:.3f}<extra></extra>",
+                )
             )
     fig.update_xaxes(dtick=1)
     return _layout(fig, f"{y_title} against k", "k (adapters merged)", y_title)
@@ -223,7 +257,42 @@ def methods_figure(table: pd.DataFrame, metric: str, y_title: str) -> go.Figure:
             )
         )
     fig.update_layout(barmode="group")
+    # the axis spans the data (bars ± sd, with a margin), not 0 to 1: the differences between methods are what
+    # a reader compares, and they are a few points wide
+    spread = table[sd_column].fillna(0) if sd_column in table else 0
+    low, high = (table[metric] - spread).min(), (table[metric] + spread).max()
+    if np.isfinite(low) and np.isfinite(high):
+        margin = max(0.1 * (high - low), 0.005)
+        fig.update_yaxes(range=[low - margin, high + margin])
     return _layout(fig, f"{y_title} by method and k", "k (adapters merged)", y_title)
+
+
+def share_figure(table: pd.DataFrame, title: str, y_title: str) -> go.Figure:
+    """Per k: a share (0-1) with its CI as error bars (`share`, `ci_low`, `ci_high`); colour = `method`."""
+    fig = go.Figure()
+    methods = list(dict.fromkeys(table["method"]))
+    for method in methods:
+        part = table[table["method"] == method].sort_values("k")
+        fig.add_trace(
+            go.Scatter(
+                x=part["k"],
+                y=part["share"],
+                mode="markers",
+                name=method,
+                marker=dict(size=11, color=color_for(method, methods)),
+                error_y=dict(
+                    type="data",
+                    array=(part["ci_high"] - part["share"]).tolist(),
+                    arrayminus=(part["share"] - part["ci_low"]).tolist(),
+                    visible=True,
+                ),
+                customdata=part["rows"],
+                hovertemplate=f"<b>{method}</b><br>k=%{{x}}<br>share=%{{y:.1%}}<br>rows=%{{customdata}}<extra></extra>",
+            )
+        )
+    fig.update_xaxes(dtick=1)
+    fig.update_yaxes(range=[0, 1], tickformat=".0%")
+    return _layout(fig, title, "k (adapters merged)", y_title)
 
 
 def benchmark_figure(bench: pd.DataFrame, y: str, y_title: str, x_title: str = "k (tasks served)") -> go.Figure:

@@ -34,7 +34,7 @@ class Filters:
         return value
 
     def multi(self, label: str, param: str, options: list, default: list | None = None, help=None) -> list:
-        """A multiselect; all options selected is the default and is left out of the URL."""
+        """A multiselect; `default` (all options when None) is what it starts with and is left out of the URL."""
         key, by_text = self._key(param), {str(o): o for o in options}
         if key not in st.session_state:
             from_url = [by_text[v] for v in st.query_params.get_all(param) if v in by_text]
@@ -42,8 +42,19 @@ class Filters:
         else:
             st.session_state[key] = [v for v in st.session_state[key] if v in options]
         value = st.sidebar.multiselect(label, options, key=key, help=help)
-        if set(value) != set(options):
+        if set(value) != set(default if default is not None else options):
             self.params[param] = [str(v) for v in value]
+        return value
+
+    def slider(self, label: str, param: str, low: int, high: int, default: int, help=None) -> int:
+        """An integer slider; its default is left out of the URL."""
+        key = self._key(param)
+        if key not in st.session_state:
+            from_url = st.query_params.get(param, "")
+            st.session_state[key] = int(from_url) if from_url.isdigit() and low <= int(from_url) <= high else default
+        value = st.sidebar.slider(label, low, high, key=key, help=help)
+        if value != default:
+            self.params[param] = str(value)
         return value
 
     def text(self, label: str, param: str, help=None) -> str:

@@ -15,6 +15,7 @@ import streamlit as st
 from benchmarks.sections import SECTIONS, Chart
 from dashboard import analysis, charts, queries
 from dashboard.filters import Filters
+from mlvision.store import now
 
 RUN_HINT = "`python training/run_all.py`"
 
@@ -33,8 +34,17 @@ def _missing(what: str, view: str, df: pd.DataFrame | None, how: str = RUN_HINT)
     return False
 
 
-def _chart(fig) -> None:
+def _chart(fig, data: pd.DataFrame | None = None, name: str = "") -> None:
+    """A plotly chart (its toolbar keeps the PNG download) and, given its data, a CSV download of them."""
     st.plotly_chart(fig, width="stretch", config={"displaylogo": False})
+    if data is not None and name:
+        st.download_button(
+            f"Download the data of this chart (CSV): {name}.csv",
+            data.to_csv(index=False),
+            f"{name}.csv",
+            "text/csv",
+            key=f"csv.{name}",
+        )
 
 
 def _table(df: pd.DataFrame, **kwargs) -> None:
@@ -79,7 +89,7 @@ def overview(db: str, filters: Filters) -> None:
     st.subheader("Last run")
     runs = queries.runs(db)
     if runs is not None and not runs.empty:
-        last = runs.iloc[0]
+        last = runs.assign(status=analysis.run_states(runs, now())).iloc[0]
         st.markdown(
             f"`{last['run_id']}`: **{_text(last['status'])}**, started {_text(last['started_at'])}, "
             f"finished {_text(last['finished_at'])}  \ncommand: `{_text(last['command'])}`"
@@ -136,7 +146,21 @@ def merge_count(db: str, filters: Filters) -> None:
     merges = queries.merge_results(db)
     if _missing("merge results", "merge_results", merges):
         return
-    methods = filters.multi("Methods", "method", sorted(merges["method"].unique()))
+    found = queries.findings(db)
+    found = found if found is not None else pd.DataFrame(columns=["finding", "statistic"])
+    chosen = analysis.chosen_methods(found)
+    available = sorted(merges["method"].unique())
+    methods = filters.multi(
+        "Methods",
+        "method",
+        available,
+        default=analysis.default_methods(found, available, extra=("task_arithmetic",)),
+        help="Starts with the methods the study chooses on validation at some k, and task arithmetic",
+    )
+    threshold = filters.slider(
+        "Retention threshold X (%)", "x", 50, 100, 90, help="Share of each task's single-adapter accuracy to keep"
+    )
+    _answers(found, threshold)
     tasks = filters.multi(
         "Tasks evaluated",
         "task",
@@ -149,7 +173,9 @@ def merge_count(db: str, filters: Filters) -> None:
         return
     st.caption(
         "Line: mean over merged models (every group of k tasks and seed; a model's value is the mean over "
-        "the tasks it serves). Band: ±1 standard deviation over those models; hover shows n."
+        "the tasks it serves). Band: ±1 standard deviation over those models; hover shows n. Star: the method "
+        "the study chooses on validation at that k (where it is shown). Dotted and dashed lines: references, "
+        "named in the legend."
     )
     left, right = st.columns(2)
     with left:
@@ -158,13 +184,82 @@ def merge_count(db: str, filters: Filters) -> None:
             "single adapter (mean)": rows["single_accuracy"].mean(),
             "head baseline (mean)": rows["head_accuracy"].mean(),
         }
-        _chart(charts.merge_count_figure(curve, "accuracy", refs))
+        _chart(charts.merge_count_figure(curve, "accuracy", refs, chosen), curve, "merge_count_accuracy")
     with right:
         curve_norm = analysis.merge_count_curve(rows, "normalized_accuracy")
-        _chart(charts.merge_count_figure(curve_norm, "normalized accuracy", {"single adapter": 1.0}))
+        refs = {"single adapter (= 1)": 1.0, f"threshold X = {threshold} %": threshold / 100}
+        _chart(
+            charts.merge_count_figure(curve_norm, "normalized accuracy", refs, chosen),
+            curve_norm,
+            "merge_count_normalized",
+        )
     with st.expander("Data behind the charts"):
         both = curve.merge(curve_norm, on=["method", "k"], suffixes=("_accuracy", "_normalized"))
         _table(both)
+    _ranking(found)
+
+
+def _answers(found: pd.DataFrame, threshold: int) -> None:
+    """The direct answers: the largest k that keeps X % of every task, and the largest k that beats the head."""
+    if analysis.split_figures(found, "chosen_method").empty:
+        st.info("No method chosen on validation is stored yet (the findings stage has not run on this database).")
+        return
+    kept = analysis.largest_k_keeping(found, threshold / 100)
+    if kept is None:
+        st.markdown(
+            f"**No k** at which the method chosen on validation keeps at least {threshold} % of every task's "
+            "single-adapter accuracy: at every k some task keeps less (`task_retention`)."
+        )
+    else:
+        mean = kept["retention"]
+        evidence = f"; mean retention {analysis.percent(*mean)}" if mean is not None else ""
+        st.markdown(
+            f"The largest k at which **{kept['method']}** (chosen on validation at that k) keeps at least "
+            f"{threshold} % of every task's single-adapter accuracy is **k = {kept['k']}**: its worst of "
+            f"{kept['tasks']} tasks, {kept['worst_task']}, keeps {100 * kept['worst']:.1f} % (`task_retention`"
+            f"{evidence}, `retention_vs_k`)."
+        )
+    beats = analysis.largest_k_beating_head(found)
+    if beats is None:
+        st.markdown(
+            "**No k** at which the method chosen on validation beats the head baseline: at every k the CI of "
+            "merged − head accuracy reaches 0 or below, or could not be computed (`merged_minus_head`)."
+        )
+    else:
+        st.markdown(
+            f"The largest k at which **{beats['method']}** (chosen on validation at that k) beats the head "
+            f"baseline is **k = {beats['k']}**: merged − head = {beats['value']:+.2f} points, CI "
+            f"[{beats['ci_low']:+.2f}, {beats['ci_high']:+.2f}] above 0 (`merged_minus_head`)."
+        )
+
+
+def _ranking(found: pd.DataFrame) -> None:
+    """The ranking table (method × k retention with CI, the chosen method marked) and the real-win share by k."""
+    table = analysis.ranking_table(found)
+    if len(table) == 0:
+        return
+    st.subheader("Retention by method and k (the study's figures)")
+    st.caption(
+        f"Mean normalized accuracy (merged / single adapter) over merged groups, with its CI over groups, from "
+        f"the findings stage (`retention_vs_k`). {analysis.CHOSEN_MARK} and bold: the method the study chooses on "
+        "validation at that k (`chosen_method`), never on test. Empty: the method did not run at that k."
+    )
+    marked = table.style.map(lambda v: "font-weight: bold" if str(v).endswith(analysis.CHOSEN_MARK) else "")
+    _table(marked)
+    st.download_button("Download the ranking (CSV)", table.to_csv(index=False), "ranking.csv", "text/csv")
+    wins = analysis.chosen_real_wins(found)
+    if wins.empty:
+        return
+    st.subheader("Share of merges beating the head, by k")
+    st.caption(
+        "Share of (merge, task) rows of the method chosen at k where the merged model is right significantly more "
+        "often than the head baseline on the same images (McNemar exact test), with its Wilson 95 % CI (`real_wins`)."
+    )
+    _chart(
+        charts.share_figure(wins, "Merges beating the head baseline (chosen method)", "share of (merge, task) rows"),
+        wins,
+        "real_wins_by_k",
+    )
 
 
 # --------------------------------------------------------------------------- 3 Dissimilarity
@@ -182,7 +277,9 @@ def dissimilarity(db: str, filters: Filters) -> None:
     if not pair_methods:
         st.info("No merges of two adapters (k = 2) are stored, so no pair has a retention to compare.")
         return
-    method = filters.select("Merge method (pairs, k = 2)", "method", pair_methods)
+    found = queries.findings(db)
+    chosen = analysis.chosen_methods(found) if found is not None else {}
+    method = filters.select("Merge method (pairs, k = 2)", "method", pair_methods, default=chosen.get(2))
     measures = filters.multi("Similarity measures", "measure", sorted(similarity["measure"].unique()))
     retention = analysis.pair_retention(merges, method)
     names = sorted(set(similarity["task_a"]) | set(similarity["task_b"]) | set(merges["task"]))
@@ -209,7 +306,7 @@ def dissimilarity(db: str, filters: Filters) -> None:
             stats = analysis.spearman(part["value"], part["retention"])
             stats_rows.append({"measure": measure, **stats})
             with column:
-                _chart(charts.similarity_figure(part, measure, stats))
+                _chart(charts.similarity_figure(part, measure, stats), part, f"similarity_{measure}")
     st.subheader("Correlation with retention")
     _table(pd.DataFrame(stats_rows))
     st.subheader("Pairs related by construction against unrelated pairs")
@@ -222,7 +319,9 @@ def dissimilarity(db: str, filters: Filters) -> None:
     _chart(
         charts.grouped_bar_figure(
             comparison.assign(model="retention"), "Retention by pair type", "retention (normalized accuracy)", x="pairs"
-        )
+        ),
+        comparison,
+        "retention_by_pair_type",
     )
 
 
@@ -243,9 +342,11 @@ def merges_vs_heads(db: str, filters: Filters) -> None:
                 )
             )
         return
-    method = filters.select("Merge method", "method", sorted(merges["method"].unique()))
+    found = queries.findings(db)
+    chosen = analysis.chosen_methods(found) if found is not None else {}
+    method = filters.select("Merge method", "method", sorted(merges["method"].unique()), default=chosen.get(2))
     ks = sorted(int(k) for k in merges.loc[merges["method"] == method, "k"].unique())
-    k = filters.select("Adapters merged (k)", "k", ks, default=max(ks))
+    k = filters.select("Adapters merged (k)", "k", ks, default=2)
     table = analysis.task_comparison(merges, method, k)
     st.caption(
         "Each task's accuracy with its own adapter, with its head on the frozen backbone, and inside the merged "
@@ -254,14 +355,28 @@ def merges_vs_heads(db: str, filters: Filters) -> None:
     _chart(
         charts.grouped_bar_figure(
             table, f"Per task: single adapter, head baseline, merged ({method}, k={k})", "test accuracy"
-        )
+        ),
+        table,
+        "per_task_accuracy",
     )
     matrix = analysis.gain_matrix(merges, method)
+    blank, total, note = analysis.blank_gains(merges, method)
+    why = (
+        f" Blank cells: the gain is undefined for {blank} of {total} rows of {method}, where the task's single "
+        f'adapter and its head baseline differ by less than 2 points (`gain_note`: "{note or "no note stored"}"); '
+        "a cell is blank when every seed's row is."
+        if blank
+        else ""
+    )
     st.caption(
         "Normalized gain over the head baseline: 1 = as good as the task's own adapter, 0 = as good as the "
-        "frozen backbone with a head, below 0 = worse than the head (mean over seeds)."
+        "frozen backbone with a head, below 0 = worse than the head (mean over seeds)." + why
     )
-    _chart(charts.gain_heatmap(matrix, f"Normalized gain over head baseline ({method})"))
+    _chart(
+        charts.gain_heatmap(matrix, f"Normalized gain over head baseline ({method})"),
+        matrix.rename_axis("group").reset_index(),
+        "normalized_gain",
+    )
 
 
 # --------------------------------------------------------------------------------- 5 Methods
@@ -275,7 +390,9 @@ def methods(db: str, filters: Filters) -> None:
     labels = {m: analysis.METRIC_LABELS[m] for m in ("normalized_accuracy", "merged_accuracy", "normalized_gain")}
     metric = filters.select("Figure", "metric", list(labels), format_func=labels.get)
     table = analysis.methods_table(merges)
-    _chart(charts.methods_figure(table, metric, labels[metric]))
+    axis = f"{labels[metric]}, {analysis.METRIC_UNITS[metric]}"
+    _chart(charts.methods_figure(table, metric, axis), table, "methods")
+    st.caption("The axis spans the data (not 0 to 1), so differences of a few points show.")
     st.caption(
         "Means over merged models (groups × seeds); sd in the *_sd columns; hyperparameters as stored with "
         "every result."
@@ -302,7 +419,16 @@ def runs(db: str, filters: Filters) -> None:
     if runs_df is None or runs_df.empty:
         st.info("This database stores no run records (no `runs` table, or it is empty).")
     else:
-        shown = runs_df.assign(config=runs_df["config"].astype(str), machine=runs_df["machine"].astype(str))
+        shown = runs_df.assign(
+            status=analysis.run_states(runs_df, now()),
+            config=runs_df["config"].astype(str),
+            machine=runs_df["machine"].astype(str),
+        )
+        st.caption(
+            "A run records 'running' when it starts and 'finished' when it ends; a run whose process died keeps "
+            f"'running'. A run with no finish time is shown as '{analysis.INTERRUPTED}' when it started more "
+            f"than {analysis.STALE_RUN_HOURS} h ago, or when a run started after it has already finished."
+        )
         if search:
             text = shown[["run_id", "command", "config"]].astype(str).agg(" ".join, axis=1)
             shown = shown[text.str.contains(search, case=False, regex=False)]
@@ -372,7 +498,7 @@ def performance(db: str, filters: Filters) -> None:
             columns = st.columns(len(chart_row)) if len(chart_row) > 1 else [st.container()]
             for column, chart in zip(columns, chart_row):
                 with column:
-                    _chart(_bench_chart(part, chart))
+                    _chart(_bench_chart(part, chart), part, f"{section.name}_{chart.y}")
     _table(rows.assign(machine=rows["machine"].astype(str)))
 
 

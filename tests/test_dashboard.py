@@ -74,7 +74,9 @@ def lines(figure: dict) -> dict[str, tuple[list, list]]:
     return {
         t["name"]: (list(t["x"]), list(t["y"]))
         for t in figure["data"]
-        if t.get("type", "scatter") == "scatter" and "lines" in t.get("mode", "")
+        if t.get("type", "scatter") == "scatter"
+        and "lines" in t.get("mode", "")
+        and t.get("legendgroup") != "reference"
     }
 
 
@@ -177,6 +179,7 @@ def build_full_db(path: Path) -> Path:
         dict(finding="claims", statistic="claim1", value=1, n=6, note="supported: retention 93 % at k = 2"),
         dict(finding="claims", statistic="claim2", value=0, n=6, note="inconclusive: ρ = 0.1 [-0.5, 0.6]"),
     ]
+    findings += study_figures(sorted(tasks))
     bench = [
         dict(
             name="inference",
@@ -266,6 +269,49 @@ def build_full_db(path: Path) -> Path:
     return path
 
 
+# The findings stage's per-(method, k) figures, made up so that the answers differ from what a page would get by
+# reading the wrong rows: ties is chosen at every k, linear (never chosen) keeps more of every task at k = 4 and
+# beats the head there; with X = 90 % ties keeps every task up to k = 3, and its merged − head CI is above 0 up to
+# k = 3.
+CHOSEN = {2: "ties", 3: "ties", 4: "ties"}
+TASK_RETENTION = {
+    ("ties", 2): [0.97, 0.95, 0.96, 0.93],
+    ("ties", 3): [0.93, 0.91, 0.92, 0.95],
+    ("ties", 4): [0.88, 0.85, 0.90, 0.92],
+    ("linear", 2): [0.90, 0.91, 0.92, 0.93],
+    ("linear", 3): [0.95, 0.95, 0.95, 0.95],
+    ("linear", 4): [0.99, 0.99, 0.99, 0.99],
+}
+MERGED_MINUS_HEAD = {
+    ("ties", 2): (5.0, 3.0, 7.0),
+    ("ties", 3): (2.0, 0.5, 3.5),
+    ("ties", 4): (1.0, -0.5, 2.5),
+    ("linear", 2): (1.0, -1.0, 3.0),
+    ("linear", 3): (0.5, -1.0, 2.0),
+    ("linear", 4): (3.0, 1.0, 5.0),
+}
+REAL_WINS = {("ties", 2): (24, 40), ("ties", 3): (21, 60), ("ties", 4): (4, 40), ("linear", 2): (2, 40)}
+
+
+def study_figures(tasks: list[str]) -> list[dict]:
+    rows = []
+    for k, method in CHOSEN.items():
+        rows.append(dict(finding="chosen_method", statistic=f"{method}/k={k}", value=0.8, n=10, note="validation"))
+    for (method, k), per_task in TASK_RETENTION.items():
+        stat, mean = f"{method}/k={k}", float(np.mean(per_task))
+        rows.append(dict(finding="retention_vs_k", statistic=stat, value=mean, ci_low=mean - 0.02, ci_high=mean + 0.02,
+                         n=6, note="unit: merged groups"))  # fmt: skip
+        for task, value in zip(tasks, per_task):
+            rows.append(dict(finding="task_retention", statistic=f"{stat}/{task}", value=value, n=3))
+        value, low, high = MERGED_MINUS_HEAD[(method, k)]
+        rows.append(dict(finding="merged_minus_head", statistic=stat, value=value, ci_low=low, ci_high=high, n=6))
+    for (method, k), (wins, n) in REAL_WINS.items():
+        share = wins / n
+        rows.append(dict(finding="real_wins", statistic=f"{method}/k={k}", value=share, ci_low=share / 2,
+                         ci_high=(1 + share) / 2, n=n, note=f"{wins} of {n} rows"))  # fmt: skip
+    return rows
+
+
 @pytest.fixture(scope="module")
 def full_db(tmp_path_factory) -> Path:
     return build_full_db(tmp_path_factory.mktemp("full_db") / "results.duckdb")
@@ -280,7 +326,25 @@ MERGE_COUNT_SQL = """
     FROM unit GROUP BY ALL ORDER BY method, k"""
 
 
-def check_merge_count(at: AppTest, db, where: str = "true") -> None:
+DEFAULT_METHODS_SQL = """
+    WITH chosen AS (SELECT DISTINCT split_part(statistic, '/', 1) AS method FROM findings
+                    WHERE finding = 'chosen_method' AND statistic NOT LIKE 'none/%')
+    SELECT DISTINCT method FROM merge_results
+    WHERE method IN (SELECT method FROM chosen)
+       OR (method = 'task_arithmetic' AND EXISTS (SELECT 1 FROM chosen m JOIN merge_results r USING (method)))
+       OR NOT EXISTS (SELECT 1 FROM chosen m JOIN merge_results r USING (method))"""
+
+
+def default_methods(db) -> str:
+    """The merge count page's default method filter as SQL: the chosen methods and task arithmetic, else all."""
+    if "findings" not in set(sql(db, "SELECT table_name FROM information_schema.tables")["table_name"]):
+        return "true"
+    names = sql(db, DEFAULT_METHODS_SQL)["method"].tolist()
+    return "method IN (" + ", ".join(f"'{m}'" for m in names) + ")"
+
+
+def check_merge_count(at: AppTest, db, where: str | None = None) -> None:
+    where = where or default_methods(db)
     accuracy, normalized = figures(at)[:2]
     for figure, metric in ((accuracy, "merged_accuracy"), (normalized, "normalized_accuracy")):
         expected = sql(db, MERGE_COUNT_SQL.format(metric=metric, where=where))
@@ -296,6 +360,104 @@ def test_merge_count_lines_match_sql(full_db):
     at = render(full_db, "merge_count")
     assert_clean(at)
     check_merge_count(at, full_db)
+    assert set(lines(figures(at)[0])) == {"ties"}  # by default: the methods the study chooses (item 2 of issue 17)
+    at.sidebar.multiselect[0].set_value(["linear", "ties"]).run()  # the filter adds the others
+    check_merge_count(at, full_db, "true")
+
+
+def test_merge_count_marks_chosen_method_and_draws_threshold_and_references_in_legend(full_db):
+    at = render(full_db, "merge_count", {"method": ["linear", "ties"], "x": "85"})
+    assert_clean(at)
+    for figure in figures(at)[:2]:
+        stars = [t for t in figure["data"] if t.get("name") == "chosen on validation"]
+        assert len(stars) == 1 and stars[0]["marker"]["symbol"] == "star"
+        assert dict(zip(stars[0]["x"], stars[0]["text"])) == CHOSEN
+        drawn = lines(figure)["ties"]
+        assert stars[0]["y"] == pytest.approx([drawn[1][drawn[0].index(k)] for k in stars[0]["x"]])
+        references = [t for t in figure["data"] if t.get("legendgroup") == "reference"]
+        assert references and all(t.get("showlegend", True) for t in references)  # labels in the legend
+        assert not figure["layout"].get("annotations")  # no labels drawn over each other on the plot
+    references = {t["name"]: t["y"] for t in figures(at)[1]["data"] if t.get("legendgroup") == "reference"}
+    assert references["threshold X = 85 %"] == [0.85, 0.85]
+    assert at.query_params["x"] in ("85", ["85"])
+
+
+def test_ranking_table_matches_findings(full_db):
+    at = render(full_db, "merge_count")
+    assert_clean(at)
+    ranking = at.dataframe[-1].value
+    expected = sql(
+        full_db,
+        """SELECT split_part(statistic, '/', 1) method, CAST(split_part(statistic, '=', 2) AS INT) k, value, ci_low,
+                  ci_high FROM findings WHERE finding = 'retention_vs_k' AND statistic LIKE '%/k=%'""",
+    )
+    chosen = sql(full_db, "SELECT statistic FROM findings WHERE finding = 'chosen_method'")["statistic"].tolist()
+    assert sorted(ranking["method"]) == sorted(expected["method"].unique())
+    for row in expected.itertuples():
+        cell = ranking.loc[ranking["method"] == row.method, f"k={row.k}"].iloc[0]
+        assert cell.startswith(f"{100 * row.value:.1f} % [{100 * row.ci_low:.1f}, {100 * row.ci_high:.1f}]")
+        assert cell.endswith("★") == (f"{row.method}/k={row.k}" in chosen)
+
+
+def answer_sql(db, threshold: float) -> tuple[int | None, int | None]:
+    """The largest k whose chosen method keeps >= threshold on every task, and beats the head (CI low > 0)."""
+    kept = sql(
+        db,
+        f"""WITH c AS (SELECT statistic FROM findings WHERE finding = 'chosen_method'),
+                 t AS (SELECT regexp_extract(statistic, '^(.*)/[^/]*$', 1) cell, min(value) worst FROM findings
+                       WHERE finding = 'task_retention' GROUP BY cell)
+            SELECT max(CAST(split_part(cell, '=', 2) AS INT)) FROM t JOIN c ON t.cell = c.statistic
+            WHERE worst >= {threshold}""",
+    ).iloc[0, 0]
+    beats = sql(
+        db,
+        """SELECT max(CAST(split_part(statistic, '=', 2) AS INT)) FROM findings
+           WHERE finding = 'merged_minus_head' AND ci_low > 0
+             AND statistic IN (SELECT statistic FROM findings WHERE finding = 'chosen_method')""",
+    ).iloc[0, 0]
+    return (None if pd.isna(kept) else int(kept)), (None if pd.isna(beats) else int(beats))
+
+
+@pytest.mark.parametrize("threshold", ["90", "80", "99"])
+def test_direct_answers_match_sql(full_db, threshold):
+    at = render(full_db, "merge_count", {"x": threshold})
+    assert_clean(at)
+    kept, beats = answer_sql(full_db, int(threshold) / 100)
+    assert (kept, beats) == ({"90": 3, "80": 4, "99": None}[threshold], 3)  # the fixture's design, as SQL says
+    text = " ".join(m.value for m in at.markdown)
+    if kept is None:
+        assert f"**No k** at which the method chosen on validation keeps at least {threshold} %" in text
+    else:
+        worst = min(TASK_RETENTION[("ties", kept)])
+        assert (
+            f"The largest k at which **ties** (chosen on validation at that k) keeps at least {threshold} % of every "
+            f"task's single-adapter accuracy is **k = {kept}**" in text
+        )
+        assert f"keeps {100 * worst:.1f} %" in text
+    value, low, high = MERGED_MINUS_HEAD[("ties", beats)]
+    assert (
+        f"beats the head baseline is **k = {beats}**: merged − head = {value:+.2f} points, CI [{low:+.2f}, {high:+.2f}]"
+        in text
+    )
+
+
+def test_real_wins_chart_matches_sql(full_db):
+    at = render(full_db, "merge_count")
+    assert_clean(at)
+    figure = next(f for f in figures(at) if f["layout"]["title"]["text"].startswith("Merges beating the head"))
+    expected = sql(
+        full_db,
+        """SELECT CAST(split_part(statistic, '=', 2) AS INT) k, split_part(statistic, '/', 1) method, value, ci_low,
+                  ci_high FROM findings WHERE finding = 'real_wins'
+             AND statistic IN (SELECT statistic FROM findings WHERE finding = 'chosen_method') ORDER BY k""",
+    )
+    (trace,) = figure["data"]
+    assert trace["name"] == "ties" and trace["x"] == expected["k"].tolist()
+    np.testing.assert_allclose(trace["y"], expected["value"])
+    np.testing.assert_allclose(np.add(trace["y"], trace["error_y"]["array"]), expected["ci_high"])
+    np.testing.assert_allclose(np.subtract(trace["y"], trace["error_y"]["arrayminus"]), expected["ci_low"])
+    names = [b.proto.label for b in at.get("download_button")]
+    assert any("real_wins_by_k.csv" in n for n in names) and any("merge_count_accuracy.csv" in n for n in names)
 
 
 def test_merge_count_filters_come_from_and_go_to_the_url(full_db):
@@ -532,7 +694,7 @@ def test_overview_counts_match_sql(full_db):
     merges = sql(full_db, "SELECT count(DISTINCT merge_id) FROM merge_results").iloc[0, 0]
     assert metrics["Merged models"] == f"{merges:,}"
     findings = at.dataframe[0].value
-    assert len(findings) == 4
+    assert len(findings) == sql(full_db, "SELECT count(*) FROM findings").iloc[0, 0]
     # the verdicts are spelled out, each with the stage's own statistics; a claim not stored says so
     text = " ".join(m.value for m in at.markdown)
     assert "*Merging up to three adapters works*: **supported** (retention 93 % at k = 2)" in text
@@ -764,3 +926,89 @@ def test_broken_view_says_so(tmp_path):
     at = render(db, "overview")
     assert not at.exception
     assert "cannot be read" in at.error[0].value
+
+
+# ------------------------------------------------------------- defaults and run states (issue 17)
+
+
+def test_pages_open_on_the_study_choice(full_db):
+    """Merges vs heads opens at k = 2 with the method chosen at k = 2; the dissimilarity page with that method too."""
+    chosen = sql(full_db, "SELECT statistic FROM findings WHERE finding = 'chosen_method' AND statistic LIKE '%/k=2'")
+    method = chosen.iloc[0, 0].split("/")[0]
+    at = render(full_db, "merges_vs_heads")
+    assert_clean(at)
+    assert [s.value for s in at.sidebar.selectbox] == [method, 2]
+    assert set(bars(figures(at)[0])) >= {f"merged ({method}, k=2)"}
+    at = render(full_db, "dissimilarity")
+    assert_clean(at)
+    assert at.sidebar.selectbox[0].value == method
+
+
+def test_gain_heatmap_says_why_cells_are_blank(full_db, tmp_path):
+    db = tmp_path / "close.duckdb"
+    shutil.copy(full_db, db)
+    with Store(db).write() as con:  # mnist's head within 2 points of its adapter: its gain is undefined
+        con.execute("UPDATE merge_evaluations SET head_accuracy = single_accuracy - 0.01 WHERE task = 'mnist'")
+    at = render(db, "merges_vs_heads", {"method": "ties"})
+    assert_clean(at)
+    blank = sql(db, "SELECT count(*) n, any_value(gain_note) note FROM merge_results WHERE method = 'ties' "
+                    "AND normalized_gain IS NULL")  # fmt: skip
+    total = sql(db, "SELECT count(*) FROM merge_results WHERE method = 'ties'").iloc[0, 0]
+    assert blank.n[0] > 0 and blank.note[0]
+    captions = " ".join(c.value for c in at.caption)
+    assert f"undefined for {blank.n[0]} of {total} rows of ties" in captions and blank.note[0] in captions
+    trace = figures(at)[1]["data"][0]
+    column = trace["x"].index("mnist")
+    assert all(row[column] is None or np.isnan(row[column]) for row in trace["z"])
+    at = render(full_db, "merges_vs_heads", {"method": "ties"})  # nothing blank: nothing to explain
+    assert "Blank cells" not in " ".join(c.value for c in at.caption)
+
+
+def test_methods_axis_is_zoomed_to_the_data_with_its_unit(full_db):
+    at = render(full_db, "methods")
+    assert_clean(at)
+    figure = figures(at)[0]
+    expected = sql(
+        full_db,
+        """WITH unit AS (SELECT method, k, tasks, seed, avg(normalized_accuracy) v FROM merge_results GROUP BY ALL),
+                cell AS (SELECT avg(v) m, stddev_samp(v) sd FROM unit GROUP BY method, k)
+           SELECT min(m - sd) low, max(m + sd) high FROM cell""",
+    )
+    low, high = figure["layout"]["yaxis"]["range"]
+    assert 0 < low <= expected.low[0] and expected.high[0] <= high < 1  # not 0 to 1
+    assert high - low < 1.5 * (expected.high[0] - expected.low[0])
+    assert "ratio (1 = single adapter)" in figure["layout"]["yaxis"]["title"]["text"]
+    assert any("methods.csv" in b.proto.label for b in at.get("download_button"))
+
+
+def test_runs_without_finish_are_shown_interrupted_by_the_stated_rule(full_db, tmp_path):
+    from mlvision.store import now
+
+    db = tmp_path / "runs.duckdb"
+    shutil.copy(full_db, db)
+    t = now()
+    hours = lambda h: t - pd.Timedelta(hours=h)  # noqa: E731
+    rows = [  # run_id, started, finished, stored status
+        ("run-old", hours(48), None, "running"),  # older than the limit: its process is long gone
+        ("run-superseded", hours(3), None, "running"),  # a later run has finished since
+        ("run-done", hours(2), hours(1), "finished"),
+        ("run-live", hours(0.2), None, "running"),  # the newest: may still be going
+    ]
+    with Store(db).write() as con:
+        con.executemany("INSERT INTO runs (run_id, started_at, finished_at, status) VALUES (?, ?, ?, ?)", rows)
+    at = render(db, "runs")
+    assert_clean(at)
+    shown = at.dataframe[0].value.set_index("run_id")["status"].to_dict()
+    interrupted = "interrupted (no finish recorded)"
+    expected = sql(
+        db,
+        f"""SELECT run_id, CASE WHEN finished_at IS NULL AND status = 'running' AND (
+                   started_at < TIMESTAMP '{t}' - INTERVAL 24 HOUR
+                   OR EXISTS (SELECT 1 FROM runs l WHERE l.started_at > r.started_at AND l.finished_at IS NOT NULL))
+               THEN '{interrupted}' ELSE status END AS status FROM runs r""",
+    )
+    assert shown == dict(zip(expected["run_id"], expected["status"]))
+    assert shown["run-old"] == shown["run-superseded"] == interrupted and shown["run-live"] == "running"
+    assert "more than 24 h ago, or when a run started after it has already finished" in " ".join(
+        c.value for c in at.caption
+    )
