@@ -15,7 +15,9 @@ path to a visitor. `python demo/load_test.py` measures it under 50 simultaneous 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import socket
 import sys
 import tempfile
 import traceback
@@ -25,10 +27,54 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+
+def default_host() -> str:
+    return os.environ.get("MLV_DEMO_HOST") or os.environ.get("GRADIO_SERVER_NAME") or "127.0.0.1"
+
+
+def default_port() -> int:
+    return int(os.environ.get("MLV_DEMO_PORT") or os.environ.get("GRADIO_SERVER_PORT") or 7860)
+
+
+def port_taken(host: str, port: int) -> bool:
+    """Whether `port` on `host` cannot be bound (another server holds it); checked as uvicorn binds."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            return error.errno in (errno.EADDRINUSE, errno.EACCES)
+    return False
+
+
+def port_message(host: str, port: int) -> str:
+    return (
+        f"error: port {port} on {host} is already in use: start the demo on another one with --port PORT "
+        "(or $MLV_DEMO_PORT)"
+    )
+
+
+def refuse_taken_port(argv: list[str]) -> None:
+    """Run as a script: a taken port is refused in one line BEFORE the imports below (torch and Gradio take
+    seconds to import, the adapters longer to load); `main` checks again for callers that import this module."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--host", default=default_host())
+    parser.add_argument("--port", type=int, default=default_port())
+    args, _ = parser.parse_known_args(argv)
+    if port_taken(args.host, args.port):
+        print(port_message(args.host, args.port), file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    refuse_taken_port(sys.argv[1:])
+
 import gradio as gr  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from demo.service import BATCH_MAX, BATCH_WAIT_S, DemoService  # noqa: E402
 from demo.uploads import ACCEPTED, MAX_FILE_BYTES, MAX_FRAMES, MAX_PIXELS, load_image, public_text  # noqa: E402
+from merging.methods import list_methods  # noqa: E402
 from mlvision.errors import BadImage  # noqa: E402
 from mlvision.paths import DEFAULT_DB_PATH  # noqa: E402
 
@@ -38,6 +84,7 @@ AUTO = "auto"
 PREDICT_CONCURRENCY = BATCH_MAX
 OTHER_CONCURRENCY = 4  # the page's cheap events (method hint, preview)
 QUEUE_SIZE = 256  # requests waiting beyond the ones in progress; more get Gradio's "queue full" message
+PREVIEW_PX = 192  # the model's view is enlarged to this many pixels (nearest neighbour: its pixels stay visible)
 
 
 def _pct(value) -> str:
@@ -74,17 +121,30 @@ def render_markdown(result: dict) -> str:
     header += " stored test accuracy: merged / single adapter / head |"
     rule += "---|"
     lines += ["", header, rule]
+    domain = result.get("in_domain") or {}
     for task in result["tasks"]:
-        row = f"| **{task}** | {_top_cell(result['predictions'][task])} |"
+        check = domain.get(task) or {}
+        if check.get("in_domain") is False:  # not presented as a confident label
+            cell = f"⚠️ {check['message']}<br>_most likely (not confident):_ " + _top_cell(
+                result["predictions"][task]
+            ).replace("**", "")
+        else:
+            cell = _top_cell(result["predictions"][task])
+            if check.get("in_domain") is None and check.get("message"):
+                cell += f"<br>_({check['message']})_"
+        row = f"| **{task}** | {cell} |"
         if compare:
             side = compare[task]
-            row += f" {_top_cell(side['top'])}<br>_{side['elapsed_ms']:.1f} ms_ |"
+            flag = "" if side.get("agrees", True) else "<br>⚠️ **disagrees with the merged answer**"
+            row += f" {_top_cell(side['top'])}<br>_{side['elapsed_ms']:.1f} ms_{flag} |"
         stored = result["stored_accuracy"].get(task)
         row += (
             f" {_pct(stored['merged'])} / {_pct(stored['single'])} / {_pct(stored['head'])} |"
             if stored
             else " not in results.duckdb (this merge was not swept) |"
         )
+        if compare and compare[task].get("merged_below_head"):
+            row = row[:-1] + "<br>⚠️ merged accuracy below the head alone's (frozen backbone + this head) |"
         lines.append(row)
     if compare:
         total = sum(side["elapsed_ms"] for side in compare.values())
@@ -93,6 +153,31 @@ def render_markdown(result: dict) -> str:
             f"against {result['elapsed_ms']:.1f} ms for the merged model."
         )
     return "\n".join(lines)
+
+
+def method_choices(service: DemoService, tasks) -> list[tuple[str, str]]:
+    """The method list: `auto` and every per-layer (data-free) method, the group's stored best marked "auto"."""
+    try:
+        best, _ = service.default_method(tasks)
+    except Exception:  # noqa: BLE001 - no task chosen: nothing to mark
+        best = None
+    return [(f"auto (= {best})" if best else AUTO, AUTO)] + [
+        (f"{name} ← auto (stored best for this group)" if name == best else name, name) for name in service.methods
+    ]
+
+
+def not_offered_line() -> str:
+    """One line: why the data-aware methods of the registry are not in the list."""
+    names = [n for kind in ("data_aware", "test_time") for n in list_methods(kind=kind)]
+    return (
+        f"Not offered: {', '.join(f'`{n}`' for n in names)} (RegMean, AdaMerging): data-aware methods need each "
+        "task's training or test images at serving time (RegMean its training inputs' Gram matrices, AdaMerging "
+        "unlabelled test images), which a single upload does not bring."
+    )
+
+
+def task_lines(service: DemoService) -> str:
+    return "\n".join(f"- {service.describe_task(task)}" for task in service.tasks)
 
 
 def write_examples(service: DemoService, folder: Path) -> list[list]:
@@ -140,7 +225,8 @@ def build_demo(service: DemoService, examples: list[list] | None = None) -> gr.B
         preview = None
         if result and result.get("ok"):
             try:
-                preview = load_image(image.get("path") if isinstance(image, dict) else image)[0]
+                seen = service.model_view(load_image(image.get("path") if isinstance(image, dict) else image)[0])
+                preview = seen.resize((PREVIEW_PX, PREVIEW_PX), Image.NEAREST)
             except BadImage:
                 preview = None
         return render_markdown(result), preview
@@ -153,6 +239,9 @@ def build_demo(service: DemoService, examples: list[list] | None = None) -> gr.B
             return f"`auto` = **{method}** for this group ({why})."
         except Exception as error:  # noqa: BLE001
             return f"({error})"
+
+    def on_tasks(chosen):
+        return method_hint(chosen), gr.update(choices=method_choices(service, chosen or service.tasks))
 
     with gr.Blocks(title="Multi-LoRA Vision demo") as demo:
         gr.Markdown(
@@ -168,19 +257,29 @@ def build_demo(service: DemoService, examples: list[list] | None = None) -> gr.B
             with gr.Column(scale=1):
                 image = gr.File(label=f"Image ({ACCEPTED}; up to {MAX_FILE_BYTES // 2**20} MB)", type="filepath")
                 tasks = gr.CheckboxGroup(service.tasks, value=service.tasks, label="Adapters to merge (tasks)")
-                method = gr.Dropdown([AUTO, *service.methods], value=AUTO, label="Merge method")
+                gr.Markdown(task_lines(service), elem_id="task-descriptions")
+                method = gr.Dropdown(
+                    method_choices(service, service.tasks), value=AUTO, label="Merge method", elem_id="method"
+                )
                 hint = gr.Markdown(method_hint(service.tasks))
+                gr.Markdown(not_offered_line(), elem_id="not-offered")
                 compare = gr.Checkbox(False, label="Compare with each task's own adapter (one pass per task)")
                 button = gr.Button("Predict", variant="primary")
                 if examples:
                     gr.Examples(examples, inputs=[image], label="Examples (one test image per task)")
             with gr.Column(scale=2):
+                size = service.preprocess.image_size
                 preview = gr.Image(
-                    label="Image as the model sees it (before resizing)", type="pil", height=200, interactive=False
+                    label=f"Image as the model sees it (resized to {size}x{size} px, shown enlarged)",
+                    type="pil",
+                    height=200,
+                    interactive=False,
+                    elem_id="model-view",
                 )
                 output = gr.Markdown(elem_id="prediction")
-                raw = gr.JSON(label="API answer (endpoint `predict`)")
-        tasks.change(method_hint, tasks, hint, api_visibility="private")
+                with gr.Accordion("API answer (JSON, endpoint `predict`)", open=False, elem_id="raw-json"):
+                    raw = gr.JSON(label="API answer (endpoint `predict`)")
+        tasks.change(on_tasks, tasks, [hint, method], api_visibility="private")
         button.click(
             predict, [image, tasks, method, compare], raw, api_name="predict", concurrency_limit=PREDICT_CONCURRENCY
         ).then(show, [image, raw], [output, preview], api_visibility="private")
@@ -216,17 +315,17 @@ def settings_line(service: DemoService) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
-        "--host",
-        default=os.environ.get("MLV_DEMO_HOST") or os.environ.get("GRADIO_SERVER_NAME") or "127.0.0.1",
-        help="default 127.0.0.1 ($GRADIO_SERVER_NAME on a Hugging Face Space)",
+        "--host", default=default_host(), help="default 127.0.0.1 ($GRADIO_SERVER_NAME on a Hugging Face Space)"
     )
-    parser.add_argument(
-        "--port", type=int, default=int(os.environ.get("MLV_DEMO_PORT") or os.environ.get("GRADIO_SERVER_PORT") or 7860)
-    )
+    parser.add_argument("--port", type=int, default=default_port(), help="default 7860 ($MLV_DEMO_PORT)")
     parser.add_argument("--db", default=os.environ.get("MLV_DB", str(DEFAULT_DB_PATH)))
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--share", action="store_true", help="also open a public gradio.live link")
     args = parser.parse_args(argv)
+    if port_taken(args.host, args.port):  # before minutes of loading, and without Gradio's traceback
+        print(port_message(args.host, args.port), file=sys.stderr)
+        return 2
+    print("[demo] loading adapters ...", flush=True)
     try:
         service = DemoService(args.db, device=args.device)
     except Exception as error:  # noqa: BLE001
@@ -235,7 +334,17 @@ def main(argv: list[str] | None = None) -> int:
     examples = write_examples(service, Path(tempfile.mkdtemp(prefix="mlv_demo_examples_")))
     demo = build_demo(service, examples)
     print(settings_line(service), flush=True)
-    launch(demo, args.host, args.port, share=args.share)
+    try:
+        launch(demo, args.host, args.port, share=args.share, prevent_thread_lock=True)
+    except OSError as error:  # taken meanwhile (Gradio: "Cannot find empty port ...")
+        if "port" not in str(error).lower():
+            raise
+        print(port_message(args.host, args.port), file=sys.stderr)
+        return 2
+    print(f"[demo] ready: {demo.local_url}", flush=True)
+    if getattr(demo, "share_url", None):
+        print(f"[demo] public link: {demo.share_url}", flush=True)
+    demo.block_thread()
     return 0
 
 

@@ -31,11 +31,13 @@ from merging.deltas import AdapterDeltas, check_compatible, load_deltas
 from merging.merged_model import AdapterMerger
 from merging.methods import list_methods
 from mlvision.backbone import BackboneConfig, Preprocess
+from mlvision.data import split_tensors
 from mlvision.errors import BadImage, MLVisionError, StoreError
 from mlvision.evaluation import FoldedBackbone
 from mlvision.models import MultiTaskModel
 from mlvision.runs import resolve_stored_path
 from mlvision.store import Store
+from mlvision.tasks import get_task
 
 FALLBACK_METHOD = "ties"
 OWN_ADAPTER = "own adapter"  # what the answer names as its "method" when one task is chosen: no merge
@@ -43,6 +45,10 @@ TOP_K = 3
 MERGE_CACHE_SIZE = 6  # merged models kept (each one is a backbone copy, ~14 MB)
 BATCH_MAX = 16  # images in one forward pass at most (a pass of 16 costs far less than 16 passes of 1)
 BATCH_WAIT_S = 0.005  # how long the first request of a batch waits for others to join it
+# Out-of-domain signal: an upload whose top probability for a task falls below this percentile of the
+# served model's top probabilities on that task's validation images does not look like that task's data.
+OOD_PERCENTILE = 5
+OOD_MAX_IMAGES = 100  # validation images per task used to calibrate the threshold (once per served model)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -54,6 +60,7 @@ class MergedEntry:
     method: str
     hyperparams: dict
     build_seconds: float
+    thresholds: dict[str, dict] = field(default_factory=dict)  # task -> calibration (see `DemoService.calibrate`)
 
 
 @dataclass
@@ -70,6 +77,7 @@ class Prediction:
     stored_accuracy: dict[str, dict]
     notes: list[str] = field(default_factory=list)
     compare: dict[str, dict] | None = None
+    in_domain: dict[str, dict] = field(default_factory=dict)
 
     def as_dict(self, device: str) -> dict:
         return {
@@ -85,6 +93,7 @@ class Prediction:
             "stored_accuracy": self.stored_accuracy,
             "notes": self.notes,
             "compare": self.compare,
+            "in_domain": self.in_domain,
         }
 
 
@@ -203,6 +212,8 @@ class DemoService:
         self._merger = AdapterMerger(self.adapters, self.backbone_config)
         self._merged: OrderedDict[tuple, MergedEntry] = OrderedDict()
         self._single: dict[str, MultiTaskModel] = {}
+        self._single_thresholds: dict[str, dict[str, dict]] = {}
+        self._calibrate_lock = threading.Lock()
         self._lock = threading.RLock()  # guards the model caches (not the passes: those run on the batcher)
         self._building: dict[tuple, threading.Lock] = {}  # one lock per merge being built
         self._fold_lock = threading.Lock()
@@ -300,6 +311,7 @@ class DemoService:
                 backbone = self._folded.standalone(merged)
             model = MultiTaskModel(backbone, {a.task: copy.deepcopy(a.head) for a in adapters}).eval().to(self.device)
             entry = MergedEntry(model, method, _jsonable(hyperparams), time.perf_counter() - start)
+            entry.thresholds = self.calibrate(model, group)  # once per served merge, cached with it
             with self._lock:
                 self._merged[key] = entry
                 self._building.pop(key, None)
@@ -317,6 +329,87 @@ class DemoService:
                 model = MultiTaskModel(backbone, {task: copy.deepcopy(adapter.head)})
                 self._single[task] = model.eval().to(self.device)
             return self._single[task]
+
+    def single_thresholds(self, task: str) -> dict[str, dict]:
+        """The out-of-domain calibration of the task's own adapter (computed once, then cached)."""
+        if task not in self._single_thresholds:
+            model = self.single_model(task)
+            with self._calibrate_lock:
+                if task not in self._single_thresholds:
+                    self._single_thresholds[task] = self.calibrate(model, (task,))
+        return self._single_thresholds[task]
+
+    def calibrate(self, model: torch.nn.Module, tasks) -> dict[str, dict]:
+        """Per task: the OOD_PERCENTILE-th percentile of `model`'s top softmax probability on up to
+        OOD_MAX_IMAGES of the task's validation images (its own head only). A task whose validation images
+        cannot be loaded gets threshold None (no out-of-domain check for it)."""
+        out = {}
+        for task in tasks:
+            try:
+                images, _ = split_tensors(task, "validation", self.preprocess, OOD_MAX_IMAGES)
+            except Exception as error:  # noqa: BLE001 - the check is optional; predictions still work
+                out[task] = {"threshold": None, "n_validation": 0, "why": f"no validation images ({error})"}
+                continue
+            logits, _ = self._batcher.run(model, images)
+            top = torch.softmax(logits[task].float(), dim=-1).max(dim=-1).values
+            threshold = float(torch.quantile(top, OOD_PERCENTILE / 100.0))
+            out[task] = {"threshold": threshold, "n_validation": int(len(top))}
+        return out
+
+    @staticmethod
+    def domain_check(task: str, confidence: float, calibration: dict | None) -> dict:
+        """{"in_domain", "confidence", "threshold", "percentile", "n_validation", "message"} for one task."""
+        threshold = (calibration or {}).get("threshold")
+        check = {
+            "in_domain": None if threshold is None else bool(confidence >= threshold),
+            "confidence": confidence,
+            "threshold": threshold,
+            "percentile": OOD_PERCENTILE,
+            "n_validation": (calibration or {}).get("n_validation", 0),
+            "message": None,
+        }
+        if threshold is None:
+            check["message"] = "no out-of-domain check for this task (no validation images)"
+        elif not check["in_domain"]:
+            check["message"] = (
+                f"this image does not look like {task} data (confidence {confidence:.2f} < threshold "
+                f"{threshold:.2f}, the {OOD_PERCENTILE}th percentile on its validation images)"
+            )
+        return check
+
+    # -- what the page shows ------------------------------------------------------------------------
+    def task_info(self, task: str) -> dict:
+        """What a task classifies, the size the model sees, the task's native size (when its record has
+        one) and the data's source."""
+        info = {"task": task, "classes": len(self.labels[task]), "input_size": self.preprocess.image_size}
+        try:
+            record = get_task(task)
+            info.update(description=record.description, source=record.source, domain=record.domain)
+            native = getattr(record, "native_size", None) or getattr(record, "image_size", None)
+            if native:
+                info["native_size"] = native
+        except Exception:  # noqa: BLE001 - a hub task whose dataset cannot be reached now: the basics only
+            info.update(description="", source="unknown", domain="")
+        return info
+
+    def describe_task(self, task: str) -> str:
+        """One line: what it classifies, input size (and native size if recorded), source."""
+        info = self.task_info(task)
+        size = f"input {info['input_size']} px (the study's preprocessing)"
+        if info.get("native_size"):
+            native = info["native_size"]
+            native = "x".join(map(str, native)) if isinstance(native, (tuple, list)) else native
+            size += f", native {native} px"
+        what = info["description"] or f"{info['classes']} classes"
+        return f"**{task}**: {what}; {info['classes']} classes; {size}; source: {info['source']}"
+
+    def model_view(self, image: Image.Image) -> Image.Image:
+        """The image as the model sees it: resized to the study's input size (the normalisation undone)."""
+        tensor = self.preprocess([image])[0]
+        mean = torch.tensor(self.preprocess.mean).view(3, 1, 1)
+        std = torch.tensor(self.preprocess.std).view(3, 1, 1)
+        pixels = ((tensor * std + mean).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+        return Image.fromarray(pixels, "RGB")
 
     # -- prediction ---------------------------------------------------------------------------------
     def tensor(self, image: Image.Image) -> torch.Tensor:
@@ -364,14 +457,20 @@ class DemoService:
         singles = {task: self._batcher.submit(self.single_model(task), images) for task in group} if compare else {}
         logits, elapsed = merged.result()
         predictions = {t: self._top(t, logits[t]) for t in group}
+        stored = _jsonable(self.stored_accuracy(group, method))
         side = None
         if compare:
             side = {}
             for task, future in singles.items():
                 single_logits, single_ms = future.result()
+                top = self._top(task, single_logits[task])
+                row = stored.get(task) or {}
+                below = row.get("merged") is not None and row.get("head") is not None and row["merged"] < row["head"]
                 side[task] = {
-                    "top": [[label, p] for label, p in self._top(task, single_logits[task])],
+                    "top": [[label, p] for label, p in top],
                     "elapsed_ms": single_ms,
+                    "agrees": top[0][0] == predictions[task][0][0],  # the merged answer's top-1 = the adapter's
+                    "merged_below_head": below,  # stored test accuracy: the merge loses to the head alone
                 }
         return Prediction(
             tasks=list(group),
@@ -381,9 +480,10 @@ class DemoService:
             predictions=predictions,
             elapsed_ms=elapsed,
             build_seconds=entry.build_seconds if built else None,
-            stored_accuracy=_jsonable(self.stored_accuracy(group, method)),
+            stored_accuracy=stored,
             notes=notes,
             compare=side,
+            in_domain={t: self.domain_check(t, predictions[t][0][1], entry.thresholds.get(t)) for t in group},
         )
 
     def _predict_own_adapter(self, rgb, task: str, method: str | None, compare: bool, notes) -> Prediction:
@@ -400,6 +500,13 @@ class DemoService:
             None,
         )  # fmt: skip
         ignored = f" ({method} not applied)" if method not in (None, "", "auto", OWN_ADAPTER) else ""
+        below = bool(stored) and None not in (stored["merged"], stored["head"]) and stored["merged"] < stored["head"]
+        side = {
+            "top": [[label, p] for label, p in top],
+            "elapsed_ms": elapsed,
+            "agrees": True,
+            "merged_below_head": below,
+        }
         return Prediction(
             tasks=[task],
             method=OWN_ADAPTER,
@@ -410,7 +517,8 @@ class DemoService:
             build_seconds=None,
             stored_accuracy=_jsonable({task: stored} if stored else {}),
             notes=notes,
-            compare={task: {"top": [[label, p] for label, p in top], "elapsed_ms": elapsed}} if compare else None,
+            compare={task: side} if compare else None,
+            in_domain={task: self.domain_check(task, top[0][1], self.single_thresholds(task).get(task))},
         )
 
     def predict_json(self, image, tasks=None, method: str | None = None, compare: bool = False) -> dict:

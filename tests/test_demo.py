@@ -8,9 +8,12 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import re
 import shutil
 import struct
+import subprocess
+import sys
 import threading
 import time
 import zlib
@@ -22,16 +25,17 @@ import torch
 from browser import DevTools, free_port, start_chromium, stop, wait_http
 from PIL import Image
 
-from demo.service import Batcher, DemoService
+from demo.service import OOD_PERCENTILE, Batcher, DemoService
 from demo.uploads import MAX_FILE_BYTES, MAX_FRAMES, MAX_PIXELS, gif_frames, load_image, public_text
 from merging.merged_model import build_merged_model
 from mlvision.backbone import Preprocess
 from mlvision.data import split_tensors
 from mlvision.errors import BadImage
 from mlvision.store import Store
-from mlvision.tasks import load_task
+from mlvision.tasks import get_task, load_task
 
 SCREENS = Path("/tmp/demo_screens")
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 # -- fixtures ---------------------------------------------------------------------------------------
@@ -457,6 +461,8 @@ def test_headless_chromium_upload_and_screenshot(app_url, example, tmp_path):
         time.sleep(1.0)  # let the preview image and the JSON panel draw
         text = tools.evaluate("document.querySelector('#prediction').innerText")
         assert "uci_digits" in text and "Error" not in text
+        page = tools.evaluate("document.body.innerText")
+        assert "as the model sees it (resized to" in page and "Not offered" in page, page[:2000]
         shot = tmp_path / "demo_prediction.png"
         shot.write_bytes(base64.b64decode(tools.call("Page.captureScreenshot", format="png")["data"]))
         assert shot.stat().st_size > 20_000, f"screenshot looks empty ({shot.stat().st_size} bytes)"
@@ -465,3 +471,174 @@ def test_headless_chromium_upload_and_screenshot(app_url, example, tmp_path):
         tools.socket.close()
     finally:
         stop(browser)
+
+
+# -- 4. issue 17: start-up, task descriptions, model view, out-of-domain flag, compare flags, methods --
+def _app_process(tiny_study, port: int, **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
+    env.pop("MLV_DEMO_PORT", None)
+    env.pop("GRADIO_SERVER_PORT", None)
+    command = [sys.executable, "demo/app.py", "--port", str(port), "--db", str(tiny_study["db"]), "--device", "cpu"]
+    return subprocess.Popen(command, cwd=REPO_ROOT, env=env, text=True, **kwargs)
+
+
+def test_startup_prints_progress_and_refuses_a_taken_port_in_one_line(tiny_study):
+    """Issue 17: `python demo/app.py` says it is loading, then prints its URL; on a taken port it says which
+    port and how to choose another, in one line, and exits non-zero at once (no wait, no traceback)."""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import socket, time\n"
+            "s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen()\n"
+            "print(s.getsockname()[1], flush=True); time.sleep(300)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        port = int(holder.stdout.readline())
+        start = time.monotonic()
+        refused = _app_process(tiny_study, port, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        out, err = refused.communicate(timeout=120)
+        elapsed = time.monotonic() - start
+    finally:
+        stop(holder)
+    lines = [line for line in (out + err).splitlines() if line.strip()]
+    assert refused.returncode != 0, (out, err)
+    assert len(lines) == 1, lines
+    assert str(port) in lines[0] and "--port" in lines[0] and "in use" in lines[0], lines[0]
+    assert "Traceback" not in out + err and "loading adapters" not in out
+    assert elapsed < 10, f"refusing a taken port took {elapsed:.0f} s"
+
+    port = free_port()
+    app = _app_process(tiny_study, port, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(app.stdout.readline, "")), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 180
+        while not any("[demo] ready:" in line for line in lines):
+            assert app.poll() is None, ("the demo exited", lines)
+            assert time.monotonic() < deadline, ("no URL printed", lines)
+            time.sleep(0.2)
+        assert lines[0].strip() == "[demo] loading adapters ...", lines
+        ready = next(line for line in lines if "[demo] ready:" in line)
+        url = ready.split("ready:", 1)[1].strip()
+        assert url.startswith(f"http://127.0.0.1:{port}"), ready
+        assert wait_http(url, 30, app)
+    finally:
+        stop(app)
+
+
+def test_task_descriptions_methods_and_collapsed_json_on_the_page(app_url, service):
+    """Issue 17: one line per task beside the selector (what, input size, source); every per-layer method,
+    the group's stored best marked auto; why the data-aware ones are missing; the raw JSON collapsed."""
+    from gradio_client import Client
+
+    from merging.methods import list_methods
+
+    components = {c["props"].get("elem_id"): c for c in Client(app_url, verbose=False).config["components"]}
+    described = components["task-descriptions"]["props"]["value"]
+    lines = [line for line in described.splitlines() if line.strip()]
+    assert len(lines) == len(service.tasks)
+    for task, line in zip(service.tasks, lines):
+        record = get_task(task)
+        assert f"**{task}**" in line and record.description in line and record.source in line, line
+        assert f"input {service.preprocess.image_size} px" in line, line
+    best, _ = service.default_method(service.tasks)
+    choices = {value: label for label, value in components["method"]["props"]["choices"]}
+    assert list(choices) == ["auto", *list_methods(kind="data_free")]
+    assert choices["auto"] == f"auto (= {best})" and "auto" in choices[best]
+    assert all("auto" not in label for value, label in choices.items() if value not in ("auto", best))
+    offered = components["not-offered"]["props"]["value"]
+    for name in (*list_methods(kind="data_aware"), *list_methods(kind="test_time")):
+        assert f"`{name}`" in offered and name not in choices
+    assert "serving time" in offered and "training or test images" in offered
+    assert components["raw-json"]["props"]["open"] is False
+    assert f"resized to {service.preprocess.image_size}x" in components["model-view"]["props"]["label"]
+
+
+def test_the_preview_is_the_image_the_model_sees(service, example):
+    """The preview is the preprocessed input (resized to the study's size), not the upload."""
+    upload = load_image(example)[0].resize((97, 61))
+    seen = service.model_view(upload)
+    size = service.preprocess.image_size
+    assert seen.size == (size, size) and upload.size != seen.size
+    std = torch.tensor(service.preprocess.std).view(3, 1, 1)
+    again = service.preprocess([seen])[0]  # the view, fed back in, is what the model saw (to 8-bit rounding)
+    assert torch.allclose(again, service.preprocess([upload])[0], atol=float((1 / 255 / std).max()) + 1e-4)
+
+
+def _noise_images(count: int) -> list[Image.Image]:
+    rng = np.random.default_rng(17)
+    images = [Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)) for _ in range(count)]
+    return images + [Image.new("RGB", (64, 64), colour) for colour in ((128, 128, 128), (255, 255, 255))]
+
+
+def test_out_of_domain_flag_on_validation_and_noise_images(service):
+    """Issue 17: the threshold is the 5th percentile of the served model's top probability on the task's
+    validation images; the task's own validation images pass it, noise and flat images mostly do not."""
+    tasks = service.tasks
+    method, _ = service.default_method(tasks)
+    entry, _ = service.merged_model(tasks, method)
+    for task in tasks:
+        calibration = entry.thresholds[task]
+        assert 0 < calibration["threshold"] < 1 and calibration["n_validation"] >= 16
+    passed = []
+    for task in tasks:
+        split = load_task(task)["validation"]
+        for index in np.linspace(0, len(split) - 1, 10).astype(int).tolist():
+            check = service.predict(split[index]["image"], tasks, method).in_domain[task]
+            assert check["threshold"] == entry.thresholds[task]["threshold"] and check["percentile"] == OOD_PERCENTILE
+            assert check["in_domain"] == (check["confidence"] >= check["threshold"])
+            passed.append(check["in_domain"])
+    passed_rate = sum(passed) / len(passed)
+    assert passed_rate >= 0.75, f"only {sum(passed)}/{len(passed)} validation images in domain"
+    flagged = []
+    for image in _noise_images(4):
+        answer = service.predict(image, tasks, method)
+        for task in tasks:
+            check = answer.in_domain[task]
+            flagged.append(not check["in_domain"])
+            if not check["in_domain"]:
+                assert check["message"].startswith(f"this image does not look like {task} data (confidence ")
+                assert f"the {OOD_PERCENTILE}th percentile on its validation images" in check["message"]
+    flagged_rate = sum(flagged) / len(flagged)
+    assert flagged_rate > 0.5, f"only {sum(flagged)}/{len(flagged)} noise answers flagged"
+    assert flagged_rate > (1 - passed_rate) + 0.3  # noise is flagged far more often than the task's own images
+    # one task chosen: its own adapter, calibrated on its own
+    own = service.predict(_noise_images(1)[0], [tasks[0]])
+    assert own.in_domain[tasks[0]]["threshold"] == service.single_thresholds(tasks[0])[tasks[0]]["threshold"]
+
+
+def test_out_of_domain_flag_and_compare_flags_through_the_app(app_url, service, tmp_path):
+    """The JSON answer carries the flag per task and the page says so; compare mode flags disagreements
+    and merges whose stored accuracy is below the head's."""
+    from gradio_client import Client, handle_file
+
+    from demo.app import render_markdown
+
+    client = Client(app_url, verbose=False)
+    noise = tmp_path / "noise.png"
+    _noise_images(1)[0].save(noise)
+    seen_disagreement = seen_below = False
+    for method in ("linear", "ties", "auto"):
+        answer = client.predict(handle_file(str(noise)), service.tasks, method, True, api_name="/predict")
+        assert answer["ok"] and set(answer["in_domain"]) == set(service.tasks)
+        page = render_markdown(answer)
+        for task in service.tasks:
+            check, side, stored = answer["in_domain"][task], answer["compare"][task], answer["stored_accuracy"][task]
+            assert isinstance(check["in_domain"], bool) and 0 < check["threshold"] < 1
+            assert check["confidence"] == pytest.approx(answer["predictions"][task][0][1])
+            assert (check["message"] is not None and check["message"] in page) == (not check["in_domain"])
+            assert side["agrees"] == (side["top"][0][0] == answer["predictions"][task][0][0])
+            assert side["merged_below_head"] == (stored["merged"] < stored["head"])
+            seen_disagreement |= not side["agrees"]
+            seen_below |= side["merged_below_head"]
+        rows = {line.split("**")[1]: line for line in page.splitlines() if line.startswith("| **")}
+        for task in service.tasks:
+            assert ("disagrees with the merged answer" in rows[task]) == (not answer["compare"][task]["agrees"])
+            assert ("below the head" in rows[task]) == answer["compare"][task]["merged_below_head"]
+        assert any(not c["in_domain"] for c in answer["in_domain"].values()), "noise passed as every task's data"
+    assert seen_disagreement or seen_below, "no flag was exercised (expected on noise with a tiny study)"
