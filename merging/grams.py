@@ -115,10 +115,19 @@ class GramStore:
         self.images_for = images_for
         self.n_images = n_images
         self._loaded: dict[str, dict[str, torch.Tensor]] = {}
+        self._paths: dict[str, Path] = {}  # adapter folder -> its cache file (the key hashes the factor file)
         self.seconds: dict[str, float] = {}  # adapter path -> seconds spent computing its matrices
 
+    def path(self, adapter: AdapterDeltas) -> Path:
+        """The adapter's cache file; its key (a hash of the factor file) is computed once per store, since the
+        sweep asks for every adapter's matrices at every merge."""
+        folder = str(adapter.path)
+        if folder not in self._paths:
+            self._paths[folder] = gram_path(adapter, self.n_images)
+        return self._paths[folder]
+
     def get(self, adapter: AdapterDeltas) -> dict[str, torch.Tensor]:
-        path = gram_path(adapter, self.n_images)
+        path = self.path(adapter)
         key = str(path)
         if key in self._loaded:
             return self._loaded[key]
@@ -149,7 +158,7 @@ class GramStore:
     def products(self, adapter: AdapterDeltas) -> dict[str, torch.Tensor]:
         """ΔW G per layer (float64) of one adapter, kept in memory: RegMean's α-independent part, which a
         sweep would otherwise recompute for every group and grid point the adapter is in."""
-        key = "products:" + str(gram_path(adapter, self.n_images))
+        key = "products:" + str(self.path(adapter))
         if key not in self._loaded:
             grams = self.get(adapter)
             self._loaded[key] = {
@@ -159,7 +168,7 @@ class GramStore:
 
     def prepare(self, adapters: list[AdapterDeltas]) -> None:
         """Load or compute the matrices of `adapters` up front, with a progress bar for the computed ones."""
-        todo = [a for a in adapters if str(gram_path(a, self.n_images)) not in self._loaded]
+        todo = [a for a in adapters if str(self.path(a)) not in self._loaded]
         for adapter in tqdm(todo, desc="Gram matrices", unit="adapter", leave=False):
             self.get(adapter)
 

@@ -116,8 +116,9 @@ class AdapterMerger:
                     "GramStore (merging/grams.py)"
                 )
             grams = [self.grams.get(adapter) for adapter in adapters]
-            params = {**params, "singular_channels": _singular_channels(adapters, grams)}
-            params = {key: value for key, value in params.items() if key != "singular_channels" or value}
+            singular = _singular_channels(adapters, grams)
+            if singular:
+                params = {**params, "singular_channels": singular}
         hyper = {key: value for key, value in params.items() if key in merge_method.defaults}
         products = [self.grams.products(adapter) for adapter in adapters] if grams else None
         return merge_deltas(adapters, method, hyper, grams, products), params

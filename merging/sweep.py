@@ -73,10 +73,11 @@ def sample_groups(tasks, k: int, max_groups: int | None) -> list[tuple[str, ...]
     return [groups[i] for i in chosen]
 
 
-def in_study_subset(method: str, k: int, seed: int) -> bool:
-    """Whether a costly method's stated subset (`MergeMethod.study_subset`, e.g. AdaMerging's) holds (k, seed)."""
+def in_study_subset(method: str, k: int, seed: int | None = None) -> bool:
+    """Whether a costly method's stated subset (`MergeMethod.study_subset`, e.g. AdaMerging's) holds k (and
+    `seed`, when given)."""
     subset = get_method(method).study_subset
-    return subset is None or (k in subset.get("k", (k,)) and seed in subset.get("seeds", (seed,)))
+    return subset is None or (k in subset.get("k", (k,)) and (seed is None or seed in subset.get("seeds", (seed,))))
 
 
 def sweep_plan(config: StudyConfig) -> list[tuple[tuple[str, ...], int, str]]:

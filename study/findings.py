@@ -263,8 +263,7 @@ def data_aware_rows(rows_in: pd.DataFrame) -> list[dict]:
         return out
     k = int(rows_in["k"].max())
     at_k = rows_in[rows_in["k"] == k]
-    free = at_k[[not is_data_aware(m) and m in MERGE_METHODS and MERGE_METHODS[m].kind == "data_free"
-                 for m in at_k["method"]]]  # fmt: skip
+    free = at_k[[m in MERGE_METHODS and MERGE_METHODS[m].kind == "data_free" for m in at_k["method"]]]
     for method in sorted(m for m in at_k["method"].unique() if is_data_aware(m)):
         mine = at_k[at_k["method"] == method]
         keys = set(zip(mine["tasks"], mine["seed"]))

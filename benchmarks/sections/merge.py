@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from benchmarks.sections.base import Chart, Section
 from benchmarks.timing import median_p95, time_interleaved
 from merging.methods import get_method
+from merging.sweep import in_study_subset
 
 
 class MergeSection(Section):
@@ -35,7 +36,10 @@ class MergeSection(Section):
 
     def plan(self, stage):
         rows = [
-            (m, k, None) for k in range(2, len(stage.tasks) + 1) for m in stage.config.merge_methods if _timed_at(m, k)
+            (m, k, None)
+            for k in range(2, len(stage.tasks) + 1)
+            for m in stage.config.merge_methods
+            if in_study_subset(m, k)
         ]
         if any(get_method(m).kind == "data_aware" for m in stage.config.merge_methods):
             rows.append(("gram_matrices", 1, None))
@@ -80,7 +84,7 @@ class MergeSection(Section):
             grams.prepare(list(adapters.values()))
         for k in tqdm(range(2, len(stage.tasks) + 1), desc="bench merge", unit="k"):
             group = stage.tasks[:k]
-            timed = [m for m in methods if _timed_at(m, k)]
+            timed = [m for m in methods if in_study_subset(m, k)]
             calls = {
                 method: (lambda m=method: merger.merge(group, m))
                 for method in timed
@@ -98,11 +102,6 @@ class MergeSection(Section):
                      "note": _note(method)}
                 )  # fmt: skip
         return rows
-
-
-def _timed_at(method: str, k: int) -> bool:
-    subset = get_method(method).study_subset
-    return subset is None or k in subset.get("k", (k,))
 
 
 def _note(method: str) -> str:

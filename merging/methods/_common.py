@@ -74,22 +74,30 @@ def polar_on_range(x: Tensor, rtol: float) -> Tensor:
     return p[:, keep] @ qh[keep]
 
 
-def topk_mask(x: Tensor, density: float) -> Tensor:
+def magnitude_thresholds(layers: Sequence[Tensor], density: float) -> Tensor:
+    """Per task, the magnitude of its round(density·n)-th largest entry (at least 1) over all of `layers`.
+
+    `layers` are [k, ...] tensors (one, for a per-layer trim; every layer, for TIES' whole-vector trim);
+    the result is [k]. Keeping entries >= the threshold keeps every entry tied with it, so the result never
+    depends on the order of equal values."""
+    flat = torch.cat([x.abs().reshape(x.shape[0], -1) for x in layers], dim=1)
+    n = flat.shape[1]
+    if n == 0:  # nothing to trim: every (no) entry is kept
+        return flat.new_zeros(flat.shape[0])
+    n_keep = max(1, min(n, round(density * n)))
+    # the n_keep-th largest per task (kthvalue counts from the smallest; ~2x faster than topk)
+    return flat.kthvalue(n - n_keep + 1, dim=1).values
+
+
+def topk_mask(x: Tensor, density: float, threshold: Tensor | None = None) -> Tensor:
     """Boolean mask of the top-`density` fraction of |x|'s entries (per leading index).
 
-    x is [k, out, in]; each x[i] keeps its round(density·n) largest magnitudes (at least 1).
-    Entries tied with the threshold are all kept, so the result never depends on the order of
-    equal values.
-    """
-    k = x.shape[0]
-    flat = x.abs().reshape(k, -1)
-    n = flat.shape[1]
-    n_keep = max(1, min(n, round(density * n)))
-    if n_keep >= n:
-        return torch.ones_like(x, dtype=torch.bool)
-    # the n_keep-th largest per task (kthvalue counts from the smallest; ~2x faster than topk)
-    threshold = flat.kthvalue(n - n_keep + 1, dim=1, keepdim=True).values
-    return (flat >= threshold).reshape(x.shape)
+    x is [k, out, in]; each x[i] keeps its round(density·n) largest magnitudes (at least 1), ties with
+    the threshold included. A given `threshold` ([k], `magnitude_thresholds` over more layers) is used
+    instead of x's own."""
+    if threshold is None:
+        threshold = magnitude_thresholds([x], density)
+    return x.abs() >= threshold.reshape(-1, *[1] * (x.dim() - 1))
 
 
 def elect_and_disjoint_mean(x: Tensor) -> Tensor:

@@ -29,9 +29,9 @@ import torch
 from torch import Tensor
 
 from ._base import MergeMethod
-from ._common import elect_and_disjoint_mean
+from ._common import elect_and_disjoint_mean, magnitude_thresholds
 from ._knots import knots_align
-from .ties import trim, whole_vector_thresholds
+from .ties import trim
 
 
 def knots_ties(
@@ -49,7 +49,7 @@ def knots_ties_model(
         u, s, vhs = knots_align(deltas)
         aligned[layer] = (u, torch.stack([s[:, None] * vh for vh in vhs]))  # [k, q, in]
     nonempty = [sv for _, sv in aligned.values() if sv.shape[1] > 0]
-    threshold = whole_vector_thresholds(nonempty, density) if whole_vector_trim and nonempty else None
+    threshold = magnitude_thresholds(nonempty, density) if whole_vector_trim and nonempty else None
     merged = {}
     for layer, (u, sv) in aligned.items():
         first = layer_deltas[layer][0]

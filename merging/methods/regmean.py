@@ -40,10 +40,15 @@ def reduce_off_diagonal(gram: Tensor, alpha: float) -> Tensor:
     return alpha * gram + (1.0 - alpha) * torch.diag_embed(diagonal)
 
 
+def dead_channels(grams: Sequence[Tensor]) -> Tensor:
+    """Mask of the input channels that carry no signal in any task: zero diagonal in Σ G_i (a PSD matrix's
+    zero diagonal entry has a zero row)."""
+    return torch.stack([torch.diagonal(g).double() for g in grams]).sum(dim=0) <= 0
+
+
 def singular_channels(grams: Sequence[Tensor]) -> int:
-    """How many input channels carry no signal in any task (zero diagonal in Σ G_i)."""
-    total = torch.stack([torch.diagonal(g).double() for g in grams]).sum(dim=0)
-    return int((total <= 0).sum())
+    """How many input channels RegMean regularizes (`dead_channels`)."""
+    return int(dead_channels(grams).sum())
 
 
 def regmean(
@@ -58,9 +63,7 @@ def regmean(
     dtype, out_dtype = torch.float64, deltas[0].dtype
     deltas = [d.detach().to(dtype) for d in deltas]
     diagonals = [torch.diagonal(g).to(dtype) for g in grams]
-    dead = torch.stack(diagonals).sum(dim=0) <= 0  # a PSD matrix's zero diagonal entry has a zero row
-    # the ridge on dead channels, the same for every task (see the module docstring)
-    ridge = dead.to(dtype)
+    ridge = dead_channels(grams).to(dtype)  # the same for every task (see the module docstring)
     if gram_products is None:
         gram_products = [d @ g.detach().to(dtype) for d, g in zip(deltas, grams)]
     weighted = sum(

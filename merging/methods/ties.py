@@ -30,29 +30,15 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import torch
 from torch import Tensor
 
 from ._base import MergeMethod
-from ._common import elect_and_disjoint_mean, stack, topk_mask
-
-
-def whole_vector_thresholds(layers: Sequence[Tensor], density: float) -> Tensor:
-    """Per task, the magnitude of its round(density·n)-th largest entry over ALL layers (n entries in all).
-
-    `layers` are [k, ...] tensors, one per layer; the result is [k]. Entries >= the threshold are kept,
-    so ties with the threshold are all kept, as in `topk_mask`."""
-    flat = torch.cat([x.abs().reshape(x.shape[0], -1) for x in layers], dim=1)
-    n = flat.shape[1]
-    n_keep = max(1, min(n, round(density * n)))
-    return flat.kthvalue(n - n_keep + 1, dim=1).values
+from ._common import elect_and_disjoint_mean, magnitude_thresholds, stack, topk_mask
 
 
 def trim(x: Tensor, threshold: Tensor | None, density: float) -> Tensor:
     """x [k, ...] trimmed: per task to its top-density entries, or to entries >= a whole-vector threshold."""
-    if threshold is None:
-        return x * topk_mask(x, density)
-    return x * (x.abs() >= threshold.reshape(-1, *[1] * (x.dim() - 1)))
+    return x * topk_mask(x, density, threshold)
 
 
 def ties(deltas: Sequence[Tensor], density: float = 0.2, scaling: float = 1.0, whole_vector_trim: int = 1) -> Tensor:
@@ -64,7 +50,7 @@ def ties_model(
 ) -> dict[str, Tensor]:
     """TIES over a whole model: {layer: [ΔW_1..ΔW_k]} -> {layer: merged ΔW}; trim per layer or over the whole vector."""
     stacked = {layer: stack(deltas) for layer, deltas in layer_deltas.items()}
-    threshold = whole_vector_thresholds(list(stacked.values()), density) if whole_vector_trim else None
+    threshold = magnitude_thresholds(list(stacked.values()), density) if whole_vector_trim else None
     return {
         layer: (scaling * elect_and_disjoint_mean(trim(x, threshold, density))).to(layer_deltas[layer][0].dtype)
         for layer, x in stacked.items()
