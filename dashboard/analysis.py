@@ -33,6 +33,17 @@ def _spread(values: pd.core.groupby.SeriesGroupBy) -> pd.DataFrame:
     return out
 
 
+def _with_t_interval(table: pd.DataFrame) -> pd.DataFrame:
+    """Adds ci_low / ci_high: a 95 % t-interval of `mean` from its `sd` and `n` (NaN below two values)."""
+    from scipy import stats
+
+    half = [
+        stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n) if n > 1 and np.isfinite(sd) else math.nan
+        for n, sd in zip(table["n"], table["sd"])
+    ]
+    return table.assign(ci_low=table["mean"] - half, ci_high=table["mean"] + half)
+
+
 def merge_count_curve(merges: pd.DataFrame, metric: str) -> pd.DataFrame:
     """One row per (method, k): mean, sd and n of `metric` over merged models.
 
@@ -58,6 +69,35 @@ def pair_retention(merges: pd.DataFrame, method: str, metric: str = "normalized_
     return out
 
 
+def task_retention_curve(merges: pd.DataFrame, metric: str = "normalized_accuracy") -> pd.DataFrame:
+    """One row per (task, method, k): the task's `metric` over the merged groups that contain it.
+
+    A group (its tasks) counts once: its value is the mean over seeds. mean, sd and n are over those
+    groups; ci_low / ci_high a 95 % t-interval of the mean over them (None below two groups). The groups
+    of one task share other tasks, so the interval describes the spread, it is not the study's verdict."""
+    columns = ["task", "method", "k", "mean", "sd", "n", "ci_low", "ci_high"]
+    if merges.empty:
+        return pd.DataFrame(columns=columns)
+    unit = merges.groupby(["task", "method", "k", "tasks"])[metric].mean().dropna().reset_index()
+    out = _with_t_interval(unit.groupby(["task", "method", "k"])[metric].agg(mean="mean", sd="std", n="count"))
+    return out.reset_index()[columns].sort_values(["task", "method", "k"], ignore_index=True)
+
+
+def pair_matrix(pairs: pd.DataFrame, value: str) -> pd.DataFrame:
+    """Task × task matrix of a pair quantity (`value` of rows task_a, task_b), symmetric, diagonal empty."""
+    names = sorted(set(pairs["task_a"]) | set(pairs["task_b"]))
+    matrix = pd.DataFrame(np.nan, index=names, columns=names)
+    for a, b, v in zip(pairs["task_a"], pairs["task_b"], pairs[value]):
+        matrix.loc[a, b] = matrix.loc[b, a] = v
+    return matrix
+
+
+def similarity_matrices(similarity: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Per measure: the task × task matrix of the pair's similarity, mean over seeds."""
+    mean = similarity.groupby(["measure", "task_a", "task_b"])["value"].mean().reset_index()
+    return {measure: pair_matrix(part, "value") for measure, part in mean.groupby("measure")}
+
+
 def similarity_points(
     similarity: pd.DataFrame, retention: pd.DataFrame, related: Callable[[str, str], bool]
 ) -> pd.DataFrame:
@@ -68,7 +108,8 @@ def similarity_points(
     if similarity.empty or retention.empty:
         return pd.DataFrame(columns=["measure", "task_a", "task_b", "value", "retention", "pair", "related"])
     mean_sim = similarity.groupby(["measure", "task_a", "task_b"])["value"].mean().reset_index()
-    points = mean_sim.merge(retention[["task_a", "task_b", "retention"]], on=["task_a", "task_b"])
+    kept = [c for c in ("task_a", "task_b", "retention", "n") if c in retention]  # n: merge rows of the pair
+    points = mean_sim.merge(retention[kept], on=["task_a", "task_b"])
     points["pair"] = points["task_a"] + " + " + points["task_b"]
     points["related"] = [bool(related(a, b)) for a, b in zip(points["task_a"], points["task_b"])]
     return points.sort_values(["measure", "task_a", "task_b"], ignore_index=True)
@@ -94,12 +135,13 @@ def spearman(x, y) -> dict:
 
 
 def relation_comparison(points: pd.DataFrame) -> pd.DataFrame:
-    """Retention of pairs related by construction against unrelated pairs (each pair once)."""
+    """Retention of pairs related by construction against unrelated pairs (each pair once): mean, sd, n and a 95 %
+    t-interval over pairs (pairs share tasks, so the interval describes them; claim 2 is judged otherwise)."""
     pairs = points.drop_duplicates(["task_a", "task_b"])
     if pairs.empty:
-        return pd.DataFrame(columns=["pairs", "mean", "sd", "n"])
+        return pd.DataFrame(columns=["pairs", "mean", "sd", "n", "ci_low", "ci_high"])
     labels = np.where(pairs["related"], "related by construction", "unrelated")
-    return _spread(pairs.assign(pairs=labels).groupby("pairs")["retention"])
+    return _with_t_interval(_spread(pairs.assign(pairs=labels).groupby("pairs")["retention"]))
 
 
 def task_comparison(merges: pd.DataFrame, method: str, k: int) -> pd.DataFrame:
@@ -191,24 +233,41 @@ CLAIM_TITLES = {
 VERDICT_WORDS = {1: "supported", 0: "inconclusive", -1: "contradicted"}
 
 
-def verdict_lines(findings: pd.DataFrame) -> list[str]:
-    """One Markdown line per claim from the stored verdicts (`finding = 'claims'`: 1, 0, -1 or NULL).
+# The page that shows each claim's evidence (a dashboard page slug) and what to look at there.
+CLAIM_EVIDENCE = {
+    "claim1": ("merge_count", "Merge count: the ranking table and the per-task panels at k = 2 and 3"),
+    "claim2": ("dissimilarity", "Dissimilarity: the Fréchet scatter and the task × task matrices"),
+    "claim3": ("merges_vs_heads", "Merges vs heads, and the real-wins chart on Merge count"),
+}
+
+
+def claim_statements(findings: pd.DataFrame) -> list[dict]:
+    """Per claim: its Markdown verdict line, the rule that decided it ('claim_rules' rows, None in a file written
+    before they were stored) and the page with its evidence (slug, label).
 
     The note after the verdict word is the findings stage's own statistics or reason, so the page
     says exactly what the stage concluded and nothing more."""
     claims = findings[findings["finding"] == "claims"].set_index("statistic")
-    lines = []
+    rules = findings[findings["finding"] == "claim_rules"].set_index("statistic")["note"]
+    out = []
     for claim, title in CLAIM_TITLES.items():
+        page, label = CLAIM_EVIDENCE[claim]
+        statement = {"claim": claim, "rule": rules.get(claim), "page": page, "evidence": label}
         if claim not in claims.index:
-            lines.append(f"- *{title}*: not judged yet (run the findings stage)")
+            out.append({**statement, "line": f"- *{title}*: not judged yet (run the findings stage)"})
             continue
         row = claims.loc[claim]
         value = row["value"]
         word = "not available" if value is None or pd.isna(value) else VERDICT_WORDS.get(int(value), "?")
         note = str(row["note"]) if isinstance(row["note"], str) else ""
         detail = note.split(": ", 1)[1] if ": " in note else note
-        lines.append(f"- *{title}*: **{word}**" + (f" ({detail})" if detail else ""))
-    return lines
+        out.append({**statement, "line": f"- *{title}*: **{word}**" + (f" ({detail})" if detail else "")})
+    return out
+
+
+def verdict_lines(findings: pd.DataFrame) -> list[str]:
+    """One Markdown line per claim from the stored verdicts (`finding = 'claims'`: 1, 0, -1 or NULL)."""
+    return [statement["line"] for statement in claim_statements(findings)]
 
 
 # -- the study's own figures (the `findings` view), per (method, k) --------------------------------------

@@ -55,15 +55,38 @@ def _rgba(color: str, alpha: float) -> str:
     return f"rgba({int(r)},{int(g)},{int(b)},{alpha})"
 
 
+LEGEND_ROW_PX = 24  # height of one row of legend entries below a chart
+LEGEND_PER_ROW = 4  # entries per row, about, at half page width
+
+
+def _legend_entries(fig: go.Figure) -> int:
+    """How many entries the legend lists (one per legend group, plus each ungrouped trace)."""
+    shown = [t for t in fig.data if t.showlegend is not False and t.name]
+    return len({t.legendgroup or t.name for t in shown})
+
+
 def _layout(fig: go.Figure, title: str, x: str, y: str, height: int = 420) -> go.Figure:
+    """The common look. The legend sits below the plot, horizontal, and the figure grows by one legend row per
+    few entries: a vertical legend with 14+ methods scrolled, and a scrolled legend hides which colour is which."""
+    entries = _legend_entries(fig)
+    rows = -(-entries // LEGEND_PER_ROW) if entries > 1 else 0
     fig.update_layout(
         template=TEMPLATE,
         title=dict(text=title, font=dict(size=15)),
         xaxis_title=x,
         yaxis_title=y,
-        height=height,
-        legend_title_text="",
-        margin=dict(l=60, r=20, t=80, b=50),
+        height=height + rows * LEGEND_ROW_PX,
+        legend=dict(
+            title_text="",
+            orientation="h",
+            yref="container",
+            y=0,
+            yanchor="bottom",
+            x=0,
+            xanchor="left",
+            maxheight=1.0,  # a ratio of the figure's height: never scroll
+        ),
+        margin=dict(l=60, r=20, t=80, b=50 + rows * LEGEND_ROW_PX),
         font=dict(size=13),
     )
     fig.update_xaxes(showgrid=True, gridcolor="#eee")
@@ -160,11 +183,16 @@ def similarity_figure(points: pd.DataFrame, measure: str, stats: dict) -> go.Fig
             go.Scatter(
                 x=part["value"],
                 y=part["retention"],
-                mode="markers",
+                mode="markers+text",
                 name=label,
-                text=part["pair"],
+                text=part["pair"],  # each point labelled with its pair
+                textposition="top center",
+                cliponaxis=False,
+                textfont=dict(size=9, color="#444"),
+                customdata=part["n"] if "n" in part else None,
                 marker=dict(size=11, color=color, line=dict(width=1, color="#333")),
-                hovertemplate="<b>%{text}</b><br>similarity=%{x:.4g}<br>retention=%{y:.3f}<extra></extra>",
+                hovertemplate="<b>%{text}</b><br>similarity=%{x:.4g}<br>retention=%{y:.3f}"
+                "<br>n=%{customdata} merge rows<extra></extra>",
             )
         )
     if len(points) >= 2 and np.ptp(points["value"].to_numpy(dtype=float)) > 0:
@@ -254,6 +282,15 @@ def methods_figure(table: pd.DataFrame, metric: str, y_title: str) -> go.Figure:
                 name=method,
                 marker_color=color_for(method, methods),
                 error_y=dict(type="data", array=error, visible=error is not None),
+                customdata=np.stack(
+                    [
+                        part[sd_column] if sd_column in part else [None] * len(part),
+                        part["merged_models"] if "merged_models" in part else [None] * len(part),
+                    ],
+                    axis=-1,
+                ),
+                hovertemplate=f"<b>{method}</b><br>k=%{{x}}<br>{y_title}=%{{y:.3f}}<br>sd=%{{customdata[0]:.3f}}"
+                "<br>n=%{customdata[1]} merged models<extra></extra>",
             )
         )
     fig.update_layout(barmode="group")
@@ -286,8 +323,9 @@ def share_figure(table: pd.DataFrame, title: str, y_title: str) -> go.Figure:
                     arrayminus=(part["share"] - part["ci_low"]).tolist(),
                     visible=True,
                 ),
-                customdata=part["rows"],
-                hovertemplate=f"<b>{method}</b><br>k=%{{x}}<br>share=%{{y:.1%}}<br>rows=%{{customdata}}<extra></extra>",
+                customdata=np.stack([part["rows"], part["ci_low"], part["ci_high"]], axis=-1),
+                hovertemplate=f"<b>{method}</b><br>k=%{{x}}<br>share=%{{y:.1%}}<br>Wilson 95% CI %{{customdata[1]:.1%}}"
+                " to %{customdata[2]:.1%}<br>n=%{customdata[0]} rows<extra></extra>",
             )
         )
     fig.update_xaxes(dtick=1)
@@ -328,3 +366,115 @@ def bar_figure(rows: pd.DataFrame, y: str, y_title: str) -> go.Figure:
         )
     )
     return _layout(fig, y_title, "", y_title, height=360)
+
+
+def task_multiples_figure(table: pd.DataFrame, y_title: str, columns: int = 3) -> go.Figure:
+    """Small multiples: one panel per task, its retention against k, one line per method with its CI as error
+    bars (rows of `analysis.task_retention_curve`). Panels share the y axis, so tasks compare at a glance."""
+    from plotly.subplots import make_subplots
+
+    tasks = sorted(table["task"].unique())
+    rows = max(1, -(-len(tasks) // columns))
+    fig = make_subplots(
+        rows=rows,
+        cols=columns,
+        subplot_titles=tasks,
+        shared_yaxes=True,
+        horizontal_spacing=0.04,
+        vertical_spacing=0.5 / (rows + 1) if rows > 1 else 0.1,
+    )
+    methods = sorted(table["method"].unique())
+    for index, task in enumerate(tasks):
+        row, col = index // columns + 1, index % columns + 1
+        for method in methods:
+            part = table[(table["task"] == task) & (table["method"] == method)].sort_values("k")
+            if part.empty:
+                continue
+            fig.add_trace(
+                go.Scatter(
+                    x=part["k"],
+                    y=part["mean"],
+                    mode="lines+markers",
+                    name=method,
+                    legendgroup=method,
+                    showlegend=index == 0,
+                    line=dict(color=color_for(method, methods), width=2),
+                    error_y=dict(
+                        type="data",
+                        array=(part["ci_high"] - part["mean"]).fillna(0).tolist(),
+                        arrayminus=(part["mean"] - part["ci_low"]).fillna(0).tolist(),
+                        visible=True,
+                        thickness=1,
+                    ),
+                    customdata=np.stack([part["ci_low"], part["ci_high"], part["n"]], axis=-1),
+                    hovertemplate=f"<b>{method}</b> on {task}<br>k=%{{x}}<br>mean=%{{y:.3f}}"
+                    "<br>95% CI %{customdata[0]:.3f} to %{customdata[1]:.3f}"
+                    "<br>n=%{customdata[2]} groups<extra></extra>",
+                ),
+                row=row,
+                col=col,
+            )
+    fig.update_xaxes(dtick=1)
+    fig = _layout(fig, f"{y_title} against k, per task", "", "", height=120 + 260 * rows)
+    for col in range(1, columns + 1):
+        fig.update_xaxes(title_text="k (adapters merged)", row=rows, col=col)
+    for row in range(1, rows + 1):
+        fig.update_yaxes(title_text=y_title if row == (rows + 1) // 2 else "", row=row, col=1)
+    return fig
+
+
+def matrix_figure(matrix: pd.DataFrame, title: str, value_title: str, colorscale: str = "Viridis") -> go.Figure:
+    """A task × task matrix (symmetric, empty diagonal) as a heatmap with its values written in the cells."""
+    z = matrix.to_numpy(dtype=float)
+    text = [
+        [
+            "" if np.isnan(v) else f"{v:.0f}" if abs(v) >= 100 else f"{v:.3g}" if abs(v) >= 0.1 else f"{v:.2g}"
+            for v in row
+        ]
+        for row in z
+    ]
+    fig = go.Figure(
+        go.Heatmap(
+            z=z,
+            x=list(matrix.columns),
+            y=list(matrix.index),
+            text=text,
+            texttemplate="%{text}",
+            textfont=dict(size=11),
+            colorscale=colorscale,
+            colorbar=dict(title=value_title),
+            hovertemplate=f"%{{y}} + %{{x}}<br>{value_title}=%{{z:.4g}}<extra></extra>",
+        )
+    )
+    fig = _layout(fig, title, "", "", height=160 + 50 * len(matrix.index))
+    fig.update_yaxes(autorange="reversed", showgrid=False)
+    fig.update_xaxes(showgrid=False, tickangle=-30)
+    return fig
+
+
+def interval_figure(table: pd.DataFrame, x: str, title: str, y_title: str) -> go.Figure:
+    """One point per `x` at its `mean` with its 95 % interval (`ci_low`, `ci_high`) as error bars; the axis spans
+    the intervals, not 0 to 1, because the differences a reader compares are a few points wide."""
+    fig = go.Figure(
+        go.Scatter(
+            x=table[x].astype(str),
+            y=table["mean"],
+            mode="markers",
+            marker=dict(size=12, color=PALETTE[0]),
+            error_y=dict(
+                type="data",
+                array=(table["ci_high"] - table["mean"]).fillna(0).tolist(),
+                arrayminus=(table["mean"] - table["ci_low"]).fillna(0).tolist(),
+                visible=True,
+            ),
+            customdata=np.stack([table["ci_low"], table["ci_high"], table["n"], table["sd"]], axis=-1),
+            hovertemplate="<b>%{x}</b><br>mean=%{y:.3f}<br>95% CI %{customdata[0]:.3f} to %{customdata[1]:.3f}"
+            "<br>sd=%{customdata[3]:.3f}<br>n=%{customdata[2]}<extra></extra>",
+            showlegend=False,
+        )
+    )
+    low, high = table["ci_low"].fillna(table["mean"]).min(), table["ci_high"].fillna(table["mean"]).max()
+    if np.isfinite(low) and np.isfinite(high):
+        margin = max(0.15 * (high - low), 0.005)
+        fig.update_yaxes(range=[low - margin, high + margin])
+    return _layout(fig, title, x, y_title, height=380)

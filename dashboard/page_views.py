@@ -73,11 +73,15 @@ def overview(db: str, filters: Filters) -> None:
     st.subheader("The paper's claims: verdicts of this study")
     found = queries.findings(db)
     if not _missing("findings", "findings", found, "the merge sweep (`python training/run_all.py`)"):
-        for line in analysis.verdict_lines(found):
-            st.markdown(line)
+        for statement in analysis.claim_statements(found):
+            rule = statement["rule"] or "stated in reports/findings.md (this file predates stored rules)"
+            st.markdown(
+                f"{statement['line']}  \n  *Rule:* {rule}.  \n  *Evidence:* "
+                f"[{statement['evidence']}](?page={statement['page']})"
+            )
         st.caption(
-            "Each verdict follows a rule stated in reports/findings.md that can come out either way; "
-            "'inconclusive' means the data cannot decide. Every figure below comes from the findings stage."
+            "Each verdict follows its rule, which can come out either way; 'inconclusive' means the data cannot "
+            "decide. Every figure here comes from the findings stage (the table below)."
         )
         with st.expander("Every figure of the findings stage"):
             shown = found[["finding", "statistic", "value", "ci_low", "ci_high", "n", "note"]]
@@ -196,7 +200,23 @@ def merge_count(db: str, filters: Filters) -> None:
     with st.expander("Data behind the charts"):
         both = curve.merge(curve_norm, on=["method", "k"], suffixes=("_accuracy", "_normalized"))
         _table(both)
+    _per_task(rows)
     _ranking(found)
+
+
+def _per_task(rows: pd.DataFrame) -> None:
+    """Small multiples: each task's retention against k, so a task that breaks first shows as itself."""
+    table = analysis.task_retention_curve(rows)
+    if table.empty:
+        return
+    st.subheader("Per task: retention against k")
+    st.caption(
+        "One panel per task: the task's normalized accuracy (merged / its single adapter) in the merged groups "
+        "that contain it, mean over groups (a group's value is its mean over seeds); error bars: 95 % t-interval "
+        "over those groups, which share other tasks, so it describes the spread rather than deciding a claim. "
+        "Hover shows n (groups)."
+    )
+    _chart(charts.task_multiples_figure(table, "normalized accuracy (1 = single adapter)"), table, "retention_per_task")
 
 
 def _answers(found: pd.DataFrame, threshold: int) -> None:
@@ -309,6 +329,7 @@ def dissimilarity(db: str, filters: Filters) -> None:
                 _chart(charts.similarity_figure(part, measure, stats), part, f"similarity_{measure}")
     st.subheader("Correlation with retention")
     _table(pd.DataFrame(stats_rows))
+    _pair_matrices(retention, similarity[similarity["measure"].isin(measures)], method)
     st.subheader("Pairs related by construction against unrelated pairs")
     st.caption(
         "Related by construction: the same label space in another style (handwritten and printed digits), "
@@ -316,13 +337,38 @@ def dissimilarity(db: str, filters: Filters) -> None:
     )
     comparison = analysis.relation_comparison(points)
     _table(comparison)
-    _chart(
-        charts.grouped_bar_figure(
-            comparison.assign(model="retention"), "Retention by pair type", "retention (normalized accuracy)", x="pairs"
-        ),
-        comparison,
-        "retention_by_pair_type",
+    st.caption(
+        "Error bars: 95 % t-interval over the pairs of each kind. Pairs share tasks, so this describes the pairs; "
+        "the study's claim 2 uses task resampling and a permutation test instead (Overview)."
     )
+    left, _ = st.columns(2)
+    with left:
+        _chart(
+            charts.interval_figure(comparison, "pairs", "Retention by pair type", "retention (normalized accuracy)"),
+            comparison,
+            "retention_by_pair_type",
+        )
+
+
+def _pair_matrices(retention: pd.DataFrame, similarity: pd.DataFrame, method: str) -> None:
+    """Task × task: the pair's merge retention beside each similarity measure, so the eye can match cells."""
+    if retention.empty:
+        return
+    st.subheader("Task × task: pair retention beside the similarities")
+    st.caption(
+        f"Left: retention of each pair's merged model ({method}, k = 2; mean over both tasks and seeds). Then each "
+        "measure's matrix (mean over seeds). Fréchet is a distance (higher = more dissimilar data); the others are "
+        "similarities (higher = more alike)."
+    )
+    panels = [(f"pair retention ({method}, k = 2)", analysis.pair_matrix(retention, "retention"), "retention")]
+    for measure, matrix in analysis.similarity_matrices(similarity).items():
+        panels.append((measure, matrix, measure))
+    for start in range(0, len(panels), 2):
+        for column, (title, matrix, value_title) in zip(st.columns(2), panels[start : start + 2]):
+            with column:
+                scale = "Viridis_r" if value_title == "frechet" else "Viridis"  # bright = alike in every panel
+                data = matrix.rename_axis("task").reset_index()
+                _chart(charts.matrix_figure(matrix, title, value_title, scale), data, f"matrix_{value_title}")
 
 
 # ------------------------------------------------------------------ 4 Merges vs head finetuning

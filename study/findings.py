@@ -744,6 +744,7 @@ def analyse(inputs: StudyInputs, leave_out: str | None = None, full: bool = True
     if full:
         out += _pair_rows(pair)
         out += data_aware_rows(rows_in)
+        out += [_row("claim_rules", claim, note=RULES[claim]) for claim in CLAIMS]  # readers show the rule too
     if not included:
         for claim in verdicts:
             verdicts[claim] = (None, "every task is excluded by rule")

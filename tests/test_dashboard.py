@@ -29,6 +29,7 @@ import pytest
 from browser import DevTools, free_port, start_chromium, stop, wait_http
 from streamlit.testing.v1 import AppTest
 
+from dashboard.charts import METHOD_COLORS
 from mlvision.paths import DEFAULT_DB_PATH, REPO_ROOT
 from mlvision.store import Store
 
@@ -178,6 +179,8 @@ def build_full_db(path: Path) -> Path:
         ),
         dict(finding="claims", statistic="claim1", value=1, n=6, note="supported: retention 93 % at k = 2"),
         dict(finding="claims", statistic="claim2", value=0, n=6, note="inconclusive: ρ = 0.1 [-0.5, 0.6]"),
+        dict(finding="claim_rules", statistic="claim1", note="supported if retention's CI lower bound >= 0.90"),
+        dict(finding="claim_rules", statistic="claim2", note="supported if ρ > 0 with p < 0.05"),
     ]
     findings += study_figures(sorted(tasks))
     bench = [
@@ -363,6 +366,24 @@ def test_merge_count_lines_match_sql(full_db):
     assert set(lines(figures(at)[0])) == {"ties"}  # by default: the methods the study chooses (item 2 of issue 17)
     at.sidebar.multiselect[0].set_value(["linear", "ties"]).run()  # the filter adds the others
     check_merge_count(at, full_db, "true")
+    # the per-task small multiples: each task's mean over the groups holding it (a group = mean over seeds)
+    expected = sql(
+        full_db,
+        """WITH g AS (SELECT task, method, k, tasks, avg(normalized_accuracy) v FROM merge_results GROUP BY ALL)
+           SELECT task, method, k, avg(v) mean, count(*) n FROM g GROUP BY ALL ORDER BY task, method, k""",
+    )
+    (panels,) = [f for f in figures(at) if "per task" in f["layout"]["title"]["text"]]
+    drawn = {}
+    for trace in panels["data"]:
+        task = trace["hovertemplate"].split(" on ", 1)[1].split("<br>", 1)[0]
+        drawn[(task, trace["name"])] = (trace["x"], trace["y"], [c[2] for c in trace["customdata"]])
+        assert trace["line"]["color"] == METHOD_COLORS[trace["name"]]
+    assert set(drawn) == set(zip(expected["task"], expected["method"]))
+    for (task, method), part in expected.groupby(["task", "method"]):
+        x, y, n = drawn[(task, method)]
+        assert x == part["k"].tolist() and [int(v) for v in n] == part["n"].tolist()
+        np.testing.assert_allclose(y, part["mean"], rtol=1e-9)
+    assert sum(t.get("showlegend", True) for t in panels["data"]) == 2  # one legend entry per method
 
 
 def test_merge_count_marks_chosen_method_and_draws_threshold_and_references_in_legend(full_db):
@@ -494,19 +515,46 @@ def test_dissimilarity_points_match_sql(full_db):
     scatter_figures = figures(at)[:2]
     for figure, (measure, part) in zip(scatter_figures, expected.groupby("measure")):
         assert figure["layout"]["title"]["text"].startswith(measure)
-        drawn = {
-            text: (x, y)
-            for t in figure["data"]
-            if t.get("mode") == "markers"
-            for text, x, y in zip(t["text"], t["x"], t["y"])
-        }
+        points = [t for t in figure["data"] if t.get("mode") == "markers+text"]  # each point labelled with its pair
+        drawn = {text: (x, y) for t in points for text, x, y in zip(t["text"], t["x"], t["y"])}
         assert sorted(drawn) == part["pair"].tolist()
         for row in part.itertuples():
             np.testing.assert_allclose(drawn[row.pair], (row.value, row.retention), rtol=1e-9)
         n = len(part)
         assert f"n = {n} pairs" in figure["layout"]["title"]["text"]
+        assert all("n=%{customdata} merge rows" in t["hovertemplate"] for t in points)
     stats = at.dataframe[0].value
     assert stats["n"].tolist() == [6, 6]
+    # related against unrelated pairs: each pair once, mean with its t-interval, on an axis zoomed to the intervals
+    (kinds,) = [f for f in figures(at) if f["layout"]["title"]["text"] == "Retention by pair type"]
+    pair_retention = expected.drop_duplicates("pair").set_index("pair")["retention"]
+    table = at.dataframe[1].value.set_index("pairs")
+    assert table["n"].sum() == len(pair_retention)
+    point = kinds["data"][0]
+    for name, mean, (low, high, n, _) in zip(point["x"], point["y"], point["customdata"]):
+        assert mean == pytest.approx(table.loc[name, "mean"]) and n == table.loc[name, "n"]
+        assert low < mean < high if n > 1 else np.isnan([low, high]).all()  # one pair: no interval
+    assert kinds["layout"]["yaxis"]["range"][0] > 0.5
+    # the task x task matrices: pair retention, then one per measure, symmetric with an empty diagonal
+    matrices = {f["layout"]["title"]["text"]: f["data"][0] for f in figures(at) if f["data"][0]["type"] == "heatmap"}
+    retention = matrices["pair retention (ties, k = 2)"]
+    tasks = retention["x"]
+    z = np.array(retention["z"], dtype=float)
+    assert retention["y"] == tasks and np.isnan(np.diag(z)).all()
+    np.testing.assert_array_equal(np.nan_to_num(z), np.nan_to_num(z.T))
+    pairs = sql(
+        full_db,
+        "SELECT split_part(tasks, ',', 1) a, split_part(tasks, ',', 2) b, avg(normalized_accuracy) r "
+        "FROM merge_results WHERE k = 2 AND method = 'ties' GROUP BY tasks",
+    )
+    for row in pairs.itertuples():
+        assert z[tasks.index(row.a), tasks.index(row.b)] == pytest.approx(row.r, rel=1e-9)
+    for measure, part in expected.groupby("measure"):
+        cells = np.array(matrices[measure]["z"], dtype=float)
+        names = matrices[measure]["x"]
+        for row in part.itertuples():
+            a, b = row.pair.split(" + ")
+            assert cells[names.index(a), names.index(b)] == pytest.approx(row.value, rel=1e-9)
 
 
 def test_merges_vs_heads_bars_and_heatmap_match_sql(full_db):
@@ -558,7 +606,7 @@ def test_every_method_has_its_own_colour_whatever_the_selection():
     methods, so filtering repainted them and tsv_m / magnitude_prune got near-identical pinks)."""
     from plotly.colors import hex_to_rgb
 
-    from dashboard.charts import METHOD_COLORS, color_for, methods_figure
+    from dashboard.charts import color_for, methods_figure
     from merging.methods import list_methods
 
     registered = list_methods()
@@ -700,6 +748,16 @@ def test_overview_counts_match_sql(full_db):
     assert "*Merging up to three adapters works*: **supported** (retention 93 % at k = 2)" in text
     assert "*Adapters trained on dissimilar data merge better*: **inconclusive**" in text
     assert "*Merges sometimes beat head finetuning*: not judged yet" in text
+    # each claim: the rule the findings stage stored for it, and a link to the page with its evidence
+    statements = [m.value for m in at.markdown if m.value.startswith("- *")]
+    assert len(statements) == 3
+    rules = sql(full_db, "SELECT statistic, note FROM findings WHERE finding = 'claim_rules' ORDER BY statistic")
+    assert rules["statistic"].tolist() == ["claim1", "claim2"]
+    for statement, rule in zip(statements, rules["note"]):
+        assert f"*Rule:* {rule}." in statement
+    assert "stated in reports/findings.md" in statements[2]  # no rule stored for claim3 in this file
+    for statement, page in zip(statements, ["merge_count", "dissimilarity", "merges_vs_heads"]):
+        assert f"](?page={page})" in statement
 
 
 # ------------------------------------------------------------------- the tiny real study
@@ -747,6 +805,13 @@ def test_every_page_on_committed_db(tmp_path, page):
     at = render(db, page)
     assert_clean(at)
     assert at.info or figures(at) or at.dataframe or at.metric
+    # every trace drawn for a merge method has that method's one colour, on every page
+    for figure in figures(at):
+        for trace in figure["data"]:
+            method = trace.get("legendgroup") or trace.get("name")
+            if method in METHOD_COLORS and trace.get("mode") != "none":  # (a band: the colour, translucent)
+                colour = trace.get("line", {}).get("color") or trace.get("marker", {}).get("color")
+                assert colour == METHOD_COLORS[method], (page, figure["layout"]["title"]["text"], method, colour)
 
 
 # -------------------------------------------------------------------- broken databases
