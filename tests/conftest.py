@@ -90,6 +90,21 @@ def run_all(*args: str) -> int:
     return main([str(a) for a in args])
 
 
+def call_main(main, argv, capsys) -> tuple[int, str, str]:
+    """An entry point's `main(argv)` run in this process: (exit code, stdout, stderr).
+
+    The same code the script runs, argparse's own exits included, without the ~10 s a fresh interpreter spends
+    importing torch, timm and peft; each entry point keeps at least one test that runs it as a real process
+    (exit status and stderr as a user sees them)."""
+    capsys.readouterr()
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exit:
+        code = exit.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 def tiny_config(tiny_study):
     """The StudyConfig of the tiny study, rebuilt from its command line."""
     from mlvision.config import config_from_args

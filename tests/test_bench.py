@@ -16,8 +16,9 @@ import sys
 import duckdb
 import pytest
 import torch
-from conftest import TINY_ARGS, TINY_METHODS, TINY_TASKS, query_db, run_all
+from conftest import TINY_ARGS, TINY_METHODS, TINY_TASKS, call_main, query_db, run_all
 
+from benchmarks.cli import main as bench_main
 from benchmarks.options import BenchConfig
 from benchmarks.sections import SECTIONS
 from benchmarks.stage import BenchStage
@@ -192,11 +193,12 @@ def test_evaluation_section_stores_eager_and_fast_with_the_speed_up_from_one_loo
         (["--device", "cuda"], "no CUDA device"),
     ],
 )
-def test_bad_options_get_one_line(tmp_path, args, message):
+def test_bad_options_get_one_line(tmp_path, args, message, capsys):
+    """In this process (the CLI as a process ends the same way: test_benchmarks_before_training_say_what_to_run)."""
     if message == "no CUDA device" and torch.cuda.is_available():
         args, message = ["--device", "tpu"], "invalid choice"  # the same check of a refused device, on a GPU machine
-    result = bench_cli(*TINY_ARGS, "--db", tmp_path / "r.duckdb", *args)
-    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+    code, _, err = call_main(bench_main, [*TINY_ARGS, "--db", tmp_path / "r.duckdb", *args], capsys)
+    assert code == 2 and message in err and "Traceback" not in err
 
 
 def test_benchmarks_before_training_say_what_to_run(tmp_path):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import duckdb
 import pytest
-from conftest import TINY_ARGS, TINY_TASKS, make_newer_schema_db, run_all
+from conftest import TINY_ARGS, TINY_TASKS, call_main, make_newer_schema_db, run_all
 from peft import PeftModel
 
 from mlvision.backbone import BackboneConfig, create_backbone
@@ -21,6 +21,7 @@ from mlvision.evaluation import accuracy
 from mlvision.models import MultiTaskModel, load_head, load_model, read_meta
 from mlvision.paths import REPO_ROOT
 from mlvision.runs import resolve_stored_path
+from study.run_all import main
 
 RESULT_COLUMNS = "task, model_kind, seed, accuracy, n_test, backbone, config_hash"
 
@@ -163,13 +164,11 @@ def test_hub_dataset_and_any_timm_backbone(tmp_path):
     assert meta["training"]["target_modules"] == ["qkv", "proj", "fc1", "fc2"]
 
 
-def test_help_documents_the_options():
-    result = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "training" / "run_all.py"), "--help"], capture_output=True, text=True
-    )
-    assert result.returncode == 0
+def test_help_documents_the_options(capsys):
+    code, out, _ = call_main(main, ["--help"], capsys)
+    assert code == 0
     for option in ["--tasks", "--backbone", "--seeds", "--image-size", "--steps", "--db", "--artifacts", "--quick"]:
-        assert option in result.stdout
+        assert option in out
 
 
 @pytest.mark.parametrize(
@@ -180,16 +179,12 @@ def test_help_documents_the_options():
         (["--db", "/nonexistent-dir/r.duckdb"], "does not exist"),
     ],
 )
-def test_bad_input_gets_one_line_and_nonzero_exit(args, message):
-    result = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "training" / "run_all.py"), *TINY_ARGS, *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 2
-    assert message in result.stderr and "Traceback" not in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
+def test_bad_input_gets_one_line_and_nonzero_exit(args, message, capsys):
+    """In this process (the script itself ends the same way: test_newer_database_is_refused_and_left_untouched)."""
+    code, _, err = call_main(main, [*TINY_ARGS, *args], capsys)
+    assert code == 2
+    assert message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_newer_database_is_refused_and_left_untouched(tmp_path):

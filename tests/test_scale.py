@@ -283,12 +283,11 @@ def test_paper_profile_offline_fails_in_one_line(tmp_path):
     assert not db.exists()  # nothing started
 
 
-def test_contradicting_profiles_are_refused():
-    result = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "training" / "run_all.py"), "--quick", "--config", "paper"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert result.returncode == 2 and "contradict" in result.stderr and "Traceback" not in result.stderr
+def test_contradicting_profiles_are_refused(capsys):
+    """In this process (the script as a process: test_paper_profile_offline_fails_in_one_line)."""
+    from conftest import call_main
+
+    from study.run_all import main
+
+    code, _, err = call_main(main, ["--quick", "--config", "paper"], capsys)
+    assert code == 2 and "contradict" in err and "Traceback" not in err
