@@ -35,8 +35,10 @@ def _missing(what: str, view: str, df: pd.DataFrame | None, how: str = RUN_HINT)
 
 
 def _chart(fig, data: pd.DataFrame | None = None, name: str = "") -> None:
-    """A plotly chart (its toolbar keeps the PNG download) and, given its data, a CSV download of them."""
-    st.plotly_chart(fig, width="stretch", config={"displaylogo": False})
+    """A plotly chart and, given its data, a CSV download of them. The toolbar's camera saves the chart as SVG
+    (vector: it goes into a paper as it is; a browser or any editor turns it into PNG)."""
+    image = {"format": "svg", "filename": name or "chart"}
+    st.plotly_chart(fig, width="stretch", config={"displaylogo": False, "toImageButtonOptions": image})
     if data is not None and name:
         st.download_button(
             f"Download the data of this chart (CSV): {name}.csv",

@@ -805,6 +805,9 @@ def test_every_page_on_committed_db(tmp_path, page):
     at = render(db, page)
     assert_clean(at)
     assert at.info or figures(at) or at.dataframe or at.metric
+    # every chart's toolbar saves it as SVG (vector, for a paper)
+    for element in at.get("plotly_chart"):
+        assert json.loads(element.proto.config)["toImageButtonOptions"]["format"] == "svg"
     # every trace drawn for a merge method has that method's one colour, on every page
     for figure in figures(at):
         for trace in figure["data"]:
