@@ -97,6 +97,9 @@ def sweep_plan(config: StudyConfig) -> list[tuple[tuple[str, ...], int, str]]:
 # Computed merges are stored in one transaction at least this often: opening the store for each
 # merge cost about 0.07 s (a tenth of a merge), and a crash loses at most this much work (Ctrl-C none).
 SAVE_EVERY_S = 10.0
+# Under several processes: merges each process computes between two gathers to the main process, which
+# stores them; a killed launch loses at most this many merges per process.
+ROUND_MERGES = 2
 
 # The tables one merge writes, each with the key its rows are skipped by when already present.
 TABLE_KEYS = {
@@ -169,14 +172,21 @@ def check_methods(config: StudyConfig) -> None:
 
 
 class MergeSweep:
-    def __init__(self, config: StudyConfig, store: Store):
+    """`accelerator`: under `accelerate launch` with several processes, every process builds its own MergeSweep
+    and calls `run`; they split the sweep between them (`run_distributed`). Omitted, or one process: the
+    serial sweep, unchanged."""
+
+    def __init__(self, config: StudyConfig, store: Store, accelerator=None):
         check_methods(config)
         self.config = config
         self.store = store
+        self.accelerator = accelerator
         self.run_id = study_run_id(config)
-        self.folded = FoldedBackbone(config.backbone_config)
+        device = accelerator.device if accelerator is not None else "cpu"
+        self.folded = FoldedBackbone(config.backbone_config, device=device)
         self.adapters: dict[tuple[str, int], AdapterDeltas] = {}
         self.folders: dict[tuple[str, int], str] = {}
+        self.model_folders: dict[tuple[str, str, int], str] = {}  # (kind, task, seed) -> folder
         self.baselines: dict[tuple[str, int], Baseline] = {}
         self._mergers: dict[int, AdapterMerger] = {}
         # RegMean's statistics: each adapter's Gram matrices on GRAM_IMAGES of its task's training images
@@ -184,7 +194,12 @@ class MergeSweep:
 
     # -- inputs -----------------------------------------------------------------------------------
     def _stored_path(self, kind: str, task: str, seed: int) -> str:
-        return str(stored_model_folder(self.store, self.config, kind, task, seed))
+        """The folder of a stored model, asked of the store once (the other processes of a distributed sweep get
+        them from the main process and never open the store)."""
+        key = (kind, task, seed)
+        if key not in self.model_folders:
+            self.model_folders[key] = str(stored_model_folder(self.store, self.config, kind, task, seed))
+        return self.model_folders[key]
 
     def eval_tensors(self, task: str, split: str = "test"):
         limit = self.config.merge_eval if split == "test" else self.config.merge_select
@@ -387,6 +402,8 @@ class MergeSweep:
             self.grams.prepare([self.adapters[key] for key in sorted(needed)])
 
     def run(self) -> dict:
+        if self.accelerator is not None and self.accelerator.num_processes > 1:
+            return self.run_distributed()
         plan = sweep_plan(self.config)
         todo = self.missing(plan, stored_merge_ids(self.store))
         self.prepare(todo)
@@ -405,3 +422,53 @@ class MergeSweep:
             raise
         counts["merged"] += self.save(computed)
         return counts
+
+    def run_distributed(self) -> dict:
+        """The sweep split over the processes of `accelerate launch`; every process calls it.
+
+        The main process reads which merges are stored and shares the to-do list and the model folders
+        (`broadcast_object_list`), so every process plans the same work and only the main process opens the
+        store (another machine needs the artifacts at the same path, not the database); it also computes any
+        missing Gram matrices first (the others then read them from the cache instead of racing to write them).
+        Process i takes every n-th merge of the list (methods differ in cost, so interleaving balances better than
+        contiguous slices), merges and scores it on its own device, and after every ROUND_MERGES merges the rows
+        are gathered to the main process (`gather_object`), which alone writes results.duckdb. A killed launch
+        keeps every gathered round; run again, it does only the merges still missing. Each merge is computed
+        exactly as the serial sweep computes it (the same per-layer seeds), so the rows do not depend on which
+        process made them."""
+        from accelerate.utils import broadcast_object_list, gather_object
+
+        accelerator = self.accelerator
+        main = accelerator.is_main_process
+        plan = sweep_plan(self.config)
+        shared = [None, None]
+        if main:
+            todo = self.missing(plan, stored_merge_ids(self.store))
+            for kind, task, seed in itertools.product(("adapter", "head"), self.config.tasks, {s for _, s, _ in todo}):
+                self._stored_path(kind, task, seed)
+            shared = [todo, self.model_folders]
+        broadcast_object_list(shared)
+        todo, self.model_folders = shared
+        if main:
+            self.prepare(todo)
+            self.save_updates()
+        accelerator.wait_for_everyone()
+        if not main:
+            self.prepare(todo)
+        mine = todo[accelerator.process_index :: accelerator.num_processes]
+        rounds = math.ceil(math.ceil(len(todo) / accelerator.num_processes) / ROUND_MERGES)
+        merged = 0
+        for index in tqdm(range(rounds), desc="merge sweep (rounds)", unit="round", disable=not main):
+            computed = [self.compute(*item) for item in mine[index * ROUND_MERGES : (index + 1) * ROUND_MERGES]]
+            gathered = gather_object(computed)
+            if main:
+                merged += self.save(gathered)
+        shares = gather_object([len(mine)])
+        if main:
+            print(
+                f"merge sweep split over {accelerator.num_processes} processes: {' + '.join(map(str, shares))} merges"
+            )
+        return {
+            "merged": merged,
+            "skipped": len(plan) - len(todo),
+        }

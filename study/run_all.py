@@ -77,10 +77,12 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     if "bench" in args.stages:
         resolve_device(bench_config.device)
     accelerator = make_accelerator(config.mixed_precision, config.grad_accum)
-    if not accelerator.is_main_process:  # under accelerate launch: help train adapters, write nothing
+    if not accelerator.is_main_process:  # under accelerate launch: train and merge a share each, write nothing
         if "train" in args.stages:
             TrainingStage(config, None, accelerator).run()
-        return 0  # merges, findings and benchmarks run on the main process alone
+        if "merge" in args.stages and len(config.tasks) >= 2:
+            MergeSweep(config, None, accelerator).run()  # the main process alone reads and writes the store
+        return 0  # findings and benchmarks run on the main process alone
     if args.db is None:  # a profile's own database lives under runs/<profile>/, which a fresh clone lacks
         Path(config.db).parent.mkdir(parents=True, exist_ok=True)
     store = Store(config.db)
@@ -97,8 +99,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     stages = [
         Step("train", True, stage.run, lambda c: c["trained"] > 0,
              "training: {trained} models trained, {skipped} already stored"),
-        Step("merge", len(config.tasks) >= 2, lambda: MergeSweep(config, store).run(), lambda c: c["merged"] > 0,
-             "merge sweep: {merged} merges evaluated, {skipped} already stored"),
+        Step("merge", len(config.tasks) >= 2, lambda: MergeSweep(config, store, accelerator).run(),
+             lambda c: c["merged"] > 0, "merge sweep: {merged} merges evaluated, {skipped} already stored"),
         Step("findings", len(config.tasks) >= 2, lambda: FindingsStage(config, store, report).run(),
              lambda c: c["pairs"] > 0 or c["changed"],
              f"findings: similarity of {{pairs}} new (pair, seed)s, {{findings}} statistics, report {report}"),

@@ -8,15 +8,20 @@ the same code as hub datasets, with domains assigned by the profile.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import datasets
+import duckdb
+import psutil
 import pytest
 import timm
 import torch
@@ -179,6 +184,72 @@ def test_two_ddp_processes_match_one_and_write_once(single):
             for key in a:
                 assert (a[key] - b[key]).norm() <= rtol * a[key].norm(), (file, key)
         assert abs(acc - acc2) <= 1 / n_test + 1e-9  # at most one test image changes its answer
+
+
+MERGE_COLUMNS = "* EXCLUDE (merge_seconds, created_at, run_id)"  # all but the clock and the run
+EVALUATION_COLUMNS = "* EXCLUDE (created_at, run_id)"
+
+
+def merge_rows(db: Path) -> tuple[list, list]:
+    return (
+        query_db(db, f"SELECT {MERGE_COLUMNS} FROM merges ORDER BY merge_id"),
+        query_db(db, f"SELECT {EVALUATION_COLUMNS} FROM merge_evaluations ORDER BY merge_id, task"),
+    )
+
+
+def stored_merges(db: Path) -> int | None:
+    """How many merges `db` holds now, or None while a writer holds the file."""
+    try:
+        with duckdb.connect(str(db), read_only=True) as con:
+            return con.execute("SELECT count(*) FROM merges").fetchone()[0]
+    except duckdb.IOException:
+        return None
+
+
+def test_two_processes_split_the_merge_sweep_and_a_killed_launch_resumes(single, tmp_path):
+    """accelerate launch, 2 CPU processes, merge stage only, on the single run's adapters (its merges removed).
+
+    The first launch is killed (SIGKILL to the whole launch) as soon as its first round of merges is stored; the
+    same command again stores only the rest, split between both processes; the rows then equal the single
+    process's exactly (merge ids, chosen hyperparameters, validation curves, accuracies, per-image outcomes)."""
+    db = tmp_path / "two.duckdb"
+    shutil.copy(single / "single.duckdb", db)
+    with duckdb.connect(str(db)) as con:
+        for table in ("merge_evaluations", "merges", "adapter_updates"):
+            con.execute(f"DELETE FROM {table}")
+    args = ["--config", "tiny-vit", "--stages", "merge", *SWEEP, "--db", db, "--artifacts", single / "single"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1"}
+    command = [*LAUNCH, "--main_process_port", str(free_port()), str(REPO_ROOT / "training" / "run_all.py")]
+    launch = subprocess.Popen(
+        [*command, *map(str, args)],
+        cwd=single,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 300
+    try:
+        while not (stored_merges(db) or 0) and launch.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:  # the launcher and every process under it (torch's elastic agent puts workers in their own sessions)
+        tree = psutil.Process(launch.pid)
+        for process in [*tree.children(recursive=True), tree]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
+        launch.wait(timeout=60)
+    total = len(merge_rows(single / "single.duckdb")[0])
+    kept = stored_merges(db)
+    assert 0 < kept < total, f"the kill should land mid-sweep: {kept} of {total} merges stored"
+
+    result = run_all_here(single, *args, launcher=[*LAUNCH, "--main_process_port", str(free_port())])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"merge sweep: {total - kept} merges evaluated, {kept} already stored" in result.stdout
+    shares = result.stdout.split("merge sweep split over 2 processes: ", 1)[1].split(" merges", 1)[0].split(" + ")
+    assert len(shares) == 2 and all(int(n) > 0 for n in shares) and sum(map(int, shares)) == total - kept
+    assert merge_rows(db) == merge_rows(single / "single.duckdb")  # no duplicate, no difference
+    assert query_db(db, "SELECT count(*), count(DISTINCT (merge_id, task)) FROM merge_evaluations") == [
+        (2 * total, 2 * total)
+    ]
 
 
 def test_accelerate_loop_is_the_plain_loop_bit_for_bit():
