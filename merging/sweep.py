@@ -18,10 +18,9 @@ pure multiplier of its output (`scaling_is_output_multiplier`), ΔW is merged on
 the other hyperparameters and multiplied per scaling, not re-merged. `merge_seconds` is the time from
 the first grid merge to the chosen ΔW: every grid merge and its validation scoring.
 
-Computing a merge's rows (`MergeSweep.compute`) is kept apart from storing them (`save_rows`), so
-the same computation can either go straight into results.duckdb (`MergeSweep.run`, serial) or into
-Parquet part files written by parallel workers and loaded later (merging/parallel_sweep.py). Each
-loaded adapter's update norm goes into `adapter_updates` the same two ways (`MergeSweep.update_rows`).
+Computing a merge's rows (`MergeSweep.compute`) is kept apart from storing them (`MergeSweep.save`), so
+that under `accelerate launch` every process computes its share and the main process alone stores the
+rows gathered from all of them (`MergeSweep.run_distributed`).
 """
 
 from __future__ import annotations
@@ -116,20 +115,12 @@ class MergeRows:
     merge: dict
     evaluations: list[dict] = field(default_factory=list)
 
-    def tables(self) -> dict[str, list[dict]]:
-        return {"merges": [self.merge], "merge_evaluations": self.evaluations}
-
 
 def insert_rows(con, table: str, rows: list[dict]) -> int:
     """Insert rows into one of TABLE_KEYS' tables in an open transaction, skipping stored keys.
 
     Returns how many went in."""
     return sum(insert_row(con, table, row, key=TABLE_KEYS[table]) for row in rows)
-
-
-def save_rows(con, rows: MergeRows) -> int:
-    """Insert one merge's rows in an open transaction (keys already stored are skipped); returns rows inserted."""
-    return sum(insert_rows(con, table, table_rows) for table, table_rows in rows.tables().items())
 
 
 def stored_merge_ids(store: Store) -> set[str]:

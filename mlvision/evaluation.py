@@ -246,6 +246,7 @@ class FoldedBackbone:
         compile: bool | None = None,
     ):
         self.config = config
+        self.device = torch.device(device)
         backbone, self._scales = prepare_for_inference(create_backbone(config), fast)
         self.prepared = backbone.to(device)
         self._base = {name: p.detach().clone() for name, p in self.prepared.model.named_parameters()}
@@ -269,8 +270,9 @@ class FoldedBackbone:
         return self.backbone
 
     def model(self, merged: dict[str, torch.Tensor], heads: dict[str, nn.Linear]) -> nn.Module:
-        """The shared backbone with `merged` folded in, plus `heads`: valid until the next `fold`."""
-        return MultiTaskModel(self.fold(merged), heads).eval()
+        """The shared backbone with `merged` folded in, plus `heads` (moved to the backbone's device): valid until
+        the next `fold`."""
+        return MultiTaskModel(self.fold(merged), heads).eval().to(self.device)
 
     def standalone(self, merged: dict[str, torch.Tensor]) -> nn.Module:
         """A copy of the backbone with `merged` folded in, which later folds do not change."""
