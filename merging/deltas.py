@@ -56,7 +56,7 @@ def _is_target(layer: str, target_modules) -> bool:
     return any(layer == name or layer.endswith("." + name) for name in target_modules)
 
 
-def _read_lora_config(folder: Path) -> dict:
+def read_lora_config(folder: Path) -> dict:
     """adapter_config.json, refused unless it has the fields the ΔW arithmetic relies on.
 
     A config that does not describe its factors would give a wrong scaling (alpha / r) without
@@ -69,6 +69,12 @@ def _read_lora_config(folder: Path) -> dict:
         raise AdapterError(f"cannot read {path} ({error}): re-train that adapter") from None
     if not isinstance(config, dict):
         raise AdapterError(f"{path} is not a JSON object: re-train that adapter")
+    peft_type = config.get("peft_type", "LORA")
+    if peft_type != "LORA":  # IA3, LoHa, LoKr, ... have no B·A factors: their update is not a LoRA ΔW
+        raise AdapterError(
+            f"{folder} is a {peft_type} adapter (peft_type in adapter_config.json), not LoRA: "
+            "only LoRA adapters can be merged here; train a LoRA adapter"
+        )
     r, alpha, targets = config.get("r"), config.get("lora_alpha"), config.get("target_modules")
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
         raise AdapterError(f"{path} has no valid LoRA rank r (got {r!r}): re-train that adapter")
@@ -108,20 +114,22 @@ def _read_meta(folder: Path) -> dict:
     return meta
 
 
-def load_deltas(folder: str | os.PathLike) -> AdapterDeltas:
-    """Read an adapter folder (written by training) into exact per-layer ΔW.
+def read_factors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of adapter_model.safetensors, or one line saying the file cannot be read."""
+    try:
+        return load_file(str(folder / "adapter_model.safetensors"))
+    except Exception as error:  # safetensors raises its own error types for a damaged file
+        raise AdapterError(f"cannot read the LoRA files in {folder} ({error}): re-train that adapter") from None
+
+
+def deltas_from_factors(folder: Path, config: dict, factors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Exact ΔW = scaling · B A per layer (module path without peft's prefix) from checked factor pairs.
 
     Every factor pair is checked against adapter_config.json (rank r, target_modules) and against
     itself (A and B of one rank, finite values): a folder whose config and factors disagree would
     otherwise merge silently with a wrong scaling, and one NaN spreads into every merged layer.
+    Tensors that are not LoRA factors (a classifier in peft's modules_to_save) are left to the caller.
     """
-    folder = Path(folder)
-    meta = _read_meta(folder)
-    config = _read_lora_config(folder)
-    try:
-        factors = load_file(str(folder / "adapter_model.safetensors"))
-    except Exception as error:  # safetensors raises its own error types for a damaged file
-        raise AdapterError(f"cannot read the LoRA files in {folder} ({error}): re-train that adapter") from None
     orphans = [
         key for key in factors if key.endswith(".lora_B.weight") and key.replace("lora_B", "lora_A") not in factors
     ]
@@ -159,6 +167,15 @@ def load_deltas(folder: str | os.PathLike) -> AdapterDeltas:
         deltas[layer] = scaling * (b.flatten(1).double() @ a.flatten(1).double()).float()
     if not deltas:
         raise AdapterError(f"{folder} contains no LoRA factors: re-train that adapter")
+    return deltas
+
+
+def load_deltas(folder: str | os.PathLike) -> AdapterDeltas:
+    """Read an adapter folder (written by training) into exact per-layer ΔW (`deltas_from_factors`)."""
+    folder = Path(folder)
+    meta = _read_meta(folder)
+    config = read_lora_config(folder)
+    deltas = deltas_from_factors(folder, config, read_factors(folder))
     return AdapterDeltas(path=folder, meta=meta, deltas=deltas, head=load_head(folder, meta))
 
 

@@ -12,6 +12,12 @@ Data-aware methods need each task's images: RegMean computes every adapter's Gra
 from its task's training images (cached in the data cache, with progress); AdaMerging learns its
 coefficients on the unlabeled test images of the tasks (transductive, as in its paper).
 
+Adapters trained elsewhere are accepted too: a peft LoRA of a transformers image-classification model
+whose classifier was saved through modules_to_save (adapter_config.json naming base_model_name_or_path,
+no task.json). Their base model is loaded offline; their label names come from --labels FOLDER=FILE,
+a labels.json or config.json beside the adapter, or the base model's config; any per-layer (data-free)
+method merges them; the output is a peft LoRA of that base model plus heads/<task>/ (see merging/foreign.py).
+
 The folder is written beside --out and renamed into place when complete, so a failed merge leaves
 nothing behind. --out must be new or empty; --overwrite replaces a previous merge output (a folder
 with merge.json), never an adapter or any other folder. Every error is one line, exit code 2.
@@ -79,6 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--evaluate", type=int, metavar="N", help="also score the merged model on N >= 1 test images per task"
     )
     parser.add_argument(
+        "--labels",
+        action="append",
+        default=[],
+        metavar="ADAPTER=FILE",
+        help="label names for an adapter trained elsewhere (a JSON list, an id2label object, or one name per line); "
+        "repeatable",
+    )
+    parser.add_argument(
         "--list-methods", action="store_true", help="list merge methods with their hyperparameters and papers"
     )
     return parser
@@ -108,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args) -> int:
     from merging.deltas import check_compatible, load_deltas
+    from merging.foreign import is_foreign
     from merging.grams import GRAM_IMAGES, GramStore
     from merging.merged_model import (
         AdapterMerger,
@@ -133,6 +148,10 @@ def run(args) -> int:
     hyperparams = dict(parse_param(p) for p in args.param)
     get_method(args.method).validate(hyperparams)  # fail before loading anything
     check_output_folder(args.out, args.adapters, args.overwrite)  # and before merging (export checks again)
+    if any(is_foreign(folder) for folder in args.adapters):
+        return run_foreign(args, hyperparams)
+    if args.labels:
+        raise MergeConfigError("--labels is for adapters trained elsewhere; this project's adapters carry their labels")
     adapters = [load_deltas(folder) for folder in args.adapters]
     check_compatible(adapters)  # reference methods go through peft, which would not name the adapter that differs
     check_export_rank(args.rank, adapters[0].deltas)
@@ -174,6 +193,78 @@ def run(args) -> int:
                 f"  {adapter.task}: merged accuracy {accuracy(model, adapter.task, images, labels):.4f} "
                 f"(n={len(labels)})"
             )
+    return 0
+
+
+def parse_labels(items: list[str], adapters: list[Path]) -> dict[Path, Path]:
+    """--labels ADAPTER=FILE options as {adapter folder: labels file}; each ADAPTER must be one of the inputs."""
+    inputs = {folder.resolve(): folder for folder in adapters}
+    labels = {}
+    for item in items:
+        folder, sep, file = item.rpartition("=")
+        if not sep or not folder or not file:
+            raise MergeConfigError(f"--labels '{item}' is not ADAPTER=FILE: write e.g. --labels my_adapter=labels.json")
+        if Path(folder).resolve() not in inputs:
+            raise MergeConfigError(f"--labels names {folder}, which is not one of the adapters given: check the path")
+        labels[inputs[Path(folder).resolve()]] = Path(file)
+    return labels
+
+
+def run_foreign(args, hyperparams: dict) -> int:
+    """Merge peft LoRA adapters of a transformers model (merging/foreign.py) with a per-layer method and export."""
+    from merging.deltas import check_compatible
+    from merging.foreign import base_model_name, export_merge, fill_missing_layers, is_foreign, load_foreign
+    from merging.merged_model import check_export_rank, merge_deltas
+    from merging.methods import get_method, list_methods
+    from mlvision.models import META_FILE
+
+    own = [folder for folder in args.adapters if (folder / META_FILE).exists()]
+    if own:
+        other = next(folder for folder in args.adapters if is_foreign(folder))
+        raise MergeConfigError(
+            f"{own[0]} is one of this project's adapters ({META_FILE}) but {other} was trained elsewhere: "
+            "merge adapters of one kind (one backbone) only"
+        )
+    if get_method(args.method).kind != "data_free":
+        raise MergeConfigError(
+            f"merge method '{args.method}' is {get_method(args.method).kind}; adapters trained elsewhere merge with "
+            f"a per-layer method: {', '.join(list_methods(kind='data_free'))}"
+        )
+    if args.evaluate:
+        raise MergeConfigError(
+            "--evaluate scores on this project's task data, which adapters trained elsewhere have none of: "
+            "leave it out and score the exported model on your own data"
+        )
+    labels = parse_labels(args.labels, args.adapters)
+    adapters = [load_foreign(folder, labels.get(folder)) for folder in args.adapters]
+    base = base_model_name(adapters)  # before check_compatible: its message names the base models
+    adapters, layer_sources = fill_missing_layers(adapters)
+    check_compatible(adapters)
+    check_export_rank(args.rank, adapters[0].deltas)
+    start = time.perf_counter()
+    params = get_method(args.method).validate(hyperparams)
+    merged = merge_deltas(adapters, args.method, params)
+    seconds = time.perf_counter() - start
+    partial = {layer: tasks for layer, tasks in layer_sources.items() if len(tasks) < len(adapters)}
+    error = export_merge(
+        merged,
+        adapters,
+        args.rank,
+        args.out,
+        {
+            "method": args.method,
+            "hyperparams": params,
+            "adapters": [str(a.path) for a in adapters],
+            "merge_seconds": seconds,
+            "layers": layer_sources,
+            "missing_layers_as_zero": bool(partial),
+        },
+        overwrite=args.overwrite,
+    )
+    print(f"merged {len(adapters)} adapters of {base} with {args.method} {params} in {seconds:.2f} s")
+    if partial:
+        print(f"  {len(partial)} layers adapted by only some adapters were merged with ΔW = 0 for the others")
+    print(f"saved to {args.out} as a rank-{args.rank} LoRA; relative reconstruction error {error:.4f}")
     return 0
 
 

@@ -247,7 +247,7 @@ def _check_output_folder(folder: str | Path, inputs: list[str | Path], overwrite
         )
 
 
-def _write_folder_atomically(folder: Path, write) -> None:
+def write_folder_atomically(folder: Path, write) -> None:
     """Run `write(temp)` on a temporary sibling of `folder`, then rename it into place.
 
     Nothing half-written is ever left at `folder`: on any failure the temporary (and any parent
@@ -283,6 +283,38 @@ def _write_folder_atomically(folder: Path, write) -> None:
         raise
 
 
+def lora_from_merge(model: torch.nn.Module, merged: dict[str, torch.Tensor], rank: int):
+    """`model` wrapped by peft with one LoRA whose B A is the best rank-`rank` approximation of each merged ΔW.
+
+    Scaling 1 on every layer: each layer gets rank min(rank, out, in) through peft's rank_pattern, with
+    alpha_pattern equal to it. Returns (peft model, relative error ||ΔW - B A||_F / ||ΔW||_F over all layers).
+    The model is changed in place (peft injects its layers), so pass one nothing else uses.
+    """
+    clipped = {layer: min(delta.shape) for layer, delta in merged.items() if min(delta.shape) < rank}
+    targets = sorted({layer.rsplit(".", 1)[-1] for layer in merged})
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=rank,
+        target_modules=targets,
+        lora_dropout=0.0,
+        bias="none",
+        rank_pattern=clipped,
+        alpha_pattern=clipped,
+    )
+    peft_model = get_peft_model(model, config)
+    error_sq, total_sq = 0.0, 0.0
+    with torch.no_grad():
+        for layer, delta in merged.items():
+            module = peft_model.base_model.model.get_submodule(layer)
+            b, a = low_rank_factors(delta, rank)
+            lora_a, lora_b = module.lora_A["default"].weight, module.lora_B["default"].weight
+            lora_a.copy_(a.reshape(lora_a.shape))
+            lora_b.copy_(b.reshape(lora_b.shape))
+            error_sq += float((delta.double() - b.double() @ a.double()).pow(2).sum())
+            total_sq += float(delta.double().pow(2).sum())
+    return peft_model, ((error_sq / total_sq) ** 0.5 if total_sq > 0 else 0.0)
+
+
 def export_merge_as_lora(
     merged: dict[str, torch.Tensor],
     adapters: list[AdapterDeltas],
@@ -315,29 +347,7 @@ def export_merge_as_lora(
             raise MergeConfigError(
                 f"the merge gave NaN or infinite values in layer {layer}: check the method's hyperparameters"
             )
-    clipped = {layer: min(delta.shape) for layer, delta in merged.items() if min(delta.shape) < rank}
-    targets = sorted({layer.rsplit(".", 1)[-1] for layer in merged})
-    config = LoraConfig(
-        r=rank,
-        lora_alpha=rank,
-        target_modules=targets,
-        lora_dropout=0.0,
-        bias="none",
-        rank_pattern=clipped,
-        alpha_pattern=clipped,
-    )
-    peft_model = get_peft_model(backbone, config)
-    error_sq, total_sq = 0.0, 0.0
-    with torch.no_grad():
-        for layer, delta in merged.items():
-            module = peft_model.base_model.model.get_submodule(layer)
-            b, a = low_rank_factors(delta, rank)
-            lora_a, lora_b = module.lora_A["default"].weight, module.lora_B["default"].weight
-            lora_a.copy_(a.reshape(lora_a.shape))
-            lora_b.copy_(b.reshape(lora_b.shape))
-            error_sq += float((delta.double() - b.double() @ a.double()).pow(2).sum())
-            total_sq += float(delta.double().pow(2).sum())
-    relative_error = (error_sq / total_sq) ** 0.5 if total_sq > 0 else 0.0
+    peft_model, relative_error = lora_from_merge(backbone, merged, rank)
     info = {
         **merge_info,
         "export_rank": rank,
@@ -358,7 +368,7 @@ def export_merge_as_lora(
         (temp / MERGE_INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True))
 
     try:
-        _write_folder_atomically(folder, write)
+        write_folder_atomically(folder, write)
     except OSError as error:
         raise MergeConfigError(
             f"cannot write output folder {folder} ({error.strerror or error}): choose a writable folder"
@@ -379,6 +389,8 @@ __all__ = [
     "check_export_rank",
     "check_output_folder",
     "export_merge_as_lora",
+    "lora_from_merge",
     "merge_deltas",
     "low_rank_factors",
+    "write_folder_atomically",
 ]
