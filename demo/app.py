@@ -3,7 +3,9 @@
     python demo/app.py [--host 127.0.0.1] [--port 7860] [--db results.duckdb]
 
 The named API endpoint `predict` (see README) takes (image file, tasks, method, compare) and
-returns JSON; the page renders that JSON. Model logic lives in demo/service.py (no Gradio).
+returns JSON; the page renders that JSON. Clicking an example thumbnail runs the same chain on that
+image. The endpoint `export_merged` takes (tasks, method, rank) and returns a zip of the merged
+model, the folder merging/merge.py writes. Model logic lives in demo/service.py (no Gradio).
 
 Serving many visitors at once: up to PREDICT_CONCURRENCY predictions are in progress together
 (each decodes its upload in its own thread), and the service runs the forward passes of those
@@ -15,11 +17,14 @@ path to a visitor. `python demo/load_test.py` measures it under 50 simultaneous 
 from __future__ import annotations
 
 import argparse
+import atexit
 import errno
 import os
+import shutil
 import socket
 import sys
 import tempfile
+import time
 import traceback
 from pathlib import Path
 
@@ -72,10 +77,10 @@ if __name__ == "__main__":
 import gradio as gr  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from demo.service import BATCH_MAX, BATCH_WAIT_S, DemoService  # noqa: E402
+from demo.service import BATCH_MAX, BATCH_WAIT_S, EXPORT_RANK, DemoService  # noqa: E402
 from demo.uploads import ACCEPTED, MAX_FILE_BYTES, MAX_FRAMES, MAX_PIXELS, load_image, public_text  # noqa: E402
 from merging.methods import list_methods  # noqa: E402
-from mlvision.errors import BadImage  # noqa: E402
+from mlvision.errors import BadImage, MLVisionError  # noqa: E402
 from mlvision.paths import DEFAULT_DB_PATH  # noqa: E402
 
 AUTO = "auto"
@@ -85,6 +90,11 @@ PREDICT_CONCURRENCY = BATCH_MAX
 OTHER_CONCURRENCY = 4  # the page's cheap events (method hint, preview)
 QUEUE_SIZE = 256  # requests waiting beyond the ones in progress; more get Gradio's "queue full" message
 PREVIEW_PX = 192  # the model's view is enlarged to this many pixels (nearest neighbour: its pixels stay visible)
+# Building a merged-model zip is seconds of CPU (an SVD per layer): one at a time, so predictions keep their cores.
+EXPORT_CONCURRENCY = 1
+EXPORT_KEEP_S = 600  # a built zip stays on the server this long (Gradio serves its own copy from its cache)
+# Example thumbnails are small images (8x8 digits) shown large: keep their pixels sharp instead of blurred.
+CSS = "#examples img { image-rendering: pixelated; }"
 
 
 def _pct(value) -> str:
@@ -96,6 +106,18 @@ def _top_cell(top) -> str:
         f"{'**' if i == 0 else ''}{label}{'**' if i == 0 else ''} {100 * prob:.1f}%"
         for i, (label, prob) in enumerate(top)
     )
+
+
+def _answer_cell(top, check: dict | None) -> str:
+    """A model's top-3 for one task; an answer flagged out-of-domain is shown as the warning and a guess, never
+    as a confident label (the same for the merged model and, in compare mode, the task's own adapter)."""
+    check = check or {}
+    if check.get("in_domain") is False:
+        return f"⚠️ {check['message']}<br>_most likely (not confident):_ " + _top_cell(top).replace("**", "")
+    cell = _top_cell(top)
+    if check.get("in_domain") is None and check.get("message"):
+        cell += f"<br>_({check['message']})_"
+    return cell
 
 
 def render_markdown(result: dict) -> str:
@@ -123,20 +145,11 @@ def render_markdown(result: dict) -> str:
     lines += ["", header, rule]
     domain = result.get("in_domain") or {}
     for task in result["tasks"]:
-        check = domain.get(task) or {}
-        if check.get("in_domain") is False:  # not presented as a confident label
-            cell = f"⚠️ {check['message']}<br>_most likely (not confident):_ " + _top_cell(
-                result["predictions"][task]
-            ).replace("**", "")
-        else:
-            cell = _top_cell(result["predictions"][task])
-            if check.get("in_domain") is None and check.get("message"):
-                cell += f"<br>_({check['message']})_"
-        row = f"| **{task}** | {cell} |"
+        row = f"| **{task}** | {_answer_cell(result['predictions'][task], domain.get(task))} |"
         if compare:
             side = compare[task]
             flag = "" if side.get("agrees", True) else "<br>⚠️ **disagrees with the merged answer**"
-            row += f" {_top_cell(side['top'])}<br>_{side['elapsed_ms']:.1f} ms_{flag} |"
+            row += f" {_answer_cell(side['top'], side.get('in_domain'))}<br>_{side['elapsed_ms']:.1f} ms_{flag} |"
         stored = result["stored_accuracy"].get(task)
         row += (
             f" {_pct(stored['merged'])} / {_pct(stored['single'])} / {_pct(stored['head'])} |"
@@ -180,8 +193,9 @@ def task_lines(service: DemoService) -> str:
     return "\n".join(f"- {service.describe_task(task)}" for task in service.tasks)
 
 
-def write_examples(service: DemoService, folder: Path) -> list[list]:
-    """One test image per task (from the task's test split), saved as PNG for gr.Examples."""
+def write_examples(service: DemoService, folder: Path) -> list[tuple[str, str]]:
+    """One test image per task (the first of its test split, at its native size), saved as PNG: a list of
+    (file, task), the example gallery's value (the task is the thumbnail's caption)."""
     from mlvision.tasks import load_task
 
     examples = []
@@ -189,15 +203,39 @@ def write_examples(service: DemoService, folder: Path) -> list[list]:
     for task in service.tasks:
         try:
             image = load_task(task)["test"][0]["image"]
-            path = folder / f"{task}.png"
+            path = folder / f"{task.replace(':', '_').replace('/', '_')}.png"
             image.save(path)
-            examples.append([str(path)])
+            examples.append((str(path), task))
         except Exception as error:  # noqa: BLE001 - an example is optional; the demo still works
             print(f"[demo] no example image for {task}: {error}", file=sys.stderr)
     return examples
 
 
-def build_demo(service: DemoService, examples: list[list] | None = None) -> gr.Blocks:
+def export_line(zip_path: Path, relative_error: float) -> str:
+    """One line under the download: what the zip holds (no server path: the file's name only)."""
+    size_mb = zip_path.stat().st_size / 2**20
+    return (
+        f"`{zip_path.name}` ({size_mb:.1f} MB): a peft LoRA folder (`adapter_config.json`, "
+        "`adapter_model.safetensors`), one head per task under `heads/`, and `merge.json` (method, "
+        f"hyperparameters, tasks, preprocessing); relative reconstruction error of the LoRA {relative_error:.4f}. "
+        "The same folder `python merging/merge.py` writes."
+    )
+
+
+def prune_exports(folder: Path, keep_s: float = EXPORT_KEEP_S) -> None:
+    """Delete built zips older than `keep_s` (Gradio has copied each one into its own cache by then)."""
+    for old in folder.glob("mlv_export_*"):
+        try:
+            if time.time() - old.stat().st_mtime > keep_s:
+                shutil.rmtree(old, ignore_errors=True)
+        except OSError:
+            pass
+
+
+def build_demo(service: DemoService, examples: list[tuple[str, str]] | None = None) -> gr.Blocks:
+    exports = Path(tempfile.mkdtemp(prefix="mlv_demo_exports_"))  # the built zips (see `export`)
+    atexit.register(shutil.rmtree, exports, True)
+
     def predict(image, tasks, method, compare):
         """Named API endpoint: JSON with top-3 labels per task, timing and stored accuracies.
 
@@ -243,6 +281,28 @@ def build_demo(service: DemoService, examples: list[list] | None = None) -> gr.B
     def on_tasks(chosen):
         return method_hint(chosen), gr.update(choices=method_choices(service, chosen or service.tasks))
 
+    def pick_example(selected: gr.SelectData):
+        """The clicked thumbnail's image file into the upload box; the events chained after it then predict."""
+        return examples[selected.index][0]
+
+    def export(tasks, method, rank):
+        """Named API endpoint `export_merged`: (the zip of the merged model, one line about it).
+
+        An error is one line in that place (and a warning), never a traceback or a server path."""
+        prune_exports(exports)
+        try:
+            path, relative_error = service.export_zip(tasks or None, method or AUTO, rank, exports)
+            return str(path), export_line(path, relative_error)
+        except MLVisionError as error:
+            message = public_text(str(error))
+        except Exception as error:  # noqa: BLE001 - a failing export never takes the app down
+            traceback.print_exc()
+            message = (
+                f"Internal error ({type(error).__name__}) while building the zip; the demo keeps running: try again."
+            )
+        gr.Warning(message)
+        return None, f"⚠️ {message}"
+
     with gr.Blocks(title="Multi-LoRA Vision demo") as demo:
         gr.Markdown(
             f"# Multi-LoRA Vision: one merged model, every task\n"
@@ -255,7 +315,22 @@ def build_demo(service: DemoService, examples: list[list] | None = None) -> gr.B
         )
         with gr.Row():
             with gr.Column(scale=1):
-                image = gr.File(label=f"Image ({ACCEPTED}; up to {MAX_FILE_BYTES // 2**20} MB)", type="filepath")
+                image = gr.File(
+                    label=f"Image ({ACCEPTED}; up to {MAX_FILE_BYTES // 2**20} MB)", type="filepath", elem_id="upload"
+                )
+                gallery = None
+                if examples:  # beside the upload box: the other way to give an image
+                    gallery = gr.Gallery(
+                        examples,
+                        label="Examples: one test image per task (click one to predict it)",
+                        columns=len(examples),
+                        height=170,
+                        object_fit="contain",
+                        allow_preview=False,
+                        interactive=False,
+                        buttons=[],
+                        elem_id="examples",
+                    )
                 tasks = gr.CheckboxGroup(service.tasks, value=service.tasks, label="Adapters to merge (tasks)")
                 gr.Markdown(task_lines(service), elem_id="task-descriptions")
                 method = gr.Dropdown(
@@ -265,8 +340,17 @@ def build_demo(service: DemoService, examples: list[list] | None = None) -> gr.B
                 gr.Markdown(not_offered_line(), elem_id="not-offered")
                 compare = gr.Checkbox(False, label="Compare with each task's own adapter (one pass per task)")
                 button = gr.Button("Predict", variant="primary")
-                if examples:
-                    gr.Examples(examples, inputs=[image], label="Examples (one test image per task)")
+                with gr.Accordion("Download the merged model (.zip)", open=False, elem_id="export"):
+                    gr.Markdown(
+                        "The chosen tasks merged with the chosen method (as served here), exported like "
+                        "`python merging/merge.py`: a peft LoRA of this rank per layer (truncated SVD of the "
+                        "merged update), the heads and the task metadata."
+                    )
+                    bound = service.max_export_rank()
+                    rank = gr.Slider(1, bound, value=min(EXPORT_RANK, bound), step=1, label="LoRA rank of the export")
+                    export_button = gr.Button("Build the zip")
+                    merged_zip = gr.File(label="Merged model (.zip)", interactive=False, elem_id="merged-zip")
+                    export_status = gr.Markdown(elem_id="export-status")
             with gr.Column(scale=2):
                 size = service.preprocess.image_size
                 preview = gr.Image(
@@ -283,6 +367,21 @@ def build_demo(service: DemoService, examples: list[list] | None = None) -> gr.B
         button.click(
             predict, [image, tasks, method, compare], raw, api_name="predict", concurrency_limit=PREDICT_CONCURRENCY
         ).then(show, [image, raw], [output, preview], api_visibility="private")
+        if gallery is not None:  # a click on a thumbnail: that image into the box, then the same chain as Predict
+            gallery.select(pick_example, None, image, api_visibility="private").then(
+                predict,
+                [image, tasks, method, compare],
+                raw,
+                api_visibility="private",
+                concurrency_limit=PREDICT_CONCURRENCY,
+            ).then(show, [image, raw], [output, preview], api_visibility="private")
+        export_button.click(
+            export,
+            [tasks, method, rank],
+            [merged_zip, export_status],
+            api_name="export_merged",
+            concurrency_limit=EXPORT_CONCURRENCY,
+        )
     demo.queue(default_concurrency_limit=OTHER_CONCURRENCY, max_size=QUEUE_SIZE)
     return demo
 
@@ -295,7 +394,9 @@ def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int | None = None, **
     show_error=False: an exception that escapes an event (none should) shows a generic error, never
     its text, which may name server paths.
     """
-    return demo.launch(server_name=host, server_port=port, max_file_size=MAX_FILE_BYTES, show_error=False, **options)
+    return demo.launch(
+        server_name=host, server_port=port, max_file_size=MAX_FILE_BYTES, show_error=False, css=CSS, **options
+    )
 
 
 def settings_line(service: DemoService) -> str:

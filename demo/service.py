@@ -16,6 +16,8 @@ from __future__ import annotations
 import copy
 import json
 import queue
+import shutil
+import tempfile
 import threading
 import time
 from collections import OrderedDict
@@ -28,16 +30,16 @@ from PIL import Image
 
 from demo.uploads import load_image
 from merging.deltas import AdapterDeltas, check_compatible, load_deltas
-from merging.merged_model import AdapterMerger
+from merging.merged_model import AdapterMerger, export_merge_as_lora
 from merging.methods import list_methods
 from mlvision.backbone import BackboneConfig, Preprocess
 from mlvision.data import split_tensors
-from mlvision.errors import BadImage, MLVisionError, StoreError
+from mlvision.errors import BadImage, MergeConfigError, MLVisionError, StoreError
 from mlvision.evaluation import FoldedBackbone
 from mlvision.models import MultiTaskModel
-from mlvision.runs import resolve_stored_path
+from mlvision.runs import relative_to_repo, resolve_stored_path
 from mlvision.store import Store
-from mlvision.tasks import get_task
+from mlvision.tasks import get_task, load_task
 
 FALLBACK_METHOD = "ties"
 OWN_ADAPTER = "own adapter"  # what the answer names as its "method" when one task is chosen: no merge
@@ -49,6 +51,8 @@ BATCH_WAIT_S = 0.005  # how long the first request of a batch waits for others t
 # served model's top probabilities on that task's validation images does not look like that task's data.
 OOD_PERCENTILE = 5
 OOD_MAX_IMAGES = 100  # validation images per task used to calibrate the threshold (once per served model)
+NATIVE_SAMPLE = 16  # training images per task whose sizes give its native size (see `DemoService.native_size`)
+EXPORT_RANK = 32  # default rank of the downloaded merge (the same default as merging/merge.py's --rank)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -182,6 +186,22 @@ def _jsonable(value):
     return json.loads(json.dumps(value, default=float))
 
 
+def native_size_text(sizes: list[tuple[int, int]]) -> str:
+    """The phrase for sampled (width, height) sizes: "native WxH px" when all are the same, else "native size
+    varies (WxH to WxH px)" (smallest to largest area), or "native size unknown" for no sample."""
+    if not sizes:
+        return "native size unknown"
+    if len(set(sizes)) == 1:
+        return f"native {sizes[0][0]}x{sizes[0][1]} px"
+    small, large = min(sizes, key=lambda s: (s[0] * s[1], s)), max(sizes, key=lambda s: (s[0] * s[1], s))
+    return f"native size varies ({small[0]}x{small[1]} to {large[0]}x{large[1]} px)"
+
+
+def _safe_name(text: str) -> str:
+    """A task or method name as part of a file name (hub tasks hold ':' and '/')."""
+    return "".join(c if c.isalnum() or c in "-_.+" else "_" for c in text)
+
+
 class DemoService:
     """Adapters of one seed, loaded once; merged models cached by (tasks, method)."""
 
@@ -213,6 +233,7 @@ class DemoService:
         self._merged: OrderedDict[tuple, MergedEntry] = OrderedDict()
         self._single: dict[str, MultiTaskModel] = {}
         self._single_thresholds: dict[str, dict[str, dict]] = {}
+        self._native: dict[str, str] = {}  # task -> its native size (see `native_size`)
         self._calibrate_lock = threading.Lock()
         self._lock = threading.RLock()  # guards the model caches (not the passes: those run on the batcher)
         self._building: dict[tuple, threading.Lock] = {}  # one lock per merge being built
@@ -378,30 +399,42 @@ class DemoService:
         return check
 
     # -- what the page shows ------------------------------------------------------------------------
+    def native_size(self, task: str) -> str:
+        """The task's native image size ("native 8x8 px", "native size varies (...)" or "... unknown" when its
+        data cannot be loaded here), measured once on up to NATIVE_SAMPLE of its stored training images spread
+        over the split.
+
+        Measured, not recorded: the Task record has no size field, and each task keeps its source's size
+        (8x8 scikit-learn digits, 28x28 MNIST, larger photos), which is what a visitor's upload competes with."""
+        if task not in self._native:
+            try:
+                split = load_task(task)["train"]
+                picks = sorted({round(i * (len(split) - 1) / max(1, NATIVE_SAMPLE - 1)) for i in range(NATIVE_SAMPLE)})
+                self._native[task] = native_size_text([image.size for image in split.select(picks)["image"]])
+            except Exception:  # noqa: BLE001 - a hub task whose dataset cannot be reached now: no native size
+                self._native[task] = native_size_text([])
+        return self._native[task]
+
     def task_info(self, task: str) -> dict:
-        """What a task classifies, the size the model sees, the task's native size (when its record has
-        one) and the data's source."""
+        """What a task classifies, the size the model sees, the task's native size and the data's source."""
         info = {"task": task, "classes": len(self.labels[task]), "input_size": self.preprocess.image_size}
         try:
             record = get_task(task)
             info.update(description=record.description, source=record.source, domain=record.domain)
-            native = getattr(record, "native_size", None) or getattr(record, "image_size", None)
-            if native:
-                info["native_size"] = native
         except Exception:  # noqa: BLE001 - a hub task whose dataset cannot be reached now: the basics only
             info.update(description="", source="unknown", domain="")
+        info["native_size"] = self.native_size(task)
         return info
 
     def describe_task(self, task: str) -> str:
-        """One line: what it classifies, input size (and native size if recorded), source."""
+        """One line: what it classifies, its native image size and the size the model sees, source."""
         info = self.task_info(task)
-        size = f"input {info['input_size']} px (the study's preprocessing)"
-        if info.get("native_size"):
-            native = info["native_size"]
-            native = "x".join(map(str, native)) if isinstance(native, (tuple, list)) else native
-            size += f", native {native} px"
+        size = info["input_size"]
         what = info["description"] or f"{info['classes']} classes"
-        return f"**{task}**: {what}; {info['classes']} classes; {size}; source: {info['source']}"
+        return (
+            f"**{task}**: {what}; {info['classes']} classes; {info['native_size']}, resized to {size}x{size} px "
+            f"(the study's preprocessing); source: {info['source']}"
+        )
 
     def model_view(self, image: Image.Image) -> Image.Image:
         """The image as the model sees it: resized to the study's input size (the normalisation undone)."""
@@ -471,6 +504,8 @@ class DemoService:
                     "elapsed_ms": single_ms,
                     "agrees": top[0][0] == predictions[task][0][0],  # the merged answer's top-1 = the adapter's
                     "merged_below_head": below,  # stored test accuracy: the merge loses to the head alone
+                    # the own adapter's out-of-domain flag, calibrated on its own (not the merge's) validation answers
+                    "in_domain": self.domain_check(task, top[0][1], self.single_thresholds(task).get(task)),
                 }
         return Prediction(
             tasks=list(group),
@@ -501,11 +536,13 @@ class DemoService:
         )  # fmt: skip
         ignored = f" ({method} not applied)" if method not in (None, "", "auto", OWN_ADAPTER) else ""
         below = bool(stored) and None not in (stored["merged"], stored["head"]) and stored["merged"] < stored["head"]
+        check = self.domain_check(task, top[0][1], self.single_thresholds(task).get(task))
         side = {
             "top": [[label, p] for label, p in top],
             "elapsed_ms": elapsed,
             "agrees": True,
             "merged_below_head": below,
+            "in_domain": check,
         }
         return Prediction(
             tasks=[task],
@@ -518,8 +555,65 @@ class DemoService:
             stored_accuracy=_jsonable({task: stored} if stored else {}),
             notes=notes,
             compare={task: side} if compare else None,
-            in_domain={task: self.domain_check(task, top[0][1], self.single_thresholds(task).get(task))},
+            in_domain={task: check},
         )
+
+    # -- the merged model as a download -------------------------------------------------------------
+    def max_export_rank(self) -> int:
+        """The largest useful export rank: max over the adapted layers of min(out, in) (`check_export_rank`)."""
+        return max(min(delta.shape) for delta in self.adapters[self.tasks[0]].deltas.values())
+
+    def export_zip(self, tasks, method: str | None, rank: int, folder: str | Path) -> tuple[Path, float]:
+        """The served model of (tasks, method) as the folder merging/merge.py writes, zipped: (the zip, the
+        export's relative reconstruction error ||ΔW - B A|| / ||ΔW||).
+
+        The folder is written by the merge CLI's own writer (`export_merge_as_lora`: a peft LoRA of `rank` per
+        layer by truncated SVD of the merged ΔW, `heads/<task>/`, `merge.json`), from the same merge the page
+        serves: the method `auto` resolves to and the stored hyperparameters (so a merge's exported rank-32
+        LoRA is exact wherever the merged ΔW has rank <= 32, e.g. a linear merge of k rank-r adapters with
+        k r <= 32). One task chosen exports its own adapter, as it is served. Only the per-layer (data-free)
+        methods the page offers are accepted, so no task data is needed here. The zip holds one top-level
+        folder named after the merge, and lands in a new temporary folder under `folder`.
+        """
+        group = self._group(tasks if tasks else self.tasks)
+        try:
+            rank = int(rank)
+        except (TypeError, ValueError):
+            raise MergeConfigError(
+                f"Export rank {rank!r} is not a whole number: choose 1 to {self.max_export_rank()}."
+            ) from None
+        if not 1 <= rank <= self.max_export_rank():
+            raise MergeConfigError(
+                f"Export rank {rank} is outside 1 to {self.max_export_rank()} (the largest useful rank of these "
+                "layers): choose a rank in that range."
+            )
+        start = time.perf_counter()
+        if len(group) == 1:
+            method, merged, params = OWN_ADAPTER, self.adapters[group[0]].deltas, {}
+        else:
+            method, _ = self.resolve_method(group, method)
+            merged, params = self._merger.merge(group, method, self.stored_hyperparams(group, method))
+        seconds = time.perf_counter() - start
+        adapters = [self.adapters[t] for t in group]
+        name = _safe_name(f"merged_{method.replace(' ', '_')}_{'+'.join(group)}_rank{rank}")
+        work = Path(tempfile.mkdtemp(prefix="mlv_export_", dir=folder))
+        info = {
+            "method": method,
+            "hyperparams": _jsonable(params),
+            "adapters": [relative_to_repo(a.path) for a in adapters],
+            "merge_seconds": seconds,
+        }
+        try:
+            relative_error = export_merge_as_lora(merged, adapters, rank, work / name, info)
+            archive = shutil.make_archive(str(work / name), "zip", root_dir=work, base_dir=name)
+        except OSError as error:
+            shutil.rmtree(work, ignore_errors=True)
+            raise MergeConfigError(f"Cannot write the merged model ({error.strerror or error}): try again.") from None
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+        shutil.rmtree(work / name)  # the zip holds it
+        return Path(archive), relative_error
 
     def predict_json(self, image, tasks=None, method: str | None = None, compare: bool = False) -> dict:
         """`predict` as a JSON-ready dict; bad input and model errors become {"ok": False, "error": ...}."""

@@ -85,7 +85,7 @@ def compute_grams(
     try:
         folded.fold(adapter.deltas)
         for start in range(0, len(images), batch_size):  # the eager prepared backbone: hooks run in it
-            folded.prepared(images[start : start + batch_size])
+            folded.prepared(images[start : start + batch_size].to(folded.device))
     finally:
         for handle in handles:
             handle.remove()
@@ -95,7 +95,7 @@ def compute_grams(
         raise AdapterError(
             f"layer {missing[0]} of {adapter.path} never ran in the backbone: its Gram matrix is undefined"
         )
-    return {layer: sums[layer] / counts[layer] for layer in adapter.deltas}
+    return {layer: (sums[layer] / counts[layer]).cpu() for layer in adapter.deltas}  # kept and merged on the CPU
 
 
 class GramStore:

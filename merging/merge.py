@@ -35,6 +35,7 @@ if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mlvision.errors import MergeConfigError, run_cli
+from mlvision.runs import relative_to_repo
 
 
 def parse_param(text: str) -> tuple[str, object]:
@@ -177,7 +178,7 @@ def run(args) -> int:
         {
             "method": args.method,
             "hyperparams": params,
-            "adapters": [str(a.path) for a in adapters],
+            "adapters": [relative_to_repo(a.path) for a in adapters],
             "merge_seconds": seconds,
         },
         overwrite=args.overwrite,
@@ -254,7 +255,7 @@ def run_foreign(args, hyperparams: dict) -> int:
         {
             "method": args.method,
             "hyperparams": params,
-            "adapters": [str(a.path) for a in adapters],
+            "adapters": [relative_to_repo(a.path) for a in adapters],
             "merge_seconds": seconds,
             "layers": layer_sources,
             "missing_layers_as_zero": bool(partial),

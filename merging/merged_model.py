@@ -27,6 +27,7 @@ from mlvision.backbone import BackboneConfig, create_backbone
 from mlvision.errors import AdapterError, MergeConfigError
 from mlvision.evaluation import FoldedBackbone
 from mlvision.models import META_FILE, MultiTaskModel, save_model
+from mlvision.runs import relative_to_repo
 
 
 def layer_seed(seed: int, layer: str) -> int:
@@ -362,7 +363,7 @@ def export_merge_as_lora(
         for adapter in adapters:
             save_model(
                 temp / "heads" / adapter.task.replace(":", "_").replace("/", "_"),
-                {**adapter.meta, "model_kind": "head", "training": {"from_adapter": str(adapter.path)}},
+                {**adapter.meta, "model_kind": "head", "training": {"from_adapter": relative_to_repo(adapter.path)}},
                 adapter.head,
             )
         (temp / MERGE_INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True))

@@ -1,7 +1,8 @@
 """The Gradio demo against the tiny study: the service equals the evaluation path, the launched app
 answers `gradio_client` with the same numbers, every kind of bad upload gets a clear message while
 the app keeps serving, concurrent requests are batched into one pass and answered as if alone, and
-a headless Chromium shows a prediction after a real upload."""
+a headless Chromium shows a prediction after a real upload and after a click on an example thumbnail,
+and the merged model downloads as a zip equal to what merging/merge.py writes."""
 
 from __future__ import annotations
 
@@ -14,8 +15,10 @@ import shutil
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+import zipfile
 import zlib
 from pathlib import Path
 
@@ -25,12 +28,12 @@ import torch
 from browser import DevTools, free_port, start_chromium, stop, wait_http
 from PIL import Image
 
-from demo.service import OOD_PERCENTILE, Batcher, DemoService
+from demo.service import OOD_PERCENTILE, Batcher, DemoService, native_size_text
 from demo.uploads import MAX_FILE_BYTES, MAX_FRAMES, MAX_PIXELS, gif_frames, load_image, public_text
 from merging.merged_model import build_merged_model
 from mlvision.backbone import Preprocess
 from mlvision.data import split_tensors
-from mlvision.errors import BadImage
+from mlvision.errors import BadImage, MergeConfigError
 from mlvision.store import Store
 from mlvision.tasks import get_task, load_task
 
@@ -438,7 +441,7 @@ def test_simultaneous_predictions_are_answered_as_if_alone(app_url, service, exa
 
 
 # -- 3. a real browser: upload, predict, screenshot --------------------------------------------------
-def test_headless_chromium_upload_and_screenshot(app_url, example, tmp_path):
+def test_headless_chromium_upload_and_screenshot(app_url, service, example, tmp_path):
     browser, port = start_chromium(tmp_path / "profile", window="1400,1100")
     try:
         targets = json.loads(wait_http(f"http://127.0.0.1:{port}/json/list", 60, browser))
@@ -467,6 +470,29 @@ def test_headless_chromium_upload_and_screenshot(app_url, example, tmp_path):
         shot.write_bytes(base64.b64decode(tools.call("Page.captureScreenshot", format="png")["data"]))
         assert shot.stat().st_size > 20_000, f"screenshot looks empty ({shot.stat().st_size} bytes)"
         SCREENS.mkdir(parents=True, exist_ok=True)
+        shutil.copy(shot, SCREENS / shot.name)
+
+        # an example thumbnail: one click puts that image in the box and predicts it (no Predict click)
+        task = service.tasks[0]
+        index = service.tasks.index(task)  # write_examples keeps the order of service.tasks
+        answer = service.predict(load_task(task)["test"][0]["image"], service.tasks, "auto")  # the example image
+        expected = [f"{top[0][0]} {100 * top[0][1]:.1f}%" for top in answer.predictions.values()]
+        assert tools.evaluate("document.querySelectorAll('#examples .thumbnail-item').length") == len(service.tasks)
+        tools.evaluate(f"document.querySelectorAll('#examples .thumbnail-item')[{index}].click()")
+        tools.wait_for(
+            f"document.querySelector('#upload').innerText.replace(/\\s/g, '').includes('{task}.png')",
+            30,
+            "the example in the upload box",
+        )
+        tools.wait_for(
+            "(t => " + " && ".join(f"t.includes({json.dumps(cell)})" for cell in expected) + ")"
+            f"(document.querySelector('#prediction').innerText) && "
+            f"document.querySelector('#prediction').innerText !== {json.dumps(text)}",
+            60,
+            f"the example's prediction ({expected})",
+        )
+        shot = tmp_path / "demo_example_click.png"
+        shot.write_bytes(base64.b64decode(tools.call("Page.captureScreenshot", format="png")["data"]))
         shutil.copy(shot, SCREENS / shot.name)
         tools.socket.close()
     finally:
@@ -545,7 +571,14 @@ def test_task_descriptions_methods_and_collapsed_json_on_the_page(app_url, servi
     for task, line in zip(service.tasks, lines):
         record = get_task(task)
         assert f"**{task}**" in line and record.description in line and record.source in line, line
-        assert f"input {service.preprocess.image_size} px" in line, line
+        width, height = load_task(task)["train"][0]["image"].size  # the tiny tasks' images all share one size
+        size = service.preprocess.image_size
+        assert f"native {width}x{height} px, resized to {size}x{size} px" in line, line
+    assert [re.search(r"; native (\S+) px, resized", line).group(1) for line in lines] == ["25x25", "32x32", "8x8"]
+    assert native_size_text([(8, 8), (30, 20), (8, 8)]) == "native size varies (8x8 to 30x20 px)"
+    assert native_size_text([]) == "native size unknown"
+    gallery = components["examples"]["props"]
+    assert [item["caption"] for item in gallery["value"]] == service.tasks and gallery["allow_preview"] is False
     best, _ = service.default_method(service.tasks)
     choices = {value: label for label, value in components["method"]["props"]["choices"]}
     assert list(choices) == ["auto", *list_methods(kind="data_free")]
@@ -556,6 +589,8 @@ def test_task_descriptions_methods_and_collapsed_json_on_the_page(app_url, servi
         assert f"`{name}`" in offered and name not in choices
     assert "serving time" in offered and "training or test images" in offered
     assert components["raw-json"]["props"]["open"] is False
+    named = Client(app_url, verbose=False).view_api(return_format="dict", print_info=False)["named_endpoints"]
+    assert "/predict" in named and "/export_merged" in named and not any("example" in name for name in named)
     assert f"resized to {service.preprocess.image_size}x" in components["model-view"]["props"]["label"]
 
 
@@ -607,9 +642,10 @@ def test_out_of_domain_flag_on_validation_and_noise_images(service):
     flagged_rate = sum(flagged) / len(flagged)
     assert flagged_rate > 0.5, f"only {sum(flagged)}/{len(flagged)} noise answers flagged"
     assert flagged_rate > (1 - passed_rate) + 0.3  # noise is flagged far more often than the task's own images
-    # one task chosen: its own adapter, calibrated on its own
-    own = service.predict(_noise_images(1)[0], [tasks[0]])
+    # one task chosen: its own adapter, calibrated on its own; compare mode's own-adapter column says the same
+    own = service.predict(_noise_images(1)[0], [tasks[0]], compare=True)
     assert own.in_domain[tasks[0]]["threshold"] == service.single_thresholds(tasks[0])[tasks[0]]["threshold"]
+    assert own.compare[tasks[0]]["in_domain"] == own.in_domain[tasks[0]]
 
 
 def test_out_of_domain_flag_and_compare_flags_through_the_app(app_url, service, tmp_path):
@@ -623,6 +659,7 @@ def test_out_of_domain_flag_and_compare_flags_through_the_app(app_url, service, 
     noise = tmp_path / "noise.png"
     _noise_images(1)[0].save(noise)
     seen_disagreement = seen_below = False
+    own_flags = []
     for method in ("linear", "ties", "auto"):
         answer = client.predict(handle_file(str(noise)), service.tasks, method, True, api_name="/predict")
         assert answer["ok"] and set(answer["in_domain"]) == set(service.tasks)
@@ -636,9 +673,87 @@ def test_out_of_domain_flag_and_compare_flags_through_the_app(app_url, service, 
             assert side["merged_below_head"] == (stored["merged"] < stored["head"])
             seen_disagreement |= not side["agrees"]
             seen_below |= side["merged_below_head"]
+            # the own adapter's flag: its own calibration (not the merge's), its own top probability
+            own = side["in_domain"]
+            assert own["threshold"] == service.single_thresholds(task)[task]["threshold"] != check["threshold"]
+            assert own["confidence"] == pytest.approx(side["top"][0][1])
+            assert own["in_domain"] == (own["confidence"] >= own["threshold"])
+            own_flags.append(not own["in_domain"])
         rows = {line.split("**")[1]: line for line in page.splitlines() if line.startswith("| **")}
         for task in service.tasks:
-            assert ("disagrees with the merged answer" in rows[task]) == (not answer["compare"][task]["agrees"])
-            assert ("below the head" in rows[task]) == answer["compare"][task]["merged_below_head"]
+            side = answer["compare"][task]
+            assert ("disagrees with the merged answer" in rows[task]) == (not side["agrees"])
+            assert ("below the head" in rows[task]) == side["merged_below_head"]
+            own = side["in_domain"]
+            assert (own["message"] is not None and own["message"] in rows[task]) == (not own["in_domain"])
+            if not own["in_domain"]:
+                assert own["message"].startswith(f"this image does not look like {task} data")
+            merged_flagged = not answer["in_domain"][task]["in_domain"]
+            assert rows[task].count("most likely (not confident)") == merged_flagged + (not own["in_domain"])
         assert any(not c["in_domain"] for c in answer["in_domain"].values()), "noise passed as every task's data"
     assert seen_disagreement or seen_below, "no flag was exercised (expected on noise with a tiny study)"
+    assert any(own_flags), "noise passed as every task's data for every own adapter"
+
+
+def test_merged_model_downloads_as_the_zip_merge_py_writes(app_url, service, tmp_path):
+    """Issue 17: the endpoint `export_merged` (the page's "Build the zip") gives the folder merging/merge.py
+    writes for the same merge (file for file, byte for byte but merge.json's timing), and that folder loaded
+    back with peft answers like the served merged model (linear merge of three rank-4 adapters: rank <= 12,
+    exported at rank 32, so exact up to float32 and BatchNorm folding: logits within 1e-4)."""
+    from gradio_client import Client
+    from peft import PeftModel
+
+    from merging.merge import main as merge_main
+    from mlvision.backbone import BackboneConfig, create_backbone
+    from mlvision.models import MultiTaskModel, load_head, read_meta
+
+    zip_path, line = Client(app_url, verbose=False).predict(service.tasks, "linear", 32, api_name="/export_merged")
+    name = Path(zip_path).stem
+    assert name == f"merged_linear_{'+'.join(service.tasks)}_rank32" and f"`{name}.zip`" in line
+    assert "relative reconstruction error of the LoRA 0.0000" in line and tempfile.gettempdir() not in line
+    with zipfile.ZipFile(zip_path) as archive:
+        archive.extractall(tmp_path / "unzipped")
+    folder = tmp_path / "unzipped" / name
+    files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    heads = [f"heads/{task}/{file}" for task in service.tasks for file in ("head.safetensors", "task.json")]
+    expected = [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "merge.json",
+        *heads,
+    ]  # README: peft's card
+    assert files == sorted(expected), files
+    info = json.loads((folder / "merge.json").read_text())
+    assert info["method"] == "linear" and info["tasks"] == service.tasks and info["export_rank"] == 32
+    assert info["relative_error"] < 1e-4
+
+    cli = tmp_path / "cli"
+    params = [arg for key, value in info["hyperparams"].items() for arg in ("--param", f"{key}={json.dumps(value)}")]
+    adapters = [str(service.adapters[task].path) for task in service.tasks]
+    assert merge_main([*adapters, "--method", "linear", *params, "--rank", "32", "--out", str(cli)]) == 0
+    assert sorted(str(p.relative_to(cli)) for p in cli.rglob("*") if p.is_file()) == files
+    for file in files:
+        if file != "merge.json":
+            assert (folder / file).read_bytes() == (cli / file).read_bytes(), file
+    cli_info = json.loads((cli / "merge.json").read_text())
+    assert {**cli_info, "merge_seconds": 0} == {**info, "merge_seconds": 0}
+
+    config = BackboneConfig(**info["backbone"])
+    backbone = PeftModel.from_pretrained(create_backbone(config), str(folder)).eval()
+    heads = {task: load_head(folder / "heads" / task, read_meta(folder / "heads" / task)) for task in service.tasks}
+    loaded = MultiTaskModel(backbone, heads).eval()
+    served = service.merged_model(service.tasks, "linear")[0].model
+    images = service.preprocess([load_task(task)["test"][0]["image"] for task in service.tasks])
+    with torch.inference_mode():
+        got, want = loaded(images), served(images)
+    for task in service.tasks:
+        assert torch.allclose(got[task], want[task], atol=1e-4), (task, (got[task] - want[task]).abs().max())
+
+    # one task is exported as it is served: its own adapter; a rank out of range is one line
+    own_zip, _ = service.export_zip([service.tasks[0]], "auto", 8, tmp_path)
+    with zipfile.ZipFile(own_zip) as archive:
+        own = json.loads(archive.read(f"{own_zip.stem}/merge.json"))
+    assert own["method"] == "own adapter" and own["tasks"] == [service.tasks[0]]
+    with pytest.raises(MergeConfigError, match=r"^Export rank 100000 is outside 1 to \d+ .*: choose a rank"):
+        service.export_zip(service.tasks, "linear", 100_000, tmp_path)
