@@ -190,7 +190,7 @@ def load_image(source) -> tuple[Image.Image, list[str]]:
     """
     notes: list[str] = []
     if source is None or (isinstance(source, str) and not source.strip()):
-        raise BadImage(f"No image uploaded: choose an image file ({ACCEPTED}).")
+        raise BadImage(f"No image uploaded: choose an image file ({ACCEPTED}), or wait until its upload has finished.")
     data = None
     if isinstance(source, Image.Image):
         image = source

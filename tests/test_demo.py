@@ -454,7 +454,15 @@ def test_headless_chromium_upload_and_screenshot(app_url, service, example, tmp_
         root = tools.call("DOM.getDocument", depth=-1)["root"]["nodeId"]
         node = tools.call("DOM.querySelector", nodeId=root, selector="input[type=file]")["nodeId"]
         tools.call("DOM.setFileInputFiles", nodeId=node, files=[str(example)])
-        tools.wait_for(f"document.body.innerText.includes('{example.name}')", 30, "the upload")
+        # the name shows while the file uploads ("Uploading 1 file"); once uploaded the box lists it with its size
+        # and a download arrow (a Predict click before that is answered "No image uploaded ... or wait until its
+        # upload has finished")
+        tools.wait_for(
+            f"(t => t.includes('{example.stem}') && t.includes('⇣') && !t.includes('Uploading'))"
+            "(document.querySelector('#upload').innerText)",
+            30,
+            "the upload",
+        )
         tools.evaluate("[...document.querySelectorAll('button')].find(b => b.innerText.trim() === 'Predict').click()")
         tools.wait_for(
             "(document.querySelector('#prediction') || {innerText: ''}).innerText.includes('forward pass')",
