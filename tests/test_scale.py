@@ -362,3 +362,24 @@ def test_contradicting_profiles_are_refused(capsys):
 
     code, _, err = call_main(main, ["--quick", "--config", "paper"], capsys)
     assert code == 2 and "contradict" in err and "Traceback" not in err
+
+
+def test_device_check_without_cuda_says_so_in_one_line(tmp_path):
+    """scripts/device_check.sh (the CUDA path in one command) refuses a machine without CUDA before any work.
+
+    Its steps were run here with DEVICE=cpu (66 s); on CUDA it has not run yet (see the README)."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the script would run its whole check")
+    out = tmp_path / "check"
+    result = subprocess.run(
+        ["bash", str(REPO_ROOT / "scripts" / "device_check.sh"), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == [
+        "error: no CUDA device is visible to torch: run on a GPU machine, or DEVICE=cpu to try the script"
+    ]
+    assert not out.exists()  # nothing started
