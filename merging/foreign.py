@@ -32,6 +32,7 @@ from merging.merged_model import (
 )
 from mlvision.errors import AdapterError, MergeConfigError
 from mlvision.models import HEAD_FILE, META_FILE
+from mlvision.runs import relative_to_repo
 
 SOURCE = "peft-transformers"
 LABELS_FILE = "labels.json"
@@ -368,17 +369,12 @@ def export_merge(
             labels = {
                 "task": adapter.task,
                 "label_names": adapter.meta["label_names"],
-                "from_adapter": str(adapter.path),
+                "from_adapter": relative_to_repo(adapter.path),
             }
             (head_dir / LABELS_FILE).write_text(json.dumps(labels, indent=2))
         (temp / MERGE_INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True))
 
-    try:
-        write_folder_atomically(folder, write)
-    except OSError as error:
-        raise MergeConfigError(
-            f"cannot write output folder {folder} ({error.strerror or error}): choose a writable folder"
-        ) from None
+    write_folder_atomically(folder, write)
     return relative_error
 
 

@@ -253,7 +253,8 @@ def write_folder_atomically(folder: Path, write) -> None:
 
     Nothing half-written is ever left at `folder`: on any failure the temporary (and any parent
     folder made for it) is removed and a previous `folder` stays as it was; on success a previous
-    folder is swapped out and deleted only after the new one is in place.
+    folder is swapped out and deleted only after the new one is in place. A failure of the file
+    system (full disk, no permission) is the user's one-line MergeConfigError naming the folder.
     """
     made = [parent for parent in [folder.parent, *folder.parent.parents] if not parent.exists()]
     temp = None
@@ -273,7 +274,7 @@ def write_folder_atomically(folder: Path, write) -> None:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(temp, folder)
-    except BaseException:
+    except BaseException as error:
         if temp is not None:
             shutil.rmtree(temp, ignore_errors=True)
         for parent in made:  # deepest first; stops at the first one that is not empty
@@ -281,6 +282,10 @@ def write_folder_atomically(folder: Path, write) -> None:
                 parent.rmdir()
             except OSError:
                 break
+        if isinstance(error, OSError):
+            raise MergeConfigError(
+                f"cannot write output folder {folder} ({error.strerror or error}): choose a writable folder"
+            ) from None
         raise
 
 
@@ -368,12 +373,7 @@ def export_merge_as_lora(
             )
         (temp / MERGE_INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True))
 
-    try:
-        write_folder_atomically(folder, write)
-    except OSError as error:
-        raise MergeConfigError(
-            f"cannot write output folder {folder} ({error.strerror or error}): choose a writable folder"
-        ) from None
+    write_folder_atomically(folder, write)
     return relative_error
 
 
