@@ -94,6 +94,17 @@ def _layout(fig: go.Figure, title: str, x: str, y: str, height: int = 420) -> go
     return fig
 
 
+def _interval_bars(value: pd.Series, low: pd.Series, high: pd.Series, **style) -> dict:
+    """Error bars from an interval around each value (plotly wants the two distances); none where it is missing."""
+    return dict(
+        type="data",
+        array=(high - value).fillna(0).tolist(),
+        arrayminus=(value - low).fillna(0).tolist(),
+        visible=True,
+        **style,
+    )
+
+
 def merge_count_figure(
     curve: pd.DataFrame,
     y_title: str,
@@ -317,12 +328,7 @@ def share_figure(table: pd.DataFrame, title: str, y_title: str) -> go.Figure:
                 mode="markers",
                 name=method,
                 marker=dict(size=11, color=color_for(method, methods)),
-                error_y=dict(
-                    type="data",
-                    array=(part["ci_high"] - part["share"]).tolist(),
-                    arrayminus=(part["share"] - part["ci_low"]).tolist(),
-                    visible=True,
-                ),
+                error_y=_interval_bars(part["share"], part["ci_low"], part["ci_high"]),
                 customdata=np.stack([part["rows"], part["ci_low"], part["ci_high"]], axis=-1),
                 hovertemplate=f"<b>{method}</b><br>k=%{{x}}<br>share=%{{y:.1%}}<br>Wilson 95% CI %{{customdata[1]:.1%}}"
                 " to %{customdata[2]:.1%}<br>n=%{customdata[0]} rows<extra></extra>",
@@ -399,13 +405,7 @@ def task_multiples_figure(table: pd.DataFrame, y_title: str, columns: int = 3) -
                     legendgroup=method,
                     showlegend=index == 0,
                     line=dict(color=color_for(method, methods), width=2),
-                    error_y=dict(
-                        type="data",
-                        array=(part["ci_high"] - part["mean"]).fillna(0).tolist(),
-                        arrayminus=(part["mean"] - part["ci_low"]).fillna(0).tolist(),
-                        visible=True,
-                        thickness=1,
-                    ),
+                    error_y=_interval_bars(part["mean"], part["ci_low"], part["ci_high"], thickness=1),
                     customdata=np.stack([part["ci_low"], part["ci_high"], part["n"]], axis=-1),
                     hovertemplate=f"<b>{method}</b> on {task}<br>k=%{{x}}<br>mean=%{{y:.3f}}"
                     "<br>95% CI %{customdata[0]:.3f} to %{customdata[1]:.3f}"
@@ -461,12 +461,7 @@ def interval_figure(table: pd.DataFrame, x: str, title: str, y_title: str) -> go
             y=table["mean"],
             mode="markers",
             marker=dict(size=12, color=PALETTE[0]),
-            error_y=dict(
-                type="data",
-                array=(table["ci_high"] - table["mean"]).fillna(0).tolist(),
-                arrayminus=(table["mean"] - table["ci_low"]).fillna(0).tolist(),
-                visible=True,
-            ),
+            error_y=_interval_bars(table["mean"], table["ci_low"], table["ci_high"]),
             customdata=np.stack([table["ci_low"], table["ci_high"], table["n"], table["sd"]], axis=-1),
             hovertemplate="<b>%{x}</b><br>mean=%{y:.3f}<br>95% CI %{customdata[0]:.3f} to %{customdata[1]:.3f}"
             "<br>sd=%{customdata[3]:.3f}<br>n=%{customdata[2]}<extra></extra>",
