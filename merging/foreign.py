@@ -26,11 +26,12 @@ from merging.deltas import AdapterDeltas, deltas_from_factors, read_factors, rea
 from merging.merged_model import (
     MERGE_INFO_FILE,
     check_export_rank,
+    check_merge_fits,
     check_output_folder,
     lora_from_merge,
     write_folder_atomically,
 )
-from mlvision.errors import AdapterError, MergeConfigError
+from mlvision.errors import AdapterError
 from mlvision.models import HEAD_FILE, META_FILE
 from mlvision.runs import relative_to_repo
 
@@ -261,23 +262,6 @@ def load_base_model(name: str) -> torch.nn.Module:
             logging.enable_progress_bar()
 
 
-def _check_fits(model: torch.nn.Module, merged: dict[str, torch.Tensor], base: str) -> None:
-    for layer, delta in merged.items():
-        try:
-            weight = model.get_submodule(layer).weight
-        except AttributeError:
-            weight = None
-        if weight is None or tuple(weight.shape) != tuple(delta.shape):
-            raise AdapterError(
-                f"merged layer {layer} ({list(delta.shape)}) does not fit base model {base}: "
-                "merge adapters trained on that model"
-            )
-        if not torch.isfinite(delta).all():
-            raise MergeConfigError(
-                f"the merge gave NaN or infinite values in layer {layer}: check the method's hyperparameters"
-            )
-
-
 class MergedClassifier(torch.nn.Module):
     """The base model with the merged ΔW in its weights and one classifier per task on its pooled features.
 
@@ -301,7 +285,7 @@ def build_merged_model(adapters: list[AdapterDeltas], merged: dict[str, torch.Te
     """The merged multi-task model: base weights + merged ΔW (float64 sum, cast back), one head per task."""
     base = base_model_name(adapters)
     model = load_base_model(base)
-    _check_fits(model, merged, base)
+    check_merge_fits(model, merged, f"base model {base}")
     with torch.no_grad():
         for layer, delta in merged.items():
             weight = model.get_submodule(layer).weight
@@ -337,7 +321,7 @@ def export_merge(
     check_export_rank(rank, merged)
     base = base_model_name(adapters)
     model = load_base_model(base)
-    _check_fits(model, merged, base)
+    check_merge_fits(model, merged, f"base model {base}")
     with warnings.catch_warnings():
         # transformers 5 warns from inside peft's wrapping of its models about its own renamed attribute
         # (is_gradient_checkpointing): nothing the user can act on, so not part of the command's output

@@ -342,17 +342,7 @@ def export_merge_as_lora(
     check_export_rank(rank, merged)
     meta0 = adapters[0].meta
     backbone = create_backbone(BackboneConfig(**meta0["backbone"]))
-    for layer, delta in merged.items():
-        weight = getattr(_submodule(backbone, layer), "weight", None)
-        if weight is None or weight.shape[0] != delta.shape[0] or weight[0].numel() != delta.shape[1]:
-            raise AdapterError(
-                f"merged layer {layer} ({list(delta.shape)}) does not fit backbone {meta0['backbone']['name']}: "
-                "merge adapters trained on that backbone"
-            )
-        if not torch.isfinite(delta).all():
-            raise MergeConfigError(
-                f"the merge gave NaN or infinite values in layer {layer}: check the method's hyperparameters"
-            )
+    check_merge_fits(backbone, merged, f"backbone {meta0['backbone']['name']}")
     peft_model, relative_error = lora_from_merge(backbone, merged, rank)
     info = {
         **merge_info,
@@ -377,6 +367,22 @@ def export_merge_as_lora(
     return relative_error
 
 
+def check_merge_fits(model: torch.nn.Module, merged: dict[str, torch.Tensor], model_name: str) -> None:
+    """Before an export: every merged ΔW [out, in] fits its layer's weight (a 1x1 convolution flattened) and is
+    finite; otherwise one line naming the layer (`model_name`, e.g. "backbone X", names the model)."""
+    for layer, delta in merged.items():
+        weight = getattr(_submodule(model, layer), "weight", None)
+        if weight is None or weight.shape[0] != delta.shape[0] or weight[0].numel() != delta.shape[1]:
+            raise AdapterError(
+                f"merged layer {layer} ({list(delta.shape)}) does not fit {model_name}: "
+                "merge adapters trained on that model"
+            )
+        if not torch.isfinite(delta).all():
+            raise MergeConfigError(
+                f"the merge gave NaN or infinite values in layer {layer}: check the method's hyperparameters"
+            )
+
+
 def _submodule(model: torch.nn.Module, name: str) -> torch.nn.Module | None:
     try:
         return model.get_submodule(name)
@@ -394,4 +400,5 @@ __all__ = [
     "merge_deltas",
     "low_rank_factors",
     "write_folder_atomically",
+    "check_merge_fits",
 ]
