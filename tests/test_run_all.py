@@ -89,17 +89,13 @@ def test_adapter_folder_loads_with_peft_and_reproduces_its_accuracy(tiny_study):
 
 
 def test_killed_run_resumes_to_the_same_rows(tiny_study, tmp_path):
-    """SIGKILL a real run as soon as its first model folder appears, run again: same rows as uninterrupted."""
+    """SIGKILL a real run as soon as its first model folder appears, run again: same rows as uninterrupted.
+
+    Only the training stage runs, twice: it is the stage the kill interrupts, and the rows compared are its
+    task_results (an interrupted merge sweep resuming is tests/test_scale.py's two-process kill test)."""
     db, artifacts = tmp_path / "r.duckdb", tmp_path / "artifacts"
-    command = [
-        sys.executable,
-        str(REPO_ROOT / "training" / "run_all.py"),
-        *TINY_ARGS,
-        "--db",
-        str(db),
-        "--artifacts",
-        str(artifacts),
-    ]
+    args = [*TINY_ARGS, "--db", str(db), "--artifacts", str(artifacts), "--stages", "train"]
+    command = [sys.executable, str(REPO_ROOT / "training" / "run_all.py"), *args]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 240
     while time.time() < deadline and process.poll() is None:
@@ -111,7 +107,7 @@ def test_killed_run_resumes_to_the_same_rows(tiny_study, tmp_path):
     process.wait()
     partial = rows(db) if db.exists() else []
     assert len(partial) < len(TINY_TASKS) * 2
-    assert run_all(*TINY_ARGS, "--db", db, "--artifacts", artifacts) == 0
+    assert run_all(*args) == 0
     assert rows(db) == rows(tiny_study["db"])  # same configs, same seeds, same accuracies, no duplicates
 
 
