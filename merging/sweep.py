@@ -198,6 +198,11 @@ class MergeSweep:
 
     def load_inputs(self, seeds: set[int]) -> None:
         """Load each needed adapter's ΔW and score its single adapter and head baseline once."""
+        self.load_adapters(seeds)
+        self.baselines.update(self.score_baselines(sorted(self.adapters)))
+
+    def load_adapters(self, seeds: set[int]) -> None:
+        """Load the ΔW of every task's adapter of these seeds (and the preprocessing they were trained with)."""
         first = None
         for task in self.config.tasks:
             for seed in sorted(seeds):
@@ -206,15 +211,18 @@ class MergeSweep:
                 self.adapters[(task, seed)], self.folders[(task, seed)] = adapter, folder
                 first = first or adapter
         self.preprocess = Preprocess.from_dict(first.meta["preprocess"])
-        for (task, seed), adapter in tqdm(self.adapters.items(), desc="baselines", unit="adapter", leave=False):
-            data = {task: self.eval_tensors(task)}
+
+    def score_baselines(self, keys: list[tuple[str, int]]) -> dict[tuple[str, int], Baseline]:
+        """Which evaluation images the single adapter and the head baseline of each (task, seed) get right."""
+        baselines = {}
+        for task, seed in tqdm(keys, desc="baselines", unit="adapter", leave=False):
+            adapter, data = self.adapters[(task, seed)], {task: self.eval_tensors(task)}
             single_model = self.folded.model(adapter.deltas, {task: adapter.head})
             single = task_correct(single_model, data)[task]
             head_folder = self._stored_path("head", task, seed)
             head_model = self.folded.model({}, {task: load_head(head_folder, read_meta(head_folder))})
-            self.baselines[(task, seed)] = Baseline(
-                single_correct=single, head_correct=task_correct(head_model, data)[task]
-            )
+            baselines[(task, seed)] = Baseline(single_correct=single, head_correct=task_correct(head_model, data)[task])
+        return baselines
 
     def update_rows(self) -> list[dict]:
         """One `adapter_updates` row per loaded adapter: its update norm and number of adapted layers."""
@@ -384,13 +392,14 @@ class MergeSweep:
         compute (once, cached) the Gram matrices of the adapters a data-aware method will merge."""
         if todo:
             self.load_inputs({seed for _, seed, _ in todo})
-            needed = {
-                (task, seed)
-                for group, seed, method in todo
-                if get_method(method).kind == "data_aware"
-                for task in group
-            }
-            self.grams.prepare([self.adapters[key] for key in sorted(needed)])
+            self.prepare_grams(todo)
+
+    def prepare_grams(self, todo: list) -> None:
+        """Load or compute (once, cached) the Gram matrices of the adapters a data-aware method in `todo` merges."""
+        needed = {
+            (task, seed) for group, seed, method in todo if get_method(method).kind == "data_aware" for task in group
+        }
+        self.grams.prepare([self.adapters[key] for key in sorted(needed)])
 
     def run(self) -> dict:
         if self.accelerator is not None and self.accelerator.num_processes > 1:
@@ -421,9 +430,11 @@ class MergeSweep:
         (`broadcast_object_list`), so every process plans the same work and only the main process opens the
         store (another machine needs the artifacts at the same path, not the database); it also computes any
         missing Gram matrices first (the others then read them from the cache instead of racing to write them).
-        Process i takes every n-th merge of the list (methods differ in cost, so interleaving balances better than
-        contiguous slices), merges and scores it on its own device, and after every ROUND_MERGES merges the rows
-        are gathered to the main process (`gather_object`), which alone writes results.duckdb. A killed launch
+        The baselines (each adapter and head on the evaluation images) are scored once, a share per process, and
+        gathered to every process. Process i takes every n-th merge of the list (methods differ in cost, so
+        interleaving balances better than contiguous slices), merges and scores it on its own device, and after
+        every ROUND_MERGES merges the rows are gathered (`gather_object`); the main process alone writes
+        results.duckdb. A killed launch
         keeps every gathered round; run again, it does only the merges still missing. Each merge is computed
         exactly as the serial sweep computes it (the same per-layer seeds), so the rows do not depend on which
         process made them."""
@@ -440,12 +451,17 @@ class MergeSweep:
             shared = [todo, self.model_folders]
         broadcast_object_list(shared)
         todo, self.model_folders = shared
+        if todo:  # every process holds the adapters; each scores a share of the baselines, and all get them all
+            self.load_adapters({seed for _, seed, _ in todo})
+            keys = sorted(self.adapters)[accelerator.process_index :: accelerator.num_processes]
+            for scored in gather_object([self.score_baselines(keys)]):
+                self.baselines.update(scored)
         if main:
-            self.prepare(todo)
+            self.prepare_grams(todo)
             self.save_updates()
         accelerator.wait_for_everyone()
         if not main:
-            self.prepare(todo)
+            self.prepare_grams(todo)
         mine = todo[accelerator.process_index :: accelerator.num_processes]
         rounds = math.ceil(math.ceil(len(todo) / accelerator.num_processes) / ROUND_MERGES)
         merged = 0
