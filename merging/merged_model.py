@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, get_peft_model
 
+from merging.card import model_card
 from merging.deltas import AdapterDeltas, check_compatible
 from merging.grams import GramStore
 from merging.methods import get_method
@@ -328,12 +329,15 @@ def export_merge_as_lora(
     folder: str | Path,
     merge_info: dict,
     overwrite: bool = False,
+    figures: dict | None = None,
 ) -> float:
     """Save a merge as a peft LoRA (scaling 1 on every layer) plus the k heads; returns the relative error.
 
     The folder loads with `PeftModel.from_pretrained(backbone, folder)`; heads are saved as
-    `heads/<task>/` model folders. Each layer gets rank min(rank, out, in) (peft's rank_pattern,
-    with alpha_pattern equal to it so the scaling stays 1); a rank no layer can use is refused
+    `heads/<task>/` model folders; README.md is its model card (merging/card.py), with the accuracies in
+    `figures` (task -> {"merged"|"single"|"head": Figure}, looked up by the caller), "not measured" elsewhere.
+    Each layer gets rank min(rank, out, in) (peft's rank_pattern, with alpha_pattern equal to it so the scaling
+    stays 1); a rank no layer can use is refused
     (`check_export_rank`). The folder is checked with `check_output_folder` and written atomically.
     The returned figure is ||ΔW - B A||_F / ||ΔW||_F over all layers.
     """
@@ -362,6 +366,8 @@ def export_merge_as_lora(
                 adapter.head,
             )
         (temp / MERGE_INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True))
+        # after peft's save_pretrained, whose own README.md (a blank template) this replaces
+        (temp / "README.md").write_text(model_card(info, {a.task: a.meta["label_names"] for a in adapters}, figures))
 
     write_folder_atomically(folder, write)
     return relative_error

@@ -43,6 +43,10 @@ class MergeConfigError(MLVisionError):
     """A merge was asked for with bad inputs or hyperparameters."""
 
 
+class HubPushError(MLVisionError):
+    """A merge was saved but could not be uploaded to the Hugging Face Hub (offline, no token, no access)."""
+
+
 class BadImage(MLVisionError, ValueError):
     """An upload that cannot be used; the message is meant for the person who uploaded it."""
 

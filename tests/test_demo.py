@@ -730,7 +730,7 @@ def test_merged_model_downloads_as_the_zip_merge_py_writes(app_url, service, tmp
         "adapter_model.safetensors",
         "merge.json",
         *heads,
-    ]  # README: peft's card
+    ]  # README: the model card (merging/card.py)
     assert files == sorted(expected), files
     info = json.loads((folder / "merge.json").read_text())
     assert info["method"] == "linear" and info["tasks"] == service.tasks and info["export_rank"] == 32
