@@ -1,11 +1,18 @@
-"""Adapters this project did not train: a peft LoRA of a `transformers` image-classification model.
+"""Adapters this project did not train: peft LoRAs of a `transformers` or a timm image-classification model.
 
-The recipe of peft's image-classification guide: `AutoModelForImageClassification.from_pretrained(base,
-num_labels=n, ignore_mismatched_sizes=True)`, `LoraConfig(target_modules=[...], modules_to_save=["classifier"])`,
-`save_pretrained(folder)`. Such a folder holds adapter_config.json (naming `base_model_name_or_path`) and
-adapter_model.safetensors (the LoRA factors plus the saved classifier), and no task.json. It becomes the same
-`AdapterDeltas` the merge methods take: exact ΔW per layer (read by merging/deltas.py, with all of its
-checks), the classifier as the task head, the label names, and the base model as its "backbone".
+Two recipes are read:
+- peft's image-classification guide: `AutoModelForImageClassification.from_pretrained(base, num_labels=n,
+  ignore_mismatched_sizes=True)`, `LoraConfig(target_modules=[...], modules_to_save=["classifier"])`,
+  `save_pretrained(folder)`; adapter_config.json names `base_model_name_or_path`;
+- peft on a timm model (peft's custom-models guide): `timm.create_model(base, pretrained=True, num_classes=n)`,
+  LoRA on e.g. `qkv`, the classifier in `modules_to_save=["head"]` or saved beside the adapter as
+  `head.safetensors` (weight, bias). peft writes no base model name for timm models (they have no
+  `name_or_path`), so it is given with `--base` (a timm hub id such as `timm/vit_base_patch16_224.augreg_in21k`,
+  `hf-hub:...`, `local-dir:FOLDER`, or a folder holding timm's config.json).
+Either folder holds no task.json (this project's marker). It becomes the same `AdapterDeltas` the merge methods
+take: exact ΔW per layer (read by merging/deltas.py, with all of its checks), the classifier as the task head,
+the label names, and the base model as its "backbone". A folder may also come from the Hugging Face Hub:
+`hub:user/adapter` (`resolve_adapter`), read from the local Hub cache or downloaded.
 
 The merged model for evaluation is the base model with the merged ΔW added to its adapted weights and
 its classifier replaced by one head per task, all applied to the classifier's usual input (for ViT, the
@@ -15,6 +22,7 @@ base model plus one head per task.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import warnings
@@ -31,13 +39,17 @@ from merging.merged_model import (
     lora_from_merge,
     write_folder_atomically,
 )
+from mlvision.backbone import Preprocess
 from mlvision.errors import AdapterError
 from mlvision.models import HEAD_FILE, META_FILE
 from mlvision.runs import relative_to_repo
 
-SOURCE = "peft-transformers"
+TRANSFORMERS, TIMM = "transformers", "timm"  # the libraries a base model is loaded with
+SOURCES = {TRANSFORMERS: "peft-transformers", TIMM: "peft-timm"}  # recorded as each adapter's "source"
 LABELS_FILE = "labels.json"
+HUB_PREFIX = "hub:"
 _PREFIX = "base_model.model."
+_TIMM_PREFIXES = ("timm/", "hf-hub:", "local-dir:")
 
 
 def is_foreign(folder: str | os.PathLike) -> bool:
@@ -46,45 +58,92 @@ def is_foreign(folder: str | os.PathLike) -> bool:
     return (folder / "adapter_config.json").is_file() and not (folder / META_FILE).exists()
 
 
-def _base_name(folder: Path, config: dict) -> str:
-    base = config.get("base_model_name_or_path")
-    if not isinstance(base, str) or not base:
-        raise AdapterError(
-            f"{folder / 'adapter_config.json'} names no base_model_name_or_path: "
-            "set it to the transformers model the adapter was trained on"
-        )
-    return base
+def _base_name(folder: Path, config: dict, given: str | None) -> str:
+    """The adapter's base model: adapter_config.json's base_model_name_or_path, else `given` (--base)."""
+    named = config.get("base_model_name_or_path")
+    if isinstance(named, str) and named:
+        if given and given != named:
+            raise AdapterError(
+                f"--base {given} contradicts {folder / 'adapter_config.json'}, which names base model {named}: "
+                "leave --base out for adapters that name their base"
+            )
+        return named
+    if given:
+        return given
+    raise AdapterError(
+        f"{folder / 'adapter_config.json'} names no base_model_name_or_path (peft writes none for timm models): "
+        "pass --base with the model it was trained on (e.g. --base timm/vit_base_patch16_224.augreg_in21k)"
+    )
 
 
-def _classifier(folder: Path, config: dict, factors: dict[str, torch.Tensor]) -> tuple[str, torch.nn.Linear]:
-    """The module name and weights of the one Linear classifier peft saved through `modules_to_save`."""
+def base_library(base: str) -> str:
+    """TIMM for timm's hub ids (`timm/...`, `hf-hub:...`), `local-dir:` folders, folders holding timm's
+    config.json (it has "architecture") and timm model names; TRANSFORMERS otherwise."""
+    if base.startswith(_TIMM_PREFIXES):
+        return TIMM
+    config = Path(base) / "config.json"
+    if config.is_file():
+        try:
+            data = json.loads(config.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            data = None
+        return TIMM if isinstance(data, dict) and "architecture" in data else TRANSFORMERS
+    import timm
+
+    return TIMM if not Path(base).exists() and timm.is_model(base.split(".")[0]) else TRANSFORMERS
+
+
+def _classifier(folder: Path, config: dict, factors: dict[str, torch.Tensor]) -> tuple[str | None, torch.nn.Linear]:
+    """The task head: the one Linear classifier peft saved through `modules_to_save` (its module name), or else
+    a `head.safetensors` beside the adapter (module name None: timm names it, `model.get_classifier()`)."""
     saved = config.get("modules_to_save") or []
     if isinstance(saved, str):
         saved = [saved]
     found = [name for name in saved if f"{_PREFIX}{name}.weight" in factors]
-    if len(found) != 1:
+    if len(found) > 1 or (not found and not (folder / HEAD_FILE).is_file()):
         raise AdapterError(
             f"{folder} saves {'no' if not found else 'more than one'} classifier through modules_to_save "
-            f"(got {saved}): train it with modules_to_save=['classifier'] so its task head is saved with it"
+            f"(got {saved}) and no {HEAD_FILE}: train it with modules_to_save=['classifier'] (timm: ['head']) "
+            f"or save the classifier's weight and bias beside it as {HEAD_FILE}"
         )
-    name = found[0]
-    weight, bias = factors[f"{_PREFIX}{name}.weight"], factors.get(f"{_PREFIX}{name}.bias")
+    if found:
+        name = found[0]
+        return name, _linear(
+            f"{folder}: the saved {name}", factors[f"{_PREFIX}{name}.weight"], factors.get(f"{_PREFIX}{name}.bias")
+        )
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(folder / HEAD_FILE))
+    except (OSError, SafetensorError) as error:
+        raise AdapterError(f"cannot read {folder / HEAD_FILE} ({error}): save the classifier again") from None
+    if "weight" not in state or set(state) - {"weight", "bias"}:
+        raise AdapterError(
+            f"{folder / HEAD_FILE} holds {sorted(state)}: it must hold the classifier's 'weight' (and 'bias') only"
+        )
+    return None, _linear(str(folder / HEAD_FILE), state["weight"], state.get("bias"))
+
+
+def _linear(where: str, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.nn.Linear:
+    """A Linear head with these weights, or one line saying why they cannot be one."""
     if weight.dim() != 2 or (bias is not None and bias.shape != weight.shape[:1]):
         raise AdapterError(
-            f"{folder}: the saved {name} is not a Linear layer (weight {list(weight.shape)}): "
-            "only a Linear classifier can be a task head here"
+            f"{where} is not a Linear layer (weight {list(weight.shape)}): only a Linear classifier can be a task head"
         )
     if not torch.isfinite(weight).all() or (bias is not None and not torch.isfinite(bias).all()):
-        raise AdapterError(f"{folder}: the saved {name} has NaN or infinite weights: re-train that adapter")
+        raise AdapterError(f"{where} has NaN or infinite weights: re-train that adapter")
     head = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
     with torch.no_grad():
-        head.weight.copy_(weight)
+        head.weight.copy_(weight.float())
         if bias is not None:
-            head.bias.copy_(bias)
-    return name, head
+            head.bias.copy_(bias.float())
+    return head
 
 
-def _refuse_other_weights(folder: Path, config: dict, factors: dict[str, torch.Tensor], head_module: str) -> None:
+def _refuse_other_weights(
+    folder: Path, config: dict, factors: dict[str, torch.Tensor], head_module: str | None
+) -> None:
     """Refuse what a merge of B·A updates would silently drop or misread: trained biases (bias="all" or
     "lora_only", lora_bias), other modules_to_save, and transposed factors (fan_in_fan_out, GPT-2's Conv1D)."""
     if config.get("fan_in_fan_out"):
@@ -93,7 +152,9 @@ def _refuse_other_weights(folder: Path, config: dict, factors: dict[str, torch.T
             "can be merged here"
         )
     for key in factors:
-        if key.endswith((".lora_A.weight", ".lora_B.weight")) or key.startswith(f"{_PREFIX}{head_module}."):
+        if key.endswith((".lora_A.weight", ".lora_B.weight")) or (
+            head_module and key.startswith(f"{_PREFIX}{head_module}.")
+        ):
             continue
         raise AdapterError(
             f"{folder} saves {key}, which is neither a LoRA factor nor its classifier (trained biases or another "
@@ -168,33 +229,71 @@ def _label_names(folder: Path, base: str, n_classes: int, labels_file: Path | No
     )
 
 
-def load_foreign(folder: str | os.PathLike, labels_file: str | os.PathLike | None = None) -> AdapterDeltas:
-    """Read a transformers peft LoRA folder into exact per-layer ΔW, its classifier as head, and its labels.
+def load_foreign(
+    folder: str | os.PathLike,
+    labels_file: str | os.PathLike | None = None,
+    base: str | None = None,
+    hub_id: str | None = None,
+) -> AdapterDeltas:
+    """Read a peft LoRA folder of a transformers or timm model into exact per-layer ΔW, its head and its labels.
 
     The checks are deltas.py's (peft type, DoRA, rank and alpha patterns, rsLoRA, finite values, orphan
     factors, damaged file), so an adapter from elsewhere is held to the same rules as this project's own.
-    The task is named after the folder.
+    `base` (--base) names the base model of an adapter whose config names none. The task is named after the
+    adapter's Hub repo id (`hub_id`, when it came from the Hub) or its folder.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise AdapterError(f"no adapter folder at {folder}: check the path")
     config = read_lora_config(folder)
-    base = _base_name(folder, config)
+    base = _base_name(folder, config, base)
     factors = read_factors(folder)
     deltas = deltas_from_factors(folder, config, factors)
     head_module, head = _classifier(folder, config, factors)
     _refuse_other_weights(folder, config, factors, head_module)
     labels = _label_names(folder, base, head.out_features, Path(labels_file) if labels_file else None)
+    library = base_library(base)
     meta = {
-        "task": folder.name,
+        "task": hub_id or folder.name,
+        "hub_id": hub_id,
         "label_names": labels,
         "backbone": {"base_model_name_or_path": base},
         "preprocess": {},
         "model_kind": "adapter",
-        "source": SOURCE,
+        "source": SOURCES[library],
+        "library": library,
         "head_module": head_module,
     }
     return AdapterDeltas(path=folder, meta=meta, deltas=deltas, head=head)
+
+
+def resolve_adapter(text: str | os.PathLike) -> tuple[Path, str | None]:
+    """An adapter argument as (local folder, task name or None): `hub:user/adapter` is looked up in the local
+    Hugging Face cache first (no network), then downloaded; its task is named after the repo id. A local path
+    is returned as it is."""
+    text = str(text)
+    if not text.startswith(HUB_PREFIX):
+        return Path(text), None
+    repo_id = text[len(HUB_PREFIX) :]
+    return hub_snapshot(repo_id, f"adapter {text}"), repo_id
+
+
+def hub_snapshot(repo_id: str, what: str) -> Path:
+    """The local folder of a Hub model repo: from the cache when it is there, else downloaded; one line if neither."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:  # not cached (or an odd id): the download below gives the reason worth showing
+        pass
+    try:
+        return Path(snapshot_download(repo_id))
+    except Exception as error:  # huggingface_hub raises many kinds (offline, not found, no access, bad id)
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise AdapterError(
+            f"{what} is not in the local Hugging Face cache and cannot be downloaded ({reason}): "
+            "download it where there is a network (hf download REPO_ID) or pass its local folder"
+        ) from None
 
 
 def base_model_name(adapters: list[AdapterDeltas]) -> str:
@@ -208,7 +307,7 @@ def base_model_name(adapters: list[AdapterDeltas]) -> str:
                 f"adapter {other.path} was trained on base model {theirs} but {first.path} on {base}: "
                 "merge adapters of one base model only"
             )
-        if other.meta["head_module"] != first.meta["head_module"]:
+        if first.meta["library"] == TRANSFORMERS and other.meta["head_module"] != first.meta["head_module"]:
             raise AdapterError(
                 f"adapter {other.path} saves its classifier as {other.meta['head_module']} but {first.path} as "
                 f"{first.meta['head_module']}: merge adapters of one model class only"
@@ -239,7 +338,10 @@ def fill_missing_layers(adapters: list[AdapterDeltas]) -> tuple[list[AdapterDelt
 
 
 def load_base_model(name: str) -> torch.nn.Module:
-    """The base transformers model, offline (a local folder or the local Hugging Face cache), in eval mode."""
+    """The base model in eval mode, offline first: transformers from a local folder or the local Hugging Face
+    cache; timm from a folder, `local-dir:`, or its hub id through the cache (downloaded if missing)."""
+    if base_library(name) == TIMM:
+        return _load_timm_base(name)
     from transformers import AutoModelForImageClassification
     from transformers.utils import logging
 
@@ -251,9 +353,8 @@ def load_base_model(name: str) -> torch.nn.Module:
     try:
         return AutoModelForImageClassification.from_pretrained(name, local_files_only=True).eval()
     except Exception as error:  # transformers raises OSError, ValueError, KeyError... for a missing or odd model
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise AdapterError(
-            f"cannot load base model {name} offline ({reason}): download it first or point "
+            f"cannot load base model {name} offline ({_first_line(error)}): download it first or point "
             "base_model_name_or_path at a local folder"
         ) from None
     finally:
@@ -262,36 +363,153 @@ def load_base_model(name: str) -> torch.nn.Module:
             logging.enable_progress_bar()
 
 
+def _load_timm_base(name: str) -> torch.nn.Module:
+    """A timm base model with its pretrained weights: a hub id becomes its cached (or downloaded) folder, read
+    with timm's own `local-dir:` loader, so a cached model loads without any network call."""
+    import timm
+
+    if name.startswith("local-dir:"):
+        folder = Path(name[len("local-dir:") :])
+    elif name.startswith(("timm/", "hf-hub:")) or not Path(name).exists():
+        repo_id = name.removeprefix("hf-hub:")
+        repo_id = repo_id if "/" in repo_id else f"timm/{repo_id}"  # a bare timm name lives under timm/ on the Hub
+        folder = hub_snapshot(repo_id, f"base model {name}")
+    else:
+        folder = Path(name)
+    try:
+        return timm.create_model(f"local-dir:{folder.resolve()}", pretrained=True).eval()
+    except Exception as error:  # timm raises RuntimeError, KeyError, FileNotFoundError... for an odd folder
+        raise AdapterError(
+            f"cannot load timm base model {name} from {folder} ({_first_line(error)}): "
+            "point --base at a folder timm's save_for_hf wrote (config.json and weights)"
+        ) from None
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+def base_preprocess(base: str, model: torch.nn.Module) -> Preprocess:
+    """How an image is fed to the base model, as this project's `Preprocess` (resize to a square, normalise):
+    timm's data config of the model; for transformers the base's image processor config
+    (preprocessor_config.json: size, image_mean, image_std, resample), else the model config's image_size with
+    the ViT image processor's defaults (mean = std = 0.5, bilinear). No centre crop either way (what the
+    adapter's trainer did is not recorded in its folder; resizing keeps the whole image)."""
+    if base_library(base) == TIMM:
+        import timm
+
+        data = timm.data.resolve_data_config({}, model=model)
+        return Preprocess(int(data["input_size"][-1]), tuple(data["mean"]), tuple(data["std"]), data["interpolation"])
+    from transformers import AutoImageProcessor
+
+    size = int(getattr(model.config, "image_size", 224))
+    mean, std, resample = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 2
+    try:
+        processor = AutoImageProcessor.from_pretrained(base, local_files_only=True)
+        size = int((processor.size or {}).get("height", size))
+        mean, std = tuple(processor.image_mean), tuple(processor.image_std)
+        resample = int(getattr(processor, "resample", resample))
+    except Exception:  # noqa: BLE001 - no preprocessor_config.json beside the base: the documented defaults
+        pass
+    return Preprocess(size, tuple(map(float, mean)), tuple(map(float, std)), _PIL_RESAMPLE.get(resample, "bilinear"))
+
+
+_PIL_RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}  # PIL's resample codes as timm names them
+
+
+def expand_sources(sources: list[str]) -> list[str]:
+    """Adapter arguments with each folder of adapter folders replaced by its adapter subfolders (sorted), so
+    `--adapters my_adapters/` serves every adapter kept there; Hub ids and adapter folders stay as they are."""
+    expanded = []
+    for source in sources:
+        folder = Path(source)
+        if source.startswith(HUB_PREFIX) or not folder.is_dir() or (folder / "adapter_config.json").exists():
+            expanded.append(source)
+            continue
+        inside = sorted(str(sub) for sub in folder.iterdir() if (sub / "adapter_config.json").is_file())
+        if not inside:
+            raise AdapterError(f"{folder} holds no adapter (no adapter_config.json in it or its subfolders)")
+        expanded.extend(inside)
+    return expanded
+
+
 class MergedClassifier(torch.nn.Module):
     """The base model with the merged ΔW in its weights and one classifier per task on its pooled features.
 
-    The base's own classifier is replaced by Identity, so the model's "logits" are exactly the classifier's
-    input (ViTForImageClassification: the final layernorm's CLS token); each task head is applied to them.
+    The base's own classifier is removed, so the model's output is exactly the classifier's input
+    (ViTForImageClassification: the final layernorm's CLS token, as "logits"; timm: its pre-logits features,
+    `reset_classifier(0)`); each task head is applied to them.
     """
 
-    def __init__(self, model: torch.nn.Module, head_module: str, heads: dict[str, torch.nn.Linear]):
+    def __init__(self, model: torch.nn.Module, library: str, head_module: str | None, heads: dict):
         super().__init__()
-        model.set_submodule(head_module, torch.nn.Identity())
-        self.model = model
+        if library == TIMM:
+            model.reset_classifier(0)
+        else:
+            model.set_submodule(head_module, torch.nn.Identity())
+        self.model, self.library = model, library
         self.heads = torch.nn.ModuleDict({task.replace(".", "_"): head for task, head in heads.items()})
         self.tasks = {task: task.replace(".", "_") for task in heads}
 
+    def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if self.library == TIMM:
+            return self.model(pixel_values)
+        return self.model(pixel_values=pixel_values).logits
+
     def forward(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
-        features = self.model(pixel_values=pixel_values).logits
+        features = self.features(pixel_values)
         return {task: self.heads[key](features) for task, key in self.tasks.items()}
 
 
-def build_merged_model(adapters: list[AdapterDeltas], merged: dict[str, torch.Tensor]) -> MergedClassifier:
-    """The merged multi-task model: base weights + merged ΔW (float64 sum, cast back), one head per task."""
+def build_merged_model(
+    adapters: list[AdapterDeltas], merged: dict[str, torch.Tensor], base_model: torch.nn.Module | None = None
+) -> MergedClassifier:
+    """The merged multi-task model: base weights + merged ΔW (float64 sum, cast back), one head per task.
+
+    `base_model`, the base already loaded (the demo keeps one), is copied, never changed; without it the base
+    is loaded from its name."""
     base = base_model_name(adapters)
-    model = load_base_model(base)
+    model = copy.deepcopy(base_model) if base_model is not None else load_base_model(base)
     check_merge_fits(model, merged, f"base model {base}")
     with torch.no_grad():
         for layer, delta in merged.items():
             weight = model.get_submodule(layer).weight
-            weight.copy_((weight.double() + delta.double()).to(weight.dtype))
+            weight.copy_((weight.double() + delta.double().reshape(weight.shape)).to(weight.dtype))
     heads = {a.task: a.head for a in adapters}
-    return MergedClassifier(model, adapters[0].meta["head_module"], heads).eval()
+    return MergedClassifier(model, adapters[0].meta["library"], adapters[0].meta["head_module"], heads).eval()
+
+
+def evaluation_data(
+    adapters: list[AdapterDeltas], datasets_for: dict[str, str], preprocess: Preprocess, n: int
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{task: (images, labels)}: up to `n` test images of each adapter's own dataset (`datasets_for[task]`: a
+    `save_to_disk` folder or a Hub dataset id, read as this project's `hub:` tasks are: image and ClassLabel
+    columns found, a missing test split carved from train, seeded), preprocessed for the base model.
+
+    The dataset's class names must be the adapter's label names in the same order (an adapter's output i is
+    its label i); otherwise one line shows both, since a silent mismatch would score the wrong classes."""
+    from mlvision.data import split_tensors
+    from mlvision.tasks import HUB_PREFIX as DATA_PREFIX
+    from mlvision.tasks import get_task
+
+    data = {}
+    for adapter in adapters:
+        if adapter.task not in datasets_for:
+            raise AdapterError(
+                f"no evaluation data for adapter {adapter.task}: pass --data {adapter.path}=DATASET "
+                "(a save_to_disk folder or a Hub dataset id)"
+            )
+        source = datasets_for[adapter.task]
+        name = source if source.startswith(DATA_PREFIX) else f"{DATA_PREFIX}{source}"
+        names = list(get_task(name).label_names)
+        if names != adapter.meta["label_names"]:
+            raise AdapterError(
+                f"dataset {source} has classes {names[:6]}{'...' if len(names) > 6 else ''} but adapter {adapter.task} "
+                f"has labels {adapter.meta['label_names'][:6]}: give the adapter its own dataset, or its label names "
+                "in the dataset's order with --labels"
+            )
+        data[adapter.task] = split_tensors(name, "test", preprocess, n)
+    return data
 
 
 def head_folder_name(task: str) -> str:
@@ -305,12 +523,13 @@ def export_merge(
     folder: str | Path,
     merge_info: dict,
     overwrite: bool = False,
+    figures: dict | None = None,
 ) -> float:
-    """Save a merge of transformers adapters as a peft LoRA of the base model plus one head per task.
+    """Save a merge of transformers or timm adapters as a peft LoRA of the base model plus one head per task.
 
-    The folder loads with `PeftModel.from_pretrained(AutoModelForImageClassification.from_pretrained(base,
-    num_labels=n, ignore_mismatched_sizes=True), folder)`; `heads/<task>/head.safetensors` is that task's
-    classifier (load it into the model's classifier) and `heads/<task>/labels.json` its label names. The LoRA is
+    The folder loads with `PeftModel.from_pretrained(base model, folder)` (`how_to_load` in merge.json says how
+    for its library); `heads/<task>/head.safetensors` is that task's classifier (load it into the model's
+    classifier) and `heads/<task>/labels.json` its label names. The LoRA is
     the truncated SVD of each merged ΔW (`lora_from_merge`); returns its relative reconstruction error. Checked
     with `check_output_folder` and written atomically: nothing is left at `folder` on an error.
     """
@@ -327,20 +546,18 @@ def export_merge(
         # (is_gradient_checkpointing): nothing the user can act on, so not part of the command's output
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         peft_model, relative_error = lora_from_merge(model, merged, rank)
-    head_module = adapters[0].meta["head_module"]
+    head_module, library = adapters[0].meta["head_module"], adapters[0].meta["library"]
     info = {
         **merge_info,
-        "source": SOURCE,
+        "source": SOURCES[library],
+        "library": library,
         "base_model_name_or_path": base,
         "head_module": head_module,
         "export_rank": rank,
         "relative_error": relative_error,
         "tasks": [a.task for a in adapters],
         "labels": {a.task: a.meta["label_names"] for a in adapters},
-        "how_to_load": (
-            "PeftModel.from_pretrained(AutoModelForImageClassification.from_pretrained(base, num_labels=n, "
-            f"ignore_mismatched_sizes=True), folder), then load heads/<task>/{HEAD_FILE} into its {head_module}"
-        ),
+        "how_to_load": _how_to_load(library, head_module),
     }
 
     def write(temp: Path) -> None:
@@ -353,21 +570,42 @@ def export_merge(
             labels = {
                 "task": adapter.task,
                 "label_names": adapter.meta["label_names"],
-                "from_adapter": relative_to_repo(adapter.path),
+                "from_adapter": f"{HUB_PREFIX}{adapter.meta['hub_id']}"
+                if adapter.meta.get("hub_id")
+                else relative_to_repo(adapter.path),
             }
             (head_dir / LABELS_FILE).write_text(json.dumps(labels, indent=2))
         (temp / MERGE_INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True))
+        from merging.card import model_card  # README.md: the model card, in place of peft's blank one
+
+        (temp / "README.md").write_text(model_card(info, info["labels"], figures))
 
     write_folder_atomically(folder, write)
     return relative_error
 
 
+def _how_to_load(library: str, head_module: str | None) -> str:
+    """One sentence for merge.json: how the exported folder loads with plain peft and its base library."""
+    if library == TIMM:
+        return (
+            "PeftModel.from_pretrained(timm.create_model(base, pretrained=True), folder); per task, "
+            f"model.reset_classifier(n) and load heads/<task>/{HEAD_FILE} into model.get_classifier()"
+        )
+    return (
+        "PeftModel.from_pretrained(AutoModelForImageClassification.from_pretrained(base, num_labels=n, "
+        f"ignore_mismatched_sizes=True), folder), then load heads/<task>/{HEAD_FILE} into its {head_module}"
+    )
+
+
 __all__ = [
     "MergedClassifier",
+    "base_preprocess",
     "build_merged_model",
+    "expand_sources",
     "export_merge",
     "fill_missing_layers",
     "is_foreign",
     "load_foreign",
     "read_labels_file",
+    "resolve_adapter",
 ]
