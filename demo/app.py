@@ -1,6 +1,7 @@
 """Gradio demo: one merged multi-task model answers every task for an uploaded image.
 
     python demo/app.py [--host 127.0.0.1] [--port 7860] [--db results.duckdb]
+    python demo/app.py --adapters my_adapters/ hub:user/adapter [--base timm/NAME] [--labels ADAPTER=FILE]
 
 The named API endpoint `predict` (see README) takes (image file, tasks, method, compare) and
 returns JSON; the page renders that JSON. Clicking an example thumbnail runs the same chain on that
@@ -196,13 +197,13 @@ def task_lines(service: DemoService) -> str:
 def write_examples(service: DemoService, folder: Path) -> list[tuple[str, str]]:
     """One test image per task (the first of its test split, at its native size), saved as PNG: a list of
     (file, task), the example gallery's value (the task is the thumbnail's caption)."""
-    from mlvision.tasks import load_task
-
     examples = []
     folder.mkdir(parents=True, exist_ok=True)
     for task in service.tasks:
         try:
-            image = load_task(task)["test"][0]["image"]
+            image = service.example_image(task)
+            if image is None:  # adapters trained elsewhere: their data is not here
+                continue
             path = folder / f"{task.replace(':', '_').replace('/', '_')}.png"
             image.save(path)
             examples.append((str(path), task))
@@ -306,12 +307,11 @@ def build_demo(service: DemoService, examples: list[tuple[str, str]] | None = No
     with gr.Blocks(title="Multi-LoRA Vision demo") as demo:
         gr.Markdown(
             f"# Multi-LoRA Vision: one merged model, every task\n"
-            f"One LoRA adapter per task (seed {service.seed}) on `{service.backbone_config.name}` at "
-            f"{service.preprocess.image_size}px, merged into a single backbone: "
+            f"{service.origin_line()} at {service.preprocess.image_size}px, merged into a single backbone: "
             "**one forward pass answers every task**. "
             f"Running on **{service.device.type.upper()}**"
             f"{' (' + __import__('torch').cuda.get_device_name(0) + ')' if service.device.type == 'cuda' else ''}. "
-            f"Results database: `{service.db_path.name}`."
+            f"{service.results_line()}"
         )
         with gr.Row():
             with gr.Column(scale=1):
@@ -413,6 +413,21 @@ def settings_line(service: DemoService) -> str:
     )
 
 
+def make_service(args) -> DemoService:
+    """The study's adapters from --db, or with --adapters the given ones (demo/foreign.py)."""
+    if not args.adapters:
+        return DemoService(args.db, device=args.device)
+    from demo.foreign import ForeignDemoService
+
+    labels = {}
+    for item in args.labels:
+        adapter, sep, file = item.rpartition("=")
+        if not sep or not adapter or not file:
+            raise ValueError(f"--labels '{item}' is not ADAPTER=FILE: write e.g. --labels my_adapter=labels.json")
+        labels[adapter] = file
+    return ForeignDemoService(args.adapters, base=args.base, labels=labels, device=args.device)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
@@ -422,13 +437,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--db", default=os.environ.get("MLV_DB", str(DEFAULT_DB_PATH)))
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--share", action="store_true", help="also open a public gradio.live link")
+    parser.add_argument(
+        "--adapters",
+        nargs="+",
+        metavar="DIR_OR_HUB_ID",
+        help="serve adapters trained elsewhere instead of the study's: peft LoRA folders of one transformers or timm "
+        "model, folders of such folders, or hub:user/adapter (see merging/merge.py --help)",
+    )
+    parser.add_argument("--base", help="with --adapters: the base model of adapters whose config names none (timm)")
+    parser.add_argument(
+        "--labels",
+        action="append",
+        default=[],
+        metavar="ADAPTER=FILE",
+        help="with --adapters: label names for an adapter that carries none; repeatable",
+    )
     args = parser.parse_args(argv)
+    if (args.base or args.labels) and not args.adapters:
+        parser.error("--base and --labels go with --adapters")
     if port_taken(args.host, args.port):  # before minutes of loading, and without Gradio's traceback
         print(port_message(args.host, args.port), file=sys.stderr)
         return 2
     print("[demo] loading adapters ...", flush=True)
     try:
-        service = DemoService(args.db, device=args.device)
+        service = make_service(args)
     except Exception as error:  # noqa: BLE001
         print(f"error: cannot start the demo: {error}", file=sys.stderr)
         return 2

@@ -60,7 +60,7 @@ EXPORT_RANK = 32  # default rank of the downloaded merge (the same default as me
 # --------------------------------------------------------------------------------------------------
 @dataclass
 class MergedEntry:
-    model: MultiTaskModel
+    model: torch.nn.Module  # answers {task: logits} for a batch of images
     method: str
     hyperparams: dict
     build_seconds: float
@@ -230,8 +230,13 @@ class DemoService:
         self.methods = list_methods(kind="data_free")
         self._folded = FoldedBackbone(self.backbone_config)
         self._merger = AdapterMerger(self.adapters, self.backbone_config)
+        self._start_serving()
+        self._read_store()
+
+    def _start_serving(self) -> None:
+        """The caches, locks and batcher every service needs, whatever its adapters' origin."""
         self._merged: OrderedDict[tuple, MergedEntry] = OrderedDict()
-        self._single: dict[str, MultiTaskModel] = {}
+        self._single: dict[str, torch.nn.Module] = {}
         self._single_thresholds: dict[str, dict[str, dict]] = {}
         self._native: dict[str, str] = {}  # task -> its native size (see `native_size`)
         self._calibrate_lock = threading.Lock()
@@ -239,7 +244,34 @@ class DemoService:
         self._building: dict[tuple, threading.Lock] = {}  # one lock per merge being built
         self._fold_lock = threading.Lock()
         self._batcher = Batcher(self._forward)
-        self._read_store()
+
+    # -- the three steps that depend on where the adapters come from (see demo/foreign.py) ----------
+    def _merge(self, group: tuple[str, ...], method: str) -> tuple[dict[str, torch.Tensor], dict]:
+        """(merged ΔW, hyperparameters): the study's stored hyperparameters when it stored this merge."""
+        return self._merger.merge(group, method, self.stored_hyperparams(group, method))
+
+    def _build(self, deltas: dict[str, torch.Tensor], group: tuple[str, ...]) -> torch.nn.Module:
+        """A model answering the group's tasks: the backbone with `deltas` folded in, one head per task."""
+        with self._fold_lock:  # FoldedBackbone rewrites one shared backbone in place
+            backbone = self._folded.standalone(deltas)
+        heads = {task: copy.deepcopy(self.adapters[task].head) for task in group}
+        return MultiTaskModel(backbone, heads).eval().to(self.device)
+
+    def _export(self, merged, adapters: list[AdapterDeltas], rank: int, folder: Path, info: dict) -> float:
+        """The merge written as merging/merge.py writes it; returns the LoRA's relative reconstruction error."""
+        return export_merge_as_lora(merged, adapters, rank, folder, info)
+
+    def origin_line(self) -> str:
+        """Where the served adapters come from, for the page's header."""
+        return f"One LoRA adapter per task (seed {self.seed}) on `{self.backbone_config.name}`"
+
+    def results_line(self) -> str:
+        """Where the stored accuracies come from, for the page's header."""
+        return f"Results database: `{self.db_path.name}`."
+
+    def example_image(self, task: str) -> Image.Image | None:
+        """The first test image of the task (the page's example thumbnail), None when its data is not here."""
+        return load_task(task)["test"][0]["image"]
 
     # -- what the store says ------------------------------------------------------------------------
     def _group(self, tasks) -> tuple[str, ...]:
@@ -326,11 +358,8 @@ class DemoService:
                     self._merged.move_to_end(key)
                     return self._merged[key], False
             start = time.perf_counter()
-            merged, hyperparams = self._merger.merge(group, method, self.stored_hyperparams(group, method))
-            adapters = [self.adapters[t] for t in group]
-            with self._fold_lock:  # FoldedBackbone rewrites one shared backbone in place
-                backbone = self._folded.standalone(merged)
-            model = MultiTaskModel(backbone, {a.task: copy.deepcopy(a.head) for a in adapters}).eval().to(self.device)
+            merged, hyperparams = self._merge(group, method)
+            model = self._build(merged, group)
             entry = MergedEntry(model, method, _jsonable(hyperparams), time.perf_counter() - start)
             entry.thresholds = self.calibrate(model, group)  # once per served merge, cached with it
             with self._lock:
@@ -340,15 +369,11 @@ class DemoService:
                     self._merged.popitem(last=False)
             return entry, True
 
-    def single_model(self, task: str) -> MultiTaskModel:
+    def single_model(self, task: str) -> torch.nn.Module:
         """The task's own adapter (its ΔW folded into a copy of the backbone, as the sweep scores it) + its head."""
         with self._lock:
             if task not in self._single:
-                adapter = self.adapters[task]
-                with self._fold_lock:
-                    backbone = self._folded.standalone(adapter.deltas)
-                model = MultiTaskModel(backbone, {task: copy.deepcopy(adapter.head)})
-                self._single[task] = model.eval().to(self.device)
+                self._single[task] = self._build(self.adapters[task].deltas, (task,))
             return self._single[task]
 
     def single_thresholds(self, task: str) -> dict[str, dict]:
@@ -592,7 +617,7 @@ class DemoService:
             method, merged, params = OWN_ADAPTER, self.adapters[group[0]].deltas, {}
         else:
             method, _ = self.resolve_method(group, method)
-            merged, params = self._merger.merge(group, method, self.stored_hyperparams(group, method))
+            merged, params = self._merge(group, method)
         seconds = time.perf_counter() - start
         adapters = [self.adapters[t] for t in group]
         name = _safe_name(f"merged_{method.replace(' ', '_')}_{'+'.join(group)}_rank{rank}")
@@ -604,7 +629,7 @@ class DemoService:
             "merge_seconds": seconds,
         }
         try:
-            relative_error = export_merge_as_lora(merged, adapters, rank, work / name, info)
+            relative_error = self._export(merged, adapters, rank, work / name, info)
             archive = shutil.make_archive(str(work / name), "zip", root_dir=work, base_dir=name)
         except OSError as error:
             shutil.rmtree(work, ignore_errors=True)
