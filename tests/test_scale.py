@@ -383,3 +383,46 @@ def test_device_check_without_cuda_says_so_in_one_line(tmp_path):
         "error: no CUDA device is visible to torch: run on a GPU machine, or DEVICE=cpu to try the script"
     ]
     assert not out.exists()  # nothing started
+
+
+def test_streamed_images_are_the_tensor_s_pixels_and_train_the_same_adapter(monkeypatch):
+    """Issue 19: the training stage streams a large split (`LazyImages`) instead of holding one tensor of it. Every way
+    a trainer indexes it gives the tensor's very pixels, so an adapter trained on either is bit-identical, and the
+    features the head baselines are trained on are equal."""
+    from mlvision import data
+    from mlvision.backbone import make_preprocess
+    from mlvision.evaluation import extract_features
+    from mlvision.tasks import load_task
+
+    config = BackboneConfig("vit_tiny_patch16_224", "random", 32)
+    preprocess = make_preprocess(config)
+    tensor, labels = data.split_tensors("uci_digits", "train", preprocess, 48)
+    train = load_task("uci_digits")["train"]
+    lazy = data.LazyImages(train.select(data.subset_indices(len(train), 48)), preprocess)
+    rows = torch.tensor([5, 0, 47, 5, 12])
+    assert len(lazy) == len(tensor) == 48
+    assert torch.equal(lazy[rows], tensor[rows]) and torch.equal(lazy[3:40:7], tensor[3:40:7])
+    assert torch.equal(lazy[[1, 2]], tensor[[1, 2]]) and torch.equal(lazy[9], tensor[9])
+
+    kwargs = dict(rank=2, alpha=4.0, target_modules=["qkv"], steps=3, batch_size=8, lr=3e-3, head_lr=1e-2, seed=1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the bit-for-bit test above: one thread is much faster on a busy machine
+    try:
+        trained = [train_adapter(create_backbone(config), images, labels, 10, **kwargs) for images in (tensor, lazy)]
+    finally:
+        torch.set_num_threads(threads)
+    for (peft_a, head_a, _), (peft_b, head_b, _) in itertools.combinations(trained, 2):
+        for (name, a), b in zip(peft_a.state_dict().items(), peft_b.state_dict().values()):
+            assert torch.equal(a, b), name
+        assert torch.equal(head_a.weight, head_b.weight)
+    backbone = create_backbone(config)
+    assert torch.equal(
+        extract_features(backbone, lazy, batch_size=16), extract_features(backbone, tensor, batch_size=16)
+    )
+
+    # what the training stage gets: the tensor while it is small, the stream above the limit, the same labels
+    assert isinstance(data.split_images("uci_digits", "train", preprocess, 48)[0], torch.Tensor)
+    monkeypatch.setattr(data, "STREAM_ABOVE_MB", 0)
+    streamed, streamed_labels = data.split_images("uci_digits", "train", preprocess, 48)
+    assert isinstance(streamed, data.LazyImages) and torch.equal(streamed[:], tensor)
+    assert torch.equal(streamed_labels, labels)

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from mlvision.backbone import create_backbone, make_preprocess
 from mlvision.config import StudyConfig
-from mlvision.data import split_tensors
+from mlvision.data import split_images
 from mlvision.evaluation import accuracy, extract_features, prepare_for_inference
 from mlvision.models import MultiTaskModel, save_model
 from mlvision.runs import machine_info, model_folder, relative_to_repo, study_run_id
@@ -114,19 +114,21 @@ class TrainingStage:
         return recorded
 
     # -- data ----------------------------------------------------------------------------------
-    def tensors(self, task: str, split: str):
+    def split(self, task: str, split: str):
+        """(images streamed as `LazyImages`, labels) of a task split, at the study's size limit for that split."""
         limit = {
             "train": self.config.max_train,
             "validation": self.config.max_validation,
             "test": self.config.max_test,
         }[split]
-        return split_tensors(task, split, self.preprocess, limit)
+        # streamed, not one tensor per split: at paper scale a train split alone is 3 GB as float32 (mlvision/data.py)
+        return split_images(task, split, self.preprocess, limit)
 
     def features(self, task: str, split: str) -> torch.Tensor:
         key = (task, split)
         if key not in self._features:
             self._features[key] = extract_features(
-                self._frozen_backbone, self.tensors(task, split)[0], device=self.accelerator.device
+                self._frozen_backbone, self.split(task, split)[0], device=self.accelerator.device
             )
         return self._features[key]
 
@@ -188,7 +190,7 @@ class TrainingStage:
         model_id = self.config.model_id("head", task, seed)
         if self.store.has_model(model_id):
             return False
-        labels = {split: self.tensors(task, split)[1] for split in ("train", "validation", "test")}
+        labels = {split: self.split(task, split)[1] for split in ("train", "validation", "test")}
         start = time.perf_counter()
         head = train_head(
             self.features(task, "train"),
@@ -222,7 +224,7 @@ class TrainingStage:
         broadcast_object_list(stored)  # the main process's answer, on every process (no-op alone)
         if stored[0]:
             return False
-        images, labels = self.tensors(task, "train")
+        images, labels = self.split(task, "train")
         peft_model, head, seconds = train_adapter(
             create_backbone(self.backbone_config),
             images,
@@ -244,11 +246,12 @@ class TrainingStage:
             self.accelerator.wait_for_everyone()
             return True
         # Scored through the evaluation path: the adapter merged into a copy of the backbone, prepared for speed.
+        # On this process's device (a GPU under accelerate); the saved head stays the CPU copy.
         fast_backbone, _ = prepare_for_inference(copy.deepcopy(peft_model).merge_and_unload())
-        model = MultiTaskModel(fast_backbone, {task: head})
+        model = MultiTaskModel(fast_backbone, {task: copy.deepcopy(head)}).to(self.accelerator.device)
         accuracies = {}
         for split in ("validation", "test"):
-            split_images, split_labels = self.tensors(task, split)
+            split_images, split_labels = self.split(task, split)
             accuracies[split] = (accuracy(model, task, split_images, split_labels), len(split_labels))
         folder = model_folder(self.config, "adapter", task, seed, model_id)
         save_model(folder, self._meta("adapter", task, train_config, model_id), head, peft_model)
