@@ -907,8 +907,16 @@ def compute_rows(inputs: StudyInputs) -> list[dict]:
 
 
 class FindingsStage:
-    def __init__(self, config: StudyConfig, store: Store, report: Path = REPO_ROOT / "reports" / "findings.md"):
+    def __init__(
+        self,
+        config: StudyConfig,
+        store: Store,
+        report: Path = REPO_ROOT / "reports" / "findings.md",
+        device: str = "cpu",
+    ):
+        """`device`: where the similarity stage's image features are computed (run_all passes its process's)."""
         self.config, self.store, self.report = config, store, Path(report)
+        self.device = device
         self.run_id = study_run_id(config)
 
     # -- similarity ------------------------------------------------------------------------------
@@ -926,7 +934,9 @@ class FindingsStage:
         preprocess = make_preprocess(self.config.backbone_config, backbone)
         fast_backbone = prepared_copy(backbone)
         features = {
-            t: extract_features(fast_backbone, split_tensors(t, "test", preprocess, self.config.merge_eval)[0])
+            t: extract_features(
+                fast_backbone, split_tensors(t, "test", preprocess, self.config.merge_eval)[0], device=self.device
+            )
             for t in self.config.tasks
         }
         adapters = {}
