@@ -30,14 +30,14 @@ from PIL import Image
 
 from demo.uploads import load_image
 from merging.deltas import AdapterDeltas, check_compatible, load_deltas
-from merging.merged_model import AdapterMerger, export_merge_as_lora
+from merging.merged_model import AdapterMerger, export_merge_as_lora, merge_record
 from merging.methods import list_methods
 from mlvision.backbone import BackboneConfig, Preprocess
 from mlvision.data import split_tensors
 from mlvision.errors import BadImage, MergeConfigError, MLVisionError, StoreError
 from mlvision.evaluation import FoldedBackbone
 from mlvision.models import MultiTaskModel
-from mlvision.runs import relative_to_repo, resolve_stored_path
+from mlvision.runs import resolve_stored_path
 from mlvision.store import Store
 from mlvision.tasks import get_task, load_task
 
@@ -622,12 +622,7 @@ class DemoService:
         adapters = [self.adapters[t] for t in group]
         name = _safe_name(f"merged_{method.replace(' ', '_')}_{'+'.join(group)}_rank{rank}")
         work = Path(tempfile.mkdtemp(prefix="mlv_export_", dir=folder))
-        info = {
-            "method": method,
-            "hyperparams": _jsonable(params),
-            "adapters": [relative_to_repo(a.path) for a in adapters],
-            "merge_seconds": seconds,
-        }
+        info = merge_record(method, _jsonable(params), adapters, seconds)
         try:
             relative_error = self._export(merged, adapters, rank, work / name, info)
             archive = shutil.make_archive(str(work / name), "zip", root_dir=work, base_dir=name)

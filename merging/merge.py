@@ -42,7 +42,6 @@ if __package__ in (None, ""):  # run as a script: make the repo root importable
 
 from mlvision.errors import HubPushError, MergeConfigError, StoreError, run_cli
 from mlvision.paths import DEFAULT_DB_PATH
-from mlvision.runs import relative_to_repo
 
 
 def parse_param(text: str) -> tuple[str, object]:
@@ -209,6 +208,7 @@ def run(args) -> int:
         check_export_rank,
         check_output_folder,
         export_merge_as_lora,
+        merge_record,
     )
     from merging.methods import MERGE_METHODS, get_method
     from mlvision.backbone import BackboneConfig, Preprocess
@@ -277,12 +277,7 @@ def run(args) -> int:
         adapters,
         args.rank,
         args.out,
-        {
-            "method": args.method,
-            "hyperparams": params,
-            "adapters": [relative_to_repo(a.path) for a in adapters],
-            "merge_seconds": seconds,
-        },
+        merge_record(args.method, params, adapters, seconds),
         overwrite=args.overwrite,
         figures=figures,
     )
@@ -409,7 +404,7 @@ def run_foreign(args, hyperparams: dict) -> int:
     """Merge peft LoRA adapters of a transformers model (merging/foreign.py) with a per-layer method and export."""
     from merging.deltas import check_compatible
     from merging.foreign import base_model_name, export_merge, fill_missing_layers, is_foreign, load_foreign
-    from merging.merged_model import check_export_rank, merge_deltas
+    from merging.merged_model import check_export_rank, merge_deltas, merge_record
     from merging.methods import get_method, list_methods
     from mlvision.models import META_FILE
 
@@ -451,10 +446,7 @@ def run_foreign(args, hyperparams: dict) -> int:
         args.rank,
         args.out,
         {
-            "method": args.method,
-            "hyperparams": params,
-            "adapters": [f"hub:{a.meta['hub_id']}" if a.meta["hub_id"] else relative_to_repo(a.path) for a in adapters],
-            "merge_seconds": seconds,
+            **merge_record(args.method, params, adapters, seconds),
             "layers": layer_sources,
             "missing_layers_as_zero": bool(partial),
         },

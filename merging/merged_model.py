@@ -373,6 +373,17 @@ def export_merge_as_lora(
     return relative_error
 
 
+def merge_record(method: str, hyperparams: dict, adapters: list[AdapterDeltas], seconds: float) -> dict:
+    """The keys every merge.json starts with: the method, its hyperparameters, the inputs (a Hub adapter by its
+    `hub:` id, a folder relative to the repo: no server path in a shared folder) and the merge's seconds."""
+    return {
+        "method": method,
+        "hyperparams": hyperparams,
+        "adapters": [f"hub:{a.meta['hub_id']}" if a.meta.get("hub_id") else relative_to_repo(a.path) for a in adapters],
+        "merge_seconds": seconds,
+    }
+
+
 def check_merge_fits(model: torch.nn.Module, merged: dict[str, torch.Tensor], model_name: str) -> None:
     """Before an export: every merged ΔW [out, in] fits its layer's weight (a 1x1 convolution flattened) and is
     finite; otherwise one line naming the layer (`model_name`, e.g. "backbone X", names the model)."""
@@ -404,6 +415,7 @@ __all__ = [
     "export_merge_as_lora",
     "lora_from_merge",
     "merge_deltas",
+    "merge_record",
     "low_rank_factors",
     "write_folder_atomically",
     "check_merge_fits",

@@ -53,14 +53,9 @@ def label_names(task: str) -> list[str]:
     return [f"{task}-{i}" for i in range(TASKS[task][0])]
 
 
-def train_adapter(base: Path, task: str, folder: Path) -> None:
-    """A few AdamW steps on synthetic images whose class is the brightest of n horizontal bands."""
-    classes, targets, labels_via = TASKS[task]
-    torch.manual_seed(len(task))
-    model = get_peft_model(
-        vit_for(base, classes),
-        LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0, modules_to_save=["classifier"]),
-    )
+def fit_bands(model: torch.nn.Module, classes: int, logits) -> None:
+    """Four AdamW steps of `model`'s trainable parameters on 16 synthetic images whose class is the brightest of
+    `classes` horizontal bands (`logits(images)` gives the model's logits)."""
     images = torch.randn(16, 3, 32, 32)
     labels = torch.arange(16) % classes
     band = 32 // classes
@@ -69,10 +64,21 @@ def train_adapter(base: Path, task: str, folder: Path) -> None:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model.train()
     for _ in range(4):
-        loss = torch.nn.functional.cross_entropy(model(pixel_values=images).logits, labels)
+        loss = torch.nn.functional.cross_entropy(logits(images), labels)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+
+
+def train_adapter(base: Path, task: str, folder: Path) -> None:
+    """A few AdamW steps on synthetic images whose class is the brightest of n horizontal bands."""
+    classes, targets, labels_via = TASKS[task]
+    torch.manual_seed(len(task))
+    model = get_peft_model(
+        vit_for(base, classes),
+        LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0, modules_to_save=["classifier"]),
+    )
+    fit_bands(model, classes, lambda images: model(pixel_values=images).logits)
     model.save_pretrained(folder)
     if labels_via == "labels.json":
         (folder / "labels.json").write_text(json.dumps(label_names(task)))

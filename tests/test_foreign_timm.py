@@ -26,7 +26,7 @@ import torch
 from conftest import call_main
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
-from test_foreign_adapters import refused
+from test_foreign_adapters import fit_bands, refused
 
 from merging.foreign import build_merged_model, fill_missing_layers, load_foreign
 from merging.merge import main as merge_main
@@ -59,17 +59,7 @@ def train_adapter(base: Path, task: str, folder: Path) -> None:
     )
     head = model.base_model.model.head
     head.requires_grad_(True)  # with modules_to_save peft trains its copy; otherwise the user unfreezes the head
-    images, labels = torch.randn(16, 3, 32, 32), torch.arange(16) % classes
-    band = 32 // classes
-    for i, label in enumerate(labels):
-        images[i, :, label * band : (label + 1) * band] += 2.0
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model.train()
-    for _ in range(4):
-        loss = torch.nn.functional.cross_entropy(model(images), labels)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    fit_bands(model, classes, model)
     model.save_pretrained(folder)
     if head_via == "head.safetensors":
         save_file({k: v.detach().contiguous() for k, v in head.state_dict().items()}, str(folder / "head.safetensors"))
