@@ -201,7 +201,7 @@ def _foreign_loading(info: dict) -> list[str]:
 
 def _timm_loading() -> list[str]:
     """A snippet for adapters of a timm model: timm + peft + safetensors only. A base named by a folder loads through
-    timm's `local-dir:`, a Hub id as it is (timm reads `timm/...` repos)."""
+    timm's `local-dir:`, a `timm/...` Hub id through `hf-hub:` (how timm.create_model names Hub repos)."""
     return [
         "Plain timm + peft load it (the base model must be available to `timm.create_model`). Run from inside this "
         "folder:",
@@ -216,7 +216,10 @@ def _timm_loading() -> list[str]:
         "from safetensors.torch import load_file",
         "",
         'base = json.loads(Path("merge.json").read_text())["base_model_name_or_path"]',
-        'base = f"local-dir:{base}" if Path(base).is_dir() else base',
+        "if Path(base).is_dir():  # a local folder, as timm's save_for_hf writes it",
+        '    base = f"local-dir:{base}"',
+        'elif base.startswith("timm/"):  # a Hub repo of timm\'s',
+        '    base = f"hf-hub:{base}"',
         'for folder in sorted(Path("heads").iterdir()):',
         '    labels = json.loads((folder / "labels.json").read_text())',
         '    model = PeftModel.from_pretrained(timm.create_model(base, pretrained=True), ".").eval()',

@@ -27,6 +27,7 @@ from conftest import call_main
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from test_foreign_adapters import fit_bands, refused
+from test_model_card import snippet_output, start_snippet
 
 from merging.foreign import build_merged_model, fill_missing_layers, load_foreign
 from merging.merge import main as merge_main
@@ -147,6 +148,8 @@ def test_hub_adapters_and_a_hub_base_are_read_from_the_local_hub_cache(timm_zoo,
     argv = ["hub:someone/pets-lora", "hub:someone/food-lora", "--base", "timm/tiny-vit-test", "--rank", "8"]
     code, _, err = call_main(merge_main, [*argv, "--method", "ties", "--out", out], capsys)
     assert code == 0, err
+    # the model card's snippet, as written, loads the base by its Hub id (timm's hf-hub:) from that cache, offline
+    snippet = start_snippet(out, {"HF_HUB_CACHE": str(cache)})
     info = json.loads((out / "merge.json").read_text())
     assert info["adapters"] == ["hub:someone/pets-lora", "hub:someone/food-lora"]
     assert info["tasks"] == ["someone/pets-lora", "someone/food-lora"]
@@ -157,6 +160,9 @@ def test_hub_adapters_and_a_hub_base_are_read_from_the_local_hub_cache(timm_zoo,
         "label_names": label_names("pets"),
         "from_adapter": info["adapters"][0],
     }
+    printed = snippet_output(snippet)
+    assert sorted(printed) == sorted(info["tasks"]), printed
+    assert printed["someone/pets-lora"] in label_names("pets") and printed["someone/food-lora"] in label_names("food")
     local = tmp_path / "local"  # the same merge from the local folders: the same LoRA, byte for byte
     argv = [*(timm_zoo["adapters"][t] for t in TASKS), "--base", timm_zoo["base"], "--rank", "8", "--method", "ties"]
     assert call_main(merge_main, [*argv, "--out", local], capsys)[0] == 0

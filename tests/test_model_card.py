@@ -52,9 +52,9 @@ def cell(accuracy: float, n: int, source: str) -> str:
     return f"{format_accuracy(accuracy)} (n={n}, {source})"
 
 
-def start_snippet(folder: Path) -> subprocess.Popen:
+def start_snippet(folder: Path, env: dict | None = None) -> subprocess.Popen:
     """The card's python block run as written, in a fresh process with cwd = the folder (started, not awaited:
-    the test goes on meanwhile, since a fresh interpreter spends seconds importing torch)."""
+    the test goes on meanwhile, since a fresh interpreter spends seconds importing torch); `env` adds variables."""
     text = (folder / "README.md").read_text()
     start = text.index("```python\n") + len("```python\n")
     code = text[start : text.index("```", start)]
@@ -64,7 +64,7 @@ def start_snippet(folder: Path) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=ENV,
+        env={**ENV, **(env or {})},
     )
 
 
