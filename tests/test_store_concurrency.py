@@ -137,7 +137,7 @@ def test_run_all_gives_up_with_one_line_and_exit_2(db, tmp_path):
         done = subprocess.run(
             [sys.executable, "training/run_all.py", *RUN_ARGS, "--db", db, "--artifacts", tmp_path / "a"],
             cwd=REPO_ROOT,
-            env={**ENV, WRITE_WAIT_ENV: "1"},
+            env={**ENV, WRITE_WAIT_ENV: "1", READ_WAIT_ENV: "1"},  # both: run_all reads the file before it writes
             capture_output=True,
             text=True,
             timeout=300,
