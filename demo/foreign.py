@@ -47,6 +47,8 @@ def _key(source: str) -> str:
 class ForeignDemoService(DemoService):
     """Adapters of one transformers or timm base model, loaded once from folders or the Hub."""
 
+    PREPROCESSING = "the base model's size and normalisation"
+
     def __init__(
         self,
         sources: list[str],

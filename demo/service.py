@@ -205,6 +205,8 @@ def _safe_name(text: str) -> str:
 class DemoService:
     """Adapters of one seed, loaded once; merged models cached by (tasks, method)."""
 
+    PREPROCESSING = "the study's preprocessing"  # whose resizing and normalisation the page says an upload gets
+
     def __init__(self, db_path: str | Path, device: str | None = None):
         self.db_path = Path(db_path)
         if not self.db_path.exists():
@@ -455,10 +457,10 @@ class DemoService:
         """One line: what it classifies, its native image size and the size the model sees, source."""
         info = self.task_info(task)
         size = info["input_size"]
-        what = info["description"] or f"{info['classes']} classes"
+        what = f"{info['description']}; " if info["description"] else ""
         return (
-            f"**{task}**: {what}; {info['classes']} classes; {info['native_size']}, resized to {size}x{size} px "
-            f"(the study's preprocessing); source: {info['source']}"
+            f"**{task}**: {what}{info['classes']} classes; {info['native_size']}, resized to {size}x{size} px "
+            f"({self.PREPROCESSING}); source: {info['source']}"
         )
 
     def model_view(self, image: Image.Image) -> Image.Image:

@@ -54,6 +54,10 @@ def test_the_service_answers_with_the_merged_model_of_merging_foreign(foreign_se
     assert foreign_service.labels == {task: label_names(task) for task in TASKS}
     # the base has no preprocessor_config.json: its config's image size with the ViT processor's defaults
     assert (foreign_service.preprocess.image_size, foreign_service.preprocess.mean) == (32, (0.5, 0.5, 0.5))
+    assert foreign_service.describe_task("shapes") == (  # the page's task line: nothing it cannot know
+        "**shapes**: 3 classes; native size unknown (adapter trained elsewhere), resized to 32x32 px "
+        f"(the base model's size and normalisation); source: adapter shapes on {zoo['base']}"
+    )
     adapters, _ = loaded(zoo, *sorted(TASKS))
     pixels = foreign_service.preprocess([Image.open(picture).convert("RGB")])
     for method in ("ties", "tsv_m"):
