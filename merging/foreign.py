@@ -25,24 +25,15 @@ from __future__ import annotations
 import copy
 import json
 import os
-import warnings
 from pathlib import Path
 
 import torch
 
 from merging.deltas import AdapterDeltas, deltas_from_factors, read_factors, read_lora_config
-from merging.merged_model import (
-    MERGE_INFO_FILE,
-    check_export_rank,
-    check_merge_fits,
-    check_output_folder,
-    lora_from_merge,
-    write_folder_atomically,
-)
+from merging.merged_model import adapter_origin, check_merge_fits, write_export
 from mlvision.backbone import Preprocess
-from mlvision.errors import AdapterError
+from mlvision.errors import AdapterError, error_reason
 from mlvision.models import HEAD_FILE, META_FILE
-from mlvision.runs import relative_to_repo
 
 TRANSFORMERS, TIMM = "transformers", "timm"  # the libraries a base model is loaded with
 SOURCES = {TRANSFORMERS: "peft-transformers", TIMM: "peft-timm"}  # recorded as each adapter's "source"
@@ -289,7 +280,7 @@ def hub_snapshot(repo_id: str, what: str) -> Path:
     try:
         return Path(snapshot_download(repo_id))
     except Exception as error:  # huggingface_hub raises many kinds (offline, not found, no access, bad id)
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = error_reason(error)
         raise AdapterError(
             f"{what} is not in the local Hugging Face cache and cannot be downloaded ({reason}): "
             "download it where there is a network (hf download REPO_ID) or pass its local folder"
@@ -354,7 +345,7 @@ def load_base_model(name: str) -> torch.nn.Module:
         return AutoModelForImageClassification.from_pretrained(name, local_files_only=True).eval()
     except Exception as error:  # transformers raises OSError, ValueError, KeyError... for a missing or odd model
         raise AdapterError(
-            f"cannot load base model {name} offline ({_first_line(error)}): download it first or point "
+            f"cannot load base model {name} offline ({error_reason(error)}): download it first or point "
             "base_model_name_or_path at a local folder"
         ) from None
     finally:
@@ -380,13 +371,9 @@ def _load_timm_base(name: str) -> torch.nn.Module:
         return timm.create_model(f"local-dir:{folder.resolve()}", pretrained=True).eval()
     except Exception as error:  # timm raises RuntimeError, KeyError, FileNotFoundError... for an odd folder
         raise AdapterError(
-            f"cannot load timm base model {name} from {folder} ({_first_line(error)}): "
+            f"cannot load timm base model {name} from {folder} ({error_reason(error)}): "
             "point --base at a folder timm's save_for_hf wrote (config.json and weights)"
         ) from None
-
-
-def _first_line(error: Exception) -> str:
-    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 def base_preprocess(base: str, model: torch.nn.Module) -> Preprocess:
@@ -512,10 +499,6 @@ def evaluation_data(
     return data
 
 
-def head_folder_name(task: str) -> str:
-    return task.replace(":", "_").replace("/", "_")
-
-
 def export_merge(
     merged: dict[str, torch.Tensor],
     adapters: list[AdapterDeltas],
@@ -529,23 +512,12 @@ def export_merge(
 
     The folder loads with `PeftModel.from_pretrained(base model, folder)` (`how_to_load` in merge.json says how
     for its library); `heads/<task>/head.safetensors` is that task's classifier (load it into the model's
-    classifier) and `heads/<task>/labels.json` its label names. The LoRA is
-    the truncated SVD of each merged ΔW (`lora_from_merge`); returns its relative reconstruction error. Checked
-    with `check_output_folder` and written atomically: nothing is left at `folder` on an error.
+    classifier) and `heads/<task>/labels.json` its label names; the rest is `write_export`'s (the LoRA by
+    truncated SVD, merge.json, the model card, atomic). Returns the LoRA's relative reconstruction error.
     """
     from safetensors.torch import save_file
 
-    folder = Path(folder)
-    check_output_folder(folder, [a.path for a in adapters], overwrite)
-    check_export_rank(rank, merged)
     base = base_model_name(adapters)
-    model = load_base_model(base)
-    check_merge_fits(model, merged, f"base model {base}")
-    with warnings.catch_warnings():
-        # transformers 5 warns from inside peft's wrapping of its models about its own renamed attribute
-        # (is_gradient_checkpointing): nothing the user can act on, so not part of the command's output
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        peft_model, relative_error = lora_from_merge(model, merged, rank)
     head_module, library = adapters[0].meta["head_module"], adapters[0].meta["library"]
     info = {
         **merge_info,
@@ -553,35 +525,30 @@ def export_merge(
         "library": library,
         "base_model_name_or_path": base,
         "head_module": head_module,
-        "export_rank": rank,
-        "relative_error": relative_error,
-        "tasks": [a.task for a in adapters],
         "labels": {a.task: a.meta["label_names"] for a in adapters},
         "how_to_load": _how_to_load(library, head_module),
     }
 
-    def write(temp: Path) -> None:
-        peft_model.save_pretrained(str(temp))
-        for adapter in adapters:
-            head_dir = temp / "heads" / head_folder_name(adapter.task)
-            head_dir.mkdir(parents=True)
-            state = {key: value.detach().contiguous() for key, value in adapter.head.state_dict().items()}
-            save_file(state, str(head_dir / HEAD_FILE))
-            labels = {
-                "task": adapter.task,
-                "label_names": adapter.meta["label_names"],
-                "from_adapter": f"{HUB_PREFIX}{adapter.meta['hub_id']}"
-                if adapter.meta.get("hub_id")
-                else relative_to_repo(adapter.path),
-            }
-            (head_dir / LABELS_FILE).write_text(json.dumps(labels, indent=2))
-        (temp / MERGE_INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True))
-        from merging.card import model_card  # README.md: the model card, in place of peft's blank one
+    def write_head(head_dir: Path, adapter: AdapterDeltas) -> None:
+        head_dir.mkdir(parents=True)
+        state = {key: value.detach().contiguous() for key, value in adapter.head.state_dict().items()}
+        save_file(state, str(head_dir / HEAD_FILE))
+        origin = adapter_origin(adapter)
+        labels = {"task": adapter.task, "label_names": adapter.meta["label_names"], "from_adapter": origin}
+        (head_dir / LABELS_FILE).write_text(json.dumps(labels, indent=2))
 
-        (temp / "README.md").write_text(model_card(info, info["labels"], figures))
-
-    write_folder_atomically(folder, write)
-    return relative_error
+    return write_export(
+        folder,
+        adapters,
+        merged,
+        rank,
+        lambda: load_base_model(base),  # loaded by write_export after its cheap checks
+        f"base model {base}",
+        info,
+        write_head,
+        figures,
+        overwrite,
+    )
 
 
 def _how_to_load(library: str, head_module: str | None) -> str:

@@ -40,7 +40,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mlvision.errors import HubPushError, MergeConfigError, StoreError, run_cli
+from mlvision.errors import HubPushError, MergeConfigError, StoreError, error_reason, run_cli
 from mlvision.paths import DEFAULT_DB_PATH
 
 
@@ -192,8 +192,7 @@ def push(repo_id: str, out: Path) -> int:
         print(f"interrupted: the upload stopped; {later}", file=sys.stderr)
         return 130
     except Exception as error:  # huggingface_hub raises many kinds: offline, no token, no access, network
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise HubPushError(f"cannot push to Hugging Face Hub repo {repo_id} ({reason}); {later}") from None
+        raise HubPushError(f"cannot push to Hugging Face Hub repo {repo_id} ({error_reason(error)}); {later}") from None
     print(f"pushed {out} to {url}")
     return 0
 
@@ -228,8 +227,8 @@ def run(args) -> int:
         resolved.append(folder)
         if hub_id:
             args.hub_ids[folder] = hub_id
-    args.labels = [resolve_labels_key(item, args.adapters, resolved) for item in args.labels]
-    args.data = [resolve_labels_key(item, args.adapters, resolved) for item in args.data]
+    args.labels = [resolve_adapter_key(item, args.adapters, resolved) for item in args.labels]
+    args.data = [resolve_adapter_key(item, args.adapters, resolved) for item in args.data]
     args.adapters = resolved
     if args.rank < 1:
         raise MergeConfigError(f"--rank must be at least 1, got {args.rank}")
@@ -297,10 +296,9 @@ def _stored_rows(db: Path, sql: str, params: list) -> list[tuple]:
     try:
         return Store(db).query(sql, params)
     except duckdb.Error as error:  # e.g. a DuckDB file without the results views
-        reason = (str(error).splitlines() or [type(error).__name__])[0]
         raise StoreError(
-            f"cannot read stored accuracies from {db} ({reason}): pass --db with a results.duckdb written by "
-            "training/run_all.py"
+            f"cannot read stored accuracies from {db} ({error_reason(error)}): pass --db with a results.duckdb "
+            "written by training/run_all.py"
         ) from None
 
 
@@ -376,15 +374,15 @@ def stored_merge_figures(db: Path, adapters, method: str, params: dict) -> dict:
     return {row[2]: Figure(row[3], row[4], f"stored in {db.name}") for row in matching}
 
 
-def resolve_labels_key(item: str, given: list[str], resolved: list[Path]) -> str:
-    """--labels hub:user/adapter=FILE names a Hub adapter by its id: rewritten to its resolved folder."""
+def resolve_adapter_key(item: str, given: list[str], resolved: list[Path]) -> str:
+    """An ADAPTER=VALUE option (--labels, --data) naming a Hub adapter by its id, rewritten to its resolved folder."""
     key, sep, file = item.rpartition("=")
     if sep and key in given:
         return f"{resolved[given.index(key)]}={file}"
     return item
 
 
-def parse_labels(items: list[str], adapters: list[Path], option: str = "--labels") -> dict[Path, str]:
+def per_adapter_option(items: list[str], adapters: list[Path], option: str) -> dict[Path, str]:
     """--labels ADAPTER=FILE (or --data ADAPTER=DATASET) options as {adapter folder: value}; each ADAPTER must be
     one of the inputs."""
     inputs = {folder.resolve(): folder for folder in adapters}
@@ -422,8 +420,8 @@ def run_foreign(args, hyperparams: dict) -> int:
         )
     if args.data and not args.evaluate:
         raise MergeConfigError("--data gives the datasets --evaluate N scores on: add --evaluate N")
-    labels = parse_labels(args.labels, args.adapters)
-    data = parse_labels(args.data, args.adapters, "--data")
+    labels = per_adapter_option(args.labels, args.adapters, "--labels")
+    data = per_adapter_option(args.data, args.adapters, "--data")
     adapters = [
         load_foreign(folder, labels.get(folder), args.base, args.hub_ids.get(folder)) for folder in args.adapters
     ]

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import uuid
+import warnings
 import zlib
 from pathlib import Path
 
@@ -331,40 +332,68 @@ def export_merge_as_lora(
     overwrite: bool = False,
     figures: dict | None = None,
 ) -> float:
-    """Save a merge as a peft LoRA (scaling 1 on every layer) plus the k heads; returns the relative error.
+    """Save a merge of this project's adapters as a peft LoRA plus the k heads; returns the relative error.
 
-    The folder loads with `PeftModel.from_pretrained(backbone, folder)`; heads are saved as
-    `heads/<task>/` model folders; README.md is its model card (merging/card.py), with the accuracies in
-    `figures` (task -> {"merged"|"single"|"head": Figure}, looked up by the caller), "not measured" elsewhere.
-    Each layer gets rank min(rank, out, in) (peft's rank_pattern, with alpha_pattern equal to it so the scaling
-    stays 1); a rank no layer can use is refused
-    (`check_export_rank`). The folder is checked with `check_output_folder` and written atomically.
-    The returned figure is ||ΔW - B A||_F / ||ΔW||_F over all layers.
+    The folder loads with `PeftModel.from_pretrained(backbone, folder)`; heads are saved as `heads/<task>/` model
+    folders; the rest is `write_export`'s (merge.json, the model card with `figures`, rank per layer, atomic).
+    """
+    meta0 = adapters[0].meta
+
+    def write_head(head_dir: Path, adapter: AdapterDeltas) -> None:
+        meta = {**adapter.meta, "model_kind": "head", "training": {"from_adapter": adapter_origin(adapter)}}
+        save_model(head_dir, meta, adapter.head)
+
+    return write_export(
+        folder,
+        adapters,
+        merged,
+        rank,
+        lambda: create_backbone(BackboneConfig(**meta0["backbone"])),
+        f"backbone {meta0['backbone']['name']}",
+        {**merge_info, "backbone": meta0["backbone"], "preprocess": meta0["preprocess"]},
+        write_head,
+        figures,
+        overwrite,
+    )
+
+
+def write_export(
+    folder: str | Path,
+    adapters: list[AdapterDeltas],
+    merged: dict[str, torch.Tensor],
+    rank: int,
+    load_model,
+    model_name: str,
+    info: dict,
+    write_head,
+    figures: dict | None,
+    overwrite: bool,
+) -> float:
+    """The one writer of an export folder, for this project's adapters and for adapters trained elsewhere.
+
+    Checks `folder` (`check_output_folder`) and `rank` (`check_export_rank`) before `load_model()` loads the model
+    the LoRA is for (named `model_name` in errors); each merged ΔW must fit it (`check_merge_fits`). Writes,
+    atomically: the LoRA (`lora_from_merge`: each layer at rank min(rank, out, in), scaling 1), one head per task
+    through `write_head(folder, adapter)` under `heads/<task>/`, merge.json (`info` plus export_rank,
+    relative_error and tasks) and README.md, the model card with `figures` (task -> {"merged"|"single"|"head":
+    Figure}, looked up by the caller; "not measured" elsewhere). Returns ||ΔW - B A||_F / ||ΔW||_F over all layers.
     """
     folder = Path(folder)
     check_output_folder(folder, [a.path for a in adapters], overwrite)
     check_export_rank(rank, merged)
-    meta0 = adapters[0].meta
-    backbone = create_backbone(BackboneConfig(**meta0["backbone"]))
-    check_merge_fits(backbone, merged, f"backbone {meta0['backbone']['name']}")
-    peft_model, relative_error = lora_from_merge(backbone, merged, rank)
-    info = {
-        **merge_info,
-        "export_rank": rank,
-        "relative_error": relative_error,
-        "tasks": [a.task for a in adapters],
-        "backbone": meta0["backbone"],
-        "preprocess": meta0["preprocess"],
-    }
+    model = load_model()
+    check_merge_fits(model, merged, model_name)
+    with warnings.catch_warnings():
+        # transformers 5 warns from inside peft's wrapping of its models about its own renamed attribute
+        # (is_gradient_checkpointing): nothing the user can act on, so not part of the command's output
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        peft_model, relative_error = lora_from_merge(model, merged, rank)
+    info = {**info, "export_rank": rank, "relative_error": relative_error, "tasks": [a.task for a in adapters]}
 
     def write(temp: Path) -> None:
         peft_model.save_pretrained(str(temp))
         for adapter in adapters:
-            save_model(
-                temp / "heads" / adapter.task.replace(":", "_").replace("/", "_"),
-                {**adapter.meta, "model_kind": "head", "training": {"from_adapter": relative_to_repo(adapter.path)}},
-                adapter.head,
-            )
+            write_head(temp / "heads" / head_folder_name(adapter.task), adapter)
         (temp / MERGE_INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True))
         # after peft's save_pretrained, whose own README.md (a blank template) this replaces
         (temp / "README.md").write_text(model_card(info, {a.task: a.meta["label_names"] for a in adapters}, figures))
@@ -373,13 +402,24 @@ def export_merge_as_lora(
     return relative_error
 
 
+def head_folder_name(task: str) -> str:
+    """A task's folder under heads/ (hub tasks and hub adapters hold ':' and '/')."""
+    return task.replace(":", "_").replace("/", "_")
+
+
+def adapter_origin(adapter: AdapterDeltas) -> str:
+    """Where an adapter came from, as records name it: its `hub:` id, else its folder relative to the repo (no
+    server path in a shared folder)."""
+    return f"hub:{adapter.meta['hub_id']}" if adapter.meta.get("hub_id") else relative_to_repo(adapter.path)
+
+
 def merge_record(method: str, hyperparams: dict, adapters: list[AdapterDeltas], seconds: float) -> dict:
-    """The keys every merge.json starts with: the method, its hyperparameters, the inputs (a Hub adapter by its
-    `hub:` id, a folder relative to the repo: no server path in a shared folder) and the merge's seconds."""
+    """The keys every merge.json starts with: the method, its hyperparameters, the inputs (`adapter_origin`) and the
+    merge's seconds."""
     return {
         "method": method,
         "hyperparams": hyperparams,
-        "adapters": [f"hub:{a.meta['hub_id']}" if a.meta.get("hub_id") else relative_to_repo(a.path) for a in adapters],
+        "adapters": [adapter_origin(a) for a in adapters],
         "merge_seconds": seconds,
     }
 
@@ -416,6 +456,9 @@ __all__ = [
     "lora_from_merge",
     "merge_deltas",
     "merge_record",
+    "adapter_origin",
+    "head_folder_name",
+    "write_export",
     "low_rank_factors",
     "write_folder_atomically",
     "check_merge_fits",

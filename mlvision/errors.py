@@ -51,6 +51,13 @@ class BadImage(MLVisionError, ValueError):
     """An upload that cannot be used; the message is meant for the person who uploaded it."""
 
 
+def error_reason(error: BaseException) -> str:
+    """What a one-line error quotes as the cause of a library's exception: its message's first line, or its type's
+    name when it has no message (libraries raise multi-line messages a user's line must not carry)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def run_cli(command: Callable[[], int], interrupted: str) -> int:
     """Run a command-line entry point; returns its exit code.
 
