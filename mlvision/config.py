@@ -71,6 +71,10 @@ class StudyConfig:
     # LoRA steps in channels_last memory order: 1.4-1.8x faster on 2 CPU cores (benchmark variant
     # lora_channels_last), other float rounding, so other weights; on since study v2.
     channels_last: bool = True
+    # Adapters given instead of trained (run_all --adapters, study/given.py): (task, seed, folder, sha256 of
+    # the folder's weight files). The training stage imports them and trains only the head baselines; their
+    # identity is their content, so the same files give the same model ids wherever they lie.
+    given_adapters: tuple[tuple[str, int, str, str], ...] = ()
 
     @property
     def backbone_config(self) -> BackboneConfig:
@@ -80,8 +84,19 @@ class StudyConfig:
     def lora_targets(self) -> list[str]:
         return list(self.target_modules) if self.target_modules else default_target_modules(self.backbone)
 
+    def given_adapter(self, task: str, seed: int) -> tuple[str, str] | None:
+        """(folder, sha256) of the adapter given for (task, seed) instead of training one, else None."""
+        for given_task, given_seed, folder, sha256 in self.given_adapters:
+            if (given_task, given_seed) == (task, seed):
+                return folder, sha256
+        return None
+
     def adapter_training_config(self, task: str, seed: int) -> dict:
         """Everything that determines an adapter's weights: its hash is the adapter's identity."""
+        given = self.given_adapter(task, seed)
+        if given is not None:  # trained elsewhere: its files are its identity
+            return {"kind": "adapter", "task": task, "seed": seed, "backbone": self.backbone_config.to_dict(),
+                    "given_sha256": given[1]}  # fmt: skip
         config = {
             "kind": "adapter",
             "task": task,
@@ -142,6 +157,7 @@ class StudyConfig:
             ("mixed_precision", "no"),
             ("grad_accum", 1),
             ("channels_last", False),
+            ("given_adapters", ()),
         ):
             if getattr(self, name) == default:
                 del data[name]  # a run without them keeps the run id it had before they existed
@@ -305,6 +321,15 @@ def add_study_arguments(parser: argparse.ArgumentParser) -> None:
         "also hub:<dataset id or saved folder>)",
     )
     parser.add_argument("--seeds", nargs="+", type=int, help="training seeds (default: 0 1 2)")
+    parser.add_argument(
+        "--adapters",
+        nargs="+",
+        metavar="ADAPTER[=TASK]",
+        help="study these adapters instead of training them: folders (or hub:user/adapter) written by this "
+        "project's training, each scored on TASK (default: the task it was trained on; a task of the same "
+        "labels may be named); several adapters of one task are its seeds 0, 1, ... The tasks, seeds and "
+        "backbone come from the adapters; the training stage trains only the head baselines",
+    )
     parser.add_argument(
         "--backbone", help="timm model name (default: tf_efficientnet_lite0, weights from an offline package)"
     )

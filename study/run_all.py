@@ -6,6 +6,7 @@ benchmarks/); `python training/run_all.py` and the `mlv-run-all` command both la
     python training/run_all.py            # the offline default (six tasks, three seeds)
     python training/run_all.py --quick    # the whole pipeline on a sliver, about a minute
     python training/run_all.py --config tiny-vit            # a named profile (default, quick, paper, tiny-vit)
+    python training/run_all.py --adapters A/ B/ C/ --db mine.duckdb   # the study of adapters you already have
     accelerate launch training/run_all.py --config paper    # adapters trained on every GPU (DDP)
     python training/run_all.py --help     # every option
 
@@ -33,6 +34,7 @@ from mlvision.paths import DEFAULT_DB_PATH, REPO_ROOT
 from mlvision.store import Store
 from mlvision.tasks import get_task
 from study.findings import FindingsStage
+from study.given import DECIDED_BY_ADAPTERS, given_config
 from training.pipeline import TrainingStage
 from training.trainers import make_accelerator
 
@@ -69,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
     config = config_from_args(args, tuple(list_methods()))
+    if args.adapters:  # adapters trained elsewhere: the study of those (study/given.py)
+        explicit = {name for name in DECIDED_BY_ADAPTERS if getattr(args, name) is not None}
+        config = given_config(config, args.adapters, explicit)
     prepare_profile_data(profile_name(args))  # a profile's local datasets (tiny-vit), written once
     check_backbone_name(config.backbone)  # unknown names fail before any work
     for name in config.tasks:
@@ -97,8 +102,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         else Path(config.db).parent / "findings.md"
     )
     stages = [
-        Step("train", True, stage.run, lambda c: c["trained"] > 0,
-             "training: {trained} models trained, {skipped} already stored"),
+        Step("train", True, stage.run, lambda c: c["trained"] + c["imported"] > 0,
+             "training: {trained} models trained{imported_note}, {skipped} already stored"),
         Step("merge", len(config.tasks) >= 2, lambda: MergeSweep(config, store, accelerator).run(),
              lambda c: c["merged"] > 0, "merge sweep: {merged} merges evaluated, {skipped} already stored"),
         Step("findings", len(config.tasks) >= 2,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import time
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -27,7 +28,7 @@ from mlvision.backbone import create_backbone, make_preprocess
 from mlvision.config import StudyConfig
 from mlvision.data import split_images
 from mlvision.evaluation import accuracy, extract_features, prepare_for_inference
-from mlvision.models import MultiTaskModel, save_model
+from mlvision.models import MultiTaskModel, load_model, save_model
 from mlvision.runs import machine_info, model_folder, relative_to_repo, study_run_id
 from mlvision.store import Store, config_hash, insert_row, now
 from mlvision.tasks import get_task, load_task, set_hub_domains
@@ -220,6 +221,9 @@ class TrainingStage:
         """LoRA adapter (+ its head) for (task, seed); returns False when it was already stored."""
         train_config = self.config.adapter_training_config(task, seed)
         model_id = self.config.model_id("adapter", task, seed)
+        given = self.config.given_adapter(task, seed)
+        if given is not None:  # the same on every process: none enters the broadcast below
+            return self.store is not None and self.import_adapter(task, seed, Path(given[0]))
         stored = [self.store.has_model(model_id) if self.store is not None else None]
         broadcast_object_list(stored)  # the main process's answer, on every process (no-op alone)
         if stored[0]:
@@ -245,6 +249,32 @@ class TrainingStage:
         if self.store is None:  # another rank: the main process evaluates and writes
             self.accelerator.wait_for_everyone()
             return True
+        trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+        self._store_adapter(task, seed, train_config, peft_model, head, trainable, seconds)
+        self.accelerator.wait_for_everyone()  # the other ranks waited here while this process wrote
+        return True
+
+    def import_adapter(self, task: str, seed: int, source: Path) -> bool:
+        """An adapter given instead of trained (run_all --adapters, study/given.py): scored and stored like a
+        trained one, its folder copied into the study's artifacts; returns False when it was already stored."""
+        model_id = self.config.model_id("adapter", task, seed)
+        if self.store.has_model(model_id):
+            return False
+        loaded = load_model(source, create_backbone(self.backbone_config))
+        peft_model, head = loaded.model.backbone, loaded.model.heads[loaded.task]
+        train_config = {  # how it was trained, as its task.json says (rank, alpha, ...), then its identity here
+            **loaded.meta.get("training", {}),
+            **self.config.adapter_training_config(task, seed),
+            "trained_on": loaded.task,
+            "source": str(source),
+        }
+        trainable = sum(p.numel() for name, p in peft_model.named_parameters() if "lora_" in name)
+        self._store_adapter(task, seed, train_config, peft_model, head, trainable, None)
+        return True
+
+    def _store_adapter(self, task, seed, train_config, peft_model, head, trainable, seconds) -> None:
+        """Score an adapter on validation and test, write its folder and its rows (the main process)."""
+        model_id = self.config.model_id("adapter", task, seed)
         # Scored through the evaluation path: the adapter merged into a copy of the backbone, prepared for speed.
         # On this process's device (a GPU under accelerate); the saved head stays the CPU copy.
         fast_backbone, _ = prepare_for_inference(copy.deepcopy(peft_model).merge_and_unload())
@@ -255,14 +285,12 @@ class TrainingStage:
             accuracies[split] = (accuracy(model, task, split_images, split_labels), len(split_labels))
         folder = model_folder(self.config, "adapter", task, seed, model_id)
         save_model(folder, self._meta("adapter", task, train_config, model_id), head, peft_model)
-        trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
         self._record(model_id, "adapter", task, seed, train_config, folder, trainable, seconds, accuracies)
-        self.accelerator.wait_for_everyone()  # the other ranks waited here while this process wrote
-        return True
 
     def run(self) -> dict:
-        """Every head baseline, then every adapter; returns counts of trained and skipped units."""
-        counts = {"trained": 0, "skipped": 0}
+        """Every head baseline, then every adapter (given ones imported); returns counts of trained, imported and
+        skipped units."""
+        counts = {"trained": 0, "imported": 0, "skipped": 0}
         units = [
             (kind, task, seed)
             for kind in ("head", "adapter")
@@ -272,5 +300,7 @@ class TrainingStage:
         ]  # heads: the main process only
         for kind, task, seed in tqdm(units, desc="training", unit="model", disable=self.store is None):
             done = (self.run_head if kind == "head" else self.run_adapter)(task, seed)
-            counts["trained" if done else "skipped"] += 1
+            given = kind == "adapter" and self.config.given_adapter(task, seed) is not None
+            counts[("imported" if given else "trained") if done else "skipped"] += 1
+        counts["imported_note"] = f", {counts['imported']} given adapters imported" if counts["imported"] else ""
         return counts
