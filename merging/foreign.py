@@ -193,9 +193,12 @@ def _config_labels(config_path: Path) -> list[str] | None:
     return [str(name) for name in names]
 
 
-def _label_names(folder: Path, base: str, n_classes: int, labels_file: Path | None) -> list[str]:
+def _label_names(
+    folder: Path, base: str, n_classes: int, labels_file: Path | None, fallback: list[str] | None = None
+) -> list[str]:
     """Label names in the order: --labels for this adapter, labels.json or config.json beside it, the base model's
-    config.json (a local folder) when its size matches the classifier. A size that does not match is refused."""
+    config.json (a local folder) when its size matches the classifier, then `fallback` (the labels of the task a
+    study scores it on). A size that does not match is refused."""
     candidates = []
     if labels_file is not None:
         candidates.append((str(labels_file), read_labels_file(labels_file)))
@@ -214,6 +217,13 @@ def _label_names(folder: Path, base: str, n_classes: int, labels_file: Path | No
     base_names = _config_labels(Path(base) / "config.json")
     if base_names is not None and len(base_names) == n_classes:
         return base_names
+    if fallback is not None:
+        if len(fallback) != n_classes:
+            raise AdapterError(
+                f"the classifier of {folder} has {n_classes} outputs but the task it is scored on has "
+                f"{len(fallback)} labels: name a task with {n_classes} classes (ADAPTER=TASK)"
+            )
+        return list(fallback)
     raise AdapterError(
         f"adapter {folder} has no label names for its {n_classes} classes: save them beside it as {LABELS_FILE} "
         f"(a JSON list) or pass --labels {folder}=FILE"
@@ -225,13 +235,15 @@ def load_foreign(
     labels_file: str | os.PathLike | None = None,
     base: str | None = None,
     hub_id: str | None = None,
+    fallback_labels: list[str] | None = None,
 ) -> AdapterDeltas:
     """Read a peft LoRA folder of a transformers or timm model into exact per-layer ΔW, its head and its labels.
 
     The checks are deltas.py's (peft type, DoRA, rank and alpha patterns, rsLoRA, finite values, orphan
     factors, damaged file), so an adapter from elsewhere is held to the same rules as this project's own.
     `base` (--base) names the base model of an adapter whose config names none. The task is named after the
-    adapter's Hub repo id (`hub_id`, when it came from the Hub) or its folder.
+    adapter's Hub repo id (`hub_id`, when it came from the Hub) or its folder. `fallback_labels`: the label names
+    when the adapter's files give none (a study passes its task's).
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -242,7 +254,7 @@ def load_foreign(
     deltas = deltas_from_factors(folder, config, factors)
     head_module, head = _classifier(folder, config, factors)
     _refuse_other_weights(folder, config, factors, head_module)
-    labels = _label_names(folder, base, head.out_features, Path(labels_file) if labels_file else None)
+    labels = _label_names(folder, base, head.out_features, Path(labels_file) if labels_file else None, fallback_labels)
     library = base_library(base)
     meta = {
         "task": hub_id or folder.name,
@@ -354,19 +366,24 @@ def load_base_model(name: str) -> torch.nn.Module:
             logging.enable_progress_bar()
 
 
+def timm_base_folder(name: str) -> Path:
+    """The local folder of a timm base (--base): `local-dir:FOLDER` or a folder as given, a hub id (`timm/...`,
+    `hf-hub:...`, a bare timm name) as its folder in the local Hub cache (downloaded if missing)."""
+    if name.startswith("local-dir:"):
+        return Path(name[len("local-dir:") :])
+    if name.startswith(("timm/", "hf-hub:")) or not Path(name).exists():
+        repo_id = name.removeprefix("hf-hub:")
+        repo_id = repo_id if "/" in repo_id else f"timm/{repo_id}"  # a bare timm name lives under timm/ on the Hub
+        return hub_snapshot(repo_id, f"base model {name}")
+    return Path(name)
+
+
 def _load_timm_base(name: str) -> torch.nn.Module:
     """A timm base model with its pretrained weights: a hub id becomes its cached (or downloaded) folder, read
     with timm's own `local-dir:` loader, so a cached model loads without any network call."""
     import timm
 
-    if name.startswith("local-dir:"):
-        folder = Path(name[len("local-dir:") :])
-    elif name.startswith(("timm/", "hf-hub:")) or not Path(name).exists():
-        repo_id = name.removeprefix("hf-hub:")
-        repo_id = repo_id if "/" in repo_id else f"timm/{repo_id}"  # a bare timm name lives under timm/ on the Hub
-        folder = hub_snapshot(repo_id, f"base model {name}")
-    else:
-        folder = Path(name)
+    folder = timm_base_folder(name)
     try:
         return timm.create_model(f"local-dir:{folder.resolve()}", pretrained=True).eval()
     except Exception as error:  # timm raises RuntimeError, KeyError, FileNotFoundError... for an odd folder
@@ -575,4 +592,5 @@ __all__ = [
     "load_foreign",
     "read_labels_file",
     "resolve_adapter",
+    "timm_base_folder",
 ]

