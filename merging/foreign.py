@@ -31,7 +31,7 @@ import torch
 
 from merging.deltas import AdapterDeltas, deltas_from_factors, read_factors, read_lora_config
 from merging.merged_model import adapter_origin, check_merge_fits, write_export
-from mlvision.backbone import Preprocess
+from mlvision.backbone import Preprocess, transformers_preprocess
 from mlvision.errors import AdapterError, error_reason
 from mlvision.models import HEAD_FILE, META_FILE
 
@@ -395,30 +395,14 @@ def _load_timm_base(name: str) -> torch.nn.Module:
 
 def base_preprocess(base: str, model: torch.nn.Module) -> Preprocess:
     """How an image is fed to the base model, as this project's `Preprocess` (resize to a square, normalise):
-    timm's data config of the model; for transformers the base's image processor config
-    (preprocessor_config.json: size, image_mean, image_std, resample), else the model config's image_size with
-    the ViT image processor's defaults (mean = std = 0.5, bilinear). No centre crop either way (what the
-    adapter's trainer did is not recorded in its folder; resizing keeps the whole image)."""
+    timm's data config of the model, or for transformers the base's image processor config
+    (`mlvision.backbone.transformers_preprocess`). No centre crop either way."""
     if base_library(base) == TIMM:
         import timm
 
         data = timm.data.resolve_data_config({}, model=model)
         return Preprocess(int(data["input_size"][-1]), tuple(data["mean"]), tuple(data["std"]), data["interpolation"])
-    from transformers import AutoImageProcessor
-
-    size = int(getattr(model.config, "image_size", 224))
-    mean, std, resample = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 2
-    try:
-        processor = AutoImageProcessor.from_pretrained(base, local_files_only=True)
-        size = int((processor.size or {}).get("height", size))
-        mean, std = tuple(processor.image_mean), tuple(processor.image_std)
-        resample = int(getattr(processor, "resample", resample))
-    except Exception:  # noqa: BLE001 - no preprocessor_config.json beside the base: the documented defaults
-        pass
-    return Preprocess(size, tuple(map(float, mean)), tuple(map(float, std)), _PIL_RESAMPLE.get(resample, "bilinear"))
-
-
-_PIL_RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}  # PIL's resample codes as timm names them
+    return transformers_preprocess(base, model)
 
 
 def expand_sources(sources: list[str]) -> list[str]:

@@ -15,7 +15,7 @@ the demo sees exactly what the evaluation saw.
 from __future__ import annotations
 
 import importlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import timm
 import torch
@@ -51,9 +51,10 @@ class BackboneConfig:
     name: str = "tf_efficientnet_lite0"
     weights: str = "auto"  # one of WEIGHT_SOURCES; "auto" = package if one exists, else hub
     image_size: int = 48
-    # A base model folder timm's save_for_hf wrote, as `local-dir:FOLDER` (weights "base"): the base of adapters
-    # trained elsewhere on a timm model (study/given.py), at its own input size; `name` is its architecture.
-    # Empty for every backbone built from a timm name (left out of to_dict, so their identities stand).
+    # The base model of adapters trained elsewhere (study/given.py), with weights "base", at its own input size:
+    # `local-dir:FOLDER` (a folder timm's save_for_hf wrote) or `transformers:FOLDER` (an image classifier's
+    # save_pretrained folder); `name` is its architecture. Empty for every backbone built from a timm name (left
+    # out of to_dict, so their identities stand).
     base: str = ""
 
     def resolved_weights(self) -> str:
@@ -182,21 +183,72 @@ def create_backbone(config: BackboneConfig, with_classifier: bool = False) -> to
     return model.eval()
 
 
+TRANSFORMERS_BASE = "transformers:"  # the prefix of a `base` loaded with transformers
+
+
 def _create_from_base(config: BackboneConfig, with_classifier: bool) -> torch.nn.Module:
-    """The base model of a `base` config with its own weights (timm's `local-dir:` loader, no network)."""
-    if not config.base.startswith("local-dir:") or config.weights != "base":
+    """The base model of a `base` config with its own weights, offline: timm's `local-dir:` loader, or
+    transformers' `from_pretrained` of a local folder made to return its classifier's input (`_features_only`)."""
+    if not config.base.startswith(("local-dir:", TRANSFORMERS_BASE)) or config.weights != "base":
         raise UnknownNameError(
-            f"backbone base {config.base!r} with weights {config.weights!r}: a base is a local-dir:FOLDER with "
-            "weights 'base' (study/given.py writes them)"
+            f"backbone base {config.base!r} with weights {config.weights!r}: a base is local-dir:FOLDER or "
+            "transformers:FOLDER with weights 'base' (study/given.py writes them)"
         )
     try:
+        if config.base.startswith(TRANSFORMERS_BASE):
+            from transformers import AutoModelForImageClassification
+
+            folder = config.base[len(TRANSFORMERS_BASE) :]
+            return _features_only(AutoModelForImageClassification.from_pretrained(folder, local_files_only=True))
         model = timm.create_model(config.base, pretrained=True, **({} if with_classifier else {"num_classes": 0}))
-    except Exception as error:  # timm raises RuntimeError, KeyError, FileNotFoundError... for a missing or odd folder
+    except Exception as error:  # timm and transformers raise many kinds for a missing or odd folder
         raise DataSourceError(
             f"cannot load base model {config.base} ({error_reason(error)}): "
             "the folder the study was given is gone or damaged; give the adapters' base again (--base)"
         ) from None
     return model.eval()
+
+
+def _features_only(model: torch.nn.Module) -> torch.nn.Module:
+    """A transformers image classifier whose forward returns its classifier's input (for ViT the final
+    layernorm's CLS token) as a plain tensor, like a timm model with `num_classes=0`.
+
+    Done by swapping the model's class for a subclass rather than wrapping it, so every module keeps the name
+    its adapters' ΔW are keyed by (a wrapper would prefix them); peft's LoRA model calls `forward` directly, so
+    a forward hook would be skipped there."""
+    architecture = type(model)
+
+    class FeaturesOnly(architecture):
+        def forward(self, pixel_values=None, *args, **kwargs):
+            return architecture.forward(self, pixel_values, *args, **kwargs).logits
+
+    FeaturesOnly.__name__ = FeaturesOnly.__qualname__ = f"FeaturesOnly{architecture.__name__}"
+    model.classifier = torch.nn.Identity()
+    model.__class__ = FeaturesOnly
+    model.num_features = model.config.hidden_size
+    return model.eval()
+
+
+def transformers_preprocess(folder: str, model: torch.nn.Module) -> "Preprocess":
+    """How a transformers image classifier is fed, as this project's `Preprocess` (resize to a square, normalise):
+    its image processor's config (preprocessor_config.json: size, image_mean, image_std, resample), else the model
+    config's image_size with the ViT image processor's defaults (mean = std = 0.5, bilinear). No centre crop
+    (what the adapter's trainer did is not recorded in its folder; resizing keeps the whole image)."""
+    from transformers import AutoImageProcessor
+
+    size = int(getattr(model.config, "image_size", 224))
+    mean, std, resample = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 2
+    try:
+        processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True)
+        size = int((processor.size or {}).get("height", size))
+        mean, std = tuple(processor.image_mean), tuple(processor.image_std)
+        resample = int(getattr(processor, "resample", resample))
+    except Exception:  # noqa: BLE001 - no preprocessor_config.json beside the base: the documented defaults
+        pass
+    return Preprocess(size, tuple(map(float, mean)), tuple(map(float, std)), _PIL_RESAMPLE.get(resample, "bilinear"))
+
+
+_PIL_RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}  # PIL's resample codes as timm names them
 
 
 def feature_dim(model: torch.nn.Module) -> int:
@@ -239,6 +291,9 @@ class Preprocess:
 def make_preprocess(config: BackboneConfig, model: torch.nn.Module | None = None) -> Preprocess:
     """The backbone's own normalisation and interpolation, at the configured image size."""
     model = model if model is not None else create_backbone(config)
+    if config.base.startswith(TRANSFORMERS_BASE):
+        own = transformers_preprocess(config.base[len(TRANSFORMERS_BASE) :], model)
+        return replace(own, image_size=config.image_size)
     data_config = timm.data.resolve_data_config({}, model=model)
     return Preprocess(
         config.image_size,

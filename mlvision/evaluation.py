@@ -116,6 +116,8 @@ def fold_batchnorm(model: nn.Module) -> dict[str, torch.Tensor]:
 
     The model must be in eval mode (running statistics). Raises if the model cannot be traced."""
     scales = {}
+    if not any(isinstance(module, nn.BatchNorm2d) for module in model.modules()):
+        return scales  # nothing to fold (a ViT): no trace needed, and some models (transformers') cannot be traced
     for conv_name, bn_name in conv_batchnorm_pairs(model):
         conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
         scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)

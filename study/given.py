@@ -10,12 +10,11 @@ instead of training it. Everything downstream reads the store and the artifacts 
 An adapter's identity is the sha256 of its weight files, so the same files give the same model and
 merge ids wherever they lie, and a second run with the same adapters only does what is missing.
 
-A peft LoRA of a timm model from another trainer (peft's custom-models recipe, `--base` naming its base as
-for merging/merge.py) is converted into this project's format first (`convert_timm_adapter`, in the data
-cache) and scored on the dataset named for it (`ADAPTER=hub:DATASET`): its base becomes the study's
-backbone (`BackboneConfig.base`). A peft LoRA of a `transformers` model is merged and scored by
-`merging/merge.py` (`--data ... --evaluate`) only: the whole study needs the evaluation path, which folds a
-timm backbone, so it refuses them with one line saying so.
+A peft LoRA from another trainer (peft's image-classification guide on a `transformers` model, or its
+custom-models recipe on a timm model with `--base` naming the base, as for merging/merge.py) is converted
+into this project's format first (`convert_foreign_adapter`, in the data cache) and scored on the dataset
+named for it (`ADAPTER=hub:DATASET`): its base becomes the study's backbone (`BackboneConfig.base`; a
+transformers base answers its classifier's input, so the evaluation path treats it like a timm backbone).
 """
 
 from __future__ import annotations
@@ -32,8 +31,23 @@ import timm
 from safetensors.torch import save_file
 
 from merging.deltas import read_factors, read_lora_config
-from merging.foreign import SOURCES, TIMM, is_foreign, load_foreign, resolve_adapter, timm_base_folder
-from mlvision.backbone import BackboneConfig, create_backbone, make_preprocess
+from merging.foreign import (
+    SOURCES,
+    TIMM,
+    TRANSFORMERS,
+    hub_snapshot,
+    is_foreign,
+    load_foreign,
+    resolve_adapter,
+    timm_base_folder,
+)
+from mlvision.backbone import (
+    TRANSFORMERS_BASE,
+    BackboneConfig,
+    create_backbone,
+    make_preprocess,
+    transformers_preprocess,
+)
 from mlvision.config import StudyConfig
 from mlvision.errors import AdapterError, UnknownNameError
 from mlvision.models import HEAD_FILE, META_FILE, read_meta
@@ -75,18 +89,20 @@ def read_given(adapter: str, task: str | None, base: str | None) -> tuple[Path, 
     study cannot use."""
     folder, _ = resolve_adapter(adapter)
     if is_foreign(folder):
-        folder = convert_timm_adapter(adapter, folder, task, base)
+        folder = convert_foreign_adapter(adapter, folder, task, base)
     meta = read_meta(folder)
     if meta.get("model_kind") != "adapter":
         raise AdapterError(f"{adapter} is a {meta.get('model_kind')} baseline, not an adapter: pass adapter folders")
     return folder, meta
 
 
-def convert_timm_adapter(adapter: str, folder: Path, task: str | None, base: str | None) -> Path:
-    """A peft LoRA of a timm model (peft's custom-models recipe: the classifier in modules_to_save=["head"] or a
-    head.safetensors beside it) written as this project's adapter folder, in the data cache: its LoRA factors and
-    config without the classifier, the classifier as head.safetensors, and a task.json naming the task, its
-    labels and the base (`local-dir:` of the base's folder, at the base's own input size and normalisation).
+def convert_foreign_adapter(adapter: str, folder: Path, task: str | None, base: str | None) -> Path:
+    """A peft LoRA from another trainer written as this project's adapter folder, in the data cache: its LoRA
+    factors and config without the classifier, the classifier as head.safetensors, and a task.json naming the
+    task, its labels and the base at the base's own input size and normalisation. Two recipes: peft on a timm
+    model (the classifier in modules_to_save=["head"] or a head.safetensors beside it; the base `local-dir:` of
+    its folder) and peft's image-classification guide on a transformers model (the classifier in
+    modules_to_save=["classifier"]; the base `transformers:` of its folder, answering its classifier's input).
 
     All of merging/foreign.py's checks apply (LoRA only, no DoRA, no trained biases, a Linear classifier).
     Written once per (adapter files, base, task); a second study reads the cached folder."""
@@ -98,25 +114,29 @@ def convert_timm_adapter(adapter: str, folder: Path, task: str | None, base: str
     labels = list(get_task(task).label_names)
     adapter_deltas = load_foreign(folder, base=base, fallback_labels=labels)
     base = adapter_deltas.meta["backbone"]["base_model_name_or_path"]
-    if adapter_deltas.meta["library"] != TIMM:
+    library = adapter_deltas.meta["library"]
+    if library == TRANSFORMERS and adapter_deltas.meta["head_module"] != "classifier":
         raise AdapterError(
-            f"{adapter} is a peft LoRA of the transformers model {base}: a whole study needs a timm base (the "
-            f"evaluation path folds timm models); merge and score it with python merging/merge.py {adapter} ... "
-            "--data ADAPTER=DATASET --evaluate N"
+            f"{adapter} does not keep its classifier in modules_to_save=['classifier'] (peft's image-classification "
+            "guide), where a study of a transformers model reads it: train it that way"
         )
     lora_config = read_lora_config(folder)
     factors = {key: value for key, value in read_factors(folder).items() if ".lora_" in key}
-    base_folder = timm_base_folder(base).resolve()
+    base_folder = (timm_base_folder(base) if library == TIMM else transformers_base_folder(base)).resolve()
     # the resolved base folder is part of the key: a conversion never points at a base that has since moved
     identity = [content_sha256(folder, FOREIGN_FILES), base, str(base_folder), task]
     key = hashlib.sha256(json.dumps(identity).encode()).hexdigest()
     target = cache_dir() / "given" / key[:20]
     if (target / META_FILE).is_file():
         return target
-    architecture = _architecture(base_folder)
-    probe = create_backbone(BackboneConfig(architecture, "base", 0, f"local-dir:{base_folder}"))
-    image_size = int(timm.data.resolve_data_config({}, model=probe)["input_size"][-1])
-    backbone = BackboneConfig(architecture, "base", image_size, f"local-dir:{base_folder}")
+    architecture = _architecture(base_folder, library)
+    spec = f"local-dir:{base_folder}" if library == TIMM else f"{TRANSFORMERS_BASE}{base_folder}"
+    probe = create_backbone(BackboneConfig(architecture, "base", 0, spec))
+    if library == TIMM:
+        image_size = int(timm.data.resolve_data_config({}, model=probe)["input_size"][-1])
+    else:
+        image_size = transformers_preprocess(str(base_folder), probe).image_size
+    backbone = BackboneConfig(architecture, "base", image_size, spec)
     meta = {
         "model_kind": "adapter",
         "task": task,
@@ -128,7 +148,7 @@ def convert_timm_adapter(adapter: str, folder: Path, task: str | None, base: str
             "rank": lora_config["r"],
             "alpha": lora_config.get("lora_alpha", lora_config["r"]),
             "target_modules": lora_config.get("target_modules"),
-            "source": SOURCES[TIMM],
+            "source": SOURCES[library],
             "adapter": adapter,
         },
         "config_hash": key,
@@ -152,14 +172,21 @@ def convert_timm_adapter(adapter: str, folder: Path, task: str | None, base: str
     return target
 
 
-def _architecture(base_folder: Path) -> str:
-    """The timm architecture name in a save_for_hf folder's config.json."""
+def transformers_base_folder(base: str) -> Path:
+    """The local folder of a transformers base: a folder as named, else its Hub id's folder in the local cache."""
+    return Path(base) if Path(base).is_dir() else hub_snapshot(base, f"base model {base}")
+
+
+def _architecture(base_folder: Path, library: str) -> str:
+    """The architecture named by a base folder's config.json: timm's "architecture" (save_for_hf), transformers'
+    first "architectures" entry (save_pretrained)."""
     try:
-        return json.loads((base_folder / "config.json").read_text())["architecture"]
-    except (OSError, ValueError, KeyError, TypeError):
+        config = json.loads((base_folder / "config.json").read_text())
+        return config["architecture"] if library == TIMM else config["architectures"][0]
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
         raise AdapterError(
-            f"{base_folder} holds no timm config.json naming an architecture: pass --base a folder timm's "
-            "save_for_hf wrote, or its Hub id (timm/NAME)"
+            f"{base_folder} holds no config.json naming its architecture: give the base as the folder timm's "
+            "save_for_hf or transformers' save_pretrained wrote, or its Hub id"
         ) from None
 
 
@@ -186,7 +213,7 @@ def given_config(config: StudyConfig, items: list[str], explicit: set[str], base
                 f"{_short(labels)}: score it on a task with the same labels in the same order (ADAPTER=TASK)"
             )
         if first is None:
-            first = (adapter, meta["backbone"])
+            first = (adapter, meta["backbone"], meta)
         elif meta["backbone"] != first[1]:
             raise AdapterError(
                 f"adapters {first[0]} and {adapter} were trained on different backbones ({_backbone(first[1])} vs "
@@ -211,8 +238,15 @@ def given_config(config: StudyConfig, items: list[str], explicit: set[str], base
         backbone_weights=backbone["weights"],
         image_size=backbone["image_size"],
         backbone_base=backbone.get("base", ""),
+        target_modules=_target_modules(first[2]) or config.target_modules,
         given_adapters=tuple(given),
     )
+
+
+def _target_modules(meta: dict) -> tuple[str, ...] | None:
+    """The layers an adapter's LoRA targets, as its training recorded them (a list; peft's regex form is not one)."""
+    targets = (meta.get("training") or {}).get("target_modules")
+    return tuple(targets) if isinstance(targets, list) and targets else None
 
 
 def _short(labels) -> str:

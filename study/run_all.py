@@ -75,7 +75,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         explicit = {name for name in DECIDED_BY_ADAPTERS if getattr(args, name) is not None}
         config = given_config(config, args.adapters, explicit, args.base)
     prepare_profile_data(profile_name(args))  # a profile's local datasets (tiny-vit), written once
-    check_backbone_name(config.backbone)  # unknown names fail before any work
+    if not config.backbone_base:  # a given adapters' base is a folder, already loaded once by study/given.py
+        check_backbone_name(config.backbone)  # unknown names fail before any work
     for name in config.tasks:
         get_task(name)  # unknown names fail before any work
     bench_config = bench_config_from_args(args)  # so do bad benchmark options

@@ -3,8 +3,9 @@
 The tiny study's adapters are given back to run_all as if they came from elsewhere: the new study must
 import them (same test accuracies, new content-based ids), train the same head baselines, merge them
 to the very same per-image outcomes as the study that trained them, measure similarity and findings,
-resume without writing, and give a file the dashboard reads. Every unusable input is one line, a
-non-zero exit and no results file.
+resume without writing, and give a file the dashboard reads. LoRAs trained elsewhere with peft on a tiny
+random timm ViT and on a tiny random transformers ViT get a whole study too, their imported copies giving
+peft's own logits. Every unusable input is one line, a non-zero exit and no results file.
 """
 
 from __future__ import annotations
@@ -271,7 +272,7 @@ def test_timm_adapters_from_elsewhere_get_a_whole_study(timm_given, capsys):
         ("no_base", "pass --base"),
         ("no_task", "names no task of this project"),
         ("classes", "has 10 outputs but the task it is scored on has"),
-        ("transformers", "transformers model"),
+        ("transformers", "modules_to_save=['classifier']"),
     ],
 )
 def test_unusable_timm_adapters_fail_in_one_line(case, expected, timm_given, tmp_path, capsys):
@@ -295,3 +296,93 @@ def test_unusable_timm_adapters_fail_in_one_line(case, expected, timm_given, tmp
     assert code != 0 and expected in err, (case, err)
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not db.exists()
+
+
+# ------------------------------------- peft LoRAs of a transformers model (peft's image-classification guide)
+
+HF_TASKS = ("hub:runs/tiny-vit/data/uci_digits", "hub:runs/tiny-vit/data/lfw_faces")
+
+
+def _hf_preprocess(base: Path):
+    from transformers import ViTForImageClassification
+
+    from mlvision.backbone import transformers_preprocess
+
+    return transformers_preprocess(str(base), ViTForImageClassification.from_pretrained(base))
+
+
+def _train_hf_adapter(base: Path, task: str, folder: Path) -> None:
+    """peft's image-classification guide: the base loaded with a fresh classifier of the task's size, LoRA on the
+    attention's q_proj and v_proj, the classifier in modules_to_save; ten AdamW steps on 64 training images."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import ViTForImageClassification
+
+    from mlvision.data import split_tensors
+    from mlvision.tasks import get_task
+
+    torch.manual_seed(0)
+    images, labels = split_tensors(task, "train", _hf_preprocess(base), 64)
+    model = ViTForImageClassification.from_pretrained(
+        base, num_labels=get_task(task).num_classes, ignore_mismatched_sizes=True
+    )
+    model = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["classifier"])
+    )
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for step in range(10):
+        batch = slice(16 * (step % 4), 16 * (step % 4) + 16)
+        loss = torch.nn.functional.cross_entropy(model(pixel_values=images[batch]).logits, labels[batch])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.save_pretrained(folder)
+
+
+def test_transformers_adapters_from_elsewhere_get_a_whole_study(tmp_path, capsys):
+    """Two adapters of a tiny random transformers ViT (save_pretrained) get a whole study without --base (their
+    adapter_config.json names the base); the study's imported copy is peft's own model, logit for logit."""
+    from peft import PeftModel
+    from transformers import ViTConfig, ViTForImageClassification, logging
+
+    from mlvision.config import prepare_profile_data
+    from mlvision.data import split_tensors
+    from mlvision.tasks import get_task
+
+    logging.set_verbosity_error()  # the guide's fresh classifier is reported as newly initialised
+    prepare_profile_data("tiny-vit")
+    torch.manual_seed(0)
+    config = ViTConfig(
+        image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+    )
+    ViTForImageClassification(config).save_pretrained(tmp_path / "base")
+    adapters = {task: tmp_path / task.rsplit("/", 1)[-1] for task in HF_TASKS}
+    for task, folder in adapters.items():
+        _train_hf_adapter(tmp_path / "base", task, folder)
+    db = tmp_path / "results.duckdb"
+    argv = ["--adapters", *[f"{folder}={task}" for task, folder in adapters.items()], *TIMM_LIMITS,
+            "--merge-methods", "task_arithmetic", "regmean", "--max-k", "2", "--stages", "train", "merge", "findings",
+            "--db", db, "--artifacts", tmp_path / "artifacts"]  # fmt: skip
+    code, out, err = call_main(run_all_main, argv, capsys)
+    assert code == 0, err
+    assert "2 given adapters imported" in out
+    assert {row[0] for row in query_db(db, "SELECT backbone FROM task_results")} == {"ViTForImageClassification"}
+    preprocess = _hf_preprocess(tmp_path / "base")
+    for task, folder in adapters.items():
+        images, labels = split_tensors(task, "test", preprocess, 48)
+        theirs = ViTForImageClassification.from_pretrained(
+            tmp_path / "base", num_labels=get_task(task).num_classes, ignore_mismatched_sizes=True
+        )
+        theirs = PeftModel.from_pretrained(theirs, str(folder)).eval()
+        path = query_db(db, "SELECT path FROM models WHERE model_kind = 'adapter' AND task = ?", [task])[0][0]
+        imported = load_model(REPO_ROOT / path if not Path(path).is_absolute() else path)
+        with torch.no_grad():
+            logits = theirs(pixel_values=images).logits
+            difference = (imported.model(images)[task] - logits).abs().max()
+        assert difference < 1e-5, (task, float(difference))
+        accuracy = query_db(db, "SELECT accuracy FROM task_results WHERE model_kind = 'adapter' AND task = ?", [task])[
+            0
+        ][0]
+        assert abs(accuracy - float((logits.argmax(-1) == labels).float().mean())) <= 1 / 48
+    methods = query_db(db, "SELECT method, count(*) FROM merge_results WHERE k = 2 GROUP BY ALL ORDER BY 1")
+    assert methods == [("regmean", 2), ("task_arithmetic", 2)]  # RegMean's Gram matrices on the transformers ViT
