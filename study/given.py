@@ -56,8 +56,8 @@ from mlvision.tasks import get_task, set_hub_domains
 
 # The files whose bytes are a given adapter: the LoRA factors, their configuration and the task head.
 IDENTITY_FILES = ("adapter_config.json", "adapter_model.safetensors", HEAD_FILE)
-# The files of a peft LoRA from another trainer that make it what it is (a head file and labels are optional).
-FOREIGN_FILES = ("adapter_config.json", "adapter_model.safetensors", HEAD_FILE, "labels.json")
+# A peft LoRA from another trainer may also hold these (its classifier beside it, its label names).
+FOREIGN_OPTIONAL_FILES = (HEAD_FILE, "labels.json")
 # Options the adapters decide: giving them as well would contradict the adapters.
 DECIDED_BY_ADAPTERS = ("tasks", "seeds", "backbone", "backbone_weights", "image_size")
 
@@ -71,12 +71,12 @@ def parse_given(item: str) -> tuple[str, str | None]:
     return adapter, (task if sep else None)
 
 
-def content_sha256(folder: Path, names: tuple[str, ...] = IDENTITY_FILES) -> str:
-    """The sha256 of an adapter's identity files (`names`, those that exist for FOREIGN_FILES), in a fixed order."""
+def content_sha256(folder: Path, optional: tuple[str, ...] = ()) -> str:
+    """The sha256 of an adapter's identity files, in a fixed order (those named in `optional` where they exist)."""
     digest = hashlib.sha256()
-    for name in names:
+    for name in dict.fromkeys((*IDENTITY_FILES, *optional)):
         path = folder / name
-        if names is FOREIGN_FILES and not path.is_file():
+        if name in optional and not path.is_file():
             continue
         if not path.is_file():
             raise AdapterError(f"{folder} has no {name}: the adapter folder is incomplete; copy it again whole")
@@ -85,8 +85,8 @@ def content_sha256(folder: Path, names: tuple[str, ...] = IDENTITY_FILES) -> str
 
 
 def read_given(adapter: str, task: str | None, base: str | None) -> tuple[Path, dict]:
-    """(local folder, task.json) of one given adapter, a timm one converted first; one line for anything this
-    study cannot use."""
+    """(local folder, task.json) of one given adapter, one from another trainer converted first; one line for
+    anything this study cannot use."""
     folder, _ = resolve_adapter(adapter)
     if is_foreign(folder):
         folder = convert_foreign_adapter(adapter, folder, task, base)
@@ -124,7 +124,7 @@ def convert_foreign_adapter(adapter: str, folder: Path, task: str | None, base: 
     factors = {key: value for key, value in read_factors(folder).items() if ".lora_" in key}
     base_folder = (timm_base_folder(base) if library == TIMM else transformers_base_folder(base)).resolve()
     # the resolved base folder is part of the key: a conversion never points at a base that has since moved
-    identity = [content_sha256(folder, FOREIGN_FILES), base, str(base_folder), task]
+    identity = [content_sha256(folder, optional=FOREIGN_OPTIONAL_FILES), base, str(base_folder), task]
     key = hashlib.sha256(json.dumps(identity).encode()).hexdigest()
     target = cache_dir() / "given" / key[:20]
     if (target / META_FILE).is_file():
@@ -213,10 +213,11 @@ def given_config(config: StudyConfig, items: list[str], explicit: set[str], base
                 f"{_short(labels)}: score it on a task with the same labels in the same order (ADAPTER=TASK)"
             )
         if first is None:
-            first = (adapter, meta["backbone"], meta)
-        elif meta["backbone"] != first[1]:
+            first = (adapter, meta)
+        elif meta["backbone"] != first[1]["backbone"]:
             raise AdapterError(
-                f"adapters {first[0]} and {adapter} were trained on different backbones ({_backbone(first[1])} vs "
+                f"adapters {first[0]} and {adapter} were trained on different backbones "
+                f"({_backbone(first[1]['backbone'])} vs "
                 f"{_backbone(meta['backbone'])}): a study merges adapters of one backbone; pass those of one"
             )
         seed = per_task.get(task, 0)
@@ -229,7 +230,7 @@ def given_config(config: StudyConfig, items: list[str], explicit: set[str], base
             f"every task needs the same number of adapters (the sweep merges one seed's adapters across tasks); "
             f"given {listing}"
         )
-    backbone = first[1]
+    backbone = first[1]["backbone"]
     return replace(
         config,
         tasks=tuple(per_task),
@@ -238,7 +239,7 @@ def given_config(config: StudyConfig, items: list[str], explicit: set[str], base
         backbone_weights=backbone["weights"],
         image_size=backbone["image_size"],
         backbone_base=backbone.get("base", ""),
-        target_modules=_target_modules(first[2]) or config.target_modules,
+        target_modules=_target_modules(first[1]) or config.target_modules,
         given_adapters=tuple(given),
     )
 
