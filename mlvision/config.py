@@ -75,7 +75,7 @@ class StudyConfig:
     # the folder's weight files). The training stage imports them and trains only the head baselines; their
     # identity is their content, so the same files give the same model ids wherever they lie.
     given_adapters: tuple[tuple[str, int, str, str], ...] = ()
-    backbone_base: str = ""  # the given timm adapters' base model, local-dir:FOLDER (mlvision/backbone.py)
+    backbone_base: str = ""  # given adapters' base: local-dir:FOLDER or transformers:FOLDER (mlvision/backbone.py)
 
     @property
     def backbone_config(self) -> BackboneConfig:
@@ -331,8 +331,8 @@ def add_study_arguments(parser: argparse.ArgumentParser) -> None:
         "project's training, each scored on TASK (default: the task it was trained on; a task of the same "
         "labels may be named); several adapters of one task are its seeds 0, 1, ... The tasks, seeds and "
         "backbone come from the adapters; the training stage trains only the head baselines. A peft LoRA of a "
-        "timm model from another trainer is studied too: name its dataset (ADAPTER=hub:DATASET) and its base "
-        "(--base)",
+        "transformers or timm model from another trainer is studied too: name its dataset (ADAPTER=hub:DATASET), "
+        "and for timm its base (--base)",
     )
     parser.add_argument(
         "--base",

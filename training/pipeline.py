@@ -219,11 +219,11 @@ class TrainingStage:
 
     def run_adapter(self, task: str, seed: int) -> bool:
         """LoRA adapter (+ its head) for (task, seed); returns False when it was already stored."""
-        train_config = self.config.adapter_training_config(task, seed)
-        model_id = self.config.model_id("adapter", task, seed)
         given = self.config.given_adapter(task, seed)
         if given is not None:  # the same on every process: none enters the broadcast below
             return self.store is not None and self.import_adapter(task, seed, Path(given[0]))
+        train_config = self.config.adapter_training_config(task, seed)
+        model_id = self.config.model_id("adapter", task, seed)
         stored = [self.store.has_model(model_id) if self.store is not None else None]
         broadcast_object_list(stored)  # the main process's answer, on every process (no-op alone)
         if stored[0]:
