@@ -7,6 +7,7 @@ reader sees in one place what a line, a point or a cell of a chart means.
 from __future__ import annotations
 
 import math
+import re
 from datetime import datetime
 from typing import Callable
 
@@ -116,22 +117,139 @@ def similarity_points(
 
 
 def spearman(x, y) -> dict:
-    """Spearman ρ with a 95% CI (Fisher z, needs n > 3), its p-value and n."""
+    """Spearman ρ of the points with both values, and their number n: a descriptive figure, nothing more.
+
+    No interval and no p-value: the points are pairs of tasks, which share tasks, so neither a Fisher-z
+    interval nor the usual p-value (both treat pairs as independent) has the right unit. The study's own
+    figures (task-resampled CI, exact permutation p over task labels) come from the findings view:
+    `study_correlation`."""
     from scipy import stats
 
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     keep = ~(np.isnan(x) | np.isnan(y))
     x, y = x[keep], y[keep]
     n = len(x)
-    result = {"rho": math.nan, "ci_low": math.nan, "ci_high": math.nan, "p": math.nan, "n": n}
     if n < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
-        return result
-    rho, p = stats.spearmanr(x, y)
-    result.update(rho=float(rho), p=float(p))
-    if n > 3 and abs(rho) < 1:
-        z, half = math.atanh(rho), 1.96 / math.sqrt(n - 3)
-        result.update(ci_low=math.tanh(z - half), ci_high=math.tanh(z + half))
-    return result
+        return {"rho": math.nan, "n": n}
+    return {"rho": float(stats.spearmanr(x, y)[0]), "n": n}
+
+
+_SAME = 1e-9  # the page's pair figures and the study's are the same numbers, computed twice
+
+
+def study_pairs(findings: pd.DataFrame | None) -> dict:
+    """The study's k = 2 pairs (claim 2): {"method": the method chosen at k = 2 or None, "retention": {"a,b": value}}
+    from the 'pairs' rows ('<a>,<b>/retention')."""
+    if findings is None or findings.empty:
+        return {"method": None, "retention": {}}
+    rows = findings[(findings["finding"] == "pairs") & findings["statistic"].str.endswith("/retention")]
+    retention = {s.rsplit("/", 1)[0]: v for s, v in zip(rows["statistic"], rows["value"]) if pd.notna(v)}
+    return {"method": chosen_methods(findings).get(2), "retention": retention}
+
+
+def study_correlation(findings: pd.DataFrame | None, measure: str) -> dict | None:
+    """The study's Spearman ρ of pair retention with `measure` ('pair_similarity' rows 'spearman/<measure>' and
+    '.../p'): rho, ci_low, ci_high, p, tasks, pairs, permutations and the two notes; None when not stored or
+    without a ρ."""
+    if findings is None or findings.empty:
+        return None
+    rows = findings[findings["finding"] == "pair_similarity"].set_index("statistic")
+    stat = f"spearman/{measure}"
+    if stat not in rows.index or pd.isna(rows.loc[stat, "value"]):
+        return None
+    row = rows.loc[stat]
+    p_row = rows.loc[f"{stat}/p"] if f"{stat}/p" in rows.index else None
+    note = str(row["note"]) if isinstance(row["note"], str) else ""
+    pairs = re.search(r"(\d+) pairs", note)
+    return {
+        "rho": float(row["value"]),
+        "ci_low": _number(row["ci_low"]),
+        "ci_high": _number(row["ci_high"]),
+        "p": math.nan if p_row is None else _number(p_row["value"]),
+        "tasks": None if pd.isna(row["n"]) else int(row["n"]),
+        "pairs": int(pairs.group(1)) if pairs else None,
+        "permutations": None if p_row is None or pd.isna(p_row["n"]) else int(p_row["n"]),
+        "note": note,
+        "p_note": "" if p_row is None or not isinstance(p_row["note"], str) else p_row["note"],
+    }
+
+
+def _number(value) -> float:
+    return math.nan if value is None or pd.isna(value) else float(value)
+
+
+def is_study_selection(points: pd.DataFrame, method: str, findings: pd.DataFrame | None, measure: str) -> bool:
+    """Whether `points` (one measure's pairs on the page, for `method`) are exactly the pairs the study correlated
+    for `measure`: the method chosen at k = 2, the same pairs with the same retention, and the same ρ. Only then
+    may the page show the study's interval and p-value beside them."""
+    study, stored = study_pairs(findings), study_correlation(findings, measure)
+    if stored is None or study["method"] is None or method != study["method"]:
+        return False
+    keys = points["task_a"] + "," + points["task_b"]
+    if keys.duplicated().any() or not set(keys) <= set(study["retention"]):
+        return False
+    if stored["pairs"] is not None and stored["pairs"] != len(points):
+        return False
+    if any(abs(study["retention"][key] - r) > _SAME for key, r in zip(keys, points["retention"])):
+        return False
+    rho = spearman(points["value"], points["retention"])["rho"]
+    return bool(np.isfinite(rho) and abs(rho - stored["rho"]) <= _SAME)
+
+
+STUDY_SOURCE = "the study (findings: pair_similarity)"
+DESCRIPTIVE_SOURCE = "descriptive (this selection)"
+
+
+def correlation_rows(points: pd.DataFrame, method: str, findings: pd.DataFrame | None) -> pd.DataFrame:
+    """Per measure on the page: Spearman ρ of similarity with pair retention and n (pairs). Where the points are
+    the study's (`is_study_selection`): the study's stored ρ, its task-resampled CI and its permutation p, source
+    STUDY_SOURCE, with the stored notes that name their units (ci_note, p_note); elsewhere ρ alone (no CI, no p),
+    source DESCRIPTIVE_SOURCE."""
+    columns = ["measure", "rho", "n", "ci_low", "ci_high", "p", "source", "ci_note", "p_note"]
+    out = []
+    for measure, part in points.groupby("measure", sort=True):
+        row = {"measure": measure, "n": len(part), "ci_low": math.nan, "ci_high": math.nan, "p": math.nan}
+        if is_study_selection(part, method, findings, measure):
+            stored = study_correlation(findings, measure)
+            row.update({c: stored[c] for c in ("rho", "ci_low", "ci_high", "p")}, source=STUDY_SOURCE)
+            row.update(ci_note=stored["note"], p_note=stored["p_note"])
+        else:
+            row.update(spearman(part["value"], part["retention"]), source=DESCRIPTIVE_SOURCE)
+        out.append(row)
+    return pd.DataFrame(out, columns=columns)
+
+
+def study_difference(findings: pd.DataFrame | None) -> dict | None:
+    """The study's test of related against unrelated pairs ('pair_similarity' rows 'unrelated_minus_related' and
+    '.../p', its means 'related_retention' and 'unrelated_retention'); None when the difference is not stored."""
+    if findings is None or findings.empty:
+        return None
+    rows = findings[findings["finding"] == "pair_similarity"].set_index("statistic")
+    if "unrelated_minus_related" not in rows.index or pd.isna(rows.loc["unrelated_minus_related", "value"]):
+        return None
+    p = rows.loc["unrelated_minus_related/p"] if "unrelated_minus_related/p" in rows.index else None
+
+    def value(stat):
+        return _number(rows.loc[stat, "value"]) if stat in rows.index else math.nan
+
+    return {
+        "difference": value("unrelated_minus_related"),
+        "related": value("related_retention"),
+        "unrelated": value("unrelated_retention"),
+        "p": math.nan if p is None else _number(p["value"]),
+        "p_note": "" if p is None or not isinstance(p["note"], str) else p["note"],
+    }
+
+
+def is_study_comparison(comparison: pd.DataFrame, method: str, findings: pd.DataFrame | None) -> bool:
+    """Whether the page's related / unrelated means (`relation_comparison`, for `method`) are the study's: the method
+    chosen at k = 2 and the same two means as 'related_retention' and 'unrelated_retention'."""
+    stored = study_difference(findings)
+    if stored is None or method != study_pairs(findings)["method"]:
+        return False
+    means = dict(zip(comparison["pairs"], comparison["mean"]))
+    wanted = {"related by construction": stored["related"], "unrelated": stored["unrelated"]}
+    return all(name in means and abs(means[name] - value) <= _SAME for name, value in wanted.items())
 
 
 def relation_comparison(points: pd.DataFrame) -> pd.DataFrame:

@@ -219,12 +219,24 @@ def similarity_figure(points: pd.DataFrame, measure: str, stats: dict) -> go.Fig
                 hoverinfo="skip",
             )
         )
-    rho = stats.get("rho")
-    subtitle = f"Spearman ρ = {rho:.2f}" if rho is not None and np.isfinite(rho) else "Spearman ρ: n/a"
-    if np.isfinite(stats.get("ci_low", np.nan)):
-        subtitle += f" (95% CI {stats['ci_low']:.2f} to {stats['ci_high']:.2f})"
-    subtitle += f", n = {stats.get('n', 0)} pairs"
-    return _layout(fig, f"{measure}<br><sup>{subtitle}</sup>", measure, "retention (normalized accuracy)")
+    return _layout(
+        fig, f"{measure}<br><sup>{_correlation_subtitle(stats)}</sup>", measure, "retention (normalized accuracy)"
+    )
+
+
+def _correlation_subtitle(stats: dict) -> str:
+    """ρ with the study's CI and p (their units named) where `stats` holds them (a row of
+    dashboard.analysis.correlation_rows), else ρ marked descriptive: a chart never shows a p-value of its own."""
+    rho, n = stats.get("rho"), stats.get("n", 0)
+    if rho is None or not np.isfinite(rho):
+        return f"Spearman ρ: n/a, n = {n} pairs"
+    low, high, p = (stats.get(key, np.nan) for key in ("ci_low", "ci_high", "p"))
+    if not (np.isfinite(low) or np.isfinite(p)):
+        return f"Spearman ρ = {rho:.2f} (descriptive: no CI or p here), n = {n} pairs"
+    ci = f", 95% CI {low:.2f} to {high:.2f} (tasks resampled)" if np.isfinite(low) else ", no CI stored"
+    kind = "Monte Carlo" if "Monte Carlo" in str(stats.get("p_note") or "") else "exact"
+    test = f", p = {p:.3f} ({kind} permutation over task labels)" if np.isfinite(p) else ", no p stored"
+    return f"Spearman ρ = {rho:.2f}{ci}{test}<br>n = {n} pairs; the study's figures (findings)"
 
 
 def grouped_bar_figure(
@@ -463,7 +475,7 @@ def interval_figure(table: pd.DataFrame, x: str, title: str, y_title: str) -> go
             marker=dict(size=12, color=PALETTE[0]),
             error_y=_interval_bars(table["mean"], table["ci_low"], table["ci_high"]),
             customdata=np.stack([table["ci_low"], table["ci_high"], table["n"], table["sd"]], axis=-1),
-            hovertemplate="<b>%{x}</b><br>mean=%{y:.3f}<br>95% CI %{customdata[0]:.3f} to %{customdata[1]:.3f}"
+            hovertemplate="<b>%{x}</b><br>mean=%{y:.3f}<br>95% t-interval %{customdata[0]:.3f} to %{customdata[1]:.3f}"
             "<br>sd=%{customdata[3]:.3f}<br>n=%{customdata[2]}<extra></extra>",
             showlegend=False,
         )

@@ -215,8 +215,8 @@ def _per_task(rows: pd.DataFrame) -> None:
     st.caption(
         "One panel per task: the task's normalized accuracy (merged / its single adapter) in the merged groups "
         "that contain it, mean over groups (a group's value is its mean over seeds); error bars: 95 % t-interval "
-        "over those groups, which share other tasks, so it describes the spread rather than deciding a claim. "
-        "Hover shows n (groups)."
+        "over those groups, which share other tasks, so it describes the spread rather than deciding a claim (claim 1 "
+        "is judged on the findings stage's group bootstrap: the ranking below, Overview). Hover shows n (groups)."
     )
     _chart(charts.task_multiples_figure(table, "normalized accuracy (1 = single adapter)"), table, "retention_per_task")
 
@@ -315,22 +315,22 @@ def dissimilarity(db: str, filters: Filters) -> None:
         "One point per pair of tasks: x = the measure (mean over seeds), y = retention = mean normalized "
         "accuracy of the pair's merged model over both tasks and seeds. **frechet is a distance** between the "
         "tasks' backbone features (higher = more dissimilar data); **adapter_cosine** and **subspace_alignment** "
-        "are similarities of the adapters' updates (higher = more alike). ρ: Spearman with a Fisher-z 95% CI over "
-        "pairs, which share tasks and are not independent: the study's verdict (Overview, reports/findings.md) "
-        "uses a task-resampling CI and an exact permutation test instead."
+        "are similarities of the adapters' updates (higher = more alike)."
     )
-    stats_rows = []
-    chosen = [m for m in measures if m in set(points["measure"])]
-    for start in range(0, len(chosen), 2):
+    study_method = analysis.study_pairs(found)["method"]
+    correlations = analysis.correlation_rows(points, method, found)
+    by_measure = correlations.set_index("measure")
+    shown = [m for m in measures if m in by_measure.index]
+    for start in range(0, len(shown), 2):
         columns = st.columns(2)
-        for column, measure in zip(columns, chosen[start : start + 2]):
+        for column, measure in zip(columns, shown[start : start + 2]):
             part = points[points["measure"] == measure]
-            stats = analysis.spearman(part["value"], part["retention"])
-            stats_rows.append({"measure": measure, **stats})
             with column:
+                stats = by_measure.loc[measure].to_dict()
                 _chart(charts.similarity_figure(part, measure, stats), part, f"similarity_{measure}")
     st.subheader("Correlation with retention")
-    _table(pd.DataFrame(stats_rows))
+    _correlation_note(correlations, found, method, study_method)
+    _table(correlations)
     _pair_matrices(retention, similarity[similarity["measure"].isin(measures)], method)
     st.subheader("Pairs related by construction against unrelated pairs")
     st.caption(
@@ -340,8 +340,9 @@ def dissimilarity(db: str, filters: Filters) -> None:
     comparison = analysis.relation_comparison(points)
     _table(comparison)
     st.caption(
-        "Error bars: 95 % t-interval over the pairs of each kind. Pairs share tasks, so this describes the pairs; "
-        "the study's claim 2 uses task resampling and a permutation test instead (Overview)."
+        "Error bars: 95 % t-interval of the mean over the pairs of each kind. It describes these pairs only: pairs "
+        "share tasks, so they are not independent draws, and no verdict rests on it."
+        + _difference_note(comparison, found, method, study_method)
     )
     left, _ = st.columns(2)
     with left:
@@ -350,6 +351,51 @@ def dissimilarity(db: str, filters: Filters) -> None:
             comparison,
             "retention_by_pair_type",
         )
+
+
+def _correlation_note(correlations: pd.DataFrame, found, method: str, study_method: str | None) -> None:
+    """Says where the correlation figures come from: the study's (with their units) or descriptive only."""
+    if found is not None and not found.empty:
+        (claim,) = [s for s in analysis.claim_statements(found) if s["claim"] == "claim2"]
+        st.markdown(f"**The study's verdict on claim 2** ([Overview](?page=overview)):\n\n{claim['line']}")
+    studied = correlations[correlations["source"] == analysis.STUDY_SOURCE]
+    described = correlations[correlations["source"] != analysis.STUDY_SOURCE]
+    if not studied.empty:
+        st.caption(
+            f"{', '.join(studied['measure'])}: the study's own figures from the findings view (`pair_similarity`), "
+            f"because these pairs are the ones it judged ({method}, chosen on validation at k = 2). ρ over the "
+            "pairs; ci_low, ci_high: 95 % CI with tasks resampled (pairs share tasks, tasks are the unit); p: "
+            "permutation test over task labels. Each measure's units and counts, as stored: ci_note, p_note."
+        )
+    if not described.empty:
+        where = (
+            f"the study judged the pairs of {study_method} (chosen on validation at k = 2); select it to see its "
+            "figures here"
+            if study_method is not None and method != study_method
+            else "the findings view holds no figure for exactly these pairs"
+        )
+        st.caption(
+            f"{', '.join(described['measure'])}: ρ is descriptive, with no interval and no p-value ({where}). "
+            "The study's verdict uses a CI that resamples tasks (pairs share tasks, so they are not independent) "
+            "and a permutation test over task labels, which this page does not recompute."
+        )
+
+
+def _difference_note(comparison: pd.DataFrame, found, method: str, study_method: str | None) -> str:
+    """The study's test of related against unrelated pairs, where the page's pairs are the study's."""
+    stored = analysis.study_difference(found)
+    if stored is None or study_method is None:
+        return ""
+    if not analysis.is_study_comparison(comparison, method, found):
+        return (
+            f" The study tests this difference on the pairs of {study_method} (permutation test over pair labels; "
+            "Overview, `pair_similarity`)."
+        )
+    p = f", p = {stored['p']:.3f} ({stored['p_note']})" if pd.notna(stored["p"]) else ""
+    return (
+        f" The study's test of these pairs (`pair_similarity`): unrelated − related retention = "
+        f"{stored['difference']:+.4f}{p}."
+    )
 
 
 def _pair_matrices(retention: pd.DataFrame, similarity: pd.DataFrame, method: str) -> None:

@@ -16,6 +16,7 @@ import base64
 import itertools
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -525,6 +526,10 @@ def test_dissimilarity_points_match_sql(full_db):
         assert all("n=%{customdata} merge rows" in t["hovertemplate"] for t in points)
     stats = at.dataframe[0].value
     assert stats["n"].tolist() == [6, 6]
+    # the findings hold no figures for these pairs: ρ is descriptive, with no interval and no p-value of the page's own
+    assert stats[["ci_low", "ci_high", "p"]].isna().all().all()
+    assert set(stats["source"]) == {"descriptive (this selection)"}
+    assert all("(descriptive: no CI or p here)" in f["layout"]["title"]["text"] for f in scatter_figures)
     # related against unrelated pairs: each pair once, mean with its t-interval, on an axis zoomed to the intervals
     (kinds,) = [f for f in figures(at) if f["layout"]["title"]["text"] == "Retention by pair type"]
     pair_retention = expected.drop_duplicates("pair").set_index("pair")["retention"]
@@ -555,6 +560,78 @@ def test_dissimilarity_points_match_sql(full_db):
         for row in part.itertuples():
             a, b = row.pair.split(" + ")
             assert cells[names.index(a), names.index(b)] == pytest.approx(row.value, rel=1e-9)
+
+
+STUDY_CORRELATIONS_SQL = """
+    SELECT split_part(r.statistic, '/', 2) AS measure, r.value AS rho, r.ci_low, r.ci_high, p.value AS p
+    FROM findings r LEFT JOIN findings p ON p.finding = r.finding AND p.statistic = r.statistic || '/p'
+    WHERE r.finding = 'pair_similarity' AND r.statistic LIKE 'spearman/%' AND r.statistic NOT LIKE '%/p'
+    ORDER BY measure"""
+
+
+def page_text(at: AppTest) -> str:
+    """Everything a reader reads on the page: Markdown, captions, tables and chart titles."""
+    parts = [m.value for m in at.markdown] + [c.value for c in at.caption]
+    parts += [d.value.to_string() for d in at.dataframe]
+    parts += [f["layout"]["title"]["text"] for f in figures(at) if f["layout"].get("title")]
+    return "\n".join(parts)
+
+
+def test_dissimilarity_shows_the_studys_statistics_and_no_others(tmp_path):
+    """Issue 28: the page printed its own Fisher-z CI and pair-level p (0.012 for Fréchet) beside the study's verdict
+    (p = 0.121, exact permutation over tasks). On the pairs the study judged, every ρ, CI and p is the findings view's
+    own (`pair_similarity`), with its unit named; no other p-value or interval of a correlation is on the page."""
+    db = tmp_path / "results.duckdb"  # a copy: the pipeline may be writing the original
+    shutil.copy(DEFAULT_DB_PATH, db)
+    expected = sql(db, STUDY_CORRELATIONS_SQL).set_index("measure")
+    assert "frechet" in expected.index, "the committed results.duckdb holds the study's claim-2 figures"
+    at = render(db, "dissimilarity")  # opens on the method the study chose at k = 2: the pairs it judged
+    assert_clean(at)
+    table = at.dataframe[0].value.set_index("measure")
+    for measure, row in table.iterrows():
+        stored = expected.loc[measure]
+        np.testing.assert_allclose(row[["rho", "ci_low", "ci_high", "p"]].astype(float), stored.astype(float))
+    assert set(table["source"]) == {"the study (findings: pair_similarity)"}
+    (frechet,) = [f for f in figures(at) if f["layout"]["title"]["text"].startswith("frechet<br>")]
+    title, stored = frechet["layout"]["title"]["text"], expected.loc["frechet"]
+    assert f"p = {stored.p:.3f} (exact permutation over task labels)" in title
+    assert f"95% CI {stored.ci_low:.2f} to {stored.ci_high:.2f} (tasks resampled)" in title
+    text = page_text(at)
+    assert "Fisher" not in text
+    # every p-value the page prints is one the findings stage stored (the claim's line quotes them too)
+    stored_p = sql(db, "SELECT value FROM findings WHERE finding = 'pair_similarity' AND statistic LIKE '%/p'")
+    allowed = {f"{p:.3f}" for p in stored_p["value"].dropna()}
+    printed = re.findall(r"\bp = (-?[0-9.]+)", text)
+    assert printed and set(printed) <= allowed, (set(printed) - allowed, allowed)
+    assert "**The study's verdict on claim 2**" in text
+
+
+def test_dissimilarity_rho_is_descriptive_off_the_studys_pairs(tmp_path):
+    """Pairs the study did not judge (another method, other retention, fewer pairs) get ρ alone: no p, no interval."""
+    from dashboard import analysis
+
+    db = tmp_path / "results.duckdb"
+    shutil.copy(DEFAULT_DB_PATH, db)
+    found = sql(db, "SELECT * FROM findings")
+    study = analysis.study_pairs(found)
+    assert study["method"] is not None and study["retention"]
+    items = [(*key.split(","), value) for key, value in study["retention"].items()]
+    pairs = pd.DataFrame(items, columns=["task_a", "task_b", "retention"])
+    similarity = sql(db, "SELECT measure, task_a, task_b, avg(value) AS value FROM task_similarity GROUP BY ALL")
+    points = similarity.merge(pairs, on=["task_a", "task_b"])
+    studied = analysis.correlation_rows(points, study["method"], found)
+    assert set(studied["source"]) == {analysis.STUDY_SOURCE} and studied["p"].notna().all()
+    others = {
+        "another method": (points, "some_other_method"),
+        "other retention": (points.assign(retention=points["retention"] * 0.99), study["method"]),
+        "fewer pairs": (points.groupby("measure").head(len(pairs) - 1), study["method"]),
+    }
+    for why, (part, method) in others.items():
+        rows = analysis.correlation_rows(part, method, found)
+        assert set(rows["source"]) == {analysis.DESCRIPTIVE_SOURCE}, why
+        assert rows[["ci_low", "ci_high", "p"]].isna().all().all(), why
+        assert rows["rho"].notna().all(), why
+    assert set(analysis.spearman([1, 2, 3, 4], [2, 1, 4, 3])) == {"rho", "n"}  # never a p-value or an interval
 
 
 def test_merges_vs_heads_bars_and_heatmap_match_sql(full_db):
