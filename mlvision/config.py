@@ -19,7 +19,7 @@ from pathlib import Path
 from mlvision.backbone import BackboneConfig, default_target_modules
 from mlvision.errors import UnknownNameError
 from mlvision.paths import DEFAULT_ARTIFACTS_DIR, DEFAULT_DB_PATH, REPO_ROOT
-from mlvision.store import config_hash
+from mlvision.store import config_hash, stored_paths
 from mlvision.tasks import STUDY_TASKS, TASK_NAMES
 
 
@@ -147,12 +147,22 @@ class StudyConfig:
         return self if self.merge_methods is not None else replace(self, merge_methods=tuple(registered))
 
     def to_dict(self) -> dict:
+        """The configuration as its run stores it (`runs.config`): `identity()` plus where the results go (db,
+        artifacts), every path inside the repository written relative to it (`stored_paths`: no folder of the
+        machine that ran it in a shared results.duckdb)."""
+        where = {"db": str(Path(self.db).resolve()), "artifacts": str(Path(self.artifacts).resolve())}
+        return stored_paths({**self.identity(), **where})
+
+    def identity(self) -> dict:
+        """What the run id hashes (`mlvision.runs.study_run_id`): every field but db and artifacts, the given adapters'
+        folders and base as given (resolved), so the ids stored before `to_dict` wrote paths relative stand."""
         if self.merge_methods is None:  # a programming error: the run id depends on the method list
             raise ValueError(
                 "StudyConfig.merge_methods is unresolved: call config.with_methods(registered names) first"
             )
         data = asdict(self)
-        data.update(db=str(self.db), artifacts=str(self.artifacts), target_modules=self.lora_targets)
+        del data["db"], data["artifacts"]
+        data.update(target_modules=self.lora_targets)
         for name, default in (
             ("task_domains", ()),
             ("mixed_precision", "no"),

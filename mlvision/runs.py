@@ -16,6 +16,7 @@ from mlvision.config import StudyConfig
 from mlvision.errors import MLVisionError
 from mlvision.paths import REPO_ROOT
 from mlvision.store import Store, config_hash
+from mlvision.store import relative_to_repo as relative_to_repo  # stored paths: the stages import it from here
 
 
 def machine_info() -> dict:
@@ -31,19 +32,9 @@ def machine_info() -> dict:
 
 
 def study_run_id(config: StudyConfig) -> str:
-    """A run is one study configuration (paths excluded): re-running it continues the same run."""
-    data = config.to_dict()
-    data.pop("db"), data.pop("artifacts")
-    return "run-" + config_hash(data)
-
-
-def relative_to_repo(path: Path) -> str:
-    """Paths are stored relative to the repo when inside it, so a cloned results.duckdb still works."""
-    path = Path(path).resolve()
-    try:
-        return str(path.relative_to(REPO_ROOT))
-    except ValueError:
-        return str(path)
+    """A run is one study configuration (db and artifacts excluded, `StudyConfig.identity`): re-running it continues
+    the same run."""
+    return "run-" + config_hash(config.identity())
 
 
 def resolve_stored_path(stored: str) -> Path:

@@ -43,6 +43,7 @@ from pathlib import Path
 import duckdb
 
 from mlvision.errors import StoreError
+from mlvision.paths import REPO_ROOT
 
 WRITE_WAIT_ENV, DEFAULT_WRITE_WAIT_S = "MLV_STORE_WAIT_S", 120.0
 READ_WAIT_ENV, DEFAULT_READ_WAIT_S = "MLV_STORE_READ_WAIT_S", 20.0
@@ -221,6 +222,66 @@ def wait_limit(read_only: bool) -> float:
         ) from None
 
 
+def relative_to_repo(path: str | os.PathLike) -> str:
+    """Paths are stored relative to the repo when inside it, so a cloned results.duckdb still works."""
+    path = Path(path).resolve()
+    try:
+        return str(path.relative_to(REPO_ROOT))
+    except ValueError:
+        return str(path)
+
+
+# The given base's schemes that name a folder (mlvision/backbone.py: local-dir:FOLDER, transformers:FOLDER).
+_FOLDER_SCHEMES = ("local-dir:", "transformers:")
+
+
+def stored_paths(config: dict) -> dict:
+    """A study configuration (`StudyConfig.to_dict`) with every absolute path inside the repository written relative
+    to it, as `runs.config` stores it: db, artifacts, the given adapters' folders and a given base's folder
+    (local-dir:FOLDER, transformers:FOLDER). So a results.duckdb names no folder of the machine that ran it; paths
+    outside the repository, and relative ones, are kept as they are. Run ids hash none of these stored forms
+    (`StudyConfig.identity`)."""
+
+    def relative(text):
+        if not isinstance(text, str) or not Path(text).is_absolute():
+            return text
+        inside = relative_to_repo(text)
+        return inside if not Path(inside).is_absolute() else text
+
+    data = dict(config)
+    for key in ("db", "artifacts"):
+        if key in data:
+            data[key] = relative(data[key])
+    if isinstance(data.get("given_adapters"), (list, tuple)):  # (task, seed, folder, sha256) each
+        data["given_adapters"] = [
+            [*given[:2], relative(given[2]), *given[3:]]
+            if isinstance(given, (list, tuple)) and len(given) > 2
+            else given
+            for given in data["given_adapters"]
+        ]
+    base = data.get("backbone_base")
+    scheme = next((scheme for scheme in _FOLDER_SCHEMES if isinstance(base, str) and base.startswith(scheme)), None)
+    if scheme:
+        data["backbone_base"] = scheme + relative(base.removeprefix(scheme))
+    return data
+
+
+def _runs_with_machine_paths(con: duckdb.DuckDBPyConnection) -> list[tuple[str, str]]:
+    """(run_id, config rewritten) for each run whose stored config predates `stored_paths`: it names folders of this
+    machine inside the repository (e.g. /work/main/artifacts). The store rewrites them when it opens the file for
+    writing (`_ensure_schema`). Only those paths change, and no id: run ids never hashed db or artifacts, and ids are
+    stored, never recomputed from this column. Paths outside this repository (another machine's) stay."""
+    rows = []
+    for run_id, text in con.execute("SELECT run_id, config FROM runs").fetchall():
+        try:
+            config = json.loads(text)
+        except (TypeError, ValueError):
+            continue
+        if isinstance(config, dict) and stored_paths(config) != config:
+            rows.append((run_id, json.dumps(stored_paths(config), sort_keys=True)))
+    return rows
+
+
 def config_hash(config: dict) -> str:
     """Stable short hash of a JSON-able config (key order does not matter)."""
     canonical = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
@@ -363,7 +424,8 @@ class Store:
             pass  # write() checks the version and creates the schema
 
     def _schema_is_current(self) -> bool:
-        """True when the file already holds this code's schema version and every table and view (read-only)."""
+        """True when the file already holds this code's schema version and every table and view, and no run's
+        config names this machine's folders (`_runs_with_machine_paths`); read-only."""
         if not self.path.exists():
             return False
         names = [statement.split(" EXISTS ")[1].split()[0] for statement in _TABLES if "CREATE TABLE" in statement]
@@ -373,6 +435,7 @@ class Store:
             if not set(names) <= present:
                 return False
             version = con.execute("SELECT max(version) FROM schema_version").fetchall()[0][0]
+            stale_paths = bool(_runs_with_machine_paths(con))
             columns = {
                 (table, column)
                 for table, column in con.execute(
@@ -384,7 +447,7 @@ class Store:
             for statement in _TABLES
             if "ADD COLUMN" in statement
         }
-        return version == SCHEMA_VERSION and added <= columns
+        return version == SCHEMA_VERSION and added <= columns and not stale_paths
 
     @contextmanager
     def write(self):
@@ -446,6 +509,8 @@ class Store:
             con.execute(statement)
         for statement in _VIEWS:
             con.execute(statement)
+        for run_id, config in _runs_with_machine_paths(con):  # configs stored with this machine's folders
+            con.execute("UPDATE runs SET config = ? WHERE run_id = ?", [config, run_id])
         con.execute("DELETE FROM schema_version")
         con.execute("INSERT INTO schema_version VALUES (?)", [SCHEMA_VERSION])
 
