@@ -32,7 +32,9 @@ with merge.json), never an adapter or any other folder. Every error is one line,
 from __future__ import annotations
 
 import argparse
+import decimal
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -44,15 +46,23 @@ from mlvision.errors import HubPushError, MergeConfigError, StoreError, error_re
 from mlvision.paths import DEFAULT_DB_PATH
 
 
-def parse_param(text: str) -> tuple[str, object]:
+def parse_param(text: str) -> tuple[str, int | float]:
+    """--param NAME=VALUE as (name, number): an int for an integer literal of any length (DARE's seed), else a float
+    ('nan', 'inf' and '1e999', which overflows to inf, included). The number is only read here: whether it is
+    allowed is the method's `validate`, which refuses what lies outside its range (nan and inf too) naming it."""
     if "=" not in text:
         raise MergeConfigError(f"hyperparameter '{text}' is not NAME=VALUE: write e.g. --param density=0.2")
     name, value = text.split("=", 1)
+    literal = value.strip()
+    if re.fullmatch(r"[+-]?[0-9]+", literal):
+        # through Decimal: int() refuses a literal of more than sys.get_int_max_str_digits() digits
+        return name, int(decimal.Decimal(literal))
     try:
-        return name, json.loads(value)
-    except json.JSONDecodeError:
+        return name, float(literal)
+    except ValueError:
+        shown = value if len(value) <= 40 else f"{value[:20]}...({len(value)} characters)"
         raise MergeConfigError(
-            f"hyperparameter {name} has value '{value}', which is not a number: write e.g. --param {name}=0.5"
+            f"hyperparameter {name} has value '{shown}', which is not a number: write e.g. --param {name}=0.5"
         ) from None
 
 

@@ -8,8 +8,10 @@ as a peft LoRA adapter of a chosen rank (truncated SVD of each merged ΔW).
 from __future__ import annotations
 
 import copy
+import errno
 import json
 import os
+import re
 import shutil
 import uuid
 import warnings
@@ -67,8 +69,9 @@ def merge_deltas(
     return merged
 
 
-# Figures a merge stores beside its hyperparameters: RegMean's regularized channels, AdaMerging's coefficients.
-RECORDED_OUTPUTS = ("singular_channels", "mean_coefficient_per_task")
+# Figures a merge stores beside its hyperparameters: RegMean's regularized channels, AdaMerging's coefficients
+# (their mean per task, and every learned coefficient per layer so that the merge can be rebuilt without learning).
+RECORDED_OUTPUTS = ("singular_channels", "mean_coefficient_per_task", "coefficients")
 
 
 class AdapterMerger:
@@ -106,10 +109,13 @@ class AdapterMerger:
                 self._peft = PeftMerger(self.backbone_config, {key: str(a.path) for key, a in self.adapters.items()})
             return self._peft.merge(method, list(keys)), self._peft.hyperparams(method, len(keys))
         # what a merge records beside its hyperparameters (stored together in merges.hyperparams) is not an input
+        learned = (hyperparams or {}).get("coefficients")
         hyperparams = {key: value for key, value in (hyperparams or {}).items() if key not in RECORDED_OUTPUTS}
         params = merge_method.validate(hyperparams)
         adapters = [self.adapters[key] for key in keys]
         if merge_method.kind == "test_time":
+            if learned is not None:  # stored by an earlier merge: rebuilt, not learned again
+                return rebuild_layerwise(adapters, learned), {**params, "coefficients": learned}
             return self._merge_test_time(adapters, params)
         grams = None
         if merge_method.kind == "data_aware":
@@ -146,7 +152,22 @@ class AdapterMerger:
         )
         merged = layerwise_merge([a.deltas for a in adapters], coefficients, layers)
         mean = [round(float(c), 4) for c in coefficients.mean(dim=1)]
-        return merged, {**params, "mean_coefficient_per_task": mean}
+        learned = {layer: [float(c) for c in coefficients[:, column]] for column, layer in enumerate(layers)}
+        return merged, {**params, "mean_coefficient_per_task": mean, "coefficients": learned}
+
+
+def rebuild_layerwise(adapters: list[AdapterDeltas], learned: dict[str, list[float]]) -> dict[str, torch.Tensor]:
+    """A layer-wise (AdaMerging) merge from its stored coefficients {layer: [one per adapter, in merge order]}."""
+    from merging.adamerging import layerwise_merge
+
+    layers = list(adapters[0].deltas)
+    if set(learned) != set(layers) or any(len(values) != len(adapters) for values in learned.values()):
+        raise MergeConfigError(
+            "the stored AdaMerging coefficients do not fit these adapters (other layers or another number of "
+            "adapters): merge them again to learn new ones"
+        )
+    coefficients = torch.tensor([learned[layer] for layer in layers], dtype=torch.float64).T
+    return layerwise_merge([a.deltas for a in adapters], coefficients, layers)
 
 
 def _singular_channels(adapters: list[AdapterDeltas], grams: list[dict[str, torch.Tensor]]) -> int:
@@ -284,11 +305,34 @@ def write_folder_atomically(folder: Path, write) -> None:
                 parent.rmdir()
             except OSError:
                 break
-        if isinstance(error, OSError):
+        os_error = file_system_error(error)
+        if os_error is not None:
+            full = os_error.errno in (errno.ENOSPC, errno.EDQUOT)
             raise MergeConfigError(
-                f"cannot write output folder {folder} ({error.strerror or error}): choose a writable folder"
+                f"cannot write output folder {folder} ({os_error.strerror or os_error}): "
+                + ("free space there or choose another output folder" if full else "choose a writable folder")
             ) from None
         raise
+
+
+def file_system_error(error: BaseException) -> OSError | None:
+    """The file-system failure behind `error`, or None when it is not one.
+
+    An OSError itself, one it was raised from (its cause or context), or the I/O error a library written in
+    Rust reports in its message as "... (os error N)" (safetensors, which writes the LoRA and the heads, raises
+    its own SafetensorError for a full disk): then an OSError with that errno and the system's text for it.
+    """
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError):
+            return error
+        found = re.search(r"\(os error (\d+)\)", str(error))
+        if found:
+            number = int(found.group(1))
+            return OSError(number, os.strerror(number))
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def lora_from_merge(model: torch.nn.Module, merged: dict[str, torch.Tensor], rank: int):

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import call_main
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
@@ -204,6 +205,84 @@ def test_a_failure_while_writing_leaves_nothing_at_out(adapters, tmp_path, capsy
     monkeypatch.setattr(merging.merged_model, "save_model", fail_on_second_head)
     refused([*adapters, "--out", previous, "--rank", "4", "--overwrite"], capsys, "No space left")
     assert snapshot(previous) == before and leftovers(tmp_path) == []
+
+
+# A real file system too small for the export at rank 4 (the LoRA ~370 KB, each head ~50 KB): 256 KiB fills up
+# while the LoRA is written, 400 KiB while the first head is.
+SMALL_DISKS = {"the LoRA": "256k", "a head": "400k"}
+
+
+def merge_on_small_disk(adapters: list[Path], tmp_path: Path, size: str, capsys) -> tuple[int, str, Path, list[str]]:
+    """The merge CLI with --out a new folder (under a new parent) on a real tmpfs of `size`: (exit code, stderr,
+    --out, every path left on that file system afterwards).
+
+    Mounted here where the tests may mount (root, as in CI), the CLI then running in this process; elsewhere the
+    CLI runs as a process in its own user and mount namespace (`unshare --user --map-root-user --mount`), where
+    anyone may mount a tmpfs. Where neither is allowed the test is skipped: the disk is never mocked.
+    """
+    disk, listing = tmp_path / "small_disk", tmp_path / "left_on_disk.txt"
+    disk.mkdir()
+    out = disk / "new" / "merged"
+    argv = [*map(str, adapters), "--method", "ties", "--rank", "4", "--out", str(out)]
+    mount = ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(disk)]
+    if shutil.which("mount") and subprocess.run(mount, capture_output=True).returncode == 0:
+        try:
+            code, _, err = call_main(merge_main, argv, capsys)
+            left = sorted(str(path.relative_to(disk)) for path in disk.rglob("*"))
+        finally:
+            subprocess.run(["umount", "--lazy", str(disk)], check=True)
+        return code, err, out, left
+    script = (
+        'mount -t tmpfs -o size="$1" tmpfs "$2" || exit 97; disk=$2; listing=$3; shift 3; "$@"; code=$?; '
+        'find "$disk" -mindepth 1 -printf "%P\\n" > "$listing"; exit $code'
+    )
+    unshare = ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script, "sh", size, disk, listing]
+    command = [*map(str, unshare), sys.executable, "merging/merge.py", *argv]
+    result = subprocess.run(
+        command, cwd=REPO_ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    if not listing.exists():
+        pytest.skip(f"no small file system can be mounted here, as root or in a user namespace: {result.stderr}")
+    return result.returncode, result.stderr, out, sorted(listing.read_text().split())
+
+
+@pytest.mark.parametrize("fills_on", list(SMALL_DISKS))
+def test_a_full_disk_is_one_line_and_leaves_nothing_on_it(adapters, tmp_path, capsys, fills_on):
+    """A real ENOSPC, raised by safetensors as its own SafetensorError (not an OSError): one line, exit 2, and neither
+    --out, its temporary sibling nor the parent made for it is left on the disk."""
+    before = snapshot(*adapters)
+    code, err, out, left = merge_on_small_disk(adapters, tmp_path, SMALL_DISKS[fills_on], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and "Traceback" not in err, err
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for words in ("cannot write output folder", str(out), "No space left on device", "free space"):
+        assert words in lines[0], lines[0]
+    assert left == [] and snapshot(*adapters) == before
+
+
+# --- the hyperparameters -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "method, param, allowed",
+    [
+        pytest.param("ties", "density=" + "9" * 5000, "(0.0, 1.0]", id="past int()'s 4300-digit limit"),
+        pytest.param("ties", "density=-" + "9" * 5000, "(0.0, 1.0]", id="negative, past the limit"),
+        pytest.param("ties", "density=nan", "(0.0, 1.0]", id="nan"),
+        pytest.param("ties", "density=inf", "(0.0, 1.0]", id="inf"),
+        pytest.param("ties", "density=-inf", "(0.0, 1.0]", id="-inf"),
+        pytest.param("ties", "density=1e999", "(0.0, 1.0]", id="a float literal that overflows to inf"),
+        pytest.param("ties", "scaling=" + "9" * 400, "(0.0, 4.0]", id="an int past float's range"),
+        pytest.param("dare_ties", "seed=" + "9" * 5000, "[0, 9223372036854775807]", id="an integer hyperparameter"),
+    ],
+)
+def test_an_absurd_number_is_refused_by_the_range_check(adapters, tmp_path, capsys, method, param, allowed):
+    """Whatever number --param writes, the method's range check refuses it in one line naming the allowed range."""
+    name = param.split("=")[0]
+    line = refused(
+        [*adapters, "--method", method, "--param", param, "--out", tmp_path / "merged"], capsys, name, allowed
+    )
+    assert len(line) < 200 and not (tmp_path / "merged").exists()
 
 
 # --- the rank ------------------------------------------------------------------------------------------

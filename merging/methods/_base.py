@@ -40,6 +40,16 @@ def format_range(spec: tuple) -> str:
     return f"{brackets[0]}{low}, {high}{brackets[1]}"
 
 
+def _shown(value) -> str:
+    """A hyperparameter's value as a one-line message shows it: its repr, or, for an integer too long to read (or
+    to convert: str() refuses more than sys.get_int_max_str_digits() digits), how many digits it has."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and abs(value) >= 10**20:
+        digits = int((abs(value).bit_length() - 1) * math.log10(2)) + 1  # exact or one short
+        digits += abs(value) >= 10**digits
+        return f"a {'negative ' if value < 0 else ''}{digits}-digit integer"
+    return repr(value)
+
+
 def _in_range(value: float, spec: tuple) -> bool:
     low, high, brackets = spec
     low_ok = value >= low if brackets[0] == "[" else value > low
@@ -133,11 +143,14 @@ class MergeMethod:
             ):
                 kind = "an integer" if wants_int else "a number"
                 raise MergeConfigError(
-                    f"merge method '{self.name}': hyperparameter '{key}' = {value!r} must be {kind} in {allowed}"
+                    f"merge method '{self.name}': hyperparameter '{key}' = {_shown(value)} must be {kind} in {allowed}"
                 )
-            if (not wants_int and not math.isfinite(float(value))) or not _in_range(value, spec):
+            # an int is finite however large (float() of one past 1e308 would overflow); nan and inf are refused
+            finite = isinstance(value, numbers.Integral) or math.isfinite(value)
+            if not finite or not _in_range(value, spec):
                 raise MergeConfigError(
-                    f"merge method '{self.name}': hyperparameter '{key}' = {value!r} is out of range; allowed {allowed}"
+                    f"merge method '{self.name}': hyperparameter '{key}' = {_shown(value)} is out of range; "
+                    f"allowed {allowed}"
                 )
             full[key] = int(value) if wants_int else float(value)
         return full
