@@ -78,9 +78,9 @@ if __name__ == "__main__":
 import gradio as gr  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from demo.guards import RefusedRequests, UploadJanitor, refused  # noqa: E402
 from demo.service import BATCH_MAX, BATCH_WAIT_S, EXPORT_RANK, DemoService  # noqa: E402
 from demo.uploads import ACCEPTED, MAX_FILE_BYTES, MAX_FRAMES, MAX_PIXELS, load_image, public_text  # noqa: E402
-from merging.methods import list_methods  # noqa: E402
 from mlvision.errors import BadImage, MLVisionError  # noqa: E402
 from mlvision.paths import DEFAULT_DB_PATH  # noqa: E402
 
@@ -94,6 +94,12 @@ PREVIEW_PX = 192  # the model's view is enlarged to this many pixels (nearest ne
 # Building a merged-model zip is seconds of CPU (an SVD per layer): one at a time, so predictions keep their cores.
 EXPORT_CONCURRENCY = 1
 EXPORT_KEEP_S = 600  # a built zip stays on the server this long (Gradio serves its own copy from its cache)
+# Accepted uploads stay on the server for UPLOAD_KEEP_S (so Predict can be clicked again with the same file; Gradio's
+# cleanup checks every CLEANUP_EVERY_S), and all of them together never hold more than UPLOAD_CAP_BYTES (the oldest
+# go first; demo/guards.py): the folder stays bounded whatever visitors send.
+UPLOAD_KEEP_S = 600
+CLEANUP_EVERY_S = 60
+UPLOAD_CAP_BYTES = 256 * 2**20
 # Example thumbnails are small images (8x8 digits) shown large: keep their pixels sharp instead of blurred.
 CSS = "#examples img { image-rendering: pixelated; }"
 
@@ -170,24 +176,41 @@ def render_markdown(result: dict) -> str:
 
 
 def method_choices(service: DemoService, tasks) -> list[tuple[str, str]]:
-    """The method list: `auto` and every per-layer (data-free) method, the group's stored best marked "auto"."""
+    """The method list for a group: `auto` (naming what it serves) and every method that can serve the group."""
     try:
         best, _ = service.default_method(tasks)
+        offered = service.offered(tasks)
     except Exception:  # noqa: BLE001 - no task chosen: nothing to mark
-        best = None
+        best, offered = None, service.methods
     return [(f"auto (= {best})" if best else AUTO, AUTO)] + [
-        (f"{name} ← auto (stored best for this group)" if name == best else name, name) for name in service.methods
+        (f"{name} ← auto" if name == best else name, name) for name in offered
     ]
 
 
-def not_offered_line() -> str:
-    """One line: why the data-aware methods of the registry are not in the list."""
-    names = [n for kind in ("data_aware", "test_time") for n in list_methods(kind=kind)]
-    return (
-        f"Not offered: {', '.join(f'`{n}`' for n in names)} (RegMean, AdaMerging): data-aware methods need each "
-        "task's training or test images at serving time (RegMean its training inputs' Gram matrices, AdaMerging "
-        "unlabelled test images), which a single upload does not bring."
-    )
+def not_offered_line(service: DemoService, tasks) -> str:
+    """One line: the registered methods that cannot serve this group, each with its reason."""
+    try:
+        reasons = service.not_offered(tasks or service.tasks)
+    except Exception:  # noqa: BLE001 - an unknown group: nothing to explain
+        return ""
+    if not reasons:
+        return "Every registered merge method can serve these tasks."
+    return "Not offered for these tasks: " + "; ".join(f"`{name}` {why}" for name, why in reasons.items()) + "."
+
+
+def request_values(service: DemoService, tasks, method, compare=False) -> tuple[list[str] | None, str, bool]:
+    """(tasks, method, compare) of an API call, checked here instead of by Gradio's components (the events run with
+    preprocess=False: a component's check prints a traceback for a value of the wrong type; this answers in one
+    line). Task names and methods are then checked by the service."""
+    if tasks is not None and (
+        isinstance(tasks, str) or not isinstance(tasks, (list, tuple)) or not all(isinstance(t, str) for t in tasks)
+    ):
+        raise BadImage(f"tasks must be a list of task names (any of: {', '.join(service.tasks)}).")
+    if method is not None and not isinstance(method, str):
+        raise BadImage(f"method must be a name: auto or one of {', '.join(service.methods)}.")
+    if compare is not None and not isinstance(compare, bool):
+        raise BadImage("compare must be true or false.")
+    return (list(tasks) if tasks else None), (method or AUTO), bool(compare)
 
 
 def task_lines(service: DemoService) -> str:
@@ -240,13 +263,18 @@ def build_demo(service: DemoService, examples: list[tuple[str, str]] | None = No
     def predict(image, tasks, method, compare):
         """Named API endpoint: JSON with top-3 labels per task, timing and stored accuracies.
 
-        Never raises: bad uploads come back as {"ok": False, "error": ...}, and so does anything
-        unexpected (its traceback goes to the server's log only). Error texts pass `public_text`,
-        so no server path reaches the visitor.
+        Never raises: bad uploads and bad values come back as {"ok": False, "error": ...} (one line in the
+        server's log), and so does anything unexpected (its traceback goes to the server's log only). Error
+        texts pass `public_text`, so no server path reaches the visitor.
         """
         path = image.get("path") if isinstance(image, dict) else image
         try:
-            result = service.predict_json(path, tasks or None, method or AUTO, bool(compare))
+            if path is not None and not isinstance(path, str):
+                raise BadImage(f"The image must be an uploaded file ({ACCEPTED}).")
+            chosen, method, compare = request_values(service, tasks, method, compare)
+            result = service.predict_json(path, chosen, method, compare)
+        except BadImage as error:
+            result = {"ok": False, "error": str(error), "device": service.device.type}
         except Exception as error:  # noqa: BLE001 - a failing request never takes the app down
             traceback.print_exc()
             result = {
@@ -257,14 +285,19 @@ def build_demo(service: DemoService, examples: list[tuple[str, str]] | None = No
             }
         if not result.get("ok"):
             result["error"] = public_text(result.get("error", "The request failed."))
+            refused("predict", result["error"])
             gr.Warning(result["error"])
         return result
 
     def show(image, result):
+        image = image.get("path") if isinstance(image, dict) else image
+        if not isinstance(result, dict) or (image is not None and not isinstance(image, str)):
+            refused("show", "a preview request that is not (an uploaded file, a predict answer)")
+            return "", None
         preview = None
         if result and result.get("ok"):
             try:
-                seen = service.model_view(load_image(image.get("path") if isinstance(image, dict) else image)[0])
+                seen = service.model_view(load_image(image)[0])
                 preview = seen.resize((PREVIEW_PX, PREVIEW_PX), Image.NEAREST)
             except BadImage:
                 preview = None
@@ -280,11 +313,25 @@ def build_demo(service: DemoService, examples: list[tuple[str, str]] | None = No
             return f"({error})"
 
     def on_tasks(chosen):
-        return method_hint(chosen), gr.update(choices=method_choices(service, chosen or service.tasks))
+        try:
+            chosen, _, _ = request_values(service, chosen, AUTO)
+        except BadImage as error:
+            refused("task choice", str(error))
+            chosen = None
+        group = chosen or service.tasks
+        return (
+            method_hint(chosen),
+            gr.update(choices=method_choices(service, group)),
+            not_offered_line(service, group),
+        )
 
     def pick_example(selected: gr.SelectData):
         """The clicked thumbnail's image file into the upload box; the events chained after it then predict."""
-        return examples[selected.index][0]
+        index = selected.index if isinstance(selected.index, int) else -1
+        if not 0 <= index < len(examples):
+            refused("example", f"no example number {selected.index!r}")
+            return None
+        return examples[index][0]
 
     def export(tasks, method, rank):
         """Named API endpoint `export_merged`: (the zip of the merged model, one line about it).
@@ -292,10 +339,12 @@ def build_demo(service: DemoService, examples: list[tuple[str, str]] | None = No
         An error is one line in that place (and a warning), never a traceback or a server path."""
         prune_exports(exports)
         try:
-            path, relative_error = service.export_zip(tasks or None, method or AUTO, rank, exports)
+            chosen, method, _ = request_values(service, tasks, method)
+            path, relative_error = service.export_zip(chosen, method, rank, exports)
             return str(path), export_line(path, relative_error)
         except MLVisionError as error:
             message = public_text(str(error))
+            refused("export_merged", message)
         except Exception as error:  # noqa: BLE001 - a failing export never takes the app down
             traceback.print_exc()
             message = (
@@ -304,7 +353,7 @@ def build_demo(service: DemoService, examples: list[tuple[str, str]] | None = No
         gr.Warning(message)
         return None, f"⚠️ {message}"
 
-    with gr.Blocks(title="Multi-LoRA Vision demo") as demo:
+    with gr.Blocks(title="Multi-LoRA Vision demo", delete_cache=(CLEANUP_EVERY_S, UPLOAD_KEEP_S)) as demo:
         gr.Markdown(
             f"# Multi-LoRA Vision: one merged model, every task\n"
             f"{service.origin_line()} at {service.preprocess.image_size}px, merged into a single backbone: "
@@ -337,7 +386,7 @@ def build_demo(service: DemoService, examples: list[tuple[str, str]] | None = No
                     method_choices(service, service.tasks), value=AUTO, label="Merge method", elem_id="method"
                 )
                 hint = gr.Markdown(method_hint(service.tasks))
-                gr.Markdown(not_offered_line(), elem_id="not-offered")
+                not_offered = gr.Markdown(not_offered_line(service, service.tasks), elem_id="not-offered")
                 compare = gr.Checkbox(False, label="Compare with each task's own adapter (one pass per task)")
                 button = gr.Button("Predict", variant="primary")
                 with gr.Accordion("Download the merged model (.zip)", open=False, elem_id="export"):
@@ -363,10 +412,17 @@ def build_demo(service: DemoService, examples: list[tuple[str, str]] | None = No
                 output = gr.Markdown(elem_id="prediction")
                 with gr.Accordion("API answer (JSON, endpoint `predict`)", open=False, elem_id="raw-json"):
                     raw = gr.JSON(label="API answer (endpoint `predict`)")
-        tasks.change(on_tasks, tasks, [hint, method], api_visibility="private")
+        # preprocess=False on every event with inputs: they are checked here (`request_values`), in one line, where
+        # Gradio's component checks print a traceback for a value of the wrong type sent to any event by index
+        tasks.change(on_tasks, tasks, [hint, method, not_offered], api_visibility="private", preprocess=False)
         button.click(
-            predict, [image, tasks, method, compare], raw, api_name="predict", concurrency_limit=PREDICT_CONCURRENCY
-        ).then(show, [image, raw], [output, preview], api_visibility="private")
+            predict,
+            [image, tasks, method, compare],
+            raw,
+            api_name="predict",
+            concurrency_limit=PREDICT_CONCURRENCY,
+            preprocess=False,
+        ).then(show, [image, raw], [output, preview], api_visibility="private", preprocess=False)
         if gallery is not None:  # a click on a thumbnail: that image into the box, then the same chain as Predict
             gallery.select(pick_example, None, image, api_visibility="private").then(
                 predict,
@@ -374,28 +430,46 @@ def build_demo(service: DemoService, examples: list[tuple[str, str]] | None = No
                 raw,
                 api_visibility="private",
                 concurrency_limit=PREDICT_CONCURRENCY,
-            ).then(show, [image, raw], [output, preview], api_visibility="private")
+                preprocess=False,
+            ).then(show, [image, raw], [output, preview], api_visibility="private", preprocess=False)
         export_button.click(
             export,
             [tasks, method, rank],
             [merged_zip, export_status],
             api_name="export_merged",
             concurrency_limit=EXPORT_CONCURRENCY,
+            preprocess=False,
         )
     demo.queue(default_concurrency_limit=OTHER_CONCURRENCY, max_size=QUEUE_SIZE)
     return demo
 
 
-def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int | None = None, **options):
+def launch(
+    demo: gr.Blocks,
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    upload_cap_bytes: int = UPLOAD_CAP_BYTES,
+    **options,
+):
     """`demo.launch` with the demo's limits, for `main` and the tests alike.
 
     max_file_size: Gradio refuses a larger upload while it streams in (HTTP 413) and deletes the part
     it wrote, so a 200 MB upload never lands on disk; the same figure as load_image's own check.
     show_error=False: an exception that escapes an event (none should) shows a generic error, never
-    its text, which may name server paths.
+    its text, which may name server paths. `RefusedRequests` turns a request Gradio fails on into a 400 and
+    one log line; the `UploadJanitor` (`demo.janitor`) keeps the accepted uploads under `upload_cap_bytes`.
     """
+    from starlette.middleware import Middleware
+
+    demo.janitor = UploadJanitor(demo, upload_cap_bytes).start()
     return demo.launch(
-        server_name=host, server_port=port, max_file_size=MAX_FILE_BYTES, show_error=False, css=CSS, **options
+        server_name=host,
+        server_port=port,
+        max_file_size=MAX_FILE_BYTES,
+        show_error=False,
+        css=CSS,
+        app_kwargs={"middleware": [Middleware(RefusedRequests)]},
+        **options,
     )
 
 

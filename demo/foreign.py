@@ -7,8 +7,9 @@ as the base model + merged ΔW with one classifier per task, and exported as mer
 Uploads, batching, the compare mode and the download are DemoService's own, unchanged.
 
 What such adapters do not bring, the page says instead of guessing: no stored accuracies (nothing was
-evaluated), no method chosen on validation ("auto" is the fallback method), no out-of-domain check (no
-validation images to calibrate on), no example images and no native image size.
+evaluated), no method chosen on validation ("auto" is the fallback method), no RegMean (its statistics need
+the training images), no out-of-domain check (no validation images to calibrate on), no example images and no
+native image size.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from demo.service import DemoService
+from demo.service import SERVED_KINDS, DemoService
 from merging.deltas import AdapterDeltas, check_compatible
 from merging.foreign import (
     base_model_name,
@@ -80,7 +81,11 @@ class ForeignDemoService(DemoService):
         self.adapters: dict[str, AdapterDeltas] = {a.task: a for a in filled}
         self.tasks = sorted(self.adapters)
         self.labels = {t: list(a.meta["label_names"]) for t, a in self.adapters.items()}
-        self.methods = list_methods(kind="data_free")
+        self.methods = [name for kind in SERVED_KINDS for name in list_methods(kind=kind)]
+        # nothing was stored for these adapters, and they bring no training images for RegMean's statistics
+        self._no_statistics = {task: f"adapter {task} was trained elsewhere: its training images are not here"
+                               for task in self.tasks}  # fmt: skip
+        self._study_choice = {}
         self.seed = None
         self._base_model = load_base_model(self.base)  # copied for every model served, never changed
         self.preprocess = base_preprocess(self.base, self._base_model)

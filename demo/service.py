@@ -28,10 +28,11 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from demo.uploads import load_image
+from demo.uploads import load_image, public_text
 from merging.deltas import AdapterDeltas, check_compatible, load_deltas
+from merging.grams import GRAM_IMAGES, GramStore
 from merging.merged_model import AdapterMerger, export_merge_as_lora, merge_record
-from merging.methods import list_methods
+from merging.methods import get_method, list_methods
 from mlvision.backbone import BackboneConfig, Preprocess
 from mlvision.data import split_tensors
 from mlvision.errors import BadImage, MergeConfigError, MLVisionError, StoreError
@@ -42,6 +43,10 @@ from mlvision.store import Store
 from mlvision.tasks import get_task, load_task
 
 FALLBACK_METHOD = "ties"
+# The kinds of merge method a demo can serve: per-layer ones without data, data-aware ones whose statistics the
+# demo has (RegMean's Gram matrices), and test-time ones whose learned coefficients the study stored. peft's
+# reference merges are for comparison in the study only.
+SERVED_KINDS = ("data_free", "data_aware", "test_time")
 OWN_ADAPTER = "own adapter"  # what the answer names as its "method" when one task is chosen: no merge
 TOP_K = 3
 MERGE_CACHE_SIZE = 6  # merged models kept (each one is a backbone copy, ~14 MB)
@@ -229,11 +234,15 @@ class DemoService:
         self.preprocess = Preprocess.from_dict(first["preprocess"])
         self.backbone_config = BackboneConfig(**first["backbone"])
         self.labels = {t: list(a.meta["label_names"]) for t, a in self.adapters.items()}
-        self.methods = list_methods(kind="data_free")
+        self.methods = [name for kind in SERVED_KINDS for name in list_methods(kind=kind)]
         self._folded = FoldedBackbone(self.backbone_config)
-        self._merger = AdapterMerger(self.adapters, self.backbone_config)
+        # RegMean's statistics: the sweep's own Gram matrices (same cache, same images), so a served RegMean merge
+        # with the stored α is the merge the study scored
+        self._grams = GramStore(self._folded, self._training_images)
+        self._merger = AdapterMerger(self.adapters, self.backbone_config, grams=self._grams)
         self._start_serving()
         self._read_store()
+        self._no_statistics = self._prepare_grams()
 
     def _start_serving(self) -> None:
         """The caches, locks and batcher every service needs, whatever its adapters' origin."""
@@ -262,6 +271,33 @@ class DemoService:
     def _export(self, merged, adapters: list[AdapterDeltas], rank: int, folder: Path, info: dict) -> float:
         """The merge written as merging/merge.py writes it; returns the LoRA's relative reconstruction error."""
         return export_merge_as_lora(merged, adapters, rank, folder, info)
+
+    def _training_images(self, task: str) -> torch.Tensor:
+        """The training images RegMean's Gram matrices are computed on (the sweep's: the first GRAM_IMAGES)."""
+        return split_tensors(task, "train", self.preprocess, GRAM_IMAGES)[0]
+
+    def _prepare_grams(self) -> dict[str, str]:
+        """Every adapter's Gram matrices, loaded from the data cache or computed now (once, with a line saying so)
+        from its task's training images; returns {task: why not} for tasks whose matrices cannot be had here.
+
+        Computed at start-up, before any request: the computation folds each adapter into the shared backbone,
+        which serving must not see half-way."""
+        missing = [a for a in self.adapters.values() if not self._grams.path(a).is_file()]
+        if missing:
+            print(
+                f"[demo] computing the Gram matrices RegMean needs for {len(missing)} adapter(s) "
+                f"({GRAM_IMAGES} training images each; kept in the data cache) ...",
+                flush=True,
+            )
+        reasons, start = {}, time.perf_counter()
+        for task, adapter in self.adapters.items():
+            try:
+                self._grams.get(adapter)
+            except Exception as error:  # noqa: BLE001 - its training images are not here: RegMean is not offered
+                reasons[task] = f"task {task}'s training images cannot be loaded here ({public_text(error, 120)})"
+        if missing:
+            print(f"[demo] Gram matrices ready in {time.perf_counter() - start:.1f} s", flush=True)
+        return reasons
 
     def origin_line(self) -> str:
         """Where the served adapters come from, for the page's header."""
@@ -304,21 +340,75 @@ class DemoService:
             score = selection.get("chosen_validation_accuracy") if isinstance(selection, dict) else None
             if isinstance(score, (int, float)):
                 self._validation.setdefault((tasks, method), []).append(float(score))
+        # the study's method per group size, chosen on validation by study/findings.py (k -> (method, mean, merges))
+        self._study_choice: dict[int, tuple[str, float, int]] = {}
+        for statistic, value, n in self.store.query(
+            "SELECT statistic, value, n FROM findings WHERE finding = 'chosen_method' AND value IS NOT NULL"
+        ):
+            method, _, k = str(statistic).partition("/k=")
+            if k.isdigit() and method in self.methods:
+                self._study_choice[int(k)] = (method, float(value), int(n or 0))
 
     def default_method(self, tasks) -> tuple[str, str]:
-        """(method, why): the method with the best mean validation accuracy stored for exactly this group
-        (the study's rule: the best method is chosen on validation, never on test), else ties."""
-        key = ",".join(self._group(tasks))
-        scores = {
-            method: values
-            for (tasks_, method), values in self._validation.items()
-            if tasks_ == key and method in self.methods
-        }
+        """(method, why) that `auto` serves for this group: the method the study chose on validation for groups of
+        this size (the findings' `chosen_method`: highest mean validation accuracy over the k's merges; test
+        accuracy never used), when it can be served here; else the best such mean among the methods that can be,
+        over the stored merges of this size; else FALLBACK_METHOD."""
+        group = self._group(tasks)
+        k = len(group)
+        choice = self._study_choice.get(k)
+        if choice and self.unavailable(group, choice[0]) is None:
+            method, value, n = choice
+            return (
+                method,
+                f"the study's choice for {k} tasks: best mean validation accuracy ({value:.3f} over {n} merges)",
+            )
+        scores: dict[str, list[float]] = {}
+        for (key, method), values in self._validation.items():
+            if key.count(",") + 1 == k and self.unavailable(group, method) is None and not self._learns_on_test(method):
+                scores.setdefault(method, []).extend(values)
+        refused = f"{choice[0]} (the study's choice) {self.unavailable(group, choice[0])}; " if choice else ""
         if scores:
             best = min(scores, key=lambda m: (-sum(scores[m]) / len(scores[m]), m))
             mean = sum(scores[best]) / len(scores[best])
-            return best, f"best stored mean validation accuracy for this group ({mean:.3f})"
-        return FALLBACK_METHOD, f"no stored merges for this group: default {FALLBACK_METHOD}"
+            return best, (
+                f"{refused}best mean validation accuracy of the servable methods over the stored merges of {k} tasks "
+                f"({mean:.3f} over {len(scores[best])} merges)"
+            )
+        return FALLBACK_METHOD, f"{refused}no stored merges of {k} tasks: default {FALLBACK_METHOD}"
+
+    @staticmethod
+    def _learns_on_test(method: str) -> bool:
+        """A test-time method learned on the images it was scored on: never chosen (as in the study's rule)."""
+        return get_method(method).kind == "test_time"
+
+    def unavailable(self, tasks, method: str) -> str | None:
+        """Why `method` cannot be served for this group here (a phrase), or None when it can."""
+        group = self._group(tasks)
+        kind = get_method(method).kind
+        if kind == "data_aware":
+            missing = [self._no_statistics[task] for task in group if task in self._no_statistics]
+            return f"needs each task's training images, and {missing[0]}" if missing else None
+        if kind == "test_time":
+            stored = self.stored_hyperparams(group, method) or {}
+            if "coefficients" not in stored:
+                return (
+                    "learns its coefficients on the group's test images, and this group's learned coefficients are "
+                    "not stored (the study stores them from this version on)"
+                )
+            return None
+        if kind not in SERVED_KINDS:
+            return "is a reference kept for comparison in the study only"
+        return None
+
+    def offered(self, tasks) -> list[str]:
+        """The methods that can be served for this group, in registry order."""
+        return [method for method in self.methods if self.unavailable(tasks, method) is None]
+
+    def not_offered(self, tasks) -> dict[str, str]:
+        """{method: why} for the registered methods that cannot be served for this group."""
+        reasons = {name: self.unavailable(tasks, name) for name in list_methods()}
+        return {name: why for name, why in reasons.items() if why is not None}
 
     def stored_hyperparams(self, tasks, method: str) -> dict | None:
         return self._hyperparams.get((",".join(self._group(tasks)), method, self.seed))
@@ -338,6 +428,9 @@ class DemoService:
             return self.default_method(tasks)
         if method not in self.methods:
             raise BadImage(f"Unknown merge method {method!r}; choose one of: auto, {', '.join(self.methods)}.")
+        why_not = self.unavailable(tasks, method)
+        if why_not:
+            raise BadImage(f"{method} is not offered for these tasks: it {why_not}. Choose auto or another method.")
         return method, "chosen"
 
     def merged_model(self, tasks, method: str) -> tuple[MergedEntry, bool]:
@@ -598,8 +691,8 @@ class DemoService:
         layer by truncated SVD of the merged ΔW, `heads/<task>/`, `merge.json`), from the same merge the page
         serves: the method `auto` resolves to and the stored hyperparameters (so a merge's exported rank-32
         LoRA is exact wherever the merged ΔW has rank <= 32, e.g. a linear merge of k rank-r adapters with
-        k r <= 32). One task chosen exports its own adapter, as it is served. Only the per-layer (data-free)
-        methods the page offers are accepted, so no task data is needed here. The zip holds one top-level
+        k r <= 32). One task chosen exports its own adapter, as it is served. Only the methods the page offers for
+        the group are accepted (RegMean with the Gram matrices computed at start-up). The zip holds one top-level
         folder named after the merge, and lands in a new temporary folder under `folder`.
         """
         group = self._group(tasks if tasks else self.tasks)

@@ -15,12 +15,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from demo.containers import MAX_FRAMES, check_container, check_frames
 from mlvision.errors import BadImage
 
 MAX_FILE_BYTES = 25 * 1024 * 1024  # larger uploads are refused before decoding (and by Gradio's max_file_size)
 MAX_PIXELS = 40_000_000  # decompression-bomb limit (width * height)
 MAX_ASPECT = 20.0  # longer side / shorter side; beyond this the image is refused
-MAX_FRAMES = 1000  # animations with more frames are refused (counted without decoding; only frame 1 is used)
+# Decoders Pillow runs in Python (plain PPM, RLE BMP, ...) get a smaller budget (see `check_decoder`).
+MAX_PYTHON_DECODER_PIXELS = 250_000
+MAX_PYTHON_DECODER_BYTES = 4 * 1024 * 1024
 # The decoders Pillow may use. Everything else (EPS/PS and PDF, which start Ghostscript; ICO, PSD, ...)
 # is refused before a decoder sees it. PPM also covers PBM and PGM; JPEG also opens MPO (many phone photos).
 FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF", "PPM")
@@ -73,68 +76,34 @@ def _to_rgb(image: Image.Image, notes: list[str]) -> Image.Image:
     return image.convert("RGB")
 
 
-def _skip_sub_blocks(data: bytes, pos: int) -> int:
-    """Position after a GIF data sub-block chain (length-prefixed blocks ending with a 0 length)."""
-    while pos < len(data):
-        size = data[pos]
-        pos += 1
-        if size == 0:
-            break
-        pos += size
-    return pos
-
-
-def gif_frames(data: bytes, stop: int) -> int:
-    """Frames (image descriptors) in a GIF, counted by walking its blocks without decoding any, up to `stop`.
-
-    Why not Pillow's `n_frames`: it walks every frame in Python before answering, so a 9 MB GIF of
-    400,000 one-pixel frames kept a worker busy for seconds; this walk stops at `stop`.
-    A damaged tail just ends the count (Pillow decodes the first frame, or says it is corrupt).
-    """
-    if len(data) < 13 or data[:3] != b"GIF":
-        return 1
-    pos = 13
-    if data[10] & 0x80:  # global colour table
-        pos += 3 * 2 ** ((data[10] & 0x07) + 1)
-    frames = 0
-    while pos < len(data) and frames < stop:
-        block = data[pos]
-        if block == 0x21:  # extension: label, then sub-blocks
-            pos = _skip_sub_blocks(data, pos + 2)
-        elif block == 0x2C:  # image descriptor: 9 bytes, local colour table, LZW code size, sub-blocks
-            if pos + 10 > len(data):
-                break
-            flags = data[pos + 9]
-            pos += 10
-            if flags & 0x80:
-                pos += 3 * 2 ** ((flags & 0x07) + 1)
-            pos = _skip_sub_blocks(data, pos + 1)
-            frames += 1
-        else:  # 0x3B trailer, or something that is not a block: the end
-            break
-    return max(frames, 1)
-
-
-def count_frames(image: Image.Image, data: bytes | None) -> int:
-    """Frames of an opened upload, counted without decoding them; stops counting at MAX_FRAMES + 1.
-
-    GIF: walked here (`gif_frames`). TIFF: one IFD after the other (Pillow reads tags, never pixels),
-    so a broken later IFD raises here and becomes a BadImage. PNG (APNG), WebP and MPO: the count
-    in the file's header, which Pillow reads at open.
-    """
-    if image.format == "GIF" and data is not None:
-        return gif_frames(data, MAX_FRAMES + 1)
-    if image.format == "TIFF":
-        frames = 1
-        try:
-            while frames <= MAX_FRAMES:
-                image.seek(frames)
-                frames += 1
-        except EOFError:
-            pass
-        image.seek(0)
-        return frames
+def count_frames(image: Image.Image, walked: int) -> int:
+    """Frames of an opened upload, counted without decoding them. GIF and TIFF: the count the container walk
+    made (`check_container`, which stops one past MAX_FRAMES); PNG (APNG), WebP and MPO: the count in the
+    file's header, which Pillow reads at open."""
+    if image.format in ("GIF", "TIFF") and walked:
+        return walked
     return int(getattr(image, "n_frames", 1) or 1)
+
+
+def check_decoder(image: Image.Image, data: bytes) -> None:
+    """Refuse an image that Pillow would decode with one of its *Python* decoders beyond what they do in about a
+    second: plain (ASCII) PPM/PGM/PBM, PPM with a maximum value other than 255, RLE-compressed BMP.
+
+    Which decoder runs is Pillow's own choice (`image.tile`), and its Python decoders are the ones registered
+    in `Image.DECODERS`; measured (`python -m demo.crafted`, idle): a plain 1500x1500 PPM took 4.5 s, an
+    RLE BMP of 3000x3000 one-pixel runs 4.2 s, i.e. about 2 µs per value.
+    """
+    decoders = {tile[0] for tile in image.tile or ()}
+    if not decoders & set(Image.DECODERS):
+        return
+    width, height = image.size
+    if width * height > MAX_PYTHON_DECODER_PIXELS or len(data) > MAX_PYTHON_DECODER_BYTES:
+        kind = f"{image.format} in a slow encoding ({', '.join(sorted(decoders & set(Image.DECODERS)))})"
+        raise BadImage(
+            f"The image is a {kind} of {width}x{height} pixels and {len(data) / 2**20:.1f} MB; the demo decodes "
+            f"such files only up to {MAX_PYTHON_DECODER_PIXELS:,} pixels and {MAX_PYTHON_DECODER_BYTES // 2**20} MB: "
+            "re-save it as PNG or JPEG and upload that."
+        )
 
 
 def _open(data: bytes) -> Image.Image:
@@ -191,11 +160,12 @@ def load_image(source) -> tuple[Image.Image, list[str]]:
     notes: list[str] = []
     if source is None or (isinstance(source, str) and not source.strip()):
         raise BadImage(f"No image uploaded: choose an image file ({ACCEPTED}), or wait until its upload has finished.")
-    data = None
+    data, walked = None, 0
     if isinstance(source, Image.Image):
         image = source
     else:
         data = _read(source)
+        walked = check_container(data)  # blocks, chunks, segments and pages counted before any parser runs
         image = _open(data)
     width, height = image.size
     if width < 1 or height < 1:
@@ -211,15 +181,13 @@ def load_image(source) -> tuple[Image.Image, list[str]]:
             "it to a square would make the prediction meaningless. Crop it closer to square and try again."
         )
     try:
-        frames = count_frames(image, data)
-        if frames > MAX_FRAMES:
-            raise BadImage(
-                f"The animation has more than {MAX_FRAMES:,} frames; the demo reads only the first frame of "
-                f"animations up to {MAX_FRAMES:,} frames. Upload a still image (or save the first frame) instead."
-            )
+        if data is not None:
+            check_decoder(image, data)
+        frames = count_frames(image, walked)
+        check_frames(frames)
         if frames > 1:
             notes.append(f"animated image ({frames} frames): used the first frame")
-        image.load()  # the first frame only: the file is positioned there (count_frames seeks back)
+        image.load()  # the first frame only: nothing has moved the file away from it
         if image.size != (width, height) or image.size[0] * image.size[1] > MAX_PIXELS:
             raise BadImage("The image's frame size differs from its header: the file is corrupt.")
         transposed = ImageOps.exif_transpose(image)

@@ -28,8 +28,10 @@ import torch
 from browser import DevTools, free_port, start_chromium, stop, wait_http
 from PIL import Image
 
+from demo import crafted
+from demo.containers import MAX_FRAMES, gif_frames
 from demo.service import OOD_PERCENTILE, Batcher, DemoService, native_size_text
-from demo.uploads import MAX_FILE_BYTES, MAX_FRAMES, MAX_PIXELS, gif_frames, load_image, public_text
+from demo.uploads import MAX_FILE_BYTES, MAX_PIXELS, load_image, public_text
 from merging.merged_model import build_merged_model
 from mlvision.backbone import Preprocess
 from mlvision.data import split_tensors
@@ -55,29 +57,46 @@ def example(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def app_url(service, tmp_path_factory):
+def app(service, tmp_path_factory):
+    """The launched demo (its Blocks; `app.janitor` keeps the uploads bounded)."""
     from demo.app import build_demo, launch, write_examples
 
     examples = write_examples(service, tmp_path_factory.mktemp("demo_examples"))
     demo = build_demo(service, examples)
     port = free_port()
     launch(demo, "127.0.0.1", port, prevent_thread_lock=True, quiet=True)  # with the app's upload limits
-    yield f"http://127.0.0.1:{port}/"
+    demo.test_url = f"http://127.0.0.1:{port}/"
+    yield demo
     demo.close()
+
+
+@pytest.fixture(scope="module")
+def app_url(app) -> str:
+    return app.test_url
 
 
 # -- 1. the service equals the evaluation code ------------------------------------------------------
 def test_service_prediction_equals_evaluation_path(service, tiny_study):
     tasks = service.tasks
-    method, _ = service.default_method(tasks)
+    method, why = service.default_method(tasks)
     store = Store(tiny_study["db"])
-    # "auto" is the study's rule: the best mean validation accuracy among the methods the demo serves
-    best = store.query(
-        "SELECT method FROM merges WHERE tasks = ? AND list_contains(?, method) GROUP BY method "
-        "ORDER BY avg(CAST(selection->>'chosen_validation_accuracy' AS DOUBLE)) DESC, method LIMIT 1",
-        [",".join(sorted(tasks)), list(service.methods)],
+    # "auto" is the study's choice for this group size (the findings' chosen_method) when the demo can serve it,
+    # else the same rule (best mean validation accuracy at this k) over the methods it can serve
+    chosen = store.query(
+        "SELECT statistic FROM findings WHERE finding = 'chosen_method' AND statistic LIKE ?", [f"%/k={len(tasks)}"]
     )
-    assert best and method == best[0][0]
+    assert chosen, "the tiny study's findings name a chosen method per k"
+    study_choice = chosen[0][0].split("/k=")[0]
+    if study_choice in service.offered(tasks):
+        assert method == study_choice and "the study's choice" in why
+    else:
+        best = store.query(
+            "SELECT method FROM merges WHERE len(string_split(tasks, ',')) = ? AND list_contains(?, method) "
+            "GROUP BY method ORDER BY avg(CAST(selection->>'chosen_validation_accuracy' AS DOUBLE)) DESC, method "
+            "LIMIT 1",
+            [len(tasks), service.offered(tasks)],
+        )
+        assert best and method == best[0][0] and f"{study_choice} (the study's choice)" in why
     entry, _ = service.merged_model(tasks, method)
     reference = build_merged_model([service.adapters[t] for t in tasks], method, entry.hyperparams)
     for task in tasks:
@@ -204,47 +223,101 @@ def _broken_second_ifd_tiff() -> bytes:
     return bytes(data)
 
 
-def _many_frames_gif(frames: int) -> bytes:
-    """A valid GIF of `frames` one-pixel frames (15 bytes each), written by hand so it is quick to make."""
-    head = b"GIF89a" + struct.pack("<HHBBB", 1, 1, 0x80, 0, 0) + b"\x00\x00\x00\xff\xff\xff"
-    frame = b"\x2c" + struct.pack("<HHHHB", 0, 0, 1, 1, 0) + b"\x02\x02\x44\x01\x00"
-    return head + frame * frames + b"\x3b"
-
-
 EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n%%EndComments\n0 0 moveto 10 10 lineto stroke\nshowpage\n"
 PATH_LIKE = re.compile(r"(^|[\s(\"'=])(/|~/|[A-Za-z]:\\)\w|Traceback|\.py\b")
+# What each crafted file (demo/crafted.py) is refused for: a word of its message.
+CRAFTED_REFUSALS = {
+    "gif_60000_comment_blocks.gif": "comments or application data",
+    "png_100000_chunks.png": "chunks",
+    "tiff_1200_pages.tiff": "frames",
+    "webp_1200_frames.webp": "frames",
+    "gif_60000_comment_extensions.gif": "comments or application data",
+    "gif_5000_frames.gif": "frames",
+    "tiff_1000_pages_of_1000_tags.tiff": "tags",
+    "jpeg_1000000_markers.jpg": "markers",
+    "jpeg_20mb_stray_bytes.jpg": "stray data",
+    "jpeg_10000_scans.jpg": "scans",
+    "ppm_20mb_comment.ppm": "header",
+    "ppm_plain_1500px.ppm": "slow encoding",
+    "ppm_maxval_1000_1500px.ppm": "slow encoding",
+    "bmp_rle_3000px_one_pixel_runs.bmp": "slow encoding",
+}
+# Refused after Pillow read the header (every other one before any parser): a Python decoder is its choice, and
+# WebP's frame count is read by libwebp (C) when Pillow opens the file.
+AFTER_HEADER = {
+    "ppm_plain_1500px.ppm",
+    "ppm_maxval_1000_1500px.ppm",
+    "bmp_rle_3000px_one_pixel_runs.bmp",
+    "webp_1200_frames.webp",
+}
 
 
-def hostile_inputs(folder: Path) -> dict[str, tuple[Path, str]]:
-    """name -> (file, expected keyword): the uploads of the load findings."""
+@pytest.fixture(scope="module")
+def crafted_files(tmp_path_factory) -> dict[str, Path]:
+    return crafted.write_crafted(tmp_path_factory.mktemp("crafted"))
+
+
+def hostile_inputs(folder: Path, crafted_files: dict[str, Path]) -> dict[str, tuple[Path, str]]:
+    """name -> (file, expected keyword): the uploads of the reliability runs."""
     files = {
         "broken_ifd.tiff": (_broken_second_ifd_tiff(), "corrupt"),
         "drawing.eps": (EPS, "not an image the demo accepts"),
-        "many_frames.gif": (_many_frames_gif(MAX_FRAMES + 4000), "frames"),
     }
-    out = {}
+    out = {name: (path, CRAFTED_REFUSALS[name]) for name, path in crafted_files.items()}
     for name, (data, keyword) in files.items():
         (folder / name).write_bytes(data)
         out[name] = (folder / name, keyword)
     return out
 
 
-def test_hostile_uploads_are_refused_before_any_decoder_runs_away(tmp_path, monkeypatch):
+def test_crafted_uploads_are_refused_before_a_parser_walks_them(tmp_path, monkeypatch, crafted_files):
+    """Every crafted file (many blocks, chunks, segments, pages, frames, tags; slow encodings) is refused with its
+    reason, and all but the slow encodings before Pillow opens them (its parsers are the slow part): the
+    container walk stops at its limit, so its cost does not grow with the file. `python demo/crafted.py`
+    prints the time each one takes."""
     from PIL import EpsImagePlugin
 
-    opened_eps = []
+    assert set(crafted_files) == set(CRAFTED_REFUSALS), "a crafted file without its expected refusal"
+    opened_eps, opened = [], []
     monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open", lambda self: opened_eps.append(1))
-    for name, (path, keyword) in hostile_inputs(tmp_path).items():
+    real_open = Image.open
+    monkeypatch.setattr(Image, "open", lambda *args, **kwargs: opened.append(1) or real_open(*args, **kwargs))
+    for name, (path, keyword) in hostile_inputs(tmp_path, crafted_files).items():
+        opened.clear()
         with pytest.raises(BadImage) as caught:
             load_image(path)
         assert keyword in str(caught.value), (name, str(caught.value))
         assert not PATH_LIKE.search(str(caught.value)), (name, str(caught.value))
+        if name in CRAFTED_REFUSALS:
+            assert bool(opened) == (name in AFTER_HEADER), (name, "Pillow opened it" if opened else "not opened")
     assert not opened_eps, "the EPS decoder (which starts Ghostscript) was tried"
     # frames are counted without walking the whole file: the count stops one past the limit
-    assert gif_frames(_many_frames_gif(50_000), MAX_FRAMES + 1) == MAX_FRAMES + 1
-    assert gif_frames(_many_frames_gif(7), MAX_FRAMES + 1) == 7
-    image, notes = load_image(_many_frames_gif(MAX_FRAMES))
+    assert gif_frames(crafted.gif_frames(50_000), MAX_FRAMES + 1) == MAX_FRAMES + 1
+    assert gif_frames(crafted.gif_frames(7), MAX_FRAMES + 1) == 7
+    monkeypatch.setattr(Image, "open", real_open)
+    image, notes = load_image(crafted.gif_frames(MAX_FRAMES))
     assert image.size == (1, 1) and any(f"{MAX_FRAMES} frames" in n for n in notes)
+
+
+def test_files_just_inside_the_container_limits_are_decoded():
+    """The limits leave room: the same kinds of file, a little smaller, decode to the right size."""
+    inside = {
+        "gif comments": crafted.gif_comment_blocks(1000),
+        "gif extensions": crafted.gif_comment_extensions(1000),
+        "png chunks": crafted.png_chunks(19_000),
+        "tiff tags": crafted.tiff_tags(30, 1000),
+        "tiff pages": crafted.tiff_pages(MAX_FRAMES),
+        "jpeg markers": crafted.jpeg_markers(990),
+        "jpeg stray bytes": crafted.jpeg_stray_bytes(60_000),
+        "jpeg scans": crafted.jpeg_scans(60),
+        "ppm comment": crafted.ppm_long_comment(60_000),
+        "plain ppm": crafted.ppm_plain(300),
+        "ppm maxval": crafted.ppm_sixteen_bit(300),
+        "bmp rle": crafted.bmp_rle_runs(400),
+    }
+    for name, data in inside.items():
+        image, _ = load_image(data)
+        assert image.mode == "RGB" and image.size[0] >= 1, name
 
 
 def test_public_text_hides_server_paths():
@@ -353,7 +426,9 @@ def test_client_predictions_equal_the_service_and_bad_inputs_are_answered(app_ur
         assert again["ok"], name
 
 
-def test_hostile_uploads_through_the_app_get_friendly_errors_and_it_keeps_serving(app_url, service, example, tmp_path):
+def test_hostile_uploads_through_the_app_get_friendly_errors_and_it_keeps_serving(
+    app_url, service, example, tmp_path, crafted_files
+):
     from gradio_client import Client, handle_file
 
     client = Client(app_url, verbose=False)
@@ -361,7 +436,7 @@ def test_hostile_uploads_through_the_app_get_friendly_errors_and_it_keeps_servin
     def ask(path):
         return client.predict(handle_file(str(path)), service.tasks, "auto", False, api_name="/predict")
 
-    for name, (path, keyword) in hostile_inputs(tmp_path).items():
+    for name, (path, keyword) in hostile_inputs(tmp_path, crafted_files).items():
         answer = ask(path)
         assert isinstance(answer, dict) and not answer["ok"], (name, answer)
         assert keyword in answer["error"], (name, answer["error"])
@@ -589,13 +664,15 @@ def test_task_descriptions_methods_and_collapsed_json_on_the_page(app_url, servi
     assert [item["caption"] for item in gallery["value"]] == service.tasks and gallery["allow_preview"] is False
     best, _ = service.default_method(service.tasks)
     choices = {value: label for label, value in components["method"]["props"]["choices"]}
-    assert list(choices) == ["auto", *list_methods(kind="data_free")]
+    # every data-free method and RegMean (its Gram matrices from the tasks' training images) are offered
+    assert list(choices) == ["auto", *list_methods(kind="data_free"), *list_methods(kind="data_aware")]
     assert choices["auto"] == f"auto (= {best})" and "auto" in choices[best]
     assert all("auto" not in label for value, label in choices.items() if value not in ("auto", best))
-    offered = components["not-offered"]["props"]["value"]
-    for name in (*list_methods(kind="data_aware"), *list_methods(kind="test_time")):
-        assert f"`{name}`" in offered and name not in choices
-    assert "serving time" in offered and "training or test images" in offered
+    not_offered = components["not-offered"]["props"]["value"]
+    for name in list_methods(kind="test_time"):  # the tiny study stored no AdaMerging coefficients
+        assert f"`{name}` learns its coefficients on the group's test images" in not_offered and name not in choices
+    for name in list_methods(kind="reference"):
+        assert f"`{name}` is a reference" in not_offered and name not in choices
     assert components["raw-json"]["props"]["open"] is False
     named = Client(app_url, verbose=False).view_api(return_format="dict", print_info=False)["named_endpoints"]
     assert "/predict" in named and "/export_merged" in named and not any("example" in name for name in named)
@@ -765,3 +842,127 @@ def test_merged_model_downloads_as_the_zip_merge_py_writes(app_url, service, tmp
     assert own["method"] == "own adapter" and own["tasks"] == [service.tasks[0]]
     with pytest.raises(MergeConfigError, match=r"^Export rank 100000 is outside 1 to \d+ .*: choose a rank"):
         service.export_zip(service.tasks, "linear", 100_000, tmp_path)
+
+
+# -- issue 28: a quiet log, a bounded upload folder, the study's method served ------------------------
+def test_bad_values_and_requests_get_one_log_line_each_and_no_traceback(app_url, service, example, capfd):
+    """Values of the wrong type or unknown names, sent to every event (named or by index), and requests Gradio itself
+    fails on: each answered in one line, each one line in the server's log, no traceback anywhere."""
+    import httpx
+    from gradio_client import Client, handle_file
+
+    client = Client(app_url, verbose=False)
+    image = handle_file(str(example))
+    capfd.readouterr()
+    bad_predictions = [
+        (image, "uci_digits", "auto", False),  # tasks not a list
+        (image, [1, 2], "auto", False),
+        (image, ["no_such_task"], "auto", False),
+        (image, service.tasks, 123, False),  # method not a name
+        (image, service.tasks, "no_such_method", False),
+        (image, service.tasks, "auto", "yes"),  # compare not a boolean
+        (None, service.tasks, "auto", False),
+    ]
+    for args in bad_predictions:
+        answer = client.predict(*args, api_name="/predict")
+        assert isinstance(answer, dict) and not answer["ok"] and answer["error"], args
+    for rank in ("abc", 10**9, -1):
+        zip_path, line = client.predict(service.tasks, "auto", rank, api_name="/export_merged")
+        assert zip_path is None and "Export rank" in line, (rank, line)
+    http = httpx.Client(base_url=app_url, timeout=30)
+    unknown_event = http.post("gradio_api/queue/join", json={"data": [], "fn_index": 999, "session_hash": "abcde"})
+    assert unknown_event.status_code == 400
+    wrong_shape = http.post(  # the private task-choice event, by index, with a number where a list belongs
+        "gradio_api/queue/join", json={"data": [1], "fn_index": 0, "trigger_id": 1, "session_hash": "abcdef"}
+    )
+    assert wrong_shape.status_code == 200
+    time.sleep(1.0)  # the queued event runs
+    try:  # the event stream of an unknown session: Gradio gives up after starting it, so the stream just ends
+        http.get("gradio_api/queue/data", params={"session_hash": "no-such-session"}, timeout=5)
+    except httpx.HTTPError:
+        pass
+    out, err = capfd.readouterr()
+    assert "Traceback" not in out + err, (out + err)[-3000:]
+    refusals = [line for line in err.splitlines() if line.startswith("[demo] refused")]
+    assert len(refusals) >= len(bad_predictions) + 3 + 3, err[-3000:]
+    assert any("queue/join" in line for line in refusals) and any("task choice" in line for line in refusals)
+    assert client.predict(image, service.tasks, "auto", False, api_name="/predict")["ok"]  # and it keeps serving
+
+
+def test_accepted_uploads_are_kept_under_the_cap(app, app_url, service, example):
+    """One request of 40 files (the upload route takes many): the janitor deletes the oldest while the uploads hold
+    more than the cap; the example gallery's files are not uploads and stay; predictions go on."""
+    import httpx
+    from gradio_client import Client, handle_file
+
+    cap, app.janitor.cap_bytes = app.janitor.cap_bytes, 2 * 2**20
+    try:
+        chunk = 256 * 1024
+        files = [("files", (f"upload_{i}.png", bytes([i]) * chunk, "image/png")) for i in range(40)]  # 10 MB
+        stored = httpx.post(app_url + "gradio_api/upload", files=files, timeout=60).json()
+        assert len(stored) == 40
+
+        def held() -> int:
+            return sum(Path(p).stat().st_size for p in stored if Path(p).exists())
+
+        deadline = time.monotonic() + 30  # the janitor sweeps every 2 s on its own thread
+        while held() > app.janitor.cap_bytes and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert held() <= 2 * 2**20 and sum(Path(p).exists() for p in stored) <= 8
+        kept = [path for block in app.blocks.values() for path in getattr(block, "keep_in_cache", ())]
+        assert kept and all(Path(p).exists() for p in kept), "a file Gradio keeps (the examples) was deleted"
+    finally:
+        app.janitor.cap_bytes = cap
+    components = {c["props"].get("elem_id"): c for c in Client(app_url, verbose=False).config["components"]}
+    for item in components["examples"]["props"]["value"]:
+        assert httpx.get(item["image"]["url"], timeout=30).status_code == 200
+    answer = Client(app_url, verbose=False).predict(
+        handle_file(str(example)), service.tasks, "auto", False, api_name="/predict"
+    )
+    assert answer["ok"]
+
+
+@pytest.fixture(scope="module")
+def committed_service() -> DemoService:
+    """The demo's service on the committed study (results.duckdb and artifacts/), read-only."""
+    from mlvision.paths import DEFAULT_DB_PATH
+
+    before = DEFAULT_DB_PATH.read_bytes()
+    service = DemoService(DEFAULT_DB_PATH, device="cpu")
+    yield service
+    assert DEFAULT_DB_PATH.read_bytes() == before, "the demo wrote to the committed results.duckdb"
+
+
+def test_auto_serves_the_studys_choice_and_its_regmean_is_the_merge_the_study_scored(committed_service):
+    """The committed study chose RegMean on validation at every k: `auto` serves it (its Gram matrices from the
+    cache or computed at start-up), and the served model of a stored RegMean merge gets exactly the test images
+    right that the study's merge got right."""
+    from mlvision.paths import DEFAULT_DB_PATH
+    from mlvision.store import unpack_correct
+
+    service = committed_service
+    store = Store(DEFAULT_DB_PATH)
+    chosen = {
+        int(k): method
+        for method, k in (
+            row[0].split("/k=") for row in store.query("SELECT statistic FROM findings WHERE finding = 'chosen_method'")
+        )
+    }
+    assert set(chosen) == set(range(2, len(service.tasks) + 1))
+    for k, method in chosen.items():
+        served, why = service.default_method(service.tasks[:k])
+        assert served == method and "the study's choice" in why, (k, served, why)
+    rows = store.query(
+        "SELECT tasks, task, n, merged_correct, hyperparams FROM merge_results "
+        "WHERE method = 'regmean' AND k = 2 AND seed = ? ORDER BY tasks, task LIMIT 2",
+        [service.seed],
+    )
+    group = rows[0][0].split(",")
+    entry, _ = service.merged_model(group, "regmean")
+    assert entry.hyperparams["alpha"] == json.loads(rows[0][4])["alpha"]
+    for _, task, n, stored, _ in rows:
+        images, labels = split_tensors(task, "test", service.preprocess, n)
+        with torch.inference_mode():
+            predicted = entry.model(images)[task].argmax(dim=-1).numpy()
+        assert (predicted == labels.numpy()).tolist() == unpack_correct(stored, n).tolist(), task
+    assert service.unavailable(group, "adamerging") and "adamerging" not in service.offered(group)
