@@ -42,7 +42,8 @@ class StudyConfig:
     head_epochs: int = 30
     # how many images per split are used (a fixed subset; None = all of the split)
     # Equal footing (study v2): every adapter and head trains on the same number of images (uci_digits,
-    # the smallest task, has 1,078) for the same number of steps.
+    # the smallest task, has 1,078), though not for the same number of steps (adapters: `steps` batches drawn
+    # with replacement; heads: `head_epochs` passes of ceil(max_train / 256) batches).
     max_train: int | None = 1000
     max_validation: int | None = 1000
     max_test: int | None = 2000
