@@ -78,7 +78,7 @@ if __name__ == "__main__":
 import gradio as gr  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from demo.guards import RefusedRequests, UploadJanitor, refused  # noqa: E402
+from demo.guards import RefusedRequests, UploadJanitor, UploadLimit, refused  # noqa: E402
 from demo.service import BATCH_MAX, BATCH_WAIT_S, EXPORT_RANK, DemoService  # noqa: E402
 from demo.uploads import ACCEPTED, MAX_FILE_BYTES, MAX_FRAMES, MAX_PIXELS, load_image, public_text  # noqa: E402
 from mlvision.errors import BadImage, MLVisionError  # noqa: E402
@@ -100,6 +100,7 @@ EXPORT_KEEP_S = 600  # a built zip stays on the server this long (Gradio serves 
 UPLOAD_KEEP_S = 600
 CLEANUP_EVERY_S = 60
 UPLOAD_CAP_BYTES = 256 * 2**20
+UPLOAD_FRAMING_BYTES = 64 * 1024  # an upload request's multipart framing beside its one file (see UploadLimit)
 # Example thumbnails are small images (8x8 digits) shown large: keep their pixels sharp instead of blurred.
 CSS = "#examples img { image-rendering: pixelated; }"
 
@@ -457,7 +458,8 @@ def launch(
     it wrote, so a 200 MB upload never lands on disk; the same figure as load_image's own check.
     show_error=False: an exception that escapes an event (none should) shows a generic error, never
     its text, which may name server paths. `RefusedRequests` turns a request Gradio fails on into a 400 and
-    one log line; the `UploadJanitor` (`demo.janitor`) keeps the accepted uploads under `upload_cap_bytes`.
+    one log line; the `UploadJanitor` (`demo.janitor`) keeps the accepted uploads under `upload_cap_bytes`,
+    sweeping after every upload request, and `UploadLimit` refuses an upload request larger than one file.
     """
     from starlette.middleware import Middleware
 
@@ -468,7 +470,12 @@ def launch(
         max_file_size=MAX_FILE_BYTES,
         show_error=False,
         css=CSS,
-        app_kwargs={"middleware": [Middleware(RefusedRequests)]},
+        app_kwargs={
+            "middleware": [
+                Middleware(UploadLimit, max_bytes=MAX_FILE_BYTES + UPLOAD_FRAMING_BYTES, janitor=demo.janitor),
+                Middleware(RefusedRequests),
+            ]
+        },
         **options,
     )
 
