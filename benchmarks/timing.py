@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import platform
+import resource
 import statistics
 import threading
 import time
@@ -64,13 +65,30 @@ def _rss_bytes() -> int:
     return psutil.Process().memory_info().rss
 
 
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's record of this process's peak resident size to its current size (Linux: writing 5 to
+    /proc/self/clear_refs); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_bytes() -> int:
+    """The kernel's peak resident size of this process since it started or since `_reset_peak_rss` (Linux: KB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 class PeakMemory:
     """Peak extra memory (MB) used inside a `with` block: device memory on CUDA, resident memory on CPU.
 
-    CUDA: exact, from the caching allocator's peak counter. CPU: torch has no allocator
-    statistics, so a thread samples the process's resident set size every millisecond; the
-    figure is the peak minus the size when the block started. Run it in a fresh process (see
-    training/bench.py) so memory freed by earlier work is not reused and hidden.
+    CUDA: exact, from the caching allocator's peak counter. CPU: the kernel's own peak-resident counter
+    (`getrusage`'s ru_maxrss), reset when the block starts, so the figure is the block's peak minus the size when
+    it started, exact (no sampling can miss a short peak). Where the counter cannot be reset (not Linux), a
+    thread samples the resident size every millisecond instead. Run it in a fresh process (see training/bench.py)
+    so memory freed by earlier work is not reused and hidden.
     """
 
     def __init__(self, device: torch.device, interval_s: float = 0.001):
@@ -78,12 +96,15 @@ class PeakMemory:
         self.interval_s = interval_s
         self.peak_mb: float | None = None
         self._stop = threading.Event()
+        self._thread = None
 
     def __enter__(self) -> "PeakMemory":
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             self._start = torch.cuda.memory_allocated(self.device)
+        elif _reset_peak_rss():
+            self._start = _rss_bytes()
         else:
             self._start = self._peak = _rss_bytes()
             self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -98,6 +119,8 @@ class PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             peak = torch.cuda.max_memory_allocated(self.device)
+        elif self._thread is None:
+            peak = max(_peak_rss_bytes(), _rss_bytes())
         else:
             self._stop.set()
             self._thread.join()

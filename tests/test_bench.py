@@ -77,7 +77,8 @@ def test_peak_memory_sees_a_temporary_allocation():
     with PeakMemory(torch.device("cpu")) as memory:
         block = torch.ones(200 * 2**20 // 4)  # 200 MB, written so the pages are resident
         del block
-    assert 150 < memory.peak_mb < 400
+    # the kernel's peak-resident counter (reset at the start of the block) sees it exactly, whatever its duration
+    assert 199 < memory.peak_mb < 210
 
 
 # ------------------------------------------------------------------------------ the stored figures
