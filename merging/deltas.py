@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from peft.utils.other import get_pattern_key
 from safetensors.torch import load_file
 
 from mlvision.errors import AdapterError
@@ -38,12 +39,21 @@ class AdapterDeltas:
         return self.meta["task"]
 
 
-def _pattern_value(layer: str, pattern: dict, default):
-    """peft's rank/alpha patterns: the first key that the layer name ends with."""
-    for key, value in pattern.items():
-        if layer == key or layer.endswith("." + key):
-            return value
-    return default
+def _pattern_value(folder: Path, layer: str, name: str, config: dict, default):
+    """A layer's r or alpha as peft's LoRA model sets it when it creates the layer: each `rank_pattern` /
+    `alpha_pattern` key is a regular expression matched against the end of the module path (`get_pattern_key`).
+
+    Why peft's own function: reading the keys as plain suffixes gives a wrong scaling, without any error, for an
+    adapter whose pattern is a regex (e.g. `layers\\.[01]\\.attention\\.q_proj`).
+    """
+    pattern = config.get(name) or {}
+    try:
+        return pattern.get(get_pattern_key(pattern.keys(), layer), default)
+    except re.error as error:  # peft itself cannot load such an adapter
+        raise AdapterError(
+            f"{folder}: a key of {name} in adapter_config.json is not a regular expression ({error}): "
+            "re-train that adapter"
+        ) from None
 
 
 def _is_target(layer: str, target_modules) -> bool:
@@ -149,7 +159,7 @@ def deltas_from_factors(folder: Path, config: dict, factors: dict[str, torch.Ten
                 "(their ranks differ): re-train that adapter"
             )
         rank = a.shape[0]
-        expected = _pattern_value(layer, config.get("rank_pattern") or {}, config["r"])
+        expected = _pattern_value(folder, layer, "rank_pattern", config, config["r"])
         if rank != expected:
             raise AdapterError(
                 f"{folder}: layer {layer} has rank-{rank} factors but adapter_config.json says r={expected}: "
@@ -162,7 +172,7 @@ def deltas_from_factors(folder: Path, config: dict, factors: dict[str, torch.Ten
             )
         if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
             raise AdapterError(f"{folder}: layer {layer} has NaN or infinite LoRA factors: re-train that adapter")
-        alpha = _pattern_value(layer, config.get("alpha_pattern") or {}, config["lora_alpha"])
+        alpha = _pattern_value(folder, layer, "alpha_pattern", config, config["lora_alpha"])
         scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
         deltas[layer] = scaling * (b.flatten(1).double() @ a.flatten(1).double()).float()
     if not deltas:

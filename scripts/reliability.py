@@ -158,6 +158,7 @@ def load() -> None:
 
 
 def run_all_command(db: Path, artifacts: Path) -> list[str]:
+    db.parent.mkdir(parents=True, exist_ok=True)
     return [PYTHON, "training/run_all.py", "--quick", "--db", str(db), "--artifacts", str(artifacts)]
 
 
