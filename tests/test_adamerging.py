@@ -118,3 +118,28 @@ def test_coefficients_stay_in_the_unit_interval(setup):
     assert coefficients.shape == (TASKS, len(LAYERS))
     assert float(coefficients.min()) >= 0.0 and float(coefficients.max()) <= 1.0
     assert bool(((coefficients == 0.0) | (coefficients == 1.0)).any())  # lr 0.5 pushes some to a bound
+
+
+def test_a_merge_rebuilt_from_its_stored_coefficients_is_the_learned_merge(setup, tmp_path):
+    """What the sweep stores for an AdaMerging merge (its hyperparameters with every learned coefficient per layer,
+    as JSON) rebuilds exactly the learned ΔW without learning again: the demo serves stored merges this way."""
+    import json
+
+    from merging.deltas import AdapterDeltas
+    from merging.merged_model import AdapterMerger
+
+    folded, deltas, heads, images = setup
+    tasks = [f"task{i}" for i in range(TASKS)]
+    adapters = {
+        task: AdapterDeltas(tmp_path / task, {"task": task, "backbone": {}, "preprocess": {}}, delta, head)
+        for task, delta, head in zip(tasks, deltas, heads)
+    }
+    merger = AdapterMerger(
+        adapters, BackboneConfig(image_size=32), folded=folded, unlabeled_for=dict(zip(tasks, images)).get
+    )
+    learned, params = merger.merge(tasks, "adamerging", _args(steps=3))
+    stored = json.loads(json.dumps(params))  # as merges.hyperparams holds it
+    assert set(stored["coefficients"]) == set(LAYERS) and all(len(v) == TASKS for v in stored["coefficients"].values())
+    rebuilt, again = AdapterMerger(adapters, BackboneConfig(image_size=32)).merge(tasks, "adamerging", stored)
+    assert all(torch.equal(rebuilt[layer], learned[layer]) for layer in LAYERS)
+    assert again["coefficients"] == stored["coefficients"]
