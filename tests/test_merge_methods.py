@@ -480,3 +480,14 @@ def test_methods_are_pure_and_keep_the_input_dtype(name):
 def test_all_zero_updates_merge_to_zero(name):
     out = get_method(name)([torch.zeros(5, 4), torch.zeros(5, 4)])
     assert torch.equal(out, torch.zeros(5, 4))
+
+
+@pytest.mark.parametrize("name", ["dare_linear", "dare_ties"])
+def test_dare_takes_density_the_share_kept_as_peft_and_mergekit_name_it(name):
+    method = get_method(name)
+    assert method.validate({"density": 0.25})["drop_rate"] == 0.75
+    assert "density" not in method.validate({"density": 0.25})  # stored under our name
+    with pytest.raises(MergeConfigError, match="not both"):
+        method.validate({"density": 0.25, "drop_rate": 0.75})
+    with pytest.raises(MergeConfigError, match="out of range"):
+        method.validate({"density": 0.0})  # keeps nothing: drop_rate 1 is outside [0, 1)

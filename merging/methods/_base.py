@@ -99,6 +99,10 @@ class MergeMethod:
     # Hyperparameters added after a study was stored, with the value that reproduces the old behaviour: left
     # out of a merge's identity while at that value (`identity_defaults`), so stored merges keep their ids.
     added_later: dict = field(default_factory=dict)
+    # Other libraries' names for a hyperparameter: {their name: (ours, how their value becomes ours)}, e.g. DARE's
+    # `density` (peft and mergekit: the share kept) for our `drop_rate` (the share dropped). Accepted on input;
+    # what is stored and shown is always our name.
+    aliases: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:  # a programming error, not a user error: fail at import
         if self.kind not in KINDS:
@@ -111,6 +115,8 @@ class MergeMethod:
             raise ValueError(f"{self.name}: the grid names a hyperparameter it does not have")
         if set(self.defaults) != set(self.ranges):
             raise ValueError(f"{self.name}: defaults and ranges must name the same hyperparameters")
+        if any(name not in self.defaults or alias in self.defaults for alias, (name, _) in self.aliases.items()):
+            raise ValueError(f"{self.name}: an alias must name one of its hyperparameters, and not be one")
         for key, values in self.grid.items():
             if not values or not all(_in_range(v, self.ranges[key]) for v in values):
                 raise ValueError(f"{self.name}: the grid of {key!r} is empty or leaves its range")
@@ -125,6 +131,17 @@ class MergeMethod:
     def validate(self, hyperparams: dict | None = None) -> dict:
         """Return a full hyperparameter dict (defaults filled in) or raise MergeConfigError."""
         hyperparams = dict(hyperparams or {})
+        for alias, (name, convert) in self.aliases.items():
+            if alias in hyperparams:
+                if name in hyperparams:
+                    raise MergeConfigError(
+                        f"merge method '{self.name}': give {alias!r} or {name!r}, not both ({alias} is another "
+                        f"library's name for {name})"
+                    )
+                value = hyperparams.pop(alias)
+                hyperparams[name] = (
+                    convert(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+                )
         unknown = sorted(set(hyperparams) - set(self.defaults))
         if unknown:
             known = ", ".join(sorted(self.defaults)) or "(none)"

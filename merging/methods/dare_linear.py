@@ -15,6 +15,7 @@ Hyperparameters:
     common merging toolkits (mergekit, FusionBench examples). Tune on validation.
   scaling (λ): default 1.0, range (0, 4]: the mean keeps each update's scale.
   seed: default 0, integer >= 0; the caller passes a different seed per layer.
+  density: accepted as peft's and mergekit's name for the share kept, 1 - drop_rate (stored as drop_rate).
 Validation grid (study v2, 2 x 2 = 4 points like every method's): drop_rate in {0.5 (default), 0.8}
   x scaling in {1.0 (default), 2.0}. Not 0.5 for λ as for dare_ties: this is a mean, whose magnitude
   already shrinks as 1/k (λ = 2 is task arithmetic's 2/k), so the useful direction is up. λ is a pure
@@ -56,4 +57,5 @@ METHOD = MergeMethod(
         "updates; scaling 1.0: the plain mean (DARE + linear)"
     ),
     scaling_is_output_multiplier=True,
+    aliases={"density": ("drop_rate", lambda density: 1.0 - density)},  # peft and mergekit: the share kept
 )

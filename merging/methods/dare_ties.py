@@ -12,6 +12,7 @@ Hyperparameters:
   drop_rate (p): default 0.5, range [0, 1): see dare_linear (moderate for dense LoRA products).
   scaling (λ): default 1.0, range (0, 4]: the disjoint mean keeps each entry's scale.
   seed: default 0, integer >= 0; the caller passes a per-layer seed.
+  density: accepted as peft's and mergekit's name for the share kept, 1 - drop_rate (stored as drop_rate).
 Validation grid (study v2, 2 x 2 = 4 points like every method's): drop_rate in {0.5 (default), 0.8}
   x scaling in {0.5, 1.0 (default)}. 0.8 moves towards the paper's 0.9 for full fine-tuning; λ 0.5
   because DARE's 1/(1-p) rescaling inflates the surviving entries that the disjoint mean keeps. λ is a
@@ -53,4 +54,5 @@ METHOD = MergeMethod(
         "updates; scaling 1.0: TIES's λ without validation (Yadav et al. 2023)"
     ),
     scaling_is_output_multiplier=True,
+    aliases={"density": ("drop_rate", lambda density: 1.0 - density)},  # peft and mergekit: the share kept
 )
