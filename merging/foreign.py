@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -196,9 +197,14 @@ def _config_labels(config_path: Path) -> list[str] | None:
 def _label_names(
     folder: Path, base: str, n_classes: int, labels_file: Path | None, fallback: list[str] | None = None
 ) -> list[str]:
-    """Label names in the order: --labels for this adapter, labels.json or config.json beside it, the base model's
-    config.json (a local folder) when its size matches the classifier, then `fallback` (the labels of the task a
-    study scores it on). A size that does not match is refused."""
+    """Label names in the order: --labels for this adapter, labels.json or config.json beside it, `fallback` (the
+    class names of the dataset it is scored on), and last the base model's config.json (a local folder) when its
+    size matches the classifier. A size that does not match is refused.
+
+    Why the base's names come last, with a warning: they name the classes the base was trained on, which an
+    adapter with a fresh classifier of the same size (peft's guide) need not share; used silently, they were
+    stamped onto adapters whose classes were others.
+    """
     candidates = []
     if labels_file is not None:
         candidates.append((str(labels_file), read_labels_file(labels_file)))
@@ -214,20 +220,30 @@ def _label_names(
             )
         if names is not None:
             return names
-    base_names = _config_labels(Path(base) / "config.json")
-    if base_names is not None and len(base_names) == n_classes:
-        return base_names
     if fallback is not None:
         if len(fallback) != n_classes:
             raise AdapterError(
                 f"the classifier of {folder} has {n_classes} outputs but the task it is scored on has "
-                f"{len(fallback)} labels: name a task with {n_classes} classes (ADAPTER=TASK)"
+                f"{len(fallback)} labels: name the dataset it was trained on (ADAPTER=hub:DATASET)"
             )
         return list(fallback)
+    base_names = _config_labels(Path(base) / "config.json")
+    if base_names is not None and len(base_names) == n_classes:
+        print(
+            f"warning: adapter {folder} has no label names of its own; using those of base model {base} "
+            f"({_preview(base_names)}), which may not be its classes: pass --labels {folder}=FILE or save "
+            f"{LABELS_FILE} beside it to give the right ones",
+            file=sys.stderr,
+        )
+        return base_names
     raise AdapterError(
         f"adapter {folder} has no label names for its {n_classes} classes: save them beside it as {LABELS_FILE} "
         f"(a JSON list) or pass --labels {folder}=FILE"
     )
+
+
+def _preview(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
 
 
 def load_foreign(
@@ -242,8 +258,9 @@ def load_foreign(
     The checks are deltas.py's (peft type, DoRA, rank and alpha patterns, rsLoRA, finite values, orphan
     factors, damaged file), so an adapter from elsewhere is held to the same rules as this project's own.
     `base` (--base) names the base model of an adapter whose config names none. The task is named after the
-    adapter's Hub repo id (`hub_id`, when it came from the Hub) or its folder. `fallback_labels`: the label names
-    when the adapter's files give none (a study passes its task's).
+    adapter's Hub repo id (`hub_id`, when it came from the Hub) or its folder. `fallback_labels`: the class names of
+    the dataset the adapter is scored on (a study passes its task's; `dataset_label_names`), used when the adapter's
+    files give none, before the base model's (`_label_names`).
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -467,18 +484,27 @@ def build_merged_model(
     return MergedClassifier(model, adapters[0].meta["library"], adapters[0].meta["head_module"], heads).eval()
 
 
+def dataset_label_names(source: str) -> list[str]:
+    """The ClassLabel names of a dataset given as --data (a `save_to_disk` folder or a Hub dataset id), read as the
+    study's `hub:` tasks are: what `load_foreign(fallback_labels=...)` takes for an adapter scored on it."""
+    from mlvision.tasks import HUB_PREFIX as DATA_PREFIX
+    from mlvision.tasks import get_task
+
+    return list(get_task(source if source.startswith(DATA_PREFIX) else f"{DATA_PREFIX}{source}").label_names)
+
+
 def evaluation_data(
-    adapters: list[AdapterDeltas], datasets_for: dict[str, str], preprocess: Preprocess, n: int
+    adapters: list[AdapterDeltas], datasets_for: dict[str, str], preprocess: Preprocess, n: int, split: str = "test"
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """{task: (images, labels)}: up to `n` test images of each adapter's own dataset (`datasets_for[task]`: a
-    `save_to_disk` folder or a Hub dataset id, read as this project's `hub:` tasks are: image and ClassLabel
-    columns found, a missing test split carved from train, seeded), preprocessed for the base model.
+    """{task: (images, labels)}: up to `n` images of `split` (test, validation or train) of each adapter's own
+    dataset (`datasets_for[task]`: a `save_to_disk` folder or a Hub dataset id, read as this project's `hub:` tasks
+    are: image and ClassLabel columns found, a missing test or validation split carved from train, seeded, so the
+    three never share an image), preprocessed for the base model.
 
     The dataset's class names must be the adapter's label names in the same order (an adapter's output i is
     its label i); otherwise one line shows both, since a silent mismatch would score the wrong classes."""
     from mlvision.data import split_tensors
     from mlvision.tasks import HUB_PREFIX as DATA_PREFIX
-    from mlvision.tasks import get_task
 
     data = {}
     for adapter in adapters:
@@ -489,15 +515,84 @@ def evaluation_data(
             )
         source = datasets_for[adapter.task]
         name = source if source.startswith(DATA_PREFIX) else f"{DATA_PREFIX}{source}"
-        names = list(get_task(name).label_names)
+        names = dataset_label_names(source)
         if names != adapter.meta["label_names"]:
             raise AdapterError(
                 f"dataset {source} has classes {names[:6]}{'...' if len(names) > 6 else ''} but adapter {adapter.task} "
                 f"has labels {adapter.meta['label_names'][:6]}: give the adapter its own dataset, or its label names "
                 "in the dataset's order with --labels"
             )
-        data[adapter.task] = split_tensors(name, "test", preprocess, n)
+        data[adapter.task] = split_tensors(name, split, preprocess, n)
     return data
+
+
+@torch.no_grad()
+def foreign_grams(
+    adapter: AdapterDeltas, base_model: torch.nn.Module, images: torch.Tensor, batch_size: int = 64
+) -> dict[str, torch.Tensor]:
+    """RegMean's statistics for an adapter from elsewhere: G[layer] [in, in] = the mean of x xᵀ over every input
+    vector x of each adapted layer (one per image and token), with the adapter's own ΔW in the base model and its
+    task's training `images` going through it (what merging/grams.py computes for this project's adapters, here
+    through `build_merged_model`, the foreign models' evaluation path). float32, as GramStore keeps them."""
+    model = build_merged_model([adapter], adapter.deltas, base_model)
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def hook_for(layer: str):
+        def hook(module, inputs):
+            x = inputs[0]
+            x = x.permute(0, 2, 3, 1) if x.dim() == 4 else x
+            x = x.reshape(-1, x.shape[-1]).double()
+            sums[layer] = sums.get(layer, 0) + x.T @ x
+            counts[layer] = counts.get(layer, 0) + x.shape[0]
+
+        return hook
+
+    handles = [model.model.get_submodule(layer).register_forward_pre_hook(hook_for(layer)) for layer in adapter.deltas]
+    try:
+        for start in range(0, len(images), batch_size):
+            model.features(images[start : start + batch_size])
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = sorted(set(adapter.deltas) - set(sums))
+    if missing:
+        raise AdapterError(f"layer {missing[0]} of {adapter.path} never ran in the base model: no Gram matrix for it")
+    return {layer: (sums[layer] / counts[layer]).float() for layer in adapter.deltas}
+
+
+class ForeignGrams:
+    """The Gram matrices of adapters from elsewhere, computed once per adapter on `images_for(task)` (its dataset's
+    training images, --data) through `foreign_grams`: what `AdapterMerger` asks a GramStore for (`get`, `products`).
+    Kept in memory only: these adapters' data is the user's, not the project's cache's."""
+
+    def __init__(self, base_model: torch.nn.Module, images_for):
+        self.base_model = base_model
+        self.images_for = images_for
+        self._grams: dict[str, dict[str, torch.Tensor]] = {}
+        self._products: dict[str, dict[str, torch.Tensor]] = {}
+
+    def get(self, adapter: AdapterDeltas) -> dict[str, torch.Tensor]:
+        key = str(adapter.path)
+        if key not in self._grams:
+            self._grams[key] = foreign_grams(adapter, self.base_model, self.images_for(adapter.task))
+        return self._grams[key]
+
+    def products(self, adapter: AdapterDeltas) -> dict[str, torch.Tensor]:
+        """ΔW G per layer (float64), RegMean's α-independent part, kept across the grid's merges."""
+        key = str(adapter.path)
+        if key not in self._products:
+            grams = self.get(adapter)
+            self._products[key] = {layer: d.double() @ grams[layer].double() for layer, d in adapter.deltas.items()}
+        return self._products[key]
+
+
+def recorded_base(base: str) -> str:
+    """The base model's name as an export records it: a local folder as an absolute path (the card's snippet then
+    loads it from any working directory, whatever --base was relative to), a Hub id as it is."""
+    if base.startswith("local-dir:"):
+        return f"local-dir:{Path(base[len('local-dir:') :]).resolve()}"
+    return str(Path(base).resolve()) if Path(base).exists() else base
 
 
 def export_merge(
@@ -508,8 +603,10 @@ def export_merge(
     merge_info: dict,
     overwrite: bool = False,
     figures: dict | None = None,
+    base_model: torch.nn.Module | None = None,
 ) -> float:
     """Save a merge of transformers or timm adapters as a peft LoRA of the base model plus one head per task.
+    `base_model`: the base already loaded (copied, never changed), else it is loaded from its name.
 
     The folder loads with `PeftModel.from_pretrained(base model, folder)` (`how_to_load` in merge.json says how
     for its library); `heads/<task>/head.safetensors` is that task's classifier (load it into the model's
@@ -518,7 +615,7 @@ def export_merge(
     """
     from safetensors.torch import save_file
 
-    base = base_model_name(adapters)
+    base = recorded_base(base_model_name(adapters))
     head_module, library = adapters[0].meta["head_module"], adapters[0].meta["library"]
     info = {
         **merge_info,
@@ -543,7 +640,8 @@ def export_merge(
         adapters,
         merged,
         rank,
-        lambda: load_base_model(base),  # loaded by write_export after its cheap checks
+        # loaded by write_export after its cheap checks
+        lambda: copy.deepcopy(base_model) if base_model is not None else load_base_model(base),
         f"base model {base}",
         info,
         write_head,
@@ -566,12 +664,15 @@ def _how_to_load(library: str, head_module: str | None) -> str:
 
 
 __all__ = [
+    "ForeignGrams",
     "MergedClassifier",
     "base_preprocess",
     "build_merged_model",
+    "dataset_label_names",
     "expand_sources",
     "export_merge",
     "fill_missing_layers",
+    "foreign_grams",
     "is_foreign",
     "load_foreign",
     "read_labels_file",

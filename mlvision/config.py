@@ -77,6 +77,12 @@ class StudyConfig:
     # identity is their content, so the same files give the same model ids wherever they lie.
     given_adapters: tuple[tuple[str, int, str, str], ...] = ()
     backbone_base: str = ""  # given adapters' base: local-dir:FOLDER or transformers:FOLDER (mlvision/backbone.py)
+    # The findings' exclusion rules (study/findings.py, ExclusionRules): a task measured on too few images or at the
+    # ceiling is left out of every claim. The defaults suit the default study; a small study lowers the image counts.
+    min_test_images: int = 350  # smallest test split (task_results' n_test) a kept task may have
+    min_merge_eval_images: int = 300  # fewest test images a kept task's merged models may be scored on
+    max_adapter_accuracy: float = 0.99  # a single adapter's mean test accuracy above this: at the ceiling
+    max_head_accuracy: float = 0.97  # a head baseline's mean test accuracy above this: at the ceiling
 
     @property
     def backbone_config(self) -> BackboneConfig:
@@ -171,6 +177,10 @@ class StudyConfig:
             ("channels_last", False),
             ("given_adapters", ()),
             ("backbone_base", ""),
+            ("min_test_images", 350),
+            ("min_merge_eval_images", 300),
+            ("max_adapter_accuracy", 0.99),
+            ("max_head_accuracy", 0.97),
         ):
             if getattr(self, name) == default:
                 del data[name]  # a run without them keeps the run id it had before they existed
@@ -420,6 +430,30 @@ def add_study_arguments(parser: argparse.ArgumentParser) -> None:
         help="domain tags of hub tasks for the same- vs cross-domain findings (default: the profile's, else 'hub')",
     )
     parser.add_argument(
+        "--min-test-images",
+        type=int,
+        help="findings: leave a task out of the claims when its smallest test split has fewer images "
+        "(default: 350; lower it for a study of small datasets)",
+    )
+    parser.add_argument(
+        "--min-merge-eval-images",
+        type=int,
+        help="findings: leave a task out of the claims when its merged models were scored on fewer test images "
+        "(default: 300; see --merge-eval)",
+    )
+    parser.add_argument(
+        "--max-adapter-accuracy",
+        type=_accuracy,
+        help="findings: leave a task out of the claims when its single adapter's mean test accuracy is above this "
+        "fraction, at the ceiling (default: 0.99)",
+    )
+    parser.add_argument(
+        "--max-head-accuracy",
+        type=_accuracy,
+        help="findings: leave a task out of the claims when its head baseline's mean test accuracy is above this "
+        "fraction, at the ceiling (default: 0.97)",
+    )
+    parser.add_argument(
         "--mixed-precision", choices=["no", "bf16"], help="adapter training precision, under accelerate (default: no)"
     )
     parser.add_argument(
@@ -443,6 +477,17 @@ def add_study_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--artifacts", type=Path, help="folder for adapters and heads (default: artifacts/ at the repo root)"
     )
+
+
+def _accuracy(text: str) -> float:
+    """An accuracy bound as a fraction (0.99, not 99): argparse's one-line error otherwise."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1, got {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1 (0.99 for 99 %), got {text}")
+    return value
 
 
 def profile_name(args: argparse.Namespace) -> str:

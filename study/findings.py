@@ -23,6 +23,7 @@ How the figures are made (the statistics themselves live in study/statistics.py)
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,7 +37,7 @@ from mlvision.backbone import create_backbone, make_preprocess
 from mlvision.config import StudyConfig
 from mlvision.data import split_tensors
 from mlvision.evaluation import extract_features, prepared_copy
-from mlvision.paths import REPO_ROOT
+from mlvision.paths import DEFAULT_DB_PATH, REPO_ROOT
 from mlvision.runs import resolve_stored_path, study_run_id
 from mlvision.store import Store, insert_row, now, unpack_correct
 from mlvision.tasks import related
@@ -102,24 +103,82 @@ RULES = {
 
 @dataclass(frozen=True)
 class ExclusionRules:
-    """When a task is left out of every claim: it is at the ceiling, or measured on too few images."""
+    """When a task is left out of every claim: it is at the ceiling, or measured on too few images.
+
+    The defaults are the default study's; a study's own come from its config (`from_config`: the options
+    --max-adapter-accuracy, --max-head-accuracy, --min-test-images and --min-merge-eval-images)."""
 
     max_adapter_accuracy: float = 0.99  # single adapter's mean test accuracy above this: ceiling
     max_head_accuracy: float = 0.97  # head baseline's mean test accuracy above this: ceiling
     min_test_n: int = 350  # smallest full test split (task_results) below this: too few images
     min_merge_n: int = 300  # merge evaluation subset below this: too few images for McNemar and retention
 
+    @classmethod
+    def from_config(cls, config: StudyConfig) -> "ExclusionRules":
+        return cls(
+            config.max_adapter_accuracy, config.max_head_accuracy, config.min_test_images, config.min_merge_eval_images
+        )
+
     def reasons(self, adapter: float, head: float, test_n: float, merge_n: float) -> list[str]:
+        """Each rule the task fails: the rule, the task's figure, and what would include it."""
         out = []
         if adapter > self.max_adapter_accuracy:
-            out.append(f"single adapter at the ceiling ({adapter:.1%} > {self.max_adapter_accuracy:.0%})")
+            out.append(
+                f"single adapter at the ceiling ({_above(adapter, self.max_adapter_accuracy)} > "
+                f"{_threshold_pct(self.max_adapter_accuracy)}): include it with --max-adapter-accuracy "
+                f"{_at_least(adapter)} or higher"
+            )
         if head > self.max_head_accuracy:
-            out.append(f"head at the ceiling ({head:.1%} > {self.max_head_accuracy:.0%})")
+            out.append(
+                f"head at the ceiling ({_above(head, self.max_head_accuracy)} > "
+                f"{_threshold_pct(self.max_head_accuracy)}): include it with --max-head-accuracy {_at_least(head)} "
+                "or higher"
+            )
         if test_n < self.min_test_n:
-            out.append(f"test split of {test_n:.0f} images < {self.min_test_n}")
+            out.append(
+                f"test split of {test_n:.0f} images < {self.min_test_n}: include it with --min-test-images "
+                f"{math.floor(test_n)} or lower, or with a test split of at least {self.min_test_n} images"
+            )
         if merge_n < self.min_merge_n:
-            out.append(f"merge evaluation on {merge_n:.0f} images < {self.min_merge_n}")
+            out.append(
+                f"merge evaluation on {merge_n:.0f} images < {self.min_merge_n}: include it with "
+                f"--min-merge-eval-images {math.floor(merge_n)} or lower, or with --merge-eval {self.min_merge_n} or "
+                "more (as many test images as the task has)"
+            )
         return out
+
+    def text(self) -> str:
+        """The rules in force, as the report's Tasks section states them."""
+        return (
+            f"its single adapter's mean test accuracy is > {_threshold_pct(self.max_adapter_accuracy)}, its head's > "
+            f"{_threshold_pct(self.max_head_accuracy)}, its smallest test split < {self.min_test_n} images or its "
+            f"merge evaluation < {self.min_merge_n} images"
+        )
+
+
+def _threshold_pct(value: float) -> str:
+    """0.99 -> '99 %', 0.995 -> '99.5 %': a threshold as given, without rounding it."""
+    return f"{value * 100:.6g} %"
+
+
+def _above(value: float, threshold: float) -> str:
+    """`value` in percent with as many decimals as it takes to read as more than `threshold` (1 at least)."""
+    for digits in range(1, 7):
+        text = f"{value * 100:.{digits}f}"
+        if float(text) > threshold * 100:
+            break
+    return text + " %"
+
+
+def _at_least(value: float) -> str:
+    """A bound no smaller than `value`, as an option takes it: `value` itself where 2 to 4 decimals spell it
+    exactly, else rounded up to 4 decimals."""
+    for places in (2, 3, 4):
+        text = f"{value:.{places}f}"
+        if float(text) == value:
+            return text
+    bound = math.ceil(value * 10**4) / 10**4
+    return f"{bound if bound >= value else bound + 1e-4:.4f}"
 
 
 @dataclass
@@ -906,18 +965,28 @@ def compute_rows(inputs: StudyInputs) -> list[dict]:
     return rows + sensitivity(inputs, verdicts)
 
 
+def report_path(db) -> Path:
+    """Where the findings of the database `db` are written: reports/findings.md for the default study's
+    results.duckdb; beside any other database, named after it (`mine.duckdb` -> `mine.findings.md`), except a
+    database called results.duckdb, whose report keeps the name findings.md (runs/<profile>/findings.md). So two
+    studies in one folder keep two reports."""
+    db = Path(db)
+    if db.resolve() == DEFAULT_DB_PATH:
+        return REPO_ROOT / "reports" / "findings.md"
+    if db.name == "results.duckdb":
+        return db.parent / "findings.md"
+    return db.parent / (db.name.removesuffix(".duckdb") + ".findings.md")
+
+
 class FindingsStage:
-    def __init__(
-        self,
-        config: StudyConfig,
-        store: Store,
-        report: Path = REPO_ROOT / "reports" / "findings.md",
-        device: str = "cpu",
-    ):
-        """`device`: where the similarity stage's image features are computed (run_all passes its process's)."""
-        self.config, self.store, self.report = config, store, Path(report)
+    def __init__(self, config: StudyConfig, store: Store, report: Path | None = None, device: str = "cpu"):
+        """`report`: the Markdown file written (default: `report_path(config.db)`); `device`: where the similarity
+        stage's image features are computed (run_all passes its process's)."""
+        self.config, self.store = config, store
+        self.report = Path(report) if report is not None else report_path(config.db)
         self.device = device
         self.run_id = study_run_id(config)
+        self.rules = ExclusionRules.from_config(config)
 
     # -- similarity ------------------------------------------------------------------------------
     def compute_similarity(self) -> int:
@@ -993,7 +1062,7 @@ class FindingsStage:
         similarity = self.store.query_df(
             "SELECT task_a, task_b, measure, avg(value) AS value FROM task_similarity GROUP BY ALL"
         )
-        return StudyInputs(prepare_merges(merges), results, norms, similarity, tasks)
+        return StudyInputs(prepare_merges(merges), results, norms, similarity, tasks, self.rules)
 
     def compute_findings(self) -> list[dict]:
         return compute_rows(self.load_inputs())
@@ -1027,7 +1096,7 @@ class FindingsStage:
     # -- report ----------------------------------------------------------------------------------
     def write_report(self) -> None:
         findings = self.store.query_df("SELECT * FROM findings")
-        text = render_report(findings)
+        text = render_report(findings, self.rules, Path(self.config.db).name)
         if self.report.exists() and self.report.read_text() == text:
             return  # unchanged: the file (and its timestamp) is left alone
         self.report.parent.mkdir(parents=True, exist_ok=True)
@@ -1068,8 +1137,16 @@ def _split_stat(rows: pd.DataFrame) -> pd.DataFrame:
     return rows
 
 
-def render_report(findings: pd.DataFrame) -> str:
-    """The findings as Markdown; every figure comes from the `findings` view."""
+def _task_of(statistic: str) -> str:
+    """The task of a "task" finding's statistic "<task>/<figure>": everything before the last "/", so a task
+    name with slashes (hub:user/name, hub:./data/pets) stays whole."""
+    return statistic.rsplit("/", 1)[0]
+
+
+def render_report(findings: pd.DataFrame, rules: ExclusionRules | None = None, database: str = "results.duckdb") -> str:
+    """The findings as Markdown; every figure comes from the `findings` view. `rules`: the exclusion rules in
+    force (the text states them; default: ExclusionRules()); `database`: the file's name, as the header gives it."""
+    rules = rules or ExclusionRules()
     f = findings.copy()
     lookup = {(r["finding"], r["statistic"]): r for _, r in f.iterrows()}
 
@@ -1082,7 +1159,7 @@ def render_report(findings: pd.DataFrame) -> str:
     lines = [
         "# Findings",
         "",
-        "Generated by `python training/run_all.py` (stage `findings`) from `results.duckdb`; do not edit by hand. "
+        f"Generated by `python training/run_all.py` (stage `findings`) from `{database}`; do not edit by hand. "
         f"Brackets: 95 % CI. CIs of per-(method, k) figures bootstrap merged groups (task sets; {BOOTSTRAP} "
         "resamples, fixed seeds), a group's value being its mean over its seeds and tasks; pair statistics "
         "resample tasks and take exact permutation p-values. Retention = merged / single-adapter accuracy on "
@@ -1092,13 +1169,17 @@ def render_report(findings: pd.DataFrame) -> str:
     tasks = of("task")
     if tasks.empty:
         return "\n".join(lines + ["No merges stored yet."]) + "\n"
-    names = sorted({s.split("/")[0] for s in tasks["statistic"]})
+    names = sorted({_task_of(s) for s in tasks["statistic"]})
+    own_rules = (
+        ""
+        if rules == ExclusionRules()
+        else f" These are this study's thresholds; the defaults are {ExclusionRules().text()}."
+    )
     lines += [
         "## Tasks",
         "",
-        "A task is excluded by rule (never by hand) when its single adapter's mean test accuracy is > 99 %, its "
-        "head's > 97 %, its smallest test split < 350 images or its merge evaluation < 300 images: such a task "
-        "says nothing about merging. Its rows are left out of every figure and claim below.",
+        f"A task is excluded by rule (never by hand) when {rules.text()}: such a task says nothing about merging. "
+        f"Its rows are left out of every figure and claim below.{own_rules}",
         "",
         "| task | adapter accuracy | head accuracy | merge evaluation images | flag |",
         "|---|---|---|---|---|",
@@ -1109,14 +1190,30 @@ def render_report(findings: pd.DataFrame) -> str:
         merge_n, flag = get("task", f"{name}/merge_eval_n"), get("task", f"{name}/excluded")
         is_out = flag is not None and flag["value"] == 1
         if is_out:
-            excluded.append(f"{name} ({flag['note']})")
+            excluded.append(f"- {name}: {flag['note']}.")
         lines.append(
             f"| {name} | {_cell(adapter)} (n={adapter['n'] if adapter is not None else 0}) "
             f"| {_cell(head)} (n={head['n'] if head is not None else 0}) "
             f"| {_cell(merge_n, scale=1, digits=0, unit='')} "
-            f"| {'excluded: ' + flag['note'] if is_out else 'kept'} |"
+            f"| {'excluded (below)' if is_out else 'kept'} |"
         )
-    lines += ["", "Excluded: " + ("; ".join(excluded) if excluded else "none") + ".", ""]
+    if not excluded:
+        lines += ["", "Excluded: none.", ""]
+    else:
+        every = (
+            " Every task is excluded, so no figure or claim below can be computed: the options named here include "
+            "a task in a study of few or easy images."
+            if len(excluded) == len(names)
+            else ""
+        )
+        lines += [
+            "",
+            f"Excluded: {len(excluded)} of {len(names)} tasks; for each, the rule it fails, its figure and what "
+            f"would include it (an option of `python training/run_all.py`, or more images).{every}",
+            "",
+            *excluded,
+            "",
+        ]
 
     retention = of("retention_vs_k")
     if retention.empty:
@@ -1213,7 +1310,7 @@ def render_report(findings: pd.DataFrame) -> str:
         lines.append(f"{i}. *{title}*: **{verdict}**. Rule: {RULES[claim]}. Statistics: {detail}.")
     lines.append("")
     sens = of("sensitivity")
-    left_out = sorted({s.split("without=")[1] for s in sens["statistic"] if "without=" in s})
+    left_out = sorted({s.partition("/without=")[2] for s in sens["statistic"] if "/without=" in s})
     if not sens.empty and not left_out:
         lines += [
             "## Sensitivity: each verdict with one task left out",

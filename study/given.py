@@ -30,7 +30,7 @@ from pathlib import Path
 import timm
 from safetensors.torch import save_file
 
-from merging.deltas import read_factors, read_lora_config
+from merging.deltas import load_deltas, read_factors, read_lora_config
 from merging.foreign import (
     SOURCES,
     TIMM,
@@ -41,6 +41,7 @@ from merging.foreign import (
     resolve_adapter,
     timm_base_folder,
 )
+from merging.methods import get_method
 from mlvision.backbone import (
     TRANSFORMERS_BASE,
     BackboneConfig,
@@ -49,9 +50,10 @@ from mlvision.backbone import (
     transformers_preprocess,
 )
 from mlvision.config import StudyConfig
-from mlvision.errors import AdapterError, UnknownNameError
+from mlvision.errors import AdapterError, MergeConfigError, UnknownNameError
 from mlvision.models import HEAD_FILE, META_FILE, read_meta
 from mlvision.paths import cache_dir
+from mlvision.store import Store
 from mlvision.tasks import get_task, set_hub_domains
 
 # The files whose bytes are a given adapter: the LoRA factors, their configuration and the task head.
@@ -111,8 +113,7 @@ def convert_foreign_adapter(adapter: str, folder: Path, task: str | None, base: 
             f"adapter {adapter} comes from another trainer and names no task of this project: give the dataset to "
             f"score it on as {adapter}=hub:DATASET (a save_to_disk folder or a Hub dataset id)"
         )
-    labels = list(get_task(task).label_names)
-    adapter_deltas = load_foreign(folder, base=base, fallback_labels=labels)
+    adapter_deltas = load_foreign(folder, base=base, fallback_labels=list(get_task(task).label_names))
     base = adapter_deltas.meta["backbone"]["base_model_name_or_path"]
     library = adapter_deltas.meta["library"]
     if library == TRANSFORMERS and adapter_deltas.meta["head_module"] != "classifier":
@@ -124,7 +125,9 @@ def convert_foreign_adapter(adapter: str, folder: Path, task: str | None, base: 
     factors = {key: value for key, value in read_factors(folder).items() if ".lora_" in key}
     base_folder = (timm_base_folder(base) if library == TIMM else transformers_base_folder(base)).resolve()
     # the resolved base folder is part of the key: a conversion never points at a base that has since moved
-    identity = [content_sha256(folder, optional=FOREIGN_OPTIONAL_FILES), base, str(base_folder), task]
+    # ... and so are the label names task.json gets: a rule for them that changes is never read from an old conversion
+    labels = adapter_deltas.meta["label_names"]
+    identity = [content_sha256(folder, optional=FOREIGN_OPTIONAL_FILES), base, str(base_folder), task, labels]
     key = hashlib.sha256(json.dumps(identity).encode()).hexdigest()
     target = cache_dir() / "given" / key[:20]
     if (target / META_FILE).is_file():
@@ -140,7 +143,7 @@ def convert_foreign_adapter(adapter: str, folder: Path, task: str | None, base: 
     meta = {
         "model_kind": "adapter",
         "task": task,
-        "label_names": adapter_deltas.meta["label_names"],
+        "label_names": labels,
         "domain": get_task(task).domain,
         "backbone": backbone.to_dict(),
         "preprocess": make_preprocess(backbone, probe).to_dict(),
@@ -195,19 +198,27 @@ def given_config(config: StudyConfig, items: list[str], explicit: set[str], base
 
     `explicit`: the option names the user gave; any of DECIDED_BY_ADAPTERS among them is refused. Checks,
     each one line naming the adapters: one backbone for all, each adapter's labels equal to its task's, the
-    same number of adapters for every task (the sweep merges adapters of one seed across tasks)."""
+    same number of adapters for every task (the sweep merges adapters of one seed across tasks), then what the
+    merge sweep would refuse (`_check_mergeable`) and a --db holding other adapters for these tasks and seeds
+    (`_check_store`): all before anything is stored."""
     clash = sorted(explicit & set(DECIDED_BY_ADAPTERS))
     if clash:
         options = " ".join("--" + name.replace("_", "-") for name in clash)
         raise UnknownNameError(f"--adapters decides the tasks, seeds and backbone: leave out {options}")
     set_hub_domains(dict(config.task_domains))
-    given, per_task, first = [], {}, None
+    given, per_task, first, folders = [], {}, None, []
     for item in items:
         adapter, task = parse_given(item)
         folder, meta = read_given(adapter, task, base)
         task = task or meta["task"]
         labels = list(get_task(task).label_names)  # an unknown task fails here, naming the known ones
         if list(meta["label_names"]) != labels:
+            if (meta.get("training") or {}).get("source") in SOURCES.values():  # from another trainer
+                raise AdapterError(
+                    f"adapter {adapter} names its classes {_short(meta['label_names'])} in the labels.json or "
+                    f"config.json beside it but dataset {task} has {_short(labels)}: score it on the dataset it was "
+                    "trained on, or correct the names beside it"
+                )
             raise AdapterError(
                 f"adapter {adapter} was trained on labels {_short(meta['label_names'])} but task {task} has "
                 f"{_short(labels)}: score it on a task with the same labels in the same order (ADAPTER=TASK)"
@@ -223,6 +234,7 @@ def given_config(config: StudyConfig, items: list[str], explicit: set[str], base
         seed = per_task.get(task, 0)
         per_task[task] = seed + 1
         given.append((task, seed, str(folder.resolve()), content_sha256(folder)))
+        folders.append((adapter, folder))
     counts = set(per_task.values())
     if len(counts) > 1:
         listing = ", ".join(f"{task}: {n}" for task, n in per_task.items())
@@ -230,8 +242,9 @@ def given_config(config: StudyConfig, items: list[str], explicit: set[str], base
             f"every task needs the same number of adapters (the sweep merges one seed's adapters across tasks); "
             f"given {listing}"
         )
+    _check_mergeable(folders, config.merge_methods or ())
     backbone = first[1]["backbone"]
-    return replace(
+    config = replace(
         config,
         tasks=tuple(per_task),
         seeds=tuple(range(counts.pop())),
@@ -242,6 +255,79 @@ def given_config(config: StudyConfig, items: list[str], explicit: set[str], base
         target_modules=_target_modules(first[1]) or config.target_modules,
         given_adapters=tuple(given),
     )
+    _check_store(config)
+    return config
+
+
+# peft's add_weighted_adapter refuses adapters of different ranks for these combination types
+_ONE_RANK_COMBINATIONS = ("linear", "ties", "dare_ties", "dare_linear", "magnitude_prune")
+
+
+def _check_mergeable(folders: list[tuple[str, Path]], methods) -> None:
+    """Refuse what the merge sweep would refuse only after the adapters were imported and the heads trained.
+
+    Adapters that adapt different layers are refused, although merging/merge.py merges them with ΔW = 0 where a
+    layer is missing: the sweep's methods are not all defined that way yet (RegMean's Gram matrices and
+    AdaMerging's coefficients exist per adapted layer, peft's references load the adapters as they are), so the
+    study takes adapters of one set of layers. Also read here as the sweep reads them (`load_deltas`: finite
+    factors of the ranks their config states, ...), and checked for peft's reference merges (one rank for
+    `linear` and `ties`, one kind of target_modules), which peft refuses with an exception of its own."""
+    first, ranks, kinds = None, {}, {}
+    for adapter, folder in folders:
+        layers = set(load_deltas(folder).deltas)
+        if first is None:
+            first = (adapter, layers)
+        elif layers != first[1]:
+            example = sorted(layers ^ first[1])[0]
+            raise AdapterError(
+                f"adapters {first[0]} and {adapter} adapt different layers (e.g. {example}): the study's merge sweep "
+                "needs adapters of the same target modules (merging/merge.py merges such adapters, a missing layer "
+                "as ΔW = 0); pass adapters trained with the same target modules"
+            )
+        config = read_lora_config(folder)  # peft's own rank for add_weighted_adapter: r, or the largest pattern's
+        ranks[adapter] = max([config["r"], *(config.get("rank_pattern") or {}).values()])
+        kinds[adapter] = "a regex" if isinstance(config["target_modules"], str) else "a list"
+    for method in methods:
+        options = get_method(method).options if get_method(method).kind == "reference" else None
+        if options is None:
+            continue
+        if options["combination_type"] in _ONE_RANK_COMBINATIONS and len(set(ranks.values())) > 1:
+            shown = ", ".join(f"{adapter}: r={rank}" for adapter, rank in ranks.items())
+            raise MergeConfigError(
+                f"merge method {method} (peft's add_weighted_adapter) needs adapters of one rank, given {shown}: "
+                f"leave {method} out of --merge-methods"
+            )
+        if len(set(kinds.values())) > 1:
+            shown = ", ".join(f"{adapter}: {kind}" for adapter, kind in kinds.items())
+            raise MergeConfigError(
+                f"merge method {method} (peft's add_weighted_adapter) needs adapters whose target_modules are all "
+                f"lists or all regexes, given {shown}: leave {method} out of --merge-methods"
+            )
+
+
+def _check_store(config: StudyConfig) -> None:
+    """Refuse a --db that already holds another adapter for one of this study's (task, seed)s.
+
+    Why: a given adapter's model id is the hash of its files, so a different adapter for the same task and seed
+    (a corrected list after a failed run, or the same adapters in another order: a task's adapters are its seeds
+    in the order given) would be stored beside the first, and `task_results` and every reader that groups by
+    task and seed (the dashboard) would mix the two. Models are shared between the runs of one file by design (a
+    later run with other merge options reuses them), so a view of "the current run's rows" would hide those."""
+    path = Path(config.db)
+    if not path.is_file():
+        return
+    with Store(path).read() as con:
+        tables = {row[0] for row in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+        rows = [] if "models" not in tables else con.execute(
+            "SELECT task, seed, model_id, run_id FROM models WHERE model_kind = 'adapter' ORDER BY created_at"
+        ).fetchall()  # fmt: skip
+    ours = {(task, seed): config.model_id("adapter", task, seed) for task, seed, _, _ in config.given_adapters}
+    for task, seed, model_id, run_id in rows:
+        if (task, seed) in ours and model_id != ours[(task, seed)]:
+            raise AdapterError(
+                f"{path} already holds another adapter for task {task} seed {seed} ({model_id}, run {run_id}; a "
+                f"task's adapters are its seeds in the order given): study these adapters into a new --db"
+            )
 
 
 def _target_modules(meta: dict) -> tuple[str, ...] | None:

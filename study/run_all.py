@@ -30,10 +30,9 @@ from merging.sweep import MergeSweep
 from mlvision.backbone import check_backbone_name
 from mlvision.config import add_study_arguments, config_from_args, prepare_profile_data, profile_name
 from mlvision.errors import run_cli
-from mlvision.paths import DEFAULT_DB_PATH, REPO_ROOT
 from mlvision.store import Store
 from mlvision.tasks import get_task
-from study.findings import FindingsStage
+from study.findings import FindingsStage, report_path
 from study.given import DECIDED_BY_ADAPTERS, given_config
 from training.pipeline import TrainingStage
 from training.trainers import make_accelerator
@@ -96,12 +95,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     stage = TrainingStage(config, store, accelerator)
     # Whether this invocation stored anything: a run with nothing to do writes nothing at all.
     changed = stage.start_run("python training/run_all.py " + shlex.join(argv))
-    changed |= stage.prepare_tasks() > 0
-    report = (
-        REPO_ROOT / "reports" / "findings.md"
-        if Path(config.db).resolve() == DEFAULT_DB_PATH
-        else Path(config.db).parent / "findings.md"
-    )
+    with stage.failure_recorded():  # a run stopped by a user-fixable problem is recorded as failed, and when
+        changed |= stage.prepare_tasks() > 0
+    report = report_path(config.db)  # reports/findings.md for the default database, else beside it, named after it
     stages = [
         Step("train", True, stage.run, lambda c: c["trained"] + c["imported"] > 0,
              "training: {trained} models trained{imported_note}, {skipped} already stored"),
@@ -118,7 +114,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         if step.name not in args.stages or not step.applies:
             continue
         started = time.perf_counter()
-        counts = step.run()
+        with stage.failure_recorded():
+            counts = step.run()
         changed |= step.stored_something(counts)
         print(step.summary.format(**counts) + f" ({time.perf_counter() - started:.0f} s)")
     stage.finish_run(changed)

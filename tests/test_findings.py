@@ -2,6 +2,8 @@
 
 import itertools
 import json
+import re
+import shutil
 import time
 
 import duckdb
@@ -10,7 +12,7 @@ import pandas as pd
 import pytest
 import scipy.linalg
 import torch
-from conftest import query_db
+from conftest import TINY_ARGS, query_db, run_all
 
 from merging.deltas import load_deltas
 from mlvision.runs import resolve_stored_path
@@ -250,7 +252,7 @@ def test_a_ceiling_task_is_excluded_from_every_claim():
     assert not any(
         r["statistic"].startswith("t5,") or ",t5/" in r["statistic"] for r in rows if r["finding"] == "pairs"
     )
-    assert "t5 (single adapter at the ceiling" in render_report(pd.DataFrame(rows))
+    assert "- t5: single adapter at the ceiling (99.5 % > 99 %)" in render_report(pd.DataFrame(rows))
 
 
 def test_the_sensitivity_table_reports_a_verdict_that_rests_on_one_task():
@@ -301,3 +303,125 @@ def test_a_transductive_or_partial_method_is_never_chosen_and_data_aware_methods
             merges["task"] == "t0")]["merged_accuracy"].mean())
     )  # fmt: skip
     assert "## Data-aware methods against the best data-free method" in render_report(pd.DataFrame(rows))
+
+
+# -- a study of one's own: the exclusion thresholds as options, and the report's names -------------
+
+
+def _options(note: str) -> dict[str, str]:
+    """The options an exclusion note says would include its task: {"--min-test-images": "120", ...}."""
+    return dict(re.findall(r"include it with (--[a-z-]+) ([0-9.]+) or", note))
+
+
+def test_the_report_names_why_each_task_is_excluded_and_the_options_that_include_it():
+    """Small data: every task fails a rule under the defaults; the report names each task's rule, its figure
+    and the option value that would include it, and that value, given, does include it."""
+    inputs = synthetic_inputs(methods=("linear",), max_k=3, n=60, single={"t2": 0.995})
+    results = inputs.task_results
+    results.loc[results["task"] == "t1", "n_test"] = 120
+    rows, verdicts = analyse(inputs)
+    flags = {r["statistic"].rsplit("/", 1)[0]: r for r in rows if r["statistic"].endswith("/excluded")}
+    assert all(f["value"] == 1 for f in flags.values())
+    assert all(v is None for v, _ in verdicts.values())
+    report = render_report(pd.DataFrame(rows))
+    assert "Excluded: none" not in report and "Excluded: 6 of 6 tasks" in report and "Every task is excluded" in report
+    assert (
+        "- t0: merge evaluation on 60 images < 300: include it with --min-merge-eval-images 60 or lower, "
+        "or with --merge-eval 300 or more" in report
+    )
+    assert "- t1: test split of 120 images < 350: include it with --min-test-images 120 or lower" in report
+    assert "- t2: single adapter at the ceiling (99.5 % > 99 %): include it with --max-adapter-accuracy 0.995" in report
+    assert _options(flags["t1"]["note"]) == {"--min-test-images": "120", "--min-merge-eval-images": "60"}
+    # the values the notes name, given as thresholds, keep every task: the same study now has verdicts
+    wanted = {}
+    for flag in flags.values():
+        for option, value in _options(flag["note"]).items():
+            wanted[option] = min(wanted.get(option, float("inf")), float(value))
+    assert wanted.pop("--max-adapter-accuracy") >= 0.995 and set(wanted) == {
+        "--min-test-images",
+        "--min-merge-eval-images",
+    }
+    inputs.rules = ExclusionRules(0.995, 0.97, int(wanted["--min-test-images"]), int(wanted["--min-merge-eval-images"]))
+    rows, verdicts = analyse(inputs)
+    assert not any(r["value"] for r in rows if r["statistic"].endswith("/excluded"))
+    assert verdicts["claim1"][0] is not None  # judged now
+    report = render_report(pd.DataFrame(rows), inputs.rules)
+    assert "Excluded: none." in report
+    # the Tasks section states the thresholds in force, and the defaults beside them
+    assert (
+        "when its single adapter's mean test accuracy is > 99.5 %, its head's > 97 %, its smallest test split "
+        "< 120 images or its merge evaluation < 60 images:" in report
+    )
+    assert "the defaults are its single adapter's mean test accuracy is > 99 %" in report
+
+
+def test_exclusion_thresholds_are_options_of_the_study_and_keep_the_default_run_id():
+    from merging.methods import list_methods
+    from mlvision.config import PROFILES, config_from_args
+    from mlvision.runs import study_run_id
+    from study.run_all import build_parser
+
+    def config(*argv):
+        return config_from_args(build_parser().parse_args(list(argv)), tuple(list_methods()))
+
+    default = config()
+    assert ExclusionRules.from_config(default) == ExclusionRules()
+    assert study_run_id(default) == study_run_id(PROFILES["default"].with_methods(tuple(list_methods())))
+    assert not {"min_test_images", "min_merge_eval_images", "max_adapter_accuracy", "max_head_accuracy"} & set(
+        default.identity()
+    )
+    own = config(
+        "--min-test-images", "90", "--min-merge-eval-images", "40", "--max-adapter-accuracy", "0.999",
+        "--max-head-accuracy", "1",
+    )  # fmt: skip
+    assert ExclusionRules.from_config(own) == ExclusionRules(0.999, 1.0, 90, 40)
+    assert own.identity()["min_test_images"] == 90 and study_run_id(own) != study_run_id(default)
+    with pytest.raises(SystemExit):  # a percentage where a fraction is meant: argparse's one-line error
+        build_parser().parse_args(["--max-adapter-accuracy", "99"])
+
+
+def test_hub_task_names_with_slashes_render_whole():
+    """hub:./data/pets and hub:user/name are task names, not "hub:" and a figure: one row each, their own n,
+    their exclusion named, in every table of the report."""
+    tasks = ("hub:./data/pets", "hub:user/name", "t2", "t3", "t4", "t5")
+    inputs = synthetic_inputs(tasks=tasks, methods=("linear",), max_k=3)
+    results = inputs.task_results
+    results.loc[results["task"] == "hub:user/name", "n_test"] = 200
+    report = render_report(pd.DataFrame(compute_rows(inputs)))
+    table = [line for line in report.splitlines() if line.startswith("| hub:")]
+    assert [line.split(" | ")[0] for line in table[:2]] == ["| hub:./data/pets", "| hub:user/name"]
+    assert "| hub: |" not in report and "(n=0)" not in report
+    assert "| hub:./data/pets | 90.0 % (n=1000) | 85.0 % (n=1000) | 300 | kept |" in report
+    assert "| hub:user/name | 90.0 % (n=200) | 85.0 % (n=200) | 300 | excluded (below) |" in report
+    assert "Excluded: 1 of 6 tasks" in report and "- hub:user/name: test split of 200 images < 350" in report
+    assert "| hub:./data/pets | " in report.split("Per-task retention of the chosen method")[1]
+    assert "without hub:./data/pets" in report and "hub:./data/pets + t2" in report
+
+
+def test_two_databases_in_one_folder_keep_two_reports_named_after_them(tiny_study, tmp_path):
+    """mine.duckdb -> mine.findings.md beside it, its header naming it; the thresholds given on the command line
+    are the ones its report applies and states."""
+    from mlvision.paths import DEFAULT_DB_PATH, REPO_ROOT
+    from study.findings import report_path
+
+    assert report_path(DEFAULT_DB_PATH) == REPO_ROOT / "reports" / "findings.md"  # the committed report
+    assert report_path(tmp_path / "results.duckdb") == tmp_path / "findings.md"  # runs/<profile>/findings.md
+    for name in ("one", "two"):
+        shutil.copy(tiny_study["db"], tmp_path / f"{name}.duckdb")
+    study = [*TINY_ARGS, "--artifacts", tiny_study["artifacts"], "--stages", "findings"]
+    assert run_all(*study, "--db", tmp_path / "one.duckdb") == 0
+    # thresholds for the tiny study's small data (lfw_faces: 40 test images, 100 % for every model): every task kept
+    small = ["--min-test-images", "40", "--min-merge-eval-images", "40", "--max-adapter-accuracy", "1",
+             "--max-head-accuracy", "1"]  # fmt: skip
+    assert run_all(*study, *small, "--db", tmp_path / "two.duckdb") == 0
+    assert not (tmp_path / "findings.md").exists()
+    one, two = (tmp_path / "one.findings.md").read_text(), (tmp_path / "two.findings.md").read_text()
+    assert "from `one.duckdb`" in one and "from `two.duckdb`" in two and "results.duckdb" not in one + two
+    assert "Excluded: 3 of 3 tasks" in one and "- textures: test split of 96 images < 350" in one
+    assert "Excluded: none." in two and "its smallest test split < 40 images or its merge evaluation < 40" in two
+    assert "| lfw_faces | 100.0 % (n=40) |" in two
+    assert "every task is excluded by rule" in one and "every task is excluded by rule" not in two
+    kept = query_db(tmp_path / "two.duckdb", "SELECT count(*) FROM findings WHERE statistic LIKE '%/excluded'")
+    assert kept == [(3,)] and query_db(
+        tmp_path / "two.duckdb", "SELECT sum(value) FROM findings WHERE statistic LIKE '%/excluded'"
+    ) == [(0.0,)]

@@ -174,14 +174,22 @@ def test_labels_come_from_config_json_beside_the_adapter_or_from_a_labels_file(z
     assert load_foreign(zoo["adapters"]["stripes"], zoo["labels"]).meta["label_names"] == label_names("stripes")
 
 
-def test_labels_of_the_base_model_count_only_when_they_name_the_classes(zoo, tmp_path):
-    """The base config's id2label is used when its size matches; transformers' LABEL_i placeholders never are."""
+def test_labels_of_the_base_model_count_only_when_they_name_the_classes(zoo, tmp_path, capsys):
+    """The base config's id2label is used last, when its size matches, and never silently (issue 29: two adapters
+    got the base's names without a word); transformers' LABEL_i placeholders never are. The class names of the
+    dataset an adapter is scored on (a study's task, `fallback_labels`) come before the base's."""
     named_base = tmp_path / "named_base"
     named_base.mkdir()
     (named_base / "config.json").write_text(json.dumps({"id2label": {str(i): f"n{i}" for i in range(4)}}))
     folder = copy_adapter(zoo, "stripes", tmp_path / "stripes")
     edit_config(folder, base_model_name_or_path=str(named_base))
+    capsys.readouterr()
+    assert load_foreign(folder, fallback_labels=["w", "x", "y", "z"]).meta["label_names"] == ["w", "x", "y", "z"]
+    assert capsys.readouterr().err == ""
     assert load_foreign(folder).meta["label_names"] == ["n0", "n1", "n2", "n3"]
+    warning = capsys.readouterr().err.strip().splitlines()
+    assert len(warning) == 1 and warning[0].startswith("warning: "), warning
+    assert str(named_base) in warning[0] and f"--labels {folder}=FILE" in warning[0], warning
     folder = copy_adapter(zoo, "colors", tmp_path / "colors")
     (folder / "config.json").unlink()  # now only the base's config: two classes named LABEL_0, LABEL_1
     with pytest.raises(AdapterError, match="no label names"):
@@ -379,6 +387,48 @@ def test_a_base_model_that_cannot_be_loaded_offline_is_refused(zoo, tmp_path, ca
     for folder in folders:
         edit_config(folder, base_model_name_or_path=str(tmp_path / "no_such_model"))
     refused(folders, tmp_path / "out", capsys, "cannot load base model", "no_such_model")
+
+
+PATTERNS = {  # peft reads these keys as regular expressions (`get_pattern_key`), not as module-name suffixes
+    "alpha": {"alpha_pattern": {r"layers\.[01]\.attention\.q_proj": 64}},
+    "alpha and rank": {
+        "alpha_pattern": {r"layers\.[01]\.attention\.q_proj": 64},
+        "rank_pattern": {r"layers\.1\.attention\.(q|v)_proj": 2},
+    },
+}
+
+
+@pytest.mark.parametrize("patterns", list(PATTERNS))
+def test_regex_rank_and_alpha_patterns_give_peft_s_own_delta_weights(zoo, tmp_path, patterns):
+    """Every layer's ΔW through the reader equals `get_delta_weight` of peft's own loaded model (issue 29: read as
+    literal suffixes, a regex alpha_pattern left two layers' ΔW 8x too small without a word, and a regex
+    rank_pattern was refused as a config that does not belong to its factors). Measured: 2.4e-7 and 4.8e-7."""
+    from peft.tuners.lora import LoraLayer
+
+    folder = tmp_path / "patterns"
+    torch.manual_seed(3)
+    config = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["classifier"],
+        init_lora_weights=False, **PATTERNS[patterns],  # B random, not zero: no ΔW is 0
+    )  # fmt: skip
+    get_peft_model(vit_for(zoo["base"], 3), config).save_pretrained(folder)
+    (folder / "labels.json").write_text(json.dumps(label_names("shapes")))
+    ours = load_foreign(folder).deltas
+    model = PeftModel.from_pretrained(vit_for(zoo["base"], 3), folder)
+    layers = {
+        name.removeprefix("base_model.model."): module
+        for name, module in model.named_modules()
+        if isinstance(module, LoraLayer)
+    }
+    scalings = {layer: module.scaling["default"] for layer, module in layers.items()}
+    assert scalings["vit.layers.0.attention.q_proj"] == 64 / 4 and scalings["vit.layers.0.attention.v_proj"] == 8 / 4
+    assert scalings["vit.layers.1.attention.q_proj"] == 64 / (2 if "rank" in patterns else 4)
+    assert sorted(ours) == sorted(layers) and len(layers) == 4
+    with torch.no_grad():
+        difference = max(
+            float((ours[layer] - module.get_delta_weight("default")).abs().max()) for layer, module in layers.items()
+        )
+    assert difference <= 1e-6, difference
 
 
 def test_the_reader_refuses_a_rank_the_config_does_not_state(zoo, tmp_path):

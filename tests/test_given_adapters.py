@@ -386,3 +386,136 @@ def test_transformers_adapters_from_elsewhere_get_a_whole_study(tmp_path, capsys
         assert abs(accuracy - float((logits.argmax(-1) == labels).float().mean())) <= 1 / 48
     methods = query_db(db, "SELECT method, count(*) FROM merge_results WHERE k = 2 GROUP BY ALL ORDER BY 1")
     assert methods == [("regmean", 2), ("task_arithmetic", 2)]  # RegMean's Gram matrices on the transformers ViT
+
+
+# ------------- issue 29: labels from the dataset before the base's, refusals before anything is stored, run status
+
+UCI, MNIST = "hub:runs/tiny-vit/data/uci_digits", "hub:runs/tiny-vit/data/mnist"
+QUICK = ["--head-epochs", "1", "--max-train", "32", "--max-validation", "16", "--max-test", "16",
+         "--merge-eval", "16", "--merge-select", "8"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def hf_adapters(tmp_path_factory) -> dict[str, Path]:
+    """Untrained peft LoRAs (B random, not zero) of a tiny random transformers ViT whose config.json names its ten
+    classes "digit-0"... (the size of the adapters' classifiers): each with labels.json holding its dataset's names,
+    except "unnamed"; "other" is a second mnist adapter, "q_only" adapts q_proj alone, "r8" has rank 8."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import ViTConfig, ViTForImageClassification, logging
+
+    from mlvision.config import prepare_profile_data
+    from mlvision.tasks import get_task
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()  # a refusal's stderr is then its one line (the study loads the base to convert)
+    prepare_profile_data("tiny-vit")
+    root = tmp_path_factory.mktemp("given_hf")
+    torch.manual_seed(0)
+    config = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                       intermediate_size=64, id2label={i: f"digit-{i}" for i in range(10)})  # fmt: skip
+    ViTForImageClassification(config).save_pretrained(root / "base")
+    specs = {"digits": (UCI, 4, ["q_proj", "v_proj"]), "unnamed": (UCI, 4, ["q_proj", "v_proj"]),
+             "mnist": (MNIST, 4, ["q_proj", "v_proj"]), "other": (MNIST, 4, ["q_proj", "v_proj"]),
+             "q_only": (MNIST, 4, ["q_proj"]), "r8": (MNIST, 8, ["q_proj", "v_proj"])}  # fmt: skip
+    folders = {}
+    for seed, (name, (task, rank, targets)) in enumerate(specs.items()):
+        torch.manual_seed(seed)
+        lora = LoraConfig(r=rank, lora_alpha=8, target_modules=targets, modules_to_save=["classifier"],
+                          init_lora_weights=False)  # fmt: skip
+        get_peft_model(ViTForImageClassification.from_pretrained(root / "base"), lora).save_pretrained(root / name)
+        if name != "unnamed":
+            (root / name / "labels.json").write_text(json.dumps(list(get_task(task).label_names)))
+        folders[name] = root / name
+    return folders
+
+
+def test_a_study_names_classes_after_its_dataset_before_the_base_model(hf_adapters, tmp_path, capsys):
+    """No labels beside the adapter: the dataset's ClassLabel names, never the base config's id2label of the same
+    size (issue 29: those were taken first and the study then refused the adapter, suggesting another task)."""
+    from mlvision.config import StudyConfig
+    from mlvision.tasks import get_task
+    from study.given import given_config
+
+    config = StudyConfig(merge_methods=("task_arithmetic",), db=str(tmp_path / "results.duckdb"))
+    config = given_config(config, [f"{hf_adapters['unnamed']}={UCI}", f"{hf_adapters['mnist']}={MNIST}"], set())
+    converted = json.loads((Path(config.given_adapters[0][2]) / "task.json").read_text())
+    assert converted["label_names"] == list(get_task(UCI).label_names) == [str(i) for i in range(10)]
+    assert "warning" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("layers", "adapt different layers"),
+        ("ranks", "needs adapters of one rank"),
+        ("labels", "correct the names beside it"),
+    ],
+)
+def test_what_the_merge_stage_would_refuse_is_refused_before_anything_is_stored(
+    case, expected, hf_adapters, tmp_path, capsys
+):
+    """Issue 29: adapters of different layers were refused only by the merge stage, after the heads and the imports
+    were stored; peft's linear merge of two ranks failed there with peft's own exception."""
+    digits = f"{hf_adapters['digits']}={UCI}"
+    second = {"layers": "q_only", "ranks": "r8", "labels": "mnist"}[case]
+    if case == "labels":  # names beside the adapter that are not its dataset's
+        digits = f"{shutil.copytree(hf_adapters['digits'], tmp_path / 'renamed')}={UCI}"
+        (tmp_path / "renamed" / "labels.json").write_text(json.dumps([f"d{i}" for i in range(10)]))
+    methods = "peft_linear" if case == "ranks" else "task_arithmetic"
+    db = tmp_path / "results.duckdb"
+    argv = ["--adapters", digits, f"{hf_adapters[second]}={MNIST}", *QUICK, "--merge-methods", methods,
+            "--stages", "train", "merge", "--db", db, "--artifacts", tmp_path / "artifacts"]  # fmt: skip
+    code, out, err = call_main(run_all_main, argv, capsys)
+    assert code == 2 and expected in err, (case, err)
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not db.exists()
+
+
+@pytest.fixture(scope="module")
+def hf_study(hf_adapters, tmp_path_factory) -> dict:
+    """The training stage of a study of the "digits" and "mnist" adapters, stored."""
+    root = tmp_path_factory.mktemp("given_hf_study")
+    argv = ["--adapters", f"{hf_adapters['digits']}={UCI}", f"{hf_adapters['mnist']}={MNIST}", *QUICK,
+            "--merge-methods", "ties", "--stages", "train", "--db", root / "results.duckdb",
+            "--artifacts", root / "artifacts"]  # fmt: skip
+    assert run_all_main([str(a) for a in argv]) == 0
+    return {"db": root / "results.duckdb", "argv": argv}
+
+
+def test_another_adapter_for_a_stored_task_and_seed_is_refused(hf_adapters, hf_study, capsys):
+    """A corrected list (another mnist adapter) into the same file is refused before anything is written: its
+    content-based id would otherwise stand beside the first as a second adapter row for (mnist, 0) (issue 29)."""
+    before = hf_study["db"].read_bytes()
+    argv = [str(a) for a in hf_study["argv"]]
+    argv[argv.index(f"{hf_adapters['mnist']}={MNIST}")] = f"{hf_adapters['other']}={MNIST}"
+    code, out, err = call_main(run_all_main, argv, capsys)
+    assert code == 2 and "already holds another adapter for task" in err and MNIST in err, err
+    assert len(err.strip().splitlines()) == 1
+    assert hf_study["db"].read_bytes() == before
+    rows = query_db(hf_study["db"], "SELECT task, seed, count(*) FROM task_results WHERE model_kind = 'adapter' "
+                    "GROUP BY ALL")  # fmt: skip
+    assert sorted(row[2] for row in rows) == [1, 1], rows
+
+
+def test_a_run_that_fails_records_when_and_why(hf_study, capsys):
+    """A run stopped by a user-fixable problem (here the study's copy of an adapter damaged before its merge) ends
+    its record as failed, with its finish time; the run that completes it later marks it finished (issue 29)."""
+    db = hf_study["db"]
+    argv = [str(a) for a in hf_study["argv"]]
+    argv[argv.index("ties")] = "task_arithmetic"  # another study configuration: a new run
+    argv[argv.index("--stages") + 1 : argv.index("--stages") + 2] = ["train", "merge"]
+    path = query_db(db, "SELECT path FROM models WHERE model_kind = 'adapter' AND task = ?", [MNIST])[0][0]
+    factors = (REPO_ROOT / path if not Path(path).is_absolute() else Path(path)) / "adapter_model.safetensors"
+    intact = factors.read_bytes()
+    factors.write_bytes(intact[:100])
+    try:
+        code, out, err = call_main(run_all_main, argv, capsys)
+    finally:
+        factors.write_bytes(intact)
+    assert code == 2 and "cannot read the LoRA files" in err, err
+    runs = query_db(db, "SELECT status, finished_at FROM runs WHERE command LIKE '%task_arithmetic%'")
+    assert len(runs) == 1 and runs[0][0].startswith("failed: cannot read the LoRA files") and runs[0][1], runs
+    code, out, err = call_main(run_all_main, argv, capsys)
+    assert code == 0, err
+    runs = query_db(db, "SELECT status, finished_at FROM runs WHERE command LIKE '%task_arithmetic%'")
+    assert runs[0][0] == "finished" and runs[0][1], runs

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -27,6 +28,7 @@ from tqdm.auto import tqdm
 from mlvision.backbone import create_backbone, make_preprocess
 from mlvision.config import StudyConfig
 from mlvision.data import split_images
+from mlvision.errors import MLVisionError
 from mlvision.evaluation import accuracy, extract_features, prepare_for_inference
 from mlvision.models import MultiTaskModel, load_model, save_model
 from mlvision.runs import machine_info, model_folder, relative_to_repo, study_run_id
@@ -58,8 +60,9 @@ class TrainingStage:
     def start_run(self, command: str) -> bool:
         """Record a new run as running; returns False (writing nothing) when the run is already stored.
 
-        A stored run is marked again only by `finish_run`, when this invocation changed something, so a
-        run with nothing to do leaves results.duckdb byte-identical.
+        A stored run is marked again only by `finish_run` (when this invocation changed something or completes a
+        run not recorded as finished) and `failure_recorded`, so a run with nothing to do leaves results.duckdb
+        byte-identical.
         """
         if self.store.query("SELECT count(*) FROM runs WHERE run_id = ?", [self.run_id])[0][0]:
             return False
@@ -81,11 +84,31 @@ class TrainingStage:
         return True
 
     def finish_run(self, changed: bool) -> None:
-        """Mark the run finished, when this invocation stored anything (else nothing is written)."""
+        """Mark the run finished, when this invocation stored anything or the run's record is not finished (a failed
+        or killed run that this rerun completes); else nothing is written."""
         if not changed:
-            return
+            status = self.store.query("SELECT status FROM runs WHERE run_id = ?", [self.run_id])
+            if not status or status[0][0] == "finished":
+                return
         with self.store.write() as con:
             con.execute("UPDATE runs SET status = 'finished', finished_at = ? WHERE run_id = ?", [now(), self.run_id])
+
+    @contextmanager
+    def failure_recorded(self):
+        """Around a stage: a user-fixable problem (`MLVisionError`) ends the run's record as failed, with the
+        time and the message, before it reaches the user, so a stopped run never reads as still running."""
+        try:
+            yield
+        except MLVisionError as error:
+            try:
+                with self.store.write() as con:
+                    con.execute(
+                        "UPDATE runs SET status = ?, finished_at = ? WHERE run_id = ?",
+                        [f"failed: {error}", now(), self.run_id],
+                    )
+            except MLVisionError:  # the store itself is the problem: the first message is the one to show
+                pass
+            raise
 
     def prepare_tasks(self) -> int:
         """Fetch and cache every task's data; record the tasks not stored yet; returns how many were recorded."""
