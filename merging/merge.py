@@ -1,14 +1,19 @@
 """Merge chosen adapters with a chosen method and save the result.
 
     python merging/merge.py ADAPTER_DIR [ADAPTER_DIR ...] --method ties --param density=0.3 --out merged/
+    python merging/merge.py --from-db results.duckdb --merge-id MERGE_ID --out merged/
     python merging/merge.py --list-methods
 
 The output folder holds the merge exported as a peft LoRA of the chosen rank (truncated SVD of
 each merged ΔW; load it with `PeftModel.from_pretrained(backbone, out)`), one head per task under
-`heads/`, `merge.json` (method, hyperparameters, inputs, relative reconstruction error), and README.md,
-its model card (merging/card.py: each task's accuracy merged vs single adapter vs head baseline where --db
-stores them or --evaluate measures them, "not measured" elsewhere, and a loading snippet). Optionally, the
-merged model is scored on each task's test split, and --push REPO_ID uploads the folder to the Hugging Face Hub.
+`heads/`, `merge.json` (method, hyperparameters, inputs, relative reconstruction error, how the rank was
+chosen), and README.md, its model card (merging/card.py: Hub metadata, each task's accuracy of the full merge vs
+the exported LoRA vs single adapter vs head baseline where --db stores them or --evaluate measures them, "not
+measured" elsewhere, and a loading snippet). --rank auto (the default) exports the smallest of 4, 8, 16, ... whose
+LoRA moves no task's validation accuracy by more than 0.5 points; --rank N exports N and states its loss.
+Optionally, the merged model is scored on each task's test split, and --push REPO_ID uploads the folder to the
+Hugging Face Hub. --from-db DB --merge-id ID (or --k K: the findings' chosen method for K tasks) exports a merge a
+study stored, rebuilt from its stored adapters, method and hyperparameters.
 
 Data-aware methods need each task's images: RegMean computes every adapter's Gram matrices once
 from its task's training images (cached in the data cache, with progress); AdaMerging learns its
@@ -21,8 +26,9 @@ names no base for timm models: give it with --base, e.g. --base timm/vit_base_pa
 folder timm's save_for_hf wrote). An adapter may be a Hub repo, hub:user/adapter (read from the local Hub
 cache, else downloaded). Base models load from a folder or the local Hub cache; label names come from
 --labels ADAPTER=FILE, a labels.json or config.json beside the adapter, or the base model's config; any
-per-layer (data-free) method merges them; the output is a peft LoRA of that base model plus heads/<task>/
-(see merging/foreign.py).
+per-layer (data-free) method merges them, and with --data ADAPTER=DATASET for every adapter the method's grid is
+searched on validation, RegMean is offered and the export's rank is measured; the output is a peft LoRA of that
+base model plus heads/<task>/ (see merging/foreign.py).
 
 The folder is written beside --out and renamed into place when complete, so a failed merge leaves
 nothing behind. --out must be new or empty; --overwrite replaces a previous merge output (a folder
@@ -86,20 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="adapter folders (written by training/run_all.py under artifacts/, or trained elsewhere), "
         "or Hub repos as hub:user/adapter",
     )
-    parser.add_argument("--method", default="ties", help="merge method (default: ties); see --list-methods")
+    parser.add_argument("--method", help="merge method (default: ties); see --list-methods")
     parser.add_argument(
         "--param", action="append", default=[], metavar="NAME=VALUE", help="a method hyperparameter; repeatable"
     )
     parser.add_argument("--out", type=Path, help="output folder for the exported merge (new or empty)")
     parser.add_argument(
         "--overwrite", action="store_true", help="replace --out if it holds a previous merge output (merge.json)"
-    )
-    parser.add_argument(
-        "--rank",
-        type=int,
-        default=32,
-        help="rank of the exported LoRA (default: 32); each layer gets at most min(out, in) of its weight, "
-        "and a rank above the largest such bound (320 for tf_efficientnet_lite0) is refused",
     )
     parser.add_argument(
         "--evaluate", type=int, metavar="N", help="also score the merged model on N >= 1 test images per task"
@@ -129,8 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="ADAPTER=DATASET",
-        help="with --evaluate, for adapters trained elsewhere: the adapter's evaluation dataset, a save_to_disk folder "
-        "or a Hub dataset id (its test split, else one carved from train); repeatable",
+        help="for adapters trained elsewhere: the adapter's own dataset, a save_to_disk folder or a Hub dataset id "
+        "(its splits, a missing validation or test split carved from train); for every adapter, the method's grid "
+        "is searched on validation, RegMean is offered and the rank measured; --evaluate N scores its test split; "
+        "repeatable",
     )
     parser.add_argument(
         "--base",
@@ -141,7 +142,58 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--list-methods", action="store_true", help="list merge methods with their hyperparameters and papers"
     )
+    add_export_arguments(parser)
     return parser
+
+
+def add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    """The export's rank and the export of a stored merge (--from-db): kept apart from the merge's own options."""
+    parser.add_argument(
+        "--rank",
+        type=rank_argument,
+        default="auto",
+        help="rank of the exported LoRA: auto (default) = the smallest of 4, 8, 16, ... (then the layers' full rank) "
+        f"whose export scores within {RANK_TOLERANCE_POINTS:g} points of the full merge on every task's validation "
+        "images (this project's adapters: their tasks' validation split; adapters from elsewhere: with --data, else "
+        "rank 32, its accuracy not measured); N = that rank, its validation loss measured and stated; full = the "
+        "layers' full rank (exact). Each layer gets at most min(out, in) of its weight, and a rank above the "
+        "largest such bound (320 for tf_efficientnet_lite0) is refused",
+    )
+    parser.add_argument(
+        "--from-db",
+        type=Path,
+        metavar="DB",
+        help="export a merge a study stored: its method, adapters, seed and hyperparameters (AdaMerging's learned "
+        "coefficients included) read from this results.duckdb; with --merge-id ID, or --k K for the findings' "
+        "chosen method for groups of K tasks",
+    )
+    parser.add_argument("--merge-id", help="with --from-db: the merge to export (merge_results.merge_id)")
+    parser.add_argument(
+        "--k",
+        type=int,
+        help="with --from-db: export the merge of the method the findings chose for groups of K tasks (chosen_method)",
+    )
+    parser.add_argument(
+        "--tasks",
+        help="with --from-db --k: the group, as comma-separated task names (needed where the study merged several "
+        "groups of K tasks)",
+    )
+    parser.add_argument(
+        "--seed", type=int, help="with --from-db --k: the adapters' seed (default: the smallest stored)"
+    )
+
+
+RANK_TOLERANCE_POINTS = 0.5  # merged_model.RANK_TOLERANCE in points (kept here: the parser imports no torch)
+
+
+def rank_argument(text: str) -> int | str:
+    """--rank: a whole number, `full` or `auto`."""
+    value = text.strip().lower()
+    if value in ("auto", "full"):
+        return value
+    if re.fullmatch(r"[+-]?[0-9]{1,9}", value):
+        return int(value)
+    raise argparse.ArgumentTypeError(f"'{text}' is not a rank: write a whole number, full or auto")
 
 
 # Unlabeled test images per task AdaMerging learns on from the command line (the sweep's merge_eval, 300).
@@ -212,13 +264,7 @@ def run(args) -> int:
     from merging.deltas import check_compatible, load_deltas
     from merging.foreign import is_foreign, resolve_adapter
     from merging.grams import GRAM_IMAGES, GramStore
-    from merging.merged_model import (
-        AdapterMerger,
-        check_export_rank,
-        check_output_folder,
-        export_merge_as_lora,
-        merge_record,
-    )
+    from merging.merged_model import AdapterMerger, check_export_rank, check_output_folder, merge_record
     from merging.methods import MERGE_METHODS, get_method
     from mlvision.backbone import BackboneConfig, Preprocess
     from mlvision.data import split_tensors
@@ -228,6 +274,11 @@ def run(args) -> int:
         for method in MERGE_METHODS.values():
             print(f"{method.name}: {method.description}\n    defaults: {method.defaults}\n    paper: {method.paper}")
         return 0
+    if args.from_db is not None or args.merge_id is not None or args.k is not None:
+        return run_from_db(args)
+    if args.tasks is not None or args.seed is not None:
+        raise MergeConfigError(f"{'--tasks' if args.tasks is not None else '--seed'} goes with --from-db DB --k K")
+    args.method = args.method or "ties"
     if len(args.adapters) < 1 or args.out is None:
         raise MergeConfigError("give at least one adapter folder and --out FOLDER (see --help)")
     args.hub_ids = {}  # resolved folder -> the hub:user/adapter it came from
@@ -240,8 +291,7 @@ def run(args) -> int:
     args.labels = [resolve_adapter_key(item, args.adapters, resolved) for item in args.labels]
     args.data = [resolve_adapter_key(item, args.adapters, resolved) for item in args.data]
     args.adapters = resolved
-    if args.rank < 1:
-        raise MergeConfigError(f"--rank must be at least 1, got {args.rank}")
+    check_rank_argument(args.rank)
     if args.evaluate is not None and args.evaluate < 1:
         raise MergeConfigError(f"--evaluate must be at least 1 test image per task, got {args.evaluate}")
     hyperparams = dict(parse_param(p) for p in args.param)
@@ -254,7 +304,8 @@ def run(args) -> int:
         raise MergeConfigError(f"{option} is for adapters trained elsewhere; this project's adapters carry theirs")
     adapters = [load_deltas(folder) for folder in args.adapters]
     check_compatible(adapters)  # reference methods go through peft, which would not name the adapter that differs
-    check_export_rank(args.rank, adapters[0].deltas)
+    if isinstance(args.rank, int):
+        check_export_rank(args.rank, adapters[0].deltas)
     figures = stored_figures(args.db, adapters)  # before merging: a database that cannot be read stops here
     keys = [str(i) for i in range(len(adapters))]
     backbone_config = BackboneConfig(**adapters[0].meta["backbone"])
@@ -273,28 +324,259 @@ def run(args) -> int:
     for task, figure in stored_merge_figures(args.db, adapters, args.method, params).items():
         figures[task]["merged"] = figure
     evaluated = []  # measured before the export, so the model card holds the figures
+    folded = folded or FoldedBackbone(backbone_config)
     if args.evaluate:
-        folded = folded or FoldedBackbone(backbone_config)
         model = folded.model(merged, {a.task: a.head for a in adapters})
         for adapter in adapters:
             images, labels = split_tensors(adapter.task, "test", preprocess, args.evaluate)
             value = accuracy(model, adapter.task, images, labels)
             figures[adapter.task]["merged"] = Figure(value, len(labels), "measured now")
             evaluated.append(f"  {adapter.task}: merged accuracy {value:.4f} (n={len(labels)})")
-    error = export_merge_as_lora(
+    return export_own_merge(
+        args, adapters, merged, folded, figures, merge_record(args.method, params, adapters, seconds), evaluated
+    )
+
+
+# --- the export of this project's adapters: its rank, the exported LoRA's accuracy, the folder -----------------------
+
+
+def check_rank_argument(rank: int | str) -> None:
+    if isinstance(rank, int) and rank < 1:
+        raise MergeConfigError(f"--rank must be at least 1, got {rank}")
+
+
+def rank_lines(choice: dict) -> list[str]:
+    """What the command prints about the rank."""
+    if not choice.get("ladder"):
+        return [
+            f"  rank {choice['chosen']} ({choice['rule']}): its accuracy was not measured ({choice['not_measured']})"
+        ]
+    last = choice["ladder"][-1]
+    how = "chosen by --rank auto" if choice["requested"] == "auto" else "as given"
+    return [
+        f"  rank {choice['chosen']} {how}: on validation (n<={choice.get('validation_n')} per task) its accuracy "
+        f"moves by at most {last['max_change'] * 100:.2f} points against the full merge (largest loss "
+        f"{last['max_loss'] * 100:.2f})"
+    ]
+
+
+def export_own_merge(args, adapters, merged, folded, figures: dict, record: dict, printed: list[str]) -> int:
+    """Write the folder (`export_own_lora`: the rank settled on the tasks' validation images, the exported LoRA
+    scored on the test images of every known merged figure) and say what it holds."""
+    from merging.merged_model import export_own_lora
+
+    error, choice, figures = export_own_lora(
         merged,
         adapters,
         args.rank,
         args.out,
-        merge_record(args.method, params, adapters, seconds),
+        {**record, **getattr(args, "export_info", {})},
         overwrite=args.overwrite,
         figures=figures,
+        folded=folded,
     )
-    print(f"merged {len(adapters)} adapters with {args.method} {params} in {seconds:.2f} s")
-    print(f"saved to {args.out} as a rank-{args.rank} LoRA; relative reconstruction error {error:.4f}")
-    for line in evaluated:
+    rank = choice["chosen"]
+    print(
+        f"merged {len(adapters)} adapters with {record['method']} {record['hyperparams']} in "
+        f"{record['merge_seconds']:.2f} s"
+    )
+    for line in rank_lines(choice):
         print(line)
+    print(f"saved to {args.out} as a rank-{rank} LoRA; relative reconstruction error {error:.4f}")
+    for line in printed:
+        print(line)
+    for task, kinds in figures.items():
+        if "exported" in kinds:
+            print(
+                f"  {task}: exported rank-{rank} accuracy {kinds['exported'].accuracy:.4f}, full merge "
+                f"{kinds['merged'].accuracy:.4f} (n={kinds['exported'].n})"
+            )
     return 0
+
+
+# --- the export of a merge a study stored (--from-db) ---------------------------------------------------------------
+
+
+def _from_db_rows(db: Path, sql: str, params: list) -> list[tuple]:
+    """Rows of a read-only query on the store's tables, or one line saying the file is not a study's."""
+    import duckdb
+
+    from mlvision.store import Store
+
+    try:
+        return Store(db).query(sql, params)
+    except duckdb.Error as error:
+        raise StoreError(
+            f"cannot read the stored merges of {db} ({error_reason(error)}): pass --from-db a results.duckdb written "
+            "by training/run_all.py"
+        ) from None
+
+
+def stored_merge_row(args) -> tuple:
+    """(merge_id, method, tasks, seed, hyperparams, adapter_ids, selection) of the merge --merge-id names, or of the
+    findings' chosen method for --k K (its group from --tasks, or the only group of K tasks; its seed --seed, or the
+    smallest stored)."""
+    db = args.from_db
+    columns = "merge_id, method, tasks, seed, hyperparams, adapter_ids, selection"
+    if args.merge_id is not None:
+        rows = _from_db_rows(db, f"SELECT {columns} FROM merges WHERE merge_id = ?", [args.merge_id])
+        if not rows:
+            raise StoreError(
+                f"{db} stores no merge {args.merge_id}: pick one with SELECT DISTINCT merge_id, method, tasks FROM "
+                "merge_results"
+            )
+        return rows[0]
+    chosen = _from_db_rows(
+        db,
+        "SELECT statistic FROM findings WHERE finding = 'chosen_method' AND value IS NOT NULL AND statistic LIKE ?",
+        [f"%/k={args.k}"],
+    )
+    if not chosen:
+        raise StoreError(
+            f"{db} holds no chosen method for groups of {args.k} tasks (findings: chosen_method): run the findings "
+            "stage, or pass --merge-id"
+        )
+    method = str(chosen[0][0]).rpartition("/k=")[0]
+    rows = _from_db_rows(
+        db, f"SELECT {columns} FROM merges WHERE method = ? AND k = ? ORDER BY seed, tasks", [method, args.k]
+    )
+    if args.tasks is not None:
+        group = sorted(task.strip() for task in args.tasks.split(",") if task.strip())
+        rows = [row for row in rows if sorted(row[2].split(",")) == group]
+        if not rows:
+            raise StoreError(
+                f"{db} stores no {method} merge of tasks {','.join(group)}: name {args.k} tasks the study merged "
+                "together (SELECT DISTINCT tasks FROM merge_results)"
+            )
+    seed = args.seed if args.seed is not None else min((row[3] for row in rows), default=None)
+    rows = [row for row in rows if row[3] == seed]
+    groups = sorted({row[2] for row in rows})
+    if len(groups) != 1:
+        shown = "; ".join(groups[:4]) + (" ..." if len(groups) > 4 else "")
+        raise MergeConfigError(
+            f"{db} holds {len(groups)} {method} merges of {args.k} tasks for seed {seed}"
+            + (f" ({shown})" if groups else "")
+            + ": name one group with --tasks a,b (and --seed S), or pass --merge-id"
+        )
+    return rows[0]
+
+
+def rebuild_stored_merge(merger, group: list[str], method: str, hyperparams: dict):
+    """The merged ΔW a stored merge holds, computed as the sweep computed it (merging/sweep.py `grid_merges`): where
+    `scaling` is an output multiplier, merged at scaling 1 and multiplied; a test-time merge from its stored
+    coefficients (never learned again); every other method with its stored hyperparameters."""
+    from merging.merged_model import RECORDED_OUTPUTS
+    from merging.methods import get_method
+
+    merge_method = get_method(method)
+    if merge_method.kind == "test_time" and "coefficients" not in hyperparams:
+        raise MergeConfigError(
+            f"this {method} merge's learned coefficients are not stored (studies store them from issue 28 on): "
+            "export it with merging/merge.py ADAPTER... --method adamerging, which learns them again"
+        )
+    if merge_method.kind in ("data_free", "data_aware") and merge_method.scaling_is_output_multiplier:
+        inputs = {key: value for key, value in hyperparams.items() if key not in RECORDED_OUTPUTS}
+        scaling = inputs.pop("scaling", merge_method.defaults.get("scaling", 1.0))
+        base, _ = merger.merge(group, method, {**inputs, "scaling": 1.0})
+        return base if scaling == 1.0 else {layer: scaling * delta for layer, delta in base.items()}
+    return merger.merge(group, method, hyperparams)[0]
+
+
+def run_from_db(args) -> int:
+    """Export the merge a study stored: its adapters (their folders as the store records them), method, seed and
+    hyperparameters, rebuilt with `AdapterMerger` (RegMean with the sweep's Gram matrices from the data cache,
+    AdaMerging from its stored coefficients), its stored accuracies in the card."""
+    from merging.card import Figure
+    from merging.deltas import check_compatible, load_deltas
+    from merging.grams import GRAM_IMAGES, GramStore
+    from merging.merged_model import AdapterMerger, check_output_folder, merge_record
+    from mlvision.backbone import BackboneConfig, Preprocess
+    from mlvision.evaluation import FoldedBackbone
+    from mlvision.runs import resolve_stored_path
+
+    if args.from_db is None:
+        raise MergeConfigError("--merge-id and --k read a study's merges: add --from-db results.duckdb")
+    if (args.merge_id is None) == (args.k is None):
+        raise MergeConfigError("--from-db exports one stored merge: give either --merge-id ID or --k K")
+    if args.merge_id is not None and (args.tasks is not None or args.seed is not None):
+        raise MergeConfigError("--tasks and --seed choose among the merges of --k K; --merge-id names one already")
+    given = [
+        name
+        for name, value in (
+            ("adapter folders", args.adapters),
+            ("--method", args.method),
+            ("--param", args.param),
+            ("--labels", args.labels),
+            ("--data", args.data),
+            ("--base", args.base),
+        )
+        if value
+    ]
+    if given:
+        raise MergeConfigError(
+            f"--from-db reads the merge's adapters, method and hyperparameters from the store: drop {given[0]}"
+        )
+    if args.out is None:
+        raise MergeConfigError("give --out FOLDER for the exported merge (see --help)")
+    check_rank_argument(args.rank)
+    if args.evaluate is not None:
+        raise MergeConfigError("--evaluate is for new merges: a stored merge's test accuracies are in the store")
+    if not args.from_db.is_file():
+        raise StoreError(f"no results database at {args.from_db}: pass --from-db a results.duckdb of a study")
+    merge_id, method, tasks, seed, hyperparams, adapter_ids, selection = stored_merge_row(args)
+    hyperparams = json.loads(hyperparams) if isinstance(hyperparams, str) else dict(hyperparams or {})
+    adapter_ids = json.loads(adapter_ids) if isinstance(adapter_ids, str) else list(adapter_ids)
+    selection = json.loads(selection) if isinstance(selection, str) else selection
+    group = tasks.split(",")
+    folders = []
+    for model_id in adapter_ids:
+        rows = _from_db_rows(args.from_db, "SELECT path FROM models WHERE model_id = ?", [model_id])
+        if not rows:
+            raise StoreError(
+                f"{args.from_db} records no folder for adapter {model_id} of merge {merge_id}: is the "
+                "store complete? run the training stage again"
+            )
+        folders.append(resolve_stored_path(rows[0][0]))
+    check_output_folder(args.out, folders, args.overwrite)
+    adapters = [load_deltas(folder) for folder in folders]
+    check_compatible(adapters)
+    if [a.task for a in adapters] != group:
+        raise StoreError(
+            f"the adapters of merge {merge_id} are of tasks {[a.task for a in adapters]}, not {group}: "
+            "the store's model folders were replaced; run the study again"
+        )
+    backbone_config = BackboneConfig(**adapters[0].meta["backbone"])
+    preprocess = Preprocess.from_dict(adapters[0].meta["preprocess"])
+    folded = FoldedBackbone(backbone_config)
+    merger = AdapterMerger(
+        dict(zip(group, adapters)),
+        backbone_config,
+        grams=GramStore(folded, lambda task: task_images(task, "train", preprocess, GRAM_IMAGES)),
+        folded=folded,
+    )
+    start = time.perf_counter()
+    merged = rebuild_stored_merge(merger, group, method, hyperparams)
+    seconds = time.perf_counter() - start
+    figures: dict[str, dict] = {task: {} for task in group}
+    source = f"stored in {args.from_db.name}"
+    for task, merged_accuracy, single, head, n in _from_db_rows(
+        args.from_db,
+        "SELECT task, merged_accuracy, single_accuracy, head_accuracy, n FROM merge_results WHERE merge_id = ?",
+        [merge_id],
+    ):
+        figures[task] = {
+            "merged": Figure(merged_accuracy, n, source),
+            "single": Figure(single, n, source),
+            "head": Figure(head, n, source),
+        }
+    args.export_info = {
+        "from_db": {"db": args.from_db.name, "merge_id": merge_id, "seed": seed},
+        **({"selection": selection} if selection and "chosen" in selection else {}),
+    }
+    print(f"rebuilt stored merge {merge_id} ({method} of {tasks}, seed {seed}) from {args.from_db}")
+    return export_own_merge(
+        args, adapters, merged, folded, figures, merge_record(method, hyperparams, adapters, seconds), []
+    )
 
 
 def _stored_rows(db: Path, sql: str, params: list) -> list[tuple]:
@@ -409,10 +691,13 @@ def per_adapter_option(items: list[str], adapters: list[Path], option: str) -> d
 
 
 def run_foreign(args, hyperparams: dict) -> int:
-    """Merge peft LoRA adapters of a transformers model (merging/foreign.py) with a per-layer method and export."""
+    """Merge peft LoRA adapters of a transformers or timm model (merging/foreign.py) and export. With --data for
+    every adapter, the method's grid is searched on a validation split of that data (when no --param fixes the
+    hyperparameters), RegMean gets its Gram matrices from the data's training images, and the export's rank is
+    measured (or, with --rank auto, chosen) on the validation images; --evaluate N scores the test split."""
     from merging.deltas import check_compatible
-    from merging.foreign import base_model_name, export_merge, fill_missing_layers, is_foreign, load_foreign
-    from merging.merged_model import check_export_rank, merge_deltas, merge_record
+    from merging.foreign import base_model_name, fill_missing_layers, is_foreign, load_foreign
+    from merging.merged_model import check_export_rank
     from merging.methods import get_method, list_methods
     from mlvision.models import META_FILE
 
@@ -423,77 +708,201 @@ def run_foreign(args, hyperparams: dict) -> int:
             f"{own[0]} is one of this project's adapters ({META_FILE}) but {other} was trained elsewhere: "
             "merge adapters of one kind (one backbone) only"
         )
-    if get_method(args.method).kind != "data_free":
+    kind = get_method(args.method).kind
+    if kind not in ("data_free", "data_aware"):
         raise MergeConfigError(
-            f"merge method '{args.method}' is {get_method(args.method).kind}; adapters trained elsewhere merge with "
-            f"a per-layer method: {', '.join(list_methods(kind='data_free'))}"
+            f"merge method '{args.method}' is {kind}; adapters trained elsewhere merge with a per-layer method: "
+            f"{', '.join(list_methods(kind='data_free'))}, or with --data for every adapter "
+            f"{', '.join(list_methods(kind='data_aware'))}"
         )
-    if args.data and not args.evaluate:
-        raise MergeConfigError("--data gives the datasets --evaluate N scores on: add --evaluate N")
     labels = per_adapter_option(args.labels, args.adapters, "--labels")
     data = per_adapter_option(args.data, args.adapters, "--data")
-    adapters = [
-        load_foreign(folder, labels.get(folder), args.base, args.hub_ids.get(folder)) for folder in args.adapters
+    if kind == "data_aware" and len(data) < len(args.adapters):
+        missing = next(folder for folder in args.adapters if folder not in data)
+        raise MergeConfigError(
+            f"merge method '{args.method}' needs each adapter's training images: pass --data {missing}=DATASET (one "
+            f"for every adapter), or use a per-layer method: {', '.join(list_methods(kind='data_free'))}"
+        )
+    from merging.foreign import dataset_label_names
+
+    adapters = [  # label names: --labels, the folder's own, then the dataset's (--data), the base config's last
+        load_foreign(
+            folder,
+            labels.get(folder),
+            args.base,
+            args.hub_ids.get(folder),
+            fallback_labels=dataset_label_names(data[folder]) if folder in data else None,
+        )
+        for folder in args.adapters
     ]
     base = base_model_name(adapters)  # before check_compatible: its message names the base models
     adapters, layer_sources = fill_missing_layers(adapters)
     check_compatible(adapters)
-    check_export_rank(args.rank, adapters[0].deltas)
+    if isinstance(args.rank, int):
+        check_export_rank(args.rank, adapters[0].deltas)
+    datasets_for = {a.task: data[a.path] for a in adapters if a.path in data}
+    work = ForeignData(adapters, base, datasets_for) if (data or args.evaluate) else None
     start = time.perf_counter()
-    params = get_method(args.method).validate(hyperparams)
-    merged = merge_deltas(adapters, args.method, params)
+    merged, params, selection = merge_foreign(adapters, args.method, hyperparams, work)
     seconds = time.perf_counter() - start
+    return export_foreign_merge(args, adapters, base, layer_sources, merged, params, selection, seconds, work)
+
+
+class ForeignData:
+    """The --data of adapters from elsewhere, loaded once: the base model and its preprocessing, each adapter's
+    validation images (the rank's and the grid's scoring, `RANK_VALIDATION_IMAGES`), training images for RegMean and
+    test images for --evaluate; and the scoring of any merged ΔW through `build_merged_model`."""
+
+    def __init__(self, adapters, base: str, datasets_for: dict[str, str]):
+        from merging.foreign import base_preprocess, load_base_model, recorded_base
+
+        self.adapters, self.datasets_for = adapters, datasets_for
+        self.base_model = load_base_model(recorded_base(base))
+        self.preprocess = base_preprocess(base, self.base_model)
+        self._validation = None
+
+    def split(self, split: str, n: int) -> dict:
+        """{task: (images, labels)} of every adapter's dataset (one line naming an adapter without --data)."""
+        from merging.foreign import evaluation_data
+
+        return evaluation_data(self.adapters, self.datasets_for, self.preprocess, n, split)
+
+    def validation(self) -> dict:
+        from merging.merged_model import RANK_VALIDATION_IMAGES
+
+        if self._validation is None:
+            self._validation = self.split("validation", RANK_VALIDATION_IMAGES)
+        return self._validation
+
+    def score(self, merged: dict, data: dict, adapters=None) -> dict[str, float]:
+        """{task: accuracy} of base + `merged` with the adapters' heads on `data` (one stream of full batches)."""
+        from merging.foreign import build_merged_model
+        from mlvision.evaluation import accuracy_of, task_correct
+
+        model = build_merged_model(adapters or self.adapters, merged, self.base_model)
+        return {task: accuracy_of(correct) for task, correct in task_correct(model, data).items()}
+
+    def grams(self):
+        from merging.foreign import ForeignGrams
+        from merging.grams import GRAM_IMAGES
+
+        train = {}
+
+        def images_for(task: str):
+            if not train:
+                train.update(self.split("train", GRAM_IMAGES))
+            return train[task][0]
+
+        return ForeignGrams(self.base_model, images_for)
+
+
+def merge_foreign(adapters, method: str, hyperparams: dict, work: ForeignData | None):
+    """(merged ΔW, hyperparameters, the validation selection record or None). Where `work` holds every adapter's data
+    and no --param fixed the hyperparameters, each point of the method's grid (`MergeMethod.grid_points`) is merged
+    and scored on the validation images and the best mean accuracy over the tasks is kept, ties to the earlier point
+    (the sweep's rule, merging/sweep.py `select`); otherwise one merge with the given (or default) hyperparameters."""
+    from merging.merged_model import AdapterMerger
+    from merging.methods import get_method
+
+    merge_method = get_method(method)
+    keys = [str(i) for i in range(len(adapters))]
+    grams = work.grams() if work is not None and merge_method.kind == "data_aware" else None
+    merger = AdapterMerger(dict(zip(keys, adapters)), None, grams=grams)
+    if work is None or len(work.datasets_for) < len(adapters) or hyperparams or not merge_method.tuned:
+        merged, params = merger.merge(keys, method, hyperparams)
+        return merged, params, None
+    validation = work.validation()
+    points = merge_method.grid_points()
+    scores, best = [], None
+    for index, point in enumerate(points):
+        merged, params = merger.merge(keys, method, point)
+        accuracies = work.score(merged, validation)
+        scores.append(sum(accuracies.values()) / len(accuracies))
+        if best is None or scores[-1] > best[0]:
+            best = (scores[-1], index, merged, params)
+    score, index, merged, params = best
+    record = {
+        "tuned": merge_method.tuned,
+        "grid": points,
+        "validation_accuracy": scores,
+        "chosen": points[index],
+        "chosen_validation_accuracy": score,
+        "validation_n_per_task": min(len(labels) for _, labels in validation.values()),
+    }
+    return merged, params, record
+
+
+def export_foreign_merge(args, adapters, base, layer_sources, merged, params, selection, seconds, work) -> int:
+    """Settle the rank (measured on the validation images where --data gives them), score the merge, each adapter
+    alone and the exported LoRA on --evaluate N test images, and write the folder (`foreign.export_merge`)."""
+    from merging.card import Figure
+    from merging.foreign import export_merge
+    from merging.merged_model import merge_record, settle_rank
+
+    score_validation, n_validation = None, None
+    why_not = "no validation images: --data ADAPTER=DATASET for every adapter measures it"
+    if work is not None and len(work.datasets_for) == len(adapters):
+        validation = work.validation()
+        n_validation = max(len(labels) for _, labels in validation.values())
+
+        def score_validation(deltas):
+            return work.score(deltas, validation)
+
+    elif work is not None:
+        work.validation()  # one line naming the adapter without --data
+    rank, choice, low_rank = settle_rank(args.rank, merged, score_validation, n_validation, why_not)
     figures = {}
     if args.evaluate:  # before the export, so the model card holds the figures
-        datasets_for = {a.task: data[a.path] for a in adapters if a.path in data}
-        figures = evaluate_foreign(adapters, merged, datasets_for, args.evaluate)
+        test = work.split("test", args.evaluate)
+        merged_scores = work.score(merged, test)
+        exported_scores = work.score(low_rank.approximation(rank), test)
+        for adapter in adapters:
+            task = adapter.task
+            source = f"measured now on {work.datasets_for[task]}"
+            n = len(test[task][1])
+            single = work.score(adapter.deltas, {task: test[task]}, [adapter])[task]
+            figures[task] = {
+                "merged": Figure(merged_scores[task], n, source),
+                "exported": Figure(exported_scores[task], n, source),
+                "single": Figure(single, n, source),
+            }
     partial = {layer: tasks for layer, tasks in layer_sources.items() if len(tasks) < len(adapters)}
+    datasets = dict(work.datasets_for) if work is not None else {}
     error = export_merge(
         merged,
         adapters,
-        args.rank,
+        rank,
         args.out,
         {
             **merge_record(args.method, params, adapters, seconds),
             "layers": layer_sources,
             "missing_layers_as_zero": bool(partial),
+            "rank_choice": choice,
+            "datasets": {a.task: datasets.get(a.task) for a in adapters},
+            **({"selection": selection} if selection else {}),
         },
         overwrite=args.overwrite,
         figures=figures,
+        base_model=work.base_model if work is not None else None,
     )
     print(f"merged {len(adapters)} adapters of {base} with {args.method} {params} in {seconds:.2f} s")
+    if selection:
+        print(
+            f"  chosen on validation: {selection['chosen']} (mean validation accuracy "
+            f"{selection['chosen_validation_accuracy']:.4f} over the grid's {len(selection['grid'])} points)"
+        )
     if partial:
         print(f"  {len(partial)} layers adapted by only some adapters were merged with ΔW = 0 for the others")
-    print(f"saved to {args.out} as a rank-{args.rank} LoRA; relative reconstruction error {error:.4f}")
+    for line in rank_lines(choice):
+        print(line)
+    print(f"saved to {args.out} as a rank-{rank} LoRA; relative reconstruction error {error:.4f}")
     for task, figure in figures.items():
         print(
             f"  {task}: merged accuracy {figure['merged'].accuracy:.4f}, its own adapter "
-            f"{figure['single'].accuracy:.4f} (n={figure['merged'].n})"
+            f"{figure['single'].accuracy:.4f}, exported rank-{rank} {figure['exported'].accuracy:.4f} "
+            f"(n={figure['merged'].n})"
         )
     return 0
-
-
-def evaluate_foreign(adapters, merged, datasets_for: dict[str, str], n: int) -> dict:
-    """{task: {"merged": Figure, "single": Figure}}: the merged model and each adapter alone scored on up to `n`
-    test images of the adapter's own dataset (--data), preprocessed for the base model (merging/foreign.py)."""
-    from merging.card import Figure
-    from merging.foreign import base_model_name, base_preprocess, build_merged_model, evaluation_data, load_base_model
-    from mlvision.evaluation import accuracy
-
-    base = base_model_name(adapters)
-    base_model = load_base_model(base)
-    data = evaluation_data(adapters, datasets_for, base_preprocess(base, base_model), n)
-    model = build_merged_model(adapters, merged, base_model)
-    figures = {}
-    for adapter in adapters:
-        images, labels = data[adapter.task]
-        alone = build_merged_model([adapter], adapter.deltas, base_model)
-        source = f"measured now on {datasets_for[adapter.task]}"
-        figures[adapter.task] = {
-            "merged": Figure(accuracy(model, adapter.task, images, labels), len(labels), source),
-            "single": Figure(accuracy(alone, adapter.task, images, labels), len(labels), source),
-        }
-    return figures
 
 
 if __name__ == "__main__":

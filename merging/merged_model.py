@@ -28,7 +28,7 @@ from merging.methods import get_method
 from merging.methods.regmean import singular_channels
 from merging.peft_reference import PeftMerger
 from mlvision.backbone import BackboneConfig, create_backbone
-from mlvision.errors import AdapterError, MergeConfigError
+from mlvision.errors import AdapterError, MergeConfigError, MLVisionError, error_reason
 from mlvision.evaluation import FoldedBackbone
 from mlvision.models import META_FILE, MultiTaskModel, save_model
 from mlvision.runs import relative_to_repo
@@ -184,10 +184,129 @@ def build_merged_model(adapters: list[AdapterDeltas], method: str, hyperparams: 
 
 def low_rank_factors(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """B [out, r], A [r, in] with B A the best rank-r approximation of delta (Eckart–Young)."""
-    u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
+    return _factors(torch.linalg.svd(delta.double(), full_matrices=False), rank)
+
+
+def _factors(svd: tuple[torch.Tensor, torch.Tensor, torch.Tensor], rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float32 factors `low_rank_factors` writes, from one SVD (u, s, vh) of the layer's ΔW."""
+    u, s, vh = svd
     rank = min(rank, s.numel())
     root = s[:rank].sqrt()
     return (u[:, :rank] * root).float(), (root[:, None] * vh[:rank]).float()
+
+
+# --- the export's rank ------------------------------------------------------------------------------------------
+# `--rank auto` (merging/merge.py): the smallest rank of RANK_LADDER's doublings (then the layers' full rank) whose
+# exported LoRA scores within RANK_TOLERANCE of the full merge on every task's validation images; where no validation
+# images are at hand, FALLBACK_RANK, and the card says its accuracy was not measured.
+RANK_TOLERANCE = 0.005  # 0.5 accuracy points
+FALLBACK_RANK = 32
+RANK_LADDER_START = 4
+
+
+def max_export_rank(deltas: dict[str, torch.Tensor]) -> int:
+    """The largest useful export rank: max over the layers of min(out, in) (`check_export_rank`)."""
+    return max(min(delta.shape) for delta in deltas.values())
+
+
+def rank_ladder(deltas: dict[str, torch.Tensor]) -> list[int]:
+    """4, 8, 16, ... below the layers' largest useful rank, then that rank (the export is then exact)."""
+    bound = max_export_rank(deltas)
+    ladder, rank = [], RANK_LADDER_START
+    while rank < bound:
+        ladder.append(rank)
+        rank *= 2
+    return [*ladder, bound]
+
+
+class LowRankMerge:
+    """A merged ΔW and its rank-r exports: one SVD per layer, then for any rank the ΔW the exported LoRA holds
+    (B A of the very float32 factors `lora_from_merge` writes) and its relative error, so an export can be scored
+    through the evaluation path at every rank of a ladder without writing a folder per rank."""
+
+    def __init__(self, merged: dict[str, torch.Tensor]):
+        self.merged = merged
+        self._svd = {layer: torch.linalg.svd(delta.double(), full_matrices=False) for layer, delta in merged.items()}
+
+    def approximation(self, rank: int) -> dict[str, torch.Tensor]:
+        """Per layer, B A at min(rank, out, in): what PeftModel.from_pretrained(model, export) adds to the weight."""
+        approximated = {}
+        for layer, delta in self.merged.items():
+            b, a = _factors(self._svd[layer], rank)
+            approximated[layer] = (b.double() @ a.double()).to(delta.dtype)
+        return approximated
+
+    def relative_error(self, rank: int) -> float:
+        """||ΔW - B A||_F / ||ΔW||_F over all layers (`lora_from_merge`'s figure), from the dropped singular values
+        of the float32 factors' product."""
+        error_sq, total_sq = 0.0, 0.0
+        for layer, delta in self.merged.items():
+            b, a = _factors(self._svd[layer], rank)
+            error_sq += float((delta.double() - b.double() @ a.double()).pow(2).sum())
+            total_sq += float(delta.double().pow(2).sum())
+        return (error_sq / total_sq) ** 0.5 if total_sq > 0 else 0.0
+
+
+def _rank_step(low_rank: LowRankMerge, rank: int, score, full: dict[str, float]) -> dict:
+    """One rank scored: its relative error, per-task accuracy, the largest change either way against the full merge
+    (`max_change`) and the largest loss (`max_loss`, negative where every task gained)."""
+    accuracies = score(low_rank.approximation(rank))
+    return {
+        "rank": rank,
+        "relative_error": low_rank.relative_error(rank),
+        "accuracy": accuracies,
+        "max_change": max(abs(accuracies[task] - full[task]) for task in full),
+        "max_loss": max(full[task] - accuracies[task] for task in full),
+    }
+
+
+def choose_export_rank(low_rank: LowRankMerge, score, tolerance: float = RANK_TOLERANCE) -> dict:
+    """`--rank auto`: walk `rank_ladder` up from its smallest rank and keep the first whose exported ΔW's accuracy
+    moves by at most `tolerance` (either way: the export should score as the merge it stands for) against the full
+    merge on every task. `score(deltas)` -> {task: accuracy} on validation images (the caller scores through the
+    evaluation path). Returns the record merge.json and the card hold: the rule, the full merge's validation
+    accuracies, each rank tried and the chosen rank. The layers' full rank always qualifies up to float rounding of
+    the factors, so the walk ends there at the latest."""
+    full = score(low_rank.merged)
+    ladder = rank_ladder(low_rank.merged)
+    tried = []
+    for rank in ladder:
+        tried.append(_rank_step(low_rank, rank, score, full))
+        if tried[-1]["max_change"] <= tolerance + 1e-9 or rank == ladder[-1]:
+            break
+    return {
+        "requested": "auto",
+        "rule": (
+            f"the smallest rank of {', '.join(map(str, ladder))} whose exported LoRA's validation accuracy is within "
+            f"{tolerance * 100:g} points (either way) of the full merge's on every task"
+        ),
+        "tolerance": tolerance,
+        "full_accuracy": full,
+        "ladder": tried,
+        "chosen": tried[-1]["rank"],
+    }
+
+
+def measure_export_rank(low_rank: LowRankMerge, rank: int, score) -> dict:
+    """An explicit `--rank N`: the same record as `choose_export_rank`, for that one rank (its change stated, not
+    bounded)."""
+    full = score(low_rank.merged)
+    return {
+        "requested": rank,
+        "rule": f"--rank {rank} as given",
+        "tolerance": None,
+        "full_accuracy": full,
+        "ladder": [_rank_step(low_rank, rank, score, full)],
+        "chosen": rank,
+    }
+
+
+def unmeasured_export_rank(rank: int | str, deltas: dict[str, torch.Tensor], why: str) -> dict:
+    """The record of a rank whose accuracy cannot be measured here (no validation images): `--rank auto` falls back
+    to FALLBACK_RANK (or the layers' full rank where that is smaller), and `why` says what was missing."""
+    chosen = min(FALLBACK_RANK, max_export_rank(deltas)) if rank == "auto" else int(rank)
+    rule = f"--rank {rank} as given" if rank != "auto" else f"--rank auto without validation images: rank {chosen}"
+    return {"requested": rank, "rule": rule, "not_measured": why, "ladder": [], "chosen": chosen}
 
 
 MERGE_INFO_FILE = "merge.json"
@@ -370,35 +489,91 @@ def lora_from_merge(model: torch.nn.Module, merged: dict[str, torch.Tensor], ran
 def export_merge_as_lora(
     merged: dict[str, torch.Tensor],
     adapters: list[AdapterDeltas],
-    rank: int,
+    rank: int | str,
     folder: str | Path,
     merge_info: dict,
     overwrite: bool = False,
     figures: dict | None = None,
+    folded: FoldedBackbone | None = None,
 ) -> float:
-    """Save a merge of this project's adapters as a peft LoRA plus the k heads; returns the relative error.
+    """Save a merge of this project's adapters as a peft LoRA plus the k heads; returns the relative error
+    (`export_own_lora`, which also measures the rank: the merge CLI and the demo's download write the same folder)."""
+    return export_own_lora(merged, adapters, rank, folder, merge_info, overwrite, figures, folded)[0]
 
-    The folder loads with `PeftModel.from_pretrained(backbone, folder)`; heads are saved as `heads/<task>/` model
-    folders; the rest is `write_export`'s (merge.json, the model card with `figures`, rank per layer, atomic).
+
+# Validation images per task the export's rank is scored on (0.5 points of 500 is 2.5 images).
+RANK_VALIDATION_IMAGES = 500
+
+
+def export_own_lora(
+    merged: dict[str, torch.Tensor],
+    adapters: list[AdapterDeltas],
+    rank: int | str,
+    folder: str | Path,
+    merge_info: dict,
+    overwrite: bool = False,
+    figures: dict | None = None,
+    folded: FoldedBackbone | None = None,
+) -> tuple[float, dict, dict]:
+    """Save a merge of this project's adapters as a peft LoRA plus the k heads: (relative error, the rank record,
+    the figures the card holds).
+
+    The rank (a number, `full` or `auto`) is settled on each task's validation images (`RANK_VALIDATION_IMAGES`,
+    `settle_rank`), scored through the evaluation path (`folded`, or a FoldedBackbone built here); where the tasks'
+    data cannot be loaded the record says so and `auto` exports FALLBACK_RANK. Every task
+    whose `figures` hold a "merged" test accuracy gets the exported LoRA's accuracy on the same test images
+    ("exported"). The folder loads with `PeftModel.from_pretrained(backbone, folder)`; heads are saved as
+    `heads/<task>/` model folders; the rest is `write_export`'s (merge.json, the model card, rank per layer, atomic).
     """
+    from merging.card import Figure
+
+    check_output_folder(folder, [a.path for a in adapters], overwrite)  # before the scoring, as write_export will
     meta0 = adapters[0].meta
+    figures = {task: dict(kinds) for task, kinds in (figures or {}).items()}
+    folded = folded or FoldedBackbone(BackboneConfig(**meta0["backbone"]))
+    score, n_validation, why_not = None, None, ""
+    try:
+        score, n_validation = own_scorer(
+            folded, adapters, "validation", {a.task: RANK_VALIDATION_IMAGES for a in adapters}
+        )
+    except MLVisionError as error:
+        why_not = f"the tasks' validation images cannot be loaded here ({error_reason(error)})"
+    rank, choice, low_rank = settle_rank(rank, merged, score, n_validation, why_not)
+    measured = {task: kinds["merged"].n for task, kinds in figures.items() if "merged" in kinds}
+    if measured:
+        try:
+            score_test, _ = own_scorer(folded, [a for a in adapters if a.task in measured], "test", measured)
+        except MLVisionError:
+            score_test = None  # the stored figure's images are not here: the exported cell stays "not measured"
+        if score_test is not None:
+            for task, value in score_test(low_rank.approximation(rank)).items():
+                figures[task]["exported"] = Figure(value, measured[task], "measured now on the same images")
 
     def write_head(head_dir: Path, adapter: AdapterDeltas) -> None:
         meta = {**adapter.meta, "model_kind": "head", "training": {"from_adapter": adapter_origin(adapter)}}
         save_model(head_dir, meta, adapter.head)
 
-    return write_export(
+    datasets = {a.task: a.task.removeprefix("hub:") if a.task.startswith("hub:") else None for a in adapters}
+    info = {
+        "datasets": datasets,
+        **merge_info,
+        "rank_choice": choice,
+        "backbone": meta0["backbone"],
+        "preprocess": meta0["preprocess"],
+    }
+    error = write_export(
         folder,
         adapters,
         merged,
         rank,
         lambda: create_backbone(BackboneConfig(**meta0["backbone"])),
         f"backbone {meta0['backbone']['name']}",
-        {**merge_info, "backbone": meta0["backbone"], "preprocess": meta0["preprocess"]},
+        info,
         write_head,
         figures,
         overwrite,
     )
+    return error, choice, figures
 
 
 def write_export(
@@ -432,7 +607,13 @@ def write_export(
         # (is_gradient_checkpointing): nothing the user can act on, so not part of the command's output
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         peft_model, relative_error = lora_from_merge(model, merged, rank)
-    info = {**info, "export_rank": rank, "relative_error": relative_error, "tasks": [a.task for a in adapters]}
+    info = {
+        "licenses": adapter_licenses(adapters),
+        **info,
+        "export_rank": rank,
+        "relative_error": relative_error,
+        "tasks": [a.task for a in adapters],
+    }
 
     def write(temp: Path) -> None:
         peft_model.save_pretrained(str(temp))
@@ -444,6 +625,60 @@ def write_export(
 
     write_folder_atomically(folder, write)
     return relative_error
+
+
+def own_scorer(folded, adapters, split: str, n_for: dict[str, int | None]):
+    """(score(deltas) -> {task: accuracy}, images per task at most) on `split` of each adapter's task (up to
+    n_for[task] images; the fixed subset every model of the study is scored on), through the evaluation path: the
+    backbone with `deltas` folded in and the adapters' heads. An MLVisionError where a task's data is not here."""
+    from mlvision.backbone import Preprocess
+    from mlvision.data import split_tensors
+    from mlvision.evaluation import accuracy_of, task_correct
+
+    preprocess = Preprocess.from_dict(adapters[0].meta["preprocess"])
+    data = {a.task: split_tensors(a.task, split, preprocess, n_for[a.task]) for a in adapters}
+    heads = {a.task: a.head for a in adapters}
+
+    def score(deltas) -> dict[str, float]:
+        correct = task_correct(folded.model(deltas, heads), data)
+        return {task: accuracy_of(values) for task, values in correct.items()}
+
+    return score, max(len(labels) for _, labels in data.values())
+
+
+def settle_rank(requested: int | str, merged: dict, score_validation, n_validation: int | None, why_not: str):
+    """(rank, the record merge.json and the card hold, LowRankMerge): `auto` walks the ladder on validation, a
+    number (or `full`) has its validation loss measured; without `score_validation` nothing is measured and `why_not`
+    says why (auto then exports FALLBACK_RANK)."""
+    rank = max_export_rank(merged) if requested == "full" else requested
+    if isinstance(rank, int):
+        check_export_rank(rank, merged)
+    low_rank = LowRankMerge(merged)
+    if score_validation is None:
+        choice = unmeasured_export_rank(rank, merged, why_not)
+    elif rank == "auto":
+        choice = {**choose_export_rank(low_rank, score_validation), "validation_n": n_validation}
+    else:
+        choice = {**measure_export_rank(low_rank, rank, score_validation), "validation_n": n_validation}
+    if requested == "full":
+        choice["requested"], choice["rule"] = "full", f"--rank full: the layers' full rank, {rank}"
+    return choice["chosen"], choice, low_rank
+
+
+def adapter_licenses(adapters: list[AdapterDeltas]) -> dict[str, str | None]:
+    """{task: the `license` its adapter's own model card (README.md metadata) names, or None}: what the export's
+    card may claim (`card.license_of`). Read with huggingface_hub's `metadata_load`; an unreadable card names none."""
+    from huggingface_hub import metadata_load
+
+    licenses = {}
+    for adapter in adapters:
+        try:
+            metadata = metadata_load(Path(adapter.path) / "README.md") or {}
+        except Exception:  # noqa: BLE001 - no card, or a header that is not YAML: no license stated
+            metadata = {}
+        license = metadata.get("license") if isinstance(metadata, dict) else None
+        licenses[adapter.task] = license if isinstance(license, str) and license else None
+    return licenses
 
 
 def head_folder_name(task: str) -> str:
@@ -497,6 +732,7 @@ __all__ = [
     "check_export_rank",
     "check_output_folder",
     "export_merge_as_lora",
+    "export_own_lora",
     "lora_from_merge",
     "merge_deltas",
     "merge_record",
@@ -506,4 +742,13 @@ __all__ = [
     "low_rank_factors",
     "write_folder_atomically",
     "check_merge_fits",
+    "LowRankMerge",
+    "adapter_licenses",
+    "choose_export_rank",
+    "max_export_rank",
+    "measure_export_rank",
+    "own_scorer",
+    "rank_ladder",
+    "settle_rank",
+    "unmeasured_export_rank",
 ]

@@ -1,4 +1,5 @@
-"""The merge CLI on hostile input: every refusal is one line with exit code 2, and nothing is written.
+"""The merge CLI on hostile input: every refusal is one line with exit code 2, and nothing is written; and the export
+of a merge a study stored (`--from-db`), checked against the stored per-image outcomes of the session's tiny study.
 
 The inputs are copies of the committed adapters (artifacts/tf_efficientnet_lite0/<task>/adapter-seed0-*),
 damaged in tmp_path where a case needs it; the originals are never passed to the CLI. Each refusal
@@ -15,17 +16,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import call_main
+from conftest import call_main, query_db
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
 import merging.merged_model
+from merging.card import format_accuracy
 from merging.deltas import load_deltas
 from merging.merge import main as merge_main
 from merging.merged_model import merge_deltas
-from mlvision.backbone import BackboneConfig, create_backbone
-from mlvision.evaluation import FoldedBackbone
+from mlvision.backbone import BackboneConfig, Preprocess, create_backbone
+from mlvision.data import split_tensors
+from mlvision.evaluation import FoldedBackbone, task_correct
+from mlvision.models import load_head, read_meta
 from mlvision.paths import REPO_ROOT
+from mlvision.store import unpack_correct
 
 ARTIFACTS = REPO_ROOT / "artifacts" / "tf_efficientnet_lite0"
 TASKS = ["mnist", "fashion_mnist"]
@@ -374,7 +379,8 @@ def test_evaluate_below_one_is_refused(adapters, tmp_path, capsys, n):
 
 
 def test_a_bad_argument_value_is_one_line(adapters, tmp_path, capsys):
-    refused([*adapters, "--out", tmp_path / "merged", "--rank", "four"], capsys, "--rank", "invalid int value")
+    refused([*adapters, "--out", tmp_path / "merged", "--rank", "four"], capsys, "--rank", "'four' is not a rank")
+    refused([*adapters, "--out", tmp_path / "merged", "--rank", "0"], capsys, "--rank must be at least 1")
 
 
 def test_the_script_prints_one_line_and_exits_2(adapters):
@@ -415,3 +421,104 @@ def test_valid_merge_writes_a_complete_folder_and_overwrite_replaces_it(adapters
     assert json.loads((out / "merge.json").read_text())["method"] == "linear"
     assert sorted(p.name for p in (out / "heads").iterdir()) == sorted(TASKS)
     assert snapshot(*adapters) == before and leftovers(tmp_path) == []
+
+
+# --- a stored merge (--from-db) --------------------------------------------------------------------------------
+
+
+def stored_outcomes(db: Path, merge_id: str) -> dict:
+    """{task: (per-image outcomes, n)} of a stored merge, as merge_results holds them."""
+    rows = query_db(db, "SELECT task, merged_correct, n FROM merge_results WHERE merge_id = ?", [merge_id])
+    return {task: (unpack_correct(packed, n), n) for task, packed, n in rows}
+
+
+def exported_outcomes(out: Path, tasks: list[str], n: dict[str, int]) -> dict:
+    """Which test images the exported folder gets right: its LoRA factors read back (ΔW = B A, scaling 1 as written),
+    folded into the evaluation path with the heads under heads/, scored on each task's fixed test subset of n."""
+    info = json.loads((out / "merge.json").read_text())
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["lora_alpha"] == config["r"] and set(config["alpha_pattern"]) == set(config["rank_pattern"])
+    factors = load_file(str(out / "adapter_model.safetensors"))
+    prefix = "base_model.model."
+    deltas = {}
+    for key, a in factors.items():
+        if key.endswith(".lora_A.weight"):
+            b = factors[key.replace("lora_A", "lora_B")]
+            deltas[key[len(prefix) : -len(".lora_A.weight")]] = b.reshape(b.shape[0], -1) @ a.reshape(a.shape[0], -1)
+    heads = {}
+    for folder in (out / "heads").iterdir():
+        meta = read_meta(folder)
+        heads[meta["task"]] = load_head(folder, meta)
+    preprocess = Preprocess.from_dict(info["preprocess"])
+    data = {task: split_tensors(task, "test", preprocess, n[task]) for task in tasks}
+    return task_correct(FoldedBackbone(BackboneConfig(**info["backbone"])).model(deltas, heads), data)
+
+
+@pytest.mark.parametrize("method", ["ties", "peft_cat"])
+def test_from_db_exports_the_merge_the_study_scored(tiny_study, tmp_path, capsys, method):
+    """Issue 29.6: `--from-db DB --merge-id ID` rebuilds the stored merge (ties: scaling 0.7 chosen on validation,
+    applied as the sweep does; peft_cat: peft's own merge) from its stored adapters and hyperparameters; the exported
+    folder at full rank gets exactly the test images right that the stored merge got right."""
+    db = tiny_study["db"]
+    ((merge_id, hyperparams),) = query_db(
+        db,
+        "SELECT merge_id, hyperparams FROM merges WHERE method = ? AND k = 3",
+        [method],
+    )
+    out = tmp_path / "merged"
+    code, stdout, err = call_main(
+        merge_main, ["--from-db", db, "--merge-id", merge_id, "--rank", "full", "--out", out], capsys
+    )
+    assert code == 0, err
+    assert f"rebuilt stored merge {merge_id}" in stdout
+    info = json.loads((out / "merge.json").read_text())
+    assert info["method"] == method and info["hyperparams"] == json.loads(hyperparams)
+    assert info["from_db"]["merge_id"] == merge_id and info["export_rank"] == 320 and info["relative_error"] < 1e-5
+    stored = stored_outcomes(db, merge_id)
+    outcomes = exported_outcomes(out, info["tasks"], {task: n for task, (_, n) in stored.items()})
+    assert sorted(outcomes) == sorted(stored)
+    for task, (correct, _) in stored.items():
+        assert outcomes[task].tolist() == correct.tolist(), task
+    text = (out / "README.md").read_text()
+    assert f"This is merge `{merge_id}`" in text
+    for task, merged, n in query_db(
+        db, "SELECT task, merged_accuracy, n FROM merge_results WHERE merge_id = ?", [merge_id]
+    ):
+        assert f"| {format_accuracy(merged)} (n={n}, stored in results.duckdb) |" in text
+
+
+def test_from_db_k_exports_the_findings_chosen_method(tiny_study, tmp_path, capsys):
+    """`--from-db DB --k K`: the findings' chosen method for K (its one group here at k=3; at k=2 --tasks names one
+    of three groups)."""
+    db = tiny_study["db"]
+    ((statistic,),) = query_db(
+        db, "SELECT statistic FROM findings WHERE finding = 'chosen_method' AND statistic LIKE '%/k=3'"
+    )
+    method = statistic.rpartition("/k=")[0]
+    ((merge_id,),) = query_db(db, "SELECT merge_id FROM merges WHERE method = ? AND k = 3", [method])
+    out = tmp_path / "k3"
+    code, _, err = call_main(merge_main, ["--from-db", db, "--k", "3", "--rank", "8", "--out", out], capsys)
+    assert code == 0, err
+    info = json.loads((out / "merge.json").read_text())
+    assert info["method"] == method and info["from_db"]["merge_id"] == merge_id and info["export_rank"] == 8
+
+    refused(["--from-db", db, "--k", "2", "--out", tmp_path / "k2"], capsys, "merges of 2 tasks", "--tasks")
+    ((group,),) = query_db(db, "SELECT tasks FROM merges WHERE method = ? AND k = 2 ORDER BY tasks LIMIT 1", [method])
+    out = tmp_path / "k2"
+    argv = ["--from-db", db, "--k", "2", "--tasks", ",".join(reversed(group.split(","))), "--rank", "8", "--out", out]
+    code, _, err = call_main(merge_main, argv, capsys)
+    assert code == 0, err
+    assert json.loads((out / "merge.json").read_text())["tasks"] == group.split(",")
+
+
+def test_from_db_refusals_are_one_line(tiny_study, adapters, tmp_path, capsys):
+    db = tiny_study["db"]
+    out = tmp_path / "merged"
+    refused(["--from-db", db, "--merge-id", "merge-nope", "--out", out], capsys, "stores no merge merge-nope")
+    refused([*adapters, "--from-db", db, "--merge-id", "x", "--out", out], capsys, "drop adapter folders")
+    refused(["--from-db", db, "--merge-id", "x", "--method", "ties", "--out", out], capsys, "drop --method")
+    refused(["--merge-id", "x", "--out", out], capsys, "add --from-db")
+    refused(["--from-db", db, "--out", out], capsys, "--merge-id ID or --k K")
+    refused(["--from-db", tmp_path / "none.duckdb", "--k", "2", "--out", out], capsys, "no results database")
+    refused(["--from-db", db, "--k", "9", "--out", out], capsys, "no chosen method for groups of 9 tasks")
+    assert not out.exists()
