@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 import os
 import platform
-import resource
 import statistics
 import threading
 import time
@@ -71,21 +70,30 @@ def _reset_peak_rss() -> bool:
     try:
         with open("/proc/self/clear_refs", "w") as handle:
             handle.write("5")
+        _peak_rss_bytes()  # and the peak can be read back
         return True
     except OSError:
         return False
 
 
 def _peak_rss_bytes() -> int:
-    """The kernel's peak resident size of this process since it started or since `_reset_peak_rss` (Linux: KB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """The kernel's peak resident size of this process's memory since `_reset_peak_rss` (VmHWM of /proc/self/status).
+
+    Not `getrusage`'s ru_maxrss: it is the larger of that and a figure the kernel keeps across exec, so in a
+    process started by multiprocessing's spawn (fork, then exec) it never falls below the parent's size at the
+    fork (680 MB under pytest), whatever is reset."""
+    with open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise OSError("no VmHWM in /proc/self/status")
 
 
 class PeakMemory:
     """Peak extra memory (MB) used inside a `with` block: device memory on CUDA, resident memory on CPU.
 
     CUDA: exact, from the caching allocator's peak counter. CPU: the kernel's own peak-resident counter
-    (`getrusage`'s ru_maxrss), reset when the block starts, so the figure is the block's peak minus the size when
+    (VmHWM), reset when the block starts, so the figure is the block's peak minus the size when
     it started, exact (no sampling can miss a short peak). Where the counter cannot be reset (not Linux), a
     thread samples the resident size every millisecond instead. Run it in a fresh process (see training/bench.py)
     so memory freed by earlier work is not reused and hidden.
