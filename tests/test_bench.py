@@ -249,3 +249,41 @@ def test_another_image_size_is_a_figure_of_its_own(tiny_study, tmp_path):
     assert query_db(db, "SELECT count(*), min(batch_size), max(k) FROM benchmarks WHERE image_size = 40") == [
         (10, 2, 2)
     ]
+
+
+def test_a_benchmark_worker_exits_when_its_parent_is_killed(tmp_path):
+    """run_all killed with -9 during the bench stage must not leave its spawned worker running (holding the cores
+    and the parent's output pipe): the worker's `exit_with_parent` sees its parent gone and exits."""
+    import signal
+    import time
+
+    pid_file, script = tmp_path / "worker.pid", tmp_path / "parent.py"
+    script.write_text(  # a file, not -c: spawn re-imports the parent's main module to find `work`
+        "import multiprocessing, os, sys, time\n"
+        "from concurrent.futures import ProcessPoolExecutor\n"
+        "from benchmarks.sections.training import exit_with_parent\n"
+        "def work(path):\n"
+        "    open(path, 'w').write(str(os.getpid()))\n"
+        "    time.sleep(120)\n"
+        "if __name__ == '__main__':\n"
+        "    context = multiprocessing.get_context('spawn')\n"
+        "    with ProcessPoolExecutor(1, mp_context=context, initializer=exit_with_parent) as pool:\n"
+        f"        pool.submit(work, {str(pid_file)!r}).result()\n"
+    )
+    parent = subprocess.Popen([sys.executable, str(script)], cwd=tmp_path)
+    deadline = time.monotonic() + 120
+    while not pid_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    worker = int(pid_file.read_text())
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 30  # the worker checks every 0.5 s
+    while time.monotonic() < deadline:
+        try:
+            os.kill(worker, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        os.kill(worker, signal.SIGKILL)
+        pytest.fail("the worker outlived its parent by 30 s")

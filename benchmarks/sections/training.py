@@ -10,6 +10,9 @@ whether it speeds up training too; the trainer keeps the default layout, see the
 from __future__ import annotations
 
 import multiprocessing
+import os
+import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 
 import torch
@@ -22,6 +25,22 @@ from mlvision.backbone import BackboneConfig, create_backbone, make_preprocess
 from mlvision.data import split_tensors
 from mlvision.models import add_lora, make_head
 from mlvision.tasks import get_task
+
+
+def exit_with_parent() -> None:
+    """In a worker process: exit as soon as the process that started it is gone (killed with SIGKILL, say).
+
+    Why: a spawned worker outlives its parent otherwise, holding the parent's output pipe open and the
+    cores busy (seen when `run_all` was killed with -9 during the bench stage). A thread watches the parent's
+    id; a reparented process has a new one."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def train_step_worker(spec: dict) -> dict:
@@ -105,11 +124,13 @@ class TrainingSection(Section):
         rows = []
         context = multiprocessing.get_context("spawn")  # a fresh process per variant: memory is not shared
         for variant in tqdm(self.variants, desc="bench training", unit="variant"):
-            with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+            with ProcessPoolExecutor(max_workers=1, mp_context=context, initializer=exit_with_parent) as pool:
                 result = pool.submit(train_step_worker, {**spec, "variant": variant}).result()
             median, p95 = median_p95(result["times"])
             memory_kind = (
-                "device memory allocated" if stage.device.type == "cuda" else "resident memory (RSS) sampled every 1 ms"
+                "device memory allocated"
+                if stage.device.type == "cuda"
+                else "resident memory (the kernel's peak counter)"
             )
             rows.append(
                 {
