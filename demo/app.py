@@ -528,10 +528,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base", help="with --adapters: the base model of adapters whose config names none (timm)")
     parser.add_argument(
         "--labels",
-        action="append",
+        action="extend",
+        nargs="+",
         default=[],
         metavar="ADAPTER=FILE",
-        help="with --adapters: label names for an adapter that carries none; repeatable",
+        help="with --adapters: label names for an adapter that carries none; several pairs after one flag, or the "
+        "flag repeated",
     )
     args = parser.parse_args(argv)
     if (args.base or args.labels) and not args.adapters:

@@ -428,7 +428,12 @@ def expand_sources(sources: list[str]) -> list[str]:
     expanded = []
     for source in sources:
         folder = Path(source)
-        if source.startswith(HUB_PREFIX) or not folder.is_dir() or (folder / "adapter_config.json").exists():
+        if (
+            source.startswith(HUB_PREFIX)
+            or not folder.is_dir()
+            or (folder / "adapter_config.json").exists()
+            or (folder / "task.json").exists()  # this project's model folder (an adapter, or a head to be refused)
+        ):
             expanded.append(source)
             continue
         inside = sorted(str(sub) for sub in folder.iterdir() if (sub / "adapter_config.json").is_file())

@@ -117,21 +117,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--labels",
-        action="append",
+        action="extend",
+        nargs="+",
         default=[],
         metavar="ADAPTER=FILE",
         help="label names for an adapter trained elsewhere (a JSON list, an id2label object, or one name per line); "
-        "repeatable",
+        "several pairs after one flag, or the flag repeated (give the adapters before it)",
     )
     parser.add_argument(
         "--data",
-        action="append",
+        action="extend",
+        nargs="+",
         default=[],
         metavar="ADAPTER=DATASET",
         help="for adapters trained elsewhere: the adapter's own dataset, a save_to_disk folder or a Hub dataset id "
         "(its splits, a missing validation or test split carved from train); for every adapter, the method's grid "
         "is searched on validation, RegMean is offered and the rank measured; --evaluate N scores its test split; "
-        "repeatable",
+        "several pairs after one flag, or the flag repeated",
     )
     parser.add_argument(
         "--base",
@@ -259,21 +261,30 @@ def push(repo_id: str, out: Path) -> int:
     return 0
 
 
+def list_methods_text() -> str:
+    """--list-methods: every registered method with its defaults and paper (the registry imports no torch)."""
+    from merging.methods import MERGE_METHODS
+
+    return "\n".join(
+        f"{method.name}: {method.description}\n    defaults: {method.defaults}\n    paper: {method.paper}"
+        for method in MERGE_METHODS.values()
+    )
+
+
 def run(args) -> int:
+    if args.list_methods:  # before the imports below (torch, peft, timm: seconds), so it answers at once
+        print(list_methods_text())
+        return 0
     from merging.card import Figure
     from merging.deltas import check_compatible, load_deltas
-    from merging.foreign import is_foreign, resolve_adapter
+    from merging.foreign import expand_sources, is_foreign, resolve_adapter
     from merging.grams import GRAM_IMAGES, GramStore
     from merging.merged_model import AdapterMerger, check_export_rank, check_output_folder, merge_record
-    from merging.methods import MERGE_METHODS, get_method
+    from merging.methods import get_method
     from mlvision.backbone import BackboneConfig, Preprocess
     from mlvision.data import split_tensors
     from mlvision.evaluation import FoldedBackbone, accuracy
 
-    if args.list_methods:
-        for method in MERGE_METHODS.values():
-            print(f"{method.name}: {method.description}\n    defaults: {method.defaults}\n    paper: {method.paper}")
-        return 0
     if args.from_db is not None or args.merge_id is not None or args.k is not None:
         return run_from_db(args)
     if args.tasks is not None or args.seed is not None:
@@ -283,6 +294,7 @@ def run(args) -> int:
         raise MergeConfigError("give at least one adapter folder and --out FOLDER (see --help)")
     args.hub_ids = {}  # resolved folder -> the hub:user/adapter it came from
     resolved = []
+    args.adapters = expand_sources(args.adapters)  # a folder of adapter folders: each adapter in it
     for given in args.adapters:
         folder, hub_id = resolve_adapter(given)
         resolved.append(folder)
@@ -683,7 +695,10 @@ def per_adapter_option(items: list[str], adapters: list[Path], option: str) -> d
     for item in items:
         folder, sep, value = item.rpartition("=")
         if not sep or not folder or not value:
-            raise MergeConfigError(f"{option} '{item}' is not ADAPTER=VALUE: write e.g. {option} my_adapter={example}")
+            raise MergeConfigError(
+                f"{option} '{item}' is not ADAPTER=VALUE: write e.g. {option} my_adapter={example} (adapter folders go "
+                f"before {option}, which takes every ADAPTER=VALUE that follows it)"
+            )
         if Path(folder).resolve() not in inputs:
             raise MergeConfigError(f"{option} names {folder}, which is not one of the adapters given: check the path")
         values[inputs[Path(folder).resolve()]] = value

@@ -522,3 +522,38 @@ def test_from_db_refusals_are_one_line(tiny_study, adapters, tmp_path, capsys):
     refused(["--from-db", tmp_path / "none.duckdb", "--k", "2", "--out", out], capsys, "no results database")
     refused(["--from-db", db, "--k", "9", "--out", out], capsys, "no chosen method for groups of 9 tasks")
     assert not out.exists()
+
+
+# --- issue 29.7: conventions ----------------------------------------------------------------------------
+def test_a_folder_of_adapter_folders_merges_every_adapter_in_it(adapters, tmp_path):
+    """As the demo does: a folder holding adapter folders stands for each adapter in it (sorted)."""
+    one, both = tmp_path / "one", tmp_path / "both"
+    common = ["--method", "task_arithmetic", "--rank", "8"]
+    assert merge_main([str(adapters[0].parent), *common, "--out", str(one)]) == 0
+    assert merge_main([*(str(a) for a in sorted(adapters)), *common, "--out", str(both)]) == 0
+    assert (one / "adapter_model.safetensors").read_bytes() == (both / "adapter_model.safetensors").read_bytes()
+    assert sorted(json.loads((one / "merge.json").read_text())["tasks"]) == sorted(TASKS)
+
+
+def test_labels_and_data_take_several_pairs_after_one_flag():
+    from merging.merge import build_parser
+
+    args = build_parser().parse_args(
+        ["a/", "b/", "--labels", "a/=x.json", "b/=y.json", "--data", "a/=d1", "--data", "b/=d2"]
+    )
+    assert args.labels == ["a/=x.json", "b/=y.json"] and args.data == ["a/=d1", "b/=d2"]
+
+
+@pytest.mark.parametrize("flag", ["--help", "--list-methods"])
+def test_help_and_the_method_list_import_no_torch(flag):
+    """They answer before torch, peft and timm are imported (seconds each): the registry and the parser need none."""
+    probe = (
+        "import sys\n"
+        "from merging.merge import main\n"
+        f"try:\n    main([{flag!r}])\nexcept SystemExit:\n    pass\n"
+        "print('HEAVY', sorted(m for m in ('torch', 'peft', 'timm', 'transformers') if m in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stderr
+    assert "HEAVY []" in result.stdout, result.stdout[-500:]
+    assert ("ties:" in result.stdout) == (flag == "--list-methods")

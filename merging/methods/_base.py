@@ -16,12 +16,12 @@ import itertools
 import math
 import numbers
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from mlvision.errors import MergeConfigError
+
+if TYPE_CHECKING:  # torch is imported where it is used: listing the methods needs no torch
+    from torch import Tensor
 
 # A range is (low, high, brackets): brackets is "[]", "(]", "[)" or "()" saying which ends are
 # allowed, the usual interval notation. A hyperparameter whose default is an int (DARE's seed)
@@ -174,6 +174,8 @@ class MergeMethod:
 
     def check_deltas(self, deltas: Sequence[Tensor]) -> list[Tensor]:
         """The deltas as a list, or MergeConfigError naming what is wrong and at which index."""
+        from torch import Tensor
+
         if isinstance(deltas, Tensor) or not isinstance(deltas, Sequence):
             raise MergeConfigError(
                 f"merge method '{self.name}': deltas must be a list of 2-D tensors, got {type(deltas).__name__}"
@@ -234,6 +236,8 @@ class MergeMethod:
 
     def check_statistics(self, deltas: list[Tensor], statistics: dict) -> dict:
         """The per-task statistics the method needs (one [in, in] matrix per update), or MergeConfigError."""
+        from torch import Tensor
+
         unknown = sorted(set(statistics) - set(self.statistics) - set(self.optional_statistics))
         if unknown:
             raise MergeConfigError(f"merge method '{self.name}' takes no statistic {unknown[0]!r}")
@@ -273,6 +277,8 @@ class MergeMethod:
         return statistics
 
     def __call__(self, deltas: Sequence[Tensor], **arguments) -> Tensor:
+        import torch
+
         if self.fn is None:
             raise MergeConfigError(
                 f"'{self.name}' is a {self.kind} merge of whole adapters, not a per-layer "

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-import torch
-from torch import Tensor
+if TYPE_CHECKING:  # torch is imported where it is used: listing the methods needs no torch
+    import torch
+    from torch import Tensor
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype a merge computes in for inputs of `dtype`: float64 stays float64; float32 and the
     half-precision types (bf16, fp16) are computed in float32, and the result is cast back."""
+    import torch
+
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -19,6 +22,8 @@ def stack(deltas: Sequence[Tensor], dtype: torch.dtype | None = None) -> Tensor:
 
     dtype None: `compute_dtype` of the inputs (float64 for float64 inputs, float32 otherwise).
     """
+    import torch
+
     dtype = compute_dtype(deltas[0].dtype) if dtype is None else dtype
     return torch.stack([d.detach().to(dtype) for d in deltas]).clone()
 
@@ -31,6 +36,8 @@ def svd_rtol(dtype: torch.dtype) -> float:
     directions, not part of the update. 1e-5 (the cut-off of the KnOTS reference code, there
     absolute) sits well above float32 noise; half-precision inputs need a looser cut-off.
     """
+    import torch
+
     eps = torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
     return max(1e-5, 4.0 * eps)
 
@@ -44,6 +51,8 @@ def low_rank_svd(x: Tensor, rtol: float) -> tuple[Tensor, Tensor, Tensor]:
     the m x r (or r x n) projection — several times faster than torch.linalg.svd of a tall
     1280 x 320 matrix on CPU, which matters when a sweep merges hundreds of layers.
     """
+    import torch
+
     m, n = x.shape
     if m < n:  # work on the side with the smaller Gram matrix
         u, s, vh = low_rank_svd(x.T, rtol)
@@ -69,6 +78,8 @@ def polar_on_range(x: Tensor, rtol: float) -> Tensor:
     tasks sharing a singular vector) the full polar factor is not unique and its arbitrary part
     would add arbitrary directions, so only the components with s > rtol·s_max are kept.
     """
+    import torch
+
     p, s, qh = torch.linalg.svd(x, full_matrices=False)
     keep = s > rtol * s[0]
     return p[:, keep] @ qh[keep]
@@ -80,6 +91,8 @@ def magnitude_thresholds(layers: Sequence[Tensor], density: float) -> Tensor:
     `layers` are [k, ...] tensors (one, for a per-layer trim; every layer, for TIES' whole-vector trim);
     the result is [k]. Keeping entries >= the threshold keeps every entry tied with it, so the result never
     depends on the order of equal values."""
+    import torch
+
     flat = torch.cat([x.abs().reshape(x.shape[0], -1) for x in layers], dim=1)
     n = flat.shape[1]
     if n == 0:  # nothing to trim: every (no) entry is kept
@@ -108,6 +121,8 @@ def elect_and_disjoint_mean(x: Tensor) -> Tensor:
     the TIES reference code). Disjoint mean: average over the tasks whose value is non-zero
     and has the elected sign; an entry no task agrees with is 0.
     """
+    import torch
+
     elected = torch.sign(x.sum(dim=0))
     majority = torch.sign(x.sum())
     elected = torch.where(elected == 0, majority, elected)
@@ -126,6 +141,8 @@ def dare(x: Tensor, drop_rate: float, seed: int) -> Tensor:
     drawn in float32 whatever x's dtype, so float32 and float64 inputs get the same masks. With
     p = 0 nothing is dropped and x is returned unchanged (torch.rand is in [0, 1)).
     """
+    import torch
+
     if drop_rate == 0:
         return x
     gen = torch.Generator(device=x.device).manual_seed(int(seed))

@@ -7,12 +7,12 @@ and task-specific right factors. Merging happens on the Σ V_iᵀ ("s_on_V" in t
 
 from __future__ import annotations
 
-from typing import Sequence
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING, Sequence
 
 from ._common import low_rank_svd, svd_rtol
+
+if TYPE_CHECKING:  # torch is imported where it is used: listing the methods needs no torch
+    from torch import Tensor
 
 
 def knots_align(deltas: Sequence[Tensor]) -> tuple[Tensor, Tensor, list[Tensor]]:
@@ -25,6 +25,8 @@ def knots_align(deltas: Sequence[Tensor]) -> tuple[Tensor, Tensor, list[Tensor]]
     orthonormal rows; an SVD of the small out x Σr_i left factor, L = P Σ Wᵀ, gives
     M = P Σ (Wᵀ blockdiag(Vh_i)), whose right factor again has orthonormal rows.
     """
+    import torch
+
     rtol = svd_rtol(deltas[0].dtype)
     parts = [low_rank_svd(d.detach().to(torch.float64), rtol) for d in deltas]
     out_f, in_f = deltas[0].shape

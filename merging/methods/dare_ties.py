@@ -21,12 +21,13 @@ Validation grid (study v2, 2 x 2 = 4 points like every method's): drop_rate in {
 
 from __future__ import annotations
 
-from typing import Sequence
-
-from torch import Tensor
+from typing import TYPE_CHECKING, Sequence
 
 from ._base import MergeMethod
 from ._common import dare, elect_and_disjoint_mean, stack
+
+if TYPE_CHECKING:  # torch is imported where it is used: listing the methods needs no torch
+    from torch import Tensor
 
 
 def dare_ties(deltas: Sequence[Tensor], drop_rate: float = 0.5, scaling: float = 1.0, seed: int = 0) -> Tensor:

@@ -31,16 +31,18 @@ all equal to α times the mean of ΔW_TA's non-zero singular values.
 
 from __future__ import annotations
 
-from typing import Sequence
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING, Sequence
 
 from ._base import MergeMethod
 from ._common import low_rank_svd, svd_rtol
 
+if TYPE_CHECKING:  # torch is imported where it is used: listing the methods needs no torch
+    from torch import Tensor
+
 
 def iso_c(deltas: Sequence[Tensor], scaling: float = 1.0) -> Tensor:
+    import torch
+
     total = torch.stack([d.detach().to(torch.float64) for d in deltas]).sum(dim=0)
     u, s, vh = low_rank_svd(total, svd_rtol(deltas[0].dtype))
     if s.numel() == 0:

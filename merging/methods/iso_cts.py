@@ -45,13 +45,13 @@ Computed in float64 whatever the input dtype; returned in the input dtype.
 
 from __future__ import annotations
 
-from typing import Sequence
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING, Sequence
 
 from ._base import MergeMethod
 from ._common import low_rank_svd, polar_on_range, svd_rtol
+
+if TYPE_CHECKING:  # torch is imported where it is used: listing the methods needs no torch
+    from torch import Tensor
 
 
 def subspace_sizes(rank: int, k: int, common_space_fraction: float) -> tuple[int, int]:
@@ -62,6 +62,8 @@ def subspace_sizes(rank: int, k: int, common_space_fraction: float) -> tuple[int
 
 
 def iso_cts(deltas: Sequence[Tensor], scaling: float = 1.0, common_space_fraction: float = 0.8) -> Tensor:
+    import torch
+
     rtol = svd_rtol(deltas[0].dtype)
     xs = [d.detach().to(torch.float64) for d in deltas]
     u, s, vh = low_rank_svd(torch.stack(xs).sum(dim=0), rtol)

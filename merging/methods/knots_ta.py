@@ -16,17 +16,19 @@ Hyperparameters:
 
 from __future__ import annotations
 
-from typing import Sequence
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING, Sequence
 
 from ._base import MergeMethod
 from ._knots import knots_align
 from .task_arithmetic import TASK_ARITHMETIC_GRID
 
+if TYPE_CHECKING:  # torch is imported where it is used: listing the methods needs no torch
+    from torch import Tensor
+
 
 def knots_ta(deltas: Sequence[Tensor], scaling: float = 0.3) -> Tensor:
+    import torch
+
     u, s, vhs = knots_align(deltas)
     merged = u @ (s[:, None] * torch.stack(vhs).sum(dim=0))
     return (scaling * merged).to(deltas[0].dtype)

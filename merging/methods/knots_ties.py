@@ -23,15 +23,15 @@ With k = 1 the single update is returned up to trimming (density 1, λ 1: exactl
 
 from __future__ import annotations
 
-from typing import Sequence
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING, Sequence
 
 from ._base import MergeMethod
 from ._common import elect_and_disjoint_mean, magnitude_thresholds
 from ._knots import knots_align
 from .ties import trim
+
+if TYPE_CHECKING:  # torch is imported where it is used: listing the methods needs no torch
+    from torch import Tensor
 
 
 def knots_ties(
@@ -44,6 +44,8 @@ def knots_ties_model(
     layer_deltas: dict[str, list[Tensor]], density: float = 0.2, scaling: float = 0.6, whole_vector_trim: int = 0
 ) -> dict[str, Tensor]:
     """KnOTS-TIES over a whole model: align each layer, trim (per layer or over every layer's factors), merge."""
+    import torch
+
     aligned = {}
     for layer, deltas in layer_deltas.items():
         u, s, vhs = knots_align(deltas)

@@ -16,12 +16,13 @@ Hyperparameters:
 
 from __future__ import annotations
 
-from typing import Sequence
-
-from torch import Tensor
+from typing import TYPE_CHECKING, Sequence
 
 from ._base import MergeMethod
 from ._common import stack
+
+if TYPE_CHECKING:  # torch is imported where it is used: listing the methods needs no torch
+    from torch import Tensor
 
 
 def linear(deltas: Sequence[Tensor], scaling: float = 1.0) -> Tensor:

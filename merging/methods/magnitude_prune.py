@@ -19,12 +19,13 @@ Validation grid (study v2, 2 x 2 = 4 points like every method's): density in {0.
 
 from __future__ import annotations
 
-from typing import Sequence
-
-from torch import Tensor
+from typing import TYPE_CHECKING, Sequence
 
 from ._base import MergeMethod
 from ._common import stack, topk_mask
+
+if TYPE_CHECKING:  # torch is imported where it is used: listing the methods needs no torch
+    from torch import Tensor
 
 
 def magnitude_prune(deltas: Sequence[Tensor], density: float = 0.2, scaling: float = 1.0) -> Tensor:

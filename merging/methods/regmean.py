@@ -26,16 +26,18 @@ With one adapter, or k copies of one adapter with one Gram matrix, the adapter i
 
 from __future__ import annotations
 
-from typing import Sequence
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING, Sequence
 
 from ._base import MergeMethod
+
+if TYPE_CHECKING:  # torch is imported where it is used: listing the methods needs no torch
+    from torch import Tensor
 
 
 def reduce_off_diagonal(gram: Tensor, alpha: float) -> Tensor:
     """α · G with G's own diagonal kept: the paper's regularisation of the inner-product matrix."""
+    import torch
+
     diagonal = torch.diagonal(gram)
     return alpha * gram + (1.0 - alpha) * torch.diag_embed(diagonal)
 
@@ -43,6 +45,8 @@ def reduce_off_diagonal(gram: Tensor, alpha: float) -> Tensor:
 def dead_channels(grams: Sequence[Tensor]) -> Tensor:
     """Mask of the input channels that carry no signal in any task: zero diagonal in Σ G_i (a PSD matrix's
     zero diagonal entry has a zero row)."""
+    import torch
+
     return torch.stack([torch.diagonal(g).double() for g in grams]).sum(dim=0) <= 0
 
 
@@ -60,6 +64,8 @@ def regmean(
     """`gram_products` (optional): ΔW_i G_i per task, when the caller keeps them across merges (the sweep
     does, merging/grams.py): Σ_i ΔW_i G̃_i(α) = α Σ_i ΔW_i G_i + (1 - α) Σ_i ΔW_i diag(G_i), so only the
     cheap diagonal part and the solve depend on α and on the group."""
+    import torch
+
     dtype, out_dtype = torch.float64, deltas[0].dtype
     deltas = [d.detach().to(dtype) for d in deltas]
     diagonals = [torch.diagonal(g).to(dtype) for g in grams]

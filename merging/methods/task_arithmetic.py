@@ -18,12 +18,13 @@ Hyperparameters:
 
 from __future__ import annotations
 
-from typing import Sequence
-
-from torch import Tensor
+from typing import TYPE_CHECKING, Sequence
 
 from ._base import MergeMethod
 from ._common import stack
+
+if TYPE_CHECKING:  # torch is imported where it is used: listing the methods needs no torch
+    from torch import Tensor
 
 TASK_ARITHMETIC_GRID = (0.3, 0.5, 0.7, 1.0)
 

@@ -28,12 +28,13 @@ Validation grid (study v2, 2 x 2 = 4 points like every method's): density in {0.
 
 from __future__ import annotations
 
-from typing import Sequence
-
-from torch import Tensor
+from typing import TYPE_CHECKING, Sequence
 
 from ._base import MergeMethod
 from ._common import elect_and_disjoint_mean, magnitude_thresholds, stack, topk_mask
+
+if TYPE_CHECKING:  # torch is imported where it is used: listing the methods needs no torch
+    from torch import Tensor
 
 
 def trim(x: Tensor, threshold: Tensor | None, density: float) -> Tensor:

@@ -32,17 +32,19 @@ returns the adapter; with updates in mutually orthogonal subspaces it returns Σ
 
 from __future__ import annotations
 
-from typing import Sequence
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING, Sequence
 
 from ._base import MergeMethod
 from ._common import low_rank_svd, polar_on_range, svd_rtol
 
+if TYPE_CHECKING:  # torch is imported where it is used: listing the methods needs no torch
+    from torch import Tensor
+
 
 def tsv_components(deltas: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     """U_cat [out, m], σ_cat [m], Vh_cat [m, in] (float64): each task's kept top components."""
+    import torch
+
     rtol = svd_rtol(deltas[0].dtype)
     out_f, in_f = deltas[0].shape
     per_task = max(1, min(out_f, in_f) // len(deltas))
@@ -56,6 +58,8 @@ def tsv_components(deltas: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def tsv_m(deltas: Sequence[Tensor], scaling: float = 1.0) -> Tensor:
+    import torch
+
     u_cat, s_cat, vh_cat = tsv_components(deltas)
     if s_cat.numel() == 0:
         return torch.zeros_like(deltas[0])
