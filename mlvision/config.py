@@ -475,7 +475,11 @@ def add_study_arguments(parser: argparse.ArgumentParser) -> None:
         "(default: results.duckdb at the repo root; other profiles: runs/<profile>/results.duckdb)",
     )
     parser.add_argument(
-        "--artifacts", type=Path, help="folder for adapters and heads (default: artifacts/ at the repo root)"
+        "--artifacts",
+        type=Path,
+        help="folder for adapters and heads (default: the profile's, artifacts/ at the repo root for the default "
+        "study; with another --db, beside it: X/name.duckdb -> X/name.artifacts/); a model folder already there "
+        "with the same configuration is reused, never retrained over",
     )
 
 
@@ -508,7 +512,17 @@ def config_from_args(args: argparse.Namespace, registered_methods: tuple[str, ..
             changes[f.name] = tuple(value) if isinstance(value, list) else value
     if "task_domains" in changes:
         changes["task_domains"] = parse_task_domains(changes["task_domains"])
+    if "db" in changes and "artifacts" not in changes and Path(changes["db"]).resolve() != Path(base.db).resolve():
+        changes["artifacts"] = artifacts_beside(changes["db"])
     return replace(base, **changes)
+
+
+def artifacts_beside(db: str | Path) -> Path:
+    """The model folders of a study whose --db was given without --artifacts: beside that database (X/name.duckdb ->
+    X/name.artifacts/; a results.duckdb -> artifacts/ beside it), so a user's study never writes into the
+    repository's committed artifacts/ (whose folders the committed results.duckdb points to)."""
+    db = Path(db)
+    return db.parent / ("artifacts" if db.name == "results.duckdb" else f"{db.stem}.artifacts")
 
 
 def parse_task_domains(items) -> tuple[tuple[str, str], ...]:

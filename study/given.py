@@ -54,7 +54,7 @@ from mlvision.errors import AdapterError, MergeConfigError, UnknownNameError
 from mlvision.models import HEAD_FILE, META_FILE, read_meta
 from mlvision.paths import cache_dir
 from mlvision.store import Store
-from mlvision.tasks import get_task, set_hub_domains
+from mlvision.tasks import HUB_PREFIX, TASK_NAMES, get_task, set_hub_domains
 
 # The files whose bytes are a given adapter: the LoRA factors, their configuration and the task head.
 IDENTITY_FILES = ("adapter_config.json", "adapter_model.safetensors", HEAD_FILE)
@@ -66,10 +66,14 @@ DECIDED_BY_ADAPTERS = ("tasks", "seeds", "backbone", "backbone_weights", "image_
 
 def parse_given(item: str) -> tuple[str, str | None]:
     """ "ADAPTER=TASK" -> (ADAPTER, TASK); "ADAPTER" -> (ADAPTER, None). The first "=" splits: task names
-    (hub:<id>) may hold one only where a path does, and a folder name with "=" is rarer still."""
+    (hub:<id>) may hold one only where a path does, and a folder name with "=" is rarer still. A TASK that is no
+    task name but a local dataset folder (a `save_to_disk` folder, as merge.py's --data takes it) is read as
+    `hub:FOLDER`, the study's name for it."""
     adapter, sep, task = item.partition("=")
     if sep and (not adapter or not task):
         raise UnknownNameError(f"--adapters expects ADAPTER or ADAPTER=TASK, got {item!r}")
+    if sep and not task.startswith(HUB_PREFIX) and task not in TASK_NAMES and Path(task).is_dir():
+        task = HUB_PREFIX + task
     return adapter, (task if sep else None)
 
 

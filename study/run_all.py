@@ -99,7 +99,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         changed |= stage.prepare_tasks() > 0
     report = report_path(config.db)  # reports/findings.md for the default database, else beside it, named after it
     stages = [
-        Step("train", True, stage.run, lambda c: c["trained"] + c["imported"] > 0,
+        Step("train", True, stage.run, lambda c: c["trained"] + c["imported"] + c["reused"] > 0,
              "training: {trained} models trained{imported_note}, {skipped} already stored"),
         Step("merge", len(config.tasks) >= 2, lambda: MergeSweep(config, store, accelerator).run(),
              lambda c: c["merged"] > 0, "merge sweep: {merged} merges evaluated, {skipped} already stored"),

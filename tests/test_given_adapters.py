@@ -519,3 +519,15 @@ def test_a_run_that_fails_records_when_and_why(hf_study, capsys):
     assert code == 0, err
     runs = query_db(db, "SELECT status, finished_at FROM runs WHERE command LIKE '%task_arithmetic%'")
     assert runs[0][0] == "finished" and runs[0][1], runs
+
+
+def test_a_local_dataset_folder_needs_no_hub_prefix(tmp_path):
+    """As merge.py's --data takes it: ADAPTER=FOLDER names the save_to_disk folder, read as the study's hub:FOLDER."""
+    from study.given import parse_given
+
+    folder = tmp_path / "pets"
+    folder.mkdir()
+    assert parse_given(f"a/={folder}") == ("a/", f"hub:{folder}")
+    assert parse_given(f"a/=hub:{folder}") == ("a/", f"hub:{folder}")
+    assert parse_given("a/=mnist") == ("a/", "mnist")
+    assert parse_given("a/=no_such_folder_or_task") == ("a/", "no_such_folder_or_task")  # refused later by name

@@ -195,3 +195,38 @@ def test_newer_database_is_refused_and_left_untouched(tmp_path):
     )
     assert result.returncode == 2 and "newer than this code's" in result.stderr and "Traceback" not in result.stderr
     assert db.read_bytes() == before
+
+
+# -- issue 29.7: a user's study and the committed artifacts ---------------------------------------------
+def test_a_study_with_its_own_db_keeps_its_models_beside_it():
+    from mlvision.config import config_from_args
+    from study.run_all import build_parser
+
+    def artifacts(*argv):
+        return config_from_args(build_parser().parse_args([str(a) for a in argv]), ("ties",)).artifacts
+
+    assert artifacts("--db", "/x/mine.duckdb") == Path("/x/mine.artifacts")
+    assert artifacts("--db", "/x/results.duckdb") == Path("/x/artifacts")
+    assert artifacts("--db", "/x/mine.duckdb", "--artifacts", "/y") == Path("/y")
+    assert Path(artifacts("--db", REPO_ROOT / "results.duckdb")).resolve() == (REPO_ROOT / "artifacts").resolve()
+
+
+def test_models_already_in_the_artifacts_folder_are_reused_never_retrained_over(tiny_study, tmp_path, capsys):
+    """A second results file with the first one's artifacts folder: every model folder there is scored and recorded
+    as it is (another results file points to it; a retrained model would not be bit-identical), none rewritten."""
+    artifacts = Path(tiny_study["artifacts"])
+    before = {str(p): p.read_bytes() for p in sorted(artifacts.rglob("*")) if p.is_file()}
+    other = tmp_path / "other.duckdb"
+    args = list(tiny_study["args"])
+    db_at = args.index("--db")
+    args[db_at + 1] = other
+    capsys.readouterr()
+    assert run_all(*args, "--stages", "train") == 0
+    out = capsys.readouterr().out
+    models = 2 * len(TINY_TASKS)
+    assert f"0 models trained, {models} found in the artifacts folder and reused" in out, out
+    assert {str(p): p.read_bytes() for p in sorted(artifacts.rglob("*")) if p.is_file()} == before
+    query = "SELECT model_id, accuracy, n_test FROM task_results ORDER BY model_id"
+    first = duckdb.connect(str(tiny_study["db"]), read_only=True).execute(query).fetchall()
+    second = duckdb.connect(str(other), read_only=True).execute(query).fetchall()
+    assert second == first

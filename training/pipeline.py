@@ -30,11 +30,24 @@ from mlvision.config import StudyConfig
 from mlvision.data import split_images
 from mlvision.errors import MLVisionError
 from mlvision.evaluation import accuracy, extract_features, prepare_for_inference
-from mlvision.models import MultiTaskModel, load_model, save_model
+from mlvision.models import HEAD_FILE, MultiTaskModel, load_head, load_model, read_meta, save_model
 from mlvision.runs import machine_info, model_folder, relative_to_repo, study_run_id
 from mlvision.store import Store, config_hash, insert_row, now
 from mlvision.tasks import get_task, load_task, set_hub_domains
 from training.trainers import make_accelerator, train_adapter, train_head
+
+
+def holds_model(folder: Path, model_id: str) -> bool:
+    """Whether `folder` already holds the complete model `model_id` (its task.json names it, its head is there):
+    written into the same --artifacts by another run, perhaps one recording into another results file. Such a
+    folder is reused (scored and recorded), never trained again and overwritten: another results file may point
+    to it, and a retrained model is not bit-identical."""
+    try:
+        meta = read_meta(folder)
+    except Exception:  # noqa: BLE001 - missing or unreadable: not a model to reuse
+        return False
+    adapter_ok = meta.get("model_kind") != "adapter" or (folder / "adapter_model.safetensors").is_file()
+    return meta.get("config_hash") == model_id and (folder / HEAD_FILE).is_file() and adapter_ok
 
 
 class TrainingStage:
@@ -208,24 +221,30 @@ class TrainingStage:
             "config_hash": model_id,
         }
 
-    def run_head(self, task: str, seed: int) -> bool:
-        """Head baseline for (task, seed); returns False when it was already stored."""
+    def run_head(self, task: str, seed: int) -> str:
+        """Head baseline for (task, seed): "trained", "reused" (its folder was already in --artifacts) or "skipped"
+        (already stored)."""
         train_config = self.config.head_training_config(task, seed)
         model_id = self.config.model_id("head", task, seed)
         if self.store.has_model(model_id):
-            return False
+            return "skipped"
         labels = {split: self.split(task, split)[1] for split in ("train", "validation", "test")}
+        folder = model_folder(self.config, "head", task, seed, model_id)
+        reused = holds_model(folder, model_id)
         start = time.perf_counter()
-        head = train_head(
-            self.features(task, "train"),
-            labels["train"],
-            get_task(task).num_classes,
-            epochs=self.config.head_epochs,
-            lr=self.config.head_lr,
-            batch_size=256,
-            seed=seed,
-        )
-        seconds = time.perf_counter() - start
+        if reused:
+            head, seconds = load_head(folder, read_meta(folder)), None
+        else:
+            head = train_head(
+                self.features(task, "train"),
+                labels["train"],
+                get_task(task).num_classes,
+                epochs=self.config.head_epochs,
+                lr=self.config.head_lr,
+                batch_size=256,
+                seed=seed,
+            )
+            seconds = time.perf_counter() - start
         with torch.inference_mode():
             accuracies = {
                 split: (
@@ -234,23 +253,38 @@ class TrainingStage:
                 )
                 for split in ("validation", "test")
             }
-        folder = model_folder(self.config, "head", task, seed, model_id)
-        save_model(folder, self._meta("head", task, train_config, model_id), head)
+        if not reused:
+            save_model(folder, self._meta("head", task, train_config, model_id), head)
         trainable = sum(p.numel() for p in head.parameters())
         self._record(model_id, "head", task, seed, train_config, folder, trainable, seconds, accuracies)
-        return True
+        return "reused" if reused else "trained"
 
-    def run_adapter(self, task: str, seed: int) -> bool:
-        """LoRA adapter (+ its head) for (task, seed); returns False when it was already stored."""
+    def run_adapter(self, task: str, seed: int) -> str:
+        """LoRA adapter (+ its head) for (task, seed): "trained", "imported" (given), "reused" (its folder was
+        already in --artifacts) or "skipped" (already stored)."""
         given = self.config.given_adapter(task, seed)
         if given is not None:  # the same on every process: none enters the broadcast below
-            return self.store is not None and self.import_adapter(task, seed, Path(given[0]))
+            imported = self.store is not None and self.import_adapter(task, seed, Path(given[0]))
+            return "imported" if imported else "skipped"
         train_config = self.config.adapter_training_config(task, seed)
         model_id = self.config.model_id("adapter", task, seed)
-        stored = [self.store.has_model(model_id) if self.store is not None else None]
-        broadcast_object_list(stored)  # the main process's answer, on every process (no-op alone)
-        if stored[0]:
-            return False
+        folder = model_folder(self.config, "adapter", task, seed, model_id)
+        state = [None]
+        if self.store is not None:  # the main process decides for all
+            state = [
+                "skipped" if self.store.has_model(model_id) else "reused" if holds_model(folder, model_id) else None
+            ]
+        broadcast_object_list(state)  # the main process's answer, on every process (no-op alone)
+        if state[0] == "skipped":
+            return "skipped"
+        if state[0] == "reused":  # trained into this --artifacts by another run: scored and recorded, not retrained
+            if self.store is not None:
+                loaded = load_model(folder, create_backbone(self.backbone_config))
+                peft_model, head = loaded.model.backbone, loaded.model.heads[loaded.task]
+                trainable = sum(p.numel() for name, p in peft_model.named_parameters() if "lora_" in name)
+                self._store_adapter(task, seed, train_config, peft_model, head, trainable, None, write=False)
+            self.accelerator.wait_for_everyone()
+            return "reused"
         images, labels = self.split(task, "train")
         peft_model, head, seconds = train_adapter(
             create_backbone(self.backbone_config),
@@ -271,11 +305,11 @@ class TrainingStage:
         )
         if self.store is None:  # another rank: the main process evaluates and writes
             self.accelerator.wait_for_everyone()
-            return True
+            return "trained"
         trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
         self._store_adapter(task, seed, train_config, peft_model, head, trainable, seconds)
         self.accelerator.wait_for_everyone()  # the other ranks waited here while this process wrote
-        return True
+        return "trained"
 
     def import_adapter(self, task: str, seed: int, source: Path) -> bool:
         """An adapter given instead of trained (run_all --adapters, study/given.py): scored and stored like a
@@ -295,8 +329,9 @@ class TrainingStage:
         self._store_adapter(task, seed, train_config, peft_model, head, trainable, None)
         return True
 
-    def _store_adapter(self, task, seed, train_config, peft_model, head, trainable, seconds) -> None:
-        """Score an adapter on validation and test, write its folder and its rows (the main process)."""
+    def _store_adapter(self, task, seed, train_config, peft_model, head, trainable, seconds, write=True) -> None:
+        """Score an adapter on validation and test, write its folder (unless it is already there: `write`) and its
+        rows (the main process)."""
         model_id = self.config.model_id("adapter", task, seed)
         # Scored through the evaluation path: the adapter merged into a copy of the backbone, prepared for speed.
         # On this process's device (a GPU under accelerate); the saved head stays the CPU copy.
@@ -307,13 +342,14 @@ class TrainingStage:
             split_images, split_labels = self.split(task, split)
             accuracies[split] = (accuracy(model, task, split_images, split_labels), len(split_labels))
         folder = model_folder(self.config, "adapter", task, seed, model_id)
-        save_model(folder, self._meta("adapter", task, train_config, model_id), head, peft_model)
+        if write:
+            save_model(folder, self._meta("adapter", task, train_config, model_id), head, peft_model)
         self._record(model_id, "adapter", task, seed, train_config, folder, trainable, seconds, accuracies)
 
     def run(self) -> dict:
         """Every head baseline, then every adapter (given ones imported); returns counts of trained, imported and
         skipped units."""
-        counts = {"trained": 0, "imported": 0, "skipped": 0}
+        counts = {"trained": 0, "imported": 0, "reused": 0, "skipped": 0}
         units = [
             (kind, task, seed)
             for kind in ("head", "adapter")
@@ -322,8 +358,8 @@ class TrainingStage:
             if kind == "adapter" or self.store is not None
         ]  # heads: the main process only
         for kind, task, seed in tqdm(units, desc="training", unit="model", disable=self.store is None):
-            done = (self.run_head if kind == "head" else self.run_adapter)(task, seed)
-            given = kind == "adapter" and self.config.given_adapter(task, seed) is not None
-            counts[("imported" if given else "trained") if done else "skipped"] += 1
+            counts[(self.run_head if kind == "head" else self.run_adapter)(task, seed)] += 1
         counts["imported_note"] = f", {counts['imported']} given adapters imported" if counts["imported"] else ""
+        if counts["reused"]:  # another run's models in the same --artifacts: scored and recorded, never rewritten
+            counts["imported_note"] += f", {counts['reused']} found in the artifacts folder and reused"
         return counts
