@@ -394,7 +394,11 @@ def add_study_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-test", type=int, help="test images per task (fixed subset, same for every model; default: 2000)"
     )
     parser.add_argument(
-        "--stages", nargs="+", choices=STAGES, default=list(STAGES), help="stages to run, in order (default: all)"
+        "--stages",
+        nargs="+",
+        choices=STAGES,
+        help="stages to run, in order (default: all, the benchmarks only when this run stored something new: a study "
+        "already stored does not measure a new machine unless asked with --stages bench)",
     )
     parser.add_argument(
         "--merge-methods",

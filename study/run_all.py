@@ -28,7 +28,7 @@ from benchmarks.stage import BenchStage
 from merging.methods import list_methods
 from merging.sweep import MergeSweep
 from mlvision.backbone import check_backbone_name
-from mlvision.config import add_study_arguments, config_from_args, prepare_profile_data, profile_name
+from mlvision.config import STAGES, add_study_arguments, config_from_args, prepare_profile_data, profile_name
 from mlvision.errors import run_cli
 from mlvision.store import Store
 from mlvision.tasks import get_task
@@ -69,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
+    # Stages named on the command line run; without --stages every stage runs, the benchmarks only when this run
+    # stored something new: a study already stored (a fresh clone's) measures no new machine and writes nothing.
+    bench_asked = args.stages is not None and "bench" in args.stages
+    args.stages = args.stages or list(STAGES)
     config = config_from_args(args, tuple(list_methods()))
     if args.adapters:  # adapters trained elsewhere: the study of those (study/given.py)
         explicit = {name for name in DECIDED_BY_ADAPTERS if getattr(args, name) is not None}
@@ -87,6 +91,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
             TrainingStage(config, None, accelerator).run()
         if "merge" in args.stages and len(config.tasks) >= 2:
             MergeSweep(config, None, accelerator).run()  # the main process alone reads and writes the store
+        # the process group shut down cleanly: left to the interpreter's exit, gloo's threads sometimes abort it
+        # ("terminate called without an active exception", SIGABRT, seen under load)
+        accelerator.end_training()
         return 0  # findings and benchmarks run on the main process alone
     if args.db is None:  # a profile's own database lives under runs/<profile>/, which a fresh clone lacks
         Path(config.db).parent.mkdir(parents=True, exist_ok=True)
@@ -113,12 +120,19 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     for step in stages:
         if step.name not in args.stages or not step.applies:
             continue
+        if step.name == "bench" and not bench_asked and not changed:
+            print(
+                "benchmarks: not measured (nothing new was stored in this run; `--stages bench` measures this machine "
+                "and stores its figures in the results file)"
+            )
+            continue
         started = time.perf_counter()
         with stage.failure_recorded():
             counts = step.run()
         changed |= step.stored_something(counts)
         print(step.summary.format(**counts) + f" ({time.perf_counter() - started:.0f} s)")
     stage.finish_run(changed)
+    accelerator.end_training()  # a clean shutdown of the process group, as on the other ranks
     print(f"results in {config.db}")
     return 0
 
