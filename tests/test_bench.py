@@ -261,7 +261,7 @@ def test_a_benchmark_worker_exits_when_its_parent_is_killed(tmp_path):
     script.write_text(  # a file, not -c: spawn re-imports the parent's main module to find `work`
         "import multiprocessing, os, sys, time\n"
         "from concurrent.futures import ProcessPoolExecutor\n"
-        "from benchmarks.sections.training import exit_with_parent\n"
+        "from benchmarks.workers import exit_with_parent\n"
         "def work(path):\n"
         "    open(path, 'w').write(str(os.getpid()))\n"
         "    time.sleep(120)\n"

@@ -10,9 +10,6 @@ whether it speeds up training too; the trainer keeps the default layout, see the
 from __future__ import annotations
 
 import multiprocessing
-import os
-import threading
-import time
 from concurrent.futures import ProcessPoolExecutor
 
 import torch
@@ -21,26 +18,11 @@ from tqdm.auto import tqdm
 
 from benchmarks.sections.base import Chart, Section
 from benchmarks.timing import PeakMemory, median_p95, time_interleaved
+from benchmarks.workers import exit_with_parent
 from mlvision.backbone import BackboneConfig, create_backbone, make_preprocess
 from mlvision.data import split_tensors
 from mlvision.models import add_lora, make_head
 from mlvision.tasks import get_task
-
-
-def exit_with_parent() -> None:
-    """In a worker process: exit as soon as the process that started it is gone (killed with SIGKILL, say).
-
-    Why: a spawned worker outlives its parent otherwise, holding the parent's output pipe open and the
-    cores busy (seen when `run_all` was killed with -9 during the bench stage). A thread watches the parent's
-    id; a reparented process has a new one."""
-    parent = os.getppid()
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(0.5)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def train_step_worker(spec: dict) -> dict:
