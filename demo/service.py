@@ -31,7 +31,7 @@ from PIL import Image
 from demo.uploads import load_image, public_text
 from merging.deltas import AdapterDeltas, check_compatible, load_deltas
 from merging.grams import GRAM_IMAGES, GramStore
-from merging.merged_model import AdapterMerger, export_merge_as_lora, merge_record
+from merging.merged_model import AdapterMerger, export_own_lora, merge_record
 from merging.methods import get_method, list_methods
 from mlvision.backbone import BackboneConfig, Preprocess
 from mlvision.data import split_tensors
@@ -270,7 +270,7 @@ class DemoService:
 
     def _export(self, merged, adapters: list[AdapterDeltas], rank: int, folder: Path, info: dict) -> float:
         """The merge written as merging/merge.py writes it; returns the LoRA's relative reconstruction error."""
-        return export_merge_as_lora(merged, adapters, rank, folder, info)
+        return export_own_lora(merged, adapters, rank, folder, info)[0]
 
     def _training_images(self, task: str) -> torch.Tensor:
         """The training images RegMean's Gram matrices are computed on (the sweep's: the first GRAM_IMAGES)."""
@@ -687,7 +687,7 @@ class DemoService:
         """The served model of (tasks, method) as the folder merging/merge.py writes, zipped: (the zip, the
         export's relative reconstruction error ||ΔW - B A|| / ||ΔW||).
 
-        The folder is written by the merge CLI's own writer (`export_merge_as_lora`: a peft LoRA of `rank` per
+        The folder is written by the merge CLI's own writer (`export_own_lora`: a peft LoRA of `rank` per
         layer by truncated SVD of the merged ΔW, `heads/<task>/`, `merge.json`), from the same merge the page
         serves: the method `auto` resolves to and the stored hyperparameters (so a merge's exported rank-32
         LoRA is exact wherever the merged ΔW has rank <= 32, e.g. a linear merge of k rank-r adapters with

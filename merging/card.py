@@ -8,7 +8,7 @@ its validation accuracy beside the full merge's), each task's test accuracy of t
 rank-r LoRA, of its single adapter and of its head baseline where one is known ("not measured" where not: a
 number is never made up), and a loading snippet that makes one backbone pass for every head.
 
-The card is text only: the exporters (`export_merge_as_lora`, `foreign.export_merge`) write it from merge.json's
+The card is text only: the exporters (`export_own_lora`, `foreign.export_merge`) write it from merge.json's
 record and the figures the merge CLI measured or looked up (`Figure`); this module opens no database and loads no
 model. The metadata header is huggingface_hub's own `ModelCardData` (with `EvalResult`s for the model-index), so
 the Hub reads it as it reads any card: `base_model` only where it is a Hub id (a local folder or this project's

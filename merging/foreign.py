@@ -539,31 +539,16 @@ def foreign_grams(
     vector x of each adapted layer (one per image and token), with the adapter's own ΔW in the base model and its
     task's training `images` going through it (what merging/grams.py computes for this project's adapters, here
     through `build_merged_model`, the foreign models' evaluation path). float32, as GramStore keeps them."""
+    from merging.grams import layer_input_grams
+
     model = build_merged_model([adapter], adapter.deltas, base_model)
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
 
-    def hook_for(layer: str):
-        def hook(module, inputs):
-            x = inputs[0]
-            x = x.permute(0, 2, 3, 1) if x.dim() == 4 else x
-            x = x.reshape(-1, x.shape[-1]).double()
-            sums[layer] = sums.get(layer, 0) + x.T @ x
-            counts[layer] = counts.get(layer, 0) + x.shape[0]
-
-        return hook
-
-    handles = [model.model.get_submodule(layer).register_forward_pre_hook(hook_for(layer)) for layer in adapter.deltas]
-    try:
+    def run_batches():
         for start in range(0, len(images), batch_size):
             model.features(images[start : start + batch_size])
-    finally:
-        for handle in handles:
-            handle.remove()
-    missing = sorted(set(adapter.deltas) - set(sums))
-    if missing:
-        raise AdapterError(f"layer {missing[0]} of {adapter.path} never ran in the base model: no Gram matrix for it")
-    return {layer: (sums[layer] / counts[layer]).float() for layer in adapter.deltas}
+
+    grams = layer_input_grams(model.model, adapter, run_batches, "the base model")
+    return {layer: gram.float() for layer, gram in grams.items()}
 
 
 class ForeignGrams:

@@ -62,11 +62,14 @@ def gram_path(adapter: AdapterDeltas, n_images: int) -> Path:
 
 
 @torch.no_grad()
-def compute_grams(
-    folded: FoldedBackbone, adapter: AdapterDeltas, images: torch.Tensor, batch_size: int = GRAM_BATCH
+def layer_input_grams(
+    model: torch.nn.Module, adapter: AdapterDeltas, run_batches, where: str
 ) -> dict[str, torch.Tensor]:
-    """G[layer] [in, in] (float64) of each adapted layer's inputs, with the adapter folded in."""
-    model = folded.prepared.model
+    """G[layer] [in, in] (float64, on the CPU) = the mean of x xᵀ over every input vector x of each of the adapter's
+    layers in `model` while `run_batches()` sends the images through it: one vector per image and position for a
+    1x1 convolution, one per image and token for a linear layer. The one place both RegMean paths (this project's
+    adapters, `compute_grams`; adapters from elsewhere, merging/foreign.py) take their statistics; `where` names
+    the model in the error for a layer that never ran."""
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
 
@@ -83,19 +86,31 @@ def compute_grams(
 
     handles = [model.get_submodule(layer).register_forward_pre_hook(hook_for(layer)) for layer in adapter.deltas]
     try:
-        folded.fold(adapter.deltas)
-        for start in range(0, len(images), batch_size):  # the eager prepared backbone: hooks run in it
-            folded.prepared(images[start : start + batch_size].to(folded.device))
+        run_batches()
     finally:
         for handle in handles:
             handle.remove()
-        folded.fold({})
     missing = sorted(set(adapter.deltas) - set(sums))
     if missing:
-        raise AdapterError(
-            f"layer {missing[0]} of {adapter.path} never ran in the backbone: its Gram matrix is undefined"
-        )
+        raise AdapterError(f"layer {missing[0]} of {adapter.path} never ran in {where}: its Gram matrix is undefined")
     return {layer: (sums[layer] / counts[layer]).cpu() for layer in adapter.deltas}  # kept and merged on the CPU
+
+
+@torch.no_grad()
+def compute_grams(
+    folded: FoldedBackbone, adapter: AdapterDeltas, images: torch.Tensor, batch_size: int = GRAM_BATCH
+) -> dict[str, torch.Tensor]:
+    """G[layer] [in, in] (float64) of each adapted layer's inputs, with the adapter folded in."""
+
+    def run_batches():
+        for start in range(0, len(images), batch_size):  # the eager prepared backbone: hooks run in it
+            folded.prepared(images[start : start + batch_size].to(folded.device))
+
+    folded.fold(adapter.deltas)
+    try:
+        return layer_input_grams(folded.prepared.model, adapter, run_batches, "the backbone")
+    finally:
+        folded.fold({})
 
 
 class GramStore:

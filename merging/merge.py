@@ -826,25 +826,20 @@ def merge_foreign(adapters, method: str, hyperparams: dict, work: ForeignData | 
     if work is None or len(work.datasets_for) < len(adapters) or hyperparams or not merge_method.tuned:
         merged, params = merger.merge(keys, method, hyperparams)
         return merged, params, None
+    from merging.sweep import select_on_validation
+
     validation = work.validation()
-    points = merge_method.grid_points()
-    scores, best = [], None
-    for index, point in enumerate(points):
-        merged, params = merger.merge(keys, method, point)
+
+    def score(merged) -> float:
         accuracies = work.score(merged, validation)
-        scores.append(sum(accuracies.values()) / len(accuracies))
-        if best is None or scores[-1] > best[0]:
-            best = (scores[-1], index, merged, params)
-    score, index, merged, params = best
-    record = {
-        "tuned": merge_method.tuned,
-        "grid": points,
-        "validation_accuracy": scores,
-        "chosen": points[index],
-        "chosen_validation_accuracy": score,
-        "validation_n_per_task": min(len(labels) for _, labels in validation.values()),
-    }
-    return merged, params, record
+        return sum(accuracies.values()) / len(accuracies)
+
+    grid_merges = (
+        (index, *merger.merge(keys, method, point)) for index, point in enumerate(merge_method.grid_points())
+    )
+    n_per_task = min(len(labels) for _, labels in validation.values())
+    selection = select_on_validation(merge_method, grid_merges, score, n_per_task)
+    return selection.merged, selection.params, selection.record
 
 
 def export_foreign_merge(args, adapters, base, layer_sources, merged, params, selection, seconds, work) -> int:

@@ -486,21 +486,6 @@ def lora_from_merge(model: torch.nn.Module, merged: dict[str, torch.Tensor], ran
     return peft_model, ((error_sq / total_sq) ** 0.5 if total_sq > 0 else 0.0)
 
 
-def export_merge_as_lora(
-    merged: dict[str, torch.Tensor],
-    adapters: list[AdapterDeltas],
-    rank: int | str,
-    folder: str | Path,
-    merge_info: dict,
-    overwrite: bool = False,
-    figures: dict | None = None,
-    folded: FoldedBackbone | None = None,
-) -> float:
-    """Save a merge of this project's adapters as a peft LoRA plus the k heads; returns the relative error
-    (`export_own_lora`, which also measures the rank: the merge CLI and the demo's download write the same folder)."""
-    return export_own_lora(merged, adapters, rank, folder, merge_info, overwrite, figures, folded)[0]
-
-
 # Validation images per task the export's rank is scored on (0.5 points of 500 is 2.5 images).
 RANK_VALIDATION_IMAGES = 500
 
@@ -731,7 +716,6 @@ __all__ = [
     "build_merged_model",
     "check_export_rank",
     "check_output_folder",
-    "export_merge_as_lora",
     "export_own_lora",
     "lora_from_merge",
     "merge_deltas",

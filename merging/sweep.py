@@ -156,6 +156,30 @@ class Selection:
     record: dict
 
 
+def select_on_validation(merge_method, grid_merges, score, n_per_task: int) -> Selection:
+    """The study's rule for choosing a merge on validation, for the sweep and the merge CLI alike: `grid_merges`
+    yields (grid index, merged ΔW, hyperparameters) for every point of the method's grid, `score(merged)` is the
+    merge's mean validation accuracy over the group's tasks; the best is kept (ties: the earlier grid point) and the
+    record holds grid, curve and choice (`merges.selection`)."""
+    points = merge_method.grid_points()
+    scores: list[float | None] = [None] * len(points)
+    best = None  # (score, index, merged, params)
+    for index, merged, params in grid_merges:
+        scores[index] = score(merged)
+        if best is None or (scores[index], -index) > (best[0], -best[1]):
+            best = (scores[index], index, merged, params)
+    score_, index, merged, params = best
+    record = {
+        "tuned": merge_method.tuned,
+        "grid": points,
+        "validation_accuracy": scores,
+        "chosen": points[index],
+        "chosen_validation_accuracy": score_,
+        "validation_n_per_task": n_per_task,
+    }
+    return Selection(merged, params, record)
+
+
 def check_methods(config: StudyConfig) -> None:
     """Unknown merge method names fail before any work."""
     for method in config.merge_methods:
@@ -295,27 +319,15 @@ class MergeSweep:
 
     def select(self, group, seed, method) -> Selection:
         """Score every grid point's merge on the validation subset and keep the best (ties: grid order)."""
-        merge_method = get_method(method)
-        points = merge_method.grid_points()
         heads = {task: self.adapters[(task, seed)].head for task in group}
         validation = {task: self.eval_tensors(task, "validation") for task in group}
-        scores: list[float | None] = [None] * len(points)
-        best = None  # (score, index, merged, params)
-        for index, merged, params in self.grid_merges(group, seed, method):
+
+        def score(merged) -> float:
             correct = task_correct(self.folded.model(merged, heads), validation)
-            scores[index] = sum(accuracy_of(correct[task]) for task in group) / len(group)
-            if best is None or (scores[index], -index) > (best[0], -best[1]):
-                best = (scores[index], index, merged, params)
-        score, index, merged, params = best
-        record = {
-            "tuned": merge_method.tuned,
-            "grid": points,
-            "validation_accuracy": scores,
-            "chosen": points[index],
-            "chosen_validation_accuracy": score,
-            "validation_n_per_task": min(len(labels) for _, labels in validation.values()),
-        }
-        return Selection(merged, params, record)
+            return sum(accuracy_of(correct[task]) for task in group) / len(group)
+
+        n_per_task = min(len(labels) for _, labels in validation.values())
+        return select_on_validation(get_method(method), self.grid_merges(group, seed, method), score, n_per_task)
 
     def compute(self, group: tuple[str, ...], seed: int, method: str) -> MergeRows:
         """Merge the group's adapters with `method` (chosen on validation) and score it; stores nothing."""

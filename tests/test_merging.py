@@ -12,7 +12,7 @@ from peft import PeftModel
 
 from merging.deltas import load_deltas
 from merging.merge import main as merge_main
-from merging.merged_model import build_merged_model, export_merge_as_lora, merge_deltas
+from merging.merged_model import build_merged_model, export_own_lora, merge_deltas
 from merging.methods import get_method
 from merging.peft_reference import PeftMerger
 from merging.sweep import MergeSweep, sample_groups, sweep_plan
@@ -72,9 +72,9 @@ def test_export_as_lora_loads_in_peft_and_reports_its_error(adapter_folders, ima
     adapters = [load_deltas(f) for f in adapter_folders.values()]
     merged = merge_deltas(adapters, "linear")
     full_rank = sum(a.meta["training"]["rank"] for a in adapters)  # a sum of k rank-r updates has rank <= k*r
-    error = export_merge_as_lora(merged, adapters, full_rank, tmp_path / "full", {"method": "linear"})
+    error = export_own_lora(merged, adapters, full_rank, tmp_path / "full", {"method": "linear"})[0]
     assert error < 1e-4
-    low_error = export_merge_as_lora(merged, adapters, 1, tmp_path / "low", {"method": "linear"})
+    low_error = export_own_lora(merged, adapters, 1, tmp_path / "low", {"method": "linear"})[0]
     assert low_error > 0.05
     assert json.loads((tmp_path / "low" / "merge.json").read_text())["relative_error"] == pytest.approx(low_error)
     config = BackboneConfig(**adapters[0].meta["backbone"])
