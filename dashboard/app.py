@@ -30,7 +30,7 @@ import streamlit as st  # noqa: E402
 
 from dashboard import queries  # noqa: E402
 from dashboard.filters import Filters, sync_url  # noqa: E402
-from dashboard.page_views import PAGES  # noqa: E402
+from dashboard.pages import PAGES  # noqa: E402
 from mlvision.errors import StoreError  # noqa: E402
 
 

@@ -23,7 +23,7 @@ def measure(db: str, repeats: int = 5) -> list[dict]:
     from streamlit.logger import set_log_level
     from streamlit.testing.v1 import AppTest
 
-    from dashboard.page_views import PAGES
+    from dashboard.pages import PAGES
 
     set_log_level("error")  # no "missing ScriptRunContext" noise
     os.environ["MLV_DB"] = str(db)

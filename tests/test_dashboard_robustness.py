@@ -27,7 +27,7 @@ import tomllib
 from browser import free_port, stop, wait_http
 from streamlit.testing.v1 import AppTest
 
-from dashboard.page_views import PAGES
+from dashboard.pages import PAGES
 from mlvision.paths import DEFAULT_DB_PATH, REPO_ROOT
 from mlvision.store import READ_WAIT_ENV, SCHEMA_VERSION
 
@@ -180,6 +180,8 @@ def hold_write_lock(db: Path, change: bool = False) -> subprocess.Popen:
     return holder
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_locked_file_without_last_result_says_locked_by_whom(tmp_path):
     db = committed_copy(tmp_path)
     os.environ[READ_WAIT_ENV] = "1"
@@ -195,6 +197,8 @@ def test_locked_file_without_last_result_says_locked_by_whom(tmp_path):
         holder.communicate("", timeout=30)
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_locked_file_shows_last_good_results_with_a_note(tmp_path):
     db = committed_copy(tmp_path)
     pages = ["overview", "merge_count", "runs"]
@@ -241,6 +245,7 @@ def non_loopback_addresses() -> list[str]:
     return found
 
 
+@pytest.mark.multiprocess
 def test_started_dashboard_is_not_reachable_from_other_interfaces(tmp_path):
     addresses = non_loopback_addresses()
     if not addresses:

@@ -21,6 +21,8 @@ from PIL import Image
 
 from mlvision import sources, tasks
 from mlvision.errors import CorruptCacheError, DataSourceError, MLVisionError, UnknownNameError
+from mlvision.tasks import cache, fonts, mnist_files, skimage_data
+from mlvision.tasks.splits import dedupe_images, drop_leaks
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +99,7 @@ def test_task_loads_with_expected_shape(loaded, name):
         assert counts.min() > 0 and counts.max() <= 1.5 * counts.min(), (split, counts)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", tasks.TASK_NAMES)
 def test_preparation_is_deterministic(loaded, name, tmp_path, monkeypatch):
     """Building the task from scratch again gives exactly the cached data."""
@@ -122,7 +125,7 @@ def test_preparation_is_deterministic(loaded, name, tmp_path, monkeypatch):
 def _raw_hashes(dd: datasets.DatasetDict, split: str) -> list[bytes]:
     """Content hash of each image of a split: the sha256 of its stored PNG bytes.
 
-    Every image of a prepared task was written by `tasks._png` (lossless, fixed settings) in one run, so
+    Every image of a prepared task was written by `cache._png` (lossless, fixed settings) in one run, so
     equal bytes mean equal pixels and equal pixels give equal bytes (checked by `_assert_png_is_canonical`);
     hashing bytes is ~100x faster than decoding the 70,000 images of mnist or fashion_mnist.
     """
@@ -131,13 +134,13 @@ def _raw_hashes(dd: datasets.DatasetDict, split: str) -> list[bytes]:
 
 
 def _assert_png_is_canonical(dd: datasets.DatasetDict, split: str, n: int = 200) -> None:
-    """The stored bytes are exactly what `tasks._png` makes of the decoded pixels (so bytes <=> pixels)."""
+    """The stored bytes are exactly what `cache._png` makes of the decoded pixels (so bytes <=> pixels)."""
     column = dd[split].data.column("image").to_pylist()
     for item in column[:: max(1, len(column) // n)]:
         with Image.open(io.BytesIO(item["bytes"])) as img:
             pixels = np.asarray(img)
         assert pixels.dtype == np.uint8
-        assert tasks._png(pixels) == item["bytes"]
+        assert cache._png(pixels) == item["bytes"]
 
 
 @pytest.fixture(scope="module")
@@ -185,7 +188,7 @@ def test_leakage_guard_drops_copies_of_earlier_splits():
         "validation": (np.stack([a, c, c]), np.array([0, 0, 0])),  # a leaks; c twice within the split stays
         "test": (np.stack([b, c, d]), np.array([1, 0, 1])),  # b leaks from train, c from validation
     }
-    out, removed = tasks.drop_leaks(splits)
+    out, removed = drop_leaks(splits)
     assert removed == {"train": 0, "validation": 1, "test": 2}
     assert [len(out[s][0]) for s in tasks.SPLITS] == [2, 2, 1]
     assert (out["test"][0][0] == d).all() and out["test"][1].tolist() == [1]
@@ -203,20 +206,21 @@ def test_animals_have_no_duplicate_images(loaded):
 def test_dedupe_keeps_one_copy_and_drops_conflicting_labels():
     rng = np.random.default_rng(1)
     a, b, c = (rng.integers(0, 256, (3, 3), dtype=np.uint8) for _ in range(3))
-    images, labels, counts = tasks.dedupe_images(np.stack([a, b, a, c, b, a]), np.array([0, 1, 0, 2, 3, 0]))
+    images, labels, counts = dedupe_images(np.stack([a, b, a, c, b, a]), np.array([0, 1, 0, 2, 3, 0]))
     assert counts == {"copies": 2, "conflicting": 2}  # two extra copies of a; b carries labels 1 and 3
     assert labels.tolist() == [0, 2] and (images[0] == a).all() and (images[1] == c).all()
 
 
-@pytest.mark.parametrize("name", sorted(tasks.FONT_TASK_CLASSES))
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(fonts.FONT_TASK_CLASSES))
 def test_font_splits_share_no_font(loaded, name):
-    split = tasks.font_split(name)
+    split = fonts.font_split(name)
     assert list(split) == list(tasks.SPLITS)
-    families = tasks.font_families()
+    families = fonts.font_families()
     for i, a in enumerate(tasks.SPLITS):
         assert split[a], a
         assert len(set(split[a])) == len(split[a])
-        assert not set(split[a]) & tasks.PICTURE_FONTS
+        assert not set(split[a]) & fonts.PICTURE_FONTS
         for b in tasks.SPLITS[i + 1 :]:
             assert not set(split[a]) & set(split[b]), (a, b)  # no font in two splits
             # nor one design family (a font's outline or shadow variant) in two splits
@@ -224,10 +228,10 @@ def test_font_splits_share_no_font(loaded, name):
     assert len(split["train"]) > len(split["validation"]) > 0 and len(split["test"]) > 0
     task, dd = tasks.get_task(name), loaded[name]
     per_font = {s: len(dd[s]) / (len(split[s]) * task.num_classes) for s in tasks.SPLITS}
-    assert per_font == {s: float(n) for s, n in tasks.FONT_RENDERS[name].items()}  # every font drew every class
+    assert per_font == {s: float(n) for s, n in fonts.FONT_RENDERS[name].items()}  # every font drew every class
     for s in tasks.SPLITS:
         counts = np.bincount(np.asarray(dd[s]["label"]), minlength=task.num_classes)
-        assert (counts == len(split[s]) * tasks.FONT_RENDERS[name][s]).all(), (s, counts)
+        assert (counts == len(split[s]) * fonts.FONT_RENDERS[name][s]).all(), (s, counts)
         images = np.stack([np.asarray(img) for img in dd[s].select(range(50))["image"]])
         assert images.shape == (50, 28, 28) and images.dtype == np.uint8
         assert (images.max(axis=(1, 2)) > 128).all()  # a glyph in every image
@@ -240,17 +244,17 @@ def test_font_rule_drops_missing_and_duplicate_glyphs():
     other = np.full((4, 3), 255, np.uint8)
     box = np.full((6, 4), 200, np.uint8)
     classes = ("0", "1")
-    good = {"0": ink, "1": other, tasks._NOTDEF_PROBE: box}
-    assert tasks._renders_every_class(good, classes)
-    assert not tasks._renders_every_class({**good, "1": np.zeros((0, 0), np.uint8)}, classes)  # missing glyph
-    assert not tasks._renders_every_class({**good, "1": np.full((4, 3), 60, np.uint8)}, classes)  # faint only
-    assert not tasks._renders_every_class({**good, "1": ink.copy()}, classes)  # two classes alike
-    assert not tasks._renders_every_class({**good, "1": box.copy()}, classes)  # the .notdef box
-    assert tasks._renders_every_class({**good, "2": ink.copy()}, classes)  # only the task's classes count
+    good = {"0": ink, "1": other, fonts._NOTDEF_PROBE: box}
+    assert fonts._renders_every_class(good, classes)
+    assert not fonts._renders_every_class({**good, "1": np.zeros((0, 0), np.uint8)}, classes)  # missing glyph
+    assert not fonts._renders_every_class({**good, "1": np.full((4, 3), 60, np.uint8)}, classes)  # faint only
+    assert not fonts._renders_every_class({**good, "1": ink.copy()}, classes)  # two classes alike
+    assert not fonts._renders_every_class({**good, "1": box.copy()}, classes)  # the .notdef box
+    assert fonts._renders_every_class({**good, "2": ink.copy()}, classes)  # only the task's classes count
 
 
 def test_texture_regions_are_disjoint():
-    boxes = tasks.texture_patch_boxes()
+    boxes = skimage_data.texture_patch_boxes()
     assert list(boxes) == list(tasks.get_task("textures").label_names)
     assert len(boxes) >= 4
 
@@ -258,23 +262,23 @@ def test_texture_regions_are_disjoint():
         return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
 
     for photo, by_split in boxes.items():
-        for split, n in tasks.TEXTURE_PATCHES.items():
+        for split, n in skimage_data.TEXTURE_PATCHES.items():
             assert len(by_split[split]) == n
             for top, left, bottom, right in by_split[split]:
-                assert bottom - top == right - left == tasks.PATCH_SIZE
+                assert bottom - top == right - left == skimage_data.PATCH_SIZE
         # column ranges used by each split never meet, so no box of one overlaps another's
         spans = {s: (min(b[1] for b in v), max(b[3] for b in v)) for s, v in by_split.items()}
         assert spans["train"][1] <= spans["validation"][0], (photo, spans)
         assert spans["validation"][1] <= spans["test"][0], (photo, spans)
         # and the direct check, box by box, for train against test
         assert not any(overlap(a, b) for a in by_split["train"] for b in by_split["test"])
-    assert tasks.texture_patch_boxes() == boxes  # deterministic
+    assert skimage_data.texture_patch_boxes() == boxes  # deterministic
 
 
 def test_texture_patches_match_their_boxes(loaded):
     """Each textures image is a grayscale PATCH_SIZE square."""
     img = loaded["textures"]["test"][0]["image"]
-    assert img.mode == "L" and img.size == (tasks.PATCH_SIZE, tasks.PATCH_SIZE)
+    assert img.mode == "L" and img.size == (skimage_data.PATCH_SIZE, skimage_data.PATCH_SIZE)
 
 
 def test_unknown_task_names_the_known_ones():
@@ -350,7 +354,7 @@ def test_corrupt_cache_raises_with_the_fix(loaded, tmp_path, monkeypatch):
 
 def test_corrupt_downloaded_wheel_raises_with_the_fix(tmp_path, monkeypatch):
     monkeypatch.setenv("MLV_CACHE_DIR", str(tmp_path))
-    wheel = sources.downloads_dir() / f"animal_mnist-{tasks.ANIMAL_MNIST_VERSION}-py3-none-any.whl"
+    wheel = sources.downloads_dir() / f"animal_mnist-{sources.ANIMAL_MNIST_VERSION}-py3-none-any.whl"
     wheel.write_bytes(b"not a zip file")
     with pytest.raises(CorruptCacheError) as info:
         tasks.load_task("animals")
@@ -412,10 +416,10 @@ def test_real_package_files_match_their_pins(loaded):
             checked.add(member)
     deb = sources.fetch_deb(sources.FASHION_DEB, sources.FASHION_DEB_VERSION)
     checked.add(deb.name)
-    checked.update(sources.read_from_deb(deb, [n for n in sources.SHA256 if n.startswith(tasks.FASHION_DIR)]))
+    checked.update(sources.read_from_deb(deb, [n for n in sources.SHA256 if n.startswith(mnist_files.FASHION_DIR)]))
     for package, version in sources.FONT_DEBS.items():  # the font .debs: one pin each covers all their fonts
         deb = sources.fetch_deb(package, version)
-        assert sources.read_deb_folder(deb, tasks.FONT_FOLDERS[package], ".ttf")
+        assert sources.read_deb_folder(deb, fonts.FONT_FOLDERS[package], ".ttf")
         checked.add(deb.name)
     for name in sources.SHA256:
         if name.split("/")[0] in sources.INSTALLED_DATA_PACKAGES:
@@ -432,7 +436,7 @@ def test_tampered_font_deb_is_refused(loaded, tmp_path):
     shutil.copyfile(real, copy)
     _flip_one_byte(copy)
     with pytest.raises(CorruptCacheError) as info:
-        sources.read_deb_folder(copy, tasks.FONT_FOLDERS[package], ".ttf")
+        sources.read_deb_folder(copy, fonts.FONT_FOLDERS[package], ".ttf")
     _assert_mismatch_message(str(info.value), str(copy), real.name, _sha256(copy), "delete it")
 
 

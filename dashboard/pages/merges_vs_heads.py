@@ -1,0 +1,62 @@
+"""Merges vs head finetuning: each task's accuracy with its own adapter, with a head on the frozen
+backbone and inside the merged model, and the normalized gain over the head per merged group.
+"""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from dashboard import analysis, charts, queries
+from dashboard.filters import Filters
+from dashboard.pages import common
+
+
+def page(db: str, filters: Filters) -> None:
+    st.header("Merged models against head finetuning")
+    merges = queries.merge_results(db)
+    if merges is None or merges.empty:
+        common.missing("merge results", "merge_results", merges)
+        results = queries.task_results(db)
+        if results is not None and not results.empty:
+            st.markdown("Meanwhile, each task's single adapter against its head baseline (from `task_results`):")
+            common.chart(
+                charts.grouped_bar_figure(
+                    analysis.kind_comparison(results), "Single adapter against head baseline", "test accuracy"
+                )
+            )
+        return
+    found = queries.findings(db)
+    chosen = analysis.chosen_methods(found) if found is not None else {}
+    method = filters.select("Merge method", "method", sorted(merges["method"].unique()), default=chosen.get(2))
+    ks = sorted(int(k) for k in merges.loc[merges["method"] == method, "k"].unique())
+    k = filters.select("Adapters merged (k)", "k", ks, default=2)
+    table = analysis.task_comparison(merges, method, k)
+    st.caption(
+        "Each task's accuracy with its own adapter, with its head on the frozen backbone, and inside the merged "
+        "model; mean ± sd over the groups that contain the task and seeds, all scored on the same images."
+    )
+    common.chart(
+        charts.grouped_bar_figure(
+            table, f"Per task: single adapter, head baseline, merged ({method}, k={k})", "test accuracy"
+        ),
+        table,
+        "per_task_accuracy",
+    )
+    matrix = analysis.gain_matrix(merges, method)
+    blank, total, note = analysis.blank_gains(merges, method)
+    why = (
+        f" Blank cells: the gain is undefined for {blank} of {total} rows of {method}, where the task's single "
+        f'adapter and its head baseline differ by less than 2 points (`gain_note`: "{note or "no note stored"}"); '
+        "a cell is blank when every seed's row is."
+        if blank
+        else ""
+    )
+    st.caption(
+        "Normalized gain over the head baseline: 1 = as good as the task's own adapter, 0 = as good as the "
+        "frozen backbone with a head, below 0 = worse than the head (mean over seeds)." + why
+    )
+    common.chart(
+        charts.gain_heatmap(matrix, f"Normalized gain over head baseline ({method})"),
+        matrix.rename_axis("group").reset_index(),
+        "normalized_gain",
+    )

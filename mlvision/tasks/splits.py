@@ -1,0 +1,91 @@
+"""Split sizes and the leakage guard: the rules every built-in task's three splits follow.
+
+Why a module of its own: the builders (one module per source family) only say where their images
+come from; how images are cut into train/validation/test (seeded, stratified) and what may never
+cross a split (`drop_leaks`, applied to every built-in task by `cache.prepare`) are one rule for all
+of them, so a new builder cannot forget it.
+
+Leakage guard: validation and test images identical (pixel for pixel) to a training image, and test
+images identical to a validation image, are dropped. On the current sources it drops nothing
+(animals' copies are removed before its split by `dedupe_images`), but it keeps any future builder honest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+SPLITS = ("train", "validation", "test")
+SEED = 0
+
+# What every builder returns: {split: (uint8 images [n, H, W] or [n, H, W, 3], int64 labels [n])}.
+Splits = dict[str, tuple[np.ndarray, np.ndarray]]
+
+
+def stratified_split(labels: np.ndarray, fractions: tuple[float, ...], seed: int = SEED) -> list[np.ndarray]:
+    """Index arrays, one per fraction, keeping every class's share in each part.
+
+    Each part is shuffled (seeded) so that class-sorted sources do not give class-sorted splits.
+    """
+    rng = np.random.default_rng(seed)
+    parts: list[list[np.ndarray]] = [[] for _ in fractions]
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        bounds = np.round(np.cumsum(fractions) * len(idx)).astype(int)
+        starts = np.concatenate([[0], bounds[:-1]])
+        for part, lo, hi in zip(parts, starts, bounds):
+            part.append(idx[lo:hi])
+    return [rng.permutation(np.concatenate(p)) for p in parts]
+
+
+def split_arrays(images: np.ndarray, labels: np.ndarray, fractions: tuple[float, float, float]) -> Splits:
+    """One pool of images cut into train/validation/test by `stratified_split`."""
+    parts = stratified_split(labels, fractions)
+    return {split: (images[idx], labels[idx]) for split, idx in zip(SPLITS, parts)}
+
+
+def pixel_hash(img: np.ndarray) -> bytes:
+    """A content hash of a uint8 image: equal exactly when shape and pixels are equal."""
+    return hashlib.blake2b(repr(img.shape).encode() + np.ascontiguousarray(img).tobytes(), digest_size=16).digest()
+
+
+def drop_leaks(splits: Splits) -> tuple[Splits, dict[str, int]]:
+    """The leakage guard every built-in task goes through in `cache.prepare`, whatever its builder.
+
+    Drops from validation and test every image whose pixels equal a training image's, and from test
+    every image equal to a validation image (a model would be graded on memorised pixels). Duplicates
+    inside one split are left alone. Returns the cleaned splits and how many images each split lost.
+    """
+    seen: set[bytes] = set()
+    out: Splits = {}
+    removed: dict[str, int] = {}
+    for split in SPLITS:
+        images, labels = splits[split]
+        hashes = [pixel_hash(img) for img in images]
+        keep = np.array([h not in seen for h in hashes], dtype=bool)
+        out[split] = (images[keep], labels[keep])
+        removed[split] = int((~keep).sum())
+        seen.update(hashes)
+    return out, removed
+
+
+def dedupe_images(images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
+    """One copy of each distinct image (the first), and none of an image seen with two labels.
+
+    Returns the kept images and labels and the counts dropped: "copies" (extra copies of a
+    consistently labelled image) and "conflicting" (every copy of an image with two labels).
+    """
+    first: dict[bytes, int] = {}
+    label_sets: dict[bytes, set[int]] = {}
+    hashes = [pixel_hash(img) for img in images]
+    for i, (h, y) in enumerate(zip(hashes, labels)):
+        first.setdefault(h, i)
+        label_sets.setdefault(h, set()).add(int(y))
+    keep = np.array([first[h] == i and len(label_sets[h]) == 1 for i, h in enumerate(hashes)], dtype=bool)
+    conflicting = sum(1 for h in hashes if len(label_sets[h]) > 1)
+    return (
+        images[keep],
+        labels[keep],
+        {"copies": len(hashes) - int(keep.sum()) - conflicting, "conflicting": conflicting},
+    )
