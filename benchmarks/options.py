@@ -3,83 +3,94 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from benchmarks.sections import SECTIONS
 from mlvision.errors import MLVisionError
+from mlvision.options import add_field_arguments, changes_from_args, check_values
 
 SECTION_NAMES = tuple(SECTIONS)  # in the order the stage measures them
 
 
+_WARMUP = 3  # untimed runs before the timed ones
+
+
 @dataclass(frozen=True)
 class BenchConfig:
-    sections: tuple[str, ...] = SECTION_NAMES
-    repeats: int = 20  # timed runs per inference figure (after `warmup` untimed ones)
-    warmup: int = 3
-    batch_sizes: tuple[int, ...] = (1, 64)
-    max_k: int | None = None  # None = the study's max_k (largest merged group)
-    train_steps: int = 20  # timed optimiser steps per training variant
-    merge_repeats: int = 3  # timed merges per (method, k)
-    device: str = "auto"
-    image_size: int | None = None  # None = the study's; inference and training can run at another size
-    again: bool = False  # measure settings already stored for this machine, replacing them
+    """What the bench stage measures: every field but `warmup` is an option (`add_bench_arguments`), declared once
+    here with its help, its flag and its range (mlvision/options.py says what each metadata key means)."""
+
+    sections: tuple[str, ...] = field(
+        default=SECTION_NAMES,
+        metadata={"help": "sections to measure", "flag": "--bench-sections", "choices": SECTION_NAMES, "unset": "all"},
+    )
+    repeats: int = field(
+        default=20,
+        metadata={
+            "help": f"timed runs per inference figure, after {_WARMUP} warm-up runs",
+            "flag": "--bench-repeats",
+            "at_least": 1,
+        },
+    )
+    warmup: int = field(
+        default=_WARMUP, metadata={"help": "untimed runs before the timed ones", "cli": False, "at_least": 0}
+    )
+    batch_sizes: tuple[int, ...] = field(
+        default=(1, 64),
+        metadata={"help": "inference batch sizes", "flag": "--bench-batch-sizes", "at_least": 1, "not_empty": True},
+    )
+    max_k: int | None = field(
+        default=None,
+        metadata={
+            "help": "largest number of tasks served / adapters merged",
+            "flag": "--bench-max-k",
+            "unset": "the study's --max-k",
+            "at_least": 1,
+        },
+    )
+    train_steps: int = field(
+        default=20,
+        metadata={"help": "timed optimiser steps per training variant", "flag": "--bench-train-steps", "at_least": 1},
+    )
+    merge_repeats: int = field(
+        default=3, metadata={"help": "timed merges per method and k", "flag": "--bench-merge-repeats", "at_least": 1}
+    )
+    device: str = field(
+        default="auto",
+        metadata={"help": "where to measure: auto = cuda if available", "choices": ("auto", "cpu", "cuda")},
+    )
+    image_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "image size for the inference and training sections",
+            "flag": "--bench-image-size",
+            "unset": "the study's --image-size; the adapters are reused as trained",
+            "at_least": 1,
+        },
+    )
+    again: bool = field(
+        default=False,
+        metadata={
+            "help": "measure again settings already stored for this machine (replacing them)",
+            "action": "store_true",
+        },
+    )
+
+    def __post_init__(self):
+        check_values(self)  # e.g. --bench-repeats 0: one line naming the option, before anything is measured
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    """One option per BenchConfig field (mlvision/options.py), in a group of their own."""
     group = parser.add_argument_group("benchmarks (the bench stage; python -m training.bench)")
-    group.add_argument("--bench-sections", nargs="+", choices=SECTION_NAMES, help="sections to measure (default: all)")
-    group.add_argument(
-        "--bench-repeats", type=int, help="timed runs per inference figure, after 3 warm-up runs (default: 20)"
-    )
-    group.add_argument("--bench-batch-sizes", nargs="+", type=int, help="inference batch sizes (default: 1 64)")
-    group.add_argument(
-        "--bench-max-k",
-        type=int,
-        help="largest number of tasks served / adapters merged (default: the study's --max-k)",
-    )
-    group.add_argument("--bench-train-steps", type=int, help="timed optimiser steps per training variant (default: 20)")
-    group.add_argument("--bench-merge-repeats", type=int, help="timed merges per method and k (default: 3)")
-    group.add_argument(
-        "--bench-image-size",
-        type=int,
-        help="image size for the inference and training sections "
-        "(default: the study's --image-size; the adapters are reused as trained)",
-    )
-    group.add_argument(
-        "--device", choices=["auto", "cpu", "cuda"], help="where to measure (default: auto = cuda if available)"
-    )
-    group.add_argument(
-        "--again", action="store_true", help="measure again settings already stored for this machine (replacing them)"
-    )
+    add_field_arguments(group, BenchConfig, BenchConfig())
 
 
 def bench_config_from_args(args: argparse.Namespace) -> BenchConfig:
-    names = {
-        "bench_sections": "sections",
-        "bench_repeats": "repeats",
-        "bench_batch_sizes": "batch_sizes",
-        "bench_max_k": "max_k",
-        "bench_train_steps": "train_steps",
-        "bench_merge_repeats": "merge_repeats",
-        "bench_image_size": "image_size",
-        "device": "device",
-    }
-    changes = {
-        field: (tuple(value) if isinstance(value, list) else value)
-        for option, field in names.items()
-        if (value := getattr(args, option, None)) is not None
-    }
-    config = replace(BenchConfig(), again=bool(getattr(args, "again", False)), **changes)
-    if min(config.repeats, config.train_steps, config.merge_repeats, config.max_k or 1, config.image_size or 1) < 1:
-        raise MLVisionError(
-            "--bench-repeats, --bench-train-steps, --bench-merge-repeats, --bench-max-k and "
-            "--bench-image-size must be >= 1"
-        )
-    if any(size < 1 for size in config.batch_sizes):
-        raise MLVisionError(f"--bench-batch-sizes must be >= 1, got {list(config.batch_sizes)}")
-    return config
+    """The benchmark options given, on top of BenchConfig's defaults; impossible values fail in one line."""
+    return replace(BenchConfig(), **changes_from_args(args, BenchConfig))
 
 
 def resolve_device(name: str) -> torch.device:

@@ -13,76 +13,283 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
-from mlvision.backbone import BackboneConfig, default_target_modules
-from mlvision.errors import UnknownNameError
+from mlvision.backbone import WEIGHT_SOURCES, BackboneConfig, default_target_modules
+from mlvision.errors import MLVisionError, UnknownNameError
+from mlvision.options import (
+    add_field_arguments,
+    changes_from_args,
+    check_values,
+    is_config_file,
+    read_config_file,
+)
 from mlvision.paths import DEFAULT_ARTIFACTS_DIR, DEFAULT_DB_PATH, REPO_ROOT
 from mlvision.store import config_hash, stored_paths
 from mlvision.tasks import STUDY_TASKS, TASK_NAMES
 
 
+def fraction(text: str) -> float:
+    """An accuracy bound as a fraction (0.99, not 99): argparse's one-line error otherwise."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1, got {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1 (0.99 for 99 %), got {text}")
+    return value
+
+
+def parse_task_domains(items) -> tuple[tuple[str, str], ...]:
+    """("hub:x=digits", ...) -> (("hub:x", "digits"), ...); the last "=" splits (ids have none). A config file may
+    also give a mapping {task: domain}, as `runs.config` stores it."""
+    if isinstance(items, dict):
+        return tuple((task, domain) for task, domain in items.items())
+    pairs = []
+    for item in items:
+        if not isinstance(item, str):
+            pairs.append(item)  # already a pair (a config file's [task, domain]); its types are checked there
+            continue
+        task, sep, domain = item.rpartition("=")
+        if not sep or not task or not domain:
+            raise UnknownNameError(f"--task-domains expects TASK=DOMAIN, got {item!r}")
+        pairs.append((task, domain))
+    return tuple(pairs)
+
+
+# Why a split's subset needs an image: models are trained on it and scored on it (an accuracy over no image is
+# undefined). None takes all of the split.
+_SUBSET_RULE = "a split's subset needs one image at least; leave the option out for all of the split"
+
+
 @dataclass(frozen=True)
 class StudyConfig:
-    tasks: tuple[str, ...] = STUDY_TASKS
-    seeds: tuple[int, ...] = (0, 1, 2)
-    backbone: str = "tf_efficientnet_lite0"
-    backbone_weights: str = "auto"
-    image_size: int = 48
+    """One study: every field is an option of run_all (built by `add_study_arguments`), declared once here with its
+    help, its range and, for fields added after results were stored, the value that keeps the old identities
+    (mlvision/options.py says what each metadata key means)."""
+
+    tasks: tuple[str, ...] = field(
+        default=STUDY_TASKS,
+        metadata={
+            "help": f"tasks to study (registered: {' '.join(TASK_NAMES)}; also hub:<dataset id or saved folder>)",
+            "not_empty": True,
+        },
+    )
+    seeds: tuple[int, ...] = field(
+        default=(0, 1, 2), metadata={"help": "training seeds", "not_empty": True, "at_least": 0}
+    )
+    backbone: str = field(default="tf_efficientnet_lite0", metadata={"help": "timm model name"})
+    backbone_weights: str = field(
+        default="auto",
+        metadata={
+            "help": "where the backbone weights come from: auto = offline package if one exists, else the timm hub",
+            "choices": WEIGHT_SOURCES,
+        },
+    )
+    image_size: int = field(default=48, metadata={"help": "square input size in pixels", "at_least": 1})
     # LoRA adapter (trained together with its task head)
-    rank: int = 8
-    alpha: float = 16.0
-    target_modules: tuple[str, ...] | None = None  # None = the backbone family's default
-    steps: int = 200
-    batch_size: int = 64
-    lr: float = 3e-3
-    head_lr: float = 1e-2
+    rank: int = field(default=8, metadata={"help": "LoRA rank", "at_least": 1})
+    alpha: float = field(default=16.0, metadata={"help": "LoRA alpha; scaling = alpha / rank", "above": 0})
+    target_modules: tuple[str, ...] | None = field(
+        default=None,
+        metadata={
+            "help": "LoRA target module names",
+            "unset": f"{' '.join(default_target_modules('efficientnet'))} for EfficientNet; "
+            f"{' '.join(default_target_modules('vit'))} for ViT",
+        },
+    )
+    steps: int = field(default=200, metadata={"help": "adapter training steps", "at_least": 1})
+    batch_size: int = field(default=64, metadata={"help": "adapter training batch size", "at_least": 1})
+    lr: float = field(default=3e-3, metadata={"help": "LoRA learning rate", "above": 0})
+    head_lr: float = field(default=1e-2, metadata={"help": "task head learning rate", "above": 0})
     # head baseline (frozen backbone, trained on cached features)
-    head_epochs: int = 30
+    head_epochs: int = field(
+        default=30, metadata={"help": "epochs of head-baseline training on cached features", "at_least": 1}
+    )
     # how many images per split are used (a fixed subset; None = all of the split)
     # Equal footing (study v2): every adapter and head trains on the same number of images (uci_digits,
     # the smallest task, has 1,078), though not for the same number of steps (adapters: `steps` batches drawn
     # with replacement; heads: `head_epochs` passes of ceil(max_train / 256) batches).
-    max_train: int | None = 1000
-    max_validation: int | None = 1000
-    max_test: int | None = 2000
+    max_train: int | None = field(
+        default=1000,
+        metadata={
+            "help": "images per task used for training (fixed subset, the same for every task)",
+            "unset": "all",
+            "at_least": 1,
+            "why": _SUBSET_RULE,
+        },
+    )
+    max_validation: int | None = field(
+        default=1000,
+        metadata={"help": "validation images per task", "unset": "all", "at_least": 1, "why": _SUBSET_RULE},
+    )
+    max_test: int | None = field(
+        default=2000,
+        metadata={
+            "help": "test images per task (fixed subset, same for every model)",
+            "unset": "all",
+            "at_least": 1,
+            "why": _SUBSET_RULE,
+        },
+    )
     # merge sweep (merging/sweep.py)
     # None = every method in the merge registry (merging/methods/__init__.py); the core cannot import
     # that registry, so whoever builds a config for a stage resolves it (`with_methods`).
-    merge_methods: tuple[str, ...] | None = None
-    max_k: int = 6
+    merge_methods: tuple[str, ...] | None = field(
+        default=None, metadata={"help": "merge methods for the sweep", "unset": "every registered method"}
+    )
+    max_k: int = field(default=6, metadata={"help": "largest group of adapters merged", "at_least": 1})
     # groups up to this size are merged for every seed, larger ones for the first seed only; None = every
     # seed at every k (the default: a verdict at k = 6 needs more than one merged model)
-    merge_all_seeds_up_to_k: int | None = None
+    merge_all_seeds_up_to_k: int | None = field(
+        default=None,
+        metadata={
+            "help": "groups up to this size are merged for every seed, larger ones for the first seed only",
+            "unset": "every seed at every k",
+        },
+    )
     # None = every group of each size; N = a fixed, seeded sample of N groups per size k >= 3 (pairs are
     # always all merged), for suites of more than six tasks, where the groups outgrow the time budget
-    max_groups_per_k: int | None = None
-    merge_eval: int | None = 300  # test images per task scored for each merged model (fixed subset)
+    max_groups_per_k: int | None = field(
+        default=None,
+        metadata={
+            "help": "merge a fixed, seeded sample of this many groups of each size k >= 3 (pairs: always all)",
+            "unset": "all",
+            "at_least": 1,
+        },
+    )
+    merge_eval: int | None = field(
+        default=300,
+        metadata={
+            "help": "test images per task scored for each merged model (fixed subset)",
+            "unset": "all",
+            "at_least": 1,
+            "why": _SUBSET_RULE,
+        },
+    )
     # validation images per task for choosing each method's hyperparameters (4 grid points per merge: at
     # 100 images the grid cost twice the test evaluation, and the default run overshot its time budget)
-    merge_select: int | None = 50
+    merge_select: int | None = field(
+        default=50,
+        metadata={
+            "help": "validation images per task used to choose each method's hyperparameters",
+            "unset": "all",
+            "at_least": 1,
+            "why": _SUBSET_RULE,
+        },
+    )
     # where things go
-    db: Path = DEFAULT_DB_PATH
-    artifacts: Path = DEFAULT_ARTIFACTS_DIR
-    # added later; left out of stored configs while at their defaults, so earlier identities stand
-    task_domains: tuple[tuple[str, str], ...] = ()  # (hub task, domain) pairs for the findings
-    mixed_precision: str = "no"  # "no" | "bf16": adapter training under accelerate
-    grad_accum: int = 1  # micro-batches per step (same global batch)
+    db: Path = field(default=DEFAULT_DB_PATH, metadata={"help": "results database"})
+    artifacts: Path = field(
+        default=DEFAULT_ARTIFACTS_DIR,
+        metadata={
+            "help": "folder for adapters and heads (with another --db and no --artifacts: beside it, X/name.duckdb "
+            "-> X/name.artifacts/); a model folder already there with the same configuration is reused, never "
+            "retrained over"
+        },
+    )
+    # Added later: at their `identity_default` they are left out of the identity, so earlier run ids stand.
+    task_domains: tuple[tuple[str, str], ...] = field(
+        default=(),
+        metadata={
+            "help": "domain tags of hub tasks for the same- vs cross-domain findings",
+            "unset": "the task's own, 'hub' for a hub task",
+            "metavar": "TASK=DOMAIN",
+            "parse": parse_task_domains,
+            "identity_default": (),
+        },
+    )
+    mixed_precision: str = field(
+        default="no",
+        metadata={
+            "help": "adapter training precision, under accelerate",
+            "choices": ("no", "bf16"),
+            "identity_default": "no",
+        },
+    )
+    grad_accum: int = field(
+        default=1,
+        metadata={
+            "help": "micro-batches per training step; the global batch stays --batch-size",
+            "at_least": 1,
+            "identity_default": 1,
+        },
+    )
     # LoRA steps in channels_last memory order: 1.4-1.8x faster on 2 CPU cores (benchmark variant
-    # lora_channels_last), other float rounding, so other weights; on since study v2.
-    channels_last: bool = True
+    # lora_channels_last), other float rounding, so other weights; on since study v2 (runs before it had it off).
+    channels_last: bool = field(
+        default=True,
+        metadata={
+            "help": "train adapters in channels_last memory order: 1.4-1.8x faster steps on CPUs, slightly different "
+            "weights, so other adapter identities",
+            "identity_default": False,
+        },
+    )
     # Adapters given instead of trained (run_all --adapters, study/given.py): (task, seed, folder, sha256 of
     # the folder's weight files). The training stage imports them and trains only the head baselines; their
     # identity is their content, so the same files give the same model ids wherever they lie.
-    given_adapters: tuple[tuple[str, int, str, str], ...] = ()
-    backbone_base: str = ""  # given adapters' base: local-dir:FOLDER or transformers:FOLDER (mlvision/backbone.py)
-    # The findings' exclusion rules (study/findings.py, ExclusionRules): a task measured on too few images or at the
-    # ceiling is left out of every claim. The defaults suit the default study; a small study lowers the image counts.
-    min_test_images: int = 350  # smallest test split (task_results' n_test) a kept task may have
-    min_merge_eval_images: int = 300  # fewest test images a kept task's merged models may be scored on
-    max_adapter_accuracy: float = 0.99  # a single adapter's mean test accuracy above this: at the ceiling
-    max_head_accuracy: float = 0.97  # a head baseline's mean test accuracy above this: at the ceiling
+    given_adapters: tuple[tuple[str, int, str, str], ...] = field(
+        default=(),
+        metadata={
+            "help": "adapters studied instead of trained: (task, seed, folder, sha256 of its weight files)",
+            "cli": False,  # --adapters fills it (study/given.py)
+            "identity_default": (),
+        },
+    )
+    backbone_base: str = field(
+        default="",
+        metadata={
+            "help": "given adapters' base: local-dir:FOLDER or transformers:FOLDER (mlvision/backbone.py)",
+            "cli": False,  # --adapters (and --base) fill it
+            "identity_default": "",
+        },
+    )
+    # The findings' exclusion rules (study/findings/exclusion.py, ExclusionRules): a task measured on too few images or
+    # at the ceiling is left out of every claim. The defaults suit the default study; a small study lowers the counts.
+    min_test_images: int = field(
+        default=350,
+        metadata={
+            "help": "findings: leave a task out of the claims when its smallest test split has fewer images "
+            "(lower it for a study of small datasets)",
+            "at_least": 0,
+            "identity_default": 350,
+        },
+    )
+    min_merge_eval_images: int = field(
+        default=300,
+        metadata={
+            "help": "findings: leave a task out of the claims when its merged models were scored on fewer test images "
+            "(see --merge-eval)",
+            "at_least": 0,
+            "identity_default": 300,
+        },
+    )
+    max_adapter_accuracy: float = field(
+        default=0.99,
+        metadata={
+            "help": "findings: leave a task out of the claims when its single adapter's mean test accuracy is above "
+            "this fraction, at the ceiling",
+            "type": fraction,
+            "at_least": 0,
+            "at_most": 1,
+            "identity_default": 0.99,
+        },
+    )
+    max_head_accuracy: float = field(
+        default=0.97,
+        metadata={
+            "help": "findings: leave a task out of the claims when its head baseline's mean test accuracy is above "
+            "this fraction, at the ceiling",
+            "type": fraction,
+            "at_least": 0,
+            "at_most": 1,
+            "identity_default": 0.97,
+        },
+    )
+
+    def __post_init__(self):
+        check_values(self)  # an impossible value fails here, in one line, before any work
 
     @property
     def backbone_config(self) -> BackboneConfig:
@@ -170,20 +377,9 @@ class StudyConfig:
         data = asdict(self)
         del data["db"], data["artifacts"]
         data.update(target_modules=self.lora_targets)
-        for name, default in (
-            ("task_domains", ()),
-            ("mixed_precision", "no"),
-            ("grad_accum", 1),
-            ("channels_last", False),
-            ("given_adapters", ()),
-            ("backbone_base", ""),
-            ("min_test_images", 350),
-            ("min_merge_eval_images", 300),
-            ("max_adapter_accuracy", 0.99),
-            ("max_head_accuracy", 0.97),
-        ):
-            if getattr(self, name) == default:
-                del data[name]  # a run without them keeps the run id it had before they existed
+        for f in fields(self):  # fields added after results were stored: a run without them keeps its id
+            if "identity_default" in f.metadata and getattr(self, f.name) == f.metadata["identity_default"]:
+                del data[f.name]
         if "task_domains" in data:
             data["task_domains"] = dict(self.task_domains)
         return data
@@ -324,26 +520,23 @@ def prepare_profile_data(profile: str) -> None:
             shutil.rmtree(staging, ignore_errors=True)
 
 
-def add_study_arguments(parser: argparse.ArgumentParser) -> None:
-    """CLI options for every StudyConfig field (defaults come from the chosen profile)."""
+def add_study_arguments(parser: argparse.ArgumentParser, defaults: StudyConfig | None = None) -> None:
+    """The run's own options (--config, --quick, --adapters, --base, --stages), then one per StudyConfig field, built
+    from its declaration (mlvision/options.py); each help ends with `defaults`' value, the chosen profile's
+    (`help_defaults`; the default profile's when not given)."""
     parser.add_argument(
         "--config",
-        choices=list(PROFILES),
+        metavar="PROFILE|FILE",
         help="named profile giving every option's default: default (the offline study), "
-        "quick (smoke test), paper (ViT-B/16 + six hub datasets; network, GPUs), tiny-vit (its offline miniature)",
+        "quick (smoke test), paper (ViT-B/16 + six hub datasets; network, GPUs), tiny-vit (its offline miniature); "
+        "or a .json/.yaml file setting any option by its field name (max_train: 500), on top of the default profile "
+        "or of the one its 'profile' key names",
     )
     parser.add_argument(
         "--quick",
         action="store_true",
         help="same as --config quick: whole pipeline on a sliver of the data in about a minute (smoke test)",
     )
-    parser.add_argument(
-        "--tasks",
-        nargs="+",
-        help=f"tasks to study (default: {' '.join(STUDY_TASKS)}; registered: {' '.join(TASK_NAMES)}; "
-        "also hub:<dataset id or saved folder>)",
-    )
-    parser.add_argument("--seeds", nargs="+", type=int, help="training seeds (default: 0 1 2)")
     parser.add_argument(
         "--adapters",
         nargs="+",
@@ -361,161 +554,62 @@ def add_study_arguments(parser: argparse.ArgumentParser) -> None:
         "(timm/NAME, hf-hub:ID, local-dir:FOLDER or a folder timm's save_for_hf wrote; as merging/merge.py --base)",
     )
     parser.add_argument(
-        "--backbone", help="timm model name (default: tf_efficientnet_lite0, weights from an offline package)"
-    )
-    parser.add_argument(
-        "--backbone-weights",
-        choices=["auto", "package", "hub", "random"],
-        help="where the backbone weights come from (default: auto = offline package if one exists, else the timm hub)",
-    )
-    parser.add_argument("--image-size", type=int, help="square input size in pixels (default: 48)")
-    parser.add_argument("--rank", type=int, help="LoRA rank (default: 8)")
-    parser.add_argument("--alpha", type=float, help="LoRA alpha; scaling = alpha / rank (default: 16)")
-    parser.add_argument(
-        "--target-modules",
-        nargs="+",
-        help="LoRA target module names "
-        "(default: conv_pw conv_pwl conv_head for EfficientNet; qkv proj fc1 fc2 for ViT)",
-    )
-    parser.add_argument("--steps", type=int, help="adapter training steps (default: 200)")
-    parser.add_argument("--batch-size", type=int, help="adapter training batch size (default: 64)")
-    parser.add_argument("--lr", type=float, help="LoRA learning rate (default: 3e-3)")
-    parser.add_argument("--head-lr", type=float, help="task head learning rate (default: 1e-2)")
-    parser.add_argument(
-        "--head-epochs", type=int, help="epochs of head-baseline training on cached features (default: 30)"
-    )
-    parser.add_argument(
-        "--max-train",
-        type=int,
-        help="images per task used for training (fixed subset, the same for every task; default: 1000)",
-    )
-    parser.add_argument("--max-validation", type=int, help="validation images per task (default: 1000)")
-    parser.add_argument(
-        "--max-test", type=int, help="test images per task (fixed subset, same for every model; default: 2000)"
-    )
-    parser.add_argument(
         "--stages",
         nargs="+",
         choices=STAGES,
         help="stages to run, in order (default: all, the benchmarks only when this run stored something new: a study "
         "already stored does not measure a new machine unless asked with --stages bench)",
     )
-    parser.add_argument(
-        "--merge-methods",
-        nargs="+",
-        help="merge methods for the sweep (default profile: "
-        + " ".join(STUDY_MERGE_METHODS)
-        + "; other profiles name their own)",
-    )
-    parser.add_argument("--max-k", type=int, help="largest group of adapters merged (default: 6)")
-    parser.add_argument(
-        "--merge-all-seeds-up-to-k",
-        type=int,
-        help="groups up to this size are merged for every seed, larger ones for the first seed only "
-        "(default: every seed at every k)",
-    )
-    parser.add_argument(
-        "--max-groups-per-k",
-        type=int,
-        help="merge a fixed, seeded sample of this many groups of each size k >= 3 (pairs: always all; default: all)",
-    )
-    parser.add_argument(
-        "--merge-eval", type=int, help="test images per task scored for each merged model (fixed subset; default: 300)"
-    )
-    parser.add_argument(
-        "--merge-select",
-        type=int,
-        help="validation images per task used to choose each method's hyperparameters (default: 50)",
-    )
-    parser.add_argument(
-        "--task-domains",
-        nargs="+",
-        metavar="TASK=DOMAIN",
-        help="domain tags of hub tasks for the same- vs cross-domain findings (default: the profile's, else 'hub')",
-    )
-    parser.add_argument(
-        "--min-test-images",
-        type=int,
-        help="findings: leave a task out of the claims when its smallest test split has fewer images "
-        "(default: 350; lower it for a study of small datasets)",
-    )
-    parser.add_argument(
-        "--min-merge-eval-images",
-        type=int,
-        help="findings: leave a task out of the claims when its merged models were scored on fewer test images "
-        "(default: 300; see --merge-eval)",
-    )
-    parser.add_argument(
-        "--max-adapter-accuracy",
-        type=_accuracy,
-        help="findings: leave a task out of the claims when its single adapter's mean test accuracy is above this "
-        "fraction, at the ceiling (default: 0.99)",
-    )
-    parser.add_argument(
-        "--max-head-accuracy",
-        type=_accuracy,
-        help="findings: leave a task out of the claims when its head baseline's mean test accuracy is above this "
-        "fraction, at the ceiling (default: 0.97)",
-    )
-    parser.add_argument(
-        "--mixed-precision", choices=["no", "bf16"], help="adapter training precision, under accelerate (default: no)"
-    )
-    parser.add_argument(
-        "--channels-last",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="train adapters in channels_last memory order: 1.4-1.8x faster steps on CPUs, slightly different "
-        "weights, so other adapter identities (default: on)",
-    )
-    parser.add_argument(
-        "--grad-accum",
-        type=int,
-        help="micro-batches per training step; the global batch stays --batch-size (default: 1)",
-    )
-    parser.add_argument(
-        "--db",
-        type=Path,
-        help="results database "
-        "(default: results.duckdb at the repo root; other profiles: runs/<profile>/results.duckdb)",
-    )
-    parser.add_argument(
-        "--artifacts",
-        type=Path,
-        help="folder for adapters and heads (default: the profile's, artifacts/ at the repo root for the default "
-        "study; with another --db, beside it: X/name.duckdb -> X/name.artifacts/); a model folder already there "
-        "with the same configuration is reused, never retrained over",
-    )
+    add_field_arguments(parser, StudyConfig, defaults or PROFILES["default"])
 
 
-def _accuracy(text: str) -> float:
-    """An accuracy bound as a fraction (0.99, not 99): argparse's one-line error otherwise."""
+def help_defaults(argv: list[str]) -> StudyConfig:
+    """The config whose values `--help` shows as the defaults: the profile (or file) that --config or --quick in
+    `argv` chooses, else the default profile; one that cannot be read shows the default profile's (parsing the
+    options then says what is wrong with it)."""
+    config, quick = None, "--quick" in argv
+    for i, item in enumerate(argv):
+        if item == "--config" and i + 1 < len(argv):
+            config = argv[i + 1]
+        elif item.startswith("--config="):
+            config = item.partition("=")[2]
     try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1, got {text!r}") from None
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1 (0.99 for 99 %), got {text}")
-    return value
+        profile, values = chosen_settings(argparse.Namespace(config=config, quick=quick))
+        return replace(PROFILES[profile], **values)
+    except MLVisionError:
+        return PROFILES["default"]
+
+
+def chosen_settings(args: argparse.Namespace) -> tuple[str, dict]:
+    """(the profile's name, the field values a --config file sets) that --config and --quick (its older spelling)
+    choose: a profile name, or a .json/.yaml file on top of the default profile or of the one its `profile` key
+    names. Unknown profile names and unknown keys are refused in one line."""
+    if args.quick and args.config not in (None, "quick"):
+        raise UnknownNameError(f"--quick and --config {args.config} contradict each other: give one of them")
+    name = args.config or ("quick" if args.quick else "default")
+    values, profile, where = {}, name, "--config"
+    if is_config_file(name):
+        values = read_config_file(name, StudyConfig, extra_keys=("profile",))
+        profile, where = values.pop("profile", "default"), f"--config {name}: profile"
+    if not isinstance(profile, str) or profile not in PROFILES:
+        raise UnknownNameError(
+            f"{where}: unknown profile {profile!r}; profiles: {', '.join(PROFILES)} (or a .json/.yaml/.yml file)"
+        )
+    return profile, values
 
 
 def profile_name(args: argparse.Namespace) -> str:
-    """The chosen profile: --config, or --quick (its older spelling), else default."""
-    if args.quick and args.config not in (None, "quick"):
-        raise UnknownNameError(f"--quick and --config {args.config} contradict each other: give one of them")
-    return args.config or ("quick" if args.quick else "default")
+    """The chosen profile: --config (a profile, or a file's `profile` key), or --quick, else default."""
+    return chosen_settings(args)[0]
 
 
 def config_from_args(args: argparse.Namespace, registered_methods: tuple[str, ...]) -> StudyConfig:
-    """The study config the options describe; `registered_methods` (the merge registry's names) is the
-    default method list of profiles that do not name their own."""
-    base = PROFILES[profile_name(args)].with_methods(registered_methods)
-    changes = {}
-    for f in fields(StudyConfig):
-        value = getattr(args, f.name, None)
-        if value is not None:
-            changes[f.name] = tuple(value) if isinstance(value, list) else value
-    if "task_domains" in changes:
-        changes["task_domains"] = parse_task_domains(changes["task_domains"])
+    """The study config the options describe: the chosen profile, a --config file's values on top, then the options
+    given; `registered_methods` (the merge registry's names) is the default method list of profiles that do not
+    name their own. An impossible value fails here, in one line (`StudyConfig.__post_init__`)."""
+    profile, changes = chosen_settings(args)
+    base = PROFILES[profile].with_methods(registered_methods)
+    changes.update(changes_from_args(args, StudyConfig))
     if "db" in changes and "artifacts" not in changes and Path(changes["db"]).resolve() != Path(base.db).resolve():
         changes["artifacts"] = artifacts_beside(changes["db"])
     return replace(base, **changes)
@@ -527,14 +621,3 @@ def artifacts_beside(db: str | Path) -> Path:
     repository's committed artifacts/ (whose folders the committed results.duckdb points to)."""
     db = Path(db)
     return db.parent / ("artifacts" if db.name == "results.duckdb" else f"{db.stem}.artifacts")
-
-
-def parse_task_domains(items) -> tuple[tuple[str, str], ...]:
-    """("hub:x=digits", ...) -> (("hub:x", "digits"), ...); the last "=" splits (ids have none)."""
-    pairs = []
-    for item in items:
-        task, sep, domain = item.rpartition("=")
-        if not sep or not task or not domain:
-            raise UnknownNameError(f"--task-domains expects TASK=DOMAIN, got {item!r}")
-        pairs.append((task, domain))
-    return tuple(pairs)
