@@ -11,33 +11,39 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.colors import hex_to_rgb, qualitative, unlabel_rgb
 
+from benchmarks.sections.merge import REFERENCE_METHODS, REGISTERED_METHODS
+
 PALETTE = qualitative.D3 + qualitative.Set2
 TEMPLATE = "simple_white"
 
-# One fixed colour per merge method, whatever the page or filter shows (a colour taken from a method's
-# position among the selected ones changed when the selection changed, and two methods got near-identical
-# pinks). Distinct, dark enough for a white background; peft's references are one grey family. The
-# dashboard may not import the merge registry (docs/ARCHITECTURE.md), so the names are listed here and
-# tests/test_dashboard.py checks that every registered method has its own colour.
-METHOD_COLORS = {
-    "linear": "#bcbd22",
-    "task_arithmetic": "#1f77b4",
-    "ties": "#ff7f0e",
-    "dare_linear": "#e7ba52",
-    "dare_ties": "#ad494a",
-    "magnitude_prune": "#637939",
-    "knots_ties": "#d62728",
-    "knots_ta": "#e377c2",
-    "tsv_m": "#9467bd",
-    "iso_c": "#17becf",
-    "iso_cts": "#393b79",
-    "regmean": "#2ca02c",
-    "adamerging": "#ff1493",
-    "peft_linear": "#7f7f7f",
-    "peft_cat": "#525252",
-    "peft_svd": "#a5a5a5",
-    "peft_ties": "#303030",
-}
+# One fixed colour per merge method, whatever the page or filter shows (a colour taken from a method's position
+# among the selected ones changed when the selection changed, and two methods got near-identical pinks). The rule:
+# the registered methods in registry order (merging/methods/__init__.py `_ALL`) take METHOD_PALETTE's colours in
+# turn, peft's references (kind "reference") REFERENCE_GREYS'. The first 13 colours are those the methods have
+# always had; a method appended to the registry takes the next one, so adding a method adds no line here. Distinct,
+# dark enough for a white background, no two closer than a visible distance. The dashboard may not import the merge
+# registry (docs/ARCHITECTURE.md), so it reads the registry's order through benchmarks/sections/merge.py.
+METHOD_PALETTE = (
+    # linear, task_arithmetic, ties, dare_linear, dare_ties, magnitude_prune, knots_ties, knots_ta, tsv_m,
+    "#bcbd22", "#1f77b4", "#ff7f0e", "#e7ba52", "#ad494a", "#637939", "#d62728", "#e377c2", "#9467bd",
+    # iso_c, iso_cts, regmean, adamerging; then the colours of the methods added next
+    "#17becf", "#393b79", "#2ca02c", "#ff1493",
+    "#006400", "#8b0000", "#000080", "#800080", "#7b4173", "#8ca252", "#808000", "#1e90ff", "#8fbc8f",
+)  # fmt: skip
+REFERENCE_GREYS = ("#7f7f7f", "#525252", "#a5a5a5", "#303030", "#c7c7c7", "#696969", "#909090", "#1a1a1a")
+
+
+def method_colors(methods: tuple[str, ...], references: tuple[str, ...]) -> dict[str, str]:
+    """{method: colour} by the rule above: `methods` in registry order, `references` those of them in greys.
+    Past the end of a palette colours repeat (tests/test_merge_methods.py says which palette to lengthen)."""
+    ours = [m for m in methods if m not in references]
+    greys = [m for m in methods if m in references]
+    colors = {m: METHOD_PALETTE[i % len(METHOD_PALETTE)] for i, m in enumerate(ours)}
+    colors |= {m: REFERENCE_GREYS[i % len(REFERENCE_GREYS)] for i, m in enumerate(greys)}
+    return {m: colors[m] for m in methods}
+
+
+METHOD_COLORS = method_colors(REGISTERED_METHODS, REFERENCE_METHODS)
 
 
 def color_for(name: str, names: list[str]) -> str:

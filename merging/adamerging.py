@@ -3,7 +3,7 @@
 Yang, Wang, Shen, Liu, Guo, Wang, Tao, "AdaMerging: Adaptive Model Merging for Multi-Task
 Learning", ICLR 2024 (arXiv 2310.02575); reference code github.com/EnnengYang/AdaMerging
 (src/main_layer_wise_adamerging.py). The method record, its defaults and their sources are in
-merging/methods/adamerging.py.
+merging/methods/adamerging.py; its `learn` and `rebuild` are the functions of the same names here.
 
 The merged update of layer l is ΔW_l = Σ_i λ[i, l] ΔW_{i,l} (`layerwise_merge`). The coefficients
 λ [k, L] are learned (`learn_coefficients`) by minimising Σ_i mean H(softmax(head_i(f_λ(x)))) over
@@ -27,6 +27,8 @@ the returned coefficients are the clamped ones. Nothing here writes to disk.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
@@ -34,6 +36,9 @@ from tqdm.auto import tqdm
 
 from mlvision.errors import MergeConfigError
 from mlvision.evaluation import FoldedBackbone
+
+if TYPE_CHECKING:
+    from merging.deltas import AdapterDeltas
 
 
 def layerwise_merge(deltas: list[dict[str, Tensor]], coefficients: Tensor, layers: list[str]) -> dict[str, Tensor]:
@@ -147,6 +152,40 @@ def learn_coefficients(
         loss.backward()
         optimizer.step()
     return raw.detach().clamp(0.0, 1.0)
+
+
+def learn(
+    folded: FoldedBackbone, adapters: list[AdapterDeltas], unlabeled: list[Tensor], **hyperparams
+) -> tuple[dict[str, Tensor], dict]:
+    """AdaMerging's `learn` (merging/methods/adamerging.py): the merge of `adapters` with coefficients learned on
+    `unlabeled` (one image tensor per adapter, its task's test images), and what the merge records beside its
+    hyperparameters: the mean coefficient per task, and every coefficient per layer ({layer: one per adapter}), from
+    which `rebuild` makes the same merge without learning again."""
+    layers = list(adapters[0].deltas)
+    coefficients = learn_coefficients(
+        folded,
+        [a.deltas for a in adapters],
+        [a.head for a in adapters],
+        unlabeled,
+        **hyperparams,
+        progress=True,  # tens of seconds per merge on a CPU: show the steps (the bar vanishes when done)
+    )
+    merged = layerwise_merge([a.deltas for a in adapters], coefficients, layers)
+    mean = [round(float(c), 4) for c in coefficients.mean(dim=1)]
+    learned = {layer: [float(c) for c in coefficients[:, column]] for column, layer in enumerate(layers)}
+    return merged, {"mean_coefficient_per_task": mean, "coefficients": learned}
+
+
+def rebuild(adapters: list[AdapterDeltas], learned: dict[str, list[float]]) -> dict[str, Tensor]:
+    """AdaMerging's `rebuild`: the merge from its stored coefficients {layer: [one per adapter, in merge order]}."""
+    layers = list(adapters[0].deltas)
+    if set(learned) != set(layers) or any(len(values) != len(adapters) for values in learned.values()):
+        raise MergeConfigError(
+            "the stored AdaMerging coefficients do not fit these adapters (other layers or another number of "
+            "adapters): merge them again to learn new ones"
+        )
+    coefficients = torch.tensor([learned[layer] for layer in layers], dtype=torch.float64).T
+    return layerwise_merge([a.deltas for a in adapters], coefficients, layers)
 
 
 @torch.no_grad()

@@ -1,37 +1,27 @@
 """From k adapters to one multi-task model: merge ΔW layer by layer, fold into the base weights.
 
 The merged model is the base backbone with the merged ΔW added to its weights plus the k task
-heads, so one forward pass answers every task (`MultiTaskModel`). A merge can also be exported
-as a peft LoRA adapter of a chosen rank (truncated SVD of each merged ΔW).
+heads, so one forward pass answers every task (`MultiTaskModel`). `AdapterMerger` merges with any
+registered method; how each kind of method is run is `RUNNERS`, the one code that branches on a
+method's kind (what a method needs is a field of its record, merging/methods/_base.py). Writing a
+merge out as a peft LoRA is merging/export.py.
 """
 
 from __future__ import annotations
 
 import copy
-import errno
-import json
-import os
-import re
-import shutil
-import uuid
-import warnings
 import zlib
-from pathlib import Path
 
 import torch
-from peft import LoraConfig, get_peft_model
 
-from merging.card import model_card
 from merging.deltas import AdapterDeltas, check_compatible
 from merging.grams import GramStore
-from merging.methods import get_method
-from merging.methods.regmean import singular_channels
+from merging.methods import MergeMethod, MethodKind, get_method
 from merging.peft_reference import PeftMerger
-from mlvision.backbone import BackboneConfig, create_backbone
-from mlvision.errors import AdapterError, MergeConfigError, MLVisionError, error_reason
+from mlvision.backbone import BackboneConfig
+from mlvision.errors import MergeConfigError
 from mlvision.evaluation import FoldedBackbone
-from mlvision.models import META_FILE, MultiTaskModel, save_model
-from mlvision.runs import relative_to_repo
+from mlvision.models import MultiTaskModel
 
 
 def layer_seed(seed: int, layer: str) -> int:
@@ -44,12 +34,14 @@ def merge_deltas(
     method: str,
     hyperparams: dict | None = None,
     grams: list[dict[str, torch.Tensor]] | None = None,
-    gram_products: list[dict[str, torch.Tensor]] | None = None,
+    **statistics: list[dict[str, torch.Tensor]],
 ) -> dict[str, torch.Tensor]:
     """Merged ΔW per layer with `method`; hyperparameters are validated (defaults filled) first.
 
-    A data-aware method (RegMean) also needs `grams`: per adapter, its Gram matrix per layer
-    (merging/grams.py). A method defined on the whole model (`merge_model`) gets every layer at once."""
+    A data-aware method also needs the per-task statistics it names (`MergeMethod.statistics`), each one
+    {layer: tensor} per adapter: RegMean's `grams` (its Gram matrices, merging/grams.py; the one argument callers
+    give by position) and, to skip work, its optional `gram_products`. A method defined on the whole model
+    (`merge_model`) gets every layer at once."""
     check_compatible(adapters)
     merge_method = get_method(method)
     params = merge_method.validate(hyperparams or {})
@@ -59,30 +51,34 @@ def merge_deltas(
             merge_method.check_deltas(deltas)
         with torch.no_grad():
             return merge_method.merge_model(layer_deltas, **params)
+    taken = (*merge_method.statistics, *merge_method.optional_statistics)
+    given = {name: values for name, values in {"grams": grams, **statistics}.items() if values and name in taken}
     merged = {}
     for layer in adapters[0].deltas:
         layer_params = {**params, "seed": layer_seed(params["seed"], layer)} if "seed" in params else params
-        statistics = {"grams": [g[layer] for g in grams]} if "grams" in merge_method.statistics and grams else {}
-        if gram_products and "gram_products" in merge_method.optional_statistics:
-            statistics["gram_products"] = [p[layer] for p in gram_products]
-        merged[layer] = merge_method([a.deltas[layer] for a in adapters], **statistics, **layer_params)
+        layer_statistics = {name: [values[layer] for values in per_adapter] for name, per_adapter in given.items()}
+        merged[layer] = merge_method([a.deltas[layer] for a in adapters], **layer_statistics, **layer_params)
     return merged
 
 
-# Figures a merge stores beside its hyperparameters: RegMean's regularized channels, AdaMerging's coefficients
-# (their mean per task, and every learned coefficient per layer so that the merge can be rebuilt without learning).
-RECORDED_OUTPUTS = ("singular_channels", "mean_coefficient_per_task", "coefficients")
+# Where each per-task statistic a method names (`statistics`, `optional_statistics`) comes from: the GramStore
+# function that gives it for one adapter, {layer: tensor} (loaded from the cache, or computed once).
+# (By name, not GramStore's own functions: adapters from elsewhere bring a store of the same shape, ForeignGrams.)
+STATISTIC_SOURCES = {
+    "grams": lambda store, adapter: store.get(adapter),
+    "gram_products": lambda store, adapter: store.products(adapter),
+}
 
 
 class AdapterMerger:
     """Merges any subset of a fixed set of adapters with any registered method: the one merge entry.
 
-    Data-free methods run per layer on the adapters' exact ΔW (`merge_deltas`); data-aware ones
-    (RegMean) also get each adapter's Gram matrices from `grams` (loaded from the cache or computed once);
-    a test-time method (AdaMerging) learns its coefficients through `folded` on the unlabeled images
-    `unlabeled_for(task)` gives (the group's test images: transductive); reference methods (peft's
-    add_weighted_adapter) run through one PeftModel holding every adapter, loaded on first use.
-    `merge` returns the merged ΔW per layer and the hyperparameters to store with it.
+    `merge` returns the merged ΔW per layer and the hyperparameters to store with it (and what the method records
+    beside them, `recorded_outputs`); `RUNNERS` runs each kind of method. Per-layer methods run on the adapters'
+    exact ΔW (`merge_deltas`), a data-aware one (RegMean) with each adapter's statistics from `grams`; a test-time
+    method (AdaMerging) learns through `folded` on the unlabeled images `unlabeled_for(task)` gives (the group's test
+    images: transductive); reference methods (peft's add_weighted_adapter) run through one PeftModel holding every
+    adapter, loaded on first use.
     """
 
     def __init__(
@@ -104,75 +100,70 @@ class AdapterMerger:
         self, keys: list[str], method: str, hyperparams: dict | None = None
     ) -> tuple[dict[str, torch.Tensor], dict]:
         merge_method = get_method(method)
-        if merge_method.kind == "reference":
-            if self._peft is None:
-                self._peft = PeftMerger(self.backbone_config, {key: str(a.path) for key, a in self.adapters.items()})
-            return self._peft.merge(method, list(keys)), self._peft.hyperparams(method, len(keys))
-        # what a merge records beside its hyperparameters (stored together in merges.hyperparams) is not an input
-        learned = (hyperparams or {}).get("coefficients")
-        hyperparams = {key: value for key, value in (hyperparams or {}).items() if key not in RECORDED_OUTPUTS}
-        params = merge_method.validate(hyperparams)
-        adapters = [self.adapters[key] for key in keys]
-        if merge_method.kind == "test_time":
-            if learned is not None:  # stored by an earlier merge: rebuilt, not learned again
-                return rebuild_layerwise(adapters, learned), {**params, "coefficients": learned}
-            return self._merge_test_time(adapters, params)
-        grams = None
-        if merge_method.kind == "data_aware":
-            if self.grams is None:
-                raise MergeConfigError(
-                    f"merge method '{method}' needs each adapter's Gram matrices: build the AdapterMerger with a "
-                    "GramStore (merging/grams.py)"
-                )
-            grams = [self.grams.get(adapter) for adapter in adapters]
-            singular = _singular_channels(adapters, grams)
-            if singular:
-                params = {**params, "singular_channels": singular}
-        hyper = {key: value for key, value in params.items() if key in merge_method.defaults}
-        products = [self.grams.products(adapter) for adapter in adapters] if grams else None
-        return merge_deltas(adapters, method, hyper, grams, products), params
+        return RUNNERS[merge_method.kind](self, merge_method, list(keys), dict(hyperparams or {}))
 
-    def _merge_test_time(self, adapters: list[AdapterDeltas], params: dict) -> tuple[dict[str, torch.Tensor], dict]:
-        from merging.adamerging import layerwise_merge, learn_coefficients
-
-        if self.folded is None or self.unlabeled_for is None:
+    def statistics(self, merge_method: MergeMethod, adapters: list[AdapterDeltas]) -> dict[str, list[dict]]:
+        """Every statistic `merge_method` takes (those it needs and those it can skip work with), one
+        {layer: tensor} per adapter, from the GramStore (`STATISTIC_SOURCES`); {} for a data-free method."""
+        names = (*merge_method.statistics, *merge_method.optional_statistics)
+        if names and self.grams is None:
             raise MergeConfigError(
-                "AdaMerging learns on the unlabeled test images of the group's tasks: build the AdapterMerger with "
-                "a FoldedBackbone and unlabeled_for"
+                f"merge method '{merge_method.name}' needs each adapter's Gram matrices "
+                f"({', '.join(merge_method.statistics)}): build the AdapterMerger with a GramStore (merging/grams.py)"
             )
-        check_compatible(adapters)
-        layers = list(adapters[0].deltas)
-        coefficients = learn_coefficients(
-            self.folded,
-            [a.deltas for a in adapters],
-            [a.head for a in adapters],
-            [self.unlabeled_for(a.task) for a in adapters],
-            **params,
-            progress=True,  # tens of seconds per merge on a CPU: show the steps (the bar vanishes when done)
-        )
-        merged = layerwise_merge([a.deltas for a in adapters], coefficients, layers)
-        mean = [round(float(c), 4) for c in coefficients.mean(dim=1)]
-        learned = {layer: [float(c) for c in coefficients[:, column]] for column, layer in enumerate(layers)}
-        return merged, {**params, "mean_coefficient_per_task": mean, "coefficients": learned}
+        return {name: [STATISTIC_SOURCES[name](self.grams, adapter) for adapter in adapters] for name in names}
+
+    def peft(self) -> PeftMerger:
+        """The PeftModel holding every adapter, for the reference methods (loaded on first use)."""
+        if self._peft is None:
+            self._peft = PeftMerger(self.backbone_config, {key: str(a.path) for key, a in self.adapters.items()})
+        return self._peft
 
 
-def rebuild_layerwise(adapters: list[AdapterDeltas], learned: dict[str, list[float]]) -> dict[str, torch.Tensor]:
-    """A layer-wise (AdaMerging) merge from its stored coefficients {layer: [one per adapter, in merge order]}."""
-    from merging.adamerging import layerwise_merge
+def _merge_per_layer(merger: AdapterMerger, method: MergeMethod, keys: list[str], hyperparams: dict):
+    """A data-free or data-aware method: its `fn` layer by layer (`merge_deltas`) with the statistics it takes; what
+    it records (`record`, e.g. RegMean's singular channels) is stored beside its hyperparameters."""
+    params = method.validate(method.inputs(hyperparams))
+    adapters = [merger.adapters[key] for key in keys]
+    statistics = merger.statistics(method, adapters)
+    needed = {name: statistics[name] for name in method.statistics}
+    recorded = method.record([a.deltas for a in adapters], **needed) if method.record is not None else {}
+    return merge_deltas(adapters, method.name, params, **statistics), {**params, **recorded}
 
-    layers = list(adapters[0].deltas)
-    if set(learned) != set(layers) or any(len(values) != len(adapters) for values in learned.values()):
+
+def _merge_test_time(merger: AdapterMerger, method: MergeMethod, keys: list[str], hyperparams: dict):
+    """A test-time method: where `hyperparams` hold its `rebuilt_from` output (a stored merge), rebuilt from it and
+    never learned again; otherwise learned (`learn`) through the folded backbone on each task's unlabeled images."""
+    params = method.validate(method.inputs(hyperparams))
+    adapters = [merger.adapters[key] for key in keys]
+    stored = hyperparams.get(method.rebuilt_from) if method.rebuilt_from is not None else None
+    if stored is not None:
+        return method.rebuild(adapters, stored), {**params, method.rebuilt_from: stored}
+    if merger.folded is None or merger.unlabeled_for is None:
         raise MergeConfigError(
-            "the stored AdaMerging coefficients do not fit these adapters (other layers or another number of "
-            "adapters): merge them again to learn new ones"
+            f"{method.name} learns on the unlabeled test images of the group's tasks: build the AdapterMerger with "
+            "a FoldedBackbone and unlabeled_for"
         )
-    coefficients = torch.tensor([learned[layer] for layer in layers], dtype=torch.float64).T
-    return layerwise_merge([a.deltas for a in adapters], coefficients, layers)
+    check_compatible(adapters)
+    unlabeled = [merger.unlabeled_for(adapter.task) for adapter in adapters]
+    merged, recorded = method.learn(merger.folded, adapters, unlabeled, **params)
+    return merged, {**params, **recorded}
 
 
-def _singular_channels(adapters: list[AdapterDeltas], grams: list[dict[str, torch.Tensor]]) -> int:
-    """Input channels, over all layers, that no adapter's images use: RegMean regularizes them (see regmean.py)."""
-    return sum(singular_channels([g[layer] for g in grams]) for layer in adapters[0].deltas)
+def _merge_reference(merger: AdapterMerger, method: MergeMethod, keys: list[str], hyperparams: dict):
+    """Another library's merge of whole adapters at the method's fixed `options` (peft's add_weighted_adapter)."""
+    peft = merger.peft()
+    return peft.merge(method.name, keys), peft.hyperparams(method.name, len(keys))
+
+
+# How each kind of method is run: runner(merger, method, adapter keys, hyperparameters) -> (merged ΔW per layer,
+# hyperparameters to store). The one code that branches on a method's kind; a new kind adds its runner here.
+RUNNERS = {
+    MethodKind.DATA_FREE: _merge_per_layer,
+    MethodKind.DATA_AWARE: _merge_per_layer,
+    MethodKind.TEST_TIME: _merge_test_time,
+    MethodKind.REFERENCE: _merge_reference,
+}
 
 
 def build_merged_model(adapters: list[AdapterDeltas], method: str, hyperparams: dict | None = None) -> MultiTaskModel:
@@ -182,557 +173,4 @@ def build_merged_model(adapters: list[AdapterDeltas], method: str, hyperparams: 
     return MultiTaskModel(backbone, {a.task: copy.deepcopy(a.head) for a in adapters}).eval()
 
 
-def low_rank_factors(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """B [out, r], A [r, in] with B A the best rank-r approximation of delta (Eckart–Young)."""
-    return _factors(torch.linalg.svd(delta.double(), full_matrices=False), rank)
-
-
-def _factors(svd: tuple[torch.Tensor, torch.Tensor, torch.Tensor], rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The float32 factors `low_rank_factors` writes, from one SVD (u, s, vh) of the layer's ΔW."""
-    u, s, vh = svd
-    rank = min(rank, s.numel())
-    root = s[:rank].sqrt()
-    return (u[:, :rank] * root).float(), (root[:, None] * vh[:rank]).float()
-
-
-# --- the export's rank ------------------------------------------------------------------------------------------
-# `--rank auto` (merging/merge.py): the smallest rank of RANK_LADDER's doublings (then the layers' full rank) whose
-# exported LoRA scores within RANK_TOLERANCE of the full merge on every task's validation images; where no validation
-# images are at hand, FALLBACK_RANK, and the card says its accuracy was not measured.
-RANK_TOLERANCE = 0.005  # 0.5 accuracy points
-FALLBACK_RANK = 32
-RANK_LADDER_START = 4
-
-
-def max_export_rank(deltas: dict[str, torch.Tensor]) -> int:
-    """The largest useful export rank: max over the layers of min(out, in) (`check_export_rank`)."""
-    return max(min(delta.shape) for delta in deltas.values())
-
-
-def rank_ladder(deltas: dict[str, torch.Tensor]) -> list[int]:
-    """4, 8, 16, ... below the layers' largest useful rank, then that rank (the export is then exact)."""
-    bound = max_export_rank(deltas)
-    ladder, rank = [], RANK_LADDER_START
-    while rank < bound:
-        ladder.append(rank)
-        rank *= 2
-    return [*ladder, bound]
-
-
-class LowRankMerge:
-    """A merged ΔW and its rank-r exports: one SVD per layer, then for any rank the ΔW the exported LoRA holds
-    (B A of the very float32 factors `lora_from_merge` writes) and its relative error, so an export can be scored
-    through the evaluation path at every rank of a ladder without writing a folder per rank."""
-
-    def __init__(self, merged: dict[str, torch.Tensor]):
-        self.merged = merged
-        self._svd = {layer: torch.linalg.svd(delta.double(), full_matrices=False) for layer, delta in merged.items()}
-
-    def approximation(self, rank: int) -> dict[str, torch.Tensor]:
-        """Per layer, B A at min(rank, out, in): what PeftModel.from_pretrained(model, export) adds to the weight."""
-        approximated = {}
-        for layer, delta in self.merged.items():
-            b, a = _factors(self._svd[layer], rank)
-            approximated[layer] = (b.double() @ a.double()).to(delta.dtype)
-        return approximated
-
-    def relative_error(self, rank: int) -> float:
-        """||ΔW - B A||_F / ||ΔW||_F over all layers (`lora_from_merge`'s figure), from the dropped singular values
-        of the float32 factors' product."""
-        error_sq, total_sq = 0.0, 0.0
-        for layer, delta in self.merged.items():
-            b, a = _factors(self._svd[layer], rank)
-            error_sq += float((delta.double() - b.double() @ a.double()).pow(2).sum())
-            total_sq += float(delta.double().pow(2).sum())
-        return (error_sq / total_sq) ** 0.5 if total_sq > 0 else 0.0
-
-
-def _rank_step(low_rank: LowRankMerge, rank: int, score, full: dict[str, float]) -> dict:
-    """One rank scored: its relative error, per-task accuracy, the largest change either way against the full merge
-    (`max_change`) and the largest loss (`max_loss`, negative where every task gained)."""
-    accuracies = score(low_rank.approximation(rank))
-    return {
-        "rank": rank,
-        "relative_error": low_rank.relative_error(rank),
-        "accuracy": accuracies,
-        "max_change": max(abs(accuracies[task] - full[task]) for task in full),
-        "max_loss": max(full[task] - accuracies[task] for task in full),
-    }
-
-
-def choose_export_rank(low_rank: LowRankMerge, score, tolerance: float = RANK_TOLERANCE) -> dict:
-    """`--rank auto`: walk `rank_ladder` up from its smallest rank and keep the first whose exported ΔW's accuracy
-    moves by at most `tolerance` (either way: the export should score as the merge it stands for) against the full
-    merge on every task. `score(deltas)` -> {task: accuracy} on validation images (the caller scores through the
-    evaluation path). Returns the record merge.json and the card hold: the rule, the full merge's validation
-    accuracies, each rank tried and the chosen rank. The layers' full rank always qualifies up to float rounding of
-    the factors, so the walk ends there at the latest."""
-    full = score(low_rank.merged)
-    ladder = rank_ladder(low_rank.merged)
-    tried = []
-    for rank in ladder:
-        tried.append(_rank_step(low_rank, rank, score, full))
-        if tried[-1]["max_change"] <= tolerance + 1e-9 or rank == ladder[-1]:
-            break
-    return {
-        "requested": "auto",
-        "rule": (
-            f"the smallest rank of {', '.join(map(str, ladder))} whose exported LoRA's validation accuracy is within "
-            f"{tolerance * 100:g} points (either way) of the full merge's on every task"
-        ),
-        "tolerance": tolerance,
-        "full_accuracy": full,
-        "ladder": tried,
-        "chosen": tried[-1]["rank"],
-    }
-
-
-def measure_export_rank(low_rank: LowRankMerge, rank: int, score) -> dict:
-    """An explicit `--rank N`: the same record as `choose_export_rank`, for that one rank (its change stated, not
-    bounded)."""
-    full = score(low_rank.merged)
-    return {
-        "requested": rank,
-        "rule": f"--rank {rank} as given",
-        "tolerance": None,
-        "full_accuracy": full,
-        "ladder": [_rank_step(low_rank, rank, score, full)],
-        "chosen": rank,
-    }
-
-
-def unmeasured_export_rank(rank: int | str, deltas: dict[str, torch.Tensor], why: str) -> dict:
-    """The record of a rank whose accuracy cannot be measured here (no validation images): `--rank auto` falls back
-    to FALLBACK_RANK (or the layers' full rank where that is smaller), and `why` says what was missing."""
-    chosen = min(FALLBACK_RANK, max_export_rank(deltas)) if rank == "auto" else int(rank)
-    rule = f"--rank {rank} as given" if rank != "auto" else f"--rank auto without validation images: rank {chosen}"
-    return {"requested": rank, "rule": rule, "not_measured": why, "ladder": [], "chosen": chosen}
-
-
-MERGE_INFO_FILE = "merge.json"
-
-
-def check_export_rank(rank: int, deltas: dict[str, torch.Tensor]) -> None:
-    """Refuse an export rank above the largest useful one: max over layers of min(out, in).
-
-    A layer's ΔW [out, in] has rank at most min(out, in), so a larger rank only adds zero rows to
-    its factors (`--rank 100000` once wrote gigabytes of zeros). An export gives each layer
-    min(rank, out, in); a rank that no layer can use is a mistake, so it is refused, not clipped.
-    """
-    bound = max(min(delta.shape) for delta in deltas.values())
-    if rank < 1:
-        raise MergeConfigError(f"--rank must be at least 1, got {rank}")
-    if rank > bound:
-        raise MergeConfigError(
-            f"--rank {rank} is above {bound}, the largest useful rank for these layers (a layer's rank is at "
-            f"most min(out, in) of its weight): use --rank {bound} or less"
-        )
-
-
-def check_output_folder(folder: str | Path, inputs: list[str | Path], overwrite: bool = False) -> None:
-    """Refuse an output folder whose replacement would destroy something that is not a previous merge.
-
-    The export replaces the whole folder, so it must not be (or be inside, or contain) an input
-    adapter, must not be a file or lie under one, and must be empty unless it is a previous merge
-    output (it holds merge.json and no task.json) and `overwrite` is set. A folder that cannot
-    even be looked at (no permission) is refused in one line too.
-    """
-    try:
-        _check_output_folder(folder, inputs, overwrite)
-    except OSError as error:
-        raise MergeConfigError(
-            f"cannot inspect output folder {folder} ({error.strerror or error}): choose a folder you can write"
-        ) from None
-
-
-def _check_output_folder(folder: str | Path, inputs: list[str | Path], overwrite: bool) -> None:
-    out = Path(folder).resolve()
-    for source in inputs:
-        source = Path(source).resolve()
-        if out == source:
-            raise MergeConfigError(
-                f"output folder {folder} is the input adapter {source}: the merge would overwrite it; "
-                "choose a new folder"
-            )
-        if source in out.parents:
-            raise MergeConfigError(
-                f"output folder {folder} is inside the input adapter {source}: choose a folder outside every adapter"
-            )
-        if out in source.parents:
-            raise MergeConfigError(
-                f"output folder {folder} contains the input adapter {source}: replacing it would delete that "
-                "adapter; choose a new folder"
-            )
-    if out.exists() and not out.is_dir():
-        raise MergeConfigError(f"output folder {folder} is a file, not a folder: choose a new folder")
-    if not out.exists():
-        ancestor = out.parent
-        while not ancestor.exists():
-            ancestor = ancestor.parent
-        if not ancestor.is_dir():
-            raise MergeConfigError(f"output folder {folder} lies under the file {ancestor}: choose a folder path")
-        return
-    if not any(out.iterdir()):
-        return
-    if (out / META_FILE).exists():
-        raise MergeConfigError(
-            f"output folder {folder} holds a trained model ({META_FILE}): a merge never replaces one; "
-            "choose a new folder"
-        )
-    if not (out / MERGE_INFO_FILE).is_file():
-        raise MergeConfigError(
-            f"output folder {folder} is not empty and is not a previous merge output (no {MERGE_INFO_FILE}): "
-            "choose a new or empty folder"
-        )
-    if not overwrite:
-        raise MergeConfigError(
-            f"output folder {folder} already holds a merge: pass --overwrite to replace it, or choose a new folder"
-        )
-
-
-def write_folder_atomically(folder: Path, write) -> None:
-    """Run `write(temp)` on a temporary sibling of `folder`, then rename it into place.
-
-    Nothing half-written is ever left at `folder`: on any failure the temporary (and any parent
-    folder made for it) is removed and a previous `folder` stays as it was; on success a previous
-    folder is swapped out and deleted only after the new one is in place. A failure of the file
-    system (full disk, no permission) is the user's one-line MergeConfigError naming the folder.
-    """
-    made = [parent for parent in [folder.parent, *folder.parent.parents] if not parent.exists()]
-    temp = None
-    try:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        temp = folder.parent / f".{folder.name}.{uuid.uuid4().hex[:8]}.tmp"
-        temp.mkdir()  # not mkdtemp: its 0o700 would become the output folder's mode
-        write(temp)
-        if folder.exists():
-            old = folder.parent / f".{folder.name}.{uuid.uuid4().hex[:8]}.old"
-            os.replace(folder, old)
-            try:
-                os.replace(temp, folder)
-            except BaseException:
-                os.replace(old, folder)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(temp, folder)
-    except BaseException as error:
-        if temp is not None:
-            shutil.rmtree(temp, ignore_errors=True)
-        for parent in made:  # deepest first; stops at the first one that is not empty
-            try:
-                parent.rmdir()
-            except OSError:
-                break
-        os_error = file_system_error(error)
-        if os_error is not None:
-            full = os_error.errno in (errno.ENOSPC, errno.EDQUOT)
-            raise MergeConfigError(
-                f"cannot write output folder {folder} ({os_error.strerror or os_error}): "
-                + ("free space there or choose another output folder" if full else "choose a writable folder")
-            ) from None
-        raise
-
-
-def file_system_error(error: BaseException) -> OSError | None:
-    """The file-system failure behind `error`, or None when it is not one.
-
-    An OSError itself, one it was raised from (its cause or context), or the I/O error a library written in
-    Rust reports in its message as "... (os error N)" (safetensors, which writes the LoRA and the heads, raises
-    its own SafetensorError for a full disk): then an OSError with that errno and the system's text for it.
-    """
-    seen = set()
-    while error is not None and id(error) not in seen:
-        if isinstance(error, OSError):
-            return error
-        found = re.search(r"\(os error (\d+)\)", str(error))
-        if found:
-            number = int(found.group(1))
-            return OSError(number, os.strerror(number))
-        seen.add(id(error))
-        error = error.__cause__ or error.__context__
-    return None
-
-
-def lora_from_merge(model: torch.nn.Module, merged: dict[str, torch.Tensor], rank: int):
-    """`model` wrapped by peft with one LoRA whose B A is the best rank-`rank` approximation of each merged ΔW.
-
-    Scaling 1 on every layer: each layer gets rank min(rank, out, in) through peft's rank_pattern, with
-    alpha_pattern equal to it. Returns (peft model, relative error ||ΔW - B A||_F / ||ΔW||_F over all layers).
-    The model is changed in place (peft injects its layers), so pass one nothing else uses.
-    """
-    clipped = {layer: min(delta.shape) for layer, delta in merged.items() if min(delta.shape) < rank}
-    targets = sorted({layer.rsplit(".", 1)[-1] for layer in merged})
-    config = LoraConfig(
-        r=rank,
-        lora_alpha=rank,
-        target_modules=targets,
-        lora_dropout=0.0,
-        bias="none",
-        rank_pattern=clipped,
-        alpha_pattern=clipped,
-    )
-    peft_model = get_peft_model(model, config)
-    error_sq, total_sq = 0.0, 0.0
-    with torch.no_grad():
-        for layer, delta in merged.items():
-            module = peft_model.base_model.model.get_submodule(layer)
-            b, a = low_rank_factors(delta, rank)
-            lora_a, lora_b = module.lora_A["default"].weight, module.lora_B["default"].weight
-            lora_a.copy_(a.reshape(lora_a.shape))
-            lora_b.copy_(b.reshape(lora_b.shape))
-            error_sq += float((delta.double() - b.double() @ a.double()).pow(2).sum())
-            total_sq += float(delta.double().pow(2).sum())
-    return peft_model, ((error_sq / total_sq) ** 0.5 if total_sq > 0 else 0.0)
-
-
-# Validation images per task the export's rank is scored on (0.5 points of 500 is 2.5 images).
-RANK_VALIDATION_IMAGES = 500
-
-
-def export_own_lora(
-    merged: dict[str, torch.Tensor],
-    adapters: list[AdapterDeltas],
-    rank: int | str,
-    folder: str | Path,
-    merge_info: dict,
-    overwrite: bool = False,
-    figures: dict | None = None,
-    folded: FoldedBackbone | None = None,
-) -> tuple[float, dict, dict]:
-    """Save a merge of this project's adapters as a peft LoRA plus the k heads: (relative error, the rank record,
-    the figures the card holds).
-
-    The rank (a number, `full` or `auto`) is settled on each task's validation images (`RANK_VALIDATION_IMAGES`,
-    `settle_rank`), scored through the evaluation path (`folded`, or a FoldedBackbone built here); where the tasks'
-    data cannot be loaded the record says so and `auto` exports FALLBACK_RANK. Every task
-    whose `figures` hold a "merged" test accuracy gets the exported LoRA's accuracy on the same test images
-    ("exported"). The folder loads with `PeftModel.from_pretrained(backbone, folder)`; heads are saved as
-    `heads/<task>/` model folders; the rest is `write_export`'s (merge.json, the model card, rank per layer, atomic).
-    """
-    from merging.card import Figure
-
-    check_output_folder(folder, [a.path for a in adapters], overwrite)  # before the scoring, as write_export will
-    meta0 = adapters[0].meta
-    figures = {task: dict(kinds) for task, kinds in (figures or {}).items()}
-    folded = folded or FoldedBackbone(BackboneConfig(**meta0["backbone"]))
-    score, n_validation, why_not = None, None, ""
-    try:
-        score, n_validation = own_scorer(
-            folded, adapters, "validation", {a.task: RANK_VALIDATION_IMAGES for a in adapters}
-        )
-    except MLVisionError as error:
-        why_not = f"the tasks' validation images cannot be loaded here ({error_reason(error)})"
-    rank, choice, low_rank = settle_rank(rank, merged, score, n_validation, why_not)
-    measured = {task: kinds["merged"].n for task, kinds in figures.items() if "merged" in kinds}
-    if measured:
-        try:
-            score_test, _ = own_scorer(folded, [a for a in adapters if a.task in measured], "test", measured)
-        except MLVisionError:
-            score_test = None  # the stored figure's images are not here: the exported cell stays "not measured"
-        if score_test is not None:
-            for task, value in score_test(low_rank.approximation(rank)).items():
-                figures[task]["exported"] = Figure(value, measured[task], "measured now on the same images")
-
-    def write_head(head_dir: Path, adapter: AdapterDeltas) -> None:
-        meta = {**adapter.meta, "model_kind": "head", "training": {"from_adapter": adapter_origin(adapter)}}
-        save_model(head_dir, meta, adapter.head)
-
-    datasets = {a.task: a.task.removeprefix("hub:") if a.task.startswith("hub:") else None for a in adapters}
-    info = {
-        "datasets": datasets,
-        **merge_info,
-        "rank_choice": choice,
-        "backbone": meta0["backbone"],
-        "preprocess": meta0["preprocess"],
-    }
-    error = write_export(
-        folder,
-        adapters,
-        merged,
-        rank,
-        lambda: create_backbone(BackboneConfig(**meta0["backbone"])),
-        f"backbone {meta0['backbone']['name']}",
-        info,
-        write_head,
-        figures,
-        overwrite,
-    )
-    return error, choice, figures
-
-
-def write_export(
-    folder: str | Path,
-    adapters: list[AdapterDeltas],
-    merged: dict[str, torch.Tensor],
-    rank: int,
-    load_model,
-    model_name: str,
-    info: dict,
-    write_head,
-    figures: dict | None,
-    overwrite: bool,
-) -> float:
-    """The one writer of an export folder, for this project's adapters and for adapters trained elsewhere.
-
-    Checks `folder` (`check_output_folder`) and `rank` (`check_export_rank`) before `load_model()` loads the model
-    the LoRA is for (named `model_name` in errors); each merged ΔW must fit it (`check_merge_fits`). Writes,
-    atomically: the LoRA (`lora_from_merge`: each layer at rank min(rank, out, in), scaling 1), one head per task
-    through `write_head(folder, adapter)` under `heads/<task>/`, merge.json (`info` plus export_rank,
-    relative_error and tasks) and README.md, the model card with `figures` (task -> {"merged"|"single"|"head":
-    Figure}, looked up by the caller; "not measured" elsewhere). Returns ||ΔW - B A||_F / ||ΔW||_F over all layers.
-    """
-    folder = Path(folder)
-    check_output_folder(folder, [a.path for a in adapters], overwrite)
-    check_export_rank(rank, merged)
-    model = load_model()
-    check_merge_fits(model, merged, model_name)
-    with warnings.catch_warnings():
-        # transformers 5 warns from inside peft's wrapping of its models about its own renamed attribute
-        # (is_gradient_checkpointing): nothing the user can act on, so not part of the command's output
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        peft_model, relative_error = lora_from_merge(model, merged, rank)
-    info = {
-        "licenses": adapter_licenses(adapters),
-        **info,
-        "export_rank": rank,
-        "relative_error": relative_error,
-        "tasks": [a.task for a in adapters],
-    }
-
-    def write(temp: Path) -> None:
-        peft_model.save_pretrained(str(temp))
-        for adapter in adapters:
-            write_head(temp / "heads" / head_folder_name(adapter.task), adapter)
-        (temp / MERGE_INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True))
-        # after peft's save_pretrained, whose own README.md (a blank template) this replaces
-        (temp / "README.md").write_text(model_card(info, {a.task: a.meta["label_names"] for a in adapters}, figures))
-
-    write_folder_atomically(folder, write)
-    return relative_error
-
-
-def own_scorer(folded, adapters, split: str, n_for: dict[str, int | None]):
-    """(score(deltas) -> {task: accuracy}, images per task at most) on `split` of each adapter's task (up to
-    n_for[task] images; the fixed subset every model of the study is scored on), through the evaluation path: the
-    backbone with `deltas` folded in and the adapters' heads. An MLVisionError where a task's data is not here."""
-    from mlvision.backbone import Preprocess
-    from mlvision.data import split_tensors
-    from mlvision.evaluation import accuracy_of, task_correct
-
-    preprocess = Preprocess.from_dict(adapters[0].meta["preprocess"])
-    data = {a.task: split_tensors(a.task, split, preprocess, n_for[a.task]) for a in adapters}
-    heads = {a.task: a.head for a in adapters}
-
-    def score(deltas) -> dict[str, float]:
-        correct = task_correct(folded.model(deltas, heads), data)
-        return {task: accuracy_of(values) for task, values in correct.items()}
-
-    return score, max(len(labels) for _, labels in data.values())
-
-
-def settle_rank(requested: int | str, merged: dict, score_validation, n_validation: int | None, why_not: str):
-    """(rank, the record merge.json and the card hold, LowRankMerge): `auto` walks the ladder on validation, a
-    number (or `full`) has its validation loss measured; without `score_validation` nothing is measured and `why_not`
-    says why (auto then exports FALLBACK_RANK)."""
-    rank = max_export_rank(merged) if requested == "full" else requested
-    if isinstance(rank, int):
-        check_export_rank(rank, merged)
-    low_rank = LowRankMerge(merged)
-    if score_validation is None:
-        choice = unmeasured_export_rank(rank, merged, why_not)
-    elif rank == "auto":
-        choice = {**choose_export_rank(low_rank, score_validation), "validation_n": n_validation}
-    else:
-        choice = {**measure_export_rank(low_rank, rank, score_validation), "validation_n": n_validation}
-    if requested == "full":
-        choice["requested"], choice["rule"] = "full", f"--rank full: the layers' full rank, {rank}"
-    return choice["chosen"], choice, low_rank
-
-
-def adapter_licenses(adapters: list[AdapterDeltas]) -> dict[str, str | None]:
-    """{task: the `license` its adapter's own model card (README.md metadata) names, or None}: what the export's
-    card may claim (`card.license_of`). Read with huggingface_hub's `metadata_load`; an unreadable card names none."""
-    from huggingface_hub import metadata_load
-
-    licenses = {}
-    for adapter in adapters:
-        try:
-            metadata = metadata_load(Path(adapter.path) / "README.md") or {}
-        except Exception:  # noqa: BLE001 - no card, or a header that is not YAML: no license stated
-            metadata = {}
-        license = metadata.get("license") if isinstance(metadata, dict) else None
-        licenses[adapter.task] = license if isinstance(license, str) and license else None
-    return licenses
-
-
-def head_folder_name(task: str) -> str:
-    """A task's folder under heads/ (hub tasks and hub adapters hold ':' and '/')."""
-    return task.replace(":", "_").replace("/", "_")
-
-
-def adapter_origin(adapter: AdapterDeltas) -> str:
-    """Where an adapter came from, as records name it: its `hub:` id, else its folder relative to the repo (no
-    server path in a shared folder)."""
-    return f"hub:{adapter.meta['hub_id']}" if adapter.meta.get("hub_id") else relative_to_repo(adapter.path)
-
-
-def merge_record(method: str, hyperparams: dict, adapters: list[AdapterDeltas], seconds: float) -> dict:
-    """The keys every merge.json starts with: the method, its hyperparameters, the inputs (`adapter_origin`) and the
-    merge's seconds."""
-    return {
-        "method": method,
-        "hyperparams": hyperparams,
-        "adapters": [adapter_origin(a) for a in adapters],
-        "merge_seconds": seconds,
-    }
-
-
-def check_merge_fits(model: torch.nn.Module, merged: dict[str, torch.Tensor], model_name: str) -> None:
-    """Before an export: every merged ΔW [out, in] fits its layer's weight (a 1x1 convolution flattened) and is
-    finite; otherwise one line naming the layer (`model_name`, e.g. "backbone X", names the model)."""
-    for layer, delta in merged.items():
-        weight = getattr(_submodule(model, layer), "weight", None)
-        if weight is None or weight.shape[0] != delta.shape[0] or weight[0].numel() != delta.shape[1]:
-            raise AdapterError(
-                f"merged layer {layer} ({list(delta.shape)}) does not fit {model_name}: "
-                "merge adapters trained on that model"
-            )
-        if not torch.isfinite(delta).all():
-            raise MergeConfigError(
-                f"the merge gave NaN or infinite values in layer {layer}: check the method's hyperparameters"
-            )
-
-
-def _submodule(model: torch.nn.Module, name: str) -> torch.nn.Module | None:
-    try:
-        return model.get_submodule(name)
-    except AttributeError:
-        return None
-
-
-__all__ = [
-    "AdapterMerger",
-    "build_merged_model",
-    "check_export_rank",
-    "check_output_folder",
-    "export_own_lora",
-    "lora_from_merge",
-    "merge_deltas",
-    "merge_record",
-    "adapter_origin",
-    "head_folder_name",
-    "write_export",
-    "low_rank_factors",
-    "write_folder_atomically",
-    "check_merge_fits",
-    "LowRankMerge",
-    "adapter_licenses",
-    "choose_export_rank",
-    "max_export_rank",
-    "measure_export_rank",
-    "own_scorer",
-    "rank_ladder",
-    "settle_rank",
-    "unmeasured_export_rank",
-]
+__all__ = ["RUNNERS", "STATISTIC_SOURCES", "AdapterMerger", "build_merged_model", "layer_seed", "merge_deltas"]

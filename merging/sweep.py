@@ -293,16 +293,17 @@ class MergeSweep:
     def grid_merges(self, group, seed, method):
         """(grid index, merged ΔW, full hyperparameters) for every point of the method's grid.
 
-        Where `scaling` is an output multiplier, ΔW is merged once at scaling 1 per combination of the
-        other hyperparameters and multiplied per scaling value; otherwise each point is merged. Yielded
-        one at a time (bucket by bucket), so only the merges in use are held."""
+        A method that starts from another's choice (`starts_from`) has that value set at every point. Where
+        `scaling` is an output multiplier, ΔW is merged once at scaling 1 per combination of the other
+        hyperparameters and multiplied per scaling value; otherwise each point is merged. Yielded one at a
+        time (bucket by bucket), so only the merges in use are held."""
         merge_method, merger = get_method(method), self.merger(seed)
         points = merge_method.grid_points()
-        if merge_method.kind == "test_time":  # AdaMerging starts from task arithmetic's λ chosen on validation
-            start = self.select(group, seed, "task_arithmetic").params["scaling"]
-            yield (0, *merger.merge(group, method, {**points[0], "init": start}))
-            return
-        if merge_method.kind == "reference" or not merge_method.scaling_is_output_multiplier:
+        start = merge_method.starts_from
+        if start is not None:  # AdaMerging: at task arithmetic's λ chosen on validation for this group and seed
+            value = self.select(group, seed, start.method).params[start.chosen]
+            points = [{**point, start.sets: value} for point in points]
+        if not merge_method.scaling_is_output_multiplier:
             for index, point in enumerate(points):
                 yield (index, *merger.merge(group, method, point))
             return
@@ -401,16 +402,14 @@ class MergeSweep:
 
     def prepare(self, todo: list) -> None:
         """Load the adapters and score the baselines that the plan items `todo` need (nothing if none); load or
-        compute (once, cached) the Gram matrices of the adapters a data-aware method will merge."""
+        compute (once, cached) the Gram matrices of the adapters a data-aware method (`statistics`) will merge."""
         if todo:
             self.load_inputs({seed for _, seed, _ in todo})
             self.prepare_grams(todo)
 
     def prepare_grams(self, todo: list) -> None:
-        """Load or compute (once, cached) the Gram matrices of the adapters a data-aware method in `todo` merges."""
-        needed = {
-            (task, seed) for group, seed, method in todo if get_method(method).kind == "data_aware" for task in group
-        }
+        """Load or compute (once, cached) the Gram matrices of the adapters a method in `todo` takes statistics of."""
+        needed = {(task, seed) for group, seed, method in todo if get_method(method).statistics for task in group}
         self.grams.prepare([self.adapters[key] for key in sorted(needed)])
 
     def run(self) -> dict:

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from merging.adamerging import entropy_objective, layerwise_merge, learn_coefficients, softmax_entropy
+from merging.methods._base import StartsFrom
 from merging.methods.adamerging import METHOD
 from merging.methods.task_arithmetic import METHOD as TASK_ARITHMETIC
 from mlvision.backbone import BackboneConfig
@@ -67,6 +68,12 @@ def test_layerwise_merge_is_the_coefficient_weighted_sum_per_layer():
 
 def test_the_record_is_an_untuned_transductive_method_starting_from_task_arithmetic():
     assert METHOD.kind == "test_time" and METHOD.fn is None and not METHOD.tuned
+    assert METHOD.transductive and METHOD.uses_data and METHOD.servable and not METHOD.per_layer
+    assert METHOD.starts_from == StartsFrom(method="task_arithmetic", chosen="scaling", sets="init")
+    assert METHOD.rebuilt_from == "coefficients" and set(METHOD.recorded_outputs) == {
+        "coefficients",
+        "mean_coefficient_per_task",
+    }
     assert METHOD.defaults["init"] == TASK_ARITHMETIC.defaults["scaling"]
     assert METHOD.validate({}) == METHOD.defaults
     assert METHOD.study_subset == {"k": (2, 4, 6), "seeds": (0,)}

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import importlib
 import math
+import pkgutil
+import re
+from pathlib import Path
 
 import pytest
 import torch
 
+import merging.methods
+from merging.merged_model import RUNNERS, STATISTIC_SOURCES
 from merging.methods import MERGE_METHODS, TASK_ARITHMETIC_GRID, MergeMethod, get_method, list_methods
-from merging.methods._base import GRID_SIZE
+from merging.methods._base import GRID_SIZE, KIND_PARTS, MethodKind, StartsFrom
 from merging.methods._knots import knots_align
 from merging.methods.iso_cts import subspace_sizes
 from merging.methods.tsv_m import tsv_components
@@ -43,15 +49,26 @@ def test_registry_holds_the_methods_and_the_peft_references():
     assert REFERENCES == ["peft_linear", "peft_cat", "peft_svd", "peft_ties"]
 
 
+def where(name: str) -> str:
+    """What a registry-wide test's failure says first: the method and the file that declares it."""
+    for info in pkgutil.iter_modules(merging.methods.__path__):
+        module = importlib.import_module(f"merging.methods.{info.name}")
+        if any(m.name == name for m in [*getattr(module, "METHODS", []), getattr(module, "METHOD", None)] if m):
+            return f"{name}: edit its record in merging/methods/{info.name}.py"
+    raise AssertionError(f"{name} is declared in no module of merging/methods")
+
+
 @pytest.mark.parametrize("name", PER_LAYER)
 def test_every_method_is_documented_and_its_defaults_validate(name):
     m = get_method(name)
     assert m.name == name
-    assert "arXiv" in m.paper and m.description
+    assert "arXiv" in m.paper and m.description, f"{where(name)}: its paper (with the arXiv id) and description"
     assert m.validate({}) == m.defaults
     module = __import__(m.fn.__module__, fromlist=["_"])
-    assert module.__name__ == f"merging.methods.{name}" and "Hyperparameters" in module.__doc__
-    assert all(key in module.__doc__ for key in m.defaults)
+    assert module.__name__ == f"merging.methods.{name}", f"{name}: its module is merging/methods/{name}.py"
+    assert "Hyperparameters" in module.__doc__, f"{where(name)}: its docstring lists its Hyperparameters"
+    missing = [key for key in m.defaults if key not in module.__doc__]
+    assert not missing, f"{where(name)}: its docstring explains no {missing}"
 
 
 @pytest.mark.parametrize("name", REFERENCES)
@@ -67,9 +84,116 @@ def test_references_are_documented_and_refuse_per_layer_calls(name):
 def test_a_method_with_a_grid_names_its_own_hyperparameters(name):
     m = get_method(name)
     rule = m.selection_rule()
-    assert isinstance(rule, list) and bool(rule) == m.tuned == bool(m.grid)
+    assert isinstance(rule, list) and bool(rule) == m.tuned == bool(m.grid), where(name)
     for point in rule:
-        assert set(point) == set(m.grid) <= set(m.defaults) and m.validate(point)
+        assert set(point) == set(m.grid) <= set(m.defaults) and m.validate(point), where(name)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_what_a_method_needs_is_declared_and_has_a_runner(name):
+    """Each kind is run by merged_model.RUNNERS; each statistic a method takes has a source; a starting point names
+    a registered method's hyperparameter; a test-time method is rebuilt from one of its recorded outputs."""
+    m = get_method(name)
+    assert m.kind in RUNNERS, f"{m.kind}: add its runner to RUNNERS in merging/merged_model.py"
+    for statistic in (*m.statistics, *m.optional_statistics):
+        assert statistic in STATISTIC_SOURCES, (
+            f"{name} takes {statistic!r}: add where it comes from to STATISTIC_SOURCES in merging/merged_model.py"
+        )
+    if m.starts_from is not None:
+        assert m.starts_from.chosen in get_method(m.starts_from.method).defaults, where(name)
+    if m.transductive:
+        assert m.rebuilt_from in m.recorded_outputs or not m.servable, where(name)
+    assert m.uses_data == bool(m.statistics or m.learn) and m.per_layer == (m.fn is not None)
+
+
+def test_every_kind_has_a_runner_and_its_parts():
+    assert set(RUNNERS) == set(MethodKind) == set(KIND_PARTS), (
+        "every MethodKind has its parts in KIND_PARTS (merging/methods/_base.py) and its runner in RUNNERS "
+        "(merging/merged_model.py)"
+    )
+
+
+def test_a_method_lacking_what_its_kind_needs_is_refused_at_declaration():
+    """A second data-aware or test-time method cannot silently inherit another method's rules: what it needs is a
+    field of its own record, and a record without it is refused when declared, naming the missing part."""
+    fields = dict(paper="p", description="d", defaults={"init": 0.3}, ranges={"init": (0.0, 1.0, "[]")})
+
+    def learn(folded, adapters, unlabeled, **hyperparams):
+        raise AssertionError("not called")
+
+    with pytest.raises(ValueError, match="test-time method is served only rebuilt.*`rebuilt_from`"):
+        MergeMethod(name="test_time_x", fn=None, kind="test_time", learn=learn, **fields)
+    with pytest.raises(ValueError, match="test_time_x: a test_time method needs `learn`"):
+        MergeMethod(name="test_time_x", fn=None, kind="test_time", **fields)
+    with pytest.raises(ValueError, match="rebuilt_from.*one of its recorded_outputs"):
+        MergeMethod(
+            name="test_time_x", fn=None, kind="test_time", learn=learn, rebuilt_from="weights", rebuild=learn, **fields
+        )
+    with pytest.raises(ValueError, match="data_aware_x: a data_aware method needs `statistics`"):
+        MergeMethod(name="data_aware_x", fn=lambda deltas, init: deltas[0], kind="data_aware", **fields)
+    with pytest.raises(ValueError, match="data_free_x: a data_free method has no `statistics`"):
+        MergeMethod(name="data_free_x", fn=lambda deltas, init: deltas[0], statistics=("grams",), **fields)
+    with pytest.raises(ValueError, match="kind must be one of"):
+        MergeMethod(name="x", fn=lambda deltas, init: deltas[0], kind="data-aware", **fields)
+    with pytest.raises(ValueError, match="starts_from sets 'scaling', which is not a hyperparameter"):
+        MergeMethod(
+            name="x", fn=None, kind="test_time", learn=learn, servable=False,
+            starts_from=StartsFrom("task_arithmetic", "scaling", "scaling"), **fields,
+        )  # fmt: skip
+    # declared with what it needs, it is accepted, and says what it is
+    declared = MergeMethod(
+        name="test_time_x", fn=None, kind="test_time", learn=learn, recorded_outputs=("weights",),
+        rebuilt_from="weights", rebuild=learn, **fields,
+    )  # fmt: skip
+    assert declared.kind is MethodKind.TEST_TIME and declared.transductive and declared.uses_data
+    assert not declared.per_layer and declared.inputs({"init": 0.5, "weights": [1]}) == {"init": 0.5}
+
+
+def test_list_methods_takes_a_kind_or_its_name():
+    assert list_methods(kind="data_aware") == list_methods(kind=MethodKind.DATA_AWARE) == ["regmean"]
+    assert get_method("regmean").kind == "data_aware" and str(get_method("regmean").kind) == "data_aware"
+
+
+def test_the_dashboard_has_a_colour_for_every_method():
+    """Colours follow the registry's order (dashboard/charts.py `method_colors`); a palette too short for the
+    registry would give two methods one colour."""
+    from dashboard.charts import METHOD_COLORS, METHOD_PALETTE, REFERENCE_GREYS
+
+    references = list_methods(kind="reference")
+    assert len(ALL) - len(references) <= len(METHOD_PALETTE), "add a colour to METHOD_PALETTE in dashboard/charts.py"
+    assert len(references) <= len(REFERENCE_GREYS), "add a grey to REFERENCE_GREYS in dashboard/charts.py"
+    assert list(METHOD_COLORS) == ALL
+
+
+# Every module of the project (tests aside) asks a method's record what it needs, never its kind: kinds are told
+# apart only in merging/methods/_base.py (`MethodKind`, `KIND_PARTS`) and merging/merged_model.RUNNERS.
+ROOT = Path(__file__).resolve().parents[1]
+DECLARED_NOT_COMPARED = sorted(
+    path
+    for folder in ("mlvision", "training", "merging", "benchmarks", "study", "dashboard", "demo", "scripts")
+    for path in (ROOT / folder).rglob("*.py")
+)
+_KINDS = r"['\"](data_free|data_aware|test_time|reference)['\"]"
+KIND_COMPARISON = re.compile(
+    rf"\bkind\s*(==|!=)\s*({_KINDS}|MethodKind\.)|(?<!for )\bkind\s+(not\s+)?in\s*[(\[{{][^)\]}}]*{_KINDS}"
+    r"|\bkind\s+is\s+(not\s+)?MethodKind"
+)
+
+
+def test_no_code_compares_method_kinds():
+    """What a kind needs is a field of the method's record (`statistics`, `learn`, `starts_from`, `servable`, ...):
+    a comparison such as `kind == "test_time"` elsewhere would give a second method of that kind the first one's
+    rules. Only merging/methods/_base.py names kinds."""
+    found = [
+        f"{path.relative_to(ROOT)}:{number}: {line.strip()}"
+        for path in DECLARED_NOT_COMPARED
+        if path.name != "_base.py"
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1)
+        if KIND_COMPARISON.search(line)
+    ]
+    assert not found, "ask the method's record (MergeMethod fields, merging/methods/_base.py) instead: " + "; ".join(
+        found
+    )
 
 
 @pytest.mark.parametrize("name", PER_LAYER)
@@ -77,11 +201,17 @@ def test_every_data_free_method_has_a_four_point_grid_starting_at_its_defaults(n
     """The same validation budget for every method: 4 distinct points, the paper's default first."""
     m = get_method(name)
     points = m.selection_rule()
-    assert m.tuned and len(points) == GRID_SIZE == 4
-    assert len({tuple(sorted(p.items())) for p in points}) == 4  # distinct
+    grid_rule = f"{where(name)}: its `grid` has {GRID_SIZE} distinct points (4 values of one hyperparameter, or 2 x 2)"
+    assert m.tuned and len(points) == GRID_SIZE == 4, grid_rule
+    assert len({tuple(sorted(p.items())) for p in points}) == 4, grid_rule  # distinct
     assert points[0] == {key: m.defaults[key] for key in m.grid}  # the default point, first (wins ties)
-    assert all(len(values) in (2, 4) for values in m.grid.values())  # 4 values of one, or 2 x 2
-    assert m.default_source and "grid" in __import__(m.fn.__module__, fromlist=["_"]).__doc__.lower()
+    assert all(len(values) in (2, 4) for values in m.grid.values()), grid_rule
+    assert m.default_source, (
+        f"{where(name)}: give `default_source`, where its default (the grid's first point) comes from: the paper, its "
+        "code, or why it was chosen"
+    )
+    doc = __import__(m.fn.__module__, fromlist=["_"]).__doc__.lower()
+    assert "grid" in doc, f"{where(name)}: its docstring states its validation grid"
     assert all(m.validate(point) for point in points)
 
 

@@ -11,8 +11,9 @@ from conftest import TINY_METHODS, TINY_TASKS, query_db, run_all, tiny_config
 from peft import PeftModel
 
 from merging.deltas import load_deltas
+from merging.export import export_own_lora
 from merging.merge import main as merge_main
-from merging.merged_model import build_merged_model, export_own_lora, merge_deltas
+from merging.merged_model import build_merged_model, merge_deltas
 from merging.methods import get_method
 from merging.peft_reference import PeftMerger
 from merging.sweep import MergeSweep, sample_groups, sweep_plan
@@ -165,8 +166,8 @@ def test_every_merge_is_selected_on_validation_and_stores_the_record(tiny_study)
         assert selection["chosen"] == selection["grid"][best]
         assert selection["chosen_validation_accuracy"] == max(scores)
         assert all(hyper[key] == value for key, value in selection["chosen"].items())  # full chosen hyperparameters
-        if m.kind == "data_free":
-            assert set(hyper) == set(m.defaults)
+        if m.per_layer:  # every hyperparameter, and beside them only what the method records
+            assert set(m.inputs(hyper)) == set(m.defaults) and set(hyper) - set(m.defaults) <= set(m.recorded_outputs)
 
 
 def test_stored_correct_arrays_unpack_to_the_stored_accuracies(tiny_study):

@@ -1,7 +1,7 @@
 """Invariants of every per-layer merge method, parametrized over the registry.
 
-A method is per-layer when it has a function of one layer's updates (kind "data_free", or
-"data_aware" with one Gram matrix per adapter); test-time and reference methods merge whole
+A method is per-layer when it has a function of one layer's updates (`per_layer`: kind "data_free",
+or "data_aware" with one Gram matrix per adapter); test-time and reference methods merge whole
 models and are skipped. Each invariant names the methods it does not hold for, and why, and
 asserts what those methods return instead:
 
@@ -31,7 +31,7 @@ from merging.peft_reference import MERGED, PeftMerger
 from mlvision.backbone import BackboneConfig, create_backbone, default_target_modules
 from mlvision.models import make_head, save_model
 
-PER_LAYER = [name for name in list_methods() if get_method(name).kind in ("data_free", "data_aware")]
+PER_LAYER = [name for name in list_methods() if get_method(name).per_layer]
 K = 3
 
 # Hyperparameters at which merging ONE adapter returns it exactly (the rest at their defaults);
@@ -93,7 +93,10 @@ def spd(n: int, seed: int) -> torch.Tensor:
 def merge(name: str, deltas: list[torch.Tensor], grams: list[torch.Tensor] | None = None, **params) -> torch.Tensor:
     """Merge with `name`; a data-aware method gets `grams` (seeded random ones, one per adapter, if None)."""
     method = get_method(name)
-    if method.kind == "data_aware":
+    assert set(method.statistics) <= {"grams"}, (
+        f"{name} takes {method.statistics}: teach merge() in tests/test_method_invariants.py to make them"
+    )
+    if method.statistics:
         if grams is None:
             grams = [spd(deltas[0].shape[1], i) for i in range(len(deltas))]
         params["grams"] = [g.to(deltas[0].dtype) for g in grams]
@@ -116,8 +119,14 @@ def flattened(x: torch.Tensor, rank: int) -> torch.Tensor:
 
 def test_every_per_layer_method_states_its_invariants():
     """A new method must say what merging one adapter and k copies of one adapter give."""
-    assert PER_LAYER and set(PER_LAYER) == set(SINGLE) | SPECTRUM_FLATTENING
-    assert set(PER_LAYER) == set(COPIES) | SPECTRUM_FLATTENING
+    tables = "in SINGLE and COPIES (or SPECTRUM_FLATTENING) of tests/test_method_invariants.py"
+    assert PER_LAYER and set(PER_LAYER) == set(SINGLE) | SPECTRUM_FLATTENING, (
+        f"state what merging one adapter gives {tables}: {sorted(set(PER_LAYER) ^ (set(SINGLE) | SPECTRUM_FLATTENING))}"
+    )
+    assert set(PER_LAYER) == set(COPIES) | SPECTRUM_FLATTENING, (
+        f"state what merging k copies of one adapter gives {tables}: "
+        f"{sorted(set(PER_LAYER) ^ (set(COPIES) | SPECTRUM_FLATTENING))}"
+    )
     assert all(get_method(n).fn is None for n in list_methods() if n not in PER_LAYER)
 
 

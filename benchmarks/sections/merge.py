@@ -1,9 +1,10 @@
 """Merge: seconds to compute the merged ΔW of 2..max_k adapters with each method of the study.
 
-Data-aware methods are timed with their statistics at hand (RegMean with every adapter's Gram matrices
-loaded, as in the sweep); what those cost is its own row, `gram_matrices` (seconds to compute one
-adapter's matrices, median over the study's tasks, k = 1). AdaMerging, a whole optimisation per merge,
-is timed once per k of its study subset instead of `merge_repeats` interleaved times."""
+Data-aware methods (those with `statistics`) are timed with their statistics at hand (RegMean with every
+adapter's Gram matrices loaded, as in the sweep); what those cost is its own row, `gram_matrices` (seconds
+to compute one adapter's matrices, median over the study's tasks, k = 1). A test-time method (`learn`,
+AdaMerging), a whole optimisation per merge, is timed once per k of its study subset instead of
+`merge_repeats` interleaved times."""
 
 from __future__ import annotations
 
@@ -15,8 +16,13 @@ from tqdm.auto import tqdm
 
 from benchmarks.sections.base import Chart, Section
 from benchmarks.timing import median_p95, time_interleaved
-from merging.methods import get_method
+from merging.methods import MethodKind, get_method, list_methods
 from merging.sweep import in_study_subset
+
+# The merge methods in registry order and peft's references among them, for the dashboard: it colours each method
+# by them (dashboard/charts.py `method_colors`) and may import benchmarks but not merging (tests/test_architecture.py).
+REGISTERED_METHODS = tuple(list_methods())
+REFERENCE_METHODS = tuple(list_methods(kind=MethodKind.REFERENCE))
 
 
 class MergeSection(Section):
@@ -41,7 +47,7 @@ class MergeSection(Section):
             for m in stage.config.merge_methods
             if in_study_subset(m, k)
         ]
-        if any(get_method(m).kind == "data_aware" for m in stage.config.merge_methods):
+        if any(get_method(m).statistics for m in stage.config.merge_methods):
             rows.append(("gram_matrices", 1, None))
         return rows
 
@@ -67,7 +73,7 @@ class MergeSection(Section):
         )
         methods = list(stage.config.merge_methods)
         rows = []
-        if any(get_method(m).kind == "data_aware" for m in methods):
+        if any(get_method(m).statistics for m in methods):
             seconds, megabytes = [], []
             for task, adapter in tqdm(adapters.items(), desc="bench Gram matrices", unit="adapter", leave=False):
                 start = time.perf_counter()
@@ -88,10 +94,10 @@ class MergeSection(Section):
             calls = {
                 method: (lambda m=method: merger.merge(group, m))
                 for method in timed
-                if get_method(method).kind != "test_time"
+                if get_method(method).learn is None
             }
             times = time_interleaved(calls, stage.bench.merge_repeats, warmup=1, device=torch.device("cpu"))
-            for method in (m for m in timed if get_method(m).kind == "test_time"):
+            for method in (m for m in timed if get_method(m).learn is not None):
                 start = time.perf_counter()
                 merger.merge(group, method)
                 times[method] = [(time.perf_counter() - start) * 1000]
@@ -106,14 +112,14 @@ class MergeSection(Section):
 
 def _note(method: str) -> str:
     merge_method = get_method(method)
-    if merge_method.kind == "test_time":
+    if merge_method.learn is not None:
+        start = merge_method.starts_from
+        first = f"; the sweep also runs {start.method.replace('_', ' ')}'s validation search first" if start else ""
         return (
             "one run (not repeated): coefficients learned at their defaults on the tasks' unlabeled test images, "
-            "CPU; the sweep also runs task arithmetic's validation search first"
+            f"CPU{first}"
         )
-    extra = (
-        "; Gram matrices already loaded (their cost: row gram_matrices)" if merge_method.kind == "data_aware" else ""
-    )
+    extra = "; Gram matrices already loaded (their cost: row gram_matrices)" if merge_method.statistics else ""
     if merge_method.selection_rule():
         return (
             "ΔW at the default hyperparameters; the validation search of the sweep (a merge and validation scoring "

@@ -2,11 +2,12 @@
 
 A data-free method merges ONE layer: ``get_method(name)(deltas, **hyperparams) -> Tensor`` where
 ``deltas`` are k >= 1 exact updates ΔW_i = scaling_i · B_i A_i of that layer (2-D
-[out_features, in_features], same shape and dtype; the caller flattens 1x1 convs). Reference
-methods (peft's own merges, kind "reference") merge whole adapters through their library and are
-run by `merging.merged_model.AdapterMerger`. Each module here defines one method's function and
-its `METHOD` record (paper, defaults, ranges, validation grid); `_ALL` below lists them once, and
-the study's default method list is every name registered here. See docs/ARCHITECTURE.md.
+[out_features, in_features], same shape and dtype; the caller flattens 1x1 convs). What each kind
+of method defines instead (`MethodKind`, `KIND_PARTS` in _base.py) is a field of its record, and
+`merging.merged_model.AdapterMerger` runs every kind. Each module here defines one method's function
+and its `METHOD` record (paper, defaults, ranges, validation grid); `_ALL` below lists them once, in
+the order the study runs them and the dashboard colours them, and the study's default method list
+is every name registered here. See docs/ARCHITECTURE.md ("A merge method").
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from . import (
     ties,
     tsv_m,
 )
-from ._base import MergeMethod
+from ._base import MergeMethod, MethodKind
 from .task_arithmetic import TASK_ARITHMETIC_GRID
 
 _ALL = [
@@ -53,8 +54,24 @@ MERGE_METHODS: dict[str, MergeMethod] = {m.name: m for m in _ALL}
 assert len(MERGE_METHODS) == len(_ALL), "duplicate merge method name"
 
 
-def list_methods(kind: str | None = None) -> list[str]:
-    """Registered method names in registration order; only those of `kind` when given."""
+def _check_starting_points() -> None:
+    """A method's `starts_from` names a registered method and one of its hyperparameters (a programming error:
+    fail at import)."""
+    for method in _ALL:
+        start = method.starts_from
+        if start is not None and start.chosen not in getattr(MERGE_METHODS.get(start.method), "defaults", {}):
+            raise ValueError(
+                f"{method.name}: starts_from names {start.method}'s {start.chosen!r}, not a registered method's "
+                f"hyperparameter (merging/methods/{method.name}.py)"
+            )
+
+
+_check_starting_points()
+
+
+def list_methods(kind: MethodKind | str | None = None) -> list[str]:
+    """Registered method names in registration order; only those of `kind` (a `MethodKind` or its name) when
+    given."""
     return [name for name, method in MERGE_METHODS.items() if kind is None or method.kind == kind]
 
 
@@ -66,4 +83,4 @@ def get_method(name: str) -> MergeMethod:
         raise UnknownNameError(f"unknown merge method {name!r}; known methods: {', '.join(MERGE_METHODS)}") from None
 
 
-__all__ = ["MERGE_METHODS", "MergeMethod", "TASK_ARITHMETIC_GRID", "get_method", "list_methods"]
+__all__ = ["MERGE_METHODS", "MergeMethod", "MethodKind", "TASK_ARITHMETIC_GRID", "get_method", "list_methods"]

@@ -2,11 +2,12 @@
 
 A merge method merges ONE layer: ``fn(deltas, **hyperparams) -> Tensor`` where ``deltas`` are
 k >= 1 exact weight updates ΔW_i (2-D, [out_features, in_features], same shape and dtype).
-A data-aware method (kind "data_aware", e.g. RegMean) also takes per-task statistics of that
-layer, named in `statistics` and passed as keyword lists aligned with ``deltas``:
-``fn(deltas, grams=[G_1, ..., G_k], **hyperparams)``. A test-time method (kind "test_time",
-AdaMerging) learns its coefficients on unlabeled images through the whole model, so it has no
-per-layer function; merging/merged_model.AdapterMerger runs it.
+What a method merges from is its `kind` (`MethodKind`); what a kind needs is a field of the record:
+a data-aware method (RegMean) also takes per-task statistics of that layer, named in `statistics`
+and passed as keyword lists aligned with ``deltas``: ``fn(deltas, grams=[G_1, ..., G_k], **hyperparams)``;
+a test-time method (AdaMerging) learns through the whole model on unlabeled images (`learn`), so it
+has no per-layer function; a reference is another library's merge (`options`). `KIND_PARTS` says which
+parts each kind defines; merging/merged_model.RUNNERS runs each kind, the one code that branches on it.
 `MergeMethod.__call__` checks the inputs and hyperparameters, then calls the pure function.
 """
 
@@ -16,6 +17,7 @@ import itertools
 import math
 import numbers
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from mlvision.errors import MergeConfigError
@@ -27,9 +29,27 @@ if TYPE_CHECKING:  # torch is imported where it is used: listing the methods nee
 # allowed, the usual interval notation. A hyperparameter whose default is an int (DARE's seed)
 # must be an int; the others are real numbers.
 _BRACKETS = {"[]", "(]", "[)", "()"}
-KINDS = ("data_free", "data_aware", "test_time", "reference")
-# kinds whose merge is not a per-layer function of ΔW (fn is None)
-WHOLE_MODEL_KINDS = ("test_time", "reference")
+
+
+class MethodKind(StrEnum):
+    """What a merge method merges from. A `StrEnum`: each kind is its stored name (MethodKind.DATA_FREE ==
+    "data_free", and prints as it), so stored strings, JSON and `list_methods(kind="data_free")` keep working."""
+
+    DATA_FREE = "data_free"  # a pure per-layer function of the layer's k updates (`fn`)
+    DATA_AWARE = "data_aware"  # the same plus per-task statistics of the layer's inputs (`statistics`)
+    TEST_TIME = "test_time"  # learned through the whole model on the unlabeled test images (`learn`)
+    REFERENCE = "reference"  # another library's merge of whole adapters (peft's add_weighted_adapter: `options`)
+
+
+# The parts each kind of method defines, and no other kind does (checked when a method is declared, so a method cannot
+# carry another kind's rules). How each kind is run: merging/merged_model.RUNNERS, the one code that branches on kind.
+KIND_PARTS = {
+    MethodKind.DATA_FREE: ("fn",),
+    MethodKind.DATA_AWARE: ("fn", "statistics"),
+    MethodKind.TEST_TIME: ("learn",),
+    MethodKind.REFERENCE: ("options",),
+}
+_PARTS = tuple(dict.fromkeys(part for parts in KIND_PARTS.values() for part in parts))
 # Every data-free method is tuned on validation from a grid of this many points (the same budget for
 # each, so no method wins by having more tries); methods with a density or drop rate use 2 x 2.
 GRID_SIZE = 4
@@ -58,6 +78,17 @@ def _in_range(value: float, spec: tuple) -> bool:
 
 
 @dataclass(frozen=True)
+class StartsFrom:
+    """Where a method's starting point comes from: another method's choice on validation for the same group and seed
+    (AdaMerging starts its coefficients at task arithmetic's chosen λ). The sweep selects `method` first and sets
+    this method's hyperparameter `sets` to the value of `chosen` it kept."""
+
+    method: str  # a registered method ("task_arithmetic")
+    chosen: str  # its hyperparameter whose chosen value is taken ("scaling")
+    sets: str  # this method's hyperparameter set to it ("init")
+
+
+@dataclass(frozen=True)
 class MergeMethod:
     """One registered merge method: its pure per-layer function plus what a sweep needs to know."""
 
@@ -78,11 +109,9 @@ class MergeMethod:
     # the sweep then merges once per combination of the other hyperparameters and multiplies, instead
     # of re-merging per value of scaling (tests/test_merge_methods.py checks the identity per method).
     scaling_is_output_multiplier: bool = False
-    # "data_free": a pure per-layer function on ΔW (`fn`); "data_aware": the same plus per-task statistics
-    # of the layer's inputs (`statistics`); "test_time": coefficients learned on unlabeled test images
-    # through the whole model (no `fn`); "reference": another library's merge of whole adapters (peft's
-    # add_weighted_adapter). merging/merged_model.AdapterMerger runs every kind.
-    kind: str = "data_free"
+    # What it merges from (`MethodKind`; a string is converted): which parts it defines (`KIND_PARTS`) and how
+    # merging/merged_model.AdapterMerger runs it (`RUNNERS`).
+    kind: MethodKind | str = MethodKind.DATA_FREE
     options: dict = field(default_factory=dict)  # fixed settings passed to a reference's library
     # Per-task statistics a data-aware fn takes as keyword lists aligned with the deltas, e.g. ("grams",).
     statistics: tuple[str, ...] = ()
@@ -103,14 +132,52 @@ class MergeMethod:
     # `density` (peft and mergekit: the share kept) for our `drop_rate` (the share dropped). Accepted on input;
     # what is stored and shown is always our name.
     aliases: dict = field(default_factory=dict)
+    # Figures a merge records beside its hyperparameters (stored with them in merges.hyperparams; never inputs:
+    # `inputs` drops them), e.g. RegMean's ("singular_channels",), AdaMerging's learned coefficients.
+    recorded_outputs: tuple[str, ...] = ()
+    # A per-layer method's recorded outputs: record([{layer: ΔW} per adapter], **statistics) -> {output: value}, with
+    # each of its `statistics` as one {layer: tensor} per adapter (RegMean: how many input channels it regularized).
+    record: Callable[..., dict] | None = None
+    # A test-time method's learning: learn(folded, adapters, unlabeled, **hyperparams) -> (merged ΔW per layer,
+    # {recorded output: value}), `adapters` the group's AdapterDeltas, `unlabeled` each one's task's unlabeled images.
+    learn: Callable[..., tuple[dict, dict]] | None = None
+    # The recorded output a test-time merge is rebuilt from without learning again (AdaMerging's "coefficients"), and
+    # rebuild(adapters, stored value) -> merged ΔW per layer; the demo serves such a method where a merge stored it.
+    rebuilt_from: str | None = None
+    rebuild: Callable[..., dict] | None = None
+    # Where its starting point comes from (`StartsFrom`); None: its own defaults.
+    starts_from: StartsFrom | None = None
+    # Whether the demo may serve it (peft's references are for comparison in the study only). What serving needs
+    # follows from the other fields: its `statistics` (each task's training images), or its `rebuilt_from` output.
+    servable: bool = True
 
     def __post_init__(self) -> None:  # a programming error, not a user error: fail at import
-        if self.kind not in KINDS:
-            raise ValueError(f"{self.name}: kind must be one of {KINDS}")
-        if (self.fn is None) != (self.kind in WHOLE_MODEL_KINDS):
-            raise ValueError(f"{self.name}: a per-layer method needs fn; a {self.kind} method has none")
-        if bool(self.statistics) != (self.kind == "data_aware"):
-            raise ValueError(f"{self.name}: a data-aware method names its statistics, and only it")
+        if self.kind not in tuple(MethodKind):
+            raise ValueError(f"{self.name}: kind must be one of {[str(kind) for kind in MethodKind]}")
+        object.__setattr__(self, "kind", MethodKind(self.kind))
+        for part in _PARTS:
+            needed = part in KIND_PARTS[self.kind]
+            if bool(getattr(self, part)) != needed:
+                raise ValueError(
+                    f"{self.name}: a {self.kind} method {'needs' if needed else 'has no'} `{part}` "
+                    f"(KIND_PARTS in merging/methods/_base.py)"
+                )
+        if set(self.recorded_outputs) & set(self.defaults):
+            raise ValueError(f"{self.name}: a recorded output is not a hyperparameter; rename one of them")
+        if self.record is not None and (self.fn is None or not self.recorded_outputs):
+            raise ValueError(f"{self.name}: `record` is for a per-layer method, and names its `recorded_outputs`")
+        if (self.rebuilt_from is None) != (self.rebuild is None) or (
+            self.rebuilt_from is not None and (self.learn is None or self.rebuilt_from not in self.recorded_outputs)
+        ):
+            raise ValueError(f"{self.name}: `rebuilt_from` (one of its recorded_outputs) and `rebuild` go together, "
+                             "for a test-time method")  # fmt: skip
+        if self.servable and self.learn is not None and self.rebuilt_from is None:
+            raise ValueError(
+                f"{self.name}: a test-time method is served only rebuilt from what the study stored: give "
+                "`rebuilt_from` and `rebuild`, or servable=False"
+            )
+        if self.starts_from is not None and self.starts_from.sets not in self.defaults:
+            raise ValueError(f"{self.name}: starts_from sets {self.starts_from.sets!r}, which is not a hyperparameter")
         if set(self.grid) - set(self.defaults):
             raise ValueError(f"{self.name}: the grid names a hyperparameter it does not have")
         if set(self.defaults) != set(self.ranges):
@@ -207,6 +274,26 @@ class MergeMethod:
                     f"has {ref.dtype}; cast them to one dtype first"
                 )
         return deltas
+
+    @property
+    def per_layer(self) -> bool:
+        """Whether it is a function of one layer's updates (`fn`): data-free and data-aware methods."""
+        return self.fn is not None
+
+    @property
+    def transductive(self) -> bool:
+        """Whether it learns on the unlabeled test images it is then scored on (a test-time method: `learn`)."""
+        return self.learn is not None
+
+    @property
+    def uses_data(self) -> bool:
+        """Whether it merges from more than the updates: statistics of the training images, or the test images."""
+        return bool(self.statistics) or self.transductive
+
+    def inputs(self, hyperparams: dict) -> dict:
+        """`hyperparams` without what a merge records beside them (`recorded_outputs`): what a stored merge was made
+        with."""
+        return {key: value for key, value in hyperparams.items() if key not in self.recorded_outputs}
 
     def identity_defaults(self) -> dict:
         """The defaults that identify a merge: every default except those added later at their old value."""

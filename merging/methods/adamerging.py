@@ -9,8 +9,10 @@ layer) instead of one λ. The coefficients start at `init` and are optimised wit
 Σ_i mean Shannon entropy of task i's head's softmax on a batch of task i's unlabeled images (the
 images go through the merged backbone and only their own task's head); the coefficients used are
 clamped to [0, 1] (the reference clamps them on use, not by a projection after each step). The
-merge runs through the whole model, so there is no per-layer function (kind "test_time";
-merging/merged_model.AdapterMerger runs it).
+merge runs through the whole model, so there is no per-layer function (kind "test_time": `learn`;
+merging/merged_model.AdapterMerger runs it). A merge records its coefficients, and is rebuilt from
+them without learning again (`rebuilt_from`, `rebuild`: how the demo and the merge CLI's --from-db
+serve a stored merge).
 
 TRANSDUCTIVE: the coefficients are learned on the test images of the group's tasks, without their
 labels (as in the paper, whose reference code draws its batches from each task's test loader). The
@@ -22,7 +24,7 @@ Hyperparameters:
   init: default 0.3, range [0, 1] — task arithmetic's default λ (merging/methods/task_arithmetic.py);
     the paper's "prior" is 0.3 too, so with steps = 0 AdaMerging is task arithmetic at its default.
     The study's sweep starts each merge from task arithmetic's λ chosen on validation for the same
-    group and seed instead (merging/sweep.py), so AdaMerging refines the tuned baseline it is
+    group and seed instead (`starts_from`, merging/sweep.py), so AdaMerging refines the tuned baseline it is
     compared with; the stored hyperparameters hold the init used.
   lr: default 1e-3, range (0, 1] — the paper's and the reference's Adam learning rate (betas
     (0.9, 0.999), no weight decay).
@@ -44,13 +46,34 @@ Validation grid: none (untuned, one setting: the paper has no validation search;
 
 from __future__ import annotations
 
-from ._base import MergeMethod
+from ._base import MergeMethod, MethodKind, StartsFrom
 from .task_arithmetic import METHOD as TASK_ARITHMETIC
+
+
+def learn(folded, adapters, unlabeled, **hyperparams):
+    """merging/adamerging.learn, imported on use (listing the methods needs no torch)."""
+    from merging.adamerging import learn
+
+    return learn(folded, adapters, unlabeled, **hyperparams)
+
+
+def rebuild(adapters, coefficients):
+    """merging/adamerging.rebuild, imported on use."""
+    from merging.adamerging import rebuild
+
+    return rebuild(adapters, coefficients)
+
 
 METHOD = MergeMethod(
     name="adamerging",
     fn=None,
-    kind="test_time",
+    kind=MethodKind.TEST_TIME,
+    learn=learn,
+    # the mean coefficient per task (shown), and every coefficient per layer: the merge is rebuilt from those
+    recorded_outputs=("mean_coefficient_per_task", "coefficients"),
+    rebuilt_from="coefficients",
+    rebuild=rebuild,
+    starts_from=StartsFrom(method="task_arithmetic", chosen="scaling", sets="init"),
     paper=(
         "Yang, Wang, Shen, Liu, Guo, Wang, Tao, 'AdaMerging: Adaptive Model Merging for Multi-Task "
         "Learning', ICLR 2024, arXiv:2310.02575"

@@ -16,7 +16,7 @@ fixed settings are each method's `options`; merging/peft_reference.py runs them.
 
 from __future__ import annotations
 
-from ._base import MergeMethod
+from ._base import MergeMethod, MethodKind
 
 _PAPER = (
     "Mangrulkar, Gugger, Debut, Belkada, Paul, Bossan, 'PEFT: State-of-the-art Parameter-Efficient "
@@ -32,8 +32,9 @@ def _reference(combination_type: str, description: str, **options) -> MergeMetho
         defaults={},
         ranges={},
         description=description,
-        kind="reference",
+        kind=MethodKind.REFERENCE,
         options={"combination_type": combination_type, **options},
+        servable=False,  # for comparison in the study; the demo serves this project's methods
     )
 
 

@@ -19,7 +19,7 @@ ReLU6 channel; the study's EfficientNet has hundreds) makes Σ G_i singular, and
 nothing about the merged update's column there. It is regularized with a ridge on exactly those
 channels, the same for every task (G_i[c, c] = 1), which makes that column the plain mean of the
 updates' columns: so one adapter, or k copies of one, is returned exactly, as on every other
-channel. `singular_channels` counts them and the merge record stores the count.
+channel. `singular_channels` counts them and the merge records the count (`record`).
 With one adapter, or k copies of one adapter with one Gram matrix, the adapter is returned exactly
 (up to solver rounding). The Gram matrices are computed once per adapter (merging/statistics.py).
 """
@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Sequence
 
-from ._base import MergeMethod
+from ._base import MergeMethod, MethodKind
 
 if TYPE_CHECKING:  # torch is imported where it is used: listing the methods needs no torch
     from torch import Tensor
@@ -53,6 +53,13 @@ def dead_channels(grams: Sequence[Tensor]) -> Tensor:
 def singular_channels(grams: Sequence[Tensor]) -> int:
     """How many input channels RegMean regularizes (`dead_channels`)."""
     return int(dead_channels(grams).sum())
+
+
+def record(deltas: Sequence[dict[str, Tensor]], grams: Sequence[dict[str, Tensor]]) -> dict:
+    """What a RegMean merge records beside its hyperparameters: `singular_channels`, the input channels over all
+    layers that it regularized (`dead_channels`), when there are any (a merge without them records nothing)."""
+    singular = sum(singular_channels([g[layer] for g in grams]) for layer in deltas[0])
+    return {"singular_channels": singular} if singular else {}
 
 
 def regmean(
@@ -95,7 +102,9 @@ METHOD = MergeMethod(
     description="Least-squares merge per layer: ΔW = (Σ ΔW_i G_i)(Σ G_i)⁻¹, Gram matrices G_i of each task's inputs.",
     grid={"alpha": (0.2, 0.4, 0.6, 0.9)},
     default_source="alpha 0.6: FusionBench's CLIP-ViT RegMean config (reduce_non_diagonal_ratio); the paper tunes it",
-    kind="data_aware",
+    kind=MethodKind.DATA_AWARE,
     statistics=("grams",),
     optional_statistics=("gram_products",),
+    recorded_outputs=("singular_channels",),
+    record=record,
 )
