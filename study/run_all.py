@@ -1,6 +1,6 @@
 """Run the whole study: prepare tasks, train head baselines and adapters, evaluate, store.
 
-The orchestration layer: it calls each stage in turn (training/, merging/, study/findings.py,
+The orchestration layer: it calls each stage in turn (training/, merging/, study/similarity.py, study/findings/,
 benchmarks/); `python training/run_all.py` and the `mlv-run-all` command both land in `main`.
 
     python training/run_all.py            # the offline default (six tasks, three seeds)
@@ -28,12 +28,21 @@ from benchmarks.stage import BenchStage
 from merging.methods import list_methods
 from merging.sweep import MergeSweep
 from mlvision.backbone import check_backbone_name
-from mlvision.config import STAGES, add_study_arguments, config_from_args, prepare_profile_data, profile_name
+from mlvision.config import (
+    STAGES,
+    add_study_arguments,
+    config_from_args,
+    help_defaults,
+    prepare_profile_data,
+    profile_name,
+)
 from mlvision.errors import run_cli
 from mlvision.store import Store
 from mlvision.tasks import get_task
-from study.findings import FindingsStage, report_path
+from study.findings.report import report_path
+from study.findings.stage import FindingsStage
 from study.given import DECIDED_BY_ADAPTERS, given_config
+from study.similarity import SimilarityStage
 from training.pipeline import TrainingStage
 from training.trainers import make_accelerator
 
@@ -48,20 +57,21 @@ class Step(NamedTuple):
     summary: str  # the line printed after it, formatted with its counts
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """run_all's options; `--help` shows as defaults the values of the profile (or file) that `argv` chooses."""
     parser = argparse.ArgumentParser(
         prog="python training/run_all.py",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Results go to results.duckdb (views: task_results, ...); adapters and heads to artifacts/.",
     )
-    add_study_arguments(parser)
+    add_study_arguments(parser, help_defaults(argv or []))
     add_bench_arguments(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv if argv is not None else sys.argv[1:]).parse_args(argv)
     return run_cli(
         lambda: run(args, argv if argv is not None else sys.argv[1:]),
         "everything finished so far is stored; run the same command again to continue",
@@ -110,10 +120,12 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
              "training: {trained} models trained{imported_note}, {skipped} already stored"),
         Step("merge", len(config.tasks) >= 2, lambda: MergeSweep(config, store, accelerator).run(),
              lambda c: c["merged"] > 0, "merge sweep: {merged} merges evaluated, {skipped} already stored"),
+        # task similarity is part of --stages findings: its own step, as it loads a backbone and the findings never do
         Step("findings", len(config.tasks) >= 2,
-             lambda: FindingsStage(config, store, report, str(accelerator.device)).run(),
-             lambda c: c["pairs"] > 0 or c["changed"],
-             f"findings: similarity of {{pairs}} new (pair, seed)s, {{findings}} statistics, report {report}"),
+             lambda: SimilarityStage(config, store, str(accelerator.device)).run(), lambda c: c["pairs"] > 0,
+             "similarity: {pairs} new (pair, seed)s measured"),
+        Step("findings", len(config.tasks) >= 2, lambda: FindingsStage(config, store, report).run(),
+             lambda c: c["changed"], f"findings: {{findings}} statistics, report {report}"),
         Step("bench", True, lambda: BenchStage(config, store, bench_config).run(), lambda c: c["measured"] > 0,
              "benchmarks: {measured} sections measured, {skipped} already stored for this machine"),
     ]  # fmt: skip

@@ -7,6 +7,10 @@
 - `subspace_alignment`: share of one adapter's update energy that lies in the top-r left singular
   directions of the other's, per layer, pooled over layers, averaged over both directions
   (in the spirit of the subspace-overlap analyses of Stoica et al. 2025, KnOTS).
+
+`SimilarityStage` is run_all's step that measures them for every pair of the study's tasks and seed (part of
+`--stages findings`, before the findings that read them): a step of its own because it loads a backbone and
+extracts image features, which the findings never do.
 """
 
 from __future__ import annotations
@@ -15,8 +19,17 @@ import itertools
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
-from merging.deltas import AdapterDeltas
+from merging.deltas import AdapterDeltas, load_deltas
+from mlvision.backbone import create_backbone, make_preprocess
+from mlvision.config import StudyConfig
+from mlvision.data import split_tensors
+from mlvision.evaluation import extract_features, prepared_copy
+from mlvision.runs import resolve_stored_path, study_run_id
+from mlvision.store import Store, insert_row, now
+
+MEASURES = ("frechet", "adapter_cosine", "subspace_alignment")
 
 
 def frechet_distance(features_a: torch.Tensor, features_b: torch.Tensor) -> float:
@@ -54,3 +67,66 @@ def subspace_alignment(a: AdapterDeltas, b: AdapterDeltas) -> float:
 
 def pairs(tasks) -> list[tuple[str, str]]:
     return list(itertools.combinations(sorted(tasks), 2))
+
+
+class SimilarityStage:
+    def __init__(self, config: StudyConfig, store: Store, device: str = "cpu"):
+        """`device`: where the image features are computed (run_all passes its process's)."""
+        self.config, self.store, self.device = config, store, device
+        self.run_id = study_run_id(config)
+
+    def run(self) -> dict:
+        """Store each (pair, measure, seed) not stored yet; returns {"pairs": how many (pair, seed)s were measured}.
+        Nothing to do loads nothing: a study already stored never loads the backbone."""
+        stored = {tuple(r) for r in self.store.query("SELECT task_a, task_b, measure, seed FROM similarities")}
+        todo = [
+            (a, b, seed)
+            for a, b in pairs(self.config.tasks)
+            for seed in self.config.seeds
+            if any((a, b, m, seed) not in stored for m in MEASURES)
+        ]
+        if not todo:
+            return {"pairs": 0}
+        backbone = create_backbone(self.config.backbone_config)
+        preprocess = make_preprocess(self.config.backbone_config, backbone)
+        fast_backbone = prepared_copy(backbone)
+        features = {
+            t: extract_features(
+                fast_backbone, split_tensors(t, "test", preprocess, self.config.merge_eval)[0], device=self.device
+            )
+            for t in self.config.tasks
+        }
+        adapters = {}
+        for task in self.config.tasks:
+            for seed in self.config.seeds:
+                path = self.store.query(
+                    "SELECT path FROM models WHERE model_id = ?", [self.config.model_id("adapter", task, seed)]
+                )
+                adapters[(task, seed)] = load_deltas(resolve_stored_path(path[0][0])) if path else None
+        config = {"backbone": self.config.backbone_config.to_dict(), "frechet_images_per_task": self.config.merge_eval}
+        frechet = {}  # data-level: depends on the pair only, not on the seed
+        for a, b, seed in tqdm(todo, desc="similarity", unit="pair"):
+            if (a, b) not in frechet:
+                frechet[(a, b)] = frechet_distance(features[a], features[b])
+            values = {"frechet": frechet[(a, b)]}
+            if adapters[(a, seed)] is not None and adapters[(b, seed)] is not None:
+                values["adapter_cosine"] = adapter_cosine(adapters[(a, seed)], adapters[(b, seed)])
+                values["subspace_alignment"] = subspace_alignment(adapters[(a, seed)], adapters[(b, seed)])
+            with self.store.write() as con:
+                for measure, value in values.items():
+                    insert_row(
+                        con,
+                        "similarities",
+                        {
+                            "task_a": a,
+                            "task_b": b,
+                            "measure": measure,
+                            "value": value,
+                            "seed": seed,
+                            "config": config,
+                            "run_id": self.run_id,
+                            "created_at": now(),
+                        },
+                        key=("task_a", "task_b", "measure", "seed"),
+                    )
+        return {"pairs": len(todo)}

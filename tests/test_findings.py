@@ -17,24 +17,14 @@ from conftest import TINY_ARGS, query_db, run_all
 from merging.deltas import load_deltas
 from mlvision.runs import resolve_stored_path
 from mlvision.store import pack_correct
-from study.findings import (
-    CONTRADICTED,
-    INCONCLUSIVE,
-    SUPPORTED,
-    ExclusionRules,
-    StudyInputs,
-    analyse,
-    cell_figures,
-    claim1_rule,
-    claim2_rule,
-    claim3_rule,
-    compute_rows,
-    prepare_merges,
-    render_report,
-    wilson,
-)
+from study.findings.analysis import analyse, compute_rows
+from study.findings.claims import CLAIMS, CONTRADICTED, INCONCLUSIVE, SUPPORTED, claim1_rule, claim2_rule, claim3_rule
+from study.findings.exclusion import ExclusionRules
+from study.findings.figures import cell_figures
+from study.findings.inputs import StudyInputs, prepare_merges
+from study.findings.report import render_report
 from study.similarity import adapter_cosine, frechet_distance, subspace_alignment
-from study.statistics import group_bootstrap_mean, percentile_interval, rng_for
+from study.statistics import group_bootstrap_mean, percentile_interval, rng_for, wilson
 
 
 def test_frechet_distance_matches_the_textbook_formula():
@@ -239,6 +229,39 @@ def test_claim3_rule_can_come_out_every_way():
     assert claim3_rule(_claim3((6, (np.nan, -9, np.nan), 0, 6)))[0] is None
 
 
+def test_each_claims_report_text_is_its_claim_objects_rule():
+    """The report and the `claim_rules` rows print the very rule text the Claim object carries beside its code,
+    so the words a reader sees and the rule the verdict applies cannot drift apart."""
+    rows, verdicts = analyse(synthetic_inputs(methods=("linear",), max_k=3))
+    report = render_report(pd.DataFrame(rows))
+    stored = {r["statistic"]: r["note"] for r in rows if r["finding"] == "claim_rules"}
+    assert [claim.name for claim in CLAIMS] == list(verdicts) == list(stored)
+    for i, claim in enumerate(CLAIMS, start=1):
+        (line,) = [line for line in report.splitlines() if line.startswith(f"{i}. *{claim.statement}*: ")]
+        assert f"Rule: {claim.rule}. Statistics: " in line and stored[claim.name] == claim.rule
+
+
+def test_the_exclusion_sentence_is_formatted_from_the_rules():
+    """Other thresholds, other sentence (and the defaults named beside them); the default rules give the
+    committed report's sentence."""
+    rows = pd.DataFrame(analyse(synthetic_inputs(methods=("linear",), max_k=2))[0])
+    default, own = render_report(rows), render_report(rows, ExclusionRules(0.95, 0.9, 100, 50))
+    assert (
+        "A task is excluded by rule (never by hand) when its single adapter's mean test accuracy is > 99 %, its "
+        "head's > 97 %, its smallest test split < 350 images or its merge evaluation < 300 images: such a task says "
+        "nothing about merging. Its rows are left out of every figure and claim below.\n" in default
+    )
+    assert "these are this study's thresholds" not in default.lower()
+    assert (
+        "when its single adapter's mean test accuracy is > 95 %, its head's > 90 %, its smallest test split "
+        "< 100 images or its merge evaluation < 50 images:" in own
+    )
+    assert (
+        "These are this study's thresholds; the defaults are its single adapter's mean test accuracy is > 99 %" in own
+    )
+    assert ExclusionRules(0.95, 0.9, 100, 50).report_sentence() in own
+
+
 def test_a_ceiling_task_is_excluded_from_every_claim():
     inputs = synthetic_inputs(methods=("linear",), max_k=3, single={"t5": 0.995}, head={"t5": 0.98})
     rows, _ = analyse(inputs)
@@ -402,7 +425,7 @@ def test_two_databases_in_one_folder_keep_two_reports_named_after_them(tiny_stud
     """mine.duckdb -> mine.findings.md beside it, its header naming it; the thresholds given on the command line
     are the ones its report applies and states."""
     from mlvision.paths import DEFAULT_DB_PATH, REPO_ROOT
-    from study.findings import report_path
+    from study.findings.report import report_path
 
     assert report_path(DEFAULT_DB_PATH) == REPO_ROOT / "reports" / "findings.md"  # the committed report
     assert report_path(tmp_path / "results.duckdb") == tmp_path / "findings.md"  # runs/<profile>/findings.md

@@ -1,0 +1,100 @@
+"""The whole analysis in named steps: which tasks are kept, the method chosen per k, the cells' figures, the
+pair figures, the claims' verdicts, and the sensitivity table (every verdict recomputed leaving each task out).
+
+`compute_rows` is what the findings stage stores: one list of `findings` rows, in the order the report reads them.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from study.findings.claims import CLAIMS, VERDICT_WORDS, Evidence
+from study.findings.exclusion import task_rows, task_table
+from study.findings.figures import cell_rows, cells_of, choose_methods, data_aware_rows, validation_rows
+from study.findings.inputs import StudyInputs
+from study.findings.pairs import pair_figures, pair_rows
+from study.findings.rows import finding_row
+
+
+def _without(merges: pd.DataFrame, task: str | None) -> pd.DataFrame:
+    """`merges` without every group containing `task` (all of them for None)."""
+    if task is None:
+        return merges
+    return merges.loc[~merges["group_tasks"].map(lambda g: task in g).astype(bool)]
+
+
+def judge_claims(evidence: Evidence, included: list[str]) -> dict[str, tuple[int | None, str]]:
+    """claim name -> (verdict or None, reason); no verdict at all where every task is excluded."""
+    if not included:
+        return {claim.name: (None, "every task is excluded by rule") for claim in CLAIMS}
+    return {claim.name: claim.judge(evidence) for claim in CLAIMS}
+
+
+def verdict_rows(verdicts: dict, finding: str, suffix: str, n: int) -> list[dict]:
+    """One row per claim: the verdict as its value (NULL when not available), its word and reason as the note."""
+    return [
+        finding_row(
+            finding, claim + suffix, verdict, n=n, note=f"{VERDICT_WORDS.get(verdict, 'not available')}: {reason}"
+        )
+        for claim, (verdict, reason) in verdicts.items()
+    ]
+
+
+def analyse(inputs: StudyInputs, leave_out: str | None = None, full: bool = True) -> tuple[list[dict], dict]:
+    """(findings rows, verdicts) for the study; `leave_out` drops every group and pair containing that task.
+
+    verdicts: claim -> (verdict or None, reason). With full=False only what the verdicts need is computed
+    (the sensitivity table runs it once per task), and the rows are those of the claims.
+    """
+    tasks_info = task_table(inputs.task_results, inputs.merges, inputs.tasks, inputs.rules)
+    merges = _without(inputs.merges, leave_out)
+    included = [t for t in inputs.tasks if not tasks_info.loc[t, "excluded"] and t != leave_out]
+    rows_in = merges[merges["task"].isin(included)]
+    chosen = choose_methods(merges)
+    cells = cells_of(rows_in, chosen, full)
+    pair = pair_figures(inputs, rows_in, chosen.get(2, {}).get("method"), included, full)
+    verdicts = judge_claims(Evidence(chosen, cells, pair), included)
+    out: list[dict] = []
+    if full:
+        out += task_rows(tasks_info)
+        out += validation_rows(merges, chosen)
+        for cell in cells.values():
+            out += cell_rows(cell)
+        out += pair_rows(pair)
+        out += data_aware_rows(rows_in)
+        out += [finding_row("claim_rules", claim.name, note=claim.rule) for claim in CLAIMS]  # readers show it too
+    out += verdict_rows(verdicts, "claims", "", len(included))
+    return out, verdicts
+
+
+def sensitivity(inputs: StudyInputs, verdicts: dict) -> list[dict]:
+    """Every verdict recomputed leaving out each kept task in turn (its groups and pairs dropped)."""
+    tasks = task_table(inputs.task_results, inputs.merges, inputs.tasks, inputs.rules)
+    kept = [t for t in inputs.tasks if not tasks.loc[t, "excluded"]]
+    out, changed = [], {claim: [] for claim in verdicts}
+    for task in kept:
+        _, without = analyse(inputs, leave_out=task, full=False)
+        out += verdict_rows(without, "sensitivity", f"/without={task}", len(kept) - 1)
+        for claim, (verdict, _) in without.items():
+            if verdict != verdicts[claim][0]:
+                changed[claim].append(task)
+    for claim, flips in changed.items():
+        note = (
+            f"the verdict changes when {', '.join(flips)} is left out"
+            if flips
+            else "no single task's removal changes the verdict"
+            if kept
+            else "no kept tasks"
+        )
+        out.append(
+            finding_row(
+                "sensitivity", f"{claim}/single_task_dependence", len(flips) if kept else None, n=len(kept), note=note
+            )
+        )
+    return out
+
+
+def compute_rows(inputs: StudyInputs) -> list[dict]:
+    """Every findings row: figures, pair table, claims and the sensitivity table."""
+    rows, verdicts = analyse(inputs)
+    return rows + sensitivity(inputs, verdicts)

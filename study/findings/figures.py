@@ -1,0 +1,270 @@
+"""Per-(method, k) figures: the method chosen per k on validation, each cell's figures and rows, and the
+data-aware methods against the best data-free one.
+
+A (method, k) cell's value is the mean over merged groups (task sets) of the group's mean over its seeds and
+tasks; its CI bootstraps groups (study/statistics.py: 2,000 resamples, fixed seeds), and with fewer than 3 groups
+the CI is NULL with the reason. Merged vs head on the same images: McNemar's exact test per (merge, task) row.
+What a method is (transductive, data-aware, data-free) is read from its registered `MergeMethod`, never from its
+kind's name.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from merging.methods import MERGE_METHODS
+from study.findings.inputs import ALPHA
+from study.findings.rows import ci_row, finding_row
+from study.statistics import group_bootstrap_mean, rng_for, wilson
+
+
+def is_transductive(method: str) -> bool:
+    """Whether a method learns on the unlabeled test images it is then scored on (AdaMerging)."""
+    registered = MERGE_METHODS.get(method)
+    return registered is not None and registered.transductive
+
+
+def is_data_aware(method: str) -> bool:
+    """Whether a method merges from more than the updates: training images' statistics, or the test images."""
+    registered = MERGE_METHODS.get(method)
+    return registered is not None and registered.uses_data
+
+
+def is_data_free(method: str) -> bool:
+    """Whether a method is a function of the updates alone, layer by layer (a reference merges whole adapters)."""
+    registered = MERGE_METHODS.get(method)
+    return registered is not None and registered.per_layer and not registered.uses_data
+
+
+# -- the method chosen per k -----------------------------------------------------------------------
+
+
+def choose_methods(merges: pd.DataFrame) -> dict[int, dict]:
+    """Per k: the method with the highest mean chosen validation accuracy over that k's merges.
+
+    Only methods whose every merge at k has a validation accuracy and that merged every (group, seed) at k
+    compete (a mean over a subset would not be comparable: AdaMerging runs on a subset), and never a
+    transductive method (one that learned on the test images it is scored on). Returns k -> {"method",
+    "value", "n", "note", "scores": Series method -> mean}; "method" is None (with the reason in "note")
+    when no method qualifies. Test accuracy is never used.
+    """
+    out = {}
+    per_merge = merges.drop_duplicates("merge_id")
+    for k, at_k in per_merge.groupby("k"):
+        complete = at_k.groupby("method")["validation"].apply(lambda v: bool(np.isfinite(v).all()))
+        coverage = at_k.groupby("method")["merge_id"].nunique()
+        eligible = [m for m in complete[complete].index if coverage[m] == coverage.max() and not is_transductive(m)]
+        scores = at_k[at_k["method"].isin(eligible)].groupby("method")["validation"].mean()
+        if scores.empty:
+            out[int(k)] = {"method": None, "value": None, "n": 0, "note": "no merge stores its validation accuracy",
+                           "scores": scores}  # fmt: skip
+            continue
+        best = scores.max()
+        method = sorted(scores.index[scores >= best - 1e-12])[0]  # ties: the first name, deterministically
+        n = int((at_k["method"] == method).sum())
+        note = f"highest mean validation accuracy of {len(scores)} methods; unit: merges ({n})"
+        out[int(k)] = {"method": method, "value": float(best), "n": n, "note": note, "scores": scores}
+    return out
+
+
+def validation_rows(merges: pd.DataFrame, chosen: dict[int, dict]) -> list[dict]:
+    """The `validation_accuracy` rows (each competing method's mean per k) and the `chosen_method` row per k."""
+    out = []
+    for k, c in chosen.items():
+        for method, score in c["scores"].items():
+            n = int(((merges["k"] == k) & (merges["method"] == method)).groupby(merges["merge_id"]).any().sum())
+            out.append(
+                finding_row(
+                    "validation_accuracy",
+                    f"{method}/k={k}",
+                    score,
+                    n=n,
+                    note=f"mean chosen_validation_accuracy; unit: merges ({n})",
+                )
+            )
+        if c["method"] is not None:
+            out.append(finding_row("chosen_method", f"{c['method']}/k={k}", c["value"], n=c["n"], note=c["note"]))
+        else:
+            out.append(finding_row("chosen_method", f"none/k={k}", n=0, note=c["note"]))
+    return out
+
+
+# -- one (method, k) cell --------------------------------------------------------------------------
+
+
+def _unit_note(groups: int, seeds: int, rows: int) -> str:
+    return f"unit: merged groups ({groups}); seeds {seeds}; rows {rows}"
+
+
+def cell_figures(rows: pd.DataFrame, method: str, k: int) -> dict:
+    """Every figure of one (method, k) cell from its (merge, task) rows (included tasks only)."""
+    groups = rows.groupby("tasks")
+    n_groups, seeds, n_rows = groups.ngroups, rows["seed"].nunique(), len(rows)
+    unit = _unit_note(n_groups, seeds, n_rows)
+    retention = group_bootstrap_mean(groups["normalized_accuracy"].mean(), rng_for("retention", method, k))
+    diff = group_bootstrap_mean(groups["diff_points"].mean(), rng_for("diff", method, k))
+    # per task: mean over the groups containing it of the group's retention on that task (mean over seeds)
+    per_group_task = rows.groupby(["task", "tasks"])["normalized_accuracy"].mean()
+    per_task = per_group_task.groupby(level="task").mean().dropna()
+    worst_task = per_task.idxmin() if len(per_task) else None
+    worst = (
+        group_bootstrap_mean(per_group_task.loc[worst_task], rng_for("worst", method, k))
+        if worst_task is not None
+        else (float("nan"), None, None, "no task")
+    )
+    defined = rows[rows["normalized_gain"].notna()]
+    undefined = rows[rows["normalized_gain"].isna()]
+    gain = group_bootstrap_mean(defined.groupby("tasks")["normalized_gain"].mean(), rng_for("gain", method, k))
+    reasons = undefined["gain_note"].fillna("single adapter accuracy equals head accuracy").value_counts()
+    gain_note = f"defined in {len(defined)} of {n_rows} rows" + (
+        f"; {len(undefined)} undefined: " + "; ".join(f"{r} ({c})" for r, c in reasons.items())
+        if len(undefined)
+        else ""
+    )
+    outcomes = rows["outcome"].dropna()
+    return {
+        "method": method, "k": k, "groups": n_groups, "seeds": seeds, "rows": n_rows, "unit": unit,
+        "retention": retention, "diff": diff, "gain": gain, "gain_note": gain_note,
+        "gain_groups": defined["tasks"].nunique(),
+        "per_task": per_task, "per_task_groups": per_group_task.groupby(level="task").size(),
+        "worst_task": worst_task, "worst": worst,
+        "mcnemar_rows": len(outcomes), "wins": int((outcomes == 1).sum()), "losses": int((outcomes == -1).sum()),
+    }  # fmt: skip
+
+
+def cells_of(rows_in: pd.DataFrame, chosen: dict[int, dict], full: bool) -> dict[tuple[str, int], dict]:
+    """(method, k) -> `cell_figures`: every cell of the kept tasks' rows, or (full=False) the chosen methods' only,
+    which is all the claims need."""
+    wanted = (
+        sorted(rows_in.groupby(["method", "k"]).groups)
+        if full
+        else [(c["method"], k) for k, c in sorted(chosen.items()) if c["method"] is not None]
+    )
+    cells = {}
+    for method, k in wanted:
+        rows = rows_in[(rows_in["method"] == method) & (rows_in["k"] == k)]
+        if not rows.empty:
+            cells[(method, int(k))] = cell_figures(rows, method, int(k))
+    return cells
+
+
+def cell_rows(cell: dict) -> list[dict]:
+    """A cell's rows: retention, worst task, spread and per-task retention, merged − head, normalized gain,
+    real wins and losses."""
+    stat, unit = f"{cell['method']}/k={cell['k']}", cell["unit"]
+    out = [ci_row("retention_vs_k", stat, cell["retention"], cell["groups"], unit)]
+    worst = cell["worst_task"]
+    if worst is not None:
+        groups_with = int(cell["per_task_groups"][worst])
+        out.append(
+            ci_row(
+                "worst_task",
+                stat,
+                cell["worst"],
+                groups_with,
+                f"worst task: {worst}; unit: merged groups containing it ({groups_with})",
+            )
+        )
+        spread = cell["per_task"]
+        for name, value in (
+            ("min", spread.min()),
+            ("max", spread.max()),
+            ("sd", spread.std(ddof=1) if len(spread) > 1 else np.nan),
+        ):
+            out.append(
+                finding_row(
+                    "retention_spread",
+                    f"{stat}/{name}",
+                    value,
+                    n=len(spread),
+                    note=f"over tasks' mean retention ({len(spread)} tasks)"
+                    if len(spread) > 1 or name != "sd"
+                    else "one task: no spread",
+                )
+            )
+        for task, value in spread.items():
+            g = int(cell["per_task_groups"][task])
+            out.append(
+                finding_row(
+                    "task_retention",
+                    f"{stat}/{task}",
+                    value,
+                    n=g,
+                    note=f"mean over the merged groups containing {task} ({g}) of its retention",
+                )
+            )
+    out.append(ci_row("merged_minus_head", stat, cell["diff"], cell["groups"], unit + "; points"))
+    out.append(
+        ci_row(
+            "normalized_gain",
+            stat,
+            cell["gain"],
+            cell["gain_groups"],
+            f"{cell['gain_note']}; unit: merged groups with defined rows ({cell['gain_groups']})",
+        )
+    )
+    m = cell["mcnemar_rows"]
+    for name, count in (("real_wins", cell["wins"]), ("real_losses", cell["losses"])):
+        word = "merged" if name == "real_wins" else "head"
+        out.append(
+            finding_row(name, stat, count / m if m else None, wilson(count, m) if m else (None, None), m,
+                        f"{count} of {m} rows: {word} right significantly more often (McNemar exact, p < {ALPHA}); "
+                        "Wilson CI; unit: (merge, task) rows" if m else "no per-image outcomes stored")
+        )  # fmt: skip
+    return out
+
+
+# -- data-aware methods ----------------------------------------------------------------------------
+
+
+def data_aware_rows(rows_in: pd.DataFrame) -> list[dict]:
+    """At the largest k: each data-aware method against the best data-free method on the same merges, per task.
+
+    The data-free method is the one with the highest mean chosen validation accuracy over the very
+    (group, seed) merges the data-aware method has (AdaMerging: seed 0 only), so both sides cover the
+    same models; values are mean test accuracy over those seeds, differences in points."""
+    out = []
+    if rows_in.empty:
+        return out
+    k = int(rows_in["k"].max())
+    at_k = rows_in[rows_in["k"] == k]
+    free = at_k[[is_data_free(m) for m in at_k["method"]]]
+    for method in sorted(m for m in at_k["method"].unique() if is_data_aware(m)):
+        mine = at_k[at_k["method"] == method]
+        keys = set(zip(mine["tasks"], mine["seed"]))
+        same = free[[key in keys for key in zip(free["tasks"], free["seed"])]]
+        if same.empty:
+            continue
+        scores = same.drop_duplicates("merge_id").groupby("method")["validation"].mean()
+        best = sorted(scores.index[scores >= scores.max() - 1e-12])[0]
+        theirs = same[same["method"] == best]
+        seeds = sorted(int(s) for s in mine["seed"].unique())
+        transductive = " (transductive: learned on these test images)" if is_transductive(method) else ""
+        for task, group in mine.groupby("task"):
+            other = theirs[theirs["task"] == task]
+            value, reference = group["merged_accuracy"].mean(), other["merged_accuracy"].mean()
+            out.append(
+                finding_row(
+                    "data_aware",
+                    f"{method}/k={k}/{task}",
+                    (value - reference) * 100,
+                    n=len(group),
+                    note=f"{method} {100 * value:.1f} % vs {best} {100 * reference:.1f} % (best data-free on "
+                    f"validation over the same merges); single adapter {100 * group['single_accuracy'].mean():.1f} %; "
+                    f"seeds {seeds}; points{transductive}",
+                )
+            )
+        value = mine.groupby("tasks")["normalized_accuracy"].mean().mean()
+        reference = theirs.groupby("tasks")["normalized_accuracy"].mean().mean()
+        out.append(
+            finding_row(
+                "data_aware",
+                f"{method}/k={k}/mean",
+                (value - reference) * 100,
+                n=mine["merge_id"].nunique(),
+                note=f"mean retention {100 * value:.1f} % vs {best} {100 * reference:.1f} %; merges "
+                f"{mine['merge_id'].nunique()}, seeds {seeds}; points{transductive}",
+            )
+        )
+    return out
