@@ -78,8 +78,9 @@ if __name__ == "__main__":
 import gradio as gr  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from demo.batcher import BATCH_MAX, BATCH_WAIT_S  # noqa: E402
 from demo.guards import RefusedRequests, UploadJanitor, UploadLimit, refused  # noqa: E402
-from demo.service import BATCH_MAX, BATCH_WAIT_S, EXPORT_RANK, DemoService  # noqa: E402
+from demo.service import EXPORT_RANK, DemoService  # noqa: E402
 from demo.uploads import ACCEPTED, MAX_FILE_BYTES, MAX_FRAMES, MAX_PIXELS, load_image, public_text  # noqa: E402
 from mlvision.errors import BadImage, MLVisionError  # noqa: E402
 from mlvision.paths import DEFAULT_DB_PATH  # noqa: E402
@@ -495,10 +496,10 @@ def settings_line(service: DemoService) -> str:
 
 
 def make_service(args) -> DemoService:
-    """The study's adapters from --db, or with --adapters the given ones (demo/foreign.py)."""
+    """The study's adapters from --db, or with --adapters the given ones (merging/sources.py `PeftAdapters`)."""
     if not args.adapters:
         return DemoService(args.db, device=args.device)
-    from demo.foreign import ForeignDemoService
+    from merging.sources import PeftAdapters
 
     labels = {}
     for item in args.labels:
@@ -506,7 +507,7 @@ def make_service(args) -> DemoService:
         if not sep or not adapter or not file:
             raise ValueError(f"--labels '{item}' is not ADAPTER=FILE: write e.g. --labels my_adapter=labels.json")
         labels[adapter] = file
-    return ForeignDemoService(args.adapters, base=args.base, labels=labels, device=args.device)
+    return DemoService(PeftAdapters.from_arguments(args.adapters, base=args.base, labels=labels), device=args.device)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,56 +7,46 @@ model. Images are decoded and checked by `load_image` (the one place that deals 
 and then preprocessed with the adapters' own `Preprocess` (the same code as training/evaluation).
 
 Concurrent visitors: decoding and preprocessing run in each caller's thread, in parallel and
-without a lock; the forward passes run on one worker thread (`Batcher`), which gathers the
+without a lock; the forward passes run on one worker thread (`Batcher`, demo/batcher.py), which gathers the
 requests that arrive together and answers all that share a model with ONE forward pass.
 """
 
 from __future__ import annotations
 
-import copy
 import json
-import queue
 import shutil
 import tempfile
 import threading
 import time
 from collections import OrderedDict
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from PIL import Image
 
+from demo.batcher import Batcher
 from demo.uploads import load_image, public_text
-from merging.deltas import AdapterDeltas, check_compatible, load_deltas
+from merging.deltas import AdapterDeltas
+from merging.export import merge_record
 from merging.grams import GRAM_IMAGES, GramStore
-from merging.merged_model import AdapterMerger, export_own_lora, merge_record
 from merging.methods import get_method, list_methods
-from mlvision.backbone import BackboneConfig, Preprocess
+from merging.sources import AdapterSource, OwnAdapters
 from mlvision.data import split_tensors
-from mlvision.errors import BadImage, MergeConfigError, MLVisionError, StoreError
-from mlvision.evaluation import FoldedBackbone
-from mlvision.models import MultiTaskModel
-from mlvision.runs import resolve_stored_path
+from mlvision.errors import BadImage, MergeConfigError, MLVisionError
 from mlvision.store import Store
 from mlvision.tasks import get_task, load_task
 
 FALLBACK_METHOD = "ties"
-# The kinds of merge method a demo can serve: per-layer ones without data, data-aware ones whose statistics the
-# demo has (RegMean's Gram matrices), and test-time ones whose learned coefficients the study stored. peft's
-# reference merges are for comparison in the study only.
-SERVED_KINDS = ("data_free", "data_aware", "test_time")
 OWN_ADAPTER = "own adapter"  # what the answer names as its "method" when one task is chosen: no merge
 TOP_K = 3
 MERGE_CACHE_SIZE = 6  # merged models kept (each one is a backbone copy, ~14 MB)
-BATCH_MAX = 16  # images in one forward pass at most (a pass of 16 costs far less than 16 passes of 1)
-BATCH_WAIT_S = 0.005  # how long the first request of a batch waits for others to join it
 # Out-of-domain signal: an upload whose top probability for a task falls below this percentile of the
 # served model's top probabilities on that task's validation images does not look like that task's data.
 OOD_PERCENTILE = 5
 OOD_MAX_IMAGES = 100  # validation images per task used to calibrate the threshold (once per served model)
 NATIVE_SAMPLE = 16  # training images per task whose sizes give its native size (see `DemoService.native_size`)
+NO_DATA = "adapters trained elsewhere: no validation images here"  # why they get no out-of-domain check
 EXPORT_RANK = 32  # default rank of the downloaded merge (the same default as merging/merge.py's --rank)
 
 
@@ -106,85 +96,11 @@ class Prediction:
         }
 
 
-# --------------------------------------------------------------------------------------------------
-# Batching: concurrent requests, one forward pass
-# --------------------------------------------------------------------------------------------------
-@dataclass
-class _Job:
-    model: torch.nn.Module
-    images: torch.Tensor  # [n, 3, S, S] on the CPU
-    future: Future
-
-
-class Batcher:
-    """Runs the forward passes of concurrent requests on one worker thread, batched per model.
-
-    Why: a forward pass of 16 images costs little more than one of 1 (on a CPU and on a GPU), while
-    passes run one after the other make the 50th of 50 simultaneous visitors wait for 49 passes.
-    A caller hands over `(model, images)` and waits for its rows; the worker takes the first waiting
-    request, waits up to `wait_s` for more, then runs ONE pass per model (the merged model of one
-    (tasks, method), or one task's own adapter) for up to `max_batch` of the requests that share it,
-    and gives each request its rows. Only this thread runs forward passes, so passes never fight
-    over the cores and the models need no lock; callers decode and preprocess in parallel.
-    """
-
-    def __init__(self, forward, max_batch: int = BATCH_MAX, wait_s: float = BATCH_WAIT_S):
-        self._forward = forward  # (model, images) -> (logits per task, elapsed ms)
-        self.max_batch = max_batch
-        self.wait_s = wait_s
-        self.passes = 0  # forward passes run so far (for tests and the curious)
-        self.largest = 0  # most requests in one pass so far
-        self._queue: queue.Queue[_Job] = queue.Queue()
-        self._thread = threading.Thread(target=self._loop, name="demo-batcher", daemon=True)
-        self._thread.start()
-
-    def submit(self, model: torch.nn.Module, images: torch.Tensor) -> Future:
-        """Queue `images` for `model`; the future gives (logits per task for these rows, elapsed ms of the pass)."""
-        job = _Job(model, images, Future())
-        self._queue.put(job)
-        return job.future
-
-    def run(self, model: torch.nn.Module, images: torch.Tensor) -> tuple[dict[str, torch.Tensor], float]:
-        return self.submit(model, images).result()
-
-    def _gather(self) -> list[_Job]:
-        """The first waiting job, plus those that arrive within `wait_s` of it or are waiting when it ends.
-
-        Bounded without a cap: the callers wait for their answers, so no more jobs can be waiting than
-        there are callers (the app's concurrency limit) times the passes one request asks for.
-        """
-        jobs = [self._queue.get()]
-        deadline = time.monotonic() + self.wait_s
-        while True:
-            try:
-                jobs.append(self._queue.get(timeout=max(0.0, deadline - time.monotonic())))
-            except queue.Empty:
-                return jobs
-
-    def _loop(self) -> None:
-        while True:
-            by_model: dict[int, list[_Job]] = {}
-            for job in self._gather():
-                by_model.setdefault(id(job.model), []).append(job)
-            for jobs in by_model.values():
-                for start in range(0, len(jobs), self.max_batch):
-                    self._run(jobs[start : start + self.max_batch])
-
-    def _run(self, jobs: list[_Job]) -> None:
-        """One forward pass for `jobs` (same model); each job's future gets its own rows, or the error."""
-        try:
-            logits, elapsed = self._forward(jobs[0].model, torch.cat([job.images for job in jobs]))
-        except Exception as error:  # noqa: BLE001 - the callers see the error; the worker keeps serving
-            for job in jobs:
-                job.future.set_exception(error)
-            return
-        self.passes += 1
-        self.largest = max(self.largest, len(jobs))
-        row = 0
-        for job in jobs:
-            rows = len(job.images)
-            job.future.set_result(({task: value[row : row + rows] for task, value in logits.items()}, elapsed))
-            row += rows
+def served_methods() -> list[str]:
+    """The methods a demo can serve, in registry order (`MergeMethod.servable`: peft's references are for comparison
+    in the study only). Whether one is offered for a group follows from its other fields (`DemoService.unavailable`):
+    its statistics (RegMean's Gram matrices) must be at hand, a test-time merge's learned output stored."""
+    return [name for name in list_methods() if get_method(name).servable]
 
 
 def _jsonable(value):
@@ -208,44 +124,24 @@ def _safe_name(text: str) -> str:
 
 
 class DemoService:
-    """Adapters of one seed, loaded once; merged models cached by (tasks, method)."""
+    """The adapters of one source (merging/sources.py: a study's adapters of one seed, or peft LoRAs trained
+    elsewhere), loaded once; merged models cached by (tasks, method)."""
 
-    PREPROCESSING = "the study's preprocessing"  # whose resizing and normalisation the page says an upload gets
-
-    def __init__(self, db_path: str | Path, device: str | None = None):
-        self.db_path = Path(db_path)
-        if not self.db_path.exists():
-            raise StoreError(
-                f"no results database at {self.db_path}: run `python training/run_all.py` first or pass --db PATH"
-            )
-        self.store = Store(self.db_path)
+    def __init__(self, source: AdapterSource | str | Path, device: str | None = None):
+        """`source`: the adapters to serve, or a results database path (the study's adapters of its smallest seed,
+        `OwnAdapters.from_db`)."""
+        self.source = source if isinstance(source, AdapterSource) else OwnAdapters.from_db(source)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        rows = self.store.query("SELECT task, seed, path FROM models WHERE model_kind = 'adapter' ORDER BY task, seed")
-        if not rows:
-            raise StoreError(f"{self.db_path} holds no trained adapters: run `python training/run_all.py` first")
-        self.seed = min(seed for _, seed, _ in rows)
-        self.adapters: dict[str, AdapterDeltas] = {}
-        for task, seed, path in rows:
-            if seed == self.seed and task not in self.adapters:
-                self.adapters[task] = load_deltas(resolve_stored_path(path))
+        self.db_path, self.seed = self.source.db_path, self.source.seed
+        self.adapters: dict[str, AdapterDeltas] = self.source.adapters
         self.tasks = sorted(self.adapters)
-        check_compatible(list(self.adapters.values()))
-        first = self.adapters[self.tasks[0]].meta
-        self.preprocess = Preprocess.from_dict(first["preprocess"])
-        self.backbone_config = BackboneConfig(**first["backbone"])
+        self.preprocess = self.source.preprocess
         self.labels = {t: list(a.meta["label_names"]) for t, a in self.adapters.items()}
-        self.methods = [name for kind in SERVED_KINDS for name in list_methods(kind=kind)]
-        self._folded = FoldedBackbone(self.backbone_config)
-        # RegMean's statistics: the sweep's own Gram matrices (same cache, same images), so a served RegMean merge
-        # with the stored α is the merge the study scored
-        self._grams = GramStore(self._folded, self._training_images)
-        self._merger = AdapterMerger(self.adapters, self.backbone_config, grams=self._grams)
-        self._start_serving()
-        self._read_store()
-        self._no_statistics = self._prepare_grams()
-
-    def _start_serving(self) -> None:
-        """The caches, locks and batcher every service needs, whatever its adapters' origin."""
+        self.methods = served_methods()
+        # whose resizing and normalisation the page says an upload gets
+        self.preprocessing = (
+            "the study's preprocessing" if self.source.trained_here else "the base model's size and normalisation"
+        )
         self._merged: OrderedDict[tuple, MergedEntry] = OrderedDict()
         self._single: dict[str, torch.nn.Module] = {}
         self._single_thresholds: dict[str, dict[str, dict]] = {}
@@ -253,36 +149,28 @@ class DemoService:
         self._calibrate_lock = threading.Lock()
         self._lock = threading.RLock()  # guards the model caches (not the passes: those run on the batcher)
         self._building: dict[tuple, threading.Lock] = {}  # one lock per merge being built
-        self._fold_lock = threading.Lock()
         self._batcher = Batcher(self._forward)
+        self._read_store()
+        # RegMean's statistics: for this project's adapters the sweep's own Gram matrices (same cache, same images),
+        # so a served RegMean merge with the stored α is the merge the study scored
+        grams = self.source.grams
+        self._no_statistics = self._prepare_grams(grams) if grams is not None else self.source.missing_statistics()
 
-    # -- the three steps that depend on where the adapters come from (see demo/foreign.py) ----------
     def _merge(self, group: tuple[str, ...], method: str) -> tuple[dict[str, torch.Tensor], dict]:
         """(merged ΔW, hyperparameters): the study's stored hyperparameters when it stored this merge."""
-        return self._merger.merge(group, method, self.stored_hyperparams(group, method))
+        return self.source.merge(group, method, self.stored_hyperparams(group, method))
 
     def _build(self, deltas: dict[str, torch.Tensor], group: tuple[str, ...]) -> torch.nn.Module:
-        """A model answering the group's tasks: the backbone with `deltas` folded in, one head per task."""
-        with self._fold_lock:  # FoldedBackbone rewrites one shared backbone in place
-            backbone = self._folded.standalone(deltas)
-        heads = {task: copy.deepcopy(self.adapters[task].head) for task in group}
-        return MultiTaskModel(backbone, heads).eval().to(self.device)
+        """A model answering the group's tasks: the backbone with `deltas`, one head per task."""
+        return self.source.build(deltas, group).to(self.device)
 
-    def _export(self, merged, adapters: list[AdapterDeltas], rank: int, folder: Path, info: dict) -> float:
-        """The merge written as merging/merge.py writes it; returns the LoRA's relative reconstruction error."""
-        return export_own_lora(merged, adapters, rank, folder, info)[0]
-
-    def _training_images(self, task: str) -> torch.Tensor:
-        """The training images RegMean's Gram matrices are computed on (the sweep's: the first GRAM_IMAGES)."""
-        return split_tensors(task, "train", self.preprocess, GRAM_IMAGES)[0]
-
-    def _prepare_grams(self) -> dict[str, str]:
+    def _prepare_grams(self, grams: GramStore) -> dict[str, str]:
         """Every adapter's Gram matrices, loaded from the data cache or computed now (once, with a line saying so)
         from its task's training images; returns {task: why not} for tasks whose matrices cannot be had here.
 
         Computed at start-up, before any request: the computation folds each adapter into the shared backbone,
         which serving must not see half-way."""
-        missing = [a for a in self.adapters.values() if not self._grams.path(a).is_file()]
+        missing = [a for a in self.adapters.values() if not grams.path(a).is_file()]
         if missing:
             print(
                 f"[demo] computing the Gram matrices RegMean needs for {len(missing)} adapter(s) "
@@ -292,7 +180,7 @@ class DemoService:
         reasons, start = {}, time.perf_counter()
         for task, adapter in self.adapters.items():
             try:
-                self._grams.get(adapter)
+                grams.get(adapter)
             except Exception as error:  # noqa: BLE001 - its training images are not here: RegMean is not offered
                 reasons[task] = f"task {task}'s training images cannot be loaded here ({public_text(error, 120)})"
         if missing:
@@ -301,14 +189,18 @@ class DemoService:
 
     def origin_line(self) -> str:
         """Where the served adapters come from, for the page's header."""
-        return f"One LoRA adapter per task (seed {self.seed}) on `{self.backbone_config.name}`"
+        return self.source.origin_line()
 
     def results_line(self) -> str:
         """Where the stored accuracies come from, for the page's header."""
+        if self.db_path is None:
+            return "No stored results for these adapters: their accuracies were not measured here."
         return f"Results database: `{self.db_path.name}`."
 
     def example_image(self, task: str) -> Image.Image | None:
         """The first test image of the task (the page's example thumbnail), None when its data is not here."""
+        if not self.source.trained_here:
+            return None
         return load_task(task)["test"][0]["image"]
 
     # -- what the store says ------------------------------------------------------------------------
@@ -322,14 +214,17 @@ class DemoService:
 
     def _read_store(self) -> None:
         """Snapshot the stored merge results once: serving never touches the database again
-        (so a study still writing to it cannot lock the demo out)."""
-        self._results = self.store.query(
+        (so a study still writing to it cannot lock the demo out). Adapters trained elsewhere: nothing stored."""
+        self._results, self._hyperparams, self._validation, self._study_choice = [], {}, {}, {}
+        if self.db_path is None:
+            return
+        store = Store(self.db_path)
+        self._results = store.query(
             "SELECT tasks, method, seed, task, merged_accuracy, single_accuracy, head_accuracy, normalized_accuracy, n "
             "FROM merge_results ORDER BY tasks, method, seed, task"
         )
-        self._hyperparams = {}
-        self._validation: dict[tuple[str, str], list[float]] = {}  # (tasks, method) -> chosen validation accuracies
-        for tasks, method, seed, hyperparams, selection in self.store.query(
+        # self._validation: (tasks, method) -> chosen validation accuracies
+        for tasks, method, seed, hyperparams, selection in store.query(
             "SELECT tasks, method, seed, hyperparams, selection FROM merges ORDER BY created_at"
         ):
             if hyperparams is not None:
@@ -341,8 +236,7 @@ class DemoService:
             if isinstance(score, (int, float)):
                 self._validation.setdefault((tasks, method), []).append(float(score))
         # the study's method per group size, chosen on validation by study/findings.py (k -> (method, mean, merges))
-        self._study_choice: dict[int, tuple[str, float, int]] = {}
-        for statistic, value, n in self.store.query(
+        for statistic, value, n in store.query(
             "SELECT statistic, value, n FROM findings WHERE finding = 'chosen_method' AND value IS NOT NULL"
         ):
             method, _, k = str(statistic).partition("/k=")
@@ -380,24 +274,25 @@ class DemoService:
     @staticmethod
     def _learns_on_test(method: str) -> bool:
         """A test-time method learned on the images it was scored on: never chosen (as in the study's rule)."""
-        return get_method(method).kind == "test_time"
+        return get_method(method).transductive
 
     def unavailable(self, tasks, method: str) -> str | None:
         """Why `method` cannot be served for this group here (a phrase), or None when it can."""
         group = self._group(tasks)
-        kind = get_method(method).kind
-        if kind == "data_aware":
+        merge_method = get_method(method)
+        if merge_method.statistics:
             missing = [self._no_statistics[task] for task in group if task in self._no_statistics]
             return f"needs each task's training images, and {missing[0]}" if missing else None
-        if kind == "test_time":
+        rebuilt_from = merge_method.rebuilt_from
+        if rebuilt_from is not None:
             stored = self.stored_hyperparams(group, method) or {}
-            if "coefficients" not in stored:
+            if rebuilt_from not in stored:
                 return (
-                    "learns its coefficients on the group's test images, and this group's learned coefficients are "
-                    "not stored (the study stores them from this version on)"
+                    f"learns its {rebuilt_from} on the group's test images, and this group's learned {rebuilt_from} "
+                    "are not stored (the study stores them from this version on)"
                 )
             return None
-        if kind not in SERVED_KINDS:
+        if not merge_method.servable:
             return "is a reference kept for comparison in the study only"
         return None
 
@@ -484,6 +379,8 @@ class DemoService:
         """Per task: the OOD_PERCENTILE-th percentile of `model`'s top softmax probability on up to
         OOD_MAX_IMAGES of the task's validation images (its own head only). A task whose validation images
         cannot be loaded gets threshold None (no out-of-domain check for it)."""
+        if not self.source.trained_here:
+            return {task: {"threshold": None, "n_validation": 0, "why": NO_DATA} for task in tasks}
         out = {}
         for task in tasks:
             try:
@@ -526,6 +423,8 @@ class DemoService:
 
         Measured, not recorded: the Task record has no size field, and each task keeps its source's size
         (8x8 scikit-learn digits, 28x28 MNIST, larger photos), which is what a visitor's upload competes with."""
+        if not self.source.trained_here:
+            return "native size unknown (adapter trained elsewhere)"
         if task not in self._native:
             try:
                 split = load_task(task)["train"]
@@ -538,6 +437,11 @@ class DemoService:
     def task_info(self, task: str) -> dict:
         """What a task classifies, the size the model sees, the task's native size and the data's source."""
         info = {"task": task, "classes": len(self.labels[task]), "input_size": self.preprocess.image_size}
+        if not self.source.trained_here:  # an adapter trained elsewhere: its name and base, nothing it cannot know
+            adapter = self.adapters[task]
+            origin = f"hub:{adapter.meta['hub_id']}" if adapter.meta.get("hub_id") else adapter.path.name
+            return {**info, "description": "", "source": f"adapter {origin} on {self.source.base}", "domain": "",
+                    "native_size": self.native_size(task)}  # fmt: skip
         try:
             record = get_task(task)
             info.update(description=record.description, source=record.source, domain=record.domain)
@@ -553,7 +457,7 @@ class DemoService:
         what = f"{info['description']}; " if info["description"] else ""
         return (
             f"**{task}**: {what}{info['classes']} classes; {info['native_size']}, resized to {size}x{size} px "
-            f"({self.PREPROCESSING}); source: {info['source']}"
+            f"({self.preprocessing}); source: {info['source']}"
         )
 
     def model_view(self, image: Image.Image) -> Image.Image:
@@ -719,7 +623,7 @@ class DemoService:
         work = Path(tempfile.mkdtemp(prefix="mlv_export_", dir=folder))
         info = merge_record(method, _jsonable(params), adapters, seconds)
         try:
-            relative_error = self._export(merged, adapters, rank, work / name, info)
+            relative_error = self.source.export(merged, adapters, rank, work / name, info)
             archive = shutil.make_archive(str(work / name), "zip", root_dir=work, base_dir=name)
         except OSError as error:
             shutil.rmtree(work, ignore_errors=True)
@@ -738,4 +642,4 @@ class DemoService:
             return {"ok": False, "error": str(error), "device": self.device.type}
 
 
-__all__ = ["Batcher", "DemoService", "Prediction"]
+__all__ = ["DemoService", "Prediction"]

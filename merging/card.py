@@ -26,6 +26,8 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCardData
 
+from merging.bases import LIBRARIES, BaseLibrary
+
 # The card is written for the Hub (merge.py --push uploads the folder), but pushing is untested here: the tests run
 # offline and check the card's text, its metadata header (through huggingface_hub's own parsers) and its snippet.
 
@@ -65,19 +67,24 @@ def hub_repo_id(name: str | None) -> str | None:
     return name
 
 
+def _library(info: dict) -> BaseLibrary:
+    """The base library of a merge of adapters from elsewhere: merge.json's "library" (transformers where it names
+    none: the only library such merges had before timm's)."""
+    return LIBRARIES[info.get("library", "transformers")]
+
+
 def base_model_of(info: dict) -> tuple[str | None, str]:
     """(the base model's Hub id or None, a sentence for the card saying what the base is).
 
     Adapters from elsewhere: the name their config or --base gave, when it is a Hub id (a bare timm name is the
-    `timm/` repo `foreign.timm_base_folder` loads); a local folder is not one. This project's adapters: timm's own
+    `timm/` repo `bases.TimmLibrary.folder` loads); a local folder is not one. This project's adapters: timm's own
     Hub repo for the name when the weights came from the Hub (timm's pretrained config says which), none for the
     packaged weights, random weights or the base copied by a study of given adapters. Nothing is guessed."""
     if "base_model_name_or_path" in info:
         name = info["base_model_name_or_path"]
         repo = hub_repo_id(name)
-        if repo and info.get("library") == "timm" and "/" not in repo:
-            repo = f"timm/{repo}"
         if repo:
+            repo = _library(info).hub_repo(repo)
             return (
                 repo,
                 f"Base model: [`{repo}`](https://huggingface.co/{repo}) ({info.get('library', 'transformers')}).",
@@ -196,7 +203,7 @@ def model_card(info: dict, label_names: dict[str, list[str]], figures: dict | No
         "## Loading",
         "",
     ]
-    lines += _foreign_loading(info) if foreign else _own_loading()
+    lines += _library(info).loading_snippet(info.get("head_module")) if foreign else _own_loading()
     lines += [
         "",
         "## Caveats",
@@ -360,92 +367,6 @@ def _own_loading() -> list[str]:
         "        meta = read_meta(head_folder)",
         "        top = load_head(head_folder, meta)(features).argmax(-1).item()",
         "        print(f\"{meta['task']}: {meta['label_names'][top]}\")",
-        "```",
-    ]
-
-
-_HEADS = [
-    "heads = {}  # task -> (its classifier, its label names)",
-    'for head_folder in sorted((folder / "heads").iterdir()):',
-    '    labels = json.loads((head_folder / "labels.json").read_text())',
-    '    state = load_file(str(head_folder / "head.safetensors"))',
-    '    head = torch.nn.Linear(state["weight"].shape[1], state["weight"].shape[0], bias="bias" in state)',
-    "    head.load_state_dict(state)",
-    '    heads[labels["task"]] = (head.eval(), labels["label_names"])',
-]
-
-
-def _foreign_loading(info: dict) -> list[str]:
-    """A snippet for adapters of a transformers model: transformers, peft and safetensors only (timm: below). The
-    base's own classifier is replaced by the identity, so the model returns the classifier's input (ViT: the final
-    layernorm's CLS token), which every task head reads: one backbone pass for all of them."""
-    if info.get("library") == "timm":
-        return _timm_loading()
-    head_module = info["head_module"]
-    return [
-        "Plain transformers + peft load it (the base model must be available to `from_pretrained`). `folder` is this "
-        "folder (give its path to run from elsewhere); one backbone pass feeds every head:",
-        "",
-        "```python",
-        "import json",
-        "from pathlib import Path",
-        "",
-        "import torch",
-        "from peft import PeftModel",
-        "from safetensors.torch import load_file",
-        "from transformers import AutoModelForImageClassification",
-        "",
-        'folder = Path(".")  # this folder',
-        'base = json.loads((folder / "merge.json").read_text())["base_model_name_or_path"]',
-        *_HEADS,
-        "model = AutoModelForImageClassification.from_pretrained(base)",
-        f'model.set_submodule("{head_module}", torch.nn.Identity())  # the model now returns the heads\' input',
-        "model = PeftModel.from_pretrained(model, folder).eval()",
-        'size = getattr(model.config, "image_size", 224)',
-        "torch.manual_seed(0)",
-        "pixels = torch.rand(1, 3, size, size)  # one image; yours: AutoImageProcessor.from_pretrained(base)",
-        "with torch.no_grad():",
-        "    features = model(pixel_values=pixels).logits  # the one backbone pass",
-        "    for task, (head, names) in heads.items():",
-        '        print(f"{task}: {names[head(features).argmax(-1).item()]}")',
-        "```",
-    ]
-
-
-def _timm_loading() -> list[str]:
-    """A snippet for adapters of a timm model: timm + peft + safetensors only. A base named by a folder (recorded
-    as an absolute path) loads through timm's `local-dir:`, a Hub id through `hf-hub:` (how timm.create_model names
-    Hub repos); `reset_classifier(0)` makes the model return the heads' input."""
-    return [
-        "Plain timm + peft load it (the base model must be available to `timm.create_model`). `folder` is this "
-        "folder (give its path to run from elsewhere); one backbone pass feeds every head:",
-        "",
-        "```python",
-        "import json",
-        "from pathlib import Path",
-        "",
-        "import timm",
-        "import torch",
-        "from peft import PeftModel",
-        "from safetensors.torch import load_file",
-        "",
-        'folder = Path(".")  # this folder',
-        'base = json.loads((folder / "merge.json").read_text())["base_model_name_or_path"]',
-        "if Path(base).is_dir():  # a local folder, as timm's save_for_hf writes it",
-        '    base = f"local-dir:{base}"',
-        'elif not base.startswith(("hf-hub:", "local-dir:")):  # a Hub repo of timm\'s',
-        '    base = f"hf-hub:{base}"',
-        *_HEADS,
-        "model = timm.create_model(base, pretrained=True)",
-        "model.reset_classifier(0)  # the model now returns the heads' input",
-        "model = PeftModel.from_pretrained(model, folder).eval()",
-        'size = timm.data.resolve_data_config({}, model=model.base_model.model)["input_size"][-1]',
-        "torch.manual_seed(0)",
-        "pixels = torch.rand(1, 3, size, size)  # one image; yours: timm.data.create_transform(...)",
-        "with torch.no_grad():",
-        "    features = model(pixels)  # the one backbone pass",
-        "    for task, (head, names) in heads.items():",
-        '        print(f"{task}: {names[head(features).argmax(-1).item()]}")',
         "```",
     ]
 

@@ -16,7 +16,7 @@ the label names, and the base model as its "backbone". A folder may also come fr
 
 The merged model for evaluation is the base model with the merged ΔW added to its adapted weights and
 its classifier replaced by one head per task, all applied to the classifier's usual input (for ViT, the
-final layernorm's CLS token): `build_merged_model`. `export_merge` writes it as a plain peft LoRA of the
+final layernorm's CLS token): `build_merged_classifier`. `export_merge` writes it as a plain peft LoRA of the
 base model plus one head per task.
 """
 
@@ -30,18 +30,16 @@ from pathlib import Path
 
 import torch
 
+from merging.bases import LIBRARIES, BaseLibrary, hub_snapshot, library_of
 from merging.deltas import AdapterDeltas, deltas_from_factors, read_factors, read_lora_config
-from merging.merged_model import adapter_origin, check_merge_fits, write_export
-from mlvision.backbone import Preprocess, transformers_preprocess
-from mlvision.errors import AdapterError, error_reason
+from merging.export import adapter_origin, check_merge_fits, write_export
+from mlvision.backbone import Preprocess
+from mlvision.errors import AdapterError
 from mlvision.models import HEAD_FILE, META_FILE
 
-TRANSFORMERS, TIMM = "transformers", "timm"  # the libraries a base model is loaded with
-SOURCES = {TRANSFORMERS: "peft-transformers", TIMM: "peft-timm"}  # recorded as each adapter's "source"
 LABELS_FILE = "labels.json"
 HUB_PREFIX = "hub:"
 _PREFIX = "base_model.model."
-_TIMM_PREFIXES = ("timm/", "hf-hub:", "local-dir:")
 
 
 def is_foreign(folder: str | os.PathLike) -> bool:
@@ -66,23 +64,6 @@ def _base_name(folder: Path, config: dict, given: str | None) -> str:
         f"{folder / 'adapter_config.json'} names no base_model_name_or_path (peft writes none for timm models): "
         "pass --base with the model it was trained on (e.g. --base timm/vit_base_patch16_224.augreg_in21k)"
     )
-
-
-def base_library(base: str) -> str:
-    """TIMM for timm's hub ids (`timm/...`, `hf-hub:...`), `local-dir:` folders, folders holding timm's
-    config.json (it has "architecture") and timm model names; TRANSFORMERS otherwise."""
-    if base.startswith(_TIMM_PREFIXES):
-        return TIMM
-    config = Path(base) / "config.json"
-    if config.is_file():
-        try:
-            data = json.loads(config.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            data = None
-        return TIMM if isinstance(data, dict) and "architecture" in data else TRANSFORMERS
-    import timm
-
-    return TIMM if not Path(base).exists() and timm.is_model(base.split(".")[0]) else TRANSFORMERS
 
 
 def _classifier(folder: Path, config: dict, factors: dict[str, torch.Tensor]) -> tuple[str | None, torch.nn.Linear]:
@@ -272,7 +253,7 @@ def load_foreign(
     head_module, head = _classifier(folder, config, factors)
     _refuse_other_weights(folder, config, factors, head_module)
     labels = _label_names(folder, base, head.out_features, Path(labels_file) if labels_file else None, fallback_labels)
-    library = base_library(base)
+    library = library_of(base)
     meta = {
         "task": hub_id or folder.name,
         "hub_id": hub_id,
@@ -280,8 +261,8 @@ def load_foreign(
         "backbone": {"base_model_name_or_path": base},
         "preprocess": {},
         "model_kind": "adapter",
-        "source": SOURCES[library],
-        "library": library,
+        "source": library.source,
+        "library": library.name,
         "head_module": head_module,
     }
     return AdapterDeltas(path=folder, meta=meta, deltas=deltas, head=head)
@@ -298,24 +279,6 @@ def resolve_adapter(text: str | os.PathLike) -> tuple[Path, str | None]:
     return hub_snapshot(repo_id, f"adapter {text}"), repo_id
 
 
-def hub_snapshot(repo_id: str, what: str) -> Path:
-    """The local folder of a Hub model repo: from the cache when it is there, else downloaded; one line if neither."""
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(repo_id, local_files_only=True))
-    except Exception:  # not cached (or an odd id): the download below gives the reason worth showing
-        pass
-    try:
-        return Path(snapshot_download(repo_id))
-    except Exception as error:  # huggingface_hub raises many kinds (offline, not found, no access, bad id)
-        reason = error_reason(error)
-        raise AdapterError(
-            f"{what} is not in the local Hugging Face cache and cannot be downloaded ({reason}): "
-            "download it where there is a network (hf download REPO_ID) or pass its local folder"
-        ) from None
-
-
 def base_model_name(adapters: list[AdapterDeltas]) -> str:
     """The one base model the adapters share, or one line naming two adapters whose bases differ."""
     first = adapters[0]
@@ -327,7 +290,10 @@ def base_model_name(adapters: list[AdapterDeltas]) -> str:
                 f"adapter {other.path} was trained on base model {theirs} but {first.path} on {base}: "
                 "merge adapters of one base model only"
             )
-        if first.meta["library"] == TRANSFORMERS and other.meta["head_module"] != first.meta["head_module"]:
+        if (
+            LIBRARIES[first.meta["library"]].classifier_by_name
+            and other.meta["head_module"] != first.meta["head_module"]
+        ):
             raise AdapterError(
                 f"adapter {other.path} saves its classifier as {other.meta['head_module']} but {first.path} as "
                 f"{first.meta['head_module']}: merge adapters of one model class only"
@@ -357,71 +323,6 @@ def fill_missing_layers(adapters: list[AdapterDeltas]) -> tuple[list[AdapterDelt
     return filled, {layer: tasks for layer, tasks in sorted(layers.items())}
 
 
-def load_base_model(name: str) -> torch.nn.Module:
-    """The base model in eval mode, offline first: transformers from a local folder or the local Hugging Face
-    cache; timm from a folder, `local-dir:`, or its hub id through the cache (downloaded if missing)."""
-    if base_library(name) == TIMM:
-        return _load_timm_base(name)
-    from transformers import AutoModelForImageClassification
-    from transformers.utils import logging
-
-    shown, verbosity = logging.is_progress_bar_enabled(), logging.get_verbosity()
-    # a command's output is its own lines: no progress bar per load, and no load report about the base's own
-    # classifier (missing or resized), which is replaced by the task heads anyway
-    logging.disable_progress_bar()
-    logging.set_verbosity_error()
-    try:
-        return AutoModelForImageClassification.from_pretrained(name, local_files_only=True).eval()
-    except Exception as error:  # transformers raises OSError, ValueError, KeyError... for a missing or odd model
-        raise AdapterError(
-            f"cannot load base model {name} offline ({error_reason(error)}): download it first or point "
-            "base_model_name_or_path at a local folder"
-        ) from None
-    finally:
-        logging.set_verbosity(verbosity)
-        if shown:
-            logging.enable_progress_bar()
-
-
-def timm_base_folder(name: str) -> Path:
-    """The local folder of a timm base (--base): `local-dir:FOLDER` or a folder as given, a hub id (`timm/...`,
-    `hf-hub:...`, a bare timm name) as its folder in the local Hub cache (downloaded if missing)."""
-    if name.startswith("local-dir:"):
-        return Path(name[len("local-dir:") :])
-    if name.startswith(("timm/", "hf-hub:")) or not Path(name).exists():
-        repo_id = name.removeprefix("hf-hub:")
-        repo_id = repo_id if "/" in repo_id else f"timm/{repo_id}"  # a bare timm name lives under timm/ on the Hub
-        return hub_snapshot(repo_id, f"base model {name}")
-    return Path(name)
-
-
-def _load_timm_base(name: str) -> torch.nn.Module:
-    """A timm base model with its pretrained weights: a hub id becomes its cached (or downloaded) folder, read
-    with timm's own `local-dir:` loader, so a cached model loads without any network call."""
-    import timm
-
-    folder = timm_base_folder(name)
-    try:
-        return timm.create_model(f"local-dir:{folder.resolve()}", pretrained=True).eval()
-    except Exception as error:  # timm raises RuntimeError, KeyError, FileNotFoundError... for an odd folder
-        raise AdapterError(
-            f"cannot load timm base model {name} from {folder} ({error_reason(error)}): "
-            "point --base at a folder timm's save_for_hf wrote (config.json and weights)"
-        ) from None
-
-
-def base_preprocess(base: str, model: torch.nn.Module) -> Preprocess:
-    """How an image is fed to the base model, as this project's `Preprocess` (resize to a square, normalise):
-    timm's data config of the model, or for transformers the base's image processor config
-    (`mlvision.backbone.transformers_preprocess`). No centre crop either way."""
-    if base_library(base) == TIMM:
-        import timm
-
-        data = timm.data.resolve_data_config({}, model=model)
-        return Preprocess(int(data["input_size"][-1]), tuple(data["mean"]), tuple(data["std"]), data["interpolation"])
-    return transformers_preprocess(base, model)
-
-
 def expand_sources(sources: list[str]) -> list[str]:
     """Adapter arguments with each folder of adapter folders replaced by its adapter subfolders (sorted), so
     `--adapters my_adapters/` serves every adapter kept there; Hub ids and adapter folders stay as they are."""
@@ -448,30 +349,25 @@ class MergedClassifier(torch.nn.Module):
 
     The base's own classifier is removed, so the model's output is exactly the classifier's input
     (ViTForImageClassification: the final layernorm's CLS token, as "logits"; timm: its pre-logits features,
-    `reset_classifier(0)`); each task head is applied to them.
+    `reset_classifier(0)`: `BaseLibrary.remove_classifier`); each task head is applied to them.
     """
 
-    def __init__(self, model: torch.nn.Module, library: str, head_module: str | None, heads: dict):
+    def __init__(self, model: torch.nn.Module, library: BaseLibrary, head_module: str | None, heads: dict):
         super().__init__()
-        if library == TIMM:
-            model.reset_classifier(0)
-        else:
-            model.set_submodule(head_module, torch.nn.Identity())
+        library.remove_classifier(model, head_module)
         self.model, self.library = model, library
         self.heads = torch.nn.ModuleDict({task.replace(".", "_"): head for task, head in heads.items()})
         self.tasks = {task: task.replace(".", "_") for task in heads}
 
     def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        if self.library == TIMM:
-            return self.model(pixel_values)
-        return self.model(pixel_values=pixel_values).logits
+        return self.library.features(self.model, pixel_values)
 
     def forward(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
         features = self.features(pixel_values)
         return {task: self.heads[key](features) for task, key in self.tasks.items()}
 
 
-def build_merged_model(
+def build_merged_classifier(
     adapters: list[AdapterDeltas], merged: dict[str, torch.Tensor], base_model: torch.nn.Module | None = None
 ) -> MergedClassifier:
     """The merged multi-task model: base weights + merged ΔW (float64 sum, cast back), one head per task.
@@ -479,14 +375,15 @@ def build_merged_model(
     `base_model`, the base already loaded (the demo keeps one), is copied, never changed; without it the base
     is loaded from its name."""
     base = base_model_name(adapters)
-    model = copy.deepcopy(base_model) if base_model is not None else load_base_model(base)
+    library = LIBRARIES[adapters[0].meta["library"]]
+    model = copy.deepcopy(base_model) if base_model is not None else library.load(base)
     check_merge_fits(model, merged, f"base model {base}")
     with torch.no_grad():
         for layer, delta in merged.items():
             weight = model.get_submodule(layer).weight
             weight.copy_((weight.double() + delta.double().reshape(weight.shape)).to(weight.dtype))
     heads = {a.task: a.head for a in adapters}
-    return MergedClassifier(model, adapters[0].meta["library"], adapters[0].meta["head_module"], heads).eval()
+    return MergedClassifier(model, library, adapters[0].meta["head_module"], heads).eval()
 
 
 def dataset_label_names(source: str) -> list[str]:
@@ -538,10 +435,10 @@ def foreign_grams(
     """RegMean's statistics for an adapter from elsewhere: G[layer] [in, in] = the mean of x xᵀ over every input
     vector x of each adapted layer (one per image and token), with the adapter's own ΔW in the base model and its
     task's training `images` going through it (what merging/grams.py computes for this project's adapters, here
-    through `build_merged_model`, the foreign models' evaluation path). float32, as GramStore keeps them."""
+    through `build_merged_classifier`, the foreign models' evaluation path). float32, as GramStore keeps them."""
     from merging.grams import layer_input_grams
 
-    model = build_merged_model([adapter], adapter.deltas, base_model)
+    model = build_merged_classifier([adapter], adapter.deltas, base_model)
 
     def run_batches():
         for start in range(0, len(images), batch_size):
@@ -606,15 +503,15 @@ def export_merge(
     from safetensors.torch import save_file
 
     base = recorded_base(base_model_name(adapters))
-    head_module, library = adapters[0].meta["head_module"], adapters[0].meta["library"]
+    head_module, library = adapters[0].meta["head_module"], LIBRARIES[adapters[0].meta["library"]]
     info = {
         **merge_info,
-        "source": SOURCES[library],
-        "library": library,
+        "source": library.source,
+        "library": library.name,
         "base_model_name_or_path": base,
         "head_module": head_module,
         "labels": {a.task: a.meta["label_names"] for a in adapters},
-        "how_to_load": _how_to_load(library, head_module),
+        "how_to_load": library.how_to_load(head_module),
     }
 
     def write_head(head_dir: Path, adapter: AdapterDeltas) -> None:
@@ -631,7 +528,7 @@ def export_merge(
         merged,
         rank,
         # loaded by write_export after its cheap checks
-        lambda: copy.deepcopy(base_model) if base_model is not None else load_base_model(base),
+        lambda: copy.deepcopy(base_model) if base_model is not None else library.load(base),
         f"base model {base}",
         info,
         write_head,
@@ -640,24 +537,10 @@ def export_merge(
     )
 
 
-def _how_to_load(library: str, head_module: str | None) -> str:
-    """One sentence for merge.json: how the exported folder loads with plain peft and its base library."""
-    if library == TIMM:
-        return (
-            "PeftModel.from_pretrained(timm.create_model(base, pretrained=True), folder); per task, "
-            f"model.reset_classifier(n) and load heads/<task>/{HEAD_FILE} into model.get_classifier()"
-        )
-    return (
-        "PeftModel.from_pretrained(AutoModelForImageClassification.from_pretrained(base, num_labels=n, "
-        f"ignore_mismatched_sizes=True), folder), then load heads/<task>/{HEAD_FILE} into its {head_module}"
-    )
-
-
 __all__ = [
     "ForeignGrams",
     "MergedClassifier",
-    "base_preprocess",
-    "build_merged_model",
+    "build_merged_classifier",
     "dataset_label_names",
     "expand_sources",
     "export_merge",
@@ -667,5 +550,4 @@ __all__ = [
     "load_foreign",
     "read_labels_file",
     "resolve_adapter",
-    "timm_base_folder",
 ]

@@ -185,7 +185,7 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-RANK_TOLERANCE_POINTS = 0.5  # merged_model.RANK_TOLERANCE in points (kept here: the parser imports no torch)
+RANK_TOLERANCE_POINTS = 0.5  # export.RANK_TOLERANCE in points (kept here: the parser imports no torch)
 
 
 def rank_argument(text: str) -> int | str:
@@ -277,9 +277,10 @@ def run(args) -> int:
         return 0
     from merging.card import Figure
     from merging.deltas import check_compatible, load_deltas
+    from merging.export import check_export_rank, check_output_folder, merge_record
     from merging.foreign import expand_sources, is_foreign, resolve_adapter
     from merging.grams import GRAM_IMAGES, GramStore
-    from merging.merged_model import AdapterMerger, check_export_rank, check_output_folder, merge_record
+    from merging.merged_model import AdapterMerger
     from merging.methods import get_method
     from mlvision.backbone import BackboneConfig, Preprocess
     from mlvision.data import split_tensors
@@ -322,7 +323,7 @@ def run(args) -> int:
     keys = [str(i) for i in range(len(adapters))]
     backbone_config = BackboneConfig(**adapters[0].meta["backbone"])
     preprocess = Preprocess.from_dict(adapters[0].meta["preprocess"])
-    folded = FoldedBackbone(backbone_config) if get_method(args.method).kind in ("data_aware", "test_time") else None
+    folded = FoldedBackbone(backbone_config) if get_method(args.method).uses_data else None
     merger = AdapterMerger(
         dict(zip(keys, adapters)),
         backbone_config,
@@ -375,7 +376,7 @@ def rank_lines(choice: dict) -> list[str]:
 def export_own_merge(args, adapters, merged, folded, figures: dict, record: dict, printed: list[str]) -> int:
     """Write the folder (`export_own_lora`: the rank settled on the tasks' validation images, the exported LoRA
     scored on the test images of every known merged figure) and say what it holds."""
-    from merging.merged_model import export_own_lora
+    from merging.export import export_own_lora
 
     error, choice, figures = export_own_lora(
         merged,
@@ -477,17 +478,17 @@ def rebuild_stored_merge(merger, group: list[str], method: str, hyperparams: dic
     """The merged ΔW a stored merge holds, computed as the sweep computed it (merging/sweep.py `grid_merges`): where
     `scaling` is an output multiplier, merged at scaling 1 and multiplied; a test-time merge from its stored
     coefficients (never learned again); every other method with its stored hyperparameters."""
-    from merging.merged_model import RECORDED_OUTPUTS
     from merging.methods import get_method
 
     merge_method = get_method(method)
-    if merge_method.kind == "test_time" and "coefficients" not in hyperparams:
+    rebuilt_from = merge_method.rebuilt_from
+    if rebuilt_from is not None and rebuilt_from not in hyperparams:
         raise MergeConfigError(
-            f"this {method} merge's learned coefficients are not stored (studies store them from issue 28 on): "
-            "export it with merging/merge.py ADAPTER... --method adamerging, which learns them again"
+            f"this {method} merge's learned {rebuilt_from} are not stored (studies store them from issue 28 on): "
+            f"export it with merging/merge.py ADAPTER... --method {method}, which learns them again"
         )
-    if merge_method.kind in ("data_free", "data_aware") and merge_method.scaling_is_output_multiplier:
-        inputs = {key: value for key, value in hyperparams.items() if key not in RECORDED_OUTPUTS}
+    if merge_method.per_layer and merge_method.scaling_is_output_multiplier:
+        inputs = merge_method.inputs(hyperparams)
         scaling = inputs.pop("scaling", merge_method.defaults.get("scaling", 1.0))
         base, _ = merger.merge(group, method, {**inputs, "scaling": 1.0})
         return base if scaling == 1.0 else {layer: scaling * delta for layer, delta in base.items()}
@@ -500,8 +501,9 @@ def run_from_db(args) -> int:
     AdaMerging from its stored coefficients), its stored accuracies in the card."""
     from merging.card import Figure
     from merging.deltas import check_compatible, load_deltas
+    from merging.export import check_output_folder, merge_record
     from merging.grams import GRAM_IMAGES, GramStore
-    from merging.merged_model import AdapterMerger, check_output_folder, merge_record
+    from merging.merged_model import AdapterMerger
     from mlvision.backbone import BackboneConfig, Preprocess
     from mlvision.evaluation import FoldedBackbone
     from mlvision.runs import resolve_stored_path
@@ -656,15 +658,12 @@ def stored_merge_figures(db: Path, adapters, method: str, params: dict) -> dict:
     records beside them, e.g. RegMean's singular channels, aside), set of tasks, seed and backbone, in
     merge_results (the sweep's merges, chosen on validation). Empty when none or more than one merge matches."""
     from merging.card import Figure
-    from merging.merged_model import RECORDED_OUTPUTS
+    from merging.methods import get_method
 
     seeds = {adapter.meta.get("training", {}).get("seed") for adapter in adapters}
     if not db.is_file() or len(seeds) != 1:
         return {}
-
-    def inputs(hyperparams: dict) -> dict:
-        return {key: value for key, value in hyperparams.items() if key not in RECORDED_OUTPUTS}
-
+    inputs = get_method(method).inputs
     tasks = {adapter.task for adapter in adapters}
     rows = _stored_rows(
         db,
@@ -711,8 +710,8 @@ def run_foreign(args, hyperparams: dict) -> int:
     hyperparameters), RegMean gets its Gram matrices from the data's training images, and the export's rank is
     measured (or, with --rank auto, chosen) on the validation images; --evaluate N scores the test split."""
     from merging.deltas import check_compatible
+    from merging.export import check_export_rank
     from merging.foreign import base_model_name, fill_missing_layers, is_foreign, load_foreign
-    from merging.merged_model import check_export_rank
     from merging.methods import get_method, list_methods
     from mlvision.models import META_FILE
 
@@ -723,16 +722,17 @@ def run_foreign(args, hyperparams: dict) -> int:
             f"{own[0]} is one of this project's adapters ({META_FILE}) but {other} was trained elsewhere: "
             "merge adapters of one kind (one backbone) only"
         )
-    kind = get_method(args.method).kind
-    if kind not in ("data_free", "data_aware"):
+    merge_method = get_method(args.method)
+    if not merge_method.per_layer:
         raise MergeConfigError(
-            f"merge method '{args.method}' is {kind}; adapters trained elsewhere merge with a per-layer method: "
+            f"merge method '{args.method}' is {merge_method.kind}; adapters trained elsewhere merge with a per-layer "
+            "method: "
             f"{', '.join(list_methods(kind='data_free'))}, or with --data for every adapter "
             f"{', '.join(list_methods(kind='data_aware'))}"
         )
     labels = per_adapter_option(args.labels, args.adapters, "--labels")
     data = per_adapter_option(args.data, args.adapters, "--data")
-    if kind == "data_aware" and len(data) < len(args.adapters):
+    if merge_method.statistics and len(data) < len(args.adapters):
         missing = next(folder for folder in args.adapters if folder not in data)
         raise MergeConfigError(
             f"merge method '{args.method}' needs each adapter's training images: pass --data {missing}=DATASET (one "
@@ -766,14 +766,16 @@ def run_foreign(args, hyperparams: dict) -> int:
 class ForeignData:
     """The --data of adapters from elsewhere, loaded once: the base model and its preprocessing, each adapter's
     validation images (the rank's and the grid's scoring, `RANK_VALIDATION_IMAGES`), training images for RegMean and
-    test images for --evaluate; and the scoring of any merged ΔW through `build_merged_model`."""
+    test images for --evaluate; and the scoring of any merged ΔW through `build_merged_classifier`."""
 
     def __init__(self, adapters, base: str, datasets_for: dict[str, str]):
-        from merging.foreign import base_preprocess, load_base_model, recorded_base
+        from merging.bases import LIBRARIES
+        from merging.foreign import recorded_base
 
         self.adapters, self.datasets_for = adapters, datasets_for
-        self.base_model = load_base_model(recorded_base(base))
-        self.preprocess = base_preprocess(base, self.base_model)
+        library = LIBRARIES[adapters[0].meta["library"]]
+        self.base_model = library.load(recorded_base(base))
+        self.preprocess = library.preprocess(base, self.base_model)
         self._validation = None
 
     def split(self, split: str, n: int) -> dict:
@@ -783,7 +785,7 @@ class ForeignData:
         return evaluation_data(self.adapters, self.datasets_for, self.preprocess, n, split)
 
     def validation(self) -> dict:
-        from merging.merged_model import RANK_VALIDATION_IMAGES
+        from merging.export import RANK_VALIDATION_IMAGES
 
         if self._validation is None:
             self._validation = self.split("validation", RANK_VALIDATION_IMAGES)
@@ -791,10 +793,10 @@ class ForeignData:
 
     def score(self, merged: dict, data: dict, adapters=None) -> dict[str, float]:
         """{task: accuracy} of base + `merged` with the adapters' heads on `data` (one stream of full batches)."""
-        from merging.foreign import build_merged_model
+        from merging.foreign import build_merged_classifier
         from mlvision.evaluation import accuracy_of, task_correct
 
-        model = build_merged_model(adapters or self.adapters, merged, self.base_model)
+        model = build_merged_classifier(adapters or self.adapters, merged, self.base_model)
         return {task: accuracy_of(correct) for task, correct in task_correct(model, data).items()}
 
     def grams(self):
@@ -821,7 +823,7 @@ def merge_foreign(adapters, method: str, hyperparams: dict, work: ForeignData | 
 
     merge_method = get_method(method)
     keys = [str(i) for i in range(len(adapters))]
-    grams = work.grams() if work is not None and merge_method.kind == "data_aware" else None
+    grams = work.grams() if work is not None and merge_method.statistics else None
     merger = AdapterMerger(dict(zip(keys, adapters)), None, grams=grams)
     if work is None or len(work.datasets_for) < len(adapters) or hyperparams or not merge_method.tuned:
         merged, params = merger.merge(keys, method, hyperparams)
@@ -846,8 +848,8 @@ def export_foreign_merge(args, adapters, base, layer_sources, merged, params, se
     """Settle the rank (measured on the validation images where --data gives them), score the merge, each adapter
     alone and the exported LoRA on --evaluate N test images, and write the folder (`foreign.export_merge`)."""
     from merging.card import Figure
+    from merging.export import merge_record, settle_rank
     from merging.foreign import export_merge
-    from merging.merged_model import merge_record, settle_rank
 
     score_validation, n_validation = None, None
     why_not = "no validation images: --data ADAPTER=DATASET for every adapter measures it"

@@ -27,28 +27,13 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-import timm
 from safetensors.torch import save_file
 
+from merging.bases import LIBRARIES, BaseLibrary
 from merging.deltas import load_deltas, read_factors, read_lora_config
-from merging.foreign import (
-    SOURCES,
-    TIMM,
-    TRANSFORMERS,
-    hub_snapshot,
-    is_foreign,
-    load_foreign,
-    resolve_adapter,
-    timm_base_folder,
-)
+from merging.foreign import is_foreign, load_foreign, resolve_adapter
 from merging.methods import get_method
-from mlvision.backbone import (
-    TRANSFORMERS_BASE,
-    BackboneConfig,
-    create_backbone,
-    make_preprocess,
-    transformers_preprocess,
-)
+from mlvision.backbone import BackboneConfig, create_backbone, make_preprocess
 from mlvision.config import StudyConfig
 from mlvision.errors import AdapterError, MergeConfigError, UnknownNameError
 from mlvision.models import HEAD_FILE, META_FILE, read_meta
@@ -119,15 +104,15 @@ def convert_foreign_adapter(adapter: str, folder: Path, task: str | None, base: 
         )
     adapter_deltas = load_foreign(folder, base=base, fallback_labels=list(get_task(task).label_names))
     base = adapter_deltas.meta["backbone"]["base_model_name_or_path"]
-    library = adapter_deltas.meta["library"]
-    if library == TRANSFORMERS and adapter_deltas.meta["head_module"] != "classifier":
+    library = LIBRARIES[adapter_deltas.meta["library"]]
+    if library.study_classifier not in (None, adapter_deltas.meta["head_module"]):
         raise AdapterError(
-            f"{adapter} does not keep its classifier in modules_to_save=['classifier'] (peft's image-classification "
-            "guide), where a study of a transformers model reads it: train it that way"
+            f"{adapter} does not keep its classifier in modules_to_save=['{library.study_classifier}'] (peft's "
+            f"image-classification guide), where a study of a {library.name} model reads it: train it that way"
         )
     lora_config = read_lora_config(folder)
     factors = {key: value for key, value in read_factors(folder).items() if ".lora_" in key}
-    base_folder = (timm_base_folder(base) if library == TIMM else transformers_base_folder(base)).resolve()
+    base_folder = library.folder(base).resolve()
     # the resolved base folder is part of the key: a conversion never points at a base that has since moved
     # ... and so are the label names task.json gets: a rule for them that changes is never read from an old conversion
     labels = adapter_deltas.meta["label_names"]
@@ -137,12 +122,9 @@ def convert_foreign_adapter(adapter: str, folder: Path, task: str | None, base: 
     if (target / META_FILE).is_file():
         return target
     architecture = _architecture(base_folder, library)
-    spec = f"local-dir:{base_folder}" if library == TIMM else f"{TRANSFORMERS_BASE}{base_folder}"
+    spec = library.backbone_spec(base_folder)
     probe = create_backbone(BackboneConfig(architecture, "base", 0, spec))
-    if library == TIMM:
-        image_size = int(timm.data.resolve_data_config({}, model=probe)["input_size"][-1])
-    else:
-        image_size = transformers_preprocess(str(base_folder), probe).image_size
+    image_size = library.preprocess(str(base_folder), probe).image_size
     backbone = BackboneConfig(architecture, "base", image_size, spec)
     meta = {
         "model_kind": "adapter",
@@ -155,7 +137,7 @@ def convert_foreign_adapter(adapter: str, folder: Path, task: str | None, base: 
             "rank": lora_config["r"],
             "alpha": lora_config.get("lora_alpha", lora_config["r"]),
             "target_modules": lora_config.get("target_modules"),
-            "source": SOURCES[library],
+            "source": library.source,
             "adapter": adapter,
         },
         "config_hash": key,
@@ -179,17 +161,12 @@ def convert_foreign_adapter(adapter: str, folder: Path, task: str | None, base: 
     return target
 
 
-def transformers_base_folder(base: str) -> Path:
-    """The local folder of a transformers base: a folder as named, else its Hub id's folder in the local cache."""
-    return Path(base) if Path(base).is_dir() else hub_snapshot(base, f"base model {base}")
-
-
-def _architecture(base_folder: Path, library: str) -> str:
+def _architecture(base_folder: Path, library: BaseLibrary) -> str:
     """The architecture named by a base folder's config.json: timm's "architecture" (save_for_hf), transformers'
     first "architectures" entry (save_pretrained)."""
     try:
         config = json.loads((base_folder / "config.json").read_text())
-        return config["architecture"] if library == TIMM else config["architectures"][0]
+        return library.architecture(config)
     except (OSError, ValueError, KeyError, TypeError, IndexError):
         raise AdapterError(
             f"{base_folder} holds no config.json naming its architecture: give the base as the folder timm's "
@@ -217,7 +194,8 @@ def given_config(config: StudyConfig, items: list[str], explicit: set[str], base
         task = task or meta["task"]
         labels = list(get_task(task).label_names)  # an unknown task fails here, naming the known ones
         if list(meta["label_names"]) != labels:
-            if (meta.get("training") or {}).get("source") in SOURCES.values():  # from another trainer
+            sources = {library.source for library in LIBRARIES.values()}
+            if (meta.get("training") or {}).get("source") in sources:  # from another trainer
                 raise AdapterError(
                     f"adapter {adapter} names its classes {_short(meta['label_names'])} in the labels.json or "
                     f"config.json beside it but dataset {task} has {_short(labels)}: score it on the dataset it was "
@@ -292,8 +270,8 @@ def _check_mergeable(folders: list[tuple[str, Path]], methods) -> None:
         ranks[adapter] = max([config["r"], *(config.get("rank_pattern") or {}).values()])
         kinds[adapter] = "a regex" if isinstance(config["target_modules"], str) else "a list"
     for method in methods:
-        options = get_method(method).options if get_method(method).kind == "reference" else None
-        if options is None:
+        options = get_method(method).options  # peft's settings: a reference merge's only
+        if not options:
             continue
         if options["combination_type"] in _ONE_RANK_COMBINATIONS and len(set(ranks.values())) > 1:
             shown = ", ".join(f"{adapter}: r={rank}" for adapter, rank in ranks.items())

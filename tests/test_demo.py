@@ -11,7 +11,6 @@ import io
 import json
 import os
 import re
-import shutil
 import struct
 import subprocess
 import sys
@@ -29,8 +28,9 @@ from browser import DevTools, free_port, start_chromium, stop, wait_http
 from PIL import Image
 
 from demo import crafted
+from demo.batcher import Batcher
 from demo.containers import MAX_FRAMES, gif_frames
-from demo.service import OOD_PERCENTILE, Batcher, DemoService, native_size_text
+from demo.service import OOD_PERCENTILE, DemoService, native_size_text
 from demo.uploads import MAX_FILE_BYTES, MAX_PIXELS, load_image, public_text
 from merging.merged_model import build_merged_model
 from mlvision.backbone import Preprocess
@@ -39,7 +39,6 @@ from mlvision.errors import BadImage, MergeConfigError
 from mlvision.store import Store
 from mlvision.tasks import get_task, load_task
 
-SCREENS = Path("/tmp/demo_screens")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -374,6 +373,7 @@ def test_batcher_runs_waiting_requests_as_one_pass_per_model():
 
 
 # -- 2. the launched app through gradio_client ------------------------------------------------------
+@pytest.mark.multiprocess
 def test_client_predictions_equal_the_service_and_bad_inputs_are_answered(app_url, service, example, tmp_path):
     from gradio_client import Client, handle_file
 
@@ -426,6 +426,7 @@ def test_client_predictions_equal_the_service_and_bad_inputs_are_answered(app_ur
         assert again["ok"], name
 
 
+@pytest.mark.multiprocess
 def test_hostile_uploads_through_the_app_get_friendly_errors_and_it_keeps_serving(
     app_url, service, example, tmp_path, crafted_files
 ):
@@ -444,6 +445,7 @@ def test_hostile_uploads_through_the_app_get_friendly_errors_and_it_keeps_servin
         assert ask(example)["ok"], name  # and the app keeps serving
 
 
+@pytest.mark.multiprocess
 def test_uploads_over_the_size_limit_are_refused(app_url, service, example, tmp_path):
     import gradio
     import httpx
@@ -467,6 +469,7 @@ def test_uploads_over_the_size_limit_are_refused(app_url, service, example, tmp_
     assert answer["ok"]
 
 
+@pytest.mark.multiprocess
 def test_simultaneous_predictions_are_answered_as_if_alone(app_url, service, example, tmp_path):
     """12 clients at once (3 images, 2 methods, one with compare): every answer equals the one-at-a-time answer."""
     from gradio_client import Client, handle_file
@@ -516,6 +519,8 @@ def test_simultaneous_predictions_are_answered_as_if_alone(app_url, service, exa
 
 
 # -- 3. a real browser: upload, predict, screenshot --------------------------------------------------
+@pytest.mark.multiprocess
+@pytest.mark.browser
 def test_headless_chromium_upload_and_screenshot(app_url, service, example, tmp_path):
     browser, port = start_chromium(tmp_path / "profile", window="1400,1100")
     try:
@@ -552,8 +557,7 @@ def test_headless_chromium_upload_and_screenshot(app_url, service, example, tmp_
         shot = tmp_path / "demo_prediction.png"
         shot.write_bytes(base64.b64decode(tools.call("Page.captureScreenshot", format="png")["data"]))
         assert shot.stat().st_size > 20_000, f"screenshot looks empty ({shot.stat().st_size} bytes)"
-        SCREENS.mkdir(parents=True, exist_ok=True)
-        shutil.copy(shot, SCREENS / shot.name)
+        print(f"screenshot of a prediction, for a person to look at: {shot}")  # kept by pytest's tmp_path
 
         # an example thumbnail: one click puts that image in the box and predicts it (no Predict click)
         task = service.tasks[0]
@@ -576,7 +580,7 @@ def test_headless_chromium_upload_and_screenshot(app_url, service, example, tmp_
         )
         shot = tmp_path / "demo_example_click.png"
         shot.write_bytes(base64.b64decode(tools.call("Page.captureScreenshot", format="png")["data"]))
-        shutil.copy(shot, SCREENS / shot.name)
+        print(f"screenshot of an example's prediction, for a person to look at: {shot}")
         tools.socket.close()
     finally:
         stop(browser)
@@ -591,6 +595,7 @@ def _app_process(tiny_study, port: int, **kwargs) -> subprocess.Popen:
     return subprocess.Popen(command, cwd=REPO_ROOT, env=env, text=True, **kwargs)
 
 
+@pytest.mark.multiprocess
 def test_startup_prints_progress_and_refuses_a_taken_port_in_one_line(tiny_study):
     """Issue 17: `python demo/app.py` says it is loading, then prints its URL; on a taken port it says which
     port and how to choose another, in one line, and exits non-zero at once (no wait, no traceback)."""
@@ -640,6 +645,7 @@ def test_startup_prints_progress_and_refuses_a_taken_port_in_one_line(tiny_study
         stop(app)
 
 
+@pytest.mark.multiprocess
 def test_task_descriptions_methods_and_collapsed_json_on_the_page(app_url, service):
     """Issue 17: one line per task beside the selector (what, input size, source); every per-layer method,
     the group's stored best marked auto; why the data-aware ones are missing; the raw JSON collapsed."""
@@ -733,6 +739,7 @@ def test_out_of_domain_flag_on_validation_and_noise_images(service):
     assert own.compare[tasks[0]]["in_domain"] == own.in_domain[tasks[0]]
 
 
+@pytest.mark.multiprocess
 def test_out_of_domain_flag_and_compare_flags_through_the_app(app_url, service, tmp_path):
     """The JSON answer carries the flag per task and the page says so; compare mode flags disagreements
     and merges whose stored accuracy is below the head's."""
@@ -780,6 +787,7 @@ def test_out_of_domain_flag_and_compare_flags_through_the_app(app_url, service, 
     assert any(own_flags), "noise passed as every task's data for every own adapter"
 
 
+@pytest.mark.multiprocess
 def test_merged_model_downloads_as_the_zip_merge_py_writes(app_url, service, tmp_path):
     """Issue 17: the endpoint `export_merged` (the page's "Build the zip") gives the folder merging/merge.py
     writes for the same merge (file for file, byte for byte but merge.json's timing), and that folder loaded
@@ -845,6 +853,7 @@ def test_merged_model_downloads_as_the_zip_merge_py_writes(app_url, service, tmp
 
 
 # -- issue 28: a quiet log, a bounded upload folder, the study's method served ------------------------
+@pytest.mark.multiprocess
 def test_bad_values_and_requests_get_one_log_line_each_and_no_traceback(app_url, service, example, capfd):
     """Values of the wrong type or unknown names, sent to every event (named or by index), and requests Gradio itself
     fails on: each answered in one line, each one line in the server's log, no traceback anywhere."""
@@ -889,6 +898,7 @@ def test_bad_values_and_requests_get_one_log_line_each_and_no_traceback(app_url,
     assert client.predict(image, service.tasks, "auto", False, api_name="/predict")["ok"]  # and it keeps serving
 
 
+@pytest.mark.multiprocess
 def test_accepted_uploads_are_kept_under_the_cap(app, app_url, service, example):
     """One request of 40 files (the upload route takes many): the janitor deletes the oldest while the uploads hold
     more than the cap; the example gallery's files are not uploads and stay; predictions go on."""
@@ -920,6 +930,7 @@ def test_accepted_uploads_are_kept_under_the_cap(app, app_url, service, example)
     assert answer["ok"]
 
 
+@pytest.mark.multiprocess
 def test_an_upload_request_larger_than_one_file_is_refused_and_nothing_is_kept(app, app_url):
     """Gradio's upload route takes up to 1,000 files per request, each under the per-file limit: a request whose body
     is larger than one allowed file is refused (413), by its length or as it streams in, and leaves no file."""

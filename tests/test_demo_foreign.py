@@ -26,18 +26,18 @@ from test_foreign_timm import TASKS as TIMM_TASKS
 from test_foreign_timm import timm_zoo  # noqa: F401 - a fixture used here
 
 from demo.app import main as demo_main
-from demo.foreign import ForeignDemoService
-from merging.foreign import build_merged_model, fill_missing_layers, load_foreign
+from demo.service import DemoService
+from merging.foreign import build_merged_classifier, fill_missing_layers, load_foreign
 from merging.merged_model import merge_deltas
+from merging.sources import PeftAdapters
 from mlvision.errors import AdapterError
 
 
 @pytest.fixture(scope="module")
-def foreign_service(zoo) -> ForeignDemoService:  # noqa: F811 - the fixture imported above
+def foreign_service(zoo) -> DemoService:  # noqa: F811 - the fixture imported above
     """Every adapter of the zoo's folder (its base folder is no adapter and is left out), stripes' labels given."""
-    return ForeignDemoService(
-        [str(zoo["root"])], labels={str(zoo["adapters"]["stripes"]): str(zoo["labels"])}, device="cpu"
-    )
+    labels = {str(zoo["adapters"]["stripes"]): str(zoo["labels"])}
+    return DemoService(PeftAdapters.from_arguments([str(zoo["root"])], labels=labels), device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -63,17 +63,18 @@ def test_the_service_answers_with_the_merged_model_of_merging_foreign(foreign_se
     for method in ("ties", "tsv_m"):
         probabilities = foreign_service.probabilities(Image.open(picture).convert("RGB"), foreign_service.tasks, method)
         with torch.no_grad():
-            reference = build_merged_model(adapters, merge_deltas(adapters, method))(pixels)
+            reference = build_merged_classifier(adapters, merge_deltas(adapters, method))(pixels)
         for task in TASKS:
             expected = torch.softmax(reference[task], dim=-1)[0]
             assert torch.allclose(probabilities[task], expected, atol=1e-6), (method, task)
     answer = foreign_service.predict_json(picture, ["shapes"], "auto", True)  # one task: its own adapter
     own = load_foreign(zoo["adapters"]["shapes"])
     with torch.no_grad():
-        alone = build_merged_model([own], own.deltas)(pixels)["shapes"]
+        alone = build_merged_classifier([own], own.deltas)(pixels)["shapes"]
     assert answer["ok"] and answer["predictions"]["shapes"][0][0] == label_names("shapes")[int(alone.argmax())]
 
 
+@pytest.mark.multiprocess
 def test_the_launched_app_serves_them_to_gradio_client(foreign_service, zoo, picture, tmp_path):  # noqa: F811
     from gradio_client import Client, handle_file
 
@@ -120,12 +121,12 @@ def test_the_launched_app_serves_them_to_gradio_client(foreign_service, zoo, pic
 
 def test_timm_adapters_are_served_with_their_base(timm_zoo, picture):  # noqa: F811
     folders = [str(timm_zoo["adapters"][task]) for task in TIMM_TASKS]
-    service = ForeignDemoService(folders, base=str(timm_zoo["base"]), device="cpu")
+    service = DemoService(PeftAdapters.from_arguments(folders, base=str(timm_zoo["base"])), device="cpu")
     adapters, _ = fill_missing_layers([load_foreign(f, base=str(timm_zoo["base"])) for f in folders])
     adapters = sorted(adapters, key=lambda a: a.task)
     pixels = service.preprocess([Image.open(picture).convert("RGB")])
     with torch.no_grad():
-        reference = build_merged_model(adapters, merge_deltas(adapters, "ties"))(pixels)
+        reference = build_merged_classifier(adapters, merge_deltas(adapters, "ties"))(pixels)
     probabilities = service.probabilities(Image.open(picture).convert("RGB"), service.tasks, "ties")
     for task in TIMM_TASKS:
         assert torch.allclose(probabilities[task], torch.softmax(reference[task], dim=-1)[0], atol=1e-6)
@@ -136,9 +137,9 @@ def test_bad_sources_are_refused_in_one_line(zoo, tmp_path, capsys):  # noqa: F8
     shutil.copytree(zoo["adapters"]["shapes"], own)
     (own / "task.json").write_text("{}")
     with pytest.raises(AdapterError, match="serve this project's adapters"):
-        ForeignDemoService([str(zoo["adapters"]["shapes"]), str(own)], device="cpu")
+        PeftAdapters.from_arguments([str(zoo["adapters"]["shapes"]), str(own)])
     with pytest.raises(AdapterError, match="not one of the adapters"):
-        ForeignDemoService([str(zoo["adapters"]["shapes"])], labels={str(tmp_path / "x"): "l.txt"}, device="cpu")
+        PeftAdapters.from_arguments([str(zoo["adapters"]["shapes"])], labels={str(tmp_path / "x"): "l.txt"})
     # the command's main (in this process: the real-process start-up is tests/test_demo.py's): one line, exit 2
     code, _, err = call_main(demo_main, ["--port", free_port(), "--adapters", zoo["adapters"]["stripes"]], capsys)
     lines = err.strip().splitlines()

@@ -27,7 +27,7 @@ from peft import IA3Config, LoraConfig, PeftModel, get_peft_model
 from transformers import ViTConfig, ViTForImageClassification
 
 from merging.deltas import check_compatible
-from merging.foreign import build_merged_model, fill_missing_layers, is_foreign, load_foreign
+from merging.foreign import build_merged_classifier, fill_missing_layers, is_foreign, load_foreign
 from merging.merge import main as merge_main
 from merging.merged_model import merge_deltas
 from merging.methods import list_methods
@@ -161,11 +161,12 @@ def test_reader_gives_peft_s_own_model_for_one_adapter(zoo):
     )
     merged = merge_deltas([adapter], "task_arithmetic", {"scaling": 1.0})
     with torch.no_grad():
-        ours = build_merged_model([adapter], merged)(zoo["images"])["shapes"]
+        ours = build_merged_classifier([adapter], merged)(zoo["images"])["shapes"]
         theirs = peft_task_model(zoo, "shapes")(pixel_values=zoo["images"]).logits
     assert (ours - theirs).abs().max() < ABS_TOL, (ours - theirs).abs().max()
     with torch.no_grad():  # the update matters: without it the logits differ by far more than the tolerance
-        without = build_merged_model([adapter], {layer: 0 * d for layer, d in merged.items()})(zoo["images"])["shapes"]
+        unchanged = {layer: 0 * d for layer, d in merged.items()}
+        without = build_merged_classifier([adapter], unchanged)(zoo["images"])["shapes"]
     assert (without - theirs).abs().max() > 100 * ABS_TOL
 
 
@@ -216,7 +217,7 @@ def test_merged_logits_equal_peft_s_task_model_with_the_merged_update(zoo, metho
     adapters, _ = loaded(zoo, *tasks)
     merged = merge_deltas(adapters, method)
     with torch.no_grad():
-        outputs = build_merged_model(adapters, merged)(zoo["images"])
+        outputs = build_merged_classifier(adapters, merged)(zoo["images"])
         for task in tasks:
             reference = peft_task_model(zoo, task, merged)(pixel_values=zoo["images"]).logits
             assert outputs[task].shape == (5, TASKS[task][0])
@@ -242,6 +243,8 @@ def test_every_per_layer_method_merges_through_the_cli(zoo, method, tmp_path, ca
     assert 0 <= info["relative_error"] < 1 and f"{info['relative_error']:.4f}" in stdout
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_the_exported_lora_loads_with_plain_peft_in_a_fresh_process(zoo, tmp_path):
     """The README's command as a real process; then plain transformers + peft, no project code, reproduce the
     merged model's logits per task (full rank: the reconstruction error is ~1e-7)."""
@@ -282,7 +285,7 @@ torch.save(logits, {str(tmp_path / "logits.pt")!r})
     exported = torch.load(tmp_path / "logits.pt")
     adapters, _ = loaded(zoo, *TASKS)
     with torch.no_grad():
-        merged = build_merged_model(adapters, merge_deltas(adapters, "ties"))(zoo["images"])
+        merged = build_merged_classifier(adapters, merge_deltas(adapters, "ties"))(zoo["images"])
     for task in TASKS:
         assert (exported[task] - merged[task]).abs().max() < EXPORT_TOL, (
             task,

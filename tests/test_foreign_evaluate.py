@@ -6,7 +6,7 @@ Datasets are saved with `save_to_disk` in the shape the adapters of tests/test_f
 (32x32 images whose class is the brightest of n horizontal bands; ClassLabel names equal to the adapters' labels).
 The single-adapter accuracy the CLI prints and the card holds is checked against peft's own loaded model on pixels
 normalised by hand (the base has no image processor config: ViT's mean = std = 0.5; the images are already 32x32,
-so no resize), the merged accuracy against `build_merged_model` on the same pixels, and the exported LoRA's against
+so no resize), the merged accuracy against `build_merged_classifier` on the same pixels, and the exported LoRA's against
 the written folder reloaded with plain transformers + peft. The timm cards' snippets (a relative --base, a Hub id
 from a local Hub cache) run as written, from inside the folder and from another one.
 """
@@ -31,7 +31,7 @@ from test_foreign_timm import hub_cache_entry, timm_zoo  # noqa: F401 - a fixtur
 from test_model_card import backbone_passes, hub_metadata, snippet_code, snippet_output, start_snippet, table
 from transformers import ViTForImageClassification
 
-from merging.foreign import build_merged_model
+from merging.foreign import build_merged_classifier
 from merging.merge import main as merge_main
 from merging.merged_model import merge_deltas
 from merging.methods import get_method
@@ -113,6 +113,7 @@ def exported_accuracy(zoo, out: Path, task: str, pixels: torch.Tensor, labels: t
     return float((logits.argmax(-1) == labels).float().mean())
 
 
+@pytest.mark.slow
 def test_evaluate_scores_the_merge_and_each_adapter_on_its_own_data(zoo, data, tmp_path, capsys):  # noqa: F811
     out = tmp_path / "merged"
     argv = [*(zoo["adapters"][t] for t in EVALUATED), "--method", "ties", "--rank", "8", "--evaluate", IMAGES]
@@ -122,7 +123,7 @@ def test_evaluate_scores_the_merge_and_each_adapter_on_its_own_data(zoo, data, t
     snippet = start_snippet(out)
     adapters, _ = loaded(zoo, *EVALUATED)
     hyperparams = json.loads((out / "merge.json").read_text())["hyperparams"]  # chosen on validation (--data)
-    merged_model = build_merged_model(adapters, merge_deltas(adapters, "ties", hyperparams))
+    merged_model = build_merged_classifier(adapters, merge_deltas(adapters, "ties", hyperparams))
     rows = table(out)
     for task in EVALUATED:
         pixels, labels = hand_pixels(task)
@@ -183,7 +184,7 @@ def test_data_chooses_the_hyperparameters_on_validation_and_measures_the_rank(zo
     validation = {task: hand_pixels(task, *SPLITS["validation"]) for task in EVALUATED}
 
     def mean_accuracy(merged) -> float:
-        model = build_merged_model(adapters, merged)
+        model = build_merged_classifier(adapters, merged)
         with torch.no_grad():
             scores = [float((model(x)[t].argmax(-1) == y).float().mean()) for t, (x, y) in validation.items()]
         return sum(scores) / len(scores)
@@ -251,6 +252,8 @@ def test_regmean_merges_adapters_from_elsewhere_with_gram_matrices_of_their_data
     assert (expected[layer] - other[layer]).abs().max() > 1e-2 * float(expected[layer].abs().max())
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_the_timm_card_snippet_runs_from_anywhere_after_a_relative_base(timm_zoo, tmp_path, capsys, monkeypatch):  # noqa: F811
     """Issue 29.5: --base given relative to the working directory; the card's snippet (timm + peft only, one
     backbone pass for every head) runs from inside the folder and from another one, and the metadata names no

@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from test_foreign_adapters import fit_bands, refused
 from test_model_card import snippet_output, start_snippet
 
-from merging.foreign import build_merged_model, fill_missing_layers, load_foreign
+from merging.foreign import build_merged_classifier, fill_missing_layers, load_foreign
 from merging.merge import main as merge_main
 from merging.merged_model import merge_deltas
 
@@ -98,9 +98,9 @@ def test_one_timm_adapter_read_by_us_is_peft_s_own_model(timm_zoo, task):
     assert sorted(adapter.deltas) == sorted(f"blocks.{i}.{m}" for i in (0, 1) for m in ("attn.qkv", "mlp.fc1"))
     merged = merge_deltas([adapter], "task_arithmetic", {"scaling": 1.0})
     with torch.no_grad():
-        ours = build_merged_model([adapter], merged)(timm_zoo["images"])[task]
+        ours = build_merged_classifier([adapter], merged)(timm_zoo["images"])[task]
         theirs = peft_task_model(timm_zoo, task)(timm_zoo["images"])
-        without = build_merged_model([adapter], {layer: 0 * d for layer, d in merged.items()})(timm_zoo["images"])
+        without = build_merged_classifier([adapter], {layer: 0 * d for layer, d in merged.items()})(timm_zoo["images"])
     assert (ours - theirs).abs().max() < ABS_TOL, (ours - theirs).abs().max()
     assert (without[task] - theirs).abs().max() > 100 * ABS_TOL  # the update matters at this tolerance
 
@@ -117,7 +117,7 @@ def test_timm_adapters_merge_through_the_cli_and_reload_with_plain_timm_and_peft
     assert info["relative_error"] < 1e-5 and "timm.create_model" in info["how_to_load"]
     adapters, _ = fill_missing_layers([load_foreign(timm_zoo["adapters"][t], base=str(base)) for t in TASKS])
     with torch.no_grad():
-        merged = build_merged_model(adapters, merge_deltas(adapters, "ties"))(timm_zoo["images"])
+        merged = build_merged_classifier(adapters, merge_deltas(adapters, "ties"))(timm_zoo["images"])
     for task in TASKS:
         head = load_file(str(out / "heads" / task / "head.safetensors"))
         model = PeftModel.from_pretrained(timm_model(base), str(out)).eval()
@@ -138,6 +138,7 @@ def hub_cache_entry(cache: Path, repo_id: str, files_from: Path, commit: str) ->
     shutil.copytree(files_from, repo / "snapshots" / commit)
 
 
+@pytest.mark.slow
 def test_hub_adapters_and_a_hub_base_are_read_from_the_local_hub_cache(timm_zoo, tmp_path, capsys, monkeypatch):
     cache = tmp_path / "hub"
     hub_cache_entry(cache, "someone/pets-lora", timm_zoo["adapters"]["pets"], "a" * 40)

@@ -20,7 +20,7 @@ from conftest import call_main, query_db
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
-import merging.merged_model
+import merging.export
 from merging.card import format_accuracy
 from merging.deltas import load_deltas
 from merging.merge import main as merge_main
@@ -175,6 +175,7 @@ def test_overwrite_never_replaces_an_adapter(adapters, tmp_path, capsys):
     assert snapshot(other) == before
 
 
+@pytest.mark.slow
 def test_reusing_a_merge_output_needs_overwrite_and_leaves_no_stale_heads(adapters, tmp_path, capsys):
     out = tmp_path / "merged"
     assert merge_main([*map(str, adapters), "--out", str(out), "--rank", "4"]) == 0
@@ -187,9 +188,10 @@ def test_reusing_a_merge_output_needs_overwrite_and_leaves_no_stale_heads(adapte
     assert leftovers(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_a_failure_while_writing_leaves_nothing_at_out(adapters, tmp_path, capsys, monkeypatch):
     """A crash half-way through the export (here: the second head) removes the temporary folder."""
-    real_save_model, calls = merging.merged_model.save_model, []
+    real_save_model, calls = merging.export.save_model, []
 
     def fail_on_second_head(folder, *args, **kwargs):
         calls.append(folder)
@@ -197,17 +199,17 @@ def test_a_failure_while_writing_leaves_nothing_at_out(adapters, tmp_path, capsy
             raise OSError(28, "No space left on device")
         return real_save_model(folder, *args, **kwargs)
 
-    monkeypatch.setattr(merging.merged_model, "save_model", fail_on_second_head)
+    monkeypatch.setattr(merging.export, "save_model", fail_on_second_head)
     out = tmp_path / "new" / "merged"
     refused([*adapters, "--out", out, "--rank", "4"], capsys, "cannot write output folder", "No space left")
     assert not (tmp_path / "new").exists()  # neither the folder nor the parent made for it
 
     previous = tmp_path / "previous"
-    monkeypatch.setattr(merging.merged_model, "save_model", real_save_model)
+    monkeypatch.setattr(merging.export, "save_model", real_save_model)
     assert merge_main([*map(str, adapters), "--out", str(previous), "--rank", "4"]) == 0
     before = snapshot(previous)
     calls.clear()
-    monkeypatch.setattr(merging.merged_model, "save_model", fail_on_second_head)
+    monkeypatch.setattr(merging.export, "save_model", fail_on_second_head)
     refused([*adapters, "--out", previous, "--rank", "4", "--overwrite"], capsys, "No space left")
     assert snapshot(previous) == before and leftovers(tmp_path) == []
 
@@ -251,6 +253,7 @@ def merge_on_small_disk(adapters: list[Path], tmp_path: Path, size: str, capsys)
     return result.returncode, result.stderr, out, sorted(listing.read_text().split())
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("fills_on", list(SMALL_DISKS))
 def test_a_full_disk_is_one_line_and_leaves_nothing_on_it(adapters, tmp_path, capsys, fills_on):
     """A real ENOSPC, raised by safetensors as its own SafetensorError (not an OSError): one line, exit 2, and neither
@@ -383,6 +386,8 @@ def test_a_bad_argument_value_is_one_line(adapters, tmp_path, capsys):
     refused([*adapters, "--out", tmp_path / "merged", "--rank", "0"], capsys, "--rank must be at least 1")
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_the_script_prints_one_line_and_exits_2(adapters):
     """Run as the README does: `python merging/merge.py ...`; no traceback, the adapter unchanged."""
     before = snapshot(*adapters)
@@ -403,6 +408,7 @@ def test_the_script_prints_one_line_and_exits_2(adapters):
 # --- a valid merge -------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_valid_merge_writes_a_complete_folder_and_overwrite_replaces_it(adapters, tmp_path, capsys):
     out = tmp_path / "merged"
     before = snapshot(*adapters)
@@ -544,6 +550,7 @@ def test_labels_and_data_take_several_pairs_after_one_flag():
     assert args.labels == ["a/=x.json", "b/=y.json"] and args.data == ["a/=d1", "b/=d2"]
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("flag", ["--help", "--list-methods"])
 def test_help_and_the_method_list_import_no_torch(flag):
     """They answer before torch, peft and timm are imported (seconds each): the registry and the parser need none."""

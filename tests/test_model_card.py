@@ -161,6 +161,7 @@ def exported_accuracies(out: Path, data: dict) -> dict[str, float]:
     return {task: accuracy_of(values) for task, values in correct.items()}
 
 
+@pytest.mark.multiprocess
 def test_own_merge_card_holds_the_stored_accuracies_and_its_snippet_runs(tiny_study, tmp_path, capsys):
     """Issue 29.5: Hub metadata that huggingface_hub reads back (no base_model for packaged weights, no
     pipeline_tag, eval results of the export), the exported rank-r LoRA's test accuracy beside the full merge's
@@ -296,6 +297,8 @@ def test_without_a_results_database_every_accuracy_is_not_measured(tiny_study, t
     assert metadata(out)["tags"][3] == "ties"  # the default method
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_foreign_merge_card_says_nothing_was_measured_and_its_snippet_runs(zoo, tmp_path, capsys):  # noqa: F811
     """Without --data nothing is measured: no eval results, a rank whose accuracy is said to be unmeasured (32 by
     default), a local base named in the text and not as `base_model`; the snippet makes one backbone pass."""
@@ -344,6 +347,7 @@ def test_the_license_is_the_adapters_own_when_their_cards_agree(zoo, tmp_path, c
     assert "shapes: apache-2.0, colors: mit" in (out / "README.md").read_text()
 
 
+@pytest.mark.multiprocess
 def test_push_offline_fails_in_one_line_and_keeps_the_folder(tiny_study, tmp_path):
     """A real process with HF_HUB_OFFLINE=1: the export is complete, the push fails, exit 2, one line."""
     _, tasks, seed, _ = stored_merge(tiny_study["db"])
