@@ -113,6 +113,32 @@ def tiny_config(tiny_study):
     return config_from_args(build_parser().parse_args([str(a) for a in tiny_study["args"]]), tuple(TINY_METHODS))
 
 
+@pytest.hookimpl(trylast=True)  # after pytest's own tmp_path plugin has set up its base folder
+def pytest_configure(config) -> None:
+    """Every test writes under pytest's temporary folders, the code it runs included: the demo's exports and
+    examples, Gradio's uploads, Chromium's profiles and torch.distributed's files go to the system temporary
+    folder, which is pointed here at one inside this session's base folder (TMPDIR for the processes tests start,
+    `tempfile.tempdir` for this one); pytest keeps the last three sessions' folders and removes older ones. The
+    base folder itself, not one inside it: Gradio serves files from the system temporary folder, and the tests'
+    own `tmp_path` folders (example images) must count as inside it."""
+    import tempfile
+
+    scratch = config._tmp_path_factory.getbasetemp()
+    os.environ["TMPDIR"] = str(scratch)
+    tempfile.tempdir = str(scratch)
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(items) -> None:
+    """Every test that uses the tiny study (directly or through another fixture) is `slow`, however quick its own
+    body: the study is built once per session, its ~30 s landing on the first test that asks for it, so a single
+    unmarked user would build it in the fast tier (`pytest -m "not slow"`). One rule here instead of a marker on
+    each of its users, so a new user of the fixture cannot forget it."""
+    for item in items:
+        if "tiny_study" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def tiny_study(tmp_path_factory) -> dict:
     """Paths of a finished tiny study: {'db': Path, 'artifacts': Path, 'args': [...]}."""

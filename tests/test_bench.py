@@ -111,6 +111,7 @@ def test_bench_stage_of_run_all_stores_every_setting_once(tiny_study):
     )
 
 
+@pytest.mark.multiprocess
 def test_rerun_skips_and_again_replaces_without_duplicates(tiny_study, tmp_path):
     db = copy_study(tiny_study, tmp_path)
     before = query_db(db, "SELECT bench_id, measured_at FROM benchmark_rows ORDER BY bench_id")
@@ -128,6 +129,7 @@ def test_rerun_skips_and_again_replaces_without_duplicates(tiny_study, tmp_path)
     assert all(after_t == before_t for (b, before_t), (_, after_t) in zip(before, after) if b not in merge_ids)
 
 
+@pytest.mark.multiprocess
 def test_training_section_measures_three_variants_in_fresh_processes(tiny_study, tmp_path):
     db = copy_study(tiny_study, tmp_path)
     stage = BenchStage(
@@ -202,6 +204,8 @@ def test_bad_options_get_one_line(tmp_path, args, message, capsys):
     assert code == 2 and message in err and "Traceback" not in err
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_benchmarks_before_training_say_what_to_run(tmp_path):
     result = bench_cli(*TINY_ARGS, "--db", tmp_path / "r.duckdb", "--artifacts", tmp_path / "a")
     assert result.returncode == 2 and "Traceback" not in result.stderr
@@ -251,6 +255,7 @@ def test_another_image_size_is_a_figure_of_its_own(tiny_study, tmp_path):
     ]
 
 
+@pytest.mark.multiprocess
 def test_a_benchmark_worker_exits_when_its_parent_is_killed(tmp_path):
     """run_all killed with -9 during the bench stage must not leave its spawned worker running (holding the cores
     and the parent's output pipe): the worker's `exit_with_parent` sees its parent gone and exits."""

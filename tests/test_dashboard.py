@@ -36,7 +36,6 @@ from mlvision.store import Store
 
 APP = str(REPO_ROOT / "dashboard" / "app.py")
 PAGES = ["overview", "merge_count", "dissimilarity", "merges_vs_heads", "methods", "runs", "performance"]
-SCREENS_COPY = Path("/tmp/dashboard_screens")
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -912,6 +911,7 @@ def test_corrupt_database_says_so(tmp_path):
     assert "not a readable DuckDB file" in at.error[0].value or "cannot open" in at.error[0].value
 
 
+@pytest.mark.multiprocess
 def test_locked_database_says_so(full_db, tmp_path, monkeypatch):
     monkeypatch.setenv("MLV_STORE_READ_WAIT_S", "1")  # how long readers wait is tested in test_store_concurrency
     db = tmp_path / "results.duckdb"
@@ -1049,6 +1049,9 @@ def query_page(tools: DevTools) -> str | None:
     return tools.evaluate("new URLSearchParams(location.search).get('page')")
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.browser
 @pytest.mark.parametrize("which", ["full_db", "tiny_study"])
 def test_every_page_in_headless_chromium(which, request, tmp_path):
     db = request.getfixturevalue("full_db") if which == "full_db" else request.getfixturevalue("tiny_study")["db"]
@@ -1056,10 +1059,7 @@ def test_every_page_in_headless_chromium(which, request, tmp_path):
     screens.mkdir()
     seconds = _shoot_every_page(db, screens, tmp_path / "profile")
     print(f"browser load + draw seconds per page ({which}):", {p: round(s, 2) for p, s in seconds.items()})
-    copy = SCREENS_COPY / which  # for a person to look at
-    copy.mkdir(parents=True, exist_ok=True)
-    for shot in screens.glob("*.png"):
-        shutil.copy(shot, copy / shot.name)
+    print(f"screenshots of every page ({which}), for a person to look at: {screens}")  # kept by pytest's tmp_path
 
 
 def test_broken_view_says_so(tmp_path):

@@ -26,6 +26,7 @@ from mlvision.evaluation import (
 IMAGES_PER_TASK = 400  # every test image of the small tasks, the first 400 of the large ones (all: the script)
 
 
+@pytest.mark.slow
 def test_fast_path_predicts_what_the_eager_model_predicts_on_the_study(capsys):
     adapters = study_adapters(seed=0)
     merges = {

@@ -90,6 +90,7 @@ def test_adapter_folder_loads_with_peft_and_reproduces_its_accuracy(tiny_study):
     assert meta["label_names"] and meta["training"]["rank"] == 4
 
 
+@pytest.mark.multiprocess
 def test_killed_run_resumes_to_the_same_rows(tiny_study, tmp_path):
     """SIGKILL a real run as soon as its first model folder appears, run again: same rows as uninterrupted.
 
@@ -185,6 +186,8 @@ def test_bad_input_gets_one_line_and_nonzero_exit(args, message, capsys):
     assert len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_newer_database_is_refused_and_left_untouched(tmp_path):
     db = tmp_path / "r.duckdb"
     make_newer_schema_db(db)

@@ -112,6 +112,8 @@ def single(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_tiny_vit_trains_and_merges_hub_shaped_datasets(single):
     db = single / "single.duckdb"
     # the local datasets: real offline images in hub shape, the sizes the profile asks for
@@ -143,6 +145,8 @@ def test_tiny_vit_trains_and_merges_hub_shaped_datasets(single):
     assert len(merges) == 6 * 2 * 2 and all(0 <= m[3] <= 1 for m in merges)
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_two_ddp_processes_match_one_and_write_once(single):
     """accelerate launch, 2 CPU ranks, 2 micro-batches each.
 
@@ -206,6 +210,8 @@ def stored_merges(db: Path) -> int | None:
         return None
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_two_processes_split_the_merge_sweep_and_a_killed_launch_resumes(single, tmp_path):
     """accelerate launch, 2 CPU processes, merge stage only, on the single run's adapters (its merges removed).
 
@@ -338,6 +344,8 @@ def test_default_profile_keeps_its_identities():
     assert bf16.model_id("adapter", "mnist", 0) != default.model_id("adapter", "mnist", 0)  # bf16 is another adapter
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_paper_profile_offline_fails_in_one_line(tmp_path):
     db = tmp_path / "paper.duckdb"
     result = subprocess.run(
@@ -364,6 +372,7 @@ def test_contradicting_profiles_are_refused(capsys):
     assert code == 2 and "contradict" in err and "Traceback" not in err
 
 
+@pytest.mark.multiprocess
 def test_device_check_without_cuda_says_so_in_one_line(tmp_path):
     """scripts/device_check.sh (the CUDA path in one command) refuses a machine without CUDA before any work.
 

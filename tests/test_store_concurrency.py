@@ -75,6 +75,7 @@ def db(tmp_path, monkeypatch) -> Path:
 # ------------------------------------------------------------------------ waiting and giving up
 
 
+@pytest.mark.multiprocess
 def test_write_waits_for_a_writer_holding_the_file_then_succeeds(db, capfd):
     holder = hold(db, seconds=3)
     started = time.monotonic()
@@ -88,6 +89,8 @@ def test_write_waits_for_a_writer_holding_the_file_then_succeeds(db, capfd):
     assert f"waiting for {db}: it is locked by process {holder.pid}" in note, note
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_read_waits_for_a_writer_and_write_waits_for_a_reader(db):
     holder = hold(db, seconds=3)
     started = time.monotonic()
@@ -102,6 +105,7 @@ def test_read_waits_for_a_writer_and_write_waits_for_a_reader(db):
     reader.wait(timeout=30)
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("read_only", [False, True], ids=["writer", "reader"])
 def test_past_the_limit_the_error_is_one_line(db, monkeypatch, read_only):
     variable = READ_WAIT_ENV if read_only else WRITE_WAIT_ENV
@@ -131,6 +135,8 @@ def test_a_wait_limit_that_is_not_a_number_is_named(db, monkeypatch):
             pass
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_run_all_gives_up_with_one_line_and_exit_2(db, tmp_path):
     holder = hold(db)
     try:
@@ -169,6 +175,8 @@ def expected_rows() -> dict[str, int]:
     }
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_run_all_finishes_while_five_viewers_refresh(tmp_path):
     db, stop_file = tmp_path / "r.duckdb", tmp_path / "stop"
     expected = expected_rows()
