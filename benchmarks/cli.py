@@ -17,7 +17,7 @@ import sys
 from benchmarks.options import add_bench_arguments, bench_config_from_args
 from benchmarks.stage import BenchStage, summary
 from merging.methods import list_methods
-from mlvision.config import add_study_arguments, config_from_args
+from mlvision.config import add_study_arguments, config_from_args, profile_name
 from mlvision.errors import run_cli
 from mlvision.store import Store
 
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         config = config_from_args(args, tuple(list_methods()))
         store = Store(config.db)
         store.initialise()
-        stage = BenchStage(config, store, bench_config_from_args(args))
+        stage = BenchStage(config, store, bench_config_from_args(args, profile_name(args)))
         counts = stage.run()
         print(
             f"benchmarks: {counts['measured']} sections measured, {counts['skipped']} already stored for this machine"

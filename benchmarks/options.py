@@ -82,15 +82,30 @@ class BenchConfig:
         check_values(self)  # e.g. --bench-repeats 0: one line naming the option, before anything is measured
 
 
-def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    """One option per BenchConfig field (mlvision/options.py), in a group of their own."""
+# A study profile's own benchmark defaults, where they differ from BenchConfig's. A quick run measures a quick bench
+# (issue 31): with the default settings the bench took 97 s of the quick run's 155 s on 2 CPU cores (inference 33 s,
+# evaluation 13 s, training 46 s: four fresh processes, mostly interpreter and torch start-up, merge < 1 s), so the
+# quick profile measures the sections that take seconds at fewer repeats; its training section runs when asked
+# (--bench-sections training).
+PROFILE_BENCH = {"quick": BenchConfig(sections=("inference", "evaluation", "merge"), repeats=5, warmup=1)}
+
+
+def profile_bench(profile: str) -> BenchConfig:
+    """The benchmark defaults of a study profile (`PROFILE_BENCH`, else BenchConfig's)."""
+    return PROFILE_BENCH.get(profile, BenchConfig())
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser, defaults: BenchConfig | None = None) -> None:
+    """One option per BenchConfig field (mlvision/options.py), in a group of their own; `--help` shows `defaults`
+    (the chosen profile's, `profile_bench`)."""
     group = parser.add_argument_group("benchmarks (the bench stage; python -m training.bench)")
-    add_field_arguments(group, BenchConfig, BenchConfig())
+    add_field_arguments(group, BenchConfig, defaults or BenchConfig())
 
 
-def bench_config_from_args(args: argparse.Namespace) -> BenchConfig:
-    """The benchmark options given, on top of BenchConfig's defaults; impossible values fail in one line."""
-    return replace(BenchConfig(), **changes_from_args(args, BenchConfig))
+def bench_config_from_args(args: argparse.Namespace, profile: str = "default") -> BenchConfig:
+    """The benchmark options given, on top of the profile's defaults (`profile_bench`); impossible values fail in one
+    line."""
+    return replace(profile_bench(profile), **changes_from_args(args, BenchConfig))
 
 
 def resolve_device(name: str) -> torch.device:

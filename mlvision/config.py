@@ -2,7 +2,7 @@
 
 `default` is the offline study of the README (six tasks, three seeds, EfficientNet-Lite0 at 48 px),
 sized to train on two CPU cores in about a quarter of an hour; `quick` runs the same pipeline on
-a sliver of everything in about a minute, for smoke tests. `paper` is the same study at the scale
+a sliver of everything in about a minute and a half, for smoke tests. `paper` is the same study at the scale
 of the ViT merging literature (ViT-B/16 from the hub, six hub datasets, 224 px; needs a network
 and GPUs, see `accelerate launch`), and `tiny-vit` is its offline miniature (a randomly initialised
 ViT-Tiny on small local copies of offline tasks, saved like hub datasets), which the tests run.
@@ -535,7 +535,7 @@ def add_study_arguments(parser: argparse.ArgumentParser, defaults: StudyConfig |
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="same as --config quick: whole pipeline on a sliver of the data in about a minute (smoke test)",
+        help="same as --config quick: whole pipeline on a sliver of the data in about a minute and a half (smoke test)",
     )
     parser.add_argument(
         "--adapters",
@@ -563,10 +563,9 @@ def add_study_arguments(parser: argparse.ArgumentParser, defaults: StudyConfig |
     add_field_arguments(parser, StudyConfig, defaults or PROFILES["default"])
 
 
-def help_defaults(argv: list[str]) -> StudyConfig:
-    """The config whose values `--help` shows as the defaults: the profile (or file) that --config or --quick in
-    `argv` chooses, else the default profile; one that cannot be read shows the default profile's (parsing the
-    options then says what is wrong with it)."""
+def _help_settings(argv: list[str]) -> tuple[str, dict]:
+    """`chosen_settings` of the --config or --quick in `argv` before it is parsed (for `--help`); one that cannot be
+    read gives the default profile (parsing the options then says what is wrong with it)."""
     config, quick = None, "--quick" in argv
     for i, item in enumerate(argv):
         if item == "--config" and i + 1 < len(argv):
@@ -574,10 +573,24 @@ def help_defaults(argv: list[str]) -> StudyConfig:
         elif item.startswith("--config="):
             config = item.partition("=")[2]
     try:
-        profile, values = chosen_settings(argparse.Namespace(config=config, quick=quick))
-        return replace(PROFILES[profile], **values)
+        return chosen_settings(argparse.Namespace(config=config, quick=quick))
     except MLVisionError:
-        return PROFILES["default"]
+        return "default", {}
+
+
+def help_defaults(argv: list[str]) -> StudyConfig:
+    """The config whose values `--help` shows as the defaults: the profile (or file) that --config or --quick in
+    `argv` chooses, else the default profile."""
+    profile, values = _help_settings(argv)
+    try:
+        return replace(PROFILES[profile], **values)
+    except MLVisionError:  # an impossible value in a --config file: parsing the options says so
+        return PROFILES[profile]
+
+
+def help_profile(argv: list[str]) -> str:
+    """The profile whose benchmark defaults `--help` shows (benchmarks/options.profile_bench)."""
+    return _help_settings(argv)[0]
 
 
 def chosen_settings(args: argparse.Namespace) -> tuple[str, dict]:

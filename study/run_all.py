@@ -4,7 +4,7 @@ The orchestration layer: it calls each stage in turn (training/, merging/, study
 benchmarks/); `python training/run_all.py` and the `mlv-run-all` command both land in `main`.
 
     python training/run_all.py            # the offline default (six tasks, three seeds)
-    python training/run_all.py --quick    # the whole pipeline on a sliver, about a minute
+    python training/run_all.py --quick    # the whole pipeline on a sliver, about a minute and a half
     python training/run_all.py --config tiny-vit            # a named profile (default, quick, paper, tiny-vit)
     python training/run_all.py --adapters A/ B/ C/ --db mine.duckdb   # the study of adapters you already have
     accelerate launch training/run_all.py --config paper    # adapters trained on every GPU (DDP)
@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Callable, NamedTuple
 
-from benchmarks.options import add_bench_arguments, bench_config_from_args, resolve_device
+from benchmarks.options import add_bench_arguments, bench_config_from_args, profile_bench, resolve_device
 from benchmarks.stage import BenchStage
 from merging.methods import list_methods
 from merging.sweep import MergeSweep
@@ -33,6 +33,7 @@ from mlvision.config import (
     add_study_arguments,
     config_from_args,
     help_defaults,
+    help_profile,
     prepare_profile_data,
     profile_name,
 )
@@ -66,7 +67,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         epilog="Results go to results.duckdb (views: task_results, ...); adapters and heads to artifacts/.",
     )
     add_study_arguments(parser, help_defaults(argv or []))
-    add_bench_arguments(parser)
+    add_bench_arguments(parser, profile_bench(help_profile(argv or [])))
     return parser
 
 
@@ -92,7 +93,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         check_backbone_name(config.backbone)  # unknown names fail before any work
     for name in config.tasks:
         get_task(name)  # unknown names fail before any work
-    bench_config = bench_config_from_args(args)  # so do bad benchmark options
+    bench_config = bench_config_from_args(args, profile_name(args))  # so do bad benchmark options
     if "bench" in args.stages:
         resolve_device(bench_config.device)
     accelerator = make_accelerator(config.mixed_precision, config.grad_accum)

@@ -135,6 +135,20 @@ def test_bench_options_map_to_their_fields_and_are_checked():
     assert BenchConfig(warmup=0).warmup == 0  # no warm-up is allowed (the tests time without one)
 
 
+def test_a_quick_run_measures_a_quick_bench_and_options_given_still_win():
+    """The quick profile's bench leaves out the training section (fresh processes) and repeats less; --help shows it,
+    and an option given on the command line still wins over the profile's."""
+    quick = build_parser(["--quick"]).parse_args(["--quick"])
+    bench = bench_config_from_args(quick, profile_name(quick))
+    assert "training" not in bench.sections and bench.repeats < BenchConfig().repeats
+    given = build_parser().parse_args(["--quick", "--bench-sections", "training", "--bench-repeats", "7"])
+    chosen = bench_config_from_args(given, profile_name(given))
+    assert (chosen.sections, chosen.repeats, chosen.warmup) == (("training",), 7, bench.warmup)
+    default = build_parser().parse_args([])
+    assert bench_config_from_args(default, profile_name(default)) == BenchConfig()
+    assert "(default: inference evaluation merge)" in " ".join(build_parser(["--quick"]).format_help().split())
+
+
 # -- config files ------------------------------------------------------------------------------------------
 def test_a_json_file_sets_fields_on_the_default_profile(tmp_path):
     path = tmp_path / "study.json"
