@@ -14,10 +14,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from benchmarks.options import add_bench_arguments, bench_config_from_args
+from benchmarks.options import add_bench_arguments, bench_config_from_args, profile_bench
 from benchmarks.stage import BenchStage, summary
 from merging.methods import list_methods
-from mlvision.config import add_study_arguments, config_from_args, profile_name
+from mlvision.config import add_study_arguments, config_from_args, help_defaults, help_profile, profile_name
 from mlvision.errors import run_cli
 from mlvision.store import Store
 
@@ -28,8 +28,9 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_study_arguments(parser)
-    add_bench_arguments(parser)
+    given = sys.argv[1:] if argv is None else argv
+    add_study_arguments(parser, help_defaults(given))  # --help shows the chosen profile's defaults, as run_all's
+    add_bench_arguments(parser, profile_bench(help_profile(given)))
     args = parser.parse_args(argv)
 
     def bench() -> int:

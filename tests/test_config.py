@@ -135,7 +135,7 @@ def test_bench_options_map_to_their_fields_and_are_checked():
     assert BenchConfig(warmup=0).warmup == 0  # no warm-up is allowed (the tests time without one)
 
 
-def test_a_quick_run_measures_a_quick_bench_and_options_given_still_win():
+def test_a_quick_run_measures_a_quick_bench_and_options_given_still_win(capsys):
     """The quick profile's bench leaves out the training section (fresh processes) and repeats less; --help shows it,
     and an option given on the command line still wins over the profile's."""
     quick = build_parser(["--quick"]).parse_args(["--quick"])
@@ -147,6 +147,10 @@ def test_a_quick_run_measures_a_quick_bench_and_options_given_still_win():
     default = build_parser().parse_args([])
     assert bench_config_from_args(default, profile_name(default)) == BenchConfig()
     assert "(default: inference evaluation merge)" in " ".join(build_parser(["--quick"]).format_help().split())
+    from benchmarks.cli import main as bench_main  # the bench command's --help says the same
+
+    code, out, _ = call_main(bench_main, ["--quick", "--help"], capsys)
+    assert code == 0 and "(default: inference evaluation merge)" in " ".join(out.split())
 
 
 # -- config files ------------------------------------------------------------------------------------------
