@@ -14,6 +14,8 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
+from mlvision.claims import CLAIM_STATEMENTS, VERDICT_WORDS
+
 METRIC_LABELS = {
     "merged_accuracy": "accuracy of the merged model",
     "normalized_accuracy": "normalized accuracy (merged / single adapter)",
@@ -343,14 +345,6 @@ def describe_accuracy(task_results: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame([{"task": t, **v} for t, v in out.items()])
 
 
-CLAIM_TITLES = {
-    "claim1": "Merging up to three adapters works",
-    "claim2": "Adapters trained on dissimilar data merge better",
-    "claim3": "Merges sometimes beat head finetuning",
-}
-VERDICT_WORDS = {1: "supported", 0: "inconclusive", -1: "contradicted"}
-
-
 # The page that shows each claim's evidence (a dashboard page slug) and what to look at there.
 CLAIM_EVIDENCE = {
     "claim1": ("merge_count", "Merge count: the ranking table and the per-task panels at k = 2 and 3"),
@@ -368,7 +362,7 @@ def claim_statements(findings: pd.DataFrame) -> list[dict]:
     claims = findings[findings["finding"] == "claims"].set_index("statistic")
     rules = findings[findings["finding"] == "claim_rules"].set_index("statistic")["note"]
     out = []
-    for claim, title in CLAIM_TITLES.items():
+    for claim, title in CLAIM_STATEMENTS.items():
         page, label = CLAIM_EVIDENCE[claim]
         statement = {"claim": claim, "rule": rules.get(claim), "page": page, "evidence": label}
         if claim not in claims.index:

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import pandas as pd
 
-from study.findings.claims import CLAIMS, VERDICT_WORDS, Evidence
+from mlvision.claims import VERDICT_WORDS
+from study.findings.claims import CLAIMS, Evidence
 from study.findings.exclusion import task_rows, task_table
 from study.findings.figures import cell_rows, cells_of, choose_methods, data_aware_rows, validation_rows
 from study.findings.inputs import StudyInputs

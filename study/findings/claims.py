@@ -14,6 +14,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
+from mlvision.claims import CLAIM_STATEMENTS, CONTRADICTED, INCONCLUSIVE, SUPPORTED
 from study.findings.inputs import ALPHA
 from study.statistics import MIN_GROUPS, wilson
 
@@ -24,8 +25,6 @@ WORST_TASK_BAR = 0.80
 # Under the null a two-sided 5 % McNemar test calls a row a real win with probability at most 2.5 %.
 CHANCE_WIN_RATE = ALPHA / 2
 
-SUPPORTED, INCONCLUSIVE, CONTRADICTED = 1, 0, -1
-VERDICT_WORDS = {SUPPORTED: "supported", INCONCLUSIVE: "inconclusive", CONTRADICTED: "contradicted"}
 CLAIM2_MISSING = "ρ or partial ρ (or its CI or p-value) not available"
 
 
@@ -44,7 +43,7 @@ class Claim:
     """One claim: what the report states, the rule it states, and the code that applies that rule."""
 
     name: str  # the statistic of its `claims`, `claim_rules` and `sensitivity` rows ("claim1")
-    statement: str  # the paper's words, the report's title for it
+    statement: str  # the paper's words (mlvision/claims.py), the report's title for it
     rule: str  # the rule in words, printed by the report and stored as the `claim_rules` row's note
     figures: Callable[[Evidence], pd.DataFrame | str]  # the table its rule reads, or why there is none
     decide: Callable[[pd.DataFrame], tuple[int | None, str]]  # the rule as code: (verdict or None, reason)
@@ -233,7 +232,7 @@ def _pct(value) -> str:
 CLAIMS = (
     Claim(
         "claim1",
-        "Merging up to three adapters works",
+        CLAIM_STATEMENTS["claim1"],
         f"for the validation-chosen method at k = 2 and at k = 3: supported if at both k the mean retention's "
         f"group-bootstrap CI lower bound >= {RETENTION_BAR:.2f} and the worst task's mean retention >= "
         f"{WORST_TASK_BAR:.2f}; contradicted if at either k the mean retention's CI upper bound < "
@@ -245,7 +244,7 @@ CLAIMS = (
     ),
     Claim(
         "claim2",
-        "Adapters trained on dissimilar data merge better",
+        CLAIM_STATEMENTS["claim2"],
         "pair retention = the k = 2 validation-chosen method's retention of the pair (mean over seeds and the "
         "pair's two tasks). Spearman ρ of pair retention with the Fréchet distance, and partial Spearman ρ "
         "controlling for |log(norm_a / norm_b)| of the adapters' update norms; CIs resample tasks, p-values "
@@ -257,7 +256,7 @@ CLAIMS = (
     ),
     Claim(
         "claim3",
-        "Merges sometimes beat head finetuning",
+        CLAIM_STATEMENTS["claim3"],
         "for the validation-chosen method at each k with a group CI (at least 3 groups): supported if at some "
         "k the mean merged − head accuracy has CI lower bound > 0, or the share of rows that are real wins "
         f"(McNemar exact p < {ALPHA}, merged right more often) has a Wilson lower bound > {CHANCE_WIN_RATE:.3f} "

@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from mlvision.claims import VERDICT_WORDS
 from mlvision.paths import DEFAULT_DB_PATH, REPO_ROOT
-from study.findings.claims import CLAIMS, VERDICT_WORDS
+from study.findings.claims import CLAIMS
 from study.findings.exclusion import ExclusionRules
 from study.findings.inputs import ALPHA
 from study.statistics import BOOTSTRAP

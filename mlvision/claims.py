@@ -1,0 +1,19 @@
+"""The paper's three claims in its words, and the word for each verdict a claim can get.
+
+One place for both: the findings stage (study/findings/claims.py) judges the claims and writes the report, and the
+dashboard shows the stored verdicts under the same titles; the dashboard imports no `study` (docs/ARCHITECTURE.md,
+layers), so the words live in the core package both import.
+"""
+
+from __future__ import annotations
+
+# claim (the statistic of its `claims`, `claim_rules` and `sensitivity` rows) -> the paper's words
+CLAIM_STATEMENTS = {
+    "claim1": "Merging up to three adapters works",
+    "claim2": "Adapters trained on dissimilar data merge better",
+    "claim3": "Merges sometimes beat head finetuning",
+}
+
+# A `claims` row's value: 1 supported, 0 inconclusive, -1 contradicted (NULL: the data to judge it is missing).
+SUPPORTED, INCONCLUSIVE, CONTRADICTED = 1, 0, -1
+VERDICT_WORDS = {SUPPORTED: "supported", INCONCLUSIVE: "inconclusive", CONTRADICTED: "contradicted"}
