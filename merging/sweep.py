@@ -123,6 +123,22 @@ def insert_rows(con, table: str, rows: list[dict]) -> int:
     return sum(insert_row(con, table, row, key=TABLE_KEYS[table]) for row in rows)
 
 
+def merge_id_of(config: StudyConfig, group: tuple[str, ...], seed: int, method: str) -> str:
+    """The id of the sweep's merge of `group`'s adapters of `seed` with `method`: what decides its figures (the
+    method, its defaults and grid, the validation and test subsets, the adapters), so a merge is never repeated."""
+    merge_method = get_method(method)
+    return "merge-" + config_hash(
+        {
+            "method": method,
+            "hyperparams": merge_method.identity_defaults(),  # the defaults (a reference has none)
+            "grid": merge_method.grid_points(),
+            "select_n": config.merge_select,
+            "adapters": [config.model_id("adapter", task, seed) for task in group],
+            "eval_n": config.merge_eval,
+        }
+    )
+
+
 def stored_merge_ids(store: Store) -> set[str]:
     """merge_ids already in the store (read-only)."""
     return {row[0] for row in store.query("SELECT merge_id FROM merges")}
@@ -265,17 +281,7 @@ class MergeSweep:
 
     # -- one merge --------------------------------------------------------------------------------
     def merge_id(self, group, seed, method) -> str:
-        merge_method = get_method(method)
-        return "merge-" + config_hash(
-            {
-                "method": method,
-                "hyperparams": merge_method.identity_defaults(),  # the defaults (a reference has none)
-                "grid": merge_method.grid_points(),
-                "select_n": self.config.merge_select,
-                "adapters": [self.config.model_id("adapter", task, seed) for task in group],
-                "eval_n": self.config.merge_eval,
-            }
-        )
+        return merge_id_of(self.config, group, seed, method)
 
     def merger(self, seed: int) -> AdapterMerger:
         """The merger of every task's adapter of `seed` (peft references load them once, on first use)."""

@@ -2,10 +2,11 @@
 
 `default` is the offline study of the README (six tasks, three seeds, EfficientNet-Lite0 at 48 px),
 sized to train on two CPU cores in about a quarter of an hour; `quick` runs the same pipeline on
-a sliver of everything in about a minute and a half, for smoke tests. `paper` is the same study at the scale
-of the ViT merging literature (ViT-B/16 from the hub, six hub datasets, 224 px; needs a network
-and GPUs, see `accelerate launch`), and `tiny-vit` is its offline miniature (a randomly initialised
-ViT-Tiny on small local copies of offline tasks, saved like hub datasets), which the tests run.
+a sliver of everything in about a minute and a half, for smoke tests; `wide` is the wide study's shape (every
+merge method, every pair, sampled larger groups; `run_all --plan --config wide` says how long it takes here).
+`paper` is the same study at the scale of the ViT merging literature (ViT-B/16 from the hub, six hub datasets,
+224 px; needs a network and GPUs, see `accelerate launch`), and `tiny-vit` is its offline miniature
+(a randomly initialised ViT-Tiny on small local copies of offline tasks, saved like hub datasets), which the tests run.
 """
 
 from __future__ import annotations
@@ -437,6 +438,15 @@ PROFILES = {
         db=REPO_ROOT / "runs" / "quick" / "results.duckdb",
         artifacts=REPO_ROOT / "runs" / "quick" / "artifacts",
     ),
+    # The wide study's shape (issue 31's budget: resumable in <= 3 h on 2 CPU cores, <= 10 min on one GPU): every
+    # registered merge method, every pair for every seed, larger groups a seeded sample of 10 per size for the
+    # first seed. Its tasks are the default study's until the twenty-task pool replaces them.
+    "wide": StudyConfig(
+        merge_all_seeds_up_to_k=2,
+        max_groups_per_k=10,
+        db=REPO_ROOT / "runs" / "wide" / "results.duckdb",
+        artifacts=REPO_ROOT / "runs" / "wide" / "artifacts",
+    ),
     # Paper scale: ViT-B/16 (ImageNet-21k, AugReg) from the hub at 224 px, LoRA on attention and MLP.
     # Splits are held in memory as tensors (mlvision/data.py): 5000 train images are 3 GB per task.
     "paper": StudyConfig(
@@ -528,7 +538,8 @@ def add_study_arguments(parser: argparse.ArgumentParser, defaults: StudyConfig |
         "--config",
         metavar="PROFILE|FILE",
         help="named profile giving every option's default: default (the offline study), "
-        "quick (smoke test), paper (ViT-B/16 + six hub datasets; network, GPUs), tiny-vit (its offline miniature); "
+        "quick (smoke test), wide (every method, every pair, sampled larger groups), paper (ViT-B/16 + six hub "
+        "datasets; network, GPUs), tiny-vit (its offline miniature); "
         "or a .json/.yaml file setting any option by its field name (max_train: 500), on top of the default profile "
         "or of the one its 'profile' key names",
     )

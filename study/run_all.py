@@ -5,9 +5,10 @@ benchmarks/); `python training/run_all.py` and the `mlv-run-all` command both la
 
     python training/run_all.py            # the offline default (six tasks, three seeds)
     python training/run_all.py --quick    # the whole pipeline on a sliver, about a minute and a half
-    python training/run_all.py --config tiny-vit            # a named profile (default, quick, paper, tiny-vit)
+    python training/run_all.py --config tiny-vit            # a named profile (default, quick, wide, paper, tiny-vit)
     python training/run_all.py --adapters A/ B/ C/ --db mine.duckdb   # the study of adapters you already have
     accelerate launch training/run_all.py --config paper    # adapters trained on every GPU (DDP)
+    python training/run_all.py --plan     # what is left to do and about how long it takes here; runs nothing
     python training/run_all.py --help     # every option
 
 Every stage skips work already stored with the same configuration, so running it again (or
@@ -40,6 +41,7 @@ from mlvision.config import (
 from mlvision.errors import run_cli
 from mlvision.store import Store
 from mlvision.tasks import get_task
+from study.budget import announce_plan
 from study.findings.report import report_path
 from study.findings.stage import FindingsStage
 from study.given import DECIDED_BY_ADAPTERS, given_config
@@ -67,6 +69,12 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         epilog="Results go to results.duckdb (views: task_results, ...); adapters and heads to artifacts/.",
     )
     add_study_arguments(parser, help_defaults(argv or []))
+    parser.add_argument(
+        "--plan",
+        action="store_true",
+        help="print what is left to do and about how long it takes on this machine (a few seconds of probing), "
+        "then stop without running anything",
+    )
     add_bench_arguments(parser, profile_bench(help_profile(argv or [])))
     return parser
 
@@ -106,6 +114,12 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         # ("terminate called without an active exception", SIGABRT, seen under load)
         accelerator.end_training()
         return 0  # findings and benchmarks run on the main process alone
+    if args.plan:  # reads the store, writes nothing (no database is created)
+        announce_plan(
+            config, Store(config.db) if Path(config.db).exists() else None, args.stages, str(accelerator.device), True
+        )
+        accelerator.end_training()
+        return 0
     if args.db is None:  # a profile's own database lives under runs/<profile>/, which a fresh clone lacks
         Path(config.db).parent.mkdir(parents=True, exist_ok=True)
     store = Store(config.db)
@@ -115,6 +129,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     changed = stage.start_run("python training/run_all.py " + shlex.join(argv))
     with stage.failure_recorded():  # a run stopped by a user-fixable problem is recorded as failed, and when
         changed |= stage.prepare_tasks() > 0
+    announce_plan(config, store, args.stages, str(accelerator.device), always=False)
     report = report_path(config.db)  # reports/findings.md for the default database, else beside it, named after it
     stages = [
         Step("train", True, stage.run, lambda c: c["trained"] + c["imported"] + c["reused"] > 0,
