@@ -43,8 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--backbone",
         default=PAPER_BACKBONE,
-        help=f"a timm ViT at 224 px, randomly initialised (default: {PAPER_BACKBONE}; the tests use vit_tiny)",
+        help=f"a timm ViT, randomly initialised (default: {PAPER_BACKBONE}; the tests use vit_tiny)",
     )
+    parser.add_argument("--image-size", type=int, default=224, help="input size in pixels (default: 224)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--train-batch", type=int, default=128, help="images per training step (default: 128)")
     parser.add_argument("--steps", type=int, default=5, help="timed training steps (default: 5)")
@@ -74,7 +75,7 @@ def timed(fn, device: torch.device, repeats: int) -> tuple[float, float | None]:
 
 
 def backbone_config(args) -> BackboneConfig:
-    return BackboneConfig(name=args.backbone, weights="random", image_size=224)
+    return BackboneConfig(name=args.backbone, weights="random", image_size=args.image_size)
 
 
 def random_adapters(k: int, rank: int, folded: FoldedBackbone) -> list[AdapterDeltas]:
@@ -112,7 +113,7 @@ def training_step(args, device: torch.device) -> tuple[float, float | None]:
     )
     model = model.to(device).eval()
     head = make_head(model.num_features, CLASSES).to(device)
-    images = torch.randn(args.train_batch, 3, 224, 224, device=device)
+    images = torch.randn(args.train_batch, 3, args.image_size, args.image_size, device=device)
     labels = torch.randint(0, CLASSES, (args.train_batch,), device=device)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad] + list(head.parameters()))
 
@@ -134,8 +135,9 @@ def main(argv: list[str] | None = None) -> int:
         rows.append((what, figure, "n/a" if peak is None else f"{peak:,.0f} MB"))
         print(f"{what}: {figure} (peak memory {rows[-1][2]})", flush=True)
 
-    print(f"{args.backbone} (random weights: cost only, no accuracy) at 224 px on {device}, {torch.get_num_threads()}"
-          " CPU threads", flush=True)  # fmt: skip
+    threads = torch.get_num_threads()
+    print(f"{args.backbone} (random weights: cost only, no accuracy) at {args.image_size} px on {device}, {threads} "
+          "CPU threads", flush=True)  # fmt: skip
     seconds, peak = training_step(args, device)
     row(
         f"training step, batch {args.train_batch}", f"{seconds:.3f} s, {args.train_batch / seconds:,.1f} images/s", peak
@@ -143,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     # 2. Gram matrices of each adapter (RegMean's statistics), 3. a RegMean merge of k, 4. the sweep's scoring
     folded = FoldedBackbone(backbone_config(args), device=device)
     adapters = random_adapters(args.k, args.rank, folded)
-    gram_images = torch.randn(args.gram_images, 3, 224, 224)
+    gram_images = torch.randn(args.gram_images, 3, args.image_size, args.image_size)
     seconds, peak = timed(lambda: compute_grams(folded, adapters[0], gram_images), device, args.repeats)
     row(f"Gram matrices, one adapter, {args.gram_images} images", f"{seconds:.2f} s ({args.k} adapters: "
         f"{seconds * args.k:.1f} s)", peak)  # fmt: skip
@@ -152,13 +154,13 @@ def main(argv: list[str] | None = None) -> int:
     row(f"RegMean merge, k = {args.k}", f"{seconds:.2f} s", peak)
     merged = merge_deltas(adapters, "regmean", {}, grams=grams)
     heads = {adapter.task: adapter.head for adapter in adapters}
-    scored = torch.randn(args.images, 3, 224, 224)
+    scored = torch.randn(args.images, 3, args.image_size, args.image_size)
     seconds, peak = timed(lambda: predict(folded.model(merged, heads), scored), device, args.repeats)
     row(f"sweep scoring: fold + {args.images} images, {args.k} heads", f"{seconds:.2f} s, "
         f"{args.images / seconds:,.1f} images/s", peak)  # fmt: skip
     # 5. the demo's batched answer: one forward of a batch through the merged multi-task model
     served = folded.model(merged, heads)
-    batch = torch.randn(args.demo_batch, 3, 224, 224, device=device)
+    batch = torch.randn(args.demo_batch, 3, args.image_size, args.image_size, device=device)
     seconds, peak = timed(lambda: predict(served, batch), device, args.repeats)
     per_image = seconds * 1000 / args.demo_batch
     row(f"demo answer, batch of {args.demo_batch}", f"{seconds * 1000:.0f} ms ({per_image:.0f} ms per image)", peak)

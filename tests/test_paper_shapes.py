@@ -12,8 +12,19 @@ from benchmarks.paper_shapes import main
 @pytest.mark.slow
 def test_paper_shapes_prints_every_figure_with_its_memory(capsys):
     """Every hot path runs and prints a positive figure and its peak memory; the header says the weights are random
-    (cost only). The paper's ViT-B/16 is the GPU's (scripts/device_check.sh vit-b16); here a ViT-Tiny."""
-    argv = ["--backbone", "vit_tiny_patch16_224", "--device", "cpu", "--train-batch", "2", "--steps", "1"]
+    (cost only). The paper's ViT-B/16 is the GPU's (scripts/device_check.sh vit-b16); here a ViT-Tiny at 32 px."""
+    argv = [
+        "--backbone",
+        "vit_tiny_patch16_224",
+        "--image-size",
+        "32",
+        "--device",
+        "cpu",
+        "--train-batch",
+        "2",
+        "--steps",
+        "1",
+    ]
     argv += ["--images", "4", "--gram-images", "4", "--k", "2", "--rank", "2", "--demo-batch", "2", "--repeats", "1"]
     assert main(argv) == 0
     out = capsys.readouterr().out
