@@ -35,10 +35,18 @@ from mlvision.paths import DEFAULT_DB_PATH, REPO_ROOT
 from mlvision.store import Store
 
 APP = str(REPO_ROOT / "dashboard" / "app.py")
+# Every slug of PAGES in dashboard/pages/__init__.py: a new page is added here too (docs/ARCHITECTURE.md, "A dashboard
+# page"), so it is rendered on the tiny study, the committed database and the broken ones.
 PAGES = ["overview", "merge_count", "dissimilarity", "merges_vs_heads", "methods", "runs", "performance"]
 
 
 # ------------------------------------------------------------------------------ helpers
+
+
+SECTIONS_HINT = (
+    "the Performance page draws the sections of benchmarks/sections/__init__.py in registry order, and the "
+    "performance tests find their charts by position"
+)
 
 
 def render(db, page: str, params: dict | None = None, monkeypatch=None) -> AppTest:
@@ -109,7 +117,11 @@ def _restore_env():
 
 
 def build_full_db(path: Path) -> Path:
-    """Every view filled, through the project's Store (schema, views) with seeded numbers."""
+    """Every view a page reads filled, through the project's Store (schema, views) with seeded numbers.
+
+    A new page that reads a view not filled here (adapter_update_norms), or a new benchmark section the Performance
+    page draws, adds its rows below, so its AppTest has data to check against SQL.
+    """
     rng = np.random.default_rng(0)
     tasks = {"mnist": "digits", "uci_digits": "digits", "lfw_faces": "photos", "textures": "photos"}
     store = Store(path)
@@ -736,10 +748,18 @@ def test_performance_lines_match_sql(full_db):
         np.testing.assert_allclose(drawn[0][variant][1], part["median_ms"])
     merge = sql(full_db, "SELECT variant, k, median_ms FROM benchmarks WHERE name = 'merge' ORDER BY variant, k")
     for method, part in merge.groupby("variant"):  # the merge-time chart is the last figure
+        assert method in drawn[-1], (
+            f"the last chart should be the merge section's: {SECTIONS_HINT}; a section listed after merge moves "
+            "it: update the positions here and add its rows to build_full_db (tests/test_dashboard.py)"
+        )
         np.testing.assert_allclose(drawn[-1][method][1], part["median_ms"])
     training = sql(full_db, "SELECT variant, throughput, peak_memory_mb FROM benchmarks WHERE name = 'training'")
     evaluation = sql(full_db, "SELECT variant, throughput, ratio_to_backbone FROM benchmarks WHERE name = 'evaluation'")
     bars = [figure["data"][0] for figure in figures(at) if figure["data"][0].get("type") == "bar"]
+    assert len(bars) == 4, (
+        f"{len(bars)} bar charts where evaluation's two and training's two were expected: {SECTIONS_HINT}; a new "
+        "section with bars adds its own here, with its rows in build_full_db (tests/test_dashboard.py)"
+    )
     eval_throughput, speed_up, throughput, memory = bars  # sections in registry order: evaluation, training
     assert dict(zip(eval_throughput["x"], eval_throughput["y"])) == pytest.approx(
         dict(zip(evaluation["variant"], evaluation["throughput"]))
@@ -775,7 +795,7 @@ def test_performance_draws_one_image_size_at_a_time(full_db, tmp_path):
         assert drawn[variant][0] == part["k"].tolist()
         np.testing.assert_allclose(drawn[variant][1], part["median_ms"])
     merge = lines(figures(at)[-1])  # merge times do not depend on the image size: still drawn
-    assert set(merge) == {"linear", "ties"}
+    assert set(merge) == {"linear", "ties"}, f"the last chart should be the merge section's: {SECTIONS_HINT}"
 
 
 def test_performance_says_how_to_measure_a_missing_section(full_db, tmp_path):
@@ -787,9 +807,14 @@ def test_performance_says_how_to_measure_a_missing_section(full_db, tmp_path):
     assert_clean(at)
     assert [i.value for i in at.info] == [
         "No training figures for this device yet: run `python -m training.bench --bench-sections training`."
-    ]
+    ], (
+        "only the training section's figures were deleted: a section of benchmarks/sections/__init__.py without rows "
+        "in build_full_db says so too: add its rows there (tests/test_dashboard.py)"
+    )
     bars = [figure["data"][0] for figure in figures(at) if figure["data"][0].get("type") == "bar"]
-    assert [set(bar["x"]) for bar in bars] == [{"eager", "fast"}] * 2  # the evaluation section's; no training bars
+    assert [set(bar["x"]) for bar in bars] == [{"eager", "fast"}] * 2, (  # the evaluation section's; no training bars
+        f"{SECTIONS_HINT}: a new section with bars adds its own bars here (tests/test_dashboard.py)"
+    )
 
 
 def test_runs_tables_filters_and_downloads(full_db):
@@ -865,7 +890,7 @@ def test_every_page_on_tiny_study(tiny_study, page):
     elif page == "runs":
         assert len(at.dataframe[1].value) == sql(db, "SELECT count(*) FROM task_results").iloc[0, 0]
     else:
-        assert at.info or figures(at) or at.dataframe
+        assert at.info or figures(at) or at.dataframe, f"page {page} drew nothing and said nothing on the tiny study"
 
 
 # ---------------------------------------------------------------------- committed database

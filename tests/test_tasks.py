@@ -31,6 +31,9 @@ def loaded():
     return {name: tasks.load_task(name) for name in tasks.TASK_NAMES}
 
 
+REG = "mlvision/tasks/registry.py"  # where a failing registry check below is fixed
+
+
 def test_registry_lists_the_eight_tasks():
     assert tasks.list_tasks() == list(tasks.TASK_NAMES)
     assert tasks.TASK_NAMES == (
@@ -42,19 +45,32 @@ def test_registry_lists_the_eight_tasks():
         "animals",
         "lfw_faces",
         "textures",
+    ), (
+        f"a task added to (or removed from) _REGISTRY ({REG}) is listed here too, in registry order: the expected "
+        "names in test_registry_lists_the_eight_tasks (tests/test_tasks.py)"
     )
     for name in tasks.TASK_NAMES:
         task = tasks.get_task(name)
         assert task.name == name
-        assert task.domain in {"digits", "letters", "objects", "photos"}
-        assert task.num_classes == len(task.label_names) == len(set(task.label_names))
-        assert task.source and task.description
-        assert task.label_space and task.style  # every built-in task says what relates it to others
+        assert task.domain in {"digits", "letters", "objects", "photos"}, (
+            f"{name}: domain {task.domain!r} is new: add it to the set in test_registry_lists_the_eight_tasks "
+            f"(tests/test_tasks.py), or use one of those in its Task entry ({REG})"
+        )
+        assert task.num_classes == len(task.label_names) == len(set(task.label_names)), (
+            f"{name}: the label names of its Task entry ({REG}) must be distinct"
+        )
+        assert task.source and task.description, f"{name}: give its Task entry a source and a description ({REG})"
+        assert task.label_space and task.style, (  # every built-in task says what relates it to others
+            f"{name}: give its Task entry a label_space and a style ({REG}; same value = related by construction)"
+        )
 
 
 def test_study_tasks_and_their_related_pairs():
     """Six study tasks; exactly five of the 15 pairs are related by construction, the intended ones."""
-    assert tasks.STUDY_TASKS == ("mnist", "uci_digits", "font_digits", "font_letters", "fashion_mnist", "animals")
+    assert tasks.STUDY_TASKS == ("mnist", "uci_digits", "font_digits", "font_letters", "fashion_mnist", "animals"), (
+        f"STUDY_TASKS ({REG}) is the default study: changing it makes a new run id; if meant, update this list and "
+        "the related pairs below (tests/test_tasks.py)"
+    )
     assert set(tasks.STUDY_TASKS) <= set(tasks.TASK_NAMES)
     pairs = {
         frozenset((a, b))
@@ -83,7 +99,11 @@ def test_study_tasks_and_their_related_pairs():
 def test_task_loads_with_expected_shape(loaded, name):
     task, dd = tasks.get_task(name), loaded[name]
     assert list(dd) == list(tasks.SPLITS)
-    assert tuple(len(dd[s]) for s in tasks.SPLITS) == task.sizes  # the registry entry's sizes
+    found = tuple(len(dd[s]) for s in tasks.SPLITS)
+    assert found == task.sizes, (
+        f"{name} has {found} images (train, validation, test) after the leakage guard: set sizes={found} in its "
+        f"Task entry ({REG}) if the builder is right"
+    )
     expected = datasets.Features(
         {"image": datasets.Image(), "label": datasets.ClassLabel(names=list(task.label_names))}
     )
@@ -96,7 +116,10 @@ def test_task_loads_with_expected_shape(loaded, name):
         assert len(counts) == task.num_classes
         # class balance: every class present, none more than 1.5x another (MNIST is the
         # least balanced at about 1.27x)
-        assert counts.min() > 0 and counts.max() <= 1.5 * counts.min(), (split, counts)
+        assert counts.min() > 0 and counts.max() <= 1.5 * counts.min(), (
+            f"{name} {split}: images per class {counts.tolist()}; its builder (mlvision/tasks/) must give every "
+            "class, none more than 1.5x another (splits.split_arrays stratifies)"
+        )
 
 
 @pytest.mark.slow
@@ -425,7 +448,11 @@ def test_real_package_files_match_their_pins(loaded):
         if name.split("/")[0] in sources.INSTALLED_DATA_PACKAGES:
             sources.read_installed(name)
             checked.add(name)
-    assert checked == set(sources.SHA256)
+    assert checked == set(sources.SHA256), (
+        f"pinned but not read here, or read but not pinned: {sorted(set(sources.SHA256) ^ checked)}; read a new "
+        "archive's files in test_real_package_files_match_their_pins (tests/test_tasks.py), or list an installed "
+        "package in INSTALLED_DATA_PACKAGES (mlvision/sources.py)"
+    )
 
 
 def test_tampered_font_deb_is_refused(loaded, tmp_path):

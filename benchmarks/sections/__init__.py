@@ -1,7 +1,9 @@
 """The benchmark-section registry: every section, listed once, in the order the stage measures them.
 
 Adding a section: write one module here with a `Section` subclass and its `SECTION` object, and
-list it below (docs/ARCHITECTURE.md); the CLI's --bench-sections choices and the dashboard follow.
+list it below; the CLI's --bench-sections choices, the default bench (every section listed) and the dashboard's
+Performance page follow. Its tests: tests/test_bench.py (its rows) and the Performance page's in
+tests/test_dashboard.py (docs/ARCHITECTURE.md, "A benchmark section", says every step).
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 Why the lookups live here: `get_task` and `load_task` are the one door to every task, built-in or
 hub; a built-in task is built by its family module's builder (mnist_files, sklearn_digits, fonts,
 animals, skimage_data), passed through the leakage guard and cached (cache.py), a `hub:` name is
-loaded by hub.py. Adding a task: write its builder in a family module and add its entry here.
+loaded by hub.py. Adding a task: write its builder in a family module, add its entry here, and its name to the
+expected names in tests/test_tasks.py (docs/ARCHITECTURE.md, "A task", says every step).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from .sklearn_digits import build_uci_digits
 from .task import DIGITS, LETTERS, Task
 
 # The built-in tasks, one entry each (name, labels, domain, source, description, builder, sizes), in
-# the study's order. Adding one: write its build_* function in a family module and list it here.
+# the study's order. Adding one: write its build_* function in a family module and list it here; `sizes` are the
+# splits' sizes after the leakage guard (tests/test_tasks.py prints them when they differ).
 _REGISTRY: dict[str, Task] = {
     t.name: t
     for t in [
