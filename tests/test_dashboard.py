@@ -31,13 +31,14 @@ from browser import DevTools, free_port, start_chromium, stop, wait_http
 from streamlit.testing.v1 import AppTest
 
 from dashboard.charts import METHOD_COLORS
+from dashboard.pages import PAGES as REGISTERED_PAGES
 from mlvision.paths import DEFAULT_DB_PATH, REPO_ROOT
 from mlvision.store import Store
 
 APP = str(REPO_ROOT / "dashboard" / "app.py")
-# Every slug of PAGES in dashboard/pages/__init__.py: a new page is added here too (docs/ARCHITECTURE.md, "A dashboard
-# page"), so it is rendered on the tiny study, the committed database and the broken ones.
-PAGES = ["overview", "merge_count", "dissimilarity", "merges_vs_heads", "methods", "runs", "performance"]
+# Every page of the registry (dashboard/pages/__init__.py), read from it: a new page is rendered on the tiny study, the
+# committed database and the broken ones without being listed here.
+PAGES = list(REGISTERED_PAGES)
 
 
 # ------------------------------------------------------------------------------ helpers

@@ -2,8 +2,8 @@
 listed once in `PAGES`, which the sidebar, the URL (`?page=<slug>`) and the render measurements read.
 
 Adding a page: write dashboard/pages/<slug>.py with `page(db, filters)` (read through `queries`, compute
-through `analysis`, draw through `charts` and `common`) and add its line to `PAGES` below; its slug also goes into
-tests/test_dashboard.py's `PAGES` (docs/ARCHITECTURE.md, "A dashboard page", says every step).
+through `analysis`, draw through `charts` and `common`) and add its line to `PAGES` below; the
+dashboard's tests read this list (docs/ARCHITECTURE.md, "A dashboard page", says every step).
 """
 
 from dashboard.pages import dissimilarity, merge_count, merges_vs_heads, methods, overview, performance, runs
