@@ -292,3 +292,14 @@ def test_a_benchmark_worker_exits_when_its_parent_is_killed(tmp_path):
     else:
         os.kill(worker, signal.SIGKILL)
         pytest.fail("the worker outlived its parent by 30 s")
+
+
+def test_sections_filter_the_performance_page_on_distinct_url_keys():
+    """A section's facet is a sidebar widget of the Performance page keyed by its URL key: two sections with one key
+    break the page (Streamlit refuses a second widget with the same key) once both have rows."""
+    keys = [section.facet[2] for section in SECTIONS.values() if section.facet is not None]
+    duplicated = sorted({key for key in keys if keys.count(key) > 1})
+    assert not duplicated, (
+        f"facet URL key(s) {duplicated} are used by several sections: give each its own in "
+        "benchmarks/sections/<name>.py (the third part of `facet`)"
+    )
