@@ -67,8 +67,9 @@ def main() -> None:
         traceback.print_exc()  # the details go to the server's log
         reason = (str(error).splitlines() or [""])[0]
         st.error(
-            f"This page could not be drawn ({type(error).__name__}: {reason}): `{db}` holds data this version "
-            "does not expect; re-create it with `python training/run_all.py`"
+            f"This page could not be drawn ({type(error).__name__}: {reason}). If `{db}` was written by another "
+            "version of this project, re-create it with `python training/run_all.py`; otherwise it is a bug of the "
+            "page: the server's log holds the details to report"
         )
     since = queries.stale_since()
     if since is not None:

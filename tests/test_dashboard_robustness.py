@@ -155,6 +155,7 @@ def test_view_without_a_column_a_page_needs_gives_one_line(tmp_path):
     assert len(at.error) == 1
     assert at.error[0].value.startswith("This page could not be drawn (KeyError: 'backbone')")
     assert "re-create it with `python training/run_all.py`" in at.error[0].value
+    assert "otherwise it is a bug of the page: the server's log holds the details" in at.error[0].value
 
 
 def test_older_file_without_views_says_what_is_missing(tmp_path):
