@@ -623,7 +623,7 @@ class DemoService:
         work = Path(tempfile.mkdtemp(prefix="mlv_export_", dir=folder))
         info = merge_record(method, _jsonable(params), adapters, seconds)
         try:
-            relative_error = self.source.export(merged, adapters, rank, work / name, info)
+            relative_error, _, _ = self.source.export(merged, adapters, rank, work / name, info)
             archive = shutil.make_archive(str(work / name), "zip", root_dir=work, base_dir=name)
         except OSError as error:
             shutil.rmtree(work, ignore_errors=True)

@@ -348,52 +348,61 @@ def export_own_lora(
     folded: FoldedBackbone | None = None,
 ) -> tuple[float, dict, dict]:
     """Save a merge of this project's adapters as a peft LoRA plus the k heads: (relative error, the rank record,
-    the figures the card holds).
-
-    The rank (a number, `full` or `auto`) is settled on each task's validation images (`RANK_VALIDATION_IMAGES`,
-    `settle_rank`), scored through the evaluation path (`folded`, or a FoldedBackbone built here); where the tasks'
-    data cannot be loaded the record says so and `auto` exports FALLBACK_RANK. Every task
-    whose `figures` hold a "merged" test accuracy gets the exported LoRA's accuracy on the same test images
-    ("exported"). The folder loads with `PeftModel.from_pretrained(backbone, folder)`; heads are saved as
-    `heads/<task>/` model folders; the rest is `write_export`'s (merge.json, the model card, rank per layer, atomic).
-    """
-    from merging.card import Figure
-
+    the figures the card holds). The steps of `AdapterSource.export` (merging/sources.py) for a plain list of
+    adapters, with the same helpers: the rank settled on each task's validation images (`RANK_VALIDATION_IMAGES`;
+    where the tasks' data cannot be loaded the record says so and `auto` exports FALLBACK_RANK), scored through the
+    evaluation path (`folded`, or a FoldedBackbone built here), the exported LoRA scored on the test images of every
+    known merged figure (`settle_and_measure`), then `write_own_export`."""
     check_output_folder(folder, [a.path for a in adapters], overwrite)  # before the scoring, as write_export will
-    meta0 = adapters[0].meta
-    figures = {task: dict(kinds) for task, kinds in (figures or {}).items()}
-    folded = folded or FoldedBackbone(BackboneConfig(**meta0["backbone"]))
-    score, n_validation, why_not = None, None, ""
+    folded = folded or FoldedBackbone(BackboneConfig(**adapters[0].meta["backbone"]))
+    heads = {a.task: a.head for a in adapters}
+    tasks = [a.task for a in adapters]
     try:
-        score, n_validation = own_scorer(
-            folded, adapters, "validation", {a.task: RANK_VALIDATION_IMAGES for a in adapters}
-        )
+        validation, why_not = own_split(adapters, "validation", dict.fromkeys(tasks, RANK_VALIDATION_IMAGES)), ""
     except MLVisionError as error:
-        why_not = f"the tasks' validation images cannot be loaded here ({error_reason(error)})"
-    rank, choice, low_rank = settle_rank(rank, merged, score, n_validation, why_not)
-    measured = {task: kinds["merged"].n for task, kinds in figures.items() if "merged" in kinds}
-    if measured:
+        validation, why_not = None, f"the tasks' validation images cannot be loaded here ({error_reason(error)})"
+
+    def test_split(n_for: dict[str, int]):
         try:
-            score_test, _ = own_scorer(folded, [a for a in adapters if a.task in measured], "test", measured)
+            return own_split([a for a in adapters if a.task in n_for], "test", n_for)
         except MLVisionError:
-            score_test = None  # the stored figure's images are not here: the exported cell stays "not measured"
-        if score_test is not None:
-            for task, value in score_test(low_rank.approximation(rank)).items():
-                figures[task]["exported"] = Figure(value, measured[task], "measured now on the same images")
+            return None  # the stored figure's images are not here: the exported cell stays "not measured"
+
+    rank, choice, figures = settle_and_measure(
+        rank,
+        merged,
+        figures,
+        validation,
+        why_not,
+        lambda deltas, data: own_score(folded, heads, deltas, data),
+        test_split,
+        lambda task: "measured now on the same images",
+    )
+    error = write_own_export(merged, adapters, rank, folder, {**merge_info, "rank_choice": choice}, figures, overwrite)
+    return error, choice, figures
+
+
+def write_own_export(
+    merged: dict[str, torch.Tensor],
+    adapters: list[AdapterDeltas],
+    rank: int,
+    folder: str | Path,
+    merge_info: dict,
+    figures: dict | None,
+    overwrite: bool,
+) -> float:
+    """Write a merge of this project's adapters (`write_export`): the LoRA loads with
+    `PeftModel.from_pretrained(backbone, folder)`, heads are saved as `heads/<task>/` model folders, and merge.json
+    records the backbone and preprocessing beside `merge_info` (which holds the rank record, `rank_choice`)."""
+    meta0 = adapters[0].meta
 
     def write_head(head_dir: Path, adapter: AdapterDeltas) -> None:
         meta = {**adapter.meta, "model_kind": "head", "training": {"from_adapter": adapter_origin(adapter)}}
         save_model(head_dir, meta, adapter.head)
 
     datasets = {a.task: a.task.removeprefix("hub:") if a.task.startswith("hub:") else None for a in adapters}
-    info = {
-        "datasets": datasets,
-        **merge_info,
-        "rank_choice": choice,
-        "backbone": meta0["backbone"],
-        "preprocess": meta0["preprocess"],
-    }
-    error = write_export(
+    info = {"datasets": datasets, **merge_info, "backbone": meta0["backbone"], "preprocess": meta0["preprocess"]}
+    return write_export(
         folder,
         adapters,
         merged,
@@ -405,7 +414,41 @@ def export_own_lora(
         figures,
         overwrite,
     )
-    return error, choice, figures
+
+
+def settle_and_measure(
+    requested: int | str,
+    merged: dict[str, torch.Tensor],
+    figures: dict | None,
+    validation: dict | None,
+    why_not: str,
+    score,
+    test_split,
+    exported_source,
+) -> tuple[int, dict, dict]:
+    """(rank, the rank record, the figures with the exported LoRA's accuracy): what every export does before writing,
+    whatever the adapters' source. `validation` {task: (images, labels)} settles the rank (`settle_rank`; None: not
+    measured, `why_not` says why); every task whose `figures` hold a "merged" test accuracy gets the exported LoRA's
+    accuracy on the same test images ("exported", its source `exported_source(task)`), where
+    `test_split({task: n})` gives them (None: not here). `score(deltas, data)` -> {task: accuracy} scores through the
+    source's evaluation path."""
+    from merging.card import Figure
+
+    score_validation, n_validation = None, None
+    if validation is not None:
+        n_validation = max(len(labels) for _, labels in validation.values())
+
+        def score_validation(deltas):
+            return score(deltas, validation)
+
+    rank, choice, low_rank = settle_rank(requested, merged, score_validation, n_validation, why_not)
+    figures = {task: dict(kinds) for task, kinds in (figures or {}).items()}
+    measured = {task: kinds["merged"].n for task, kinds in figures.items() if "merged" in kinds}
+    test = test_split(measured) if measured else None
+    if test is not None:
+        for task, value in score(low_rank.approximation(rank), test).items():
+            figures[task]["exported"] = Figure(value, measured[task], exported_source(task))
+    return rank, choice, figures
 
 
 def write_export(
@@ -459,23 +502,24 @@ def write_export(
     return relative_error
 
 
-def own_scorer(folded, adapters, split: str, n_for: dict[str, int | None]):
-    """(score(deltas) -> {task: accuracy}, images per task at most) on `split` of each adapter's task (up to
-    n_for[task] images; the fixed subset every model of the study is scored on), through the evaluation path: the
-    backbone with `deltas` folded in and the adapters' heads. An MLVisionError where a task's data is not here."""
+def own_split(adapters: list[AdapterDeltas], split: str, n_for: dict[str, int | None]) -> dict:
+    """{task: (images, labels)}: up to n_for[task] images of `split` of each adapter's task (the fixed subset every
+    model of the study is scored on), preprocessed as the adapters were trained. An MLVisionError where a task's data
+    is not here."""
     from mlvision.backbone import Preprocess
     from mlvision.data import split_tensors
-    from mlvision.evaluation import accuracy_of, task_correct
 
     preprocess = Preprocess.from_dict(adapters[0].meta["preprocess"])
-    data = {a.task: split_tensors(a.task, split, preprocess, n_for[a.task]) for a in adapters}
-    heads = {a.task: a.head for a in adapters}
+    return {a.task: split_tensors(a.task, split, preprocess, n_for[a.task]) for a in adapters}
 
-    def score(deltas) -> dict[str, float]:
-        correct = task_correct(folded.model(deltas, heads), data)
-        return {task: accuracy_of(values) for task, values in correct.items()}
 
-    return score, max(len(labels) for _, labels in data.values())
+def own_score(folded: FoldedBackbone, heads: dict, deltas: dict[str, torch.Tensor], data: dict) -> dict[str, float]:
+    """{task: accuracy} on `data` of the backbone with `deltas` folded in and the tasks' `heads`, through the
+    evaluation path (one stream of full batches)."""
+    from mlvision.evaluation import accuracy_of, task_correct
+
+    correct = task_correct(folded.model(deltas, {task: heads[task] for task in data}), data)
+    return {task: accuracy_of(values) for task, values in correct.items()}
 
 
 def settle_rank(requested: int | str, merged: dict, score_validation, n_validation: int | None, why_not: str):
@@ -578,10 +622,13 @@ __all__ = [
     "max_export_rank",
     "measure_export_rank",
     "merge_record",
-    "own_scorer",
+    "own_score",
+    "own_split",
     "rank_ladder",
+    "settle_and_measure",
     "settle_rank",
     "unmeasured_export_rank",
     "write_export",
+    "write_own_export",
     "write_folder_atomically",
 ]

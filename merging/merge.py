@@ -198,24 +198,6 @@ def rank_argument(text: str) -> int | str:
     raise argparse.ArgumentTypeError(f"'{text}' is not a rank: write a whole number, full or auto")
 
 
-# Unlabeled test images per task AdaMerging learns on from the command line (the sweep's merge_eval, 300).
-ADAMERGING_IMAGES = 300
-
-
-def task_images(task: str, split: str, preprocess, n: int):
-    """A task's images for a data-aware merge, or one line saying the task's data cannot be loaded here."""
-    from mlvision.data import split_tensors
-    from mlvision.errors import MLVisionError
-
-    try:
-        return split_tensors(task, split, preprocess, n)[0]
-    except MLVisionError as error:
-        raise MergeConfigError(
-            f"this method needs images of task {task!r} ({split} split), which cannot be loaded here ({error}); "
-            "use a data-free method or run where the task's data is available"
-        ) from None
-
-
 def main(argv: list[str] | None = None) -> int:
     return run_cli(
         lambda: run_and_push(build_parser().parse_args(argv)), "nothing was exported; run the same command again"
@@ -272,19 +254,15 @@ def list_methods_text() -> str:
 
 
 def run(args) -> int:
+    """The merge CLI's one flow, whatever the adapters' format: read them into an `AdapterSource`
+    (merging/sources.py `read_adapters`), then `merge_and_export`."""
     if args.list_methods:  # before the imports below (torch, peft, timm: seconds), so it answers at once
         print(list_methods_text())
         return 0
-    from merging.card import Figure
-    from merging.deltas import check_compatible, load_deltas
-    from merging.export import check_export_rank, check_output_folder, merge_record
-    from merging.foreign import expand_sources, is_foreign, resolve_adapter
-    from merging.grams import GRAM_IMAGES, GramStore
-    from merging.merged_model import AdapterMerger
+    from merging.export import check_output_folder
+    from merging.foreign import expand_sources, resolve_adapter
     from merging.methods import get_method
-    from mlvision.backbone import BackboneConfig, Preprocess
-    from mlvision.data import split_tensors
-    from mlvision.evaluation import FoldedBackbone, accuracy
+    from merging.sources import ReadOptions, read_adapters
 
     if args.from_db is not None or args.merge_id is not None or args.k is not None:
         return run_from_db(args)
@@ -293,64 +271,96 @@ def run(args) -> int:
     args.method = args.method or "ties"
     if len(args.adapters) < 1 or args.out is None:
         raise MergeConfigError("give at least one adapter folder and --out FOLDER (see --help)")
-    args.hub_ids = {}  # resolved folder -> the hub:user/adapter it came from
+    hub_ids = {}  # resolved folder -> the hub:user/adapter it came from
     resolved = []
-    args.adapters = expand_sources(args.adapters)  # a folder of adapter folders: each adapter in it
-    for given in args.adapters:
-        folder, hub_id = resolve_adapter(given)
+    given = expand_sources(args.adapters)  # a folder of adapter folders: each adapter in it
+    for adapter in given:
+        folder, hub_id = resolve_adapter(adapter)
         resolved.append(folder)
         if hub_id:
-            args.hub_ids[folder] = hub_id
-    args.labels = [resolve_adapter_key(item, args.adapters, resolved) for item in args.labels]
-    args.data = [resolve_adapter_key(item, args.adapters, resolved) for item in args.data]
-    args.adapters = resolved
+            hub_ids[folder] = hub_id
+    labels = [resolve_adapter_key(item, given, resolved) for item in args.labels]
+    data = [resolve_adapter_key(item, given, resolved) for item in args.data]
     check_rank_argument(args.rank)
     if args.evaluate is not None and args.evaluate < 1:
         raise MergeConfigError(f"--evaluate must be at least 1 test image per task, got {args.evaluate}")
     hyperparams = dict(parse_param(p) for p in args.param)
     get_method(args.method).validate(hyperparams)  # fail before loading anything
-    check_output_folder(args.out, args.adapters, args.overwrite)  # and before merging (export checks again)
-    if any(is_foreign(folder) for folder in args.adapters):
-        return run_foreign(args, hyperparams)
-    if args.labels or args.base or args.data:
-        option = "--labels" if args.labels else "--base" if args.base else "--data"
-        raise MergeConfigError(f"{option} is for adapters trained elsewhere; this project's adapters carry theirs")
-    adapters = [load_deltas(folder) for folder in args.adapters]
-    check_compatible(adapters)  # reference methods go through peft, which would not name the adapter that differs
+    check_output_folder(args.out, resolved, args.overwrite)  # and before merging (export checks again)
+    source = read_adapters(resolved, ReadOptions(labels, data, args.base, hub_ids, args.db))
+    return merge_and_export(args, source, hyperparams)
+
+
+def merge_and_export(args, source, hyperparams: dict) -> int:
+    """One sequence of steps for every adapter source: validate the method against the source, take the figures it
+    stored, merge (each point of the method's grid scored on validation where the source selects there and no
+    --param fixed the hyperparameters), measure what --evaluate asks, then settle the rank, export and print."""
+    from merging.export import check_export_rank, merge_record
+    from merging.methods import get_method
+
+    merge_method = get_method(args.method)
+    source.check_method(merge_method)
+    adapters = list(source.adapters.values())
     if isinstance(args.rank, int):
         check_export_rank(args.rank, adapters[0].deltas)
-    figures = stored_figures(args.db, adapters)  # before merging: a database that cannot be read stops here
-    keys = [str(i) for i in range(len(adapters))]
-    backbone_config = BackboneConfig(**adapters[0].meta["backbone"])
-    preprocess = Preprocess.from_dict(adapters[0].meta["preprocess"])
-    folded = FoldedBackbone(backbone_config) if get_method(args.method).uses_data else None
-    merger = AdapterMerger(
-        dict(zip(keys, adapters)),
-        backbone_config,
-        grams=GramStore(folded, lambda task: task_images(task, "train", preprocess, GRAM_IMAGES)) if folded else None,
-        folded=folded,
-        unlabeled_for=lambda task: task_images(task, "test", preprocess, ADAMERGING_IMAGES),
-    )
+    figures = source.stored_figures()  # before merging: a database that cannot be read stops here
+    tasks = list(source.adapters)
+    validation = None  # loaded once for the grid and the rank
+    if source.selects_on_validation and not hyperparams and merge_method.tuned:
+        validation = source.rank_validation(tasks)
     start = time.perf_counter()
-    merged, params = merger.merge(keys, args.method, hyperparams)
+    merged, params, selection = merge_on_validation(source, tasks, args.method, hyperparams, validation)
     seconds = time.perf_counter() - start
-    for task, figure in stored_merge_figures(args.db, adapters, args.method, params).items():
+    for task, figure in source.stored_merge_figures(args.method, params).items():
         figures[task]["merged"] = figure
-    evaluated = []  # measured before the export, so the model card holds the figures
-    folded = folded or FoldedBackbone(backbone_config)
-    if args.evaluate:
-        model = folded.model(merged, {a.task: a.head for a in adapters})
-        for adapter in adapters:
-            images, labels = split_tensors(adapter.task, "test", preprocess, args.evaluate)
-            value = accuracy(model, adapter.task, images, labels)
-            figures[adapter.task]["merged"] = Figure(value, len(labels), "measured now")
-            evaluated.append(f"  {adapter.task}: merged accuracy {value:.4f} (n={len(labels)})")
-    return export_own_merge(
-        args, adapters, merged, folded, figures, merge_record(args.method, params, adapters, seconds), evaluated
+    if args.evaluate:  # before the export, so the model card holds the figures
+        measure_now(source, merged, figures, args.evaluate)
+    record = {**merge_record(args.method, params, adapters, seconds), **({"selection": selection} if selection else {})}
+    return export_and_report(args, source, merged, figures, record, selection, validation)
+
+
+def merge_on_validation(source, tasks: list[str], method: str, hyperparams: dict, validation):
+    """(merged ΔW, hyperparameters, the validation selection record or None). With `validation` (images, why not),
+    each point of the method's grid (`MergeMethod.grid_points`) is merged and scored on the validation images and
+    the best mean accuracy over the tasks is kept, ties to the earlier point (the sweep's rule, merging/sweep.py
+    `select`); otherwise one merge with the given (or default) hyperparameters."""
+    from merging.methods import get_method
+
+    if validation is None or validation[0] is None:
+        merged, params = source.merge(tuple(tasks), method, hyperparams)
+        return merged, params, None
+    from merging.sweep import select_on_validation
+
+    merge_method = get_method(method)
+    images = validation[0]
+
+    def score(merged) -> float:
+        accuracies = source.score(merged, images)
+        return sum(accuracies.values()) / len(accuracies)
+
+    grid_merges = (
+        (index, *source.merge(tuple(tasks), method, point)) for index, point in enumerate(merge_method.grid_points())
     )
+    n_per_task = min(len(labels) for _, labels in images.values())
+    selection = select_on_validation(merge_method, grid_merges, score, n_per_task)
+    return selection.merged, selection.params, selection.record
 
 
-# --- the export of this project's adapters: its rank, the exported LoRA's accuracy, the folder -----------------------
+def measure_now(source, merged: dict, figures: dict, n: int) -> None:
+    """--evaluate N: the merge's accuracy on up to N test images of every task (and, where no study stored them,
+    `scores_single_adapters`, each adapter's alone) into `figures`; the export scores its LoRA on the same images."""
+    from merging.card import Figure
+
+    test = source.split("test", dict.fromkeys(source.adapters, n))
+    for task, value in source.score(merged, test).items():
+        count = len(test[task][1])
+        figures[task]["merged"] = Figure(value, count, source.measured_now(task))
+        if source.scores_single_adapters:
+            single = source.score(source.adapters[task].deltas, {task: test[task]})[task]
+            figures[task]["single"] = Figure(single, count, source.measured_now(task))
+
+
+# --- the export: its rank, the exported LoRA's accuracy, the folder, what the command prints -------------------------
 
 
 def check_rank_argument(rank: int | str) -> None:
@@ -373,38 +383,57 @@ def rank_lines(choice: dict) -> list[str]:
     ]
 
 
-def export_own_merge(args, adapters, merged, folded, figures: dict, record: dict, printed: list[str]) -> int:
-    """Write the folder (`export_own_lora`: the rank settled on the tasks' validation images, the exported LoRA
-    scored on the test images of every known merged figure) and say what it holds."""
-    from merging.export import export_own_lora
-
-    error, choice, figures = export_own_lora(
-        merged,
-        adapters,
-        args.rank,
-        args.out,
-        {**record, **getattr(args, "export_info", {})},
-        overwrite=args.overwrite,
-        figures=figures,
-        folded=folded,
+def export_and_report(args, source, merged, figures: dict, record: dict, selection=None, validation=None) -> int:
+    """Write the folder (`AdapterSource.export`: the rank settled on validation where the source has validation
+    images, the exported LoRA scored on the test images of every known merged figure) and say what it holds."""
+    adapters = list(source.adapters.values())
+    error, choice, figures = source.export(
+        merged, adapters, args.rank, args.out, record, figures, args.overwrite, validation
     )
     rank = choice["chosen"]
     print(
-        f"merged {len(adapters)} adapters with {record['method']} {record['hyperparams']} in "
+        f"merged {len(adapters)} adapters of {source.base} with {record['method']} {record['hyperparams']} in "
         f"{record['merge_seconds']:.2f} s"
     )
+    if selection:
+        print(
+            f"  chosen on validation: {selection['chosen']} (mean validation accuracy "
+            f"{selection['chosen_validation_accuracy']:.4f} over the grid's {len(selection['grid'])} points)"
+        )
+    partial = [layer for layer, tasks in source.layer_sources.items() if len(tasks) < len(adapters)]
+    if partial:
+        print(f"  {len(partial)} layers adapted by only some adapters were merged with ΔW = 0 for the others")
     for line in rank_lines(choice):
         print(line)
     print(f"saved to {args.out} as a rank-{rank} LoRA; relative reconstruction error {error:.4f}")
-    for line in printed:
+    for line in figure_lines(figures, rank, bool(args.evaluate), source.scores_single_adapters):
         print(line)
-    for task, kinds in figures.items():
-        if "exported" in kinds:
-            print(
-                f"  {task}: exported rank-{rank} accuracy {kinds['exported'].accuracy:.4f}, full merge "
-                f"{kinds['merged'].accuracy:.4f} (n={kinds['exported'].n})"
-            )
     return 0
+
+
+def figure_lines(figures: dict, rank: int, evaluated: bool, with_single: bool) -> list[str]:
+    """What the command prints about the accuracies: with each adapter scored alone (`with_single`), one line per
+    task --evaluate scored; otherwise the merge's accuracy per task --evaluate scored, then the exported LoRA's
+    beside the full merge's wherever it was measured (the stored merged figure's images included)."""
+    if with_single:
+        return [
+            f"  {task}: merged accuracy {kinds['merged'].accuracy:.4f}, its own adapter "
+            f"{kinds['single'].accuracy:.4f}, exported rank-{rank} {kinds['exported'].accuracy:.4f} "
+            f"(n={kinds['merged'].n})"
+            for task, kinds in figures.items()
+            if evaluated
+        ]
+    lines = [
+        f"  {task}: merged accuracy {kinds['merged'].accuracy:.4f} (n={kinds['merged'].n})"
+        for task, kinds in figures.items()
+        if evaluated
+    ]
+    return lines + [
+        f"  {task}: exported rank-{rank} accuracy {kinds['exported'].accuracy:.4f}, full merge "
+        f"{kinds['merged'].accuracy:.4f} (n={kinds['exported'].n})"
+        for task, kinds in figures.items()
+        if "exported" in kinds
+    ]
 
 
 # --- the export of a merge a study stored (--from-db) ---------------------------------------------------------------
@@ -474,7 +503,7 @@ def stored_merge_row(args) -> tuple:
     return rows[0]
 
 
-def rebuild_stored_merge(merger, group: list[str], method: str, hyperparams: dict):
+def rebuild_stored_merge(source, group: list[str], method: str, hyperparams: dict):
     """The merged ΔW a stored merge holds, computed as the sweep computed it (merging/sweep.py `grid_merges`): where
     `scaling` is an output multiplier, merged at scaling 1 and multiplied; a test-time merge from its stored
     coefficients (never learned again); every other method with its stored hyperparameters."""
@@ -490,22 +519,20 @@ def rebuild_stored_merge(merger, group: list[str], method: str, hyperparams: dic
     if merge_method.per_layer and merge_method.scaling_is_output_multiplier:
         inputs = merge_method.inputs(hyperparams)
         scaling = inputs.pop("scaling", merge_method.defaults.get("scaling", 1.0))
-        base, _ = merger.merge(group, method, {**inputs, "scaling": 1.0})
+        base, _ = source.merge(group, method, {**inputs, "scaling": 1.0})
         return base if scaling == 1.0 else {layer: scaling * delta for layer, delta in base.items()}
-    return merger.merge(group, method, hyperparams)[0]
+    return source.merge(group, method, hyperparams)[0]
 
 
 def run_from_db(args) -> int:
-    """Export the merge a study stored: its adapters (their folders as the store records them), method, seed and
-    hyperparameters, rebuilt with `AdapterMerger` (RegMean with the sweep's Gram matrices from the data cache,
-    AdaMerging from its stored coefficients), its stored accuracies in the card."""
+    """Export the merge a study stored: its adapters (their folders as the store records them, read as
+    `OwnAdapters`), method, seed and hyperparameters, rebuilt through the source's merge (RegMean with the sweep's
+    Gram matrices from the data cache, AdaMerging from its stored coefficients), its stored accuracies in the card;
+    then the export every merge gets (`export_and_report`)."""
     from merging.card import Figure
-    from merging.deltas import check_compatible, load_deltas
+    from merging.deltas import load_deltas
     from merging.export import check_output_folder, merge_record
-    from merging.grams import GRAM_IMAGES, GramStore
-    from merging.merged_model import AdapterMerger
-    from mlvision.backbone import BackboneConfig, Preprocess
-    from mlvision.evaluation import FoldedBackbone
+    from merging.sources import OwnAdapters
     from mlvision.runs import resolve_stored_path
 
     if args.from_db is None:
@@ -553,128 +580,34 @@ def run_from_db(args) -> int:
         folders.append(resolve_stored_path(rows[0][0]))
     check_output_folder(args.out, folders, args.overwrite)
     adapters = [load_deltas(folder) for folder in folders]
-    check_compatible(adapters)
     if [a.task for a in adapters] != group:
         raise StoreError(
             f"the adapters of merge {merge_id} are of tasks {[a.task for a in adapters]}, not {group}: "
             "the store's model folders were replaced; run the study again"
         )
-    backbone_config = BackboneConfig(**adapters[0].meta["backbone"])
-    preprocess = Preprocess.from_dict(adapters[0].meta["preprocess"])
-    folded = FoldedBackbone(backbone_config)
-    merger = AdapterMerger(
-        dict(zip(group, adapters)),
-        backbone_config,
-        grams=GramStore(folded, lambda task: task_images(task, "train", preprocess, GRAM_IMAGES)),
-        folded=folded,
-    )
+    source = OwnAdapters(adapters)
     start = time.perf_counter()
-    merged = rebuild_stored_merge(merger, group, method, hyperparams)
+    merged = rebuild_stored_merge(source, group, method, hyperparams)
     seconds = time.perf_counter() - start
     figures: dict[str, dict] = {task: {} for task in group}
-    source = f"stored in {args.from_db.name}"
+    where = f"stored in {args.from_db.name}"
     for task, merged_accuracy, single, head, n in _from_db_rows(
         args.from_db,
         "SELECT task, merged_accuracy, single_accuracy, head_accuracy, n FROM merge_results WHERE merge_id = ?",
         [merge_id],
     ):
         figures[task] = {
-            "merged": Figure(merged_accuracy, n, source),
-            "single": Figure(single, n, source),
-            "head": Figure(head, n, source),
+            "merged": Figure(merged_accuracy, n, where),
+            "single": Figure(single, n, where),
+            "head": Figure(head, n, where),
         }
-    args.export_info = {
+    record = {
+        **merge_record(method, hyperparams, adapters, seconds),
         "from_db": {"db": args.from_db.name, "merge_id": merge_id, "seed": seed},
         **({"selection": selection} if selection and "chosen" in selection else {}),
     }
     print(f"rebuilt stored merge {merge_id} ({method} of {tasks}, seed {seed}) from {args.from_db}")
-    return export_own_merge(
-        args, adapters, merged, folded, figures, merge_record(method, hyperparams, adapters, seconds), []
-    )
-
-
-def _stored_rows(db: Path, sql: str, params: list) -> list[tuple]:
-    """Rows of a read-only query on the results database's views, or one line saying why they cannot be read."""
-    import duckdb
-
-    from mlvision.store import Store
-
-    try:
-        return Store(db).query(sql, params)
-    except duckdb.Error as error:  # e.g. a DuckDB file without the results views
-        raise StoreError(
-            f"cannot read stored accuracies from {db} ({error_reason(error)}): pass --db with a results.duckdb "
-            "written by training/run_all.py"
-        ) from None
-
-
-def _only(rows: list[tuple], run_id: str | None = None) -> tuple | None:
-    """The one row, or the one of run `run_id` (the last column) among several; None when it stays ambiguous."""
-    if len(rows) > 1:
-        rows = [row for row in rows if row[-1] == run_id]
-    return rows[0] if len(rows) == 1 else None
-
-
-def stored_figures(db: Path, adapters) -> dict[str, dict]:
-    """Per task, the stored test accuracy of the adapter itself and of its head baseline (card.Figure).
-
-    The adapter's row in task_results is the one whose model_id is the config hash its task.json records (its
-    identity). The head baseline is a head of the same task, seed and backbone scored on as many test images, the
-    one of the adapter's run when there are several; none is taken when the adapter itself is not stored (the
-    database is then of another study). A missing `db` gives no figures: the card says "not measured".
-    """
-    from merging.card import Figure
-
-    figures = {adapter.task: {} for adapter in adapters}
-    if not db.is_file():
-        return figures
-    source = f"stored in {db.name}"
-    for adapter in adapters:
-        meta = adapter.meta
-        single = _only(
-            _stored_rows(
-                db,
-                "SELECT accuracy, n_test, run_id FROM task_results WHERE model_kind = 'adapter' AND model_id = ?",
-                [meta.get("config_hash")],
-            )
-        )
-        if single is None:
-            continue
-        figures[adapter.task]["single"] = Figure(single[0], single[1], source)
-        heads = _stored_rows(
-            db,
-            "SELECT accuracy, n_test, run_id FROM task_results "
-            "WHERE model_kind = 'head' AND task = ? AND seed = ? AND backbone = ? AND n_test = ?",
-            [adapter.task, meta.get("training", {}).get("seed"), meta["backbone"]["name"], single[1]],
-        )
-        head = _only(heads, single[2])
-        if head is not None:
-            figures[adapter.task]["head"] = Figure(head[0], head[1], source)
-    return figures
-
-
-def stored_merge_figures(db: Path, adapters, method: str, params: dict) -> dict:
-    """Per task, the stored test accuracy of a merge equal to this one: same method, hyperparameters (what a merge
-    records beside them, e.g. RegMean's singular channels, aside), set of tasks, seed and backbone, in
-    merge_results (the sweep's merges, chosen on validation). Empty when none or more than one merge matches."""
-    from merging.card import Figure
-    from merging.methods import get_method
-
-    seeds = {adapter.meta.get("training", {}).get("seed") for adapter in adapters}
-    if not db.is_file() or len(seeds) != 1:
-        return {}
-    inputs = get_method(method).inputs
-    tasks = {adapter.task for adapter in adapters}
-    rows = _stored_rows(
-        db,
-        "SELECT merge_id, tasks, task, merged_accuracy, n, hyperparams FROM merge_results "
-        "WHERE method = ? AND seed = ? AND backbone = ? AND k = ?",
-        [method, seeds.pop(), adapters[0].meta["backbone"]["name"], len(adapters)],
-    )
-    matching = [row for row in rows if set(row[1].split(",")) == tasks and inputs(json.loads(row[5])) == inputs(params)]
-    if len({row[0] for row in matching}) != 1:
-        return {}
-    return {row[2]: Figure(row[3], row[4], f"stored in {db.name}") for row in matching}
+    return export_and_report(args, source, merged, figures, record)
 
 
 def resolve_adapter_key(item: str, given: list[str], resolved: list[Path]) -> str:
@@ -683,238 +616,6 @@ def resolve_adapter_key(item: str, given: list[str], resolved: list[Path]) -> st
     if sep and key in given:
         return f"{resolved[given.index(key)]}={file}"
     return item
-
-
-def per_adapter_option(items: list[str], adapters: list[Path], option: str) -> dict[Path, str]:
-    """--labels ADAPTER=FILE (or --data ADAPTER=DATASET) options as {adapter folder: value}; each ADAPTER must be
-    one of the inputs."""
-    inputs = {folder.resolve(): folder for folder in adapters}
-    example = "labels.json" if option == "--labels" else "my_dataset/"
-    values = {}
-    for item in items:
-        folder, sep, value = item.rpartition("=")
-        if not sep or not folder or not value:
-            raise MergeConfigError(
-                f"{option} '{item}' is not ADAPTER=VALUE: write e.g. {option} my_adapter={example} (adapter folders go "
-                f"before {option}, which takes every ADAPTER=VALUE that follows it)"
-            )
-        if Path(folder).resolve() not in inputs:
-            raise MergeConfigError(f"{option} names {folder}, which is not one of the adapters given: check the path")
-        values[inputs[Path(folder).resolve()]] = value
-    return values
-
-
-def run_foreign(args, hyperparams: dict) -> int:
-    """Merge peft LoRA adapters of a transformers or timm model (merging/foreign.py) and export. With --data for
-    every adapter, the method's grid is searched on a validation split of that data (when no --param fixes the
-    hyperparameters), RegMean gets its Gram matrices from the data's training images, and the export's rank is
-    measured (or, with --rank auto, chosen) on the validation images; --evaluate N scores the test split."""
-    from merging.deltas import check_compatible
-    from merging.export import check_export_rank
-    from merging.foreign import base_model_name, fill_missing_layers, is_foreign, load_foreign
-    from merging.methods import get_method, list_methods
-    from mlvision.models import META_FILE
-
-    own = [folder for folder in args.adapters if (folder / META_FILE).exists()]
-    if own:
-        other = next(folder for folder in args.adapters if is_foreign(folder))
-        raise MergeConfigError(
-            f"{own[0]} is one of this project's adapters ({META_FILE}) but {other} was trained elsewhere: "
-            "merge adapters of one kind (one backbone) only"
-        )
-    merge_method = get_method(args.method)
-    if not merge_method.per_layer:
-        raise MergeConfigError(
-            f"merge method '{args.method}' is {merge_method.kind}; adapters trained elsewhere merge with a per-layer "
-            "method: "
-            f"{', '.join(list_methods(kind='data_free'))}, or with --data for every adapter "
-            f"{', '.join(list_methods(kind='data_aware'))}"
-        )
-    labels = per_adapter_option(args.labels, args.adapters, "--labels")
-    data = per_adapter_option(args.data, args.adapters, "--data")
-    if merge_method.statistics and len(data) < len(args.adapters):
-        missing = next(folder for folder in args.adapters if folder not in data)
-        raise MergeConfigError(
-            f"merge method '{args.method}' needs each adapter's training images: pass --data {missing}=DATASET (one "
-            f"for every adapter), or use a per-layer method: {', '.join(list_methods(kind='data_free'))}"
-        )
-    from merging.foreign import dataset_label_names
-
-    adapters = [  # label names: --labels, the folder's own, then the dataset's (--data), the base config's last
-        load_foreign(
-            folder,
-            labels.get(folder),
-            args.base,
-            args.hub_ids.get(folder),
-            fallback_labels=dataset_label_names(data[folder]) if folder in data else None,
-        )
-        for folder in args.adapters
-    ]
-    base = base_model_name(adapters)  # before check_compatible: its message names the base models
-    adapters, layer_sources = fill_missing_layers(adapters)
-    check_compatible(adapters)
-    if isinstance(args.rank, int):
-        check_export_rank(args.rank, adapters[0].deltas)
-    datasets_for = {a.task: data[a.path] for a in adapters if a.path in data}
-    work = ForeignData(adapters, base, datasets_for) if (data or args.evaluate) else None
-    start = time.perf_counter()
-    merged, params, selection = merge_foreign(adapters, args.method, hyperparams, work)
-    seconds = time.perf_counter() - start
-    return export_foreign_merge(args, adapters, base, layer_sources, merged, params, selection, seconds, work)
-
-
-class ForeignData:
-    """The --data of adapters from elsewhere, loaded once: the base model and its preprocessing, each adapter's
-    validation images (the rank's and the grid's scoring, `RANK_VALIDATION_IMAGES`), training images for RegMean and
-    test images for --evaluate; and the scoring of any merged ΔW through `build_merged_classifier`."""
-
-    def __init__(self, adapters, base: str, datasets_for: dict[str, str]):
-        from merging.bases import LIBRARIES
-        from merging.foreign import recorded_base
-
-        self.adapters, self.datasets_for = adapters, datasets_for
-        library = LIBRARIES[adapters[0].meta["library"]]
-        self.base_model = library.load(recorded_base(base))
-        self.preprocess = library.preprocess(base, self.base_model)
-        self._validation = None
-
-    def split(self, split: str, n: int) -> dict:
-        """{task: (images, labels)} of every adapter's dataset (one line naming an adapter without --data)."""
-        from merging.foreign import evaluation_data
-
-        return evaluation_data(self.adapters, self.datasets_for, self.preprocess, n, split)
-
-    def validation(self) -> dict:
-        from merging.export import RANK_VALIDATION_IMAGES
-
-        if self._validation is None:
-            self._validation = self.split("validation", RANK_VALIDATION_IMAGES)
-        return self._validation
-
-    def score(self, merged: dict, data: dict, adapters=None) -> dict[str, float]:
-        """{task: accuracy} of base + `merged` with the adapters' heads on `data` (one stream of full batches)."""
-        from merging.foreign import build_merged_classifier
-        from mlvision.evaluation import accuracy_of, task_correct
-
-        model = build_merged_classifier(adapters or self.adapters, merged, self.base_model)
-        return {task: accuracy_of(correct) for task, correct in task_correct(model, data).items()}
-
-    def grams(self):
-        from merging.foreign import ForeignGrams
-        from merging.grams import GRAM_IMAGES
-
-        train = {}
-
-        def images_for(task: str):
-            if not train:
-                train.update(self.split("train", GRAM_IMAGES))
-            return train[task][0]
-
-        return ForeignGrams(self.base_model, images_for)
-
-
-def merge_foreign(adapters, method: str, hyperparams: dict, work: ForeignData | None):
-    """(merged ΔW, hyperparameters, the validation selection record or None). Where `work` holds every adapter's data
-    and no --param fixed the hyperparameters, each point of the method's grid (`MergeMethod.grid_points`) is merged
-    and scored on the validation images and the best mean accuracy over the tasks is kept, ties to the earlier point
-    (the sweep's rule, merging/sweep.py `select`); otherwise one merge with the given (or default) hyperparameters."""
-    from merging.merged_model import AdapterMerger
-    from merging.methods import get_method
-
-    merge_method = get_method(method)
-    keys = [str(i) for i in range(len(adapters))]
-    grams = work.grams() if work is not None and merge_method.statistics else None
-    merger = AdapterMerger(dict(zip(keys, adapters)), None, grams=grams)
-    if work is None or len(work.datasets_for) < len(adapters) or hyperparams or not merge_method.tuned:
-        merged, params = merger.merge(keys, method, hyperparams)
-        return merged, params, None
-    from merging.sweep import select_on_validation
-
-    validation = work.validation()
-
-    def score(merged) -> float:
-        accuracies = work.score(merged, validation)
-        return sum(accuracies.values()) / len(accuracies)
-
-    grid_merges = (
-        (index, *merger.merge(keys, method, point)) for index, point in enumerate(merge_method.grid_points())
-    )
-    n_per_task = min(len(labels) for _, labels in validation.values())
-    selection = select_on_validation(merge_method, grid_merges, score, n_per_task)
-    return selection.merged, selection.params, selection.record
-
-
-def export_foreign_merge(args, adapters, base, layer_sources, merged, params, selection, seconds, work) -> int:
-    """Settle the rank (measured on the validation images where --data gives them), score the merge, each adapter
-    alone and the exported LoRA on --evaluate N test images, and write the folder (`foreign.export_merge`)."""
-    from merging.card import Figure
-    from merging.export import merge_record, settle_rank
-    from merging.foreign import export_merge
-
-    score_validation, n_validation = None, None
-    why_not = "no validation images: --data ADAPTER=DATASET for every adapter measures it"
-    if work is not None and len(work.datasets_for) == len(adapters):
-        validation = work.validation()
-        n_validation = max(len(labels) for _, labels in validation.values())
-
-        def score_validation(deltas):
-            return work.score(deltas, validation)
-
-    elif work is not None:
-        work.validation()  # one line naming the adapter without --data
-    rank, choice, low_rank = settle_rank(args.rank, merged, score_validation, n_validation, why_not)
-    figures = {}
-    if args.evaluate:  # before the export, so the model card holds the figures
-        test = work.split("test", args.evaluate)
-        merged_scores = work.score(merged, test)
-        exported_scores = work.score(low_rank.approximation(rank), test)
-        for adapter in adapters:
-            task = adapter.task
-            source = f"measured now on {work.datasets_for[task]}"
-            n = len(test[task][1])
-            single = work.score(adapter.deltas, {task: test[task]}, [adapter])[task]
-            figures[task] = {
-                "merged": Figure(merged_scores[task], n, source),
-                "exported": Figure(exported_scores[task], n, source),
-                "single": Figure(single, n, source),
-            }
-    partial = {layer: tasks for layer, tasks in layer_sources.items() if len(tasks) < len(adapters)}
-    datasets = dict(work.datasets_for) if work is not None else {}
-    error = export_merge(
-        merged,
-        adapters,
-        rank,
-        args.out,
-        {
-            **merge_record(args.method, params, adapters, seconds),
-            "layers": layer_sources,
-            "missing_layers_as_zero": bool(partial),
-            "rank_choice": choice,
-            "datasets": {a.task: datasets.get(a.task) for a in adapters},
-            **({"selection": selection} if selection else {}),
-        },
-        overwrite=args.overwrite,
-        figures=figures,
-        base_model=work.base_model if work is not None else None,
-    )
-    print(f"merged {len(adapters)} adapters of {base} with {args.method} {params} in {seconds:.2f} s")
-    if selection:
-        print(
-            f"  chosen on validation: {selection['chosen']} (mean validation accuracy "
-            f"{selection['chosen_validation_accuracy']:.4f} over the grid's {len(selection['grid'])} points)"
-        )
-    if partial:
-        print(f"  {len(partial)} layers adapted by only some adapters were merged with ΔW = 0 for the others")
-    for line in rank_lines(choice):
-        print(line)
-    print(f"saved to {args.out} as a rank-{rank} LoRA; relative reconstruction error {error:.4f}")
-    for task, figure in figures.items():
-        print(
-            f"  {task}: merged accuracy {figure['merged'].accuracy:.4f}, its own adapter "
-            f"{figure['single'].accuracy:.4f}, exported rank-{rank} {figure['exported'].accuracy:.4f} "
-            f"(n={figure['merged'].n})"
-        )
-    return 0
 
 
 if __name__ == "__main__":
