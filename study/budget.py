@@ -6,8 +6,9 @@ model and merge is stored as it finishes; the same command continues). `python t
 this and runs nothing; a run with much left to do prints it first (`ANNOUNCE_ABOVE_UNITS`).
 
 The estimate is counts x unit costs, each unit cost timed here on this machine in a few seconds (`probe`):
-- one adapter training step (the study's backbone with LoRA, real images, AdamW; `PROBE_BATCH` images and scaled to
-  the study's batch size, as a step's cost grows about linearly with its images on a CPU);
+- one adapter training step (the study's backbone with LoRA, real images, AdamW, the trainer's memory order;
+  `PROBE_BATCH` images and scaled to the study's batch size, as a step's cost grows about linearly with its images
+  on a CPU);
 - one image scored by the sweep's merged-model path (`FoldedBackbone`, `EVAL_BATCH_SIZE` images per pass).
 Counted: each adapter's steps and its scored validation and test images; each head baseline's feature images; each
 merge's grid points x validation images per task (x2 where a method re-selects the method it starts from) plus its
@@ -97,6 +98,9 @@ def probe(config: StudyConfig, device: str = "cpu") -> UnitCosts:
     model = add_lora(backbone, rank=config.rank, alpha=config.alpha, target_modules=config.lora_targets).to(device)
     head = make_head(backbone.num_features, get_task(task).num_classes).to(device)
     model.eval()  # BatchNorm frozen, as the adapter trainer keeps it
+    if config.channels_last:  # the trainer's memory order (training/trainers.py), which changes a step's cost
+        model.to(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last)
     trainable = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
     optimizer = torch.optim.AdamW(trainable, lr=config.lr)
     images, labels = images.to(device), labels.to(device)
