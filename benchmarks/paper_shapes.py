@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.timing import PeakMemory
+from benchmarks.timing import PeakMemory, median_p95, time_interleaved
 from merging.deltas import AdapterDeltas
 from merging.grams import compute_grams
 from merging.merged_model import merge_deltas
@@ -61,17 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
 def timed(fn, device: torch.device, repeats: int) -> tuple[float, float | None]:
     """(median seconds, peak memory MB over the timed runs) of `fn()` after one warm-up run."""
     fn()
-    times = []
     with PeakMemory(device) as memory:
-        for _ in range(repeats):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2], memory.peak_mb
+        times_ms = time_interleaved({"run": fn}, repeats, warmup=0, device=device)["run"]
+    return median_p95(times_ms)[0] / 1000.0, memory.peak_mb
 
 
 def backbone_config(args) -> BackboneConfig:

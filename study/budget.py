@@ -22,12 +22,12 @@ measured, per stage).
 from __future__ import annotations
 
 import functools
-import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from benchmarks.timing import median_p95, time_interleaved
 from merging.grams import GRAM_IMAGES
 from merging.methods import get_method
 from merging.sweep import merge_id_of, stored_merge_ids, sweep_plan
@@ -120,17 +120,9 @@ def probe(config: StudyConfig, device: str = "cpu") -> UnitCosts:
 
 
 def _median_seconds(fn, device: str) -> float:
-    fn()  # warm-up: allocations, lazy initialisation
-    times = []
-    for _ in range(PROBE_REPEATS):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+    """Median seconds of `fn` over `PROBE_REPEATS` after one warm-up (benchmarks/timing.py's clock)."""
+    times_ms = time_interleaved({"probe": fn}, PROBE_REPEATS, warmup=1, device=torch.device(device))["probe"]
+    return median_p95(times_ms)[0] / 1000.0
 
 
 def estimate_seconds(config: StudyConfig, work: Work, costs: UnitCosts) -> dict[str, float]:
