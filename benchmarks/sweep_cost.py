@@ -37,7 +37,11 @@ from mlvision.store import Store
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.sweep_cost", description=__doc__.split("\n\n")[0])
     add_study_arguments(parser, help_defaults(argv))
-    parser.add_argument("--all-methods", action="store_true", help="measure every registered merge method")
+    parser.add_argument(
+        "--all-methods",
+        action="store_true",
+        help="measure every registered merge method on every group and seed (no subset)",
+    )
     parser.add_argument(
         "--repeats", type=int, default=1, help="timed merges per (method, k); the median is kept (default: 1)"
     )
@@ -49,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(argv).parse_args(argv)
     config = config_from_args(args, tuple(list_methods()))
     if args.all_methods:
-        config = replace(config, merge_methods=tuple(list_methods()))
+        config = replace(config, merge_methods=tuple(list_methods()), subset_methods=())
     methods = config.merge_methods
     seed = config.seeds[0]
     plan = sweep_plan(config)

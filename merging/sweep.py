@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from merging.deltas import AdapterDeltas, load_deltas
 from merging.grams import GRAM_IMAGES, GramStore
 from merging.merged_model import AdapterMerger
-from merging.methods import get_method
+from merging.methods import STUDY_SUBSET, get_method
 from mlvision.backbone import Preprocess
 from mlvision.config import StudyConfig
 from mlvision.data import split_tensors
@@ -72,10 +72,10 @@ def sample_groups(tasks, k: int, max_groups: int | None) -> list[tuple[str, ...]
     return [groups[i] for i in chosen]
 
 
-def in_study_subset(method: str, k: int, seed: int | None = None) -> bool:
-    """Whether a costly method's stated subset (`MergeMethod.study_subset`, e.g. AdaMerging's) holds k (and
-    `seed`, when given)."""
-    subset = get_method(method).study_subset
+def in_study_subset(method: str, k: int, seed: int | None = None, subset_methods: tuple[str, ...] = ()) -> bool:
+    """Whether the part of the sweep `method` runs on holds k (and `seed`, when given): its own stated subset
+    (`MergeMethod.study_subset`, e.g. AdaMerging's), SUBSET where the study names it in `subset_methods`, else all."""
+    subset = get_method(method).study_subset or (STUDY_SUBSET if method in subset_methods else None)
     return subset is None or (k in subset.get("k", (k,)) and (seed is None or seed in subset.get("seeds", (seed,))))
 
 
@@ -88,7 +88,9 @@ def sweep_plan(config: StudyConfig) -> list[tuple[tuple[str, ...], int, str]]:
         for group in sample_groups(config.tasks, k, config.max_groups_per_k):
             for seed in merge_seeds(config, k):
                 plan.extend(
-                    (group, seed, method) for method in config.merge_methods if in_study_subset(method, k, seed)
+                    (group, seed, method)
+                    for method in config.merge_methods
+                    if in_study_subset(method, k, seed, config.subset_methods)
                 )
     return plan
 
@@ -198,7 +200,7 @@ def select_on_validation(merge_method, grid_merges, score, n_per_task: int) -> S
 
 def check_methods(config: StudyConfig) -> None:
     """Unknown merge method names fail before any work."""
-    for method in config.merge_methods:
+    for method in (*config.merge_methods, *config.subset_methods):
         get_method(method)
 
 

@@ -16,6 +16,7 @@ values a config may hold, and reads a JSON or YAML config file. The keys a field
 - `unset`: words for the default when it is None or empty ("all of the split").
 - `at_least` / `above` / `at_most`: the allowed range, checked for every value a config holds (each item of a
   tuple); `not_empty`: a tuple must hold one item at least; `why`: the reason, added to the refusal.
+- `may_be_empty`: a tuple option given with no value sets the empty tuple (`--subset-methods` alone: none).
 - `identity_default`: for a field added after results were stored, the value at which it is left out of the
   stored identity, so the runs stored before it existed keep their ids.
 """
@@ -65,7 +66,7 @@ def add_field_arguments(parser, cls, defaults) -> None:
         else:
             kwargs["type"] = meta.get("type", kind if kind in (int, float, str, Path) else str)
             if many:
-                kwargs["nargs"] = "+"
+                kwargs["nargs"] = "*" if meta.get("may_be_empty") else "+"
         for key in ("choices", "metavar"):
             if key in meta:
                 kwargs[key] = meta[key]

@@ -11,6 +11,7 @@ import pytest
 from conftest import TINY_ARGS, call_main, query_db
 
 from benchmarks.options import BenchConfig, bench_config_from_args
+from merging.methods import list_methods
 from mlvision.config import PROFILES, StudyConfig, config_from_args, profile_name
 from mlvision.errors import MLVisionError, UnknownNameError
 from mlvision.options import flag
@@ -18,7 +19,8 @@ from mlvision.paths import REPO_ROOT
 from mlvision.runs import study_run_id
 from study.run_all import build_parser, main
 
-DEFAULT = PROFILES["default"]  # names its own merge methods: its identity needs no registry
+REGISTERED = tuple(list_methods())
+DEFAULT = PROFILES["default"].with_methods(REGISTERED)  # every registered method, nine of them on the subset
 
 
 def help_of(*argv) -> str:
@@ -27,7 +29,7 @@ def help_of(*argv) -> str:
 
 
 def parse(*argv) -> StudyConfig:
-    return config_from_args(build_parser().parse_args([str(a) for a in argv]), ("ties",))
+    return config_from_args(build_parser().parse_args([str(a) for a in argv]), REGISTERED)
 
 
 # -- one declaration per field ---------------------------------------------------------------------------
@@ -58,11 +60,21 @@ def test_fields_added_later_are_left_out_of_the_identity_at_their_old_value():
     }
     assert set(added_later) == {
         "task_domains", "mixed_precision", "grad_accum", "channels_last", "given_adapters", "backbone_base",
-        "min_test_images", "min_merge_eval_images", "max_adapter_accuracy", "max_head_accuracy",
+        "min_test_images", "min_merge_eval_images", "max_adapter_accuracy", "max_head_accuracy", "subset_methods",
     }  # fmt: skip
-    old = replace(DEFAULT, channels_last=False)  # channels_last came on later: off is the old identity
+    old = replace(DEFAULT, channels_last=False, subset_methods=())  # each at the value its old identity had
     assert not set(added_later) & set(old.identity())
     assert replace(DEFAULT, grad_accum=2).identity()["grad_accum"] == 2
+
+
+def test_subset_methods_default_to_the_profile_s_and_may_be_given_empty():
+    """The default sweeps every registered method, nine of them on the subset; `--subset-methods` alone sweeps every
+    method in full, and names replace the profile's list."""
+    assert DEFAULT.merge_methods == REGISTERED and set(DEFAULT.subset_methods) < set(REGISTERED)
+    assert parse().subset_methods == DEFAULT.subset_methods and len(DEFAULT.subset_methods) == 9
+    assert parse("--subset-methods").subset_methods == ()
+    assert parse("--subset-methods", "ties").subset_methods == ("ties",)
+    assert "subset_methods" not in replace(DEFAULT, subset_methods=()).identity()  # runs before it keep their ids
 
 
 def test_the_committed_study_keeps_its_run_id():

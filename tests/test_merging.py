@@ -14,7 +14,7 @@ from merging.deltas import load_deltas
 from merging.export import export_own_lora
 from merging.merge import main as merge_main
 from merging.merged_model import build_merged_model, merge_deltas
-from merging.methods import get_method
+from merging.methods import get_method, list_methods
 from merging.peft_reference import PeftMerger
 from merging.sweep import MergeSweep, sample_groups, sweep_plan
 from mlvision.backbone import BackboneConfig, create_backbone
@@ -250,27 +250,35 @@ def test_merge_id_covers_the_grid_and_the_validation_size(tiny_study):
 SIX = ("mnist", "uci_digits", "fashion_mnist", "animals", "lfw_faces", "textures")
 
 
+def on_subset_and_full(config) -> tuple[set[str], list[str]]:
+    """The config's methods swept on the subset (their own, AdaMerging's, or named in `subset_methods`) and the rest."""
+    on_subset = {m for m in config.merge_methods if get_method(m).study_subset or m in config.subset_methods}
+    return on_subset, [m for m in config.merge_methods if m not in on_subset]
+
+
 def test_the_plan_merges_every_seed_at_every_k_by_default_and_honours_an_int():
-    config = replace(PROFILES["default"], tasks=SIX)
+    config = replace(PROFILES["default"], tasks=SIX).with_methods(tuple(list_methods()))
     assert config.merge_all_seeds_up_to_k is None and config.max_groups_per_k is None
+    assert config.merge_methods == tuple(list_methods())  # every registered method
     plan = sweep_plan(config)
-    full = [m for m in config.merge_methods if get_method(m).study_subset is None]
-    assert set(full) | {"adamerging"} == set(config.merge_methods)
-    # 57 groups x 3 seeds x 7 methods, plus AdaMerging on its subset: every group at k = 2, 4, 6 with seed 0
-    assert len(plan) == (15 + 20 + 15 + 6 + 1) * 3 * len(full) + (15 + 15 + 1)
-    ada = [(group, seed) for group, seed, method in plan if method == "adamerging"]
-    assert {len(group) for group, _ in ada} == {2, 4, 6} and {seed for _, seed in ada} == {0}
+    on_subset, full = on_subset_and_full(config)
+    assert on_subset == {"adamerging", *config.subset_methods} and len(full) == 7
+    # 57 groups x 3 seeds x 7 methods, plus each subset method on every group at k = 2, 4, 6 with seed 0
+    assert len(plan) == (15 + 20 + 15 + 6 + 1) * 3 * len(full) + (15 + 15 + 1) * len(on_subset)
+    for method in on_subset:
+        items = [(group, seed) for group, seed, m in plan if m == method]
+        assert {len(group) for group, _ in items} == {2, 4, 6} and {seed for _, seed in items} == {0}
     for k in range(2, 7):
         assert {seed for group, seed, _ in plan if len(group) == k} == {0, 1, 2}
     capped = sweep_plan(replace(config, merge_all_seeds_up_to_k=2))
     assert {seed for group, seed, _ in capped if len(group) == 2} == {0, 1, 2}
     assert {seed for group, seed, _ in capped if len(group) > 2} == {0}
-    assert len(capped) == (15 * 3 + 20 + 15 + 6 + 1) * len(full) + (15 + 15 + 1)
+    assert len(capped) == (15 * 3 + 20 + 15 + 6 + 1) * len(full) + (15 + 15 + 1) * len(on_subset)
 
 
 def test_max_groups_per_k_samples_a_fixed_reproducible_set_of_groups():
     tasks = tuple(f"task{i}" for i in range(8))
-    config = replace(PROFILES["default"], tasks=tasks, max_k=8, max_groups_per_k=5)
+    config = replace(PROFILES["default"], tasks=tasks, max_k=8, max_groups_per_k=5).with_methods(tuple(list_methods()))
     plan = sweep_plan(config)
     groups = {}
     for group, seed, method in plan:
@@ -280,9 +288,9 @@ def test_max_groups_per_k_samples_a_fixed_reproducible_set_of_groups():
     # the same groups for every seed and method
     for group, seed, method in plan:
         assert group in groups[len(group)]
-    full = [m for m in config.merge_methods if get_method(m).study_subset is None]
+    on_subset, full = on_subset_and_full(config)
     ada = [item for item in plan if item[2] == "adamerging"]  # k in {2, 4, 6}, seed 0: 28 + 5 + 5 groups
-    assert len(plan) == (28 + 5 * 5 + 1) * 3 * len(full) + len(ada) and len(ada) == 28 + 5 + 5
+    assert len(plan) == (28 + 5 * 5 + 1) * 3 * len(full) + len(ada) * len(on_subset) and len(ada) == 28 + 5 + 5
     # a pure function of (sorted tasks, k, N): same sample in any task order and on every call
     assert sample_groups(tasks[::-1], 4, 5) == sample_groups(tasks, 4, 5) == sorted(groups[4])
     assert len({tuple(sample_groups(tasks, 4, 5)) for _ in range(3)}) == 1

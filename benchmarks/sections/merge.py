@@ -45,7 +45,7 @@ class MergeSection(Section):
             (m, k, None)
             for k in range(2, len(stage.tasks) + 1)
             for m in stage.config.merge_methods
-            if in_study_subset(m, k)
+            if in_study_subset(m, k, subset_methods=stage.config.subset_methods)
         ]
         if any(get_method(m).statistics for m in stage.config.merge_methods):
             rows.append(("gram_matrices", 1, None))
@@ -90,7 +90,7 @@ class MergeSection(Section):
             grams.prepare(list(adapters.values()))
         for k in tqdm(range(2, len(stage.tasks) + 1), desc="bench merge", unit="k"):
             group = stage.tasks[:k]
-            timed = [m for m in methods if in_study_subset(m, k)]
+            timed = [m for m in methods if in_study_subset(m, k, subset_methods=stage.config.subset_methods)]
             calls = {
                 method: (lambda m=method: merger.merge(group, m))
                 for method in timed

@@ -30,7 +30,7 @@ from . import (
     ties,
     tsv_m,
 )
-from ._base import MergeMethod, MethodKind
+from ._base import STUDY_SUBSET, MergeMethod, MethodKind
 from .task_arithmetic import TASK_ARITHMETIC_GRID
 
 _ALL = [
@@ -83,4 +83,12 @@ def get_method(name: str) -> MergeMethod:
         raise UnknownNameError(f"unknown merge method {name!r}; known methods: {', '.join(MERGE_METHODS)}") from None
 
 
-__all__ = ["MERGE_METHODS", "MergeMethod", "MethodKind", "TASK_ARITHMETIC_GRID", "get_method", "list_methods"]
+__all__ = [
+    "MERGE_METHODS",
+    "STUDY_SUBSET",
+    "MergeMethod",
+    "MethodKind",
+    "TASK_ARITHMETIC_GRID",
+    "get_method",
+    "list_methods",
+]

@@ -77,6 +77,11 @@ def _in_range(value: float, spec: tuple) -> bool:
     return low_ok and high_ok
 
 
+# The part of the sweep a costly method runs on: groups of 2, 4 and 6 tasks, first seed (AdaMerging's
+# `study_subset`, and the methods a study names in `subset_methods`, merging/sweep.py `in_study_subset`).
+STUDY_SUBSET = {"k": (2, 4, 6), "seeds": (0,)}
+
+
 @dataclass(frozen=True)
 class StartsFrom:
     """Where a method's starting point comes from: another method's choice on validation for the same group and seed
@@ -119,7 +124,7 @@ class MergeMethod:
     # a sweep computes once per adapter instead of once per merge); the result must not depend on them.
     optional_statistics: tuple[str, ...] = ()
     # For a method too costly to sweep in full on 2 CPU cores: the part of the sweep it runs on, e.g.
-    # {"k": (2, 4, 6), "seeds": (0,)}; None = every group and seed like the others.
+    # STUDY_SUBSET; None = every group and seed like the others.
     study_subset: dict | None = None
     # A method whose definition spans the whole model, not one layer (TIES' trim over the whole task vector):
     # merge_model({layer: [ΔW_1..ΔW_k]}, **hyperparams) -> {layer: ΔW}; merging/merged_model.merge_deltas calls

@@ -46,7 +46,7 @@ Validation grid: none (untuned, one setting: the paper has no validation search;
 
 from __future__ import annotations
 
-from ._base import MergeMethod, MethodKind, StartsFrom
+from ._base import STUDY_SUBSET, MergeMethod, MethodKind, StartsFrom
 from .task_arithmetic import METHOD as TASK_ARITHMETIC
 
 
@@ -101,5 +101,5 @@ METHOD = MergeMethod(
         "init 0.3: task arithmetic's default λ (the paper's prior 0.3); lr 1e-3 and batch 16: Yang et al. "
         "2024 and their code; steps 50 (paper 500): about 20-35 s for k = 6 on one CPU thread"
     ),
-    study_subset={"k": (2, 4, 6), "seeds": (0,)},
+    study_subset=STUDY_SUBSET,
 )
