@@ -328,6 +328,19 @@ def test_a_transductive_or_partial_method_is_never_chosen_and_data_aware_methods
     assert "## Data-aware methods against the best data-free method" in render_report(pd.DataFrame(rows))
 
 
+def test_a_data_free_method_swept_on_a_subset_is_not_the_data_aware_method_s_reference():
+    """A data-free method merged on part of the data-aware method's merges (a `subset_methods` one) is not the
+    'best data-free method on the same merges', however high its validation accuracy there."""
+    inputs = synthetic_inputs(methods=("regmean", "linear", "ties"), max_k=3)  # linear beats ties on validation
+    merges = inputs.merges
+    inputs.merges = merges.drop(merges[(merges["method"] == "linear") & (merges["tasks"] == "t0,t1,t2")].index)
+    compared = {r["statistic"]: r for r in analyse(inputs)[0] if r["finding"] == "data_aware"}
+    assert "vs ties" in compared["regmean/k=3/mean"]["note"]
+    inputs.merges = merges  # linear on every merge: it is the reference
+    compared = {r["statistic"]: r for r in analyse(inputs)[0] if r["finding"] == "data_aware"}
+    assert "vs linear" in compared["regmean/k=3/mean"]["note"]
+
+
 # -- a study of one's own: the exclusion thresholds as options, and the report's names -------------
 
 

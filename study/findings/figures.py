@@ -222,8 +222,9 @@ def data_aware_rows(rows_in: pd.DataFrame) -> list[dict]:
     """At the largest k: each data-aware method against the best data-free method on the same merges, per task.
 
     The data-free method is the one with the highest mean chosen validation accuracy over the very
-    (group, seed) merges the data-aware method has (AdaMerging: seed 0 only), so both sides cover the
-    same models; values are mean test accuracy over those seeds, differences in points."""
+    (group, seed) merges the data-aware method has (AdaMerging: seed 0 only), among the data-free methods that
+    merged every one of them (one swept on a subset competes only where it covers them), so both sides cover
+    the same models; values are mean test accuracy over those seeds, differences in points."""
     out = []
     if rows_in.empty:
         return out
@@ -234,6 +235,9 @@ def data_aware_rows(rows_in: pd.DataFrame) -> list[dict]:
         mine = at_k[at_k["method"] == method]
         keys = set(zip(mine["tasks"], mine["seed"]))
         same = free[[key in keys for key in zip(free["tasks"], free["seed"])]]
+        merged_keys = same.drop_duplicates("merge_id").groupby("method")[["tasks", "seed"]]
+        covering = [m for m, d in merged_keys if len(set(zip(d["tasks"], d["seed"]))) == len(keys)]
+        same = same[same["method"].isin(covering)]  # a method swept on a subset lacks some of them: it does not compete
         if same.empty:
             continue
         scores = same.drop_duplicates("merge_id").groupby("method")["validation"].mean()
