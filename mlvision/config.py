@@ -148,7 +148,7 @@ class StudyConfig:
         default=(),
         metadata={
             "help": "merge methods swept only on groups of 2, 4 and 6 tasks of the first seed (to fit a time budget); "
-            "given with no name, every method is swept in full",
+            "given with no name, or when --merge-methods names the methods, every method is swept in full",
             "unset": "none",
             "may_be_empty": True,
             "identity_default": (),
@@ -653,6 +653,8 @@ def config_from_args(args: argparse.Namespace, registered_methods: tuple[str, ..
     profile, changes = chosen_settings(args)
     base = PROFILES[profile].with_methods(registered_methods)
     changes.update(changes_from_args(args, StudyConfig))
+    if "merge_methods" in changes and "subset_methods" not in changes:
+        changes["subset_methods"] = ()  # methods a user names are swept in full, unless --subset-methods says otherwise
     if "db" in changes and "artifacts" not in changes and Path(changes["db"]).resolve() != Path(base.db).resolve():
         changes["artifacts"] = artifacts_beside(changes["db"])
     return replace(base, **changes)
