@@ -7,16 +7,16 @@ this and runs nothing; a run with much left to do prints it first (`ANNOUNCE_ABO
 
 The estimate is counts x unit costs, each unit cost timed here on this machine in a few seconds (`probe`):
 - one adapter training step (the study's backbone with LoRA, real images, AdamW, the trainer's memory order;
-  `PROBE_BATCH` images and scaled to the study's batch size, as a step's cost grows about linearly with its images
-  on a CPU);
+  `PROBE_PIXELS` worth of images (the default's whole batch) and scaled to the study's batch size, as a step's cost
+  grows about linearly with its images once the batch fills the cores);
 - one image scored by the sweep's merged-model path (`FoldedBackbone`, `EVAL_BATCH_SIZE` images per pass).
 Counted: each adapter's steps and its scored validation and test images; each head baseline's feature images; each
 merge's grid points x validation images per task (x2 where a method re-selects the method it starts from) plus its
 test images; a test-time method's learning steps (as training steps over its images); RegMean's Gram images.
-Left out, and why: merge arithmetic (the SVDs of TSV-M and Iso, TIES' trims), seconds per thousand merges at the
-default's size against the minutes of evaluation; loading and task preparation. So it is a lower bound's order of
-magnitude, not a promise: `benchmarks/budget_check.py`-style validation is the closing note's (estimate against
-measured, per stage).
+Left out, and why: merge arithmetic (RegMean's solves, the SVDs of TSV-M, KnOTS and Iso, TIES' trims), which needs
+the adapters the run has yet to train; it was 31 % of a k = 4 merge's time in a profile of the default (2026-12-06),
+so the sweep's estimate is low by about that much on a CPU (24 min said, 34.6 measured); loading and task
+preparation. A lower bound's order of magnitude, not a promise.
 """
 
 from __future__ import annotations
@@ -39,8 +39,10 @@ from mlvision.models import add_lora, make_head
 from mlvision.store import Store
 from mlvision.tasks import get_task, load_task
 
-# Images in the probe's training steps (scaled to the study's batch size) and passes timed per probe.
-PROBE_BATCH = 16
+# Pixels in a probe's training batch (scaled to the study's batch size) and passes timed per probe: 64 images at
+# 48 px, the default's own batch. At 16 images, scaled x4, the probe said 0.30 s a step where the default's training
+# measured about 0.14 s (a small batch uses a CPU's cores less well); at 224 px this is 2 images.
+PROBE_PIXELS = 64 * 48 * 48
 PROBE_REPEATS = 3
 # A run probes and announces its plan when this many units are left (an adapter is one, ten merges are one): the
 # default study from empty has 155, the quick run 10 (its probe would be a tenth of it), a finished study 0.
@@ -93,7 +95,7 @@ def probe(config: StudyConfig, device: str = "cpu") -> UnitCosts:
     task = config.tasks[0]
     backbone = create_backbone(config.backbone_config)
     preprocess = make_preprocess(config.backbone_config, backbone)
-    batch = min(PROBE_BATCH, config.batch_size)
+    batch = max(1, min(PROBE_PIXELS // config.image_size**2, config.batch_size))
     images, labels = split_tensors(task, "train", preprocess, batch)
     model = add_lora(backbone, rank=config.rank, alpha=config.alpha, target_modules=config.lora_targets).to(device)
     head = make_head(backbone.num_features, get_task(task).num_classes).to(device)
@@ -173,8 +175,8 @@ def plan_lines(work: Work, seconds: dict[str, float], costs: UnitCosts) -> list[
         f"estimate on this machine ({costs.device}, {_threads()}; one training step "
         f"{costs.step_s:.3f} s, one scored image {costs.image_s * 1000:.2f} ms): "
         f"training {_duration(seconds['train'])}, merge sweep {_duration(seconds['merge'])}, "
-        f"about {_duration(total)} in all (merge arithmetic, loading and "
-        "the findings and bench stages not counted)",
+        f"about {_duration(total)} in all (not counted: merge arithmetic, about a third of the default's sweep on a "
+        "CPU, loading, and the findings and bench stages)",
         "every model and merge is stored as it finishes: Ctrl-C stops the run, and the same command continues "
         "where it stopped",
     ]
