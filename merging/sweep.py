@@ -74,7 +74,8 @@ def sample_groups(tasks, k: int, max_groups: int | None) -> list[tuple[str, ...]
 
 def in_study_subset(method: str, k: int, seed: int | None = None, subset_methods: tuple[str, ...] = ()) -> bool:
     """Whether the part of the sweep `method` runs on holds k (and `seed`, when given): its own stated subset
-    (`MergeMethod.study_subset`, e.g. AdaMerging's), STUDY_SUBSET where the study names it in `subset_methods`, else all."""
+    (`MergeMethod.study_subset`, e.g. AdaMerging's), STUDY_SUBSET where the study names it in `subset_methods`,
+    else all of it."""
     subset = get_method(method).study_subset or (STUDY_SUBSET if method in subset_methods else None)
     return subset is None or (k in subset.get("k", (k,)) and (seed is None or seed in subset.get("seeds", (seed,))))
 

@@ -141,9 +141,9 @@ class StudyConfig:
         default=None, metadata={"help": "merge methods for the sweep", "unset": "every registered method"}
     )
     # Methods merged on part of the sweep only, to fit the default run's time budget on 2 CPU cores (issue 31): the
-    # groups of 2, 4 and 6 tasks of the first seed, the subset AdaMerging runs on (STUDY_SUBSET, merging/methods/_base.py). Their
-    # figures are on the dashboard beside the others'; the findings' choice of method per k leaves them out (a mean
-    # over a subset is not comparable).
+    # groups of 2, 4 and 6 tasks of the first seed, the subset AdaMerging runs on (STUDY_SUBSET in
+    # merging/methods/_base.py). Their figures are on the dashboard beside the others'; the findings' choice of
+    # method per k leaves them out (a mean over a subset is not comparable).
     subset_methods: tuple[str, ...] = field(
         default=(),
         metadata={
