@@ -235,9 +235,8 @@ def data_aware_rows(rows_in: pd.DataFrame) -> list[dict]:
         mine = at_k[at_k["method"] == method]
         keys = set(zip(mine["tasks"], mine["seed"]))
         same = free[[key in keys for key in zip(free["tasks"], free["seed"])]]
-        merged_keys = same.drop_duplicates("merge_id").groupby("method")[["tasks", "seed"]]
-        covering = [m for m, d in merged_keys if len(set(zip(d["tasks"], d["seed"]))) == len(keys)]
-        same = same[same["method"].isin(covering)]  # a method swept on a subset lacks some of them: it does not compete
+        coverage = same.groupby("method")["merge_id"].nunique()  # one merge per (group, seed), as choose_methods
+        same = same[same["method"].isin(coverage.index[coverage == len(keys)])]  # one swept on a subset: not here
         if same.empty:
             continue
         scores = same.drop_duplicates("merge_id").groupby("method")["validation"].mean()
