@@ -76,7 +76,7 @@ def test_the_record_is_an_untuned_transductive_method_starting_from_task_arithme
     }
     assert METHOD.defaults["init"] == TASK_ARITHMETIC.defaults["scaling"]
     assert METHOD.validate({}) == METHOD.defaults
-    assert METHOD.study_subset == {"k": (2, 4, 6), "seeds": (0,)}
+    assert METHOD.study_subset == {"k": (2, 6), "seeds": (0,)}
 
 
 def test_no_steps_is_task_arithmetic_at_init_and_the_forward_matches_fold(setup):

@@ -263,17 +263,17 @@ def test_the_plan_merges_every_seed_at_every_k_by_default_and_honours_an_int():
     plan = sweep_plan(config)
     on_subset, full = on_subset_and_full(config)
     assert on_subset == {"adamerging", *config.subset_methods} and len(full) == 7
-    # 57 groups x 3 seeds x 7 methods, plus each subset method on every group at k = 2, 4, 6 with seed 0
-    assert len(plan) == (15 + 20 + 15 + 6 + 1) * 3 * len(full) + (15 + 15 + 1) * len(on_subset)
+    # 57 groups x 3 seeds x 7 methods, plus each subset method on every group at k = 2 and 6 with seed 0
+    assert len(plan) == (15 + 20 + 15 + 6 + 1) * 3 * len(full) + (15 + 1) * len(on_subset)
     for method in on_subset:
         items = [(group, seed) for group, seed, m in plan if m == method]
-        assert {len(group) for group, _ in items} == {2, 4, 6} and {seed for _, seed in items} == {0}
+        assert {len(group) for group, _ in items} == {2, 6} and {seed for _, seed in items} == {0}
     for k in range(2, 7):
         assert {seed for group, seed, _ in plan if len(group) == k} == {0, 1, 2}
     capped = sweep_plan(replace(config, merge_all_seeds_up_to_k=2))
     assert {seed for group, seed, _ in capped if len(group) == 2} == {0, 1, 2}
     assert {seed for group, seed, _ in capped if len(group) > 2} == {0}
-    assert len(capped) == (15 * 3 + 20 + 15 + 6 + 1) * len(full) + (15 + 15 + 1) * len(on_subset)
+    assert len(capped) == (15 * 3 + 20 + 15 + 6 + 1) * len(full) + (15 + 1) * len(on_subset)
 
 
 def test_max_groups_per_k_samples_a_fixed_reproducible_set_of_groups():
@@ -289,8 +289,8 @@ def test_max_groups_per_k_samples_a_fixed_reproducible_set_of_groups():
     for group, seed, method in plan:
         assert group in groups[len(group)]
     on_subset, full = on_subset_and_full(config)
-    ada = [item for item in plan if item[2] == "adamerging"]  # k in {2, 4, 6}, seed 0: 28 + 5 + 5 groups
-    assert len(plan) == (28 + 5 * 5 + 1) * 3 * len(full) + len(ada) * len(on_subset) and len(ada) == 28 + 5 + 5
+    ada = [item for item in plan if item[2] == "adamerging"]  # k in {2, 6}, seed 0: 28 + 5 groups
+    assert len(plan) == (28 + 5 * 5 + 1) * 3 * len(full) + len(ada) * len(on_subset) and len(ada) == 28 + 5
     # a pure function of (sorted tasks, k, N): same sample in any task order and on every call
     assert sample_groups(tasks[::-1], 4, 5) == sample_groups(tasks, 4, 5) == sorted(groups[4])
     assert len({tuple(sample_groups(tasks, 4, 5)) for _ in range(3)}) == 1
