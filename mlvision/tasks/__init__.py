@@ -44,12 +44,25 @@ on this machine and on any other. What the rest of the project uses is imported 
 
 from .cache import task_cache_path
 from .hub import HUB_PREFIX, set_hub_domains
-from .registry import STUDY_TASKS, TASK_NAMES, get_task, list_tasks, load_task, related
+from .registry import (
+    POOL_TASKS,
+    RELATION_KINDS,
+    STUDY_TASKS,
+    TASK_NAMES,
+    get_task,
+    list_tasks,
+    load_task,
+    related,
+    relation_kind,
+    relations,
+)
 from .splits import SPLITS
 from .task import Task, features_for
 
 __all__ = [
     "HUB_PREFIX",
+    "POOL_TASKS",
+    "RELATION_KINDS",
     "SPLITS",
     "STUDY_TASKS",
     "TASK_NAMES",
@@ -59,6 +72,8 @@ __all__ = [
     "list_tasks",
     "load_task",
     "related",
+    "relation_kind",
+    "relations",
     "set_hub_domains",
     "task_cache_path",
 ]

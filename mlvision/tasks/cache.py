@@ -24,7 +24,7 @@ import datasets
 import numpy as np
 from PIL import Image
 
-from ..errors import CorruptCacheError
+from ..errors import CorruptCacheError, MLVisionError
 from ..paths import cache_dir
 from .splits import SPLITS, drop_leaks
 from .task import Task, features_for
@@ -50,8 +50,16 @@ def _quiet_progress():
 
 
 def prepare(task: Task, path: Path) -> None:
-    """Build the task from its source, drop leaked images (`drop_leaks`), save it atomically at `path`."""
-    splits, _ = drop_leaks(task.builder())
+    """Build the task from its source, drop leaked images (`drop_leaks`), save it atomically at `path`.
+
+    A source that fails (a package that cannot be fetched, a font or voice that draws nothing) raises its own
+    one-line error with the task's name in front: the user learns which task could not be prepared and why.
+    """
+    try:
+        built = task.builder()
+    except MLVisionError as exc:
+        raise type(exc)(f"task {task.name!r} could not be prepared: {exc}") from exc
+    splits, _ = drop_leaks(built)
     features = features_for(task)
     dd = datasets.DatasetDict(
         {

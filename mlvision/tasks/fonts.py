@@ -1,4 +1,5 @@
-"""The two font tasks: digits 0-9 (font_digits) and capitals A-Z (font_letters) rendered from TrueType fonts.
+"""The three font tasks: digits 0-9 (font_digits), capitals A-Z (font_letters) and small letters a-z (font_lower)
+rendered from TrueType fonts.
 
 The fonts come from two Debian packages (fonts-aenigma: 465 display fonts; fonts-freefont-ttf: 12
 FreeSans/Serif/Mono), read in memory from the pinned .debs (`mlvision/sources.py`). Each image is
@@ -9,7 +10,8 @@ Font rules (`_renders_every_class`, `PICTURE_FONTS`, `font_split`): a font is us
 every class has an inked glyph, none is the .notdef box, and no two classes share a glyph; dingbat and
 picture fonts are listed by name in `PICTURE_FONTS`. Fonts of one design family never straddle two
 splits: font_digits has 269/100/77 fonts, 2/2/3 renders each, 5,380/2,000/2,310 images; font_letters
-266/100/77 fonts, one render each, 6,916/2,600/2,002.
+266/100/77 fonts, one render each, 6,916/2,600/2,002; font_lower (issue 32) drops besides the all-caps faces
+(`_is_all_caps`: their a-z are their A-Z) and keeps 240/94/76 fonts, one render each, 6,240/2,444/1,976.
 """
 
 from __future__ import annotations
@@ -24,14 +26,15 @@ from PIL import Image
 from .. import sources
 from ..errors import UnknownNameError
 from .splits import SEED, SPLITS, Splits
-from .task import DIGITS, LETTERS
+from .task import DIGITS, LETTERS, LOWER_LETTERS
 
 # Where the fonts lie inside each font .deb (sources.FONT_DEBS pins package versions and .deb hashes).
 FONT_FOLDERS = {
     "fonts-aenigma": "usr/share/fonts/truetype/aenigma/",
     "fonts-freefont-ttf": "usr/share/fonts/truetype/freefont/",
 }
-FONT_TASK_CLASSES = {"font_digits": DIGITS, "font_letters": LETTERS}
+# Appending a task keeps the others' images: each image's seed holds its task's index in this dict.
+FONT_TASK_CLASSES = {"font_digits": DIGITS, "font_letters": LETTERS, "font_lower": LOWER_LETTERS}
 # Fonts whose glyphs are not the characters they stand for: pictures, codes or patterns in place of
 # letters (dingbats), glyphs turned sideways, or letters swapped at random. Picked once by looking at
 # every font's 36 glyphs (a contact sheet); no automatic test tells a dingbat from a wild display face.
@@ -79,7 +82,11 @@ FONT_SPLIT_FRACTIONS = (0.6, 0.2, 0.2)  # of the font families
 FONT_RENDERS = {
     "font_digits": {"train": 2, "validation": 2, "test": 3},
     "font_letters": {"train": 1, "validation": 1, "test": 1},
+    "font_lower": {"train": 1, "validation": 1, "test": 1},
 }
+# An all-caps face draws most small letters with its capitals' glyphs: in font_lower it would teach "a" as "A".
+# The pilot's histogram of a-z glyphs identical to A-Z was 0-3 for text faces and 20-26 for all-caps ones.
+ALL_CAPS_MIN_SAME = 13
 _NOTDEF_PROBE = "\U0010fffd"  # a code point no font maps: FreeType gives the .notdef glyph
 
 
@@ -116,12 +123,12 @@ def _font_family(font) -> str:
 
 
 def _font_glyphs() -> dict[str, tuple[str, dict[str, np.ndarray]]]:
-    """Font name -> (family, {char: glyph mask}) for every font FreeType can open, all 36 classes.
+    """Font name -> (family, {char: glyph mask}) for every font FreeType can open, all 62 classes.
 
     Rasterising ~450 fonts takes seconds, so it is done once per process and downloads folder (a
     preparation under another cache dir, as in the tests, reads its own .debs again).
     """
-    return _font_glyphs_in(str(sources.downloads_dir()))
+    return _font_glyphs_in(str(sources.downloads_dir().resolve()))
 
 
 @lru_cache(maxsize=2)
@@ -134,7 +141,7 @@ def _font_glyphs_in(downloads: str) -> dict[str, tuple[str, dict[str, np.ndarray
             continue
         try:
             font = ImageFont.truetype(io.BytesIO(data), FONT_RENDER_SIZE)
-            glyphs = {c: _glyph_mask(font, c) for c in DIGITS + LETTERS + (_NOTDEF_PROBE,)}
+            glyphs = {c: _glyph_mask(font, c) for c in DIGITS + LETTERS + LOWER_LETTERS + (_NOTDEF_PROBE,)}
         except OSError:  # not a font FreeType can read: unusable
             continue
         out[name] = (_font_family(font), glyphs)
@@ -166,13 +173,18 @@ def _renders_every_class(glyphs: dict[str, np.ndarray], classes: tuple[str, ...]
     return len(set(keys)) == len(keys)
 
 
+def _is_all_caps(glyphs: dict[str, np.ndarray]) -> bool:
+    """True when at least ALL_CAPS_MIN_SAME of a font's a-z glyphs are pixel for pixel its A-Z glyphs."""
+    return sum(np.array_equal(glyphs[c], glyphs[c.upper()]) for c in LOWER_LETTERS) >= ALL_CAPS_MIN_SAME
+
+
 def font_split(task: str = "font_digits") -> dict[str, list[str]]:
     """{split: [font file names]} used by a font task; no font, nor any font family, is in two splits.
 
     Font families (see `_font_family`) are shuffled with a fixed seed and cut 60/20/20 into
     train/validation/test; the cut is the same for both font tasks (a validation font of
     font_digits is never a training font of font_letters). Each task then keeps the fonts of its
-    part that pass `_renders_every_class` for its classes.
+    part that pass `_renders_every_class` for its classes (font_lower: and are not all-caps, `_is_all_caps`).
     """
     if task not in FONT_TASK_CLASSES:
         raise UnknownNameError(f"not a font task: {task!r}; font tasks: {', '.join(FONT_TASK_CLASSES)}")
@@ -184,10 +196,11 @@ def font_split(task: str = "font_digits") -> dict[str, list[str]]:
     for rank, i in enumerate(order):
         split_of[families[i]] = SPLITS[int(np.searchsorted(bounds, rank, side="right"))]
     classes = FONT_TASK_CLASSES[task]
-    return {
-        split: [n for n, (fam, g) in glyphs.items() if split_of[fam] == split and _renders_every_class(g, classes)]
-        for split in SPLITS
-    }
+
+    def usable(g: dict[str, np.ndarray]) -> bool:
+        return _renders_every_class(g, classes) and not (task == "font_lower" and _is_all_caps(g))
+
+    return {split: [n for n, (fam, g) in glyphs.items() if split_of[fam] == split and usable(g)] for split in SPLITS}
 
 
 def _render_glyph(glyph: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -243,6 +256,10 @@ def build_font_digits() -> Splits:
 
 def build_font_letters() -> Splits:
     return _build_fonts("font_letters")
+
+
+def build_font_lower() -> Splits:
+    return _build_fonts("font_lower")
 
 
 # Where both font tasks come from (one sentence, shared by their registry entries).

@@ -89,3 +89,38 @@ def dedupe_images(images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, n
         labels[keep],
         {"copies": len(hashes) - int(keep.sum()) - conflicting, "conflicting": conflicting},
     )
+
+
+# Near duplicates (issue 32): two images whose 16x16 grayscale thumbnails differ by less than this root-mean-square
+# (pixels scaled to 0-1; 0.02 is about 5 grey levels of 255 on average). Exact copies are dropped by `drop_leaks`;
+# near ones are counted and reported (`near_duplicates`), because a threshold cannot tell a leaked design (a font
+# clone under another name) from two designs that are simply alike (the letter "l" in two sans faces).
+NEAR_DUPLICATE_RMS = 0.02
+THUMBNAIL = 16
+
+
+def thumbnails(images: np.ndarray) -> np.ndarray:
+    """[n, THUMBNAIL * THUMBNAIL] float32 grayscale thumbnails in [0, 1] (box-filtered), of uint8 L or RGB images."""
+    from PIL import Image
+
+    out = np.empty((len(images), THUMBNAIL * THUMBNAIL), np.float32)
+    for i, img in enumerate(images):
+        small = Image.fromarray(img).convert("L").resize((THUMBNAIL, THUMBNAIL), Image.Resampling.BOX)
+        out[i] = np.asarray(small, np.float32).ravel() / 255.0
+    return out
+
+
+def near_duplicates(reference: np.ndarray, others: np.ndarray, rms: float = NEAR_DUPLICATE_RMS) -> int:
+    """How many of `others` have a thumbnail within `rms` (root-mean-square) of some `reference` thumbnail.
+
+    Both are thumbnail arrays (`thumbnails`); the nearest neighbour is found by one matrix product per chunk.
+    """
+    if len(reference) == 0 or len(others) == 0:
+        return 0
+    ref_sq = (reference**2).sum(1)
+    found = 0
+    for start in range(0, len(others), 1024):
+        chunk = others[start : start + 1024]
+        d2 = (chunk**2).sum(1)[:, None] + ref_sq[None, :] - 2.0 * chunk @ reference.T
+        found += int((d2.min(1) / reference.shape[1] < rms**2).sum())
+    return found

@@ -31,6 +31,12 @@ class Task:
     # "" = unknown (hub tasks): such a task is related to nothing.
     label_space: str = ""
     style: str = ""
+    # The pool of images the task labels (issue 32): two tasks of one image_set label the very same images in two
+    # ways (a spoken digit's value and its language; a printed digit's value and its script). "" = its own images.
+    image_set: str = ""
+    # What a split is cut by, so that no design is in two splits (issue 32's leakage rule): "font design", "voice
+    # variant"... or, for the sources that fix their own split, what that split does and does not keep apart.
+    split_by: str = ""
 
     @property
     def num_classes(self) -> int:
@@ -42,6 +48,8 @@ def features_for(task: Task) -> datasets.Features:
     return datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=list(task.label_names))})
 
 
-# Label names several tasks share (mnist, uci_digits and font_digits; font_letters).
+# Label names several tasks share (mnist, uci_digits, font_digits, spoken_digit, script_digits; font_letters;
+# font_lower).
 DIGITS = tuple(str(i) for i in range(10))
 LETTERS = tuple(chr(c) for c in range(ord("A"), ord("Z") + 1))
+LOWER_LETTERS = tuple(chr(c) for c in range(ord("a"), ord("z") + 1))
