@@ -102,19 +102,23 @@ def similarity_matrices(similarity: pd.DataFrame) -> dict[str, pd.DataFrame]:
 
 
 def similarity_points(
-    similarity: pd.DataFrame, retention: pd.DataFrame, related: Callable[[str, str], bool]
+    similarity: pd.DataFrame, retention: pd.DataFrame, relation: Callable[[str, str], str]
 ) -> pd.DataFrame:
     """One row per (measure, pair): similarity (mean over seeds) beside the pair's retention.
 
-    `related(a, b)` says whether the pair is related by construction (the same label space in another
-    style, or the same style with other labels: mlvision.tasks.related)."""
+    `relation(a, b)` names the pair's designed relation (mlvision.tasks.relation_kind: the same images labelled
+    another way, the same label space in another style, the same style with other labels, or "unrelated");
+    `related` is any of them."""
     if similarity.empty or retention.empty:
-        return pd.DataFrame(columns=["measure", "task_a", "task_b", "value", "retention", "pair", "related"])
+        return pd.DataFrame(
+            columns=["measure", "task_a", "task_b", "value", "retention", "pair", "relation", "related"]
+        )
     mean_sim = similarity.groupby(["measure", "task_a", "task_b"])["value"].mean().reset_index()
     kept = [c for c in ("task_a", "task_b", "retention", "n") if c in retention]  # n: merge rows of the pair
     points = mean_sim.merge(retention[kept], on=["task_a", "task_b"])
     points["pair"] = points["task_a"] + " + " + points["task_b"]
-    points["related"] = [bool(related(a, b)) for a, b in zip(points["task_a"], points["task_b"])]
+    points["relation"] = [relation(a, b) for a, b in zip(points["task_a"], points["task_b"])]
+    points["related"] = points["relation"] != "unrelated"
     return points.sort_values(["measure", "task_a", "task_b"], ignore_index=True)
 
 
@@ -255,13 +259,19 @@ def is_study_comparison(comparison: pd.DataFrame, method: str, findings: pd.Data
 
 
 def relation_comparison(points: pd.DataFrame) -> pd.DataFrame:
-    """Retention of pairs related by construction against unrelated pairs (each pair once): mean, sd, n and a 95 %
-    t-interval over pairs (pairs share tasks, so the interval describes them; claim 2 is judged otherwise)."""
+    """Retention of pairs related by construction against unrelated pairs (each pair once), and of each kind of
+    relation the pairs have (`relation`: same images, same labels, same style): mean, sd, n and a 95 % t-interval
+    over pairs (pairs share tasks, so the interval describes them; claim 2 is judged otherwise)."""
     pairs = points.drop_duplicates(["task_a", "task_b"])
     if pairs.empty:
         return pd.DataFrame(columns=["pairs", "mean", "sd", "n", "ci_low", "ci_high"])
     labels = np.where(pairs["related"], "related by construction", "unrelated")
-    return _with_t_interval(_spread(pairs.assign(pairs=labels).groupby("pairs")["retention"]))
+    both = _with_t_interval(_spread(pairs.assign(pairs=labels).groupby("pairs")["retention"]))
+    related = pairs[pairs["related"]]
+    if "relation" not in related or related["relation"].nunique() < 2:  # one kind: the row above says it all
+        return both
+    kinds = related.assign(pairs=related["relation"].str.replace("_", " ") + " (related)")
+    return pd.concat([both, _with_t_interval(_spread(kinds.groupby("pairs")["retention"]))], ignore_index=True)
 
 
 def task_comparison(merges: pd.DataFrame, method: str, k: int) -> pd.DataFrame:
@@ -290,6 +300,18 @@ def gain_matrix(merges: pd.DataFrame, method: str, metric: str = "normalized_gai
     matrix = rows.groupby(["k", "tasks", "task"])[metric].mean().unstack("task").sort_index()
     matrix.index = [f"k={k}: {tasks}" for k, tasks in matrix.index]
     return matrix
+
+
+def pair_gain_matrix(merges: pd.DataFrame, method: str, metric: str = "normalized_gain") -> pd.DataFrame:
+    """Mean `metric` over seeds of each task (rows) merged with one other task (columns) by `method`, k = 2: the
+    pairs as a task x task matrix, readable where a row per pair is not (190 pairs of the twenty-task pool)."""
+    rows = merges[(merges["method"] == method) & (merges["k"] == 2)]
+    if rows.empty:
+        return pd.DataFrame()
+    partner = [next(t for t in str(group).split(",") if t != task) for group, task in zip(rows["tasks"], rows["task"])]
+    matrix = rows.assign(partner=partner).groupby(["task", "partner"])[metric].mean().unstack("partner")
+    names = sorted(set(matrix.index) | set(matrix.columns))
+    return matrix.reindex(index=names, columns=names)
 
 
 def kind_comparison(task_results: pd.DataFrame) -> pd.DataFrame:

@@ -189,20 +189,42 @@ def merge_count_figure(
     return _layout(fig, f"{y_title} against k", "k (adapters merged)", y_title)
 
 
+MATRIX_TEXT_TASKS = 8  # a task x task matrix writes its values in the cells up to this many tasks
+LABELLED_POINTS = 30  # a scatter writes each point's name beside it up to this many points
+# The designed relations of a pair (mlvision.tasks.RELATION_KINDS, hub tasks' "same_domain"), strongest first.
+RELATION_COLORS = {
+    "same_images": PALETTE[3],
+    "same_labels": PALETTE[1],
+    "same_style": PALETTE[2],
+    "same_domain": PALETTE[4],
+    "unrelated": PALETTE[0],
+}
+
+
 def similarity_figure(points: pd.DataFrame, measure: str, stats: dict) -> go.Figure:
-    """Similarity of a pair against the retention of its merge; colour = related by construction or not."""
+    """Similarity of a pair against the retention of its merge; colour = the pair's designed relation (one colour
+    for "related by construction" where the pairs have a single kind, as the six-task study's do)."""
     fig = go.Figure()
-    for same, label, color in ((True, "related by construction", PALETTE[1]), (False, "unrelated", PALETTE[0])):
-        part = points[points["related"] == same]
+    kinds = [k for k in RELATION_COLORS if k in set(points.get("relation", ()))]
+    if len(set(kinds) - {"unrelated"}) > 1:
+        series = [(points["relation"] == k, k.replace("_", " "), RELATION_COLORS[k]) for k in kinds]
+    else:
+        series = [
+            (points["related"], "related by construction", PALETTE[1]),
+            (~points["related"], "unrelated", PALETTE[0]),
+        ]
+    labelled = len(points) <= LABELLED_POINTS  # 190 pairs of the twenty-task pool: names on hover only
+    for mask, label, color in series:
+        part = points[mask]
         if part.empty:
             continue
         fig.add_trace(
             go.Scatter(
                 x=part["value"],
                 y=part["retention"],
-                mode="markers+text",
+                mode="markers+text" if labelled else "markers",
                 name=label,
-                text=part["pair"],  # each point labelled with its pair
+                text=part["pair"],  # each point labelled with its pair (written beside it when few)
                 textposition="top center",
                 cliponaxis=False,
                 textfont=dict(size=9, color="#444"),
@@ -267,14 +289,18 @@ def grouped_bar_figure(
     return _layout(fig, title, x, y_title)
 
 
-def gain_heatmap(matrix: pd.DataFrame, title: str) -> go.Figure:
-    """Normalized gain for every (group, task): 1 = own adapter, 0 = head baseline, < 0 worse."""
+def gain_heatmap(
+    matrix: pd.DataFrame, title: str, x_title: str = "task evaluated", y_title: str = "merged group"
+) -> go.Figure:
+    """Normalized gain for every (group, task): 1 = own adapter, 0 = head baseline, < 0 worse. Values are written
+    in the cells up to MATRIX_TEXT_TASKS columns (hover beyond)."""
     z = matrix.to_numpy(dtype=float)
     finite = z[np.isfinite(z)]
     # Limits symmetric about 0, so the scale's white is the head baseline's 0: plotly ignores zmid
     # once zmin and zmax are given, and with limits like (-2.2, 1) white fell at -0.6.
     bound = max(1.0, float(np.abs(finite).max())) if finite.size else 1.0
-    text = [["" if np.isnan(v) else f"{v:.2f}" for v in row] for row in z]
+    written = len(matrix.columns) <= MATRIX_TEXT_TASKS
+    text = [["" if np.isnan(v) or not written else f"{v:.2f}" for v in row] for row in z]
     fig = go.Figure(
         go.Heatmap(
             z=z,
@@ -290,9 +316,9 @@ def gain_heatmap(matrix: pd.DataFrame, title: str) -> go.Figure:
         )
     )
     height = max(320, 60 + 28 * len(matrix.index))
-    fig = _layout(fig, title, "task evaluated", "merged group", height=height)
-    fig.update_yaxes(autorange="reversed", showgrid=False)
-    fig.update_xaxes(showgrid=False)
+    fig = _layout(fig, title, x_title, y_title, height=height)
+    fig.update_yaxes(autorange="reversed", showgrid=False, tickmode="array", tickvals=list(matrix.index))
+    fig.update_xaxes(showgrid=False, tickmode="array", tickvals=list(matrix.columns))
     return fig
 
 
@@ -442,11 +468,19 @@ def task_multiples_figure(table: pd.DataFrame, y_title: str, columns: int = 3) -
 
 
 def matrix_figure(matrix: pd.DataFrame, title: str, value_title: str, colorscale: str = "Viridis") -> go.Figure:
-    """A task × task matrix (symmetric, empty diagonal) as a heatmap with its values written in the cells."""
+    """A task × task matrix (symmetric, empty diagonal) as a heatmap with its values written in the cells (up to
+    MATRIX_TEXT_TASKS tasks; beyond, a cell's value is on hover and every task keeps its axis label)."""
     z = matrix.to_numpy(dtype=float)
+    written = len(matrix.index) <= MATRIX_TEXT_TASKS
     text = [
         [
-            "" if np.isnan(v) else f"{v:.0f}" if abs(v) >= 100 else f"{v:.3g}" if abs(v) >= 0.1 else f"{v:.2g}"
+            ""
+            if np.isnan(v) or not written
+            else f"{v:.0f}"
+            if abs(v) >= 100
+            else f"{v:.3g}"
+            if abs(v) >= 0.1
+            else f"{v:.2g}"
             for v in row
         ]
         for row in z
@@ -464,9 +498,10 @@ def matrix_figure(matrix: pd.DataFrame, title: str, value_title: str, colorscale
             hovertemplate=f"%{{y}} + %{{x}}<br>{value_title}=%{{z:.4g}}<extra></extra>",
         )
     )
-    fig = _layout(fig, title, "", "", height=160 + 50 * len(matrix.index))
-    fig.update_yaxes(autorange="reversed", showgrid=False)
-    fig.update_xaxes(showgrid=False, tickangle=-30)
+    n = len(matrix.index)
+    fig = _layout(fig, title, "", "", height=160 + (50 if written else 36) * n)
+    fig.update_yaxes(autorange="reversed", showgrid=False, tickmode="array", tickvals=list(matrix.index))
+    fig.update_xaxes(showgrid=False, tickangle=-30 if written else -60, tickmode="array", tickvals=list(matrix.columns))
     return fig
 
 

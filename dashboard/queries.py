@@ -189,25 +189,27 @@ def merge_summary(db: str) -> pd.DataFrame | None:
 # -- facts about tasks (labels, domain) ----------------------------------------------------
 
 
-def related_pairs(db: str, names: list[str]) -> Callable[[str, str], bool]:
-    """A predicate: are two of `names` related by construction (mlvision.tasks.related)?
+def pair_relations(db: str, names: list[str]) -> Callable[[str, str], str]:
+    """A function naming the designed relation of two of `names` (mlvision.tasks.relation_kind: "same_images",
+    "same_labels", "same_style" or "unrelated").
 
-    Built-in tasks answer from the registry (label space, style); a task the registry does not know
-    (a hub task) is related to another only when the file's `tasks` table gives both the same domain.
+    Built-in tasks answer from the registry (image set, label space, style); a task the registry does not know
+    (a hub task) is "same_domain" with another when the file's `tasks` table gives both the same domain.
     """
-    from mlvision.tasks import HUB_PREFIX, related
+    from mlvision.tasks import HUB_PREFIX, relation_kind
 
     domains = task_info(db, names).set_index("task")["domain"].to_dict()
 
-    def is_related(a: str, b: str) -> bool:
+    def kind(a: str, b: str) -> str:
         if not (a.startswith(HUB_PREFIX) or b.startswith(HUB_PREFIX)):  # a hub name would load the dataset
             try:
-                return related(a, b)
+                return relation_kind(a, b)
             except Exception:  # noqa: BLE001 - a name this version's registry does not know
                 pass
-        return domains.get(a, "unknown") == domains.get(b, "unknown") != "unknown"
+        same = domains.get(a, "unknown") == domains.get(b, "unknown") != "unknown"
+        return "same_domain" if same else "unrelated"
 
-    return is_related
+    return kind
 
 
 def task_info(db: str, names: list[str]) -> pd.DataFrame:

@@ -104,6 +104,11 @@ UPLOAD_CAP_BYTES = 256 * 2**20
 UPLOAD_FRAMING_BYTES = 64 * 1024  # an upload request's multipart framing beside its one file (see UploadLimit)
 # Example thumbnails are small images (8x8 digits) shown large: keep their pixels sharp instead of blurred.
 CSS = "#examples img { image-rendering: pixelated; }"
+# With many tasks (the twenty-task pool) the example gallery wraps into rows of this many thumbnails (what fits the
+# left column at 1400 px: Gradio's thumbnails keep a minimum size), and the list of what each task is starts
+# folded: the upload box and the answer stay on the first screen.
+EXAMPLE_COLUMNS = 3
+UNFOLDED_TASK_LIST = 6
 
 
 def _pct(value) -> str:
@@ -371,11 +376,12 @@ def build_demo(service: DemoService, examples: list[tuple[str, str]] | None = No
                 )
                 gallery = None
                 if examples:  # beside the upload box: the other way to give an image
+                    rows = -(-len(examples) // EXAMPLE_COLUMNS)
                     gallery = gr.Gallery(
                         examples,
                         label="Examples: one test image per task (click one to predict it)",
-                        columns=len(examples),
-                        height=170,
+                        columns=min(len(examples), EXAMPLE_COLUMNS),
+                        height=170 if rows == 1 else min(40 + 115 * rows, 440),  # beyond: the gallery scrolls
                         object_fit="contain",
                         allow_preview=False,
                         interactive=False,
@@ -383,7 +389,11 @@ def build_demo(service: DemoService, examples: list[tuple[str, str]] | None = No
                         elem_id="examples",
                     )
                 tasks = gr.CheckboxGroup(service.tasks, value=service.tasks, label="Adapters to merge (tasks)")
-                gr.Markdown(task_lines(service), elem_id="task-descriptions")
+                n_tasks = len(service.tasks)
+                with gr.Accordion(
+                    f"What each task is ({n_tasks})", open=n_tasks <= UNFOLDED_TASK_LIST, elem_id="task-list"
+                ):
+                    gr.Markdown(task_lines(service), elem_id="task-descriptions")
                 method = gr.Dropdown(
                     method_choices(service, service.tasks), value=AUTO, label="Merge method", elem_id="method"
                 )

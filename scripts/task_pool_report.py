@@ -56,7 +56,13 @@ def licences(name: str) -> str:
         deb = sources.fetch_deb(package, version)
         files = sources.read_deb_folder(deb, f"usr/share/doc/{package}/", "copyright")
         for text in files.values():
-            for found in set(re.findall(r"^License:\s*(\S+)", text.decode("utf-8", "replace"), re.M)):
+            text = text.decode("utf-8", "replace")
+            named = set(re.findall(r"^License:\s*(\S+)", text, re.M))
+            # a copyright file in free text (espeak-ng's): the GPL version it states
+            named = named or {
+                f"GPL-{v}+" for v in re.findall(r"GNU General Public License.{0,120}?version (\d)", text, re.S)
+            }
+            for found in named:
                 counts[found] = counts.get(found, 0) + 1
     ordered = sorted(counts, key=lambda k: (-counts[k], k))
     return ", ".join(ordered[:4]) + (f" (+{len(ordered) - 4} more)" if len(ordered) > 4 else "")
@@ -106,7 +112,9 @@ def main(argv: list[str] | None = None) -> None:
         f"near duplicates: 16x16 thumbnails within RMS {NEAR_DUPLICATE_RMS} of a training image's "
         f"(first {MAX_CHECKED} images a split)\n"
     )
-    header = "task | source | licence | classes | train / val / test | split by | exact | near val / test | adapter | head"
+    header = (
+        "task | source | licence | classes | train / val / test | split by | exact | near val / test | adapter | head"
+    )
     print(f"| {header} |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name in args.tasks:

@@ -32,7 +32,7 @@ def page(db: str, filters: Filters) -> None:
     retention = analysis.pair_retention(merges, method)
     names = sorted(set(similarity["task_a"]) | set(similarity["task_b"]) | set(merges["task"]))
     points = analysis.similarity_points(
-        similarity[similarity["measure"].isin(measures)], retention, queries.related_pairs(db, names)
+        similarity[similarity["measure"].isin(measures)], retention, queries.pair_relations(db, names)
     )
     if points.empty:
         st.info("No pair has both a similarity (for the chosen measures) and a merge retention.")
@@ -60,8 +60,10 @@ def page(db: str, filters: Filters) -> None:
     _pair_matrices(retention, similarity[similarity["measure"].isin(measures)], method)
     st.subheader("Pairs related by construction against unrelated pairs")
     st.caption(
-        "Related by construction: the same label space in another style (handwritten and printed digits), "
-        "or the same style with other labels (printed digits and letters; clothing and animal silhouettes)."
+        "Related by construction: the very same images labelled another way (a spoken digit's value and its "
+        "language), the same label space in another style (handwritten and printed digits), or the same style "
+        "with other labels (printed digits and letters; clothing and animal silhouettes). Where the pairs have "
+        "more than one kind, each kind has its own row (a pair counts under its strongest relation)."
     )
     comparison = analysis.relation_comparison(points)
     common.table(comparison)
@@ -137,8 +139,10 @@ def _pair_matrices(retention: pd.DataFrame, similarity: pd.DataFrame, method: st
     panels = [(f"pair retention ({method}, k = 2)", analysis.pair_matrix(retention, "retention"), "retention")]
     for measure, matrix in analysis.similarity_matrices(similarity).items():
         panels.append((measure, matrix, measure))
-    for start in range(0, len(panels), 2):
-        for column, (title, matrix, value_title) in zip(st.columns(2), panels[start : start + 2]):
+    # two matrices a row while their cells hold a readable number; one a row, full width, for larger pools
+    per_row = 2 if max(len(m) for _, m, _ in panels) <= charts.MATRIX_TEXT_TASKS else 1
+    for start in range(0, len(panels), per_row):
+        for column, (title, matrix, value_title) in zip(st.columns(per_row), panels[start : start + per_row]):
             with column:
                 scale = "Viridis_r" if value_title == "frechet" else "Viridis"  # bright = alike in every panel
                 data = matrix.rename_axis("task").reset_index()

@@ -10,6 +10,9 @@ from dashboard import analysis, charts, queries
 from dashboard.filters import Filters
 from dashboard.pages import common
 
+# Above this many pairs the gain heatmap shows the pairs as a task x task matrix, not a row each.
+MAX_PAIR_ROWS = 30
+
 
 def page(db: str, filters: Filters) -> None:
     st.header("Merged models against head finetuning")
@@ -55,8 +58,20 @@ def page(db: str, filters: Filters) -> None:
         "Normalized gain over the head baseline: 1 = as good as the task's own adapter, 0 = as good as the "
         "frozen backbone with a head, below 0 = worse than the head (mean over seeds)." + why
     )
-    common.chart(
-        charts.gain_heatmap(matrix, f"Normalized gain over head baseline ({method})"),
-        matrix.rename_axis("group").reset_index(),
-        "normalized_gain",
-    )
+    pairs = merges[(merges["method"] == method) & (merges["k"] == 2)]["tasks"].nunique()
+    if pairs > MAX_PAIR_ROWS:  # a row per pair is unreadable (190 pairs of the twenty-task pool): a task x task matrix
+        pair_matrix = analysis.pair_gain_matrix(merges, method)
+        common.chart(
+            charts.gain_heatmap(
+                pair_matrix, f"Normalized gain over head baseline ({method}, k = 2)", "merged with", "task evaluated"
+            ),
+            pair_matrix.rename_axis("task").reset_index(),
+            "normalized_gain_pairs",
+        )
+        matrix = matrix[~matrix.index.str.startswith("k=2:")]
+    if not matrix.empty:
+        common.chart(
+            charts.gain_heatmap(matrix, f"Normalized gain over head baseline ({method})"),
+            matrix.rename_axis("group").reset_index(),
+            "normalized_gain",
+        )

