@@ -1183,3 +1183,54 @@ def test_runs_without_finish_are_shown_interrupted_by_the_stated_rule(full_db, t
     assert "more than 24 h ago, or when a run started after it has already finished" in " ".join(
         c.value for c in at.caption
     )
+
+
+# ------------------------------------------------------------------------ the twenty-task pool (issue 32)
+
+
+def test_pairs_carry_their_relation_kind_and_each_kind_gets_a_row():
+    """similarity_points names each pair's designed relation from the registry; relation_comparison keeps the
+    related / unrelated rows (the study's) and adds one per kind when the pairs have several."""
+    from dashboard import analysis, queries
+
+    pairs = [("spoken_digit", "spoken_language"), ("mnist", "spoken_digit"), ("greek_letters", "cyrillic_letters")]
+    pairs += [("mnist", "animals"), ("fashion_mnist", "spoken_rate")]
+    similarity = pd.DataFrame(
+        [
+            {"measure": "frechet", "task_a": a, "task_b": b, "value": float(i), "seed": 0}
+            for i, (a, b) in enumerate(pairs)
+        ]
+    )
+    retention = pd.DataFrame(
+        [{"task_a": a, "task_b": b, "retention": 0.8 + 0.01 * i, "n": 4} for i, (a, b) in enumerate(pairs)]
+    )
+    names = sorted({t for p in pairs for t in p})
+    points = analysis.similarity_points(similarity, retention, queries.pair_relations(str(DEFAULT_DB_PATH), names))
+    kinds = dict(zip(points["pair"], points["relation"]))
+    assert kinds == {
+        "spoken_digit + spoken_language": "same_images",
+        "mnist + spoken_digit": "same_labels",
+        "greek_letters + cyrillic_letters": "same_style",
+        "mnist + animals": "unrelated",
+        "fashion_mnist + spoken_rate": "unrelated",
+    }
+    assert points["related"].tolist() == [k != "unrelated" for k in points["relation"]]
+    table = analysis.relation_comparison(points).set_index("pairs")
+    assert table.loc["related by construction", "n"] == 3 and table.loc["unrelated", "n"] == 2
+    assert {"same images (related)", "same labels (related)", "same style (related)"} <= set(table.index)
+    assert table.loc["unrelated", "mean"] == pytest.approx((0.83 + 0.84) / 2)
+
+
+def test_pair_gains_become_a_task_by_partner_matrix():
+    from dashboard import analysis
+
+    rows = []
+    for group, gains in {"a,b": (0.5, 0.25), "a,c": (1.0, -0.5), "b,c": (0.0, 0.75)}.items():
+        for task, gain in zip(group.split(","), gains):
+            rows.append({"method": "ties", "k": 2, "tasks": group, "task": task, "normalized_gain": gain})
+    rows.append({"method": "ties", "k": 3, "tasks": "a,b,c", "task": "a", "normalized_gain": 9.0})  # not a pair
+    matrix = analysis.pair_gain_matrix(pd.DataFrame(rows), "ties")
+    assert list(matrix.index) == list(matrix.columns) == ["a", "b", "c"]
+    assert matrix.loc["a", "b"] == 0.5 and matrix.loc["b", "a"] == 0.25 and matrix.loc["c", "a"] == -0.5
+    assert np.isnan(matrix.loc["a", "a"])
+    assert analysis.pair_gain_matrix(pd.DataFrame(rows), "other").empty
