@@ -57,11 +57,14 @@ def licences(name: str) -> str:
         files = sources.read_deb_folder(deb, f"usr/share/doc/{package}/", "copyright")
         for text in files.values():
             text = text.decode("utf-8", "replace")
-            named = set(re.findall(r"^License:\s*(\S+)", text, re.M))
-            # a copyright file in free text (espeak-ng's): the GPL version it states
-            named = named or {
-                f"GPL-{v}+" for v in re.findall(r"GNU General Public License.{0,120}?version (\d)", text, re.S)
-            }
+            named = set(re.findall(r"^License:[ \t]*(\S+)", text, re.M))
+            if not named:  # a copyright file in free text: the licence it states, where it is one of these
+                named = {
+                    f"GPL-{v}+" for v in re.findall(r"GNU General Public License.{0,120}?version (\d)", text, re.S)
+                }
+                named |= {"Unicode-DFS"} if "UNICODE, INC. LICENSE AGREEMENT" in text else set()
+            if re.search(r"^License:[ \t]*$", text, re.M):  # a licence given only as text (Symbola's)
+                named.add("free text (see its copyright file)")
             for found in named:
                 counts[found] = counts.get(found, 0) + 1
     ordered = sorted(counts, key=lambda k: (-counts[k], k))

@@ -166,3 +166,22 @@ def test_a_voice_that_says_nothing_is_an_error_naming_it():
         speech.synthesise(root, "xx-no-such-voice", "1", 150, 50)
     assert os.path.exists(root / "usr" / "bin" / "espeak-ng")
     assert sources.ESPEAK_DEBS["espeak-ng"] in str(root)
+
+
+def test_pool_report_prints_a_row_per_task_with_licences_and_leakage(capsys):
+    """scripts/task_pool_report.py, as the closing note of issue 32 used it: licences read from the packages'
+    copyright files, split sizes, what a split is cut by, exact and near duplicates."""
+    import importlib.util
+
+    from mlvision.paths import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location("task_pool_report", REPO_ROOT / "scripts" / "task_pool_report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    report.main(["--tasks", "uci_digits", "emoji_mono", "spoken_word"])
+    rows = {line.split(" | ")[0].strip("| "): line for line in capsys.readouterr().out.splitlines() if " | " in line}
+    assert set(rows) >= {"uci_digits", "emoji_mono", "spoken_word"}
+    assert "free text (see its copyright file)" in rows["emoji_mono"] and "Apache-2.0" in rows["emoji_mono"]
+    assert "GPL-3+" in rows["spoken_word"] and "| voice variant | 0 |" in rows["spoken_word"]
+    assert "| 1,078 / 360 / 359 |" in rows["uci_digits"] and "| 0 | 0 / 0 |" in rows["uci_digits"]
+    assert rows["uci_digits"].endswith("| - | - |")  # no pilot database given: no accuracy, never a made-up one
