@@ -197,7 +197,9 @@ def study_preprocess():
     return config, make_preprocess(config.backbone_config)
 
 
-@pytest.mark.parametrize("name", tasks.STUDY_TASKS)
+@pytest.mark.parametrize(  # the six study tasks (fast tier) and the rest of the wide study's pool (slow tier)
+    "name", [n if n in tasks.STUDY_TASKS else pytest.param(n, marks=pytest.mark.slow) for n in tasks.POOL_TASKS]
+)
 def test_no_test_or_validation_image_is_a_training_image(loaded, study_preprocess, name):
     """No leakage: by raw pixels over the full splits, and by the preprocessed tensors the study uses."""
     from mlvision.data import split_tensors
