@@ -21,6 +21,7 @@ costs a hash of the raw files only when a task is *prepared*; prepared tasks loa
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import io
@@ -293,6 +294,19 @@ def _delete_fix(path: Path) -> str:
         f"the cached file was damaged or replaced, and nothing in it was loaded; "
         f"delete it (rm -rf {shlex.quote(str(path))}) and run again"
     )
+
+
+def per_downloads_folder(build: Callable[[], object]) -> Callable[[], object]:
+    """`build()` (no arguments: fonts rasterised, emoji drawn, icons read from the .debs) cached once per process
+    and downloads folder. Why per folder: a preparation under another cache (MLV_CACHE_DIR, as in the tests) reads
+    its own .debs and must not get another folder's results; a link to the same folder is the same folder."""
+    cached = functools.lru_cache(maxsize=2)(lambda downloads: build())
+
+    @functools.wraps(build)
+    def wrapper():
+        return cached(str(downloads_dir().resolve()))
+
+    return wrapper
 
 
 def downloads_dir() -> Path:

@@ -14,7 +14,7 @@ import pytest
 
 from mlvision import sources, tasks
 from mlvision.errors import DataSourceError
-from mlvision.tasks import emoji, icons, speech, unicode_fonts
+from mlvision.tasks import cache, emoji, icons, speech, unicode_fonts
 
 pytestmark = pytest.mark.slow  # the pool's tasks are prepared on first use (minutes); later runs read the cache
 
@@ -67,8 +67,11 @@ def test_icon_tasks_hold_the_same_images_cut_two_ways():
         splits_of[(theme, context, name)].add(split)
     assert all(len(s) == 1 for s in splits_of.values())
     # icon_context: no theme in two splits (4 / 1 / 2 themes)
-    theme_split = icons._cut(list(icons.THEMES), icons.THEME_SPLIT, 7)
-    assert collections.Counter(theme_split.values()) == dict(zip(tasks.SPLITS, icons.THEME_SPLIT))
+    assert collections.Counter(icons.theme_split().values()) == dict(zip(tasks.SPLITS, icons.THEME_SPLIT))
+    for split in tasks.SPLITS:  # and icon_context's splits hold the themes theme_split gives them, only those
+        stored = set(_stored_bytes("icon_context", split))
+        theirs = {i for i, (theme, *_) in enumerate(meta) if icons.theme_split()[theme] == split}
+        assert stored == {cache._png(images[i]) for i in theirs}
 
 
 def test_unicode_glyph_designs_never_straddle_splits():

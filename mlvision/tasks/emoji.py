@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import io
 import zlib
-from functools import lru_cache
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from .. import sources
 from ..errors import DataSourceError
-from .splits import SEED, SPLITS, Splits
+from .splits import SEED, SPLITS, Splits, cut_units
 
 EMOJI_GROUPS = (
     "Smileys & Emotion",
@@ -65,13 +64,9 @@ def _deb_file(package: str, version: str, path: str) -> bytes:
     return files[path]
 
 
+@sources.per_downloads_folder
 def emoji_list() -> list[tuple[str, str, str]]:
     """(group, subgroup, emoji) for every single-character fully-qualified emoji of EMOJI_GROUPS."""
-    return _emoji_list_in(str(sources.downloads_dir().resolve()))
-
-
-@lru_cache(maxsize=2)  # per downloads folder: a preparation under another cache reads its own .debs
-def _emoji_list_in(downloads: str) -> list[tuple[str, str, str]]:
     text = _deb_file(*sources.UNICODE_DATA_DEB, EMOJI_TEST).decode("utf-8")
     group = subgroup = ""
     out = []
@@ -117,13 +112,9 @@ def _draw(font: ImageFont.FreeTypeFont, emoji: str, color: bool) -> np.ndarray:
     return a[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
 
 
+@sources.per_downloads_folder
 def usable_emoji() -> tuple[list[tuple[str, str, str]], dict[str, dict[str, np.ndarray]]]:
     """The emoji both fonts draw (inked, not the .notdef glyph), and {task: {emoji: drawing}}."""
-    return _usable_emoji_in(str(sources.downloads_dir().resolve()))
-
-
-@lru_cache(maxsize=2)  # per downloads folder: a preparation under another cache reads its own .debs
-def _usable_emoji_in(downloads: str) -> tuple[list[tuple[str, str, str]], dict[str, dict[str, np.ndarray]]]:
     fonts = _fonts()
     drawings: dict[str, dict[str, np.ndarray]] = {task: {} for task in STYLE_FONT}
     kept = []
@@ -142,11 +133,7 @@ def emoji_split() -> dict[str, str]:
     kept, _ = usable_emoji()
     split_of = {}
     for g, group in enumerate(EMOJI_GROUPS):
-        members = sorted(e for grp, _, e in kept if grp == group)
-        order = np.random.default_rng([SEED, 32, 3, g]).permutation(len(members))
-        bounds = np.round(np.cumsum(SPLIT_FRACTIONS) * len(members)).astype(int)
-        for rank, i in enumerate(order):
-            split_of[members[i]] = SPLITS[int(np.searchsorted(bounds, rank, side="right"))]
+        split_of.update(cut_units(sorted(e for grp, _, e in kept if grp == group), SPLIT_FRACTIONS, [SEED, 32, 3, g]))
     return split_of
 
 

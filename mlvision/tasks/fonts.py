@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import io
 import zlib
-from functools import lru_cache
 
 import numpy as np
 from PIL import Image
 
 from .. import sources
 from ..errors import UnknownNameError
-from .splits import SEED, SPLITS, Splits
+from .splits import SEED, SPLITS, Splits, cut_units
 from .task import DIGITS, LETTERS, LOWER_LETTERS
 
 # Where the fonts lie inside each font .deb (sources.FONT_DEBS pins package versions and .deb hashes).
@@ -122,17 +121,13 @@ def _font_family(font) -> str:
     return words[0].lower() if words else ""
 
 
+@sources.per_downloads_folder
 def _font_glyphs() -> dict[str, tuple[str, dict[str, np.ndarray]]]:
     """Font name -> (family, {char: glyph mask}) for every font FreeType can open, all 62 classes.
 
     Rasterising ~450 fonts takes seconds, so it is done once per process and downloads folder (a
     preparation under another cache dir, as in the tests, reads its own .debs again).
     """
-    return _font_glyphs_in(str(sources.downloads_dir().resolve()))
-
-
-@lru_cache(maxsize=2)
-def _font_glyphs_in(downloads: str) -> dict[str, tuple[str, dict[str, np.ndarray]]]:
     from PIL import ImageFont
 
     out = {}
@@ -190,11 +185,7 @@ def font_split(task: str = "font_digits") -> dict[str, list[str]]:
         raise UnknownNameError(f"not a font task: {task!r}; font tasks: {', '.join(FONT_TASK_CLASSES)}")
     glyphs = _font_glyphs()
     families = sorted({family for family, _ in glyphs.values()})
-    order = np.random.default_rng([SEED, 7]).permutation(len(families))
-    bounds = np.round(np.cumsum(FONT_SPLIT_FRACTIONS) * len(families)).astype(int)
-    split_of = {}
-    for rank, i in enumerate(order):
-        split_of[families[i]] = SPLITS[int(np.searchsorted(bounds, rank, side="right"))]
+    split_of = cut_units(families, FONT_SPLIT_FRACTIONS, [SEED, 7])
     classes = FONT_TASK_CLASSES[task]
 
     def usable(g: dict[str, np.ndarray]) -> bool:

@@ -18,7 +18,6 @@ import io
 import itertools
 import re
 import zlib
-from functools import lru_cache
 
 import numpy as np
 from PIL import Image
@@ -26,7 +25,7 @@ from PIL import Image
 from .. import sources
 from ..errors import DataSourceError
 from .emoji import place
-from .splits import SEED, SPLITS, Splits, pixel_hash
+from .splits import SEED, SPLITS, Splits, cut_units, pixel_hash
 
 CONTEXTS = ("actions", "apps", "devices", "mimetypes", "status")
 CONTEXT_ALIASES = {"mimes": "mimetypes"}  # elementary-xfce's folder name
@@ -79,17 +78,13 @@ def _rgba(png: bytes) -> np.ndarray | None:
     return a[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
 
 
+@sources.per_downloads_folder
 def icon_drawings() -> dict[tuple[str, str], dict[str, np.ndarray]]:
     """(theme, context) -> {icon name: RGBA drawing}, one copy of each picture seen in one theme only.
 
     Themes copy icons from each other: a picture drawn alike in two themes has no theme, and copies within a theme
     would be one design under two names. Both are left out (by exact pixels of the 32x32 PNG).
     """
-    return _icon_drawings_in(str(sources.downloads_dir().resolve()))
-
-
-@lru_cache(maxsize=2)  # per downloads folder: a preparation under another cache reads its own .debs
-def _icon_drawings_in(downloads: str) -> dict[tuple[str, str], dict[str, np.ndarray]]:
     found = []
     for package, version in sources.ICON_DEBS.items():
         for (context, name), png in sorted(_theme_icons(package, version).items()):
@@ -114,32 +109,24 @@ def _icon_drawings_in(downloads: str) -> dict[tuple[str, str], dict[str, np.ndar
     return out
 
 
-def _cut(keys: list, counts: tuple[int, int, int], salt: int) -> dict:
-    """Key -> split: the keys shuffled (seeded), the first counts[0] to train, the next counts[1] to validation."""
-    order = np.random.default_rng([SEED, 32, salt]).permutation(len(keys))
-    bounds = np.cumsum(counts)
-    return {keys[i]: SPLITS[int(np.searchsorted(bounds, rank, side="right"))] for rank, i in enumerate(order)}
+def theme_split() -> dict[str, str]:
+    """Theme -> split for icon_context: THEME_SPLIT themes in train / validation / test, a seeded draw."""
+    return cut_units(list(THEMES), np.divide(THEME_SPLIT, sum(THEME_SPLIT)), [SEED, 32, 7])
 
 
+@sources.per_downloads_folder
 def icon_pool() -> tuple[np.ndarray, list[tuple[str, str, str, str]]]:
     """The images, CELL_IMAGES per (theme, context), and (theme, context, icon name, icon_theme split) of each.
 
     A cell's icon names are cut 60/20/20 (seeded) for icon_theme, and each split part gets its share of the
     cell's images, its icons drawn in turn: every theme has the same number of images in every split.
     """
-    return _icon_pool_in(str(sources.downloads_dir().resolve()))
-
-
-@lru_cache(maxsize=2)  # per downloads folder: a preparation under another cache reads its own .debs
-def _icon_pool_in(downloads: str) -> tuple[np.ndarray, list[tuple[str, str, str, str]]]:
     images, meta = [], []
     for t, c in itertools.product(range(len(THEMES)), range(len(CONTEXTS))):
         theme, context = THEMES[t], CONTEXTS[c]
         drawings = icon_drawings()[(theme, context)]
         names = sorted(drawings)
-        n = len(names)
-        counts = tuple(int(x) for x in np.diff(np.round(np.cumsum((0,) + NAME_FRACTIONS) * n)))
-        split_of = _cut(names, counts, 100 + 10 * t + c)
+        split_of = cut_units(names, NAME_FRACTIONS, [SEED, 32, 100 + 10 * t + c])
         shares = np.diff(np.round(np.cumsum((0,) + NAME_FRACTIONS) * CELL_IMAGES)).astype(int)
         for split, share in zip(SPLITS, shares):
             members = [name for name in names if split_of[name] == split]
@@ -154,8 +141,8 @@ def _icon_pool_in(downloads: str) -> tuple[np.ndarray, list[tuple[str, str, str,
 def _build(label: str) -> Splits:
     images, meta = icon_pool()
     if label == "context":  # icon_context: split by theme
-        theme_split = _cut(list(THEMES), THEME_SPLIT, 7)
-        split = np.array([theme_split[theme] for theme, *_ in meta])
+        split_of = theme_split()
+        split = np.array([split_of[theme] for theme, *_ in meta])
         labels = np.array([CONTEXTS.index(context) for _, context, _, _ in meta], np.int64)
     else:  # icon_theme: split by icon name within each (theme, context)
         split = np.array([s for *_, s in meta])

@@ -45,7 +45,7 @@ from PIL import Image
 from .. import sources
 from ..errors import DataSourceError
 from ..paths import cache_dir
-from .splits import SEED, SPLITS, Splits
+from .splits import SEED, SPLITS, Splits, cut_units
 
 LANGUAGES = {  # espeak-ng voice -> label name
     "en": "english",
@@ -156,9 +156,7 @@ def log_mel_image(audio: np.ndarray) -> np.ndarray:
 
 def variant_split(variants: list[str]) -> dict[str, str]:
     """Voice variant -> split: the variants shuffled (seeded) and cut 60/20/20."""
-    order = np.random.default_rng([SEED, 32, 1]).permutation(len(variants))
-    bounds = np.round(np.cumsum(SPLIT_FRACTIONS) * len(variants)).astype(int)
-    return {variants[i]: SPLITS[int(np.searchsorted(bounds, rank, side="right"))] for rank, i in enumerate(order)}
+    return cut_units(variants, SPLIT_FRACTIONS, [SEED, 32, 1])
 
 
 def prosody(key: int) -> tuple[int, int]:

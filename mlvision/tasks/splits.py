@@ -39,6 +39,14 @@ def stratified_split(labels: np.ndarray, fractions: tuple[float, ...], seed: int
     return [rng.permutation(np.concatenate(p)) for p in parts]
 
 
+def cut_units(units: list, fractions, seed: list[int]) -> dict:
+    """Unit -> split: the units (font families, voices, emoji, themes...) shuffled by a generator seeded with
+    `seed` and cut by `fractions` (rounded), so that each unit, and every image made from it, is in one split."""
+    order = np.random.default_rng(seed).permutation(len(units))
+    bounds = np.round(np.cumsum(fractions) * len(units)).astype(int)
+    return {units[i]: SPLITS[int(np.searchsorted(bounds, rank, side="right"))] for rank, i in enumerate(order)}
+
+
 def split_arrays(images: np.ndarray, labels: np.ndarray, fractions: tuple[float, float, float]) -> Splits:
     """One pool of images cut into train/validation/test by `stratified_split`."""
     parts = stratified_split(labels, fractions)

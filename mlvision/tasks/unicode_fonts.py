@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import io
 import zlib
-from functools import lru_cache
 
 import numpy as np
 from PIL import ImageFont
@@ -30,7 +29,7 @@ from PIL import ImageFont
 from .. import sources
 from ..errors import DataSourceError, UnknownNameError
 from . import fonts
-from .splits import SEED, SPLITS, Splits
+from .splits import SEED, SPLITS, Splits, cut_units
 
 GREEK_LOWER = tuple(chr(c) for c in range(0x3B1, 0x3CA) if c != 0x3C2)  # α..ω without ς
 CYRILLIC_LOWER = tuple(chr(c) for c in range(0x430, 0x450))  # а..я
@@ -91,13 +90,9 @@ def _unicode_fonts() -> dict[str, bytes]:
     return out
 
 
+@sources.per_downloads_folder
 def unicode_glyphs() -> dict[str, tuple[str, dict[str, dict[str, np.ndarray]]]]:
     """Font key -> (design, {character set: {char: glyph mask}}) for the sets the font draws (`CHARACTER_SETS`)."""
-    return _unicode_glyphs_in(str(sources.downloads_dir().resolve()))
-
-
-@lru_cache(maxsize=2)
-def _unicode_glyphs_in(downloads: str) -> dict[str, tuple[str, dict[str, dict[str, np.ndarray]]]]:
     out = {}
     for key, data in sorted(_unicode_fonts().items()):
         try:
@@ -128,10 +123,7 @@ def design_split() -> dict[str, str]:
         strata.setdefault(min(sets, key=lambda s: (count[s], s)), []).append(design)
     split_of = {}
     for i, (stratum, members) in enumerate(sorted(strata.items())):
-        order = np.random.default_rng([SEED, 32, zlib.crc32(stratum.encode())]).permutation(len(members))
-        bounds = np.round(np.cumsum(SPLIT_FRACTIONS) * len(members)).astype(int)
-        for rank, j in enumerate(order):
-            split_of[members[j]] = SPLITS[int(np.searchsorted(bounds, rank, side="right"))]
+        split_of.update(cut_units(members, SPLIT_FRACTIONS, [SEED, 32, zlib.crc32(stratum.encode())]))
     return split_of
 
 
@@ -173,16 +165,12 @@ def _build_letters(task: str, set_name: str) -> Splits:
     return out
 
 
+@sources.per_downloads_folder
 def _script_digit_images() -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """{split: (images, digit labels, script labels)}: SCRIPT_IMAGES[split] images per (script, digit), the
     script's fonts of that split taken in turn, render k of a font seeded by (font, script, digit, k).
 
     Built once per process and downloads folder: script_digits and digit_script are these very images."""
-    return _script_digit_images_in(str(sources.downloads_dir().resolve()))
-
-
-@lru_cache(maxsize=2)
-def _script_digit_images_in(downloads: str) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
     glyphs = unicode_glyphs()
     out = {}
     for s, split in enumerate(SPLITS):
