@@ -84,7 +84,8 @@ FONT_RENDERS = {
     "font_lower": {"train": 1, "validation": 1, "test": 1},
 }
 # An all-caps face draws most small letters with its capitals' glyphs: in font_lower it would teach "a" as "A".
-# The pilot's histogram of a-z glyphs identical to A-Z was 0-3 for text faces and 20-26 for all-caps ones.
+# Of the 442 fonts that draw a-z, 361 share no glyph with their capitals, 22 one, 29 two to twelve and 30 thirteen
+# or more (all-caps and small-caps faces, 6 of them all 26): the cut is half the alphabet, and drops those 30.
 ALL_CAPS_MIN_SAME = 13
 _NOTDEF_PROBE = "\U0010fffd"  # a code point no font maps: FreeType gives the .notdef glyph
 
