@@ -8,7 +8,7 @@ font_digits are on digits.
 Labels: the eight emoji groups of Unicode's emoji-test.txt (from Debian's unicode-data, pinned) that hold more
 than a handful of emoji (Flags has 5 single-character emoji, Component none). Emoji: every fully-qualified emoji
 that is one character (with or without its emoji presentation selector), no skin-tone or ZWJ sequence, drawn by
-both fonts (`usable_emoji`): 1,135 of 1,377.
+both fonts (`usable_emoji`): 1,135 of the 1,372 in the eight groups.
 
 Split by emoji: each emoji is one design, drawn in one split only; each group's emoji are shuffled (seeded) and cut
 60/20/20. The pilot tried the stricter cut by Unicode subgroup (face-smiling, animal-mammal...: a model is tested

@@ -8,7 +8,7 @@
 Images: the 32x32 PNGs (regular files; a theme's symlinked aliases are the same pictures) of the seven themes in
 `sources.ICON_DEBS`, each drawn at a seeded size (26-32 px) and shift on white, 32x32 RGB. Every (theme, context)
 gets CELL_IMAGES images, its icons drawn in turn, so that both labellings are balanced whatever a theme holds
-(Faenza has 148 app icons, nuoveXT2 10 status icons). Left out: the "places" context (2-31 icons a theme) and
+(Faenza has 293 app icons, nuoveXT2 10 status icons). Left out: the "places" context (2-31 icons a theme) and
 Moka (apps only: 4-17 icons in other contexts).
 """
 

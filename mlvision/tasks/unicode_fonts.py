@@ -61,7 +61,7 @@ DESIGN_ALIASES = {
     "mry_kacstqurn": "kacstqurn",
 }
 # Renders per (font, class) in each split. A design's fonts beyond MAX_FONTS_PER_DESIGN (weights and widths of one
-# face: CMU alone has 38) are left out, a seeded choice, so that no design fills a split.
+# face: Noto has 58 here, CMU 33) are left out, a seeded choice, so that no design fills a split.
 GLYPH_IMAGES = {"train": 2, "validation": 1, "test": 1}
 MAX_FONTS_PER_DESIGN = 6
 # script_digits / digit_script: images per (script, digit) in each split, balanced over scripts whatever their
