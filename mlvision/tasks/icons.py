@@ -1,8 +1,8 @@
-"""The icon tasks (issue 32): desktop icons from eight Debian icon themes, labelled two ways.
+"""The icon tasks (issue 32): desktop icons from seven Debian icon themes, labelled two ways.
 
-- icon_context: what the icon is for, the theme folder it lies in (actions, apps, devices, mimetypes, places,
-  status); split by theme, so a model is tested on themes it never saw;
-- icon_theme: the very same images labelled by theme (8); split by icon name (document-open, battery-low...), so a
+- icon_context: what the icon is for, the theme folder it lies in (actions, apps, devices, mimetypes, status);
+  split by theme, so a model is tested on themes it never saw;
+- icon_theme: the very same images labelled by theme (7); split by icon name (document-open, battery-low...), so a
   model is tested on things it never saw drawn in any theme (the "same images, other labelling" relation).
 
 Images: the 32x32 PNGs (regular files; a theme's symlinked aliases are the same pictures) of the seven themes in

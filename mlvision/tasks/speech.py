@@ -11,8 +11,8 @@
 
 Every utterance is spoken by one of espeak-ng's 101 voice variants (`voices/!v`) at a seeded speed (120-200 words
 a minute) and pitch (20-80), and the variants are cut 60/20/20 into train/validation/test (seeded): no voice is in
-two splits. Sizes: 61 / 20 / 20 variants; spoken_digit and spoken_language 6,100 / 2,000 / 2,000 images (10
-languages x 10 digits a variant), spoken_word 3,050 / 1,000 / 1,000 (5 accents x 10 words), spoken_letter
+two splits. Sizes: 61 / 20 / 20 variants; spoken_digit, spoken_language and spoken_rate 6,100 / 2,000 / 2,000 images
+(10 languages x 10 digits a variant), spoken_word 3,050 / 1,000 / 1,000 (5 accents x 10 words), spoken_letter
 4,758 / 1,560 / 1,560 (3 accents x 26 letters).
 
 Image: the first second of the 22,050 Hz waveform, centred in a one-second window, short-time Fourier transform
