@@ -30,7 +30,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .. import sources
 from ..errors import DataSourceError
-from .splits import SEED, SPLITS, Splits, cut_units
+from .splits import SEED, SPLITS, Splits, cut_units, in_turn
 
 EMOJI_GROUPS = (
     "Smileys & Emotion",
@@ -118,9 +118,9 @@ def usable_emoji() -> tuple[list[tuple[str, str, str]], dict[str, dict[str, np.n
     fonts = _fonts()
     drawings: dict[str, dict[str, np.ndarray]] = {task: {} for task in STYLE_FONT}
     kept = []
+    notdef = {task: _draw(font, _NOTDEF_PROBE, task == "emoji_color") for task, font in fonts.items()}
     for group, subgroup, emoji in emoji_list():
         drawn = {task: _draw(font, emoji, task == "emoji_color") for task, font in fonts.items()}
-        notdef = {task: _draw(font, _NOTDEF_PROBE, task == "emoji_color") for task, font in fonts.items()}
         if all(d.size and not (d.shape == notdef[t].shape and np.array_equal(d, notdef[t])) for t, d in drawn.items()):
             kept.append((group, subgroup, emoji))
             for task, d in drawn.items():
@@ -179,8 +179,7 @@ def _build(task: str) -> Splits:
             members = [e for grp, _, e in kept if grp == group and split_of[e] == split]
             if not members:
                 raise DataSourceError(f"{task}: no emoji of group {group!r} in the {split} split; check the pins")
-            for i in range(EMOJI_IMAGES[split]):
-                emoji, k = members[i % len(members)], i // len(members)
+            for emoji, k in in_turn(members, EMOJI_IMAGES[split]):
                 rng = np.random.default_rng([SEED, 32, 4, zlib.crc32(f"{task}/{emoji}".encode()), k])
                 images.append(place(drawings[task][emoji], rng))
                 labels.append(g)

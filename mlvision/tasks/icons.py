@@ -25,7 +25,7 @@ from PIL import Image
 from .. import sources
 from ..errors import DataSourceError
 from .emoji import place
-from .splits import SEED, SPLITS, Splits, cut_units, pixel_hash
+from .splits import SEED, SPLITS, Splits, cut_units, in_turn, pixel_hash
 
 CONTEXTS = ("actions", "apps", "devices", "mimetypes", "status")
 CONTEXT_ALIASES = {"mimes": "mimetypes"}  # elementary-xfce's folder name
@@ -130,8 +130,7 @@ def icon_pool() -> tuple[np.ndarray, list[tuple[str, str, str, str]]]:
         shares = np.diff(np.round(np.cumsum((0,) + NAME_FRACTIONS) * CELL_IMAGES)).astype(int)
         for split, share in zip(SPLITS, shares):
             members = [name for name in names if split_of[name] == split]
-            for i in range(share):
-                name, k = members[i % len(members)], i // len(members)
+            for name, k in in_turn(members, share):
                 rng = np.random.default_rng([SEED, 32, 6, zlib.crc32(f"{theme}/{context}/{name}".encode()), k])
                 images.append(place(drawings[name], rng, ICON_SIZE, BOX, 0.0, 255))
                 meta.append((theme, context, name, split))

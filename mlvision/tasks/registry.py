@@ -38,11 +38,11 @@ from .unicode_fonts import (
     CYRILLIC_LOWER,
     GREEK_LOWER,
     SCRIPT_DIGITS,
+    UNICODE_FONTS_SOURCE,
     build_cyrillic_letters,
     build_digit_script,
     build_greek_letters,
     build_script_digits,
-    unicode_fonts_source,
 )
 
 # The built-in tasks, one entry each (name, labels, domain, source, description, builder, sizes), in
@@ -170,7 +170,7 @@ _REGISTRY: dict[str, Task] = {
             "greek_letters",
             GREEK_LOWER,
             "letters",
-            unicode_fonts_source("greek_letters"),
+            UNICODE_FONTS_SOURCE,
             "Greek small letters (24, no final sigma) from text faces, 28x28 grayscale, splits by font design",
             builder=build_greek_letters,
             sizes=(2544, 408, 576),
@@ -182,7 +182,7 @@ _REGISTRY: dict[str, Task] = {
             "cyrillic_letters",
             CYRILLIC_LOWER,
             "letters",
-            unicode_fonts_source("cyrillic_letters"),
+            UNICODE_FONTS_SOURCE,
             "Cyrillic small letters (32, no yo) from text faces, 28x28 grayscale, splits by font design",
             builder=build_cyrillic_letters,
             sizes=(3648, 352, 768),
@@ -194,7 +194,7 @@ _REGISTRY: dict[str, Task] = {
             "script_digits",
             DIGITS,
             "digits",
-            unicode_fonts_source("script_digits"),
+            UNICODE_FONTS_SOURCE,
             "Digits 0-9 of the Arabic-Indic, Devanagari, Bengali and Malayalam scripts, labelled by value, "
             "28x28 grayscale, balanced over scripts, splits by font design",
             builder=build_script_digits,
@@ -208,7 +208,7 @@ _REGISTRY: dict[str, Task] = {
             "digit_script",
             tuple(SCRIPT_DIGITS),
             "digits",
-            unicode_fonts_source("digit_script"),
+            UNICODE_FONTS_SOURCE,
             "The script_digits images labelled by script (Arabic-Indic, Devanagari, Bengali, Malayalam)",
             builder=build_digit_script,
             sizes=(2400, 800, 800),

@@ -67,7 +67,6 @@ SAMPLE_RATE, N_FFT, HOP, N_MELS, SECONDS, DB_RANGE, IMAGE_SIZE = 22050, 512, 256
 SPEED, PITCH = (120, 200), (20, 80)
 SPLIT_FRACTIONS = (0.6, 0.2, 0.2)  # of the voice variants
 RATES = ("slow", "medium", "fast")  # SPEED cut into three equal ranges of 27 words a minute
-SPEECH_TASKS = ("spoken_digit", "spoken_language", "spoken_rate", "spoken_word", "spoken_letter")
 
 
 def espeak_root() -> Path:
@@ -199,20 +198,22 @@ def _key(*parts: str) -> int:
     return zlib.crc32("/".join(parts).encode())
 
 
+def _grid(what: str, accents: tuple[str, ...], texts: tuple[str, ...]):
+    """Every voice variant x accent (or language) x text: the items (split, voice, text, seed key) to speak, and
+    each item's text index and accent index (its labels)."""
+    variants = voice_variants(espeak_root())
+    split_of = variant_split(variants)
+    grid = [(v, a, t) for v in variants for a in range(len(accents)) for t in range(len(texts))]
+    items = [(split_of[v], f"{accents[a]}+{v}", texts[t], _key(what, v, accents[a], texts[t])) for v, a, t in grid]
+    return items, np.array([t for *_, t in grid], np.int64), np.array([a for _, a, _ in grid], np.int64)
+
+
 def digit_items() -> tuple[list[tuple[str, str, str, int]], dict[str, np.ndarray]]:
     """The spoken-digit utterances (split, voice, text, seed key), every variant x language x digit, and their
     labels {"digit", "language", "rate"}."""
-    variants = voice_variants(espeak_root())
-    split_of = variant_split(variants)
-    grid = [(v, lang, d) for v in variants for lang in LANGUAGES for d in range(10)]
-    keys = [_key("digit", v, lang, str(d)) for v, lang, d in grid]
-    items = [(split_of[v], f"{lang}+{v}", str(d), key) for (v, lang, d), key in zip(grid, keys)]
-    labels = {
-        "digit": np.array([d for _, _, d in grid], np.int64),
-        "language": np.array([list(LANGUAGES).index(lang) for _, lang, _ in grid], np.int64),
-        "rate": np.array([rate_of(prosody(key)[0]) for key in keys], np.int64),
-    }
-    return items, labels
+    items, digits, languages = _grid("digit", tuple(LANGUAGES), tuple(str(d) for d in range(10)))
+    rates = np.array([rate_of(prosody(key)[0]) for *_, key in items], np.int64)
+    return items, {"digit": digits, "language": languages, "rate": rates}
 
 
 @lru_cache(maxsize=1)
@@ -238,11 +239,7 @@ def build_spoken_rate() -> Splits:
 
 def _spoken_items(what: str, accents: tuple[str, ...], texts: tuple[str, ...]) -> Splits:
     """A task of `texts` (the labels, in order) spoken in `accents` by every voice variant, split by variant."""
-    variants = voice_variants(espeak_root())
-    split_of = variant_split(variants)
-    grid = [(v, accent, i) for v in variants for accent in accents for i in range(len(texts))]
-    items = [(split_of[v], f"{accent}+{v}", texts[i], _key(what, v, accent, texts[i])) for v, accent, i in grid]
-    labels = np.array([i for _, _, i in grid], np.int64)
+    items, labels, _ = _grid(what, accents, texts)
     return {split: (images, labels[idx]) for split, (images, idx) in _utterances(items).items()}
 
 

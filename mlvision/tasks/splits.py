@@ -47,6 +47,13 @@ def cut_units(units: list, fractions, seed: list[int]) -> dict:
     return {units[i]: SPLITS[int(np.searchsorted(bounds, rank, side="right"))] for rank, i in enumerate(order)}
 
 
+def in_turn(members: list, count: int) -> list[tuple[object, int]]:
+    """`count` (member, round) pairs taking `members` in turn: how the pool's builders balance their classes by
+    construction, a class with few fonts, emoji or icons drawing each of them in more rounds (each round a new
+    seeded rendering)."""
+    return [(members[i % len(members)], i // len(members)) for i in range(count)]
+
+
 def split_arrays(images: np.ndarray, labels: np.ndarray, fractions: tuple[float, float, float]) -> Splits:
     """One pool of images cut into train/validation/test by `stratified_split`."""
     parts = stratified_split(labels, fractions)

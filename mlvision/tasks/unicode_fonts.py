@@ -27,9 +27,9 @@ import numpy as np
 from PIL import ImageFont
 
 from .. import sources
-from ..errors import DataSourceError, UnknownNameError
+from ..errors import DataSourceError
 from . import fonts
-from .splits import SEED, SPLITS, Splits, cut_units
+from .splits import SEED, SPLITS, Splits, cut_units, in_turn
 
 GREEK_LOWER = tuple(chr(c) for c in range(0x3B1, 0x3CA) if c != 0x3C2)  # α..ω without ς
 CYRILLIC_LOWER = tuple(chr(c) for c in range(0x430, 0x450))  # а..я
@@ -183,8 +183,7 @@ def _script_digit_images() -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray
                     "changed (sources.UNICODE_FONT_DEBS); pin versions that draw them"
                 )
             for d, char in enumerate(SCRIPT_DIGITS[script]):
-                for i in range(SCRIPT_IMAGES[split]):
-                    key, k = keys[i % len(keys)], i // len(keys)
+                for key, k in in_turn(keys, SCRIPT_IMAGES[split]):
                     images.append(fonts._render_glyph(glyphs[key][1][script][char], _seed(2, key, si * 10 + d, k)))
                     digits.append(d)
                     scripts.append(si)
@@ -209,8 +208,5 @@ def build_digit_script() -> Splits:
     return {split: (images, scripts.astype(np.int64)) for split, (images, _, scripts) in _script_digit_images().items()}
 
 
-def unicode_fonts_source(task: str) -> str:
-    """One sentence on where a Unicode glyph task's fonts come from (its registry entry's source)."""
-    if task not in UNICODE_TASKS:
-        raise UnknownNameError(f"not a Unicode glyph task: {task!r}; those are: {', '.join(UNICODE_TASKS)}")
-    return f"{len(sources.UNICODE_FONT_DEBS)} Debian bookworm font packages (sources.UNICODE_FONT_DEBS)"
+# Where the four tasks' fonts come from (one sentence, shared by their registry entries).
+UNICODE_FONTS_SOURCE = f"{len(sources.UNICODE_FONT_DEBS)} Debian bookworm font packages (sources.UNICODE_FONT_DEBS)"
