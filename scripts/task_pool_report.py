@@ -71,7 +71,7 @@ def licences(name: str) -> str:
     return ", ".join(ordered[:4]) + (f" (+{len(ordered) - 4} more)" if len(ordered) > 4 else "")
 
 
-def split_arrays(name: str) -> dict[str, np.ndarray]:
+def first_images(name: str) -> dict[str, np.ndarray]:
     """The first MAX_CHECKED images of each split, as uint8 arrays."""
     dd = tasks.load_task(name)
     return {
@@ -82,7 +82,7 @@ def split_arrays(name: str) -> dict[str, np.ndarray]:
 
 def leakage(name: str) -> tuple[int, int, int]:
     """(exact copies across splits, near-duplicate validation images, near-duplicate test images)."""
-    images = split_arrays(name)
+    images = first_images(name)
     hashes = {s: {pixel_hash(x) for x in images[s]} for s in tasks.SPLITS}
     exact = len(hashes["train"] & hashes["validation"]) + len((hashes["train"] | hashes["validation"]) & hashes["test"])
     train = thumbnails(images["train"])
