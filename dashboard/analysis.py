@@ -370,6 +370,7 @@ def describe_accuracy(task_results: pd.DataFrame) -> pd.DataFrame:
 # The page that shows each claim's evidence (a dashboard page slug) and what to look at there.
 CLAIM_EVIDENCE = {
     "claim1": ("merge_count", "Merge count: the ranking table and the per-task panels at k = 2 and 3"),
+    "claim1_data_aware": ("merge_count", "Merge count: the ranking table and the per-task panels at k = 2 and 3"),
     "claim2": ("dissimilarity", "Dissimilarity: the Fréchet scatter and the task × task matrices"),
     "claim3": ("merges_vs_heads", "Merges vs heads, and the real-wins chart on Merge count"),
 }

@@ -345,3 +345,21 @@ def extract_features(
     training stage passes the eager one, so the heads it trains see the features they always saw."""
     backbone.eval().to(device)
     return torch.cat([backbone(images[i : i + batch_size].to(device)).cpu() for i in range(0, len(images), batch_size)])
+
+
+@torch.inference_mode()
+def extract_multilayer_features(
+    backbone: nn.Module, images: torch.Tensor, batch_size: int = EVAL_BATCH_SIZE, device: torch.device | str = "cpu"
+) -> np.ndarray:
+    """Every stage's feature map pooled (global average and global max per channel) beside the backbone's own pooled
+    features, in one pass per batch: [n, d] float32 on the CPU. The multi-layer linear probe reads these
+    (training/probe.py); timm's `forward_intermediates` gives the stages' outputs of any timm backbone (the
+    EfficientNets' five stages, a ViT's blocks as NCHW maps)."""
+    backbone.eval().to(device)
+    out = []
+    for i in range(0, len(images), batch_size):
+        batch = images[i : i + batch_size].to(device)
+        _, stages = backbone.forward_intermediates(batch)
+        pooled = [part for stage in stages for part in (stage.mean((2, 3)), stage.amax((2, 3)))]
+        out.append(torch.cat([*pooled, backbone(batch)], dim=1).float().cpu())
+    return torch.cat(out).numpy()

@@ -64,7 +64,10 @@ class StoreBusyError(StoreError):
 #    right, `pack_correct`), for paired tests on the same images; table adapter_updates (each adapter's
 #    update norm); merge_results exposes them, with normalized_gain NULL (and gain_note saying why) where
 #    single and head differ by less than GAIN_MIN_DIFFERENCE.
-SCHEMA_VERSION = 3
+# 4: evaluations gained `correct` (which images a model got right, `pack_correct`), stored for the multi-layer
+#    probe (models.model_kind 'probe', seed NULL: its fit is convex, one per task) on the test images every merge
+#    of its task is scored on (split 'merge_test'); view probe_results.
+SCHEMA_VERSION = 4
 
 # normalized_gain = (merged - head) / (single - head) is a ratio of two small differences when single and
 # head are close; below this difference (2 points: 6 images of 300) it is noise divided by noise, so the
@@ -105,6 +108,7 @@ _TABLES = [
         f"ALTER TABLE merge_evaluations ADD COLUMN IF NOT EXISTS {column} VARCHAR"
         for column in ("merged_correct", "single_correct", "head_correct")
     ),
+    "ALTER TABLE evaluations ADD COLUMN IF NOT EXISTS correct VARCHAR",
     # The size of each adapter's weight update: sqrt of the sum over adapted layers of ||ΔW||_F^2.
     """CREATE TABLE IF NOT EXISTS adapter_updates (
         model_id VARCHAR PRIMARY KEY, task VARCHAR, seed INTEGER, update_norm DOUBLE, layers INTEGER,
@@ -155,6 +159,15 @@ _VIEWS = [
         FROM merges g JOIN merge_evaluations e ON e.merge_id = g.merge_id AND e.split = 'test'""".format(
         gain_min=GAIN_MIN_DIFFERENCE, gain_points=GAIN_MIN_DIFFERENCE * 100
     ),
+    # The multi-layer linear probe of each task (training/probe.py): test and validation accuracy, and which of
+    # the merge evaluation's test images it gets right (the images every merge of the task is scored on).
+    """CREATE OR REPLACE VIEW probe_results AS
+        SELECT m.task, t.accuracy, v.accuracy AS validation_accuracy, t.n AS n_test, x.n AS n_merge_eval,
+               x.correct AS merge_eval_correct, m.backbone, m.config, m.model_id, m.run_id
+        FROM models m JOIN evaluations t ON t.model_id = m.model_id AND t.split = 'test'
+        LEFT JOIN evaluations v ON v.model_id = m.model_id AND v.split = 'validation'
+        LEFT JOIN evaluations x ON x.model_id = m.model_id AND x.split = 'merge_test'
+        WHERE m.model_kind = 'probe'""",
     """CREATE OR REPLACE VIEW adapter_update_norms AS
         SELECT model_id, task, seed, update_norm, layers, run_id FROM adapter_updates""",
     """CREATE OR REPLACE VIEW task_similarity AS
@@ -185,6 +198,10 @@ VIEW_COLUMN_KINDS = {
             "merge_id", "method", "tasks", "task", "backbone", "run_id", "gain_note",
             "merged_correct", "single_correct", "head_correct",
         ),
+    },
+    "probe_results": {
+        "numbers": ("accuracy", "validation_accuracy", "n_test", "n_merge_eval"),
+        "text": ("task", "merge_eval_correct", "backbone", "model_id", "run_id"),
     },
     "adapter_update_norms": {"numbers": ("seed", "update_norm", "layers"), "text": ("model_id", "task", "run_id")},
     "task_similarity": {"numbers": ("value", "seed"), "text": ("task_a", "task_b", "measure", "run_id")},

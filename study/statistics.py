@@ -79,6 +79,47 @@ def group_bootstrap_mean(
     return mean, low, high, None
 
 
+def task_bootstrap_mean(
+    values, unit_tasks, rng: np.random.Generator, resamples: int = BOOTSTRAP, min_tasks: int = MIN_GROUPS
+) -> tuple[float, float | None, float | None, str | None]:
+    """Mean of per-unit values and its percentile CI resampling *tasks*: (mean, low, high, reason).
+
+    `values` holds one number per unit (a merged group's mean, or one (merge, task) row's outcome) and
+    `unit_tasks` the tasks each unit was built from. Groups are not independent draws: every task is in many
+    groups (each of six tasks is in 10 of the 20 groups of three), so a CI over groups understates how much the
+    figure would move with other tasks. Each resample draws the tasks with replacement (m_t = how often task t
+    was drawn) and weights a unit by the product of its tasks' multiplicities: the figure recomputed on the
+    groups the drawn tasks can form, a task drawn twice counting twice. Resamples where no unit has all its
+    tasks drawn are degenerate and left out (at k = 6 of six tasks, all but the 1.5 % that draw every task);
+    the reason says how many, and with fewer than `min_tasks` tasks, or more than half the resamples
+    degenerate, there is no CI.
+    """
+    values = np.asarray(values, dtype=float)
+    keep = np.isfinite(values)
+    values, unit_tasks = values[keep], [tuple(t) for t, k in zip(unit_tasks, keep) if k]
+    if len(values) == 0:
+        return float("nan"), None, None, "no units"
+    mean = float(values.mean())
+    names = sorted({task for tasks in unit_tasks for task in tasks})
+    if len(names) < min_tasks:
+        return mean, None, None, f"{len(names)} tasks: a CI over tasks needs at least {min_tasks}"
+    index = {name: i for i, name in enumerate(names)}
+    drawn = rng.integers(0, len(names), (resamples, len(names)))
+    multiplicity = np.stack([np.bincount(row, minlength=len(names)) for row in drawn]).astype(float)
+    weights = np.ones((resamples, len(values)))
+    for unit, tasks in enumerate(unit_tasks):
+        for task in tasks:
+            weights[:, unit] *= multiplicity[:, index[task]]
+    total = weights.sum(axis=1)
+    degenerate = int((total == 0).sum())
+    if degenerate > resamples / 2:
+        return mean, None, None, f"{degenerate} of {resamples} task resamples form none of these groups"
+    draws = np.where(total > 0, (weights @ values) / np.where(total > 0, total, 1), np.nan)
+    low, high = percentile_interval(draws)
+    note = f"task bootstrap ({len(names)} tasks" + (f"; {degenerate} degenerate resamples left out)" if degenerate else ")")
+    return mean, low, high, note
+
+
 def mcnemar_exact(b, c) -> np.ndarray:
     """Two-sided exact McNemar p-values for discordant counts b and c (arrays or numbers).
 

@@ -7,6 +7,7 @@ import pytest
 from scipy import stats
 
 from study.statistics import (
+    BOOTSTRAP,
     exact_difference_test,
     group_bootstrap_mean,
     mantel_permutation,
@@ -14,6 +15,7 @@ from study.statistics import (
     mcnemar_outcomes,
     percentile_interval,
     spearman,
+    task_bootstrap_mean,
     task_bootstrap_spearman,
     weighted_midranks,
     weighted_pearson,
@@ -142,3 +144,30 @@ def test_task_bootstrap_spearman_interval_contains_the_estimate():
     assert weighted_pearson(weighted_midranks(x, weights), weighted_midranks(y, weights), weights)[0] == pytest.approx(
         spearman(x, y)
     )
+
+
+def test_task_bootstrap_of_single_task_units_is_the_plain_bootstrap():
+    """With one task per unit, weighting units by their task's multiplicity is drawing the units themselves: the
+    same CI as a plain bootstrap from the same random draws."""
+    values = np.array([0.2, 0.5, 0.9, 0.4, 0.7])
+    mean, low, high, _ = task_bootstrap_mean(values, [(t,) for t in "abcde"], np.random.default_rng(3))
+    drawn = np.random.default_rng(3).integers(0, 5, (BOOTSTRAP, 5))
+    assert mean == pytest.approx(values.mean())
+    assert (low, high) == pytest.approx(percentile_interval(values[drawn].mean(axis=1)))
+
+
+def test_task_bootstrap_is_wider_than_a_group_bootstrap_when_tasks_drive_the_figure():
+    """Groups of three of six tasks whose value is their tasks' mean level: the groups look like 20 independent
+    draws, but only six tasks vary, so resampling tasks gives the wider (honest) interval."""
+    level = dict(zip("abcdef", (0.80, 0.85, 0.90, 0.92, 0.95, 0.97)))
+    groups = list(itertools.combinations("abcdef", 3))
+    values = np.array([np.mean([level[t] for t in g]) for g in groups])
+    _, t_low, t_high, _ = task_bootstrap_mean(values, groups, np.random.default_rng(0))
+    _, g_low, g_high, _ = group_bootstrap_mean(values, np.random.default_rng(0))
+    assert (t_high - t_low) > 1.5 * (g_high - g_low)
+
+
+def test_task_bootstrap_has_no_ci_when_few_resamples_form_a_group():
+    """All six tasks in one group: only resamples drawing every task (6!/6^6 = 1.5 %) weigh it."""
+    mean, low, high, reason = task_bootstrap_mean([0.9], [tuple("abcdef")], np.random.default_rng(0))
+    assert mean == 0.9 and low is None and high is None and "form none of these groups" in reason

@@ -29,11 +29,13 @@ from mlvision.backbone import create_backbone, make_preprocess
 from mlvision.config import StudyConfig
 from mlvision.data import split_images
 from mlvision.errors import MLVisionError
-from mlvision.evaluation import accuracy, extract_features, prepare_for_inference
+from mlvision.data import split_tensors
+from mlvision.evaluation import accuracy, extract_features, extract_multilayer_features, prepare_for_inference
 from mlvision.models import HEAD_FILE, MultiTaskModel, load_head, load_model, read_meta, save_model
 from mlvision.runs import machine_info, model_folder, relative_to_repo, study_run_id
-from mlvision.store import Store, config_hash, insert_row, now
+from mlvision.store import Store, config_hash, insert_row, now, pack_correct
 from mlvision.tasks import get_task, load_task, set_hub_domains
+from training.probe import probe_config, train_probe
 from training.trainers import make_accelerator, train_adapter, train_head
 
 
@@ -259,6 +261,65 @@ class TrainingStage:
         self._record(model_id, "head", task, seed, train_config, folder, trainable, seconds, accuracies)
         return "reused" if reused else "trained"
 
+    def run_probe(self, task: str) -> str:
+        """The multi-layer linear probe of `task` (training/probe.py): "trained", or "skipped" (already stored).
+
+        Scored on validation, on test, and on the test images each merge of the task is scored on (split
+        'merge_test', with which images it got right: the findings' paired tests against merges)."""
+        train_config = probe_config(self.config, task)
+        model_id = config_hash(train_config)
+        if self.store.has_model(model_id):
+            return "skipped"
+        start = time.perf_counter()
+        splits = {split: self.split(task, split) for split in ("train", "validation", "test")}
+        splits["merge_test"] = split_tensors(task, "test", self.preprocess, self.config.merge_eval)
+        features = {
+            split: extract_multilayer_features(self._frozen_backbone, images, device=self.accelerator.device)
+            for split, (images, _) in splits.items()
+        }
+        labels = {split: split_labels.numpy() for split, (_, split_labels) in splits.items()}
+        probe = train_probe(features["train"], labels["train"], features["validation"], labels["validation"])
+        seconds = time.perf_counter() - start
+        correct = {split: probe.correct(features[split], labels[split]) for split in ("validation", "test", "merge_test")}
+        with self.store.write() as con:
+            insert_row(
+                con,
+                "models",
+                {
+                    "model_id": model_id,
+                    "task": task,
+                    "model_kind": "probe",
+                    "seed": None,
+                    "backbone": self.backbone_config.name,
+                    "config": {**train_config, "chosen": probe.record()},
+                    "config_hash": model_id,
+                    "path": None,
+                    "trainable_params": int(probe.model[-1].coef_.size + probe.model[-1].intercept_.size),
+                    "backbone_params": self.backbone_params,
+                    "train_seconds": seconds,
+                    "run_id": self.run_id,
+                    "created_at": now(),
+                },
+                key=("model_id",),
+            )
+            for split, right in correct.items():
+                insert_row(
+                    con,
+                    "evaluations",
+                    {
+                        "model_id": model_id,
+                        "split": split,
+                        "accuracy": float(right.mean()),
+                        "n": len(right),
+                        "eval_config_hash": config_hash(self.config.eval_limits()),
+                        "correct": pack_correct(right) if split == "merge_test" else None,
+                        "run_id": self.run_id,
+                        "created_at": now(),
+                    },
+                    key=("model_id", "split"),
+                )
+        return "trained"
+
     def run_adapter(self, task: str, seed: int) -> str:
         """LoRA adapter (+ its head) for (task, seed): "trained", "imported" (given), "reused" (its folder was
         already in --artifacts) or "skipped" (already stored)."""
@@ -347,8 +408,8 @@ class TrainingStage:
         self._record(model_id, "adapter", task, seed, train_config, folder, trainable, seconds, accuracies)
 
     def run(self) -> dict:
-        """Every head baseline, then every adapter (given ones imported); returns counts of trained, imported and
-        skipped units."""
+        """Every head baseline, then every adapter (given ones imported), then each task's multi-layer probe;
+        returns counts of trained, imported and skipped units."""
         counts = {"trained": 0, "imported": 0, "reused": 0, "skipped": 0}
         units = [
             (kind, task, seed)
@@ -359,6 +420,9 @@ class TrainingStage:
         ]  # heads: the main process only
         for kind, task, seed in tqdm(units, desc="training", unit="model", disable=self.store is None):
             counts[(self.run_head if kind == "head" else self.run_adapter)(task, seed)] += 1
+        if self.store is not None and self.config.given_adapters == ():  # the probes: the main process only
+            for task in tqdm(self.config.tasks, desc="multi-layer probes", unit="probe", leave=False):
+                counts[self.run_probe(task)] += 1
         counts["imported_note"] = f", {counts['imported']} given adapters imported" if counts["imported"] else ""
         if counts["reused"]:  # another run's models in the same --artifacts: scored and recorded, never rewritten
             counts["imported_note"] += f", {counts['reused']} found in the artifacts folder and reused"

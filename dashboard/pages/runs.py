@@ -47,10 +47,10 @@ def page(db: str, filters: Filters) -> None:
     if not common.missing("trained models", "task_results", results):
         chosen_tasks = filters.multi("Task", "task", sorted(results["task"].unique()))
         kinds = filters.multi("Model kind", "kind", sorted(results["model_kind"].unique()))
-        seeds = filters.multi("Seed", "seed", sorted(int(s) for s in results["seed"].unique()))
-        shown = results[
-            results["task"].isin(chosen_tasks) & results["model_kind"].isin(kinds) & results["seed"].isin(seeds)
-        ]
+        # a multi-layer probe has no seed (its fit is convex: one per task); it is shown with every seed choice
+        seeds = filters.multi("Seed", "seed", sorted(int(s) for s in results["seed"].dropna().unique()))
+        seed_ok = results["seed"].isin(seeds) | results["seed"].isna()
+        shown = results[results["task"].isin(chosen_tasks) & results["model_kind"].isin(kinds) & seed_ok]
         if search:
             text = shown[["run_id", "config_hash", "model_id"]].astype(str).agg(" ".join, axis=1)
             shown = shown[text.str.contains(search, case=False, regex=False)]

@@ -6,12 +6,21 @@ pair figures, the claims' verdicts, and the sensitivity table (every verdict rec
 
 from __future__ import annotations
 
+import json
+
 import pandas as pd
 
 from mlvision.claims import VERDICT_WORDS
-from study.findings.claims import CLAIMS, Evidence
+from study.findings.claims import CLAIMS, Evidence, stronger_baseline
 from study.findings.exclusion import task_rows, task_table
-from study.findings.figures import cell_rows, cells_of, choose_methods, data_aware_rows, validation_rows
+from study.findings.figures import (
+    cell_rows,
+    cells_of,
+    choose_by_family,
+    choose_methods,
+    data_aware_rows,
+    validation_rows,
+)
 from study.findings.inputs import StudyInputs
 from study.findings.pairs import pair_figures, pair_rows
 from study.findings.rows import finding_row
@@ -22,6 +31,30 @@ def _without(merges: pd.DataFrame, task: str | None) -> pd.DataFrame:
     if task is None:
         return merges
     return merges.loc[~merges["group_tasks"].map(lambda g: task in g).astype(bool)]
+
+
+def probe_rows(probes: pd.DataFrame, tasks) -> list[dict]:
+    """Each task's multi-layer probe test accuracy (`task` rows '<task>/probe_accuracy'), where one was trained."""
+    if probes.empty:
+        return []
+    by_task = probes.drop_duplicates("task").set_index("task")
+    return [
+        finding_row("task", f"{task}/probe_accuracy", by_task.loc[task, "accuracy"], n=by_task.loc[task, "n_test"],
+                    note=f"multi-layer probe, C = {json.loads(by_task.loc[task, 'config'])['chosen']['C']:g} "
+                    "chosen on validation")  # fmt: skip
+        for task in tasks
+        if task in by_task.index
+    ]
+
+
+def family_rows(by_family: dict) -> list[dict]:
+    """The `chosen_method_family` rows: per family and k, the method chosen on validation among that family's."""
+    return [
+        finding_row("chosen_method_family", f"{family}/{c['method']}/k={k}", c["value"], n=c["n"], note=c["note"])
+        for family, chosen in by_family.items()
+        for k, c in sorted(chosen.items())
+        if c["method"] is not None
+    ]
 
 
 def judge_claims(evidence: Evidence, included: list[str]) -> dict[str, tuple[int | None, str]]:
@@ -51,14 +84,18 @@ def analyse(inputs: StudyInputs, leave_out: str | None = None, full: bool = True
     merges = _without(inputs.merges, leave_out)
     included = [t for t in inputs.tasks if not tasks_info.loc[t, "excluded"] and t != leave_out]
     rows_in = merges[merges["task"].isin(included)]
-    chosen = choose_methods(merges)
-    cells = cells_of(rows_in, chosen, full)
+    chosen, by_family = choose_methods(merges), choose_by_family(merges)
+    cells = cells_of(rows_in, [chosen, *by_family.values()], full)
     pair = pair_figures(inputs, rows_in, chosen.get(2, {}).get("method"), included, full)
-    verdicts = judge_claims(Evidence(chosen, cells, pair), included)
+    baseline = stronger_baseline(rows_in) if not rows_in.empty else "head"
+    verdicts = judge_claims(Evidence(chosen, cells, pair, by_family, baseline), included)
     out: list[dict] = []
     if full:
         out += task_rows(tasks_info)
+        out += probe_rows(inputs.probes, inputs.tasks)
         out += validation_rows(merges, chosen)
+        out += family_rows(by_family)
+        out.append(finding_row("baseline", "stronger", n=len(included), note=baseline))
         for cell in cells.values():
             out += cell_rows(cell)
         out += pair_rows(pair)

@@ -36,6 +36,9 @@ class StudyInputs:
     tasks: tuple[str, ...]
     rules: ExclusionRules = field(default_factory=ExclusionRules)
     related: object = related  # (task_a, task_b) -> bool: related by construction
+    # `probe_results` rows of the study's multi-layer probes (task, accuracy, validation_accuracy, n_merge_eval,
+    # merge_eval_correct); empty where none was trained (a study of given adapters, a store from before them)
+    probes: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
 def _chosen_validation(selection) -> float:
@@ -51,26 +54,54 @@ def _chosen_validation(selection) -> float:
     return float(value) if value is not None else float("nan")
 
 
-def prepare_merges(merges: pd.DataFrame) -> pd.DataFrame:
+# The two baselines a merge is compared with, each one backbone pass per image: the trained last-layer head (per
+# seed, in `merge_results`) and the multi-layer linear probe (per task, `probe_results`). Column prefixes below.
+BASELINES = ("head", "probe")
+BASELINE_NAMES = {"head": "last-layer head", "probe": "multi-layer probe"}
+
+
+def _paired_outcomes(merged_packed, baseline_packed, ns) -> tuple[np.ndarray, np.ndarray]:
+    """McNemar's discordant counts (b: images only the merged model got right, c: only the baseline) per row;
+    NaN where either side's per-image outcomes are not stored."""
+    b, c = np.full(len(ns), np.nan), np.full(len(ns), np.nan)
+    for i, (merged, baseline, n) in enumerate(zip(merged_packed, baseline_packed, ns)):
+        if isinstance(merged, str) and isinstance(baseline, str) and n and n == n:
+            m, h = unpack_correct(merged, int(n)), unpack_correct(baseline, int(n))
+            b[i], c[i] = np.sum(m & ~h), np.sum(~m & h)
+    return b, c
+
+
+def prepare_merges(merges: pd.DataFrame, probes: pd.DataFrame | None = None) -> pd.DataFrame:
     """`merge_results` rows plus: validation (chosen validation accuracy), diff_points (merged − head, in
     points), mcnemar_b / mcnemar_c (images only the merged / only the head model got right), mcnemar_p
-    and outcome (+1 real win, -1 real loss, 0 neither; NaN where per-image outcomes are not stored)."""
+    and outcome (+1 real win, -1 real loss, 0 neither; NaN where per-image outcomes are not stored); and the same
+    against the task's multi-layer probe (`probes`, `probe_results` rows) on the same images: probe_accuracy,
+    probe_diff_points, probe_outcome (NaN where no probe was scored on the merge's images)."""
     df = merges.copy().reset_index(drop=True)
     if "selection" not in df:
         df["selection"] = None
     df["validation"] = [_chosen_validation(s) for s in df["selection"]]
     df["diff_points"] = (df["merged_accuracy"] - df["head_accuracy"]) * 100
-    b = np.full(len(df), np.nan)
-    c = np.full(len(df), np.nan)
     if {"merged_correct", "head_correct"} <= set(df.columns):
-        for i, (merged, head, n) in enumerate(zip(df["merged_correct"], df["head_correct"], df["n"])):
-            if isinstance(merged, str) and isinstance(head, str) and n and n == n:
-                m, h = unpack_correct(merged, int(n)), unpack_correct(head, int(n))
-                b[i], c[i] = np.sum(m & ~h), np.sum(~m & h)
+        b, c = _paired_outcomes(df["merged_correct"], df["head_correct"], df["n"])
+    else:
+        b, c = np.full(len(df), np.nan), np.full(len(df), np.nan)
     have = np.isfinite(b)
     df["mcnemar_b"], df["mcnemar_c"] = b, c
     df["mcnemar_p"] = np.where(have, mcnemar_exact(np.nan_to_num(b), np.nan_to_num(c)), np.nan)
     df["outcome"] = np.where(have, mcnemar_outcomes(np.nan_to_num(b), np.nan_to_num(c), ALPHA), np.nan)
+    df["probe_correct"], df["probe_accuracy"] = None, np.nan
+    if probes is not None and not probes.empty and "merged_correct" in df:
+        by_task = probes.drop_duplicates("task").set_index("task")
+        for i, (task, n) in enumerate(zip(df["task"], df["n"])):
+            if task in by_task.index and by_task.loc[task, "n_merge_eval"] == n:  # the very images of the merge
+                packed = by_task.loc[task, "merge_eval_correct"]
+                df.at[i, "probe_correct"] = packed
+                df.at[i, "probe_accuracy"] = float(unpack_correct(packed, int(n)).mean())
+    df["probe_diff_points"] = (df["merged_accuracy"] - df["probe_accuracy"]) * 100
+    b, c = _paired_outcomes(df.get("merged_correct", [None] * len(df)), df["probe_correct"], df["n"])
+    have = np.isfinite(b)
+    df["probe_outcome"] = np.where(have, mcnemar_outcomes(np.nan_to_num(b), np.nan_to_num(c), ALPHA), np.nan)
     if "normalized_gain" not in df:
         df["normalized_gain"] = np.nan
     if "gain_note" not in df:

@@ -8,11 +8,12 @@ from pathlib import Path
 
 from mlvision.config import StudyConfig
 from mlvision.runs import study_run_id
-from mlvision.store import Store, insert_row, now
+from mlvision.store import Store, config_hash, insert_row, now
 from study.findings.analysis import compute_rows
 from study.findings.exclusion import ExclusionRules
 from study.findings.inputs import StudyInputs, prepare_merges
 from study.findings.report import render_report, report_path
+from training.probe import probe_config
 
 
 class FindingsStage:
@@ -41,7 +42,10 @@ class FindingsStage:
         similarity = self.store.query_df(
             "SELECT task_a, task_b, measure, avg(value) AS value FROM task_similarity GROUP BY ALL"
         )
-        return StudyInputs(prepare_merges(merges), results, norms, similarity, tasks, self.rules)
+        probe_ids = {config_hash(probe_config(self.config, task)) for task in tasks}
+        probes = self.store.query_df("SELECT * FROM probe_results")
+        probes = probes[probes["model_id"].isin(probe_ids)]
+        return StudyInputs(prepare_merges(merges, probes), results, norms, similarity, tasks, self.rules, probes=probes)
 
     def stored_findings(self) -> dict[tuple, tuple]:
         """(finding, statistic) -> (value, ci_low, ci_high, n, note, run_id) as stored now."""
