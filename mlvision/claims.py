@@ -17,6 +17,12 @@ CLAIM_STATEMENTS = {
     "claim3": "Merges sometimes beat head finetuning",
 }
 
-# A `claims` row's value: 1 supported, 0 inconclusive, -1 contradicted (NULL: the data to judge it is missing).
-SUPPORTED, INCONCLUSIVE, CONTRADICTED = 1, 0, -1
-VERDICT_WORDS = {SUPPORTED: "supported", INCONCLUSIVE: "inconclusive", CONTRADICTED: "contradicted"}
+# A `claims` row's value: 1 supported, 0 inconclusive, -1 contradicted, 2 untestable (the study is too small for
+# its rule to find an effect of the size it names: claim 2's power; NULL: the data to judge it is missing).
+SUPPORTED, INCONCLUSIVE, CONTRADICTED, UNTESTABLE = 1, 0, -1, 2
+VERDICT_WORDS = {
+    SUPPORTED: "supported",
+    INCONCLUSIVE: "inconclusive",
+    CONTRADICTED: "contradicted",
+    UNTESTABLE: "untestable at this size",
+}

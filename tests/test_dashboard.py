@@ -847,7 +847,10 @@ def test_overview_counts_match_sql(full_db):
     assert len(findings) == sql(full_db, "SELECT count(*) FROM findings").iloc[0, 0]
     # the verdicts are spelled out, each with the stage's own statistics; a claim not stored says so
     text = " ".join(m.value for m in at.markdown)
-    assert "*Merging up to three adapters works (with a data-free method)*: **supported** (retention 93 % at k = 2)" in text
+    assert (
+        "*Merging up to three adapters works (with a data-free method)*: **supported** (retention 93 % at k = 2)"
+        in text
+    )
     assert "*Adapters trained on dissimilar data merge better*: **inconclusive**" in text
     assert "*Merges sometimes beat head finetuning*: not judged yet" in text
     # each claim: the rule the findings stage stored for it, and a link to the page with its evidence
@@ -858,7 +861,11 @@ def test_overview_counts_match_sql(full_db):
     rule_of = dict(zip(rules["statistic"], rules["note"]))
     for claim, statement in zip(["claim1", "claim1_data_aware", "claim2", "claim3"], statements):
         # no rule stored for claim1_data_aware and claim3 in this file
-        assert f"*Rule:* {rule_of[claim]}." in statement if claim in rule_of else "stated in reports/findings.md" in statement
+        assert (
+            f"*Rule:* {rule_of[claim]}." in statement
+            if claim in rule_of
+            else "stated in reports/findings.md" in statement
+        )
     for statement, page in zip(statements, ["merge_count", "merge_count", "dissimilarity", "merges_vs_heads"]):
         assert f"](?page={page})" in statement
 

@@ -15,16 +15,25 @@ import torch
 from conftest import TINY_ARGS, query_db, run_all
 
 from merging.deltas import load_deltas
+from mlvision.claims import UNTESTABLE
 from mlvision.runs import resolve_stored_path
 from mlvision.store import pack_correct
 from study.findings.analysis import analyse, compute_rows
 from study.findings.claims import CLAIMS, CONTRADICTED, INCONCLUSIVE, SUPPORTED, claim1_rule, claim2_rule, claim3_rule
 from study.findings.exclusion import ExclusionRules
-from study.findings.figures import cell_figures
+from study.findings.figures import cell_figures, grid_edge_rows
 from study.findings.inputs import StudyInputs, prepare_merges
 from study.findings.report import render_report
 from study.similarity import adapter_cosine, frechet_distance, subspace_alignment
-from study.statistics import group_bootstrap_mean, percentile_interval, rng_for, wilson
+from study.statistics import (
+    ResidualMantel,
+    group_bootstrap_mean,
+    percentile_interval,
+    rng_for,
+    spearman,
+    task_effects_residual_matrix,
+    wilson,
+)
 
 
 def test_frechet_distance_matches_the_textbook_formula():
@@ -64,7 +73,7 @@ def test_findings_stage_stores_exclusions_claims_and_report(tiny_study):
     )
     assert len(excluded) == 3 and all(v == 1 and "< 350" in note and "< 300" in note for _, v, note in excluded)
     claims = query_db(tiny_study["db"], "SELECT statistic, value, note FROM findings WHERE finding = 'claims'")
-    assert {c for c, _, _ in claims} == {"claim1", "claim2", "claim3"}
+    assert {c for c, _, _ in claims} == {"claim1", "claim1_data_aware", "claim2", "claim3"}
     assert all(v is None and "every task is excluded by rule" in note for _, v, note in claims)
     report = (tiny_study["root"] / "findings.md").read_text()
     assert "## The paper's three claims" in report and "Excluded: " in report and "**not available**" in report
@@ -189,7 +198,9 @@ def test_claim3_is_judged_against_the_stronger_baseline():
     rows, verdicts = analyse(with_probe)
     assert next(r for r in rows if r["finding"] == "baseline")["note"] == "probe"
     verdict, reason = verdicts["claim3"]
-    assert verdict == CONTRADICTED and "merged − multi-layer probe" in reason and "against the last-layer head" in reason
+    assert (
+        verdict == CONTRADICTED and "merged − multi-layer probe" in reason and "against the last-layer head" in reason
+    )
     probe_rows = {r["statistic"]: r for r in rows if r["finding"] == "real_win_share_tasks"}
     assert probe_rows["linear/k=2/probe"]["value"] == 0 and probe_rows["linear/k=2/head"]["value"] > 0.5
     assert any(r["statistic"] == "t0/probe_accuracy" for r in rows if r["finding"] == "task")
@@ -228,22 +239,43 @@ def test_claim1_rule_can_come_out_every_way():
     assert verdict is None and "k = 3" in reason
 
 
-def _claim2(rho, partial):
-    return pd.DataFrame(
-        {
-            name: dict(value=v[0], ci_low=v[1], ci_high=v[2], p=v[3])
-            for name, v in (("spearman", rho), ("partial", partial))
-        }
-    ).T
+def _claim2(rho, p, power):
+    """The pre-registered test's table: ρ, p and the power at 0.2 / 0.4 / 0.6 (`power` at 0.4, the others beside)."""
+    row = dict(value=rho, p=p, pairs=15, tasks=6, **{"power_0.2": power / 2, "power_0.4": power, "power_0.6": 1.0})
+    return pd.DataFrame([row], index=["preregistered"])
 
 
-def test_claim2_rule_is_symmetric():
-    assert claim2_rule(_claim2((0.6, 0.2, 0.9, 0.01), (0.5, 0.1, 0.8, 0.02)))[0] == SUPPORTED
-    assert claim2_rule(_claim2((-0.6, -0.9, -0.2, 0.01), (-0.5, -0.8, -0.1, 0.02)))[0] == CONTRADICTED
-    # one test alone is not enough either way: the same evidence is needed for both verdicts
-    assert claim2_rule(_claim2((-0.6, -0.9, -0.2, 0.01), (-0.3, -0.8, 0.2, 0.2)))[0] == INCONCLUSIVE
-    assert claim2_rule(_claim2((0.6, 0.2, 0.9, 0.01), (0.5, 0.1, 0.8, 0.08)))[0] == INCONCLUSIVE
-    assert claim2_rule(_claim2((0.6, 0.2, 0.9, 0.01), (np.nan, np.nan, np.nan, np.nan)))[0] is None
+def test_claim2_rule_is_symmetric_and_says_untestable_where_power_is_low():
+    assert claim2_rule(_claim2(0.6, 0.01, 0.9))[0] == SUPPORTED
+    assert claim2_rule(_claim2(-0.6, 0.01, 0.9))[0] == CONTRADICTED
+    # a significant result stands whatever the power; a null result is a verdict only where the test could see
+    assert claim2_rule(_claim2(0.6, 0.01, 0.2))[0] == SUPPORTED
+    assert claim2_rule(_claim2(0.6, 0.2, 0.9))[0] == INCONCLUSIVE
+    verdict, reason = claim2_rule(_claim2(0.6, 0.2, 0.3))
+    assert verdict == UNTESTABLE and "power at ρ = 0.2: 15%, 0.4: 30%, 0.6: 100%" in reason
+    assert claim2_rule(_claim2(np.nan, np.nan, 0.9))[0] is None
+
+
+def test_the_preregistered_test_finds_an_effect_planted_in_the_residuals_and_not_task_effects():
+    """Twenty tasks: retention that follows the pair distance beyond the tasks' own effects is found (ρ near 1,
+    p tiny); retention made of task effects alone (a hard task, a far task) is not, though its plain Spearman ρ
+    with the distance is large, because the distance has task effects too."""
+    rng = np.random.default_rng(0)
+    tasks = 20
+    pairs = np.array(list(itertools.combinations(range(tasks), 2)))
+    points = rng.random((tasks, 3))
+    distance = np.sqrt(((points[:, None] - points[None]) ** 2).sum(-1))
+    far = distance.sum(1)  # each task's own "far from everything" effect
+    d = distance[pairs[:, 0], pairs[:, 1]]
+    test = ResidualMantel(pairs, distance, rng=np.random.default_rng(1), permutations=999)
+    planted = task_effects_residual_matrix(pairs, tasks) @ d + far[pairs[:, 0]] + far[pairs[:, 1]]
+    rho, p, _, _ = test.test(planted)
+    assert rho > 0.99 and p <= 0.002
+    effects_only = far[pairs[:, 0]] + far[pairs[:, 1]]
+    assert spearman(effects_only, d) > 0.3
+    rho, p, _, _ = test.test(effects_only + 1e-9 * rng.standard_normal(len(pairs)))
+    assert p > 0.05
+    assert test.power(0.6, np.random.default_rng(2), 50) > 0.9 and test.power(0.0, np.random.default_rng(3), 200) < 0.1
 
 
 def _claim3(*cells):
@@ -499,3 +531,24 @@ def test_two_databases_in_one_folder_keep_two_reports_named_after_them(tiny_stud
     assert kept == [(3,)] and query_db(
         tmp_path / "two.duckdb", "SELECT sum(value) FROM findings WHERE statistic LIKE '%/excluded'"
     ) == [(0.0,)]
+
+
+def test_grid_edges_count_choices_at_each_end_and_call_two_point_grids_too_coarse():
+    """Three merges of a method choosing λ = 0.3 (the smallest), 0.3 and 0.7 of the grid 0.3-1.0: the low edge in 2 of
+    3, the high edge in 0; a two-value density is listed without a share."""
+
+    def selection(chosen):
+        grid = [{"scaling": s, "density": d} for s in (0.3, 0.5, 0.7, 1.0) for d in (0.2, 0.5)]
+        return json.dumps({"tuned": True, "grid": grid, "chosen": chosen})
+
+    merges = pd.DataFrame(
+        [dict(merge_id=f"m{i}", method="ties", selection=selection({"scaling": s, "density": 0.2}))
+         for i, s in enumerate((0.3, 0.3, 0.7))]
+    )  # fmt: skip
+    rows = {r["statistic"]: r for r in grid_edge_rows(merges)}
+    assert rows["ties/scaling/low"]["value"] == pytest.approx(2 / 3) and rows["ties/scaling/high"]["value"] == 0
+    assert "chosen in 2 of 3 merges" in rows["ties/scaling/low"]["note"]
+    assert rows["ties/density/low"]["value"] is None and "two values" in rows["ties/density/low"]["note"]
+    report = render_report(pd.DataFrame([*analyse(synthetic_inputs(methods=("linear",), max_k=2))[0],
+                                         *grid_edge_rows(merges)]))  # fmt: skip
+    assert "| ties/scaling | **67% (2 of 3)** | 0% (0 of 3) | 0.3, 0.5, 0.7, 1 |" in report

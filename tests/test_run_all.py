@@ -21,6 +21,7 @@ from mlvision.evaluation import accuracy
 from mlvision.models import MultiTaskModel, load_head, load_model, read_meta
 from mlvision.paths import REPO_ROOT
 from mlvision.runs import resolve_stored_path
+from mlvision.store import unpack_correct
 from study.run_all import main
 
 RESULT_COLUMNS = "task, model_kind, seed, accuracy, n_test, backbone, config_hash"
@@ -36,10 +37,24 @@ def rows(db: Path, sql: str = f"SELECT {RESULT_COLUMNS} FROM task_results ORDER 
 
 def test_tiny_study_stores_every_model(tiny_study):
     stored = rows(tiny_study["db"])
-    assert len(stored) == len(TINY_TASKS) * 2  # one seed: a head and an adapter per task
-    assert {(r[0], r[1]) for r in stored} == {(t, k) for t in TINY_TASKS for k in ("head", "adapter")}
+    assert len(stored) == len(TINY_TASKS) * 3  # one seed: a head, an adapter and a (seedless) probe per task
+    assert {(r[0], r[1]) for r in stored} == {(t, k) for t in TINY_TASKS for k in ("head", "adapter", "probe")}
     for task, kind, seed, acc, n_test, backbone, _ in stored:
         assert 0.0 <= acc <= 1.0 and n_test > 0 and backbone == "tf_efficientnet_lite0"
+        assert (seed is None) == (kind == "probe")
+    # each probe is scored on the very test images each merge of its task is scored on, image by image
+    probes = rows(tiny_study["db"], "SELECT task, n_merge_eval, merge_eval_correct, config FROM probe_results")
+    merge_n = dict(rows(tiny_study["db"], "SELECT DISTINCT task, n FROM merge_results"))
+    stored_merge_test = dict(
+        rows(tiny_study["db"], "SELECT m.task, e.accuracy FROM models m JOIN evaluations e USING (model_id) "
+                               "WHERE e.split = 'merge_test'")
+    )  # fmt: skip
+    for task, n, packed, config in probes:
+        assert n == merge_n[task] and unpack_correct(packed, n).mean() == pytest.approx(stored_merge_test[task])
+        chosen = json.loads(config)["chosen"]
+        assert chosen["C"] in chosen["C_grid"] and max(chosen["validation_accuracy"]) == pytest.approx(
+            chosen["validation_accuracy"][chosen["C_grid"].index(chosen["C"])]
+        )
     configs = rows(tiny_study["db"], "SELECT config FROM models")
     assert all(json.loads(c[0])["backbone"]["name"] == "tf_efficientnet_lite0" for c in configs)
     assert rows(tiny_study["db"], "SELECT status FROM runs") == [("finished",)]
@@ -48,7 +63,7 @@ def test_tiny_study_stores_every_model(tiny_study):
 def test_second_run_adds_nothing(tiny_study, capsys):
     before = rows(tiny_study["db"], "SELECT * FROM models ORDER BY model_id")
     assert run_all(*tiny_study["args"]) == 0
-    assert "0 models trained, 6 already stored" in capsys.readouterr().out
+    assert "0 models trained, 9 already stored" in capsys.readouterr().out
     assert rows(tiny_study["db"], "SELECT * FROM models ORDER BY model_id") == before
 
 
@@ -109,7 +124,7 @@ def test_killed_run_resumes_to_the_same_rows(tiny_study, tmp_path):
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     partial = rows(db) if db.exists() else []
-    assert len(partial) < len(TINY_TASKS) * 2
+    assert len(partial) < len(TINY_TASKS) * 3
     assert run_all(*args) == 0
     assert rows(db) == rows(tiny_study["db"])  # same configs, same seeds, same accuracies, no duplicates
 
@@ -156,6 +171,7 @@ def test_hub_dataset_and_any_timm_backbone(tmp_path):
     assert [(r[0], r[1], r[5]) for r in stored] == [
         (task, "adapter", "vit_tiny_patch16_224"),
         (task, "head", "vit_tiny_patch16_224"),
+        (task, "probe", "vit_tiny_patch16_224"),  # a ViT's blocks pooled as NCHW maps (forward_intermediates)
     ]
     meta = read_meta(
         resolve_stored_path(rows(tmp_path / "r.duckdb", "SELECT path FROM models WHERE model_kind='adapter'")[0][0])
@@ -229,7 +245,8 @@ def test_models_already_in_the_artifacts_folder_are_reused_never_retrained_over(
     assert run_all(*args, "--stages", "train") == 0
     out = capsys.readouterr().out
     models = 2 * len(TINY_TASKS)
-    assert f"0 models trained, {models} found in the artifacts folder and reused" in out, out
+    # the probes keep no folder (a seconds-long convex fit): they are fitted again, to the same accuracies (below)
+    assert f"{len(TINY_TASKS)} models trained, {models} found in the artifacts folder and reused" in out, out
     assert {str(p): p.read_bytes() for p in sorted(artifacts.rglob("*")) if p.is_file()} == before
     query = "SELECT model_id, accuracy, n_test FROM task_results ORDER BY model_id"
     first = duckdb.connect(str(tiny_study["db"]), read_only=True).execute(query).fetchall()

@@ -129,10 +129,10 @@ def test_tiny_vit_trains_and_merges_hub_shaped_datasets(single):
     set_hub_domains(domains)
     assert sum(related(a, b) for a, b in itertools.combinations(sorted(domains), 2)) == 2
     claims = dict(query_db(db, "SELECT statistic, note FROM findings WHERE finding = 'claims'"))
-    assert set(claims) == {"claim1", "claim2", "claim3"}
+    assert set(claims) == {"claim1", "claim1_data_aware", "claim2", "claim3"}
     assert all("every task is excluded by rule" in note for note in claims.values())
     results = query_db(db, "SELECT task, model_kind, accuracy, backbone FROM task_results")
-    assert {(t, k) for t, k, _, _ in results} == {(t, k) for t in domains for k in ("head", "adapter")}
+    assert {(t, k) for t, k, _, _ in results} == {(t, k) for t in domains for k in ("head", "adapter", "probe")}
     assert all(0 <= acc <= 1 and backbone == "vit_tiny_patch16_224" for _, _, acc, backbone in results)
     for folder, _, _ in adapters(db).values():
         weights = load_file(folder / "adapter_model.safetensors")

@@ -27,9 +27,8 @@ from tqdm.auto import tqdm
 
 from mlvision.backbone import create_backbone, make_preprocess
 from mlvision.config import StudyConfig
-from mlvision.data import split_images
+from mlvision.data import split_images, split_tensors
 from mlvision.errors import MLVisionError
-from mlvision.data import split_tensors
 from mlvision.evaluation import accuracy, extract_features, extract_multilayer_features, prepare_for_inference
 from mlvision.models import HEAD_FILE, MultiTaskModel, load_head, load_model, read_meta, save_model
 from mlvision.runs import machine_info, model_folder, relative_to_repo, study_run_id
@@ -280,7 +279,9 @@ class TrainingStage:
         labels = {split: split_labels.numpy() for split, (_, split_labels) in splits.items()}
         probe = train_probe(features["train"], labels["train"], features["validation"], labels["validation"])
         seconds = time.perf_counter() - start
-        correct = {split: probe.correct(features[split], labels[split]) for split in ("validation", "test", "merge_test")}
+        correct = {
+            split: probe.correct(features[split], labels[split]) for split in ("validation", "test", "merge_test")
+        }
         with self.store.write() as con:
             insert_row(
                 con,

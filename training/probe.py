@@ -32,10 +32,9 @@ ConvergenceWarning for it is silenced for that reason.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import copy
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 from sklearn.exceptions import ConvergenceWarning

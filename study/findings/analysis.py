@@ -19,6 +19,7 @@ from study.findings.figures import (
     choose_by_family,
     choose_methods,
     data_aware_rows,
+    grid_edge_rows,
     validation_rows,
 )
 from study.findings.inputs import StudyInputs
@@ -39,9 +40,14 @@ def probe_rows(probes: pd.DataFrame, tasks) -> list[dict]:
         return []
     by_task = probes.drop_duplicates("task").set_index("task")
     return [
-        finding_row("task", f"{task}/probe_accuracy", by_task.loc[task, "accuracy"], n=by_task.loc[task, "n_test"],
-                    note=f"multi-layer probe, C = {json.loads(by_task.loc[task, 'config'])['chosen']['C']:g} "
-                    "chosen on validation")  # fmt: skip
+        finding_row(
+            "task",
+            f"{task}/probe_accuracy",
+            by_task.loc[task, "accuracy"],
+            n=by_task.loc[task, "n_test"],
+            note=f"multi-layer probe, C = {json.loads(by_task.loc[task, 'config'])['chosen']['C']:g} "
+            "chosen on validation",
+        )  # fmt: skip
         for task in tasks
         if task in by_task.index
     ]
@@ -95,6 +101,7 @@ def analyse(inputs: StudyInputs, leave_out: str | None = None, full: bool = True
         out += probe_rows(inputs.probes, inputs.tasks)
         out += validation_rows(merges, chosen)
         out += family_rows(by_family)
+        out += grid_edge_rows(rows_in)
         out.append(finding_row("baseline", "stronger", n=len(included), note=baseline))
         for cell in cells.values():
             out += cell_rows(cell)

@@ -14,9 +14,10 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from mlvision.claims import CLAIM_STATEMENTS, CONTRADICTED, INCONCLUSIVE, SUPPORTED
+from mlvision.claims import CLAIM_STATEMENTS, CONTRADICTED, INCONCLUSIVE, SUPPORTED, UNTESTABLE
 from study.findings.figures import FAMILIES
 from study.findings.inputs import ALPHA, BASELINE_NAMES
+from study.findings.pairs import POWER_BAR, POWER_RHO, POWER_RHOS
 
 # Claim thresholds. 90 %: the usual bar for "normalized accuracy" (merged / individual) in the merging
 # literature; 80 %: no task may be sacrificed for the average.
@@ -25,7 +26,7 @@ WORST_TASK_BAR = 0.80
 # Under the null a two-sided 5 % McNemar test calls a row a real win with probability at most 2.5 %.
 CHANCE_WIN_RATE = ALPHA / 2
 
-CLAIM2_MISSING = "ρ or partial ρ (or its CI or p-value) not available"
+CLAIM2_MISSING = "the pre-registered test's ρ or p-value is not available"
 
 
 @dataclass(frozen=True)
@@ -97,25 +98,17 @@ def claim1_figures(evidence: Evidence, family: str) -> pd.DataFrame | str:
 
 
 def claim2_figures(evidence: Evidence) -> pd.DataFrame | str:
-    """ρ and partial ρ of pair retention with the Fréchet distance (`claim2_rule`'s table), or the reasons they
-    are not available."""
+    """The pre-registered test's ρ, p-value and power (`claim2_rule`'s table: one row), or why it is not
+    available."""
     pair = evidence.pair
     if pair["reason"] is not None:
         return pair["reason"]
-    correlations = (pair["spearman"]["frechet"], pair["partial"])
-    table = pd.DataFrame.from_dict(
-        {
-            name: {"value": r.get("value", np.nan), "ci_low": r.get("ci", (np.nan,) * 2)[0],
-                   "ci_high": r.get("ci", (np.nan,) * 2)[1], "p": r.get("p", np.nan)}
-            for name, r in zip(("spearman", "partial"), correlations)
-        },
-        orient="index",
-    )  # fmt: skip
-    if not _complete(table):
-        reasons = [r["reason"] for r in correlations if r.get("reason")]
-        reasons += [r["p_reason"] for r in correlations if r.get("p_reason")]
-        return "; ".join(reasons) or CLAIM2_MISSING
-    return table
+    pre = pair["preregistered"]
+    if pre["reason"] is not None:
+        return pre["reason"]
+    row = {"value": pre["value"], "p": pre["p"], "pairs": pre["pairs"], "tasks": pre["tasks"]}
+    row.update({f"power_{rho}": pre["power"][rho] for rho in POWER_RHOS})
+    return pd.DataFrame([row], index=["preregistered"])
 
 
 def stronger_baseline(rows: pd.DataFrame) -> str:
@@ -165,11 +158,6 @@ def claim3_figures(evidence: Evidence) -> pd.DataFrame | str:
 # -- the rules, as code ----------------------------------------------------------------------------
 
 
-def _complete(rows: pd.DataFrame) -> bool:
-    """Whether each of claim 2's correlations has its value, CI and p-value."""
-    return all(_finite(r["value"], r["ci_low"], r["ci_high"], r["p"]) for _, r in rows.iterrows())
-
-
 def _finite(*values) -> bool:
     return all(v is not None and np.isfinite(v) for v in values)
 
@@ -203,22 +191,19 @@ def _claim1_text(r) -> str:
 
 
 def claim2_rule(figures: pd.DataFrame) -> tuple[int | None, str]:
-    """Claim 2 from ρ and partial ρ: `figures` has index ("spearman", "partial") and columns value,
-    ci_low, ci_high, p. Symmetric: the same evidence is needed either way."""
-    if not {"spearman", "partial"} <= set(figures.index):
-        return None, "ρ or partial ρ not available"
-    rows = figures.loc[["spearman", "partial"]]
-    if not _complete(rows):
+    """Claim 2 from the pre-registered test: `figures` has one row with value (ρ), p, pairs, tasks and
+    power_<ρ> for each of POWER_RHOS. Symmetric: the same evidence is needed either way."""
+    r = figures.iloc[0]
+    if not _finite(r["value"], r["p"]):
         return None, CLAIM2_MISSING
-    text = "; ".join(
-        f"{name} {r['value']:.2f} [{r['ci_low']:.2f}, {r['ci_high']:.2f}], p = {r['p']:.3f}"
-        for name, r in zip(("ρ", "partial ρ"), (rows.loc["spearman"], rows.loc["partial"]))
-    )
-    significant = (rows["p"] < ALPHA).all()
-    if significant and ((rows["value"] > 0) & (rows["ci_low"] > 0)).all():
-        return SUPPORTED, text
-    if significant and ((rows["value"] < 0) & (rows["ci_high"] < 0)).all():
-        return CONTRADICTED, text
+    powers = ", ".join(f"{rho}: {r[f'power_{rho}']:.0%}" for rho in POWER_RHOS)
+    text = (f"ρ {r['value']:.2f}, p = {r['p']:.3f} ({int(r['pairs'])} pairs of {int(r['tasks'])} tasks); power at "
+            f"ρ = {powers}")  # fmt: skip
+    if r["p"] < ALPHA:
+        return (SUPPORTED if r["value"] > 0 else CONTRADICTED), text
+    if r[f"power_{POWER_RHO}"] < POWER_BAR:
+        return UNTESTABLE, text + (f": below {POWER_BAR:.0%} at ρ = {POWER_RHO}, a study this size would miss a "
+                                   "real effect of that size more often than not")  # fmt: skip
     return INCONCLUSIVE, text
 
 
@@ -256,6 +241,7 @@ def _pct(value) -> str:
 
 # -- the claims ------------------------------------------------------------------------------------
 
+
 def _claim1_rule_text(family: str) -> str:
     return (
         f"for the {FAMILIES[family][0]} method chosen on validation at k = 2 and at k = 3: supported if at both k "
@@ -286,12 +272,17 @@ CLAIMS = (
     Claim(
         "claim2",
         CLAIM_STATEMENTS["claim2"],
-        "pair retention = the k = 2 validation-chosen method's retention of the pair (mean over seeds and the "
-        "pair's two tasks). Spearman ρ of pair retention with the Fréchet distance, and partial Spearman ρ "
-        "controlling for |log(norm_a / norm_b)| of the adapters' update norms; CIs resample tasks, p-values "
-        f"are exact permutation tests over task labels (two-sided). Supported if both ρ > 0 with CI lower bound "
-        f"> 0 and p < {ALPHA}; contradicted if both ρ < 0 with CI upper bound < 0 and p < {ALPHA}; "
-        "inconclusive otherwise",
+        "pre-registered before the twenty-task study ran (issue 33). Pair retention = the k = 2 validation-chosen "
+        "method's retention of the pair (mean over seeds and the pair's two tasks). Pair retention, the pair's "
+        "Fréchet distance and the covariate |log(norm_a / norm_b)| of the adapters' update norms each have additive "
+        "task main effects removed (least squares: a task hard to merge or far from every task moves all its pairs; "
+        "pair difficulty, the mean of the two single accuracies, is additive and goes with them); the statistic is "
+        "the partial Spearman ρ of the two residuals given the covariate's; its p-value a permutation test over "
+        f"task labels of the distance matrix (exact up to 8 tasks, else 9,999 relabellings; two-sided). Supported "
+        f"if ρ > 0 and p < {ALPHA}; contradicted if ρ < 0 and p < {ALPHA}; otherwise untestable at this size if "
+        f"the test's power at a true ρ = {POWER_RHO} (simulated on this study's own distance matrix and "
+        f"covariate, {', '.join(map(str, POWER_RHOS))} reported) is below {POWER_BAR:.0%}, else inconclusive. "
+        "Related pairs by kind (same images, labels, style) are reported beside, not judged",
         claim2_figures,
         claim2_rule,
     ),

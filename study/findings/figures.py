@@ -10,6 +10,8 @@ kind's name.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 
@@ -134,7 +136,9 @@ def baseline_figures(rows: pd.DataFrame, baseline: str, method: str, k: int) -> 
     return {
         "available": True,
         "diff": group_bootstrap_mean(groups, rng_for(f"diff/{baseline}", method, k)),
-        "diff_tasks": task_bootstrap_mean(groups.values, _tasks_of(groups.index), rng_for(f"tdiff/{baseline}", method, k)),
+        "diff_tasks": task_bootstrap_mean(
+            groups.values, _tasks_of(groups.index), rng_for(f"tdiff/{baseline}", method, k)
+        ),
         "mcnemar_rows": len(outcomes),
         "wins": int((outcomes[outcome_column] == 1).sum()),
         "losses": int((outcomes[outcome_column] == -1).sum()),
@@ -282,6 +286,54 @@ def cell_rows(cell: dict) -> list[dict]:
                         "Wilson CI; unit: (merge, task) rows" if m else "no per-image outcomes stored")
         )  # fmt: skip
     return out
+
+
+# -- where validation's choice sits on each grid ---------------------------------------------------
+
+EDGE_BAR = 0.20  # a grid whose smallest or largest value is chosen in more merges than this should extend that way
+
+
+def grid_edge_rows(merges: pd.DataFrame) -> list[dict]:
+    """Per (method, hyperparameter with at least three values on its grid): the share of the method's tuned merges
+    whose validation choice is the grid's smallest value (`grid_edge` '<method>/<name>/low') and largest ('/high').
+
+    A choice at an edge in many merges says the best value may lie beyond the grid. A hyperparameter with two
+    values on the grid has every choice at an edge; it is listed with no share (the grid is too coarse to tell)."""
+    out = []
+    per_merge = merges.drop_duplicates("merge_id")
+    for method, mine in sorted(per_merge.groupby("method"), key=lambda item: item[0]):
+        records = [_selection(s) for s in mine["selection"]]
+        records = [r for r in records if r.get("tuned") and r.get("grid") and isinstance(r.get("chosen"), dict)]
+        if not records:
+            continue
+        names = sorted({name for r in records for point in r["grid"] for name in point})
+        for name in names:
+            values = sorted({point[name] for r in records for point in r["grid"] if name in point})
+            chosen = [r["chosen"].get(name) for r in records if name in r["chosen"]]
+            stat = f"{method}/{name}"
+            grid = ", ".join(f"{v:g}" for v in values)
+            if len(values) < 3:
+                out.append(finding_row("grid_edge", f"{stat}/low", n=len(chosen),
+                                       note=f"grid {grid}: two values, every choice is an edge"))  # fmt: skip
+                continue
+            for side, edge in (("low", values[0]), ("high", values[-1])):
+                count = sum(value == edge for value in chosen)
+                out.append(
+                    finding_row("grid_edge", f"{stat}/{side}", count / len(chosen), n=len(chosen),
+                                note=f"grid {grid}: {'smallest' if side == 'low' else 'largest'} value {edge:g} chosen "
+                                f"in {count} of {len(chosen)} merges")
+                )  # fmt: skip
+    return out
+
+
+def _selection(value) -> dict:
+    """A merge's `selection` record as a dict ({} when absent)."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            return {}
+    return value if isinstance(value, dict) else {}
 
 
 # -- data-aware methods ----------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from mlvision.store import unpack_correct
-from mlvision.tasks import related
+from mlvision.tasks import related, relation_kind
 from study.findings.exclusion import ExclusionRules
 from study.statistics import mcnemar_exact, mcnemar_outcomes
 
@@ -36,6 +36,7 @@ class StudyInputs:
     tasks: tuple[str, ...]
     rules: ExclusionRules = field(default_factory=ExclusionRules)
     related: object = related  # (task_a, task_b) -> bool: related by construction
+    relation_kind: object = relation_kind  # (task_a, task_b) -> "same_images" | "same_labels" | "same_style" | ...
     # `probe_results` rows of the study's multi-layer probes (task, accuracy, validation_accuracy, n_merge_eval,
     # merge_eval_correct); empty where none was trained (a study of given adapters, a store from before them)
     probes: pd.DataFrame = field(default_factory=pd.DataFrame)

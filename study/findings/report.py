@@ -12,6 +12,7 @@ from mlvision.claims import VERDICT_WORDS
 from mlvision.paths import DEFAULT_DB_PATH, REPO_ROOT
 from study.findings.claims import CLAIMS
 from study.findings.exclusion import ExclusionRules
+from study.findings.figures import EDGE_BAR
 from study.findings.inputs import ALPHA
 from study.statistics import BOOTSTRAP
 
@@ -100,6 +101,7 @@ def render_report(findings: pd.DataFrame, rules: ExclusionRules | None = None, d
     for section in (
         _retention_section,
         _chosen_section,
+        _grid_edge_section,
         _difference_section,
         _data_aware_section,
         _pair_section,
@@ -236,6 +238,36 @@ def _chosen_section(rows: _Rows) -> list[str]:
     return lines + [""]
 
 
+def _grid_edge_section(rows: _Rows) -> list[str]:
+    """How often each method's validation choice is the smallest or largest value of its grid."""
+    edges = rows.of("grid_edge")
+    if edges.empty:
+        return []
+    lines = [
+        "## Where validation's choice sits on each grid",
+        "",
+        f"Share of a method's merges whose chosen value is the smallest / largest of its grid (above {EDGE_BAR:.0%} "
+        "at either edge, **bold**: the best value may lie beyond the grid). A hyperparameter with two grid values "
+        "has every choice at an edge.",
+        "",
+        "| method / hyperparameter | smallest chosen | largest chosen | grid |",
+        "|---|---|---|---|",
+    ]
+
+    def share(row) -> str:
+        if row is None or _is_null(row["value"]):
+            return "n/a"
+        text = f"{row['value']:.0%} ({row['note'].split(' chosen in ')[1].removesuffix(' merges')})"
+        return f"**{text}**" if row["value"] > EDGE_BAR else text
+
+    names = sorted({s.rsplit("/", 1)[0] for s in edges["statistic"]})
+    for name in names:
+        low, high = rows.get("grid_edge", f"{name}/low"), rows.get("grid_edge", f"{name}/high")
+        grid = low["note"].split(":")[0].removeprefix("grid ")
+        lines.append(f"| {name} | {share(low)} | {share(high)} | {grid} |")
+    return lines + [""]
+
+
 def _difference_section(rows: _Rows) -> list[str]:
     diff = rows.of("merged_minus_head")
     if diff.empty:
@@ -252,8 +284,12 @@ def _difference_section(rows: _Rows) -> list[str]:
         "favour of the merged model / of the baseline; the share's CI resamples tasks (rows of one task share its "
         "baseline). Normalized gain = (merged − head) / (single − head), averaged only over rows where it is "
         "defined."
-        + (f" Claim 3 is judged against the {stronger['note'].replace('probe', 'multi-layer probe')}"
-           " (higher mean accuracy over the kept tasks)." if stronger is not None else ""),
+        + (
+            f" Claim 3 is judged against the {stronger['note'].replace('probe', 'multi-layer probe')}"
+            " (higher mean accuracy over the kept tasks)."
+            if stronger is not None
+            else ""
+        ),
         "",
         "| method | k | merged − head, points [CI] | over tasks | real wins | real losses "
         "| merged − probe, points [CI] | over tasks | real wins / losses vs probe [win share CI] "
@@ -269,7 +305,10 @@ def _difference_section(rows: _Rows) -> list[str]:
         wins, losses = rows.get("real_wins", stat), rows.get("real_losses", stat)
         gain = rows.get("normalized_gain", stat)
         head_tasks = rows.get("merged_minus_baseline_tasks", f"{stat}/head")
-        probe, probe_tasks = rows.get("merged_minus_probe", stat), rows.get("merged_minus_baseline_tasks", f"{stat}/probe")
+        probe, probe_tasks = (
+            rows.get("merged_minus_probe", stat),
+            rows.get("merged_minus_baseline_tasks", f"{stat}/probe"),
+        )
         probe_wins = rows.get("real_win_share_tasks", f"{stat}/probe")
         probe_text = (
             "not trained"
@@ -338,11 +377,12 @@ def _pair_section(rows: _Rows) -> list[str]:
         stat = r["statistic"]
         if stat.endswith("/p"):
             continue
-        percent = stat in ("related_retention", "unrelated_retention", "unrelated_minus_related")
+        points = stat == "unrelated_minus_related" or stat.startswith("kind/")
+        percent = points or stat in ("related_retention", "unrelated_retention")
         if _is_null(r["value"]):
             text = f"n/a ({r['note']})"
         elif percent:
-            text = _cell(r) + (" points" if stat == "unrelated_minus_related" else "")
+            text = _cell(r) + (" points" if points else "")
             text = text.replace(" % points", " points")
         else:
             text = f"{r['value']:.2f}" + (
@@ -357,8 +397,13 @@ def _pair_section(rows: _Rows) -> list[str]:
 
 def _claims_section(rows: _Rows) -> list[str]:
     """Each claim's statement, verdict, rule (`Claim.rule`, the words its code applies) and statistics."""
-    lines = ["## The paper's three claims", "", "Claim 1 is judged twice: on the best data-free method (the adapters alone) "
-             "and on the best data-aware one (it also needs each task's training images).", ""]
+    lines = [
+        "## The paper's three claims",
+        "",
+        "Claim 1 is judged twice: on the best data-free method (the adapters alone) "
+        "and on the best data-aware one (it also needs each task's training images).",
+        "",
+    ]
     for claim in CLAIMS:
         row = rows.get("claims", claim.name)
         verdict = "not available" if row is None or _is_null(row["value"]) else VERDICT_WORDS[int(row["value"])]
