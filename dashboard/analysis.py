@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from mlvision.claims import CLAIM_STATEMENTS, VERDICT_WORDS
+from mlvision.store import unpack_correct
 
 METRIC_LABELS = {
     "merged_accuracy": "accuracy of the merged model",
@@ -274,14 +275,47 @@ def relation_comparison(points: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([both, _with_t_interval(_spread(kinds.groupby("pairs")["retention"]))], ignore_index=True)
 
 
-def task_comparison(merges: pd.DataFrame, method: str, k: int) -> pd.DataFrame:
-    """Per task: single adapter, head baseline and merged accuracy (mean, sd, n) for one method and k."""
-    rows = merges[(merges["method"] == method) & (merges["k"] == k)]
+def probe_accuracy(rows: pd.DataFrame, probes: pd.DataFrame | None) -> pd.Series:
+    """Per merge row: its task's multi-layer probe accuracy on the row's very images (NaN where no probe was scored
+    on them: a file from before the probes, or another evaluation subset)."""
+    if probes is None or probes.empty:
+        return pd.Series(float("nan"), index=rows.index)
+    by_task = probes.drop_duplicates("task").set_index("task")
+    accuracy = {
+        task: (int(r["n_merge_eval"]), float(unpack_correct(r["merge_eval_correct"], int(r["n_merge_eval"])).mean()))
+        for task, r in by_task.iterrows()
+        if isinstance(r["merge_eval_correct"], str)
+    }
+    return pd.Series(
+        [
+            accuracy[t][1] if t in accuracy and accuracy[t][0] == n else float("nan")
+            for t, n in zip(rows["task"], rows["n"])
+        ],
+        index=rows.index,
+    )
+
+
+def stronger_baseline(findings: pd.DataFrame) -> str | None:
+    """The baseline the findings judged claim 3 against ('baseline'/'stronger' row), in words; None before v3."""
+    row = findings[(findings["finding"] == "baseline") & (findings["statistic"] == "stronger")]
+    if row.empty or not isinstance(row["note"].iloc[0], str):
+        return None
+    return {"probe": "multi-layer probe", "head": "last-layer head"}.get(row["note"].iloc[0], row["note"].iloc[0])
+
+
+def task_comparison(merges: pd.DataFrame, method: str, k: int, probes: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Per task: single adapter, head baseline, multi-layer probe (where stored) and merged accuracy (mean, sd, n)
+    for one method and k, all on the merges' images."""
+    rows = merges[(merges["method"] == method) & (merges["k"] == k)].copy()
+    rows["probe_accuracy"] = probe_accuracy(rows, probes)
     columns = {
         "single_accuracy": "single adapter",
         "head_accuracy": "head baseline",
+        "probe_accuracy": "multi-layer probe",
         "merged_accuracy": f"merged ({method}, k={k})",
     }
+    if rows["probe_accuracy"].isna().all():
+        del columns["probe_accuracy"]
     parts = []
     for column, model in columns.items():
         part = _spread(rows.groupby("task")[column])

@@ -53,6 +53,10 @@ QUESTIONS = {
            FROM merge_results GROUP BY method, k ORDER BY method, k""",
     ),
     "tasks": ("tasks", "SELECT task, domain, label_names, description, source FROM tasks"),
+    "probe_results": (
+        "probe_results",
+        "SELECT task, accuracy, n_merge_eval, merge_eval_correct FROM probe_results ORDER BY task",
+    ),
 }
 
 
@@ -162,6 +166,11 @@ def task_results(db: str) -> pd.DataFrame | None:
 def merge_results(db: str) -> pd.DataFrame | None:
     """One row per (merged model, task it serves)."""
     return _answer(db, "merge_results")
+
+
+def probe_results(db: str) -> pd.DataFrame | None:
+    """One row per task's multi-layer probe (None in a file from before the probes)."""
+    return _answer(db, "probe_results")
 
 
 def task_similarity(db: str) -> pd.DataFrame | None:

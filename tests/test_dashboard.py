@@ -33,7 +33,7 @@ from streamlit.testing.v1 import AppTest
 from dashboard.charts import METHOD_COLORS
 from dashboard.pages import PAGES as REGISTERED_PAGES
 from mlvision.paths import DEFAULT_DB_PATH, REPO_ROOT
-from mlvision.store import Store
+from mlvision.store import Store, unpack_correct
 
 APP = str(REPO_ROOT / "dashboard" / "app.py")
 # Every page of the registry (dashboard/pages/__init__.py), read from it: a new page is rendered on the tiny study, the
@@ -611,7 +611,11 @@ def test_dissimilarity_shows_the_studys_statistics_and_no_others(tmp_path):
     text = page_text(at)
     assert "Fisher" not in text
     # every p-value the page prints is one the findings stage stored (the claim's line quotes them too)
-    stored_p = sql(db, "SELECT value FROM findings WHERE finding = 'pair_similarity' AND statistic LIKE '%/p'")
+    stored_p = sql(
+        db,
+        "SELECT value FROM findings WHERE (finding = 'pair_similarity' AND statistic LIKE '%/p') "
+        "OR (finding = 'claim2_test' AND statistic = 'p')",  # the verdict's own test, quoted in its line
+    )
     allowed = {f"{p:.3f}" for p in stored_p["value"].dropna()}
     printed = re.findall(r"\bp = (-?[0-9.]+)", text)
     assert printed and set(printed) <= allowed, (set(printed) - allowed, allowed)
@@ -644,6 +648,23 @@ def test_dissimilarity_rho_is_descriptive_off_the_studys_pairs(tmp_path):
         assert rows[["ci_low", "ci_high", "p"]].isna().all().all(), why
         assert rows["rho"].notna().all(), why
     assert set(analysis.spearman([1, 2, 3, 4], [2, 1, 4, 3])) == {"rho", "n"}  # never a p-value or an interval
+
+
+def test_merges_vs_heads_shows_the_probe_on_the_merges_images_and_names_the_stronger_baseline(tmp_path):
+    """The committed study has a multi-layer probe per task: its bar is the probe's accuracy on the very images the
+    merges were scored on (unpacked from `probe_results`), and the caption names the baseline claim 3 reads."""
+    db = tmp_path / "results.duckdb"
+    shutil.copy(DEFAULT_DB_PATH, db)
+    at = render(db, "merges_vs_heads", {"method": "regmean", "k": "2"})
+    assert_clean(at)
+    drawn = bars(figures(at)[0])
+    probes = sql(db, "SELECT task, n_merge_eval, merge_eval_correct FROM probe_results")
+    assert len(probes) == 6
+    for row in probes.itertuples():
+        expected = unpack_correct(row.merge_eval_correct, row.n_merge_eval).mean()
+        assert drawn["multi-layer probe"][row.task] == pytest.approx(expected)
+        assert drawn["multi-layer probe"][row.task] > drawn["head baseline"][row.task]
+    assert "Claim 3 is judged against the multi-layer probe" in page_text(at)
 
 
 def test_merges_vs_heads_bars_and_heatmap_match_sql(full_db):

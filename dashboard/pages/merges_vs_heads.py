@@ -33,11 +33,15 @@ def page(db: str, filters: Filters) -> None:
     method = filters.select("Merge method", "method", sorted(merges["method"].unique()), default=chosen.get(2))
     ks = sorted(int(k) for k in merges.loc[merges["method"] == method, "k"].unique())
     k = filters.select("Adapters merged (k)", "k", ks, default=2)
-    table = analysis.task_comparison(merges, method, k)
+    table = analysis.task_comparison(merges, method, k, queries.probe_results(db))
+    stronger = analysis.stronger_baseline(found) if found is not None else None
     st.caption(
-        "Each task's accuracy with its own adapter, with its head on the frozen backbone, and inside the merged "
+        "Each task's accuracy with its own adapter, with a head on the frozen backbone's last layer, with the "
+        "multi-layer linear probe (every stage of the frozen backbone, one pass; where trained) and inside the merged "
         "model; mean ± sd over the groups that contain the task and seeds, all scored on the same images."
-    )
+        + (f" Claim 3 is judged against the {stronger}, the stronger baseline here; the other is shown beside it."
+           if stronger else "")
+    )  # fmt: skip
     common.chart(
         charts.grouped_bar_figure(
             table, f"Per task: single adapter, head baseline, merged ({method}, k={k})", "test accuracy"
