@@ -927,6 +927,16 @@ def test_every_page_on_tiny_study(tiny_study, page):
 
 
 @pytest.mark.parametrize("page", PAGES)
+def test_every_page_on_the_committed_twenty_task_pilot(tmp_path, page):
+    """The wide pilot (20 tasks, 190 pairs, k to 10, a probe per task) draws on every page without an error."""
+    db = tmp_path / "wide_pilot.duckdb"
+    shutil.copy(REPO_ROOT / "reports" / "wide_pilot.duckdb", db)
+    at = render(db, page)
+    assert_clean(at)
+    assert at.info or figures(at) or at.dataframe or at.metric
+
+
+@pytest.mark.parametrize("page", PAGES)
 def test_every_page_on_committed_db(tmp_path, page):
     assert DEFAULT_DB_PATH.exists(), (
         "the default run's results.duckdb is committed at the repo root: restore it (git checkout results.duckdb)"

@@ -421,7 +421,9 @@ class TrainingStage:
         ]  # heads: the main process only
         for kind, task, seed in tqdm(units, desc="training", unit="model", disable=self.store is None):
             counts[(self.run_head if kind == "head" else self.run_adapter)(task, seed)] += 1
-        if self.store is not None and self.config.given_adapters == ():  # the probes: the main process only
+        # The probes: the main process only, and not in a study of given adapters (their base may be a transformers
+        # model, which has no stages to pool; such a study is compared with its heads alone, and its report says so).
+        if self.store is not None and self.config.given_adapters == ():
             for task in tqdm(self.config.tasks, desc="multi-layer probes", unit="probe", leave=False):
                 counts[self.run_probe(task)] += 1
         counts["imported_note"] = f", {counts['imported']} given adapters imported" if counts["imported"] else ""

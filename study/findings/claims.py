@@ -17,7 +17,7 @@ import pandas as pd
 from mlvision.claims import CLAIM_STATEMENTS, CONTRADICTED, INCONCLUSIVE, SUPPORTED, UNTESTABLE
 from study.findings.figures import FAMILIES
 from study.findings.inputs import ALPHA, BASELINE_NAMES
-from study.findings.pairs import POWER_BAR, POWER_RHO, POWER_RHOS
+from study.findings.pairs import POWER_BAR, POWER_RHO, POWER_RHOS, p_text
 
 # Claim thresholds. 90 %: the usual bar for "normalized accuracy" (merged / individual) in the merging
 # literature; 80 %: no task may be sacrificed for the average.
@@ -197,7 +197,7 @@ def claim2_rule(figures: pd.DataFrame) -> tuple[int | None, str]:
     if not _finite(r["value"], r["p"]):
         return None, CLAIM2_MISSING
     powers = ", ".join(f"{rho}: {r[f'power_{rho}']:.0%}" for rho in POWER_RHOS)
-    text = (f"ρ {r['value']:.2f}, p = {r['p']:.3f} ({int(r['pairs'])} pairs of {int(r['tasks'])} tasks); power at "
+    text = (f"ρ {r['value']:.2f}, p = {p_text(r['p'])} ({int(r['pairs'])} pairs of {int(r['tasks'])} tasks); power at "
             f"ρ = {powers}")  # fmt: skip
     if r["p"] < ALPHA:
         return (SUPPORTED if r["value"] > 0 else CONTRADICTED), text

@@ -110,9 +110,29 @@ def pair_figures(inputs: StudyInputs, rows: pd.DataFrame, method: str | None, ta
         diff, p, splits, exact = exact_difference_test(unrelated_r, related_r, rng_for("related"))
         out["related"].update(difference=diff, p=p, splits=splits, exact=exact)
     out["kinds"] = relation_kind_differences(usable, inputs, index) if full else {}
+    out["without_kind"] = {}
+    if full:  # claim 2's test again without each relation kind's pairs: does one kind carry the correlation?
+        kinds = pair_kinds(usable, inputs)
+        for name in sorted(set(kinds) - {"unrelated"}):
+            out["without_kind"][name] = preregistered(usable[kinds != name], index, matrix("frechet"), len(names))
     distances = usable["frechet"]
     out["distance_spread"] = (distances.min(), distances.max())
     return out
+
+
+def pair_kinds(usable: pd.DataFrame, inputs: StudyInputs) -> np.ndarray:
+    """Each pair's relation kind ("unrelated", a `RELATION_KINDS` name, or "related" for a related pair whose tasks
+    the registry does not know: hub tasks, tests)."""
+
+    def kind(a, b):
+        if not inputs.related(a, b):
+            return "unrelated"
+        try:
+            return inputs.relation_kind(a, b)
+        except Exception:  # noqa: BLE001 - a task the registry does not know: related, kind unknown
+            return "related"
+
+    return np.array([kind(a, b) for a, b in zip(usable["a"], usable["b"])])
 
 
 def relation_kind_differences(usable: pd.DataFrame, inputs: StudyInputs, index: dict) -> dict:
@@ -120,15 +140,7 @@ def relation_kind_differences(usable: pd.DataFrame, inputs: StudyInputs, index: 
     effects removed first (the pre-registered test's residuals), and a permutation p-value over pair labels.
     Reported beside claim 2, not judged: the kinds are few pairs each."""
 
-    def kind(a, b):
-        if not inputs.related(a, b):
-            return "unrelated"
-        try:
-            return inputs.relation_kind(a, b)
-        except Exception:  # noqa: BLE001 - a task the registry does not know (hub, tests): related, kind unknown
-            return "related"
-
-    kinds = np.array([kind(a, b) for a, b in zip(usable["a"], usable["b"])])
+    kinds = pair_kinds(usable, inputs)
     pairs = np.array([[index[a], index[b]] for a, b in zip(usable["a"], usable["b"])])
     residual = task_effects_residual_matrix(pairs, len(index)) @ usable["retention"].to_numpy()
     out = {}
@@ -159,6 +171,11 @@ def preregistered(usable: pd.DataFrame, index: dict, distance: np.ndarray, n_tas
     return {"value": rho, "p": p, "permutations": permutations, "exact": exact, "power": power,
             "pairs": len(usable), "tasks": n_tasks, "covariates": "norm ratio" if covariates else "none",
             "reason": None}  # fmt: skip
+
+
+def p_text(p: float) -> str:
+    """A p-value as the report prints it: four decimals below 0.001 (a Monte Carlo test's floor is 1/10,000)."""
+    return f"{p:.4f}" if p < 0.001 else f"{p:.3f}"
 
 
 def pair_rows(pair: dict) -> list[dict]:
@@ -283,6 +300,15 @@ def pair_rows(pair: dict) -> list[dict]:
                 note=f"needs related and unrelated pairs ({counts})",
             )
         )
+    for name, pre in pair.get("without_kind", {}).items():
+        if pre["reason"]:
+            out.append(finding_row("claim2_test", f"without={name}/rho", n=tasks, note=pre["reason"]))
+            continue
+        test = "exact" if pre["exact"] else "Monte Carlo"
+        out.append(finding_row("claim2_test", f"without={name}/rho", pre["value"], n=pre["pairs"],
+                               note=f"the pre-registered test without the {name} pairs: {pre['pairs']} pairs; p = "
+                               f"{p_text(pre['p'])}, {test} permutation test over task labels; power at ρ = 0.4: "
+                               f"{pre['power'][0.4]:.0%}"))  # fmt: skip
     for name, kind in pair.get("kinds", {}).items():
         test = "exact" if kind["exact"] else "Monte Carlo"
         out.append(finding_row(

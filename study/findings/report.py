@@ -438,4 +438,16 @@ def _sensitivity_section(rows: _Rows) -> list[str]:
             + " | ".join(_verdict_word(rows.get("sensitivity", f"{claim.name}/without={t}")) for t in left_out)
             + f" | {depends} |"
         )
+    without_kind = rows.of("claim2_test")
+    without_kind = without_kind[without_kind["statistic"].str.startswith("without=")]
+    if not without_kind.empty:
+        lines += [
+            "",
+            "Claim 2's pre-registered test again without each relation kind's pairs (does one kind carry it?):",
+            "",
+        ]
+        for _, r in without_kind.iterrows():
+            name = r["statistic"].removeprefix("without=").removesuffix("/rho")
+            value = "n/a" if _is_null(r["value"]) else f"ρ {r['value']:.2f}"
+            lines.append(f"- without {name}: {value} ({r['note']})")
     return lines + [""]
