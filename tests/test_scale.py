@@ -172,8 +172,9 @@ def test_two_ddp_processes_match_one_and_write_once(single):
     ((machine,),) = query_db(db, "SELECT machine FROM runs")
     assert json.loads(machine)["processes"] == 2  # really two ranks, not a silent single process
     # exactly one set of rows and folders: rank 1 wrote nothing
-    assert query_db(db, "SELECT count(*), count(DISTINCT model_id) FROM models") == [(8, 8)]
-    assert query_db(db, "SELECT count(*) FROM evaluations") == [(16,)]
+    # 4 heads and 4 adapters (validation and test each), and 4 probes (validation, test and merge_test each)
+    assert query_db(db, "SELECT count(*), count(DISTINCT model_id) FROM models") == [(12, 12)]
+    assert query_db(db, "SELECT count(*) FROM evaluations") == [(28,)]
     assert query_db(db, "SELECT count(*), count(DISTINCT (merge_id, task)) FROM merge_results") == [(24, 24)]
     assert len([p for p in artifacts.rglob("*") if p.name.startswith(("adapter-", "head-"))]) == 8
     assert "models trained" in result.stdout and result.stdout.count("results in") == 1

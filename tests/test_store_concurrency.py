@@ -169,7 +169,8 @@ def expected_rows() -> dict[str, int]:
     config = config_from_args(build_parser().parse_args(RUN_ARGS), tuple(list_methods()))
     plan = sweep_plan(config)
     return {
-        "task_results": len(config.tasks) * len(config.seeds) * 2,  # a head baseline and an adapter each
+        # a head baseline and an adapter per (task, seed), and one multi-layer probe per task
+        "task_results": len(config.tasks) * len(config.seeds) * 2 + len(config.tasks),
         "merges": len(plan),
         "merge_results": sum(len(group) for group, _, _ in plan),  # one row per task of each merged model
     }

@@ -171,7 +171,9 @@ class TrainingStage:
         return self._features[key]
 
     # -- units -----------------------------------------------------------------------------------
-    def _record(self, model_id, kind, task, seed, train_config, folder, trainable, seconds, accuracies) -> None:
+    def _record(self, model_id, kind, task, seed, train_config, folder, trainable, seconds, accuracies, correct=None):
+        """A model's row and one evaluation row per split (`accuracies`: split -> (accuracy, n)); `correct`: split ->
+        which images it got right (`pack_correct`), stored where given; `folder` None for a model kept as rows only."""
         with self.store.write() as con:
             insert_row(
                 con,
@@ -184,7 +186,7 @@ class TrainingStage:
                     "backbone": self.backbone_config.name,
                     "config": train_config,
                     "config_hash": model_id,
-                    "path": relative_to_repo(folder),
+                    "path": relative_to_repo(folder) if folder is not None else None,
                     "trainable_params": trainable,
                     "backbone_params": self.backbone_params,
                     "train_seconds": seconds,
@@ -203,6 +205,7 @@ class TrainingStage:
                         "accuracy": value,
                         "n": n,
                         "eval_config_hash": config_hash(self.config.eval_limits()),
+                        "correct": (correct or {}).get(split),
                         "run_id": self.run_id,
                         "created_at": now(),
                     },
@@ -282,43 +285,12 @@ class TrainingStage:
         correct = {
             split: probe.correct(features[split], labels[split]) for split in ("validation", "test", "merge_test")
         }
-        with self.store.write() as con:
-            insert_row(
-                con,
-                "models",
-                {
-                    "model_id": model_id,
-                    "task": task,
-                    "model_kind": "probe",
-                    "seed": None,
-                    "backbone": self.backbone_config.name,
-                    "config": {**train_config, "chosen": probe.record()},
-                    "config_hash": model_id,
-                    "path": None,
-                    "trainable_params": int(probe.model[-1].coef_.size + probe.model[-1].intercept_.size),
-                    "backbone_params": self.backbone_params,
-                    "train_seconds": seconds,
-                    "run_id": self.run_id,
-                    "created_at": now(),
-                },
-                key=("model_id",),
-            )
-            for split, right in correct.items():
-                insert_row(
-                    con,
-                    "evaluations",
-                    {
-                        "model_id": model_id,
-                        "split": split,
-                        "accuracy": float(right.mean()),
-                        "n": len(right),
-                        "eval_config_hash": config_hash(self.config.eval_limits()),
-                        "correct": pack_correct(right) if split == "merge_test" else None,
-                        "run_id": self.run_id,
-                        "created_at": now(),
-                    },
-                    key=("model_id", "split"),
-                )
+        accuracies = {split: (float(right.mean()), len(right)) for split, right in correct.items()}
+        trainable = int(probe.model[-1].coef_.size + probe.model[-1].intercept_.size)
+        self._record(
+            model_id, "probe", task, None, {**train_config, "chosen": probe.record()}, None, trainable, seconds,
+            accuracies, correct={"merge_test": pack_correct(correct["merge_test"])},
+        )  # fmt: skip
         return "trained"
 
     def run_adapter(self, task: str, seed: int) -> str:
