@@ -10,13 +10,11 @@ kind's name.
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pandas as pd
 
 from merging.methods import MERGE_METHODS
-from study.findings.inputs import ALPHA, BASELINE_NAMES, BASELINES
+from study.findings.inputs import ALPHA, BASELINE_NAMES, BASELINES, selection_record
 from study.findings.rows import ci_row, finding_row
 from study.statistics import group_bootstrap_mean, rng_for, task_bootstrap_mean, wilson
 
@@ -132,7 +130,7 @@ def baseline_figures(rows: pd.DataFrame, baseline: str, method: str, k: int) -> 
         return {"available": False}
     groups = mine.groupby("tasks")[diff_column].mean()
     outcomes = mine[mine[outcome_column].notna()]
-    wins = (outcomes[outcome_column] == 1).astype(float)
+    wins = outcomes[outcome_column] == 1
     return {
         "available": True,
         "diff": group_bootstrap_mean(groups, rng_for(f"diff/{baseline}", method, k)),
@@ -140,12 +138,11 @@ def baseline_figures(rows: pd.DataFrame, baseline: str, method: str, k: int) -> 
             groups.values, _tasks_of(groups.index), rng_for(f"tdiff/{baseline}", method, k)
         ),
         "mcnemar_rows": len(outcomes),
-        "wins": int((outcomes[outcome_column] == 1).sum()),
+        "wins": int(wins.sum()),
         "losses": int((outcomes[outcome_column] == -1).sum()),
         "win_share_tasks": task_bootstrap_mean(
-            wins.values, [tuple(t.split(",")) for t in outcomes["tasks"]], rng_for(f"wins/{baseline}", method, k)
+            wins.to_numpy(float), _tasks_of(outcomes["tasks"]), rng_for(f"wins/{baseline}", method, k)
         ),
-        "baseline_accuracy": float(mine.groupby("task")[f"{baseline}_accuracy"].mean().mean()),  # mean over tasks
     }  # fmt: skip
 
 
@@ -302,7 +299,7 @@ def grid_edge_rows(merges: pd.DataFrame) -> list[dict]:
     out = []
     per_merge = merges.drop_duplicates("merge_id")
     for method, mine in sorted(per_merge.groupby("method"), key=lambda item: item[0]):
-        records = [_selection(s) for s in mine["selection"]]
+        records = [selection_record(s) for s in mine["selection"]]
         records = [r for r in records if r.get("tuned") and r.get("grid") and isinstance(r.get("chosen"), dict)]
         if not records:
             continue
@@ -324,16 +321,6 @@ def grid_edge_rows(merges: pd.DataFrame) -> list[dict]:
                                 f"in {count} of {len(chosen)} merges")
                 )  # fmt: skip
     return out
-
-
-def _selection(value) -> dict:
-    """A merge's `selection` record as a dict ({} when absent)."""
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except ValueError:
-            return {}
-    return value if isinstance(value, dict) else {}
 
 
 # -- data-aware methods ----------------------------------------------------------------------------

@@ -42,16 +42,19 @@ class StudyInputs:
     probes: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
-def _chosen_validation(selection) -> float:
-    """`chosen_validation_accuracy` of a merge's selection JSON (NaN when absent)."""
-    if selection is None or (isinstance(selection, float) and np.isnan(selection)):
-        return float("nan")
+def selection_record(selection) -> dict:
+    """A merge's `selection` record (JSON text or dict) as a dict; {} when absent or unreadable."""
     if isinstance(selection, str):
         try:
             selection = json.loads(selection)
         except ValueError:
-            return float("nan")
-    value = selection.get("chosen_validation_accuracy") if isinstance(selection, dict) else None
+            return {}
+    return selection if isinstance(selection, dict) else {}
+
+
+def _chosen_validation(selection) -> float:
+    """`chosen_validation_accuracy` of a merge's selection JSON (NaN when absent)."""
+    value = selection_record(selection).get("chosen_validation_accuracy")
     return float(value) if value is not None else float("nan")
 
 
