@@ -6,7 +6,7 @@
 
 Why: the default study must fit its time budget (issue 31: 45 minutes on 2 CPU cores from empty) and the methods
 differ widely in cost (a TIES merge trims and elects signs per layer, TSV-M and Iso take SVDs, AdaMerging learns,
-every tuned method scores 4 grid points on validation before its test images). Which methods fit is decided from
+every tuned method scores its 5 grid points on validation before its test images). Which methods fit is decided from
 these figures, not guessed.
 
 For each method and each group size k, it runs the sweep's own `MergeSweep.compute` (the validation search over

@@ -8,9 +8,9 @@ with like; which images each of the three got right is stored too (`pack_correct
 tests. A merge is keyed by the hash of (method, defaults, validation grid and size, adapter ids,
 evaluation size) and skipped when already stored: the sweep is idempotent and resumable.
 
-Selection (study v2): every merge, of every method, is scored on the validation subset
-(`merge_select` images per task) at each point of its method's grid (`MergeMethod.grid_points`: 4
-points for every data-free method, the default first; one point, its fixed setting, for an untuned
+Selection (study v2; v3's grids): every merge, of every method, is scored on the validation subset
+(`merge_select` images per task) at each point of its method's grid (`MergeMethod.grid_points`: 5
+points for every tuned method, the default first; one point, its fixed setting, for an untuned
 peft reference); the point with the best mean validation accuracy over the group's tasks is kept
 (ties: the earlier grid point) and `merges.selection` stores {"tuned", "grid", "validation_accuracy",
 "chosen", "chosen_validation_accuracy", "validation_n_per_task"}. Where a method's `scaling` is a
@@ -130,11 +130,13 @@ def merge_id_of(config: StudyConfig, group: tuple[str, ...], seed: int, method: 
     """The id of the sweep's merge of `group`'s adapters of `seed` with `method`: what decides its figures (the
     method, its defaults and grid, the validation and test subsets, the adapters), so a merge is never repeated."""
     merge_method = get_method(method)
+    start = merge_method.starts_from  # AdaMerging starts from task arithmetic's choice: that grid decides it too
     return "merge-" + config_hash(
         {
             "method": method,
             "hyperparams": merge_method.identity_defaults(),  # the defaults (a reference has none)
             "grid": merge_method.grid_points(),
+            **({"start_grid": get_method(start.method).grid_points()} if start is not None else {}),
             "select_n": config.merge_select,
             "adapters": [config.model_id("adapter", task, seed) for task in group],
             "eval_n": config.merge_eval,

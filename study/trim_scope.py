@@ -6,7 +6,7 @@
 The TIES and KnOTS reference codes count the top-`density` fraction over each task's whole flattened
 task vector; this project's first versions counted it per layer. This one-off comparison merges
 every group of the stored study with both scopes, each chosen on validation from the method's own
-4-point grid exactly as the sweep chooses (`MergeSweep.select`), and compares the chosen validation
+validation grid exactly as the sweep chooses (`MergeSweep.select`), and compares the chosen validation
 accuracies (the criterion that sets the default) and, for information, test accuracy. The per-layer
 figures are recomputed here, not read from results.duckdb, so both scopes come from one code path.
 It writes nothing to results.duckdb; it prints a table and writes reports/trim_scope.md.
@@ -71,7 +71,7 @@ def report(rows: list[dict], seeds: list[int]) -> str:
         "",
         f"Produced by `python -m study.trim_scope --seeds {' '.join(map(str, seeds))}`: every group of the study "
         f"(k = 2..6) at seed(s) {', '.join(map(str, seeds))}, each scope chosen on validation from the method's "
-        "4-point grid as the sweep chooses. Accuracies are means over the group's tasks; differences are "
+        "validation grid as the sweep chooses. Accuracies are means over the group's tasks; differences are "
         "whole vector minus per layer, in points.",
         "",
         "| method | merges | mean validation, per layer | mean validation, whole vector | validation difference | "

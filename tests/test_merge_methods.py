@@ -197,15 +197,19 @@ def test_no_code_compares_method_kinds():
 
 
 @pytest.mark.parametrize("name", PER_LAYER)
-def test_every_data_free_method_has_a_four_point_grid_starting_at_its_defaults(name):
-    """The same validation budget for every method: 4 distinct points, the paper's default first."""
+def test_every_data_free_method_has_a_five_point_grid_starting_at_its_defaults(name):
+    """The same validation budget for every method: 5 distinct points, the paper's default first, and at least three
+    values of each hyperparameter (so a choice at the grid's edge shows: five values of one, or a star of two)."""
     m = get_method(name)
     points = m.selection_rule()
-    grid_rule = f"{where(name)}: its `grid` has {GRID_SIZE} distinct points (4 values of one hyperparameter, or 2 x 2)"
-    assert m.tuned and len(points) == GRID_SIZE == 4, grid_rule
-    assert len({tuple(sorted(p.items())) for p in points}) == 4, grid_rule  # distinct
+    grid_rule = (
+        f"{where(name)}: its `grid` has {GRID_SIZE} distinct points (5 values of one hyperparameter, or a star of "
+        "3 values of each of two: grid_design='star')"
+    )
+    assert m.tuned and len(points) == GRID_SIZE == 5, grid_rule
+    assert len({tuple(sorted(p.items())) for p in points}) == 5, grid_rule  # distinct
     assert points[0] == {key: m.defaults[key] for key in m.grid}  # the default point, first (wins ties)
-    assert all(len(values) in (2, 4) for values in m.grid.values()), grid_rule
+    assert all(len({p[key] for p in points}) >= 3 for key in m.grid), grid_rule
     assert m.default_source, (
         f"{where(name)}: give `default_source`, where its default (the grid's first point) comes from: the paper, its "
         "code, or why it was chosen"
@@ -221,13 +225,26 @@ def test_references_are_untuned_with_one_setting(name):
     assert not m.tuned and m.selection_rule() == [] and m.grid_points() == [{}]
 
 
-def test_a_grid_is_the_product_of_two_hyperparameters_with_the_default_first():
-    assert get_method("ties").grid_points() == [
+def test_a_grid_is_a_product_or_a_star_of_two_hyperparameters_with_the_default_first():
+    """A product tries every combination (9 points for 3 x 3); a star (the study's two-hyperparameter methods) the
+    default and each hyperparameter's other values with the other at its default (5 points)."""
+    fields = dict(
+        name="x", fn=lambda deltas, density, scaling: deltas[0], paper="p", description="d",
+        defaults={"density": 0.2, "scaling": 1.0}, ranges={"density": (0, 1, "(]"), "scaling": (0, 4, "(]")},
+        grid={"density": (0.1, 0.2, 0.5), "scaling": (0.7, 1.0, 1.3)},
+    )  # fmt: skip
+    product = MergeMethod(**fields).grid_points()
+    assert product[0] == {"density": 0.2, "scaling": 1.0} and len(product) == 9
+    assert {(p["density"], p["scaling"]) for p in product} == {(d, s) for d in (0.1, 0.2, 0.5) for s in (0.7, 1.0, 1.3)}
+    assert MergeMethod(**fields, grid_design="star").grid_points() == [
         {"density": 0.2, "scaling": 1.0},
-        {"density": 0.2, "scaling": 0.7},
-        {"density": 0.5, "scaling": 0.7},
+        {"density": 0.1, "scaling": 1.0},
         {"density": 0.5, "scaling": 1.0},
+        {"density": 0.2, "scaling": 0.7},
+        {"density": 0.2, "scaling": 1.3},
     ]
+    with pytest.raises(ValueError, match="grid_design"):
+        MergeMethod(**fields, grid_design="random")
 
 
 def test_a_grid_without_its_default_or_out_of_range_is_refused_at_definition():
@@ -269,8 +286,8 @@ def test_get_method_unknown_lists_known_names():
 
 def test_task_arithmetic_grid_is_exported_and_in_range():
     m = get_method("task_arithmetic")
-    assert m.grid["scaling"] == TASK_ARITHMETIC_GRID == (0.3, 0.5, 0.7, 1.0)
-    assert m.selection_rule() == [{"scaling": value} for value in TASK_ARITHMETIC_GRID]
+    assert m.grid["scaling"] == TASK_ARITHMETIC_GRID == (0.2, 0.3, 0.5, 0.7, 1.0)
+    assert m.selection_rule() == [{"scaling": value} for value in (0.3, 0.2, 0.5, 0.7, 1.0)]  # the default first
     for lam in TASK_ARITHMETIC_GRID:
         m.validate({"scaling": lam})
 

@@ -50,9 +50,12 @@ KIND_PARTS = {
     MethodKind.REFERENCE: ("options",),
 }
 _PARTS = tuple(dict.fromkeys(part for parts in KIND_PARTS.values() for part in parts))
-# Every data-free method is tuned on validation from a grid of this many points (the same budget for
-# each, so no method wins by having more tries); methods with a density or drop rate use 2 x 2.
-GRID_SIZE = 4
+# Every tuned method is tuned on validation from a grid of this many points (the same budget for each, so no method
+# wins by having more tries), with at least three values of each hyperparameter (so a choice at the grid's edge
+# shows; study v3): five values of one hyperparameter, or a star of five around the default where a method has two
+# (a density or drop rate beside its scaling: `grid_design="star"`). Values set from where a 200-image pilot's
+# optima sat (issue 33; each method's docstring).
+GRID_SIZE = 5
 
 
 def format_range(spec: tuple) -> str:
@@ -107,11 +110,13 @@ class MergeMethod:
     defaults: dict  # every hyperparameter with its default
     ranges: dict  # name -> (low, high, brackets), see format_range
     description: str  # one line
-    # Values to choose from on the validation split, e.g. {"density": (0.2, 0.5), "scaling": (0.7, 1.0)}:
-    # the grid is the Cartesian product of its hyperparameters' values (`grid_points`, the default point
-    # first); the sweep scores every point on validation, keeps the best and stores them all. Every
-    # data-free method of the study has a grid of GRID_SIZE points that contains its default.
+    # Values to choose from on the validation split, e.g. {"density": (0.1, 0.2, 0.5), "scaling": (0.7, 1.0, 1.3)}:
+    # the grid is the Cartesian product of its hyperparameters' values, or with grid_design="star" the default point
+    # and each hyperparameter's other values with the rest at their defaults (`grid_points`, the default point
+    # first); the sweep scores every point on validation, keeps the best and stores them all. Every tuned method of
+    # the study has a grid of GRID_SIZE points that contains its default.
     grid: dict = field(default_factory=dict)
+    grid_design: str = "product"  # "product" or "star" (see `grid`)
     # Where the default (the grid's first point) comes from: the paper, its code, or why it was chosen.
     default_source: str = ""
     # True when fn(deltas, scaling=s, **rest) == s * fn(deltas, scaling=1, **rest) for every input:
@@ -187,6 +192,8 @@ class MergeMethod:
             )
         if self.starts_from is not None and self.starts_from.sets not in self.defaults:
             raise ValueError(f"{self.name}: starts_from sets {self.starts_from.sets!r}, which is not a hyperparameter")
+        if self.grid_design not in ("product", "star"):
+            raise ValueError(f"{self.name}: grid_design is 'product' or 'star'")
         if set(self.grid) - set(self.defaults):
             raise ValueError(f"{self.name}: the grid names a hyperparameter it does not have")
         if set(self.defaults) != set(self.ranges):
@@ -318,13 +325,17 @@ class MergeMethod:
         return len(self.grid_points()) > 1
 
     def grid_points(self) -> list[dict]:
-        """The grid as a list of points {hyperparameter: value}: the Cartesian product of the grid's
-        values (hyperparameters in the grid's order), the default point first, the others in product
-        order. A method without a grid has one point, {} (its defaults)."""
+        """The grid as a list of points {hyperparameter: value}, the default point first: the Cartesian product of
+        the grid's values (hyperparameters in the grid's order, the others in product order) or, for a star
+        (`grid_design`), each hyperparameter's other values in turn with the rest at their defaults. A method
+        without a grid has one point, {} (its defaults)."""
         names = list(self.grid)
-        points = [dict(zip(names, values)) for values in itertools.product(*(self.grid[n] for n in names))]
         default = {name: self.defaults[name] for name in names}
-        return [default] + [point for point in points if point != default]
+        if self.grid_design == "star":
+            points = [{**default, name: value} for name in names for value in self.grid[name]]
+        else:
+            points = [dict(zip(names, values)) for values in itertools.product(*(self.grid[n] for n in names))]
+        return [default] + [point for i, point in enumerate(points) if point != default and point not in points[:i]]
 
     def selection_rule(self) -> list[dict]:
         """The grid points chosen from on validation (`grid_points`); [] when the method is untuned."""

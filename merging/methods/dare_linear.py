@@ -16,10 +16,11 @@ Hyperparameters:
   scaling (λ): default 1.0, range (0, 4]: the mean keeps each update's scale.
   seed: default 0, integer >= 0; the caller passes a different seed per layer.
   density: accepted as peft's and mergekit's name for the share kept, 1 - drop_rate (stored as drop_rate).
-Validation grid (study v2, 2 x 2 = 4 points like every method's): drop_rate in {0.5 (default), 0.8}
-  x scaling in {1.0 (default), 2.0}. Not 0.5 for λ as for dare_ties: this is a mean, whose magnitude
-  already shrinks as 1/k (λ = 2 is task arithmetic's 2/k), so the useful direction is up. λ is a pure
-  output multiplier: one merge per drop rate.
+Validation grid (study v3, a star of 5 points like every method's (the default and each hyperparameter's other two
+  values with the other at its default)): drop_rate in {0.1, 0.3, 0.5 (default)}, scaling in {1.0 (default), 2.0,
+  3.0} (issue 33's 200-image pilot chose drop rates 0.1-0.3 and λ = 2 most often). Not 0.5 for λ as for dare_ties:
+  this is a mean, whose magnitude already shrinks as 1/k (λ = 2 is task arithmetic's 2/k), so the useful direction
+  is up. λ is a pure output multiplier: one merge per drop rate.
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ METHOD = MergeMethod(
         "seed": (0, 2**63 - 1, "[]"),
     },
     description="DARE (drop with prob. p, rescale by 1/(1-p)) on each update, then mean, times λ.",
-    grid={"drop_rate": (0.5, 0.8), "scaling": (1.0, 2.0)},
+    grid={"drop_rate": (0.1, 0.3, 0.5), "scaling": (1.0, 2.0, 3.0)},
+    grid_design="star",
     default_source=(
         "drop_rate 0.5: the moderate default of merging toolkits (mergekit, FusionBench) for dense LoRA "
         "updates; scaling 1.0: the plain mean (DARE + linear)"

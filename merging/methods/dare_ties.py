@@ -13,10 +13,11 @@ Hyperparameters:
   scaling (λ): default 1.0, range (0, 4]: the disjoint mean keeps each entry's scale.
   seed: default 0, integer >= 0; the caller passes a per-layer seed.
   density: accepted as peft's and mergekit's name for the share kept, 1 - drop_rate (stored as drop_rate).
-Validation grid (study v2, 2 x 2 = 4 points like every method's): drop_rate in {0.5 (default), 0.8}
-  x scaling in {0.5, 1.0 (default)}. 0.8 moves towards the paper's 0.9 for full fine-tuning; λ 0.5
-  because DARE's 1/(1-p) rescaling inflates the surviving entries that the disjoint mean keeps. λ is a
-  pure output multiplier (the masks depend on p and the seed only): one merge per drop rate.
+Validation grid (study v3, a star of 5 points like every method's (the default and each hyperparameter's other two
+  values with the other at its default)): drop_rate in {0.1, 0.3, 0.5 (default)}, scaling in {0.5, 1.0 (default),
+  1.5}. Study v2 tried 0.8 (towards the paper's 0.9 for full fine-tuning); for these LoRA updates issue 33's
+  200-image pilot chose the smallest drop rate it had (0.1 or 0.3) with λ = 1 in almost every merge. λ is a pure
+  output multiplier (the masks depend on p and the seed only): one merge per drop rate.
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ METHOD = MergeMethod(
         "seed": (0, 2**63 - 1, "[]"),
     },
     description="DARE drop+rescale, then TIES sign election and disjoint mean, times λ.",
-    grid={"drop_rate": (0.5, 0.8), "scaling": (0.5, 1.0)},
+    grid={"drop_rate": (0.1, 0.3, 0.5), "scaling": (0.5, 1.0, 1.5)},
+    grid_design="star",
     default_source=(
         "drop_rate 0.5: the moderate default of merging toolkits (mergekit, FusionBench) for dense LoRA "
         "updates; scaling 1.0: TIES's λ without validation (Yadav et al. 2023)"

@@ -20,10 +20,11 @@ Hyperparameters:
     normalized accuracy and reports test accuracy there; it recommends no fixed α (FusionBench's
     example commands use 1.5). 1.0 is this project's choice, as for Iso-C: the two have spectra of
     the same scale, so they share a grid.
-    Validation grid: scaling in {1.0 (default), 0.5, 0.7, 1.5}, 4 points like every method's; α is
+    Validation grid (study v3): scaling in {1.0 (default), 0.3, 0.5, 0.7, 1.5}, 5 points like every
+    method's (0.3 added: study v2 chose its smallest value, 0.5, in 36 % of merges); α is
     a pure output multiplier: the sweep merges once and rescales.
   common_space_fraction (f): default 0.8, range [0, 1], fixed (not in the grid, so the grid keeps
-    4 points): the paper's and the reference README's value (`method.common_space_fraction=0.8`).
+    5 points): the paper's and the reference README's value (`method.common_space_fraction=0.8`).
 Deviations, all for low-rank (LoRA) updates; on generic full-rank updates (the paper's setting)
 this is the reference algorithm (tests/test_merge_methods.py checks it against the formula):
 (1) n is the numerical rank R of ΔW_TA (σ > rtol·σ_max), not min(out, in). A sum of k LoRA
@@ -96,7 +97,7 @@ METHOD = MergeMethod(
     defaults={"scaling": 1.0, "common_space_fraction": 0.8},
     ranges={"scaling": (0.0, 4.0, "(]"), "common_space_fraction": (0.0, 1.0, "[]")},
     description="Top directions of Σ ΔW_i plus each task's own beyond them, orthogonalised, flat spectrum, times α.",
-    grid={"scaling": (0.5, 0.7, 1.0, 1.5)},
+    grid={"scaling": (0.3, 0.5, 0.7, 1.0, 1.5)},
     default_source=(
         "scaling 1.0: this project's choice, as for iso_c (the reference code picks α on validation from "
         "{0.1, 0.2, ..., 3.0}); common_space_fraction 0.8: Marczak et al. 2025 and their README"

@@ -10,7 +10,7 @@ alignment (the KnOTS paper makes the same point; its gains come from non-linear 
 TIES). It is kept so a sweep can show that, and as a check of the alignment.
 Hyperparameters:
   scaling (λ): default 0.3, range (0, 2] — the same default and range as task_arithmetic.
-    Validation grid (study v2): task arithmetic's, {0.3 (default), 0.5, 0.7, 1.0}; λ is a pure
+    Validation grid (study v3): task arithmetic's, {0.3 (default), 0.2, 0.5, 0.7, 1.0}; λ is a pure
     output multiplier (the sweep aligns once and rescales).
 """
 

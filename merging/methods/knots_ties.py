@@ -15,9 +15,11 @@ Hyperparameters:
     mean chosen validation accuracy, better in 13 of 57 groups, worse in 37; test -0.25 points).
   scaling (λ): default 0.6, range (0, 4] — the reference ViT-B LoRA config's value
     ('scaling_coeffs': .6, found by its validation search); tune on validation.
-Validation grid (study v2, 2 x 2 = 4 points like every method's): density in {0.2 (default), 0.5}
-  x scaling in {0.6 (default), 1.0}; default point (0.2, 0.6) from the reference config. λ is a pure
-  output multiplier, so the sweep aligns and merges once per density and rescales.
+Validation grid (study v3, a star of 5 points like every method's (the default and each hyperparameter's other two
+  values with the other at its default)): density in {0.2 (default), 0.5, 0.8}, scaling in {0.6 (default), 1.0,
+  1.4}; default point (0.2, 0.6) from the reference config. On a wider grid of 200 validation images per task (issue
+  33's pilot, seed 0; λ up to 2) the best λ was 0.8-1.0 and the best density 0.35-1.0, above the reference's. λ is a
+  pure output multiplier, so the sweep aligns and merges once per density and rescales.
 With k = 1 the single update is returned up to trimming (density 1, λ 1: exactly).
 """
 
@@ -72,7 +74,8 @@ METHOD = MergeMethod(
     defaults={"density": 0.2, "scaling": 0.6, "whole_vector_trim": 0},
     ranges={"density": (0.0, 1.0, "(]"), "scaling": (0.0, 4.0, "(]"), "whole_vector_trim": (0, 1, "[]")},
     description="SVD-align the concatenated updates, TIES-merge the task factors ΣV_iᵀ, times λ.",
-    grid={"density": (0.2, 0.5), "scaling": (0.6, 1.0)},
+    grid={"density": (0.2, 0.5, 0.8), "scaling": (0.6, 1.0, 1.4)},
+    grid_design="star",
     default_source="density 0.2 and scaling 0.6: the KnOTS reference ViT-B LoRA config (Stoica et al. 2025)",
     scaling_is_output_multiplier=True,
     added_later={"whole_vector_trim": 0},

@@ -12,9 +12,10 @@ Hyperparameters:
     what sign election + disjoint mean add (the TIES paper's ablation).
   scaling (λ): default 1.0, range (0, 4]. Plain mean, as asked; note that pruned entries count
     as zeros in the mean, so the merged magnitude shrinks with k — tune λ on validation.
-Validation grid (study v2, 2 x 2 = 4 points like every method's): density in {0.2 (default), 0.5}
-  x scaling in {1.0 (default), 2.0} — λ upwards, not down as for TIES, because the pruned mean shrinks
-  (with 1/k and with the density). λ is a pure output multiplier: one merge per density.
+Validation grid (study v3, a star of 5 points like every method's (the default and each hyperparameter's other two
+  values with the other at its default)): density in {0.2 (default), 0.5, 0.8}, scaling in {1.0 (default), 2.0, 3.0}
+  (issue 33's 200-image pilot chose density 0.2-0.5 and λ = 2 most often) — λ upwards, not down as for TIES, because
+  the pruned mean shrinks (with 1/k and with the density). λ is a pure output multiplier: one merge per density.
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ METHOD = MergeMethod(
     defaults={"density": 0.2, "scaling": 1.0},
     ranges={"density": (0.0, 1.0, "(]"), "scaling": (0.0, 4.0, "(]")},
     description="Keep each update's top-density magnitudes, then mean, times λ.",
-    grid={"density": (0.2, 0.5), "scaling": (1.0, 2.0)},
+    grid={"density": (0.2, 0.5, 0.8), "scaling": (1.0, 2.0, 3.0)},
+    grid_design="star",
     default_source="density 0.2: TIES's trim (Yadav et al. 2023); scaling 1.0: the plain mean (FusionBench)",
     scaling_is_output_multiplier=True,
 )
