@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from mlvision.claims import CLAIM_STATEMENTS, VERDICT_WORDS
-from mlvision.store import unpack_correct
+from mlvision.store import probe_correct_on, unpack_correct
 
 METRIC_LABELS = {
     "merged_accuracy": "accuracy of the merged model",
@@ -277,20 +277,10 @@ def relation_comparison(points: pd.DataFrame) -> pd.DataFrame:
 
 def probe_accuracy(rows: pd.DataFrame, probes: pd.DataFrame | None) -> pd.Series:
     """Per merge row: its task's multi-layer probe accuracy on the row's very images (NaN where no probe was scored
-    on them: a file from before the probes, or another evaluation subset)."""
-    if probes is None or probes.empty:
-        return pd.Series(float("nan"), index=rows.index)
-    by_task = probes.drop_duplicates("task").set_index("task")
-    accuracy = {
-        task: (int(r["n_merge_eval"]), float(unpack_correct(r["merge_eval_correct"], int(r["n_merge_eval"])).mean()))
-        for task, r in by_task.iterrows()
-        if isinstance(r["merge_eval_correct"], str)
-    }
+    on them: a file from before the probes, or another evaluation subset; `mlvision.store.probe_correct_on`)."""
+    packed = probe_correct_on(rows["task"], rows["n"], probes)
     return pd.Series(
-        [
-            accuracy[t][1] if t in accuracy and accuracy[t][0] == n else float("nan")
-            for t, n in zip(rows["task"], rows["n"])
-        ],
+        [float(unpack_correct(p, int(n)).mean()) if p is not None else float("nan") for p, n in zip(packed, rows["n"])],
         index=rows.index,
     )
 

@@ -323,6 +323,22 @@ def unpack_correct(packed: str, n: int):
     return np.unpackbits(np.frombuffer(bytes.fromhex(packed), dtype=np.uint8), count=n).astype(bool)
 
 
+def probe_correct_on(tasks, ns, probes) -> list[str | None]:
+    """Per merge row (its task and image count n): its task's multi-layer probe's packed per-image outcomes on the
+    merge's very images, None where no probe was scored on them (none stored, a file from before the probes, or
+    another evaluation subset: `probe_results.n_merge_eval` differs). One place for the matching the findings
+    (study/findings/inputs.py) and the dashboard both rely on."""
+    if probes is None or probes.empty:
+        return [None] * len(tasks)
+    by_task = probes.drop_duplicates("task").set_index("task")
+    out = []
+    for task, n in zip(tasks, ns):
+        mine = by_task.loc[task] if task in by_task.index else None
+        matches = mine is not None and isinstance(mine["merge_eval_correct"], str) and mine["n_merge_eval"] == n
+        out.append(mine["merge_eval_correct"] if matches else None)
+    return out
+
+
 def now() -> datetime:
     return datetime.now(timezone.utc).replace(tzinfo=None)
 

@@ -5,6 +5,7 @@ import json
 import re
 import shutil
 import time
+from dataclasses import replace
 
 import duckdb
 import numpy as np
@@ -21,7 +22,7 @@ from mlvision.store import pack_correct
 from study.findings.analysis import analyse, compute_rows
 from study.findings.claims import CLAIMS, CONTRADICTED, INCONCLUSIVE, SUPPORTED, claim1_rule, claim2_rule, claim3_rule
 from study.findings.exclusion import ExclusionRules
-from study.findings.figures import cell_figures, grid_edge_rows
+from study.findings.figures import RANGE_END, cell_figures, grid_edge_rows
 from study.findings.inputs import StudyInputs, prepare_merges
 from study.findings.report import render_report
 from study.similarity import adapter_cosine, frechet_distance, subspace_alignment
@@ -552,3 +553,34 @@ def test_grid_edges_count_choices_at_each_end_and_call_two_point_grids_too_coars
     report = render_report(pd.DataFrame([*analyse(synthetic_inputs(methods=("linear",), max_k=2))[0],
                                          *grid_edge_rows(merges)]))  # fmt: skip
     assert "| ties/scaling | **67% (2 of 3)** | 0% (0 of 3) | 0.3, 0.5, 0.7, 1 |" in report
+
+
+def test_a_grid_edge_at_the_end_of_the_range_is_marked_not_bold():
+    """RegMean's α cannot exceed 1: choices at α = 1 sit at the grid's edge and at the range's end, which the report
+    says instead of flagging the grid as too narrow; the low edge (0.4) is an ordinary edge."""
+    grid = [{"alpha": a} for a in (0.6, 0.4, 0.8, 0.9, 1.0)]
+    merges = pd.DataFrame(
+        [dict(merge_id=f"m{i}", method="regmean",
+              selection=json.dumps({"tuned": True, "grid": grid, "chosen": {"alpha": a}}))
+         for i, a in enumerate((1.0, 1.0, 1.0, 0.4))]
+    )  # fmt: skip
+    rows = {r["statistic"]: r for r in grid_edge_rows(merges)}
+    assert RANGE_END in rows["regmean/alpha/high"]["note"] and RANGE_END not in rows["regmean/alpha/low"]["note"]
+    report = render_report(pd.DataFrame([*analyse(synthetic_inputs(methods=("linear",), max_k=2))[0], *rows.values()]))
+    assert "| regmean/alpha | **25% (1 of 4)** | 75% (3 of 4), the range's end | 0.4, 0.6, 0.8, 0.9, 1 |" in report
+
+
+def test_the_sensitivity_table_leaves_out_each_relation_kind():
+    """A related pair (t0, t1; kind "related": the registry does not know synthetic tasks): every verdict is
+    recomputed without every group holding both, which leaves the pairs (t0, t2) and (t1, t2) of the four groups."""
+    inputs = synthetic_inputs(tasks=("t0", "t1", "t2"), methods=("linear",), max_k=3, related_pairs=[("t0", "t1")])
+    rows = pd.DataFrame(compute_rows(inputs))
+    kinds = rows[(rows["finding"] == "sensitivity") & rows["statistic"].str.contains("/without_kind=")]
+    assert sorted(kinds["statistic"]) == sorted(f"{c.name}/without_kind=related" for c in CLAIMS)
+    assert set(kinds["n"]) == {2}
+    kept = inputs.merges[~inputs.merges["group_tasks"].map(lambda g: {"t0", "t1"} <= g)]
+    _, by_hand = analyse(replace(inputs, merges=kept), full=False)
+    for claim in CLAIMS:
+        stored = kinds.loc[kinds["statistic"] == f"{claim.name}/without_kind=related", "value"].iloc[0]
+        assert (pd.isna(stored) and by_hand[claim.name][0] is None) or stored == by_hand[claim.name][0]
+    assert "| claim | verdict | without related (2) |" in render_report(rows)

@@ -6,6 +6,7 @@ pair figures, the claims' verdicts, and the sensitivity table (every verdict rec
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pandas as pd
@@ -23,7 +24,7 @@ from study.findings.figures import (
     validation_rows,
 )
 from study.findings.inputs import StudyInputs
-from study.findings.pairs import pair_figures, pair_rows
+from study.findings.pairs import pair_figures, pair_kind, pair_rows
 from study.findings.rows import finding_row
 
 
@@ -32,6 +33,19 @@ def _without(merges: pd.DataFrame, task: str | None) -> pd.DataFrame:
     if task is None:
         return merges
     return merges.loc[~merges["group_tasks"].map(lambda g: task in g).astype(bool)]
+
+
+def _without_kind(merges: pd.DataFrame, inputs: StudyInputs, kind: str | None) -> pd.DataFrame:
+    """`merges` without every group holding a pair of tasks of relation kind `kind` (all of them for None)."""
+    if kind is None:
+        return merges
+    kinds = {group: _group_kinds(group, inputs) for group in set(merges["group_tasks"])}
+    return merges.loc[~merges["group_tasks"].map(lambda group: kind in kinds[group]).astype(bool)]
+
+
+def _group_kinds(group, inputs: StudyInputs) -> set[str]:
+    """The relation kinds of the related pairs in `group` (`pairs.pair_kind`)."""
+    return {pair_kind(a, b, inputs) for a, b in itertools.combinations(sorted(group), 2)} - {"unrelated"}
 
 
 def probe_rows(probes: pd.DataFrame, tasks) -> list[dict]:
@@ -80,14 +94,17 @@ def verdict_rows(verdicts: dict, finding: str, suffix: str, n: int) -> list[dict
     ]
 
 
-def analyse(inputs: StudyInputs, leave_out: str | None = None, full: bool = True) -> tuple[list[dict], dict]:
-    """(findings rows, verdicts) for the study; `leave_out` drops every group and pair containing that task.
+def analyse(
+    inputs: StudyInputs, leave_out: str | None = None, full: bool = True, leave_out_kind: str | None = None
+) -> tuple[list[dict], dict]:
+    """(findings rows, verdicts) for the study; `leave_out` drops every group and pair containing that task,
+    `leave_out_kind` every group and pair holding two tasks of that relation kind (`mlvision.tasks.relation_kind`).
 
     verdicts: claim -> (verdict or None, reason). With full=False only what the verdicts need is computed
     (the sensitivity table runs it once per task), and the rows are those of the claims.
     """
     tasks_info = task_table(inputs.task_results, inputs.merges, inputs.tasks, inputs.rules)
-    merges = _without(inputs.merges, leave_out)
+    merges = _without_kind(_without(inputs.merges, leave_out), inputs, leave_out_kind)
     included = [t for t in inputs.tasks if not tasks_info.loc[t, "excluded"] and t != leave_out]
     rows_in = merges[merges["task"].isin(included)]
     chosen, by_family = choose_methods(merges), choose_by_family(merges)
@@ -113,9 +130,21 @@ def analyse(inputs: StudyInputs, leave_out: str | None = None, full: bool = True
 
 
 def sensitivity(inputs: StudyInputs, verdicts: dict) -> list[dict]:
-    """Every verdict recomputed leaving out each kept task in turn (its groups and pairs dropped)."""
+    """Every verdict recomputed leaving out each kept task in turn (its groups and pairs dropped), then each relation
+    kind in turn (every group holding a pair of that kind dropped)."""
     tasks = task_table(inputs.task_results, inputs.merges, inputs.tasks, inputs.rules)
     kept = [t for t in inputs.tasks if not tasks.loc[t, "excluded"]]
+    out = _task_sensitivity(inputs, verdicts, kept)
+    kinds = sorted(set().union(*(_group_kinds((a, b), inputs) for a, b in itertools.combinations(kept, 2))))
+    for kind in kinds:
+        _, without = analyse(inputs, full=False, leave_out_kind=kind)
+        groups_left = _without_kind(inputs.merges, inputs, kind)["group_tasks"].nunique()
+        out += verdict_rows(without, "sensitivity", f"/without_kind={kind}", groups_left)
+    return out
+
+
+def _task_sensitivity(inputs: StudyInputs, verdicts: dict, kept: list[str]) -> list[dict]:
+    """The leave-one-task-out rows, and per claim whether one task's removal changes its verdict."""
     out, changed = [], {claim: [] for claim in verdicts}
     for task in kept:
         _, without = analyse(inputs, leave_out=task, full=False)

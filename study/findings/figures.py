@@ -290,12 +290,26 @@ def cell_rows(cell: dict) -> list[dict]:
 EDGE_BAR = 0.20  # a grid whose smallest or largest value is chosen in more merges than this should extend that way
 
 
+# A grid edge that is also the end of the hyperparameter's range (RegMean's α = 1): the optimum cannot lie beyond.
+RANGE_END = "; the end of its range: nothing lies beyond"
+
+
+def _range_end(method: str, name: str, side: str) -> float | None:
+    """The closed end of the registered method's range for `name` on `side` ("low" / "high"), else None."""
+    spec = MERGE_METHODS[method].ranges.get(name) if method in MERGE_METHODS else None
+    if spec is None:
+        return None
+    low, high, brackets = spec
+    return low if side == "low" and brackets[0] == "[" else high if side == "high" and brackets[1] == "]" else None
+
+
 def grid_edge_rows(merges: pd.DataFrame) -> list[dict]:
     """Per (method, hyperparameter with at least three values on its grid): the share of the method's tuned merges
     whose validation choice is the grid's smallest value (`grid_edge` '<method>/<name>/low') and largest ('/high').
 
-    A choice at an edge in many merges says the best value may lie beyond the grid. A hyperparameter with two
-    values on the grid has every choice at an edge; it is listed with no share (the grid is too coarse to tell)."""
+    A choice at an edge in many merges says the best value may lie beyond the grid, unless the edge is the end of the
+    hyperparameter's range (`RANGE_END` in the note). A hyperparameter with two values on the grid has every choice
+    at an edge; it is listed with no share (the grid is too coarse to tell)."""
     out = []
     per_merge = merges.drop_duplicates("merge_id")
     for method, mine in sorted(per_merge.groupby("method"), key=lambda item: item[0]):
@@ -315,10 +329,11 @@ def grid_edge_rows(merges: pd.DataFrame) -> list[dict]:
                 continue
             for side, edge in (("low", values[0]), ("high", values[-1])):
                 count = sum(value == edge for value in chosen)
+                end = RANGE_END if _range_end(method, name, side) == edge else ""
                 out.append(
                     finding_row("grid_edge", f"{stat}/{side}", count / len(chosen), n=len(chosen),
                                 note=f"grid {grid}: {'smallest' if side == 'low' else 'largest'} value {edge:g} chosen "
-                                f"in {count} of {len(chosen)} merges")
+                                f"in {count} of {len(chosen)} merges{end}")
                 )  # fmt: skip
     return out
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from mlvision.store import unpack_correct
+from mlvision.store import probe_correct_on, unpack_correct
 from mlvision.tasks import related, relation_kind
 from study.findings.exclusion import ExclusionRules
 from study.statistics import mcnemar_exact, mcnemar_outcomes
@@ -94,14 +94,11 @@ def prepare_merges(merges: pd.DataFrame, probes: pd.DataFrame | None = None) -> 
     df["mcnemar_b"], df["mcnemar_c"] = b, c
     df["mcnemar_p"] = np.where(have, mcnemar_exact(np.nan_to_num(b), np.nan_to_num(c)), np.nan)
     df["outcome"] = np.where(have, mcnemar_outcomes(np.nan_to_num(b), np.nan_to_num(c), ALPHA), np.nan)
-    df["probe_correct"], df["probe_accuracy"] = None, np.nan
-    if probes is not None and not probes.empty and "merged_correct" in df:
-        by_task = probes.drop_duplicates("task").set_index("task")
-        for i, (task, n) in enumerate(zip(df["task"], df["n"])):
-            if task in by_task.index and by_task.loc[task, "n_merge_eval"] == n:  # the very images of the merge
-                packed = by_task.loc[task, "merge_eval_correct"]
-                df.at[i, "probe_correct"] = packed
-                df.at[i, "probe_accuracy"] = float(unpack_correct(packed, int(n)).mean())
+    df["probe_correct"] = probe_correct_on(df["task"], df["n"], probes) if "merged_correct" in df else None
+    df["probe_accuracy"] = [
+        float(unpack_correct(packed, int(n)).mean()) if isinstance(packed, str) else np.nan
+        for packed, n in zip(df["probe_correct"], df["n"])
+    ]
     df["probe_diff_points"] = (df["merged_accuracy"] - df["probe_accuracy"]) * 100
     b, c = _paired_outcomes(df.get("merged_correct", [None] * len(df)), df["probe_correct"], df["n"])
     have = np.isfinite(b)

@@ -120,19 +120,20 @@ def pair_figures(inputs: StudyInputs, rows: pd.DataFrame, method: str | None, ta
     return out
 
 
+def pair_kind(a: str, b: str, inputs: StudyInputs) -> str:
+    """The pair's relation kind: "unrelated", a `RELATION_KINDS` name, or "related" for a related pair whose tasks
+    the registry does not know (hub tasks, tests)."""
+    if not inputs.related(a, b):
+        return "unrelated"
+    try:
+        return inputs.relation_kind(a, b)
+    except Exception:  # noqa: BLE001 - a task the registry does not know: related, kind unknown
+        return "related"
+
+
 def pair_kinds(usable: pd.DataFrame, inputs: StudyInputs) -> np.ndarray:
-    """Each pair's relation kind ("unrelated", a `RELATION_KINDS` name, or "related" for a related pair whose tasks
-    the registry does not know: hub tasks, tests)."""
-
-    def kind(a, b):
-        if not inputs.related(a, b):
-            return "unrelated"
-        try:
-            return inputs.relation_kind(a, b)
-        except Exception:  # noqa: BLE001 - a task the registry does not know: related, kind unknown
-            return "related"
-
-    return np.array([kind(a, b) for a, b in zip(usable["a"], usable["b"])])
+    """Each pair's relation kind (`pair_kind`)."""
+    return np.array([pair_kind(a, b, inputs) for a, b in zip(usable["a"], usable["b"])])
 
 
 def relation_kind_differences(usable: pd.DataFrame, inputs: StudyInputs, index: dict) -> dict:

@@ -12,7 +12,7 @@ from mlvision.claims import VERDICT_WORDS
 from mlvision.paths import DEFAULT_DB_PATH, REPO_ROOT
 from study.findings.claims import CLAIMS
 from study.findings.exclusion import ExclusionRules
-from study.findings.figures import EDGE_BAR
+from study.findings.figures import EDGE_BAR, RANGE_END
 from study.findings.inputs import ALPHA
 from study.statistics import BOOTSTRAP
 
@@ -247,8 +247,11 @@ def _grid_edge_section(rows: _Rows) -> list[str]:
         "## Where validation's choice sits on each grid",
         "",
         f"Share of a method's merges whose chosen value is the smallest / largest of its grid (above {EDGE_BAR:.0%} "
-        "at either edge, **bold**: the best value may lie beyond the grid). A hyperparameter with two grid values "
-        "has every choice at an edge.",
+        "at either edge, **bold**: the best value may lie beyond the grid; an edge that is the end of the "
+        "hyperparameter's range, such as RegMean's α = 1, is marked so instead). A hyperparameter with two grid values "
+        "has every choice at an edge. How much a fresh draw of validation images moves these choices and the "
+        "retention they give: `python scripts/selection_redraw.py` (reports/selection_redraw.md for the default "
+        "study).",
         "",
         "| method / hyperparameter | smallest chosen | largest chosen | grid |",
         "|---|---|---|---|",
@@ -257,7 +260,10 @@ def _grid_edge_section(rows: _Rows) -> list[str]:
     def share(row) -> str:
         if row is None or _is_null(row["value"]):
             return "n/a"
-        text = f"{row['value']:.0%} ({row['note'].split(' chosen in ')[1].removesuffix(' merges')})"
+        count = row["note"].split(" chosen in ")[1].partition(" merges")[0]
+        text = f"{row['value']:.0%} ({count})"
+        if RANGE_END in row["note"]:
+            return text + ", the range's end"  # nothing lies beyond: never a grid too narrow
         return f"**{text}**" if row["value"] > EDGE_BAR else text
 
     names = sorted({s.rsplit("/", 1)[0] for s in edges["statistic"]})
@@ -412,6 +418,29 @@ def _claims_section(rows: _Rows) -> list[str]:
     return lines + [""]
 
 
+def _kind_sensitivity_lines(rows: _Rows, sens: pd.DataFrame) -> list[str]:
+    """The table of every verdict with one relation kind's groups left out (none where no kept pair is related)."""
+    kinds = sorted({s.partition("/without_kind=")[2] for s in sens["statistic"] if "/without_kind=" in s})
+    if not kinds:
+        return []
+    groups = {k: sens.loc[sens["statistic"].str.endswith(f"/without_kind={k}"), "n"].iloc[0] for k in kinds}
+    lines = [
+        "",
+        "Every verdict recomputed without each relation kind in turn (every group holding two tasks of that kind "
+        "dropped; groups left in brackets):",
+        "",
+        "| claim | verdict | " + " | ".join(f"without {k} ({groups[k]:.0f})" for k in kinds) + " |",
+        "|---|---|" + "---|" * len(kinds),
+    ]
+    for claim in CLAIMS:
+        lines.append(
+            f"| {claim.name} | {_verdict_word(rows.get('claims', claim.name))} | "
+            + " | ".join(_verdict_word(rows.get("sensitivity", f"{claim.name}/without_kind={k}")) for k in kinds)
+            + " |"
+        )
+    return lines
+
+
 def _sensitivity_section(rows: _Rows) -> list[str]:
     sens = rows.of("sensitivity")
     if sens.empty:
@@ -438,6 +467,7 @@ def _sensitivity_section(rows: _Rows) -> list[str]:
             + " | ".join(_verdict_word(rows.get("sensitivity", f"{claim.name}/without={t}")) for t in left_out)
             + f" | {depends} |"
         )
+    lines += _kind_sensitivity_lines(rows, sens)
     without_kind = rows.of("claim2_test")
     without_kind = without_kind[without_kind["statistic"].str.startswith("without=")]
     if not without_kind.empty:
