@@ -1,0 +1,152 @@
+"""The merge planner (issue 34): the retention predictors, their held-out scoring, the partition search, the CLI."""
+
+import itertools
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from merging.plan import EXACT_MAX, Planner
+from merging.predict import evaluate, fit, group_retention, pair_losses, predict, task_rows
+from mlvision.paths import DEFAULT_DB_PATH, REPO_ROOT
+
+TASKS = ("a", "b", "c", "d", "e", "f")
+
+
+def interference_merges(loss, tasks=TASKS, noise=0.0, seed=0, weights=(0.99, -0.8, -0.5, -0.01)):
+    """Every group of 2..len(tasks) of one method: a pair keeps 1 - loss(t, u); a larger group keeps
+    w0 + w1 * sum of pair losses + w2 * largest + w3 * (k - 1) (+ noise): the fitted model's own form."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for k in range(2, len(tasks) + 1):
+        for group in itertools.combinations(tasks, k):
+            for task in group:
+                losses = [loss(task, u) for u in group if u != task]
+                value = 1 - losses[0] if k == 2 else weights[0] + weights[1] * sum(losses) + weights[2] * max(losses)
+                value += (weights[3] * (k - 1) if k > 2 else 0) + noise * rng.standard_normal()
+                rows.append(dict(method="m", k=k, tasks=",".join(group), task=task, seed=0, normalized_accuracy=value))
+    return pd.DataFrame(rows)
+
+
+def random_loss(seed=0, tasks=TASKS):
+    ordered = list(itertools.permutations(tasks, 2))
+    values = np.random.default_rng(seed).uniform(0.0, 0.08, len(ordered))
+    table = {pair: float(value) for pair, value in zip(ordered, values)}
+    return lambda t, u: table[(t, u)]
+
+
+def test_the_fitted_model_recovers_the_interference_weights_and_pairs_are_measured():
+    rows = task_rows(interference_merges(random_loss()), "m")
+    losses = pair_losses(rows)
+    fitted = fit(rows, losses)
+    assert fitted["weights"] == pytest.approx([0.99, -0.8, -0.5, -0.01], abs=1e-3)
+    assert group_retention(("a", "b"), losses, fitted, "fitted") == pytest.approx(
+        {"a": 1 - random_loss()("a", "b"), "b": 1 - random_loss()("b", "a")}
+    )
+    group = ("a", "c", "e")
+    expected = (
+        0.99 - 0.8 * (losses[("c", "a")] + losses[("c", "e")]) - 0.5 * max(losses[("c", "a")], losses[("c", "e")])
+    )
+    assert group_retention(group, losses, fitted, "fitted")["c"] == pytest.approx(expected - 0.02, abs=1e-3)
+    row = pd.DataFrame({"task": ["c"], "group": [group], "k": [3]})
+    for name in ("fitted", "additive", "worst_pair", "mean_at_k", "task_mean_at_k"):  # the two paths agree
+        assert group_retention(group, losses, fitted, name)["c"] == pytest.approx(predict(row, losses, fitted, name)[0])
+
+
+def test_held_out_scores_rank_the_true_model_above_the_baselines():
+    """On data the pair-interference model generated (plus noise), the fitted predictor's held-out error is below
+    every baseline's, for held-out groups and held-out tasks; an undefined ρ is NaN, not an error."""
+    scores = evaluate(task_rows(interference_merges(random_loss(1), noise=0.005), "m"))
+    overall = scores[scores["k"] == "all"].set_index(["scheme", "predictor"])["mae_points"]
+    for scheme in ("groups", "tasks"):
+        assert overall[(scheme, "fitted")] < min(overall[(scheme, b)] for b in ("mean_at_k", "worst_pair"))
+    assert set(scores["k"]) == {3, 4, 5, 6, "all"}
+
+
+def partitions(items):
+    """Every set partition of `items` (brute force, for checking the planner's dynamic programme)."""
+    if not items:
+        yield []
+        return
+    first, rest = items[0], items[1:]
+    for partition in partitions(rest):
+        yield [[first], *partition]
+        for i in range(len(partition)):
+            yield [*partition[:i], [first, *partition[i]], *partition[i + 1 :]]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_exact_plan_is_the_best_of_every_partition(seed):
+    planner = Planner(interference_merges(random_loss(seed)), "m")
+    for keep in (0.9, 0.93, 0.96):
+        target = dict.fromkeys(TASKS, keep)
+        feasible = [
+            (len(p), -min(min(planner.retention(tuple(sorted(g))).values()) for g in p))
+            for p in partitions(list(TASKS))
+            if all(planner.meets(tuple(sorted(g)), target) for g in p)
+        ]
+        plan = planner.plan(TASKS, target)
+        assert (plan.backbones, -plan.worst) == pytest.approx(min(feasible)) and plan.exact
+        assert all(value >= keep for value in plan.predicted.values())
+        assert sorted(t for g in plan.groups for t in g) == list(TASKS)
+    best_two = planner.best_with(TASKS, 2)
+    brute = max(min(min(planner.retention(tuple(sorted(g))).values()) for g in p)
+                for p in partitions(list(TASKS)) if len(p) <= 2)  # fmt: skip
+    assert best_two.backbones <= 2 and best_two.worst == pytest.approx(brute)
+
+
+def test_a_plan_that_no_partition_meets_within_the_backbones_is_none():
+    planner = Planner(interference_merges(lambda t, u: 0.2), "m")  # every pair loses 20 %
+    assert planner.plan(TASKS, dict.fromkeys(TASKS, 0.9), max_backbones=5) is None
+    alone = planner.plan(TASKS, dict.fromkeys(TASKS, 0.9))
+    assert alone.backbones == 6 and alone.worst == 1.0  # each task its own adapter
+
+
+def test_beyond_exact_size_the_greedy_plan_meets_the_target():
+    tasks = tuple(f"t{i:02d}" for i in range(EXACT_MAX + 2))
+    loss = random_loss(3, tasks)
+    pairs_only = interference_merges(loss, tasks=tasks[:6])  # groups of k >= 3 for the weights: six tasks
+    pairs = [dict(method="m", k=2, tasks=f"{a},{b}", task=t, seed=0, normalized_accuracy=1 - loss(t, u))
+             for a, b in itertools.combinations(tasks, 2) for t, u in ((a, b), (b, a))]  # fmt: skip
+    merges = pd.concat([pairs_only[pairs_only["k"] > 2], pd.DataFrame(pairs)], ignore_index=True)
+    planner = Planner(merges, "m")
+    plan = planner.plan(tasks, dict.fromkeys(tasks, 0.92))
+    assert not plan.exact and sorted(t for g in plan.groups for t in g) == sorted(tasks)
+    assert plan.worst >= 0.92 and plan.backbones < len(tasks)
+
+
+def test_a_study_missing_a_pair_is_refused_in_one_line():
+    merges = interference_merges(random_loss())
+    merges = merges[merges["tasks"] != "a,b"]
+    with pytest.raises(Exception, match="no m merge of 1 pair"):
+        Planner(merges, "m")
+
+
+def plan_cli(*args):
+    return subprocess.run([sys.executable, str(REPO_ROOT / "merging" / "plan.py"), *args], capture_output=True,
+                          text=True, timeout=120, cwd=REPO_ROOT)  # fmt: skip
+
+
+def test_the_cli_plans_the_committed_study_and_checks_the_plan_against_stored_merges():
+    done = plan_cli("--db", str(DEFAULT_DB_PATH), "--keep", "0.9")
+    assert done.returncode == 0, done.stderr
+    assert "backbone(s) for 6 tasks (exact search)" in done.stdout and "measured below the target:" in done.stdout
+    assert "/ measured " in done.stdout  # the default study stores every group: the plan is checked against them
+
+
+@pytest.mark.parametrize(
+    "args, code, message",
+    [
+        (["--keep", "1.5"], 2, "--keep 1.5: give the share of accuracy to keep, in (0, 1]"),
+        (["--method", "no_such"], 2, "the study stores no merge of 'no_such'"),
+        (["--db", "nowhere.duckdb"], 2, "nowhere.duckdb: no such results database"),
+        (["--tasks", "mnist", "nope"], 2, "the study has no task nope"),
+        (["--keep", "0.999", "--max-backbones", "1"], 1, "no plan keeps 100% for every task within 1 backbone(s)"),
+    ],
+)
+def test_the_cli_says_what_is_wrong_in_one_line(args, code, message):
+    done = plan_cli("--db", str(DEFAULT_DB_PATH), *args)
+    assert done.returncode == code and message in done.stdout + done.stderr
+    assert "Traceback" not in done.stderr
