@@ -430,11 +430,12 @@ TINY_VIT_TASK_DOMAINS = tuple(
 # cores (measured from empty: 60 min, the sweep 2,561 s of it; `python -m benchmarks.sweep_cost --all-methods` gives
 # each method's cost), so these nine run on the subset of groups of 2 and 6 tasks of the first seed: linear (task
 # arithmetic at λ = 1/k), dare_linear and dare_ties (a random drop before task arithmetic or TIES),
-# magnitude_prune, knots_ta, iso_c (since study v3's five-point grids: its sibling Iso-CTS is swept in full, and
-# Iso-C was below it at every k in study v2) and peft's four references. The study's own comparison (the findings'
-# chosen method) is among the methods swept in full.
+# magnitude_prune, knots_ta, iso_c and knots_ties (since study v3's five-point grids: from empty with both in full
+# the run took 47 min 49 s, 2026-12-07; Iso-C was below its sibling Iso-CTS, and KnOTS-TIES below TIES, at every k
+# in study v2 and v3, and KnOTS-TIES cost 200 s of validation search) and peft's four references. The study's own
+# comparison (the findings' chosen method) is among the methods swept in full.
 STUDY_SUBSET_METHODS = (
-    "linear", "dare_linear", "dare_ties", "magnitude_prune", "knots_ta", "iso_c",
+    "linear", "dare_linear", "dare_ties", "magnitude_prune", "knots_ta", "iso_c", "knots_ties",
     "peft_linear", "peft_cat", "peft_svd", "peft_ties",
 )  # fmt: skip
 

@@ -118,9 +118,11 @@ def redraw(db: Path, seeds: list[int], draws: int) -> pd.DataFrame:
 
 def chosen_method(rows: pd.DataFrame, column: str) -> dict[int, str]:
     """Per k: the method with the highest mean validation accuracy in `column` (the findings' rule, over the
-    methods that merged every group at k in `rows`)."""
+    methods that merged every group at every k in `rows`)."""
     out = {}
-    for k, at_k in rows.groupby("k"):
+    every_k = set(rows["k"])  # a method swept on a subset (groups of 2 and 6 only) never competes, as in the findings
+    full = [m for m, mine in rows.groupby("method") if set(mine["k"]) == every_k]
+    for k, at_k in rows[rows["method"].isin(full)].groupby("k"):
         coverage = at_k.groupby("method")["merge_id"].nunique()
         complete = at_k[at_k["method"].isin(coverage[coverage == coverage.max()].index)]
         scores = complete.groupby("method")[column].mean()
@@ -173,11 +175,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds whose merges are redrawn")
     parser.add_argument("--draws", type=int, default=1, help="fresh validation draws (each as large as the study's)")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "reports" / "selection_redraw.md")
+    parser.add_argument("--from-csv", type=Path, help="re-render the report from a run's saved rows (no merging)")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    rows = redraw(args.db, args.seeds, args.draws)
-    args.out.write_text(report(rows, PROFILES["default"].merge_select, args.seeds))
-    rows.to_csv(args.out.with_suffix(".csv"), index=False)
+    rows = pd.read_csv(args.from_csv) if args.from_csv else redraw(args.db, args.seeds, args.draws)
+    args.out.write_text(report(rows, PROFILES["default"].merge_select, sorted(set(rows["seed"]))))
+    if not args.from_csv:
+        rows.to_csv(args.out.with_suffix(".csv"), index=False)
     print(args.out.read_text())
     return 0
 

@@ -584,3 +584,20 @@ def test_the_sensitivity_table_leaves_out_each_relation_kind():
         stored = kinds.loc[kinds["statistic"] == f"{claim.name}/without_kind=related", "value"].iloc[0]
         assert (pd.isna(stored) and by_hand[claim.name][0] is None) or stored == by_hand[claim.name][0]
     assert "| claim | verdict | without related (2) |" in render_report(rows)
+
+
+def test_on_a_star_grid_an_edge_counts_only_choices_on_that_hyperparameters_arm():
+    """A star around (density 0.2, scaling 1.0): a choice on the density arm says nothing about scaling, so scaling's
+    shares count only the choices with density at its default (2 of the 4 merges here)."""
+    grid = [{"density": 0.2, "scaling": 1.0}, {"density": 0.1, "scaling": 1.0}, {"density": 0.5, "scaling": 1.0},
+            {"density": 0.2, "scaling": 0.7}, {"density": 0.2, "scaling": 1.3}]  # fmt: skip
+    chosen = [(0.1, 1.0), (0.5, 1.0), (0.2, 0.7), (0.2, 1.0)]
+    merges = pd.DataFrame(
+        [dict(merge_id=f"m{i}", method="ties",
+              selection=json.dumps({"tuned": True, "grid": grid, "chosen": {"density": d, "scaling": s}}))
+         for i, (d, s) in enumerate(chosen)]
+    )  # fmt: skip
+    rows = {r["statistic"]: r for r in grid_edge_rows(merges)}
+    assert rows["ties/scaling/low"]["value"] == 0.5 and rows["ties/scaling/low"]["n"] == 2
+    assert rows["ties/density/low"]["value"] == pytest.approx(1 / 3) and rows["ties/density/low"]["n"] == 3
+    assert rows["ties/density/high"]["value"] == pytest.approx(1 / 3)

@@ -303,10 +303,23 @@ def _range_end(method: str, name: str, side: str) -> float | None:
     return low if side == "low" and brackets[0] == "[" else high if side == "high" and brackets[1] == "]" else None
 
 
+def _on_arm(record: dict, name: str) -> bool:
+    """Whether a merge's choice says anything about hyperparameter `name`: always on a product grid; on a star
+    (`grid_design="star"`: fewer points than the product of each hyperparameter's values) only when every other
+    hyperparameter of the choice is at the grid's first point, the default (a choice on another arm holds `name` at
+    its default, which says nothing of where its best value lies)."""
+    grid = record["grid"]
+    product = int(np.prod([len({point[n] for point in grid}) for n in grid[0]]))
+    if len(grid) >= product:
+        return True
+    return all(record["chosen"].get(other) == value for other, value in grid[0].items() if other != name)
+
+
 def grid_edge_rows(merges: pd.DataFrame) -> list[dict]:
     """Per (method, hyperparameter with at least three values on its grid): the share of the method's tuned merges
     whose validation choice is the grid's smallest value (`grid_edge` '<method>/<name>/low') and largest ('/high').
 
+    On a star grid a hyperparameter's shares are over the merges whose choice lies on its arm (`_on_arm`).
     A choice at an edge in many merges says the best value may lie beyond the grid, unless the edge is the end of the
     hyperparameter's range (`RANGE_END` in the note). A hyperparameter with two values on the grid has every choice
     at an edge; it is listed with no share (the grid is too coarse to tell)."""
@@ -320,7 +333,9 @@ def grid_edge_rows(merges: pd.DataFrame) -> list[dict]:
         names = sorted({name for r in records for point in r["grid"] for name in point})
         for name in names:
             values = sorted({point[name] for r in records for point in r["grid"] if name in point})
-            chosen = [r["chosen"].get(name) for r in records if name in r["chosen"]]
+            chosen = [r["chosen"].get(name) for r in records if name in r["chosen"] and _on_arm(r, name)]
+            if not chosen:
+                continue
             stat = f"{method}/{name}"
             grid = ", ".join(f"{v:g}" for v in values)
             if len(values) < 3:

@@ -248,10 +248,11 @@ def _grid_edge_section(rows: _Rows) -> list[str]:
         "",
         f"Share of a method's merges whose chosen value is the smallest / largest of its grid (above {EDGE_BAR:.0%} "
         "at either edge, **bold**: the best value may lie beyond the grid; an edge that is the end of the "
-        "hyperparameter's range, such as RegMean's α = 1, is marked so instead). A hyperparameter with two grid values "
-        "has every choice at an edge. How much a fresh draw of validation images moves these choices and the "
-        "retention they give: `python scripts/selection_redraw.py` (reports/selection_redraw.md for the default "
-        "study).",
+        "hyperparameter's range, such as RegMean's α = 1, is marked so instead). On a star grid (the default and "
+        "each hyperparameter's other values with the rest at their defaults) a hyperparameter's shares count the "
+        "merges whose choice lies on its arm. A hyperparameter with two grid values has every choice at an edge. "
+        "How much a fresh draw of validation images moves these choices and the retention they give: "
+        "`python scripts/selection_redraw.py` (reports/selection_redraw.md for the default study).",
         "",
         "| method / hyperparameter | smallest chosen | largest chosen | grid |",
         "|---|---|---|---|",
