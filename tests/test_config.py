@@ -68,10 +68,10 @@ def test_fields_added_later_are_left_out_of_the_identity_at_their_old_value():
 
 
 def test_subset_methods_default_to_the_profile_s_and_may_be_given_empty():
-    """The default sweeps every registered method, nine of them on the subset; `--subset-methods` alone, or methods
+    """The default sweeps every registered method, eleven of them on the subset; `--subset-methods` alone, or methods
     named with `--merge-methods`, sweep every method in full, and names replace the profile's list."""
     assert DEFAULT.merge_methods == REGISTERED and set(DEFAULT.subset_methods) < set(REGISTERED)
-    assert parse().subset_methods == DEFAULT.subset_methods and len(DEFAULT.subset_methods) == 9
+    assert parse().subset_methods == DEFAULT.subset_methods and len(DEFAULT.subset_methods) == 11
     assert parse("--subset-methods").subset_methods == ()
     assert parse("--subset-methods", "ties").subset_methods == ("ties",)
     assert parse("--merge-methods", "linear", "ties").subset_methods == ()  # the methods a user names: in full

@@ -240,7 +240,7 @@ def test_the_sweep_selects_regmean_on_validation_and_runs_costly_methods_on_thei
     assert len(list((cache / "grams").glob("*.safetensors"))) == 3
     rows = sweep.compute(group, 0, "regmean")
     record = rows.merge["selection"]
-    assert record["tuned"] and [p["alpha"] for p in record["grid"]] == [0.6, 0.2, 0.4, 0.9]
+    assert record["tuned"] and [p["alpha"] for p in record["grid"]] == [0.6, 0.4, 0.8, 0.9, 1.0]
     assert rows.merge["hyperparams"]["alpha"] == record["chosen"]["alpha"]
     assert len(rows.evaluations) == 3 and all(0 <= e["merged_accuracy"] <= 1 for e in rows.evaluations)
     # a method with a stated subset is planned only there

@@ -974,7 +974,7 @@ def committed_service() -> DemoService:
 def test_auto_serves_the_studys_choice_and_its_regmean_is_the_merge_the_study_scored(committed_service):
     """The committed study chose RegMean on validation at every k: `auto` serves it (its Gram matrices from the
     cache or computed at start-up), and the served model of a stored RegMean merge gets exactly the test images
-    right that the study's merge got right."""
+    right that the study's merge got right; AdaMerging, stored with its learned coefficients, is offered."""
     from mlvision.paths import DEFAULT_DB_PATH
     from mlvision.store import unpack_correct
 
@@ -1003,4 +1003,5 @@ def test_auto_serves_the_studys_choice_and_its_regmean_is_the_merge_the_study_sc
         with torch.inference_mode():
             predicted = entry.model(images)[task].argmax(dim=-1).numpy()
         assert (predicted == labels.numpy()).tolist() == unpack_correct(stored, n).tolist(), task
-    assert service.unavailable(group, "adamerging") and "adamerging" not in service.offered(group)
+    # study v3 merged AdaMerging again, storing its learned coefficients: its stored pairs can be served
+    assert service.unavailable(group, "adamerging") is None and "adamerging" in service.offered(group)

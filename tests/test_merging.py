@@ -15,6 +15,7 @@ from merging.export import export_own_lora
 from merging.merge import main as merge_main
 from merging.merged_model import build_merged_model, merge_deltas
 from merging.methods import get_method, list_methods
+from merging.methods._base import GRID_SIZE
 from merging.peft_reference import PeftMerger
 from merging.sweep import MergeSweep, sample_groups, sweep_plan
 from mlvision.backbone import BackboneConfig, create_backbone
@@ -159,7 +160,7 @@ def test_every_merge_is_selected_on_validation_and_stores_the_record(tiny_study)
         m = get_method(method)
         assert selection["tuned"] == m.tuned == (method != "peft_cat")
         assert selection["grid"] == (m.grid_points() if m.tuned else [{}])
-        assert len(selection["grid"]) == (4 if m.tuned else 1) == len(selection["validation_accuracy"])
+        assert len(selection["grid"]) == (GRID_SIZE if m.tuned else 1) == len(selection["validation_accuracy"])
         assert selection["validation_n_per_task"] == 16  # --merge-select
         scores = selection["validation_accuracy"]
         best = scores.index(max(scores))  # the first of the best: ties go to the earlier point (default first)
@@ -262,7 +263,7 @@ def test_the_plan_merges_every_seed_at_every_k_by_default_and_honours_an_int():
     assert config.merge_methods == tuple(list_methods())  # every registered method
     plan = sweep_plan(config)
     on_subset, full = on_subset_and_full(config)
-    assert on_subset == {"adamerging", *config.subset_methods} and len(full) == 7
+    assert on_subset == {"adamerging", *config.subset_methods} and len(full) == 5
     # 57 groups x 3 seeds x 7 methods, plus each subset method on every group at k = 2 and 6 with seed 0
     assert len(plan) == (15 + 20 + 15 + 6 + 1) * 3 * len(full) + (15 + 1) * len(on_subset)
     for method in on_subset:
