@@ -564,3 +564,27 @@ def blank_gains(merges: pd.DataFrame, method: str) -> tuple[int, int, str]:
     blank = rows["normalized_gain"].isna()
     notes = rows.loc[blank, "gain_note"].dropna() if "gain_note" in rows else pd.Series(dtype=str)
     return int(blank.sum()), len(rows), (notes.iloc[0] if len(notes) else "")
+
+
+def plan_tradeoff(plans: pd.DataFrame) -> pd.DataFrame:
+    """Per allowed number of backbones (one method's trade-off plans): the backbones the best plan uses, its worst
+    predicted and worst measured task retention (NaN where a planned group was not measured) and the tasks it
+    merges into shared backbones."""
+    curve = plans[plans["kind"] == "tradeoff"]
+    out = curve.groupby("max_backbones", as_index=False).agg(
+        backbones=("backbones", "first"),
+        worst_predicted=("predicted", "min"),
+        worst_measured=("measured", lambda m: m.min() if m.notna().all() else np.nan),
+        mean_measured=("measured", "mean"),
+    )
+    return out.sort_values("max_backbones").reset_index(drop=True)
+
+
+def plan_table(plans: pd.DataFrame, target: float) -> pd.DataFrame:
+    """One method's plan at `target`: a row per task with its backbone, group, predicted and measured retention and
+    whether the measured one meets the target (None where not measured)."""
+    plan = plans[(plans["kind"] == "target") & np.isclose(plans["target"], target)]
+    table = plan[["group_index", "group_tasks", "task", "predicted", "measured", "measured_from", "measured_seeds"]]
+    table = table.rename(columns={"group_index": "backbone", "group_tasks": "group"})
+    meets = [None if pd.isna(m) else bool(m >= target - 1e-12) for m in table["measured"]]
+    return table.assign(meets_target=meets).sort_values(["backbone", "task"]).reset_index(drop=True)

@@ -526,3 +526,25 @@ def interval_figure(table: pd.DataFrame, x: str, title: str, y_title: str) -> go
         margin = max(0.15 * (high - low), 0.005)
         fig.update_yaxes(range=[low - margin, high + margin])
     return _layout(fig, title, x, y_title, height=380)
+
+
+def tradeoff_figure(curve: pd.DataFrame, method: str) -> go.Figure:
+    """Backbones allowed vs the best plan's worst-task retention: predicted (what the planner chose by) and measured
+    (the planned groups' merges scored on test images)."""
+    fig = go.Figure()
+    for column, name, dash in (("worst_predicted", "predicted", "dot"), ("worst_measured", "measured", "solid")):
+        fig.add_trace(
+            go.Scatter(
+                x=curve["max_backbones"],
+                y=curve[column],
+                name=f"worst task, {name}",
+                mode="lines+markers",
+                line=dict(dash=dash),
+                customdata=curve["backbones"],
+                hovertemplate=f"at most %{{x}} backbones (uses %{{customdata}})<br>worst task, {name}: "
+                "%{y:.1%}<extra></extra>",
+            )
+        )
+    fig.update_yaxes(tickformat=".0%")
+    fig.update_xaxes(dtick=1)
+    return _layout(fig, f"Backbones vs worst-task retention ({method})", "backbones allowed", "retention")

@@ -57,6 +57,10 @@ QUESTIONS = {
         "probe_results",
         "SELECT task, accuracy, n_merge_eval, merge_eval_correct FROM probe_results ORDER BY task",
     ),
+    "merge_plans": (
+        "merge_plans",
+        "SELECT * FROM merge_plans ORDER BY method, kind, target, max_backbones, group_index, task",
+    ),
 }
 
 
@@ -171,6 +175,11 @@ def merge_results(db: str) -> pd.DataFrame | None:
 def probe_results(db: str) -> pd.DataFrame | None:
     """One row per task's multi-layer probe (None in a file from before the probes)."""
     return _answer(db, "probe_results")
+
+
+def merge_plans(db: str) -> pd.DataFrame | None:
+    """One row per (stored merge plan, task): its group, predicted and measured retention (None before plans)."""
+    return _answer(db, "merge_plans")
 
 
 def task_similarity(db: str) -> pd.DataFrame | None:

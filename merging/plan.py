@@ -14,7 +14,10 @@ highest, while every task still meets the target), which may use more backbones 
 
 Verification: where the study stored the planned groups' merges (the default study merges every group), their
 measured test retention (mean over seeds) is printed beside the prediction, and the tasks below the target are
-named. Merging groups the study did not store, and adapters from elsewhere, are not done here yet (issue 34).
+named. run_all's `plan` stage (`PlanStage`) stores the plans at PLAN_TARGETS and the trade-off curve (the best plan
+with 1, 2, ... backbones) in results.duckdb (view `merge_plans`), and merges the planned groups the sweep did not
+store (up to the study's --max-k), as the sweep would, to measure them (`plan_checks`). Adapters from elsewhere are
+not planned yet (issue 34).
 """
 
 from __future__ import annotations
@@ -25,18 +28,26 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+from tqdm.auto import tqdm
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from merging.methods import get_method  # noqa: E402
 from merging.predict import evaluate, fit, group_retention, pair_losses, task_rows  # noqa: E402
+from merging.sweep import MergeSweep, in_study_subset, insert_rows, merge_seeds  # noqa: E402
+from mlvision.config import StudyConfig  # noqa: E402
 from mlvision.errors import MLVisionError  # noqa: E402
 from mlvision.paths import DEFAULT_DB_PATH  # noqa: E402
-from mlvision.store import Store  # noqa: E402
+from mlvision.runs import study_run_id  # noqa: E402
+from mlvision.store import Store, config_hash, now  # noqa: E402
 
 EXACT_MAX = 10  # Bell(10) = 115,975 partitions: exact in seconds; Bell(12) = 4.2 million is not
 PREDICTOR = "fitted"  # the predictor the planner uses (the held-out figures in its closing note chose it)
+FALLBACK_PREDICTOR = "additive"  # where the study stores no group of k >= 3 to fit on (e.g. --max-k 2)
+PLAN_TARGETS = (0.9, 0.95)  # the retention every task keeps in the plans run_all stores (issue 34's X)
 
 
 @dataclass(frozen=True)
@@ -73,11 +84,13 @@ class Planner:
                 "predicts from every pair (merge them first)"
             )
         self.fitted = fit(self.rows, self.losses)
+        # no group of k >= 3 to learn the weights from: interference adds up, unweighted
+        self.predictor = PREDICTOR if np.isfinite(self.fitted["weights"]).all() else FALLBACK_PREDICTOR
 
     @functools.lru_cache(maxsize=None)  # noqa: B019 - one planner per run; the cache is its point
     def retention(self, group: tuple[str, ...]) -> dict[str, float]:
         """Each task's predicted retention in `group` (sorted tuple)."""
-        return group_retention(group, self.losses, self.fitted, PREDICTOR)
+        return group_retention(group, self.losses, self.fitted, self.predictor)
 
     def worst(self, group: tuple[str, ...]) -> float:
         return min(self.retention(group).values())
@@ -104,6 +117,24 @@ class Planner:
         plans = [self.plan(tasks, dict.fromkeys(tasks, target)) for target in [i / 100 for i in range(100, 0, -1)]]
         fitting = [p for p in plans if p is not None and p.backbones <= backbones]
         return max(fitting, key=lambda p: p.worst) if fitting else self._plan(self._greedy(tasks, {}), False)
+
+    def tradeoff(self, tasks: tuple[str, ...]) -> dict[int, Plan]:
+        """The best plan (highest predicted worst-task retention) with at most 1, 2, ..., N backbones: the curve
+        "backbones vs worst-task retention"."""
+        tasks = tuple(sorted(tasks))
+        if len(tasks) <= EXACT_MAX:
+            return {b: self.best_with(tasks, b) for b in range(1, len(tasks) + 1)}
+        plans = [self.plan(tasks, dict.fromkeys(tasks, target)) for target in [i / 100 for i in range(100, 0, -1)]]
+        plans = [p for p in plans if p is not None] + [self._plan(self._greedy(tasks, {}), False)]
+        return {
+            b: max((p for p in plans if p.backbones <= b), key=lambda p: p.worst, default=plans[-1])
+            for b in range(1, len(tasks) + 1)
+        }
+
+    def measured(self, groups) -> dict[str, float]:
+        """Each task's measured test retention in its planned group (mean over seeds), where the study stored it."""
+        by_key = {(g, t): r for g, t, r in zip(self.rows["group"], self.rows["task"], self.rows["retention"])}
+        return {task: by_key[(g, task)] for g in groups if len(g) > 1 for task in g if (g, task) in by_key}
 
     def _plan(self, groups, exact: bool) -> Plan:
         predicted = {task: value for group in groups for task, value in self.retention(group).items()}
@@ -178,13 +209,134 @@ class Planner:
         return groups
 
 
-def measured(merges: pd.DataFrame, method: str, groups) -> dict[str, float]:
-    """Each task's measured test retention in its planned group (mean over seeds), where the study stored it."""
-    rows = task_rows(merges, method)
-    by_key = {(g, t): r for g, t, r in zip(rows["group"], rows["task"], rows["retention"])}
-    return {
-        task: by_key[(group, task)] for group in groups if len(group) > 1 for task in group if (group, task) in by_key
-    }
+def planned_methods(config: StudyConfig) -> list[str]:
+    """The methods run_all plans for: swept on every group size (not only on a subset, so every pair and the
+    larger groups to fit on are stored) and servable (a plan is something to serve)."""
+    sizes = range(2, min(config.max_k, len(config.tasks)) + 1)
+    return [
+        method
+        for method in config.merge_methods
+        if get_method(method).servable and all(in_study_subset(method, k, None, config.subset_methods) for k in sizes)
+    ]
+
+
+class PlanStage:
+    """run_all's `plan` stage: for each planned method, the plans at PLAN_TARGETS and the trade-off curve, stored in
+    `plan_rows`; the planned groups the sweep did not merge (up to --max-k) merged and scored as the sweep would and
+    stored in `plan_checks`, so view `merge_plans` holds every planned task's measured retention beside the
+    prediction. A plan already stored for the same stored merges is skipped; the checks are saved one by one, so an
+    interrupted stage continues where it stopped."""
+
+    def __init__(self, config: StudyConfig, store: Store, accelerator=None):
+        self.config, self.store, self.accelerator = config, store, accelerator
+        self.run_id = study_run_id(config)
+        self._sweep: MergeSweep | None = None  # built (a backbone loaded) only when a group needs checking
+
+    def run(self) -> dict:
+        # every merge the database stores, as the findings read them: a study's merges span the runs that made them
+        merges = self.store.query_df(
+            "SELECT merge_id, method, k, tasks, task, seed, normalized_accuracy FROM merge_results"
+        )
+        stored = {row[0] for row in self.store.query("SELECT DISTINCT plan_id FROM plan_rows")}
+        counts = {"plans": 0, "skipped": 0, "checked": 0, "not_planned": ""}
+        rows, skipped_methods = [], []
+        for method in planned_methods(self.config):
+            try:
+                planner = Planner(merges, method)
+            except MLVisionError as error:  # e.g. a pair not merged yet: said, and the other methods planned
+                skipped_methods.append(f"{method} ({error})")
+                continue
+            inputs = sorted(merges.loc[merges["method"] == method, "merge_id"].unique())
+            for kind, parameter, plan in self.plans(planner):
+                plan_id = config_hash({"method": method, "kind": kind, "parameter": parameter,
+                                       "predictor": planner.predictor, "merges": inputs})[:16]  # fmt: skip
+                if plan_id in stored:
+                    counts["skipped"] += 1
+                    continue
+                rows.append((plan_id, kind, method, parameter, planner.predictor, plan))
+        counts["checked"] = self.check([(method, plan) for _, _, method, _, _, plan in rows])
+        counts["plans"] = self.save(rows)
+        counts["not_planned"] = "; not planned: " + ", ".join(skipped_methods) if skipped_methods else ""
+        return counts
+
+    def plans(self, planner: Planner):
+        """(kind, parameter, Plan): the fewest backbones at each target, and the best plan per number of backbones."""
+        tasks = planner.tasks
+        for target in PLAN_TARGETS:
+            yield "target", target, planner.plan(tasks, dict.fromkeys(tasks, target))
+        for backbones, plan in planner.tradeoff(tasks).items():
+            yield "tradeoff", backbones, plan
+
+    def unmeasured(self, planned: list[tuple[str, Plan]]) -> list[tuple[tuple[str, ...], int, str]]:
+        """(group in the study's task order, seed, method) of each planned group of 2..max_k tasks that neither the
+        sweep nor an earlier check stored, for the seeds the sweep merges groups of that size with."""
+        done = {
+            (method, tuple(sorted(tasks.split(","))), seed)
+            for method, tasks, seed in self.store.query(
+                "SELECT DISTINCT method, tasks, seed FROM merge_results UNION "
+                "SELECT DISTINCT method, group_tasks, seed FROM plan_checks"
+            )
+        }
+        todo = set()
+        for method, plan in planned:
+            for group in plan.groups:
+                if not 2 <= len(group) <= self.config.max_k:
+                    continue
+                for seed in merge_seeds(self.config, len(group)):
+                    if (method, group, seed) not in done:
+                        todo.add((tuple(t for t in self.config.tasks if t in group), seed, method))
+        return sorted(todo, key=lambda item: (len(item[0]), item))
+
+    def check(self, planned: list[tuple[str, Plan]]) -> int:
+        """Merge and score the planned groups nothing stored yet; each stored as soon as it is scored."""
+        todo = self.unmeasured(planned)
+        if not todo:
+            return 0
+        self._sweep = self._sweep or MergeSweep(self.config, self.store, self.accelerator)
+        self._sweep.prepare(todo)
+        for group, seed, method in tqdm(todo, desc="plan checks", unit="merge"):
+            merged = self._sweep.compute(group, seed, method)
+            rows = [
+                {
+                    "method": method,
+                    "group_tasks": ",".join(sorted(group)),
+                    "seed": seed,
+                    "task": evaluation["task"],
+                    "merged_accuracy": evaluation["merged_accuracy"],
+                    "single_accuracy": evaluation["single_accuracy"],
+                    "n": evaluation["n"],
+                    "hyperparams": merged.merge["hyperparams"],
+                    "merge_seconds": merged.merge["merge_seconds"],
+                    "run_id": self.run_id,
+                    "created_at": now(),
+                }
+                for evaluation in merged.evaluations
+            ]
+            with self.store.write() as con:
+                insert_rows(con, "plan_checks", rows)
+        return len(todo)
+
+    def save(self, rows) -> int:
+        """Store the new plans in one transaction, replacing the same (method, kind, parameter)'s older plan (made
+        from other stored merges); returns how many plans went in."""
+        if not rows:
+            return 0
+        with self.store.write() as con:
+            for plan_id, kind, method, parameter, predictor, plan in rows:
+                column = "target" if kind == "target" else "max_backbones"
+                con.execute(
+                    f"DELETE FROM plan_rows WHERE method = ? AND kind = ? AND {column} = ?", [method, kind, parameter]
+                )
+                insert_rows(con, "plan_rows", [
+                    {"plan_id": plan_id, "kind": kind, "method": method,
+                     "target": parameter if kind == "target" else None,
+                     "max_backbones": parameter if kind == "tradeoff" else None,
+                     "backbones": plan.backbones, "exact": plan.exact, "predictor": predictor, "group_index": index,
+                     "group_tasks": ",".join(group), "task": task, "predicted": plan.predicted[task],
+                     "run_id": self.run_id, "created_at": now()}
+                    for index, group in enumerate(plan.groups, 1) for task in group
+                ])  # fmt: skip
+        return len(rows)
 
 
 def plan_text(plan: Plan, measured_retention: dict[str, float], keep: dict[str, float]) -> str:
@@ -238,9 +390,9 @@ def main(argv: list[str] | None = None) -> int:
             best = planner.best_with(tasks, limit)
             print(f"no plan keeps {args.keep:.0%} for every task within {limit} backbone(s); the best predicted "
                   f"worst-task retention with {limit} is {best.worst:.1%}:")  # fmt: skip
-            print(plan_text(best, measured(merges, args.method, best.groups), keep))
+            print(plan_text(best, planner.measured(best.groups), keep))
             return 1
-        print(plan_text(plan, measured(merges, args.method, plan.groups), keep))
+        print(plan_text(plan, planner.measured(plan.groups), keep))
     except MLVisionError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

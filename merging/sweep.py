@@ -108,6 +108,8 @@ TABLE_KEYS = {
     "merges": ("merge_id",),
     "merge_evaluations": ("merge_id", "task", "split"),
     "adapter_updates": ("model_id",),  # written once per loaded adapter, not per merge (`update_rows`)
+    "plan_rows": ("plan_id", "task"),  # the merge planner's (merging/plan.py)
+    "plan_checks": ("method", "group_tasks", "seed", "task"),
 }
 
 

@@ -400,7 +400,7 @@ class StudyConfig:
         return data
 
 
-STAGES = ("train", "merge", "findings", "bench")
+STAGES = ("train", "merge", "findings", "plan", "bench")  # run_all's, in the order it runs them
 
 # The standard ViT merging benchmark's datasets (task arithmetic / FusionBench), as hub ids. Each
 # has an Image column "image" and a ClassLabel column "label", splits train and test (the tanganke

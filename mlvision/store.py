@@ -67,7 +67,9 @@ class StoreBusyError(StoreError):
 # 4: evaluations gained `correct` (which images a model got right, `pack_correct`), stored for the multi-layer
 #    probe (models.model_kind 'probe', seed NULL: its fit is convex, one per task) on the test images every merge
 #    of its task is scored on (split 'merge_test'); view probe_results.
-SCHEMA_VERSION = 4
+# 5: tables plan_rows (the merge planner's plans, merging/plan.py) and plan_checks (merges of planned groups the
+#    sweep did not store, scored to verify a plan); view merge_plans.
+SCHEMA_VERSION = 5
 
 # normalized_gain = (merged - head) / (single - head) is a ratio of two small differences when single and
 # head are close; below this difference (2 points: 6 images of 300) it is noise divided by noise, so the
@@ -113,6 +115,19 @@ _TABLES = [
     """CREATE TABLE IF NOT EXISTS adapter_updates (
         model_id VARCHAR PRIMARY KEY, task VARCHAR, seed INTEGER, update_norm DOUBLE, layers INTEGER,
         run_id VARCHAR, created_at TIMESTAMP)""",
+    # The merge planner's plans (merging/plan.py), one row per (plan, task): the task's group and its predicted
+    # retention. kind 'target': the fewest backbones keeping `target` for every task; kind 'tradeoff': the highest
+    # predicted worst-task retention with at most `max_backbones`.
+    """CREATE TABLE IF NOT EXISTS plan_rows (
+        plan_id VARCHAR, kind VARCHAR, method VARCHAR, target DOUBLE, max_backbones INTEGER, backbones INTEGER,
+        exact BOOLEAN, predictor VARCHAR, group_index INTEGER, group_tasks VARCHAR, task VARCHAR, predicted DOUBLE,
+        run_id VARCHAR, created_at TIMESTAMP, PRIMARY KEY (plan_id, task))""",
+    # A planned group the sweep did not merge, merged and scored as the sweep would (chosen on validation, scored on
+    # the same test images) to verify a plan; kept apart from `merges` so the study's sampled groups stay a sample.
+    """CREATE TABLE IF NOT EXISTS plan_checks (
+        method VARCHAR, group_tasks VARCHAR, seed INTEGER, task VARCHAR, merged_accuracy DOUBLE,
+        single_accuracy DOUBLE, n INTEGER, hyperparams JSON, merge_seconds DOUBLE, run_id VARCHAR,
+        created_at TIMESTAMP, PRIMARY KEY (method, group_tasks, seed, task))""",
     """CREATE TABLE IF NOT EXISTS similarities (
         task_a VARCHAR, task_b VARCHAR, measure VARCHAR, value DOUBLE, seed INTEGER, config JSON,
         run_id VARCHAR, created_at TIMESTAMP, PRIMARY KEY (task_a, task_b, measure, seed))""",
@@ -168,6 +183,26 @@ _VIEWS = [
         LEFT JOIN evaluations v ON v.model_id = m.model_id AND v.split = 'validation'
         LEFT JOIN evaluations x ON x.model_id = m.model_id AND x.split = 'merge_test'
         WHERE m.model_kind = 'probe'""",
+    # Each planned task's predicted retention beside its measured one (mean over seeds): from the sweep's merge of
+    # its group where stored, else from the plan's own check (`plan_checks`); 1 for a task left on its own adapter.
+    """CREATE OR REPLACE VIEW merge_plans AS
+        WITH swept AS (
+            SELECT method, array_to_string(list_sort(string_split(tasks, ',')), ',') AS group_tasks, task,
+                   avg(normalized_accuracy) AS measured, count(*) AS seeds
+            FROM merge_results GROUP BY ALL),
+        checked AS (
+            SELECT method, group_tasks, task, avg(merged_accuracy / nullif(single_accuracy, 0)) AS measured,
+                   count(*) AS seeds
+            FROM plan_checks GROUP BY ALL)
+        SELECT p.plan_id, p.kind, p.method, p.target, p.max_backbones, p.backbones, p.exact, p.predictor,
+               p.group_index, p.group_tasks, p.task, p.predicted,
+               CASE WHEN p.group_tasks = p.task THEN 1.0 ELSE coalesce(s.measured, c.measured) END AS measured,
+               CASE WHEN p.group_tasks = p.task THEN 'own adapter' WHEN s.measured IS NOT NULL THEN 'sweep'
+                    WHEN c.measured IS NOT NULL THEN 'plan check' END AS measured_from,
+               coalesce(s.seeds, c.seeds) AS measured_seeds, p.run_id
+        FROM plan_rows p
+        LEFT JOIN swept s ON s.method = p.method AND s.group_tasks = p.group_tasks AND s.task = p.task
+        LEFT JOIN checked c ON c.method = p.method AND c.group_tasks = p.group_tasks AND c.task = p.task""",
     """CREATE OR REPLACE VIEW adapter_update_norms AS
         SELECT model_id, task, seed, update_norm, layers, run_id FROM adapter_updates""",
     """CREATE OR REPLACE VIEW task_similarity AS
@@ -204,6 +239,10 @@ VIEW_COLUMN_KINDS = {
         "text": ("task", "merge_eval_correct", "backbone", "model_id", "run_id"),
     },
     "adapter_update_norms": {"numbers": ("seed", "update_norm", "layers"), "text": ("model_id", "task", "run_id")},
+    "merge_plans": {
+        "numbers": ("target", "max_backbones", "backbones", "group_index", "predicted", "measured", "measured_seeds"),
+        "text": ("plan_id", "kind", "method", "predictor", "group_tasks", "task", "measured_from", "run_id"),
+    },
     "task_similarity": {"numbers": ("value", "seed"), "text": ("task_a", "task_b", "measure", "run_id")},
     "findings": {"numbers": ("value", "ci_low", "ci_high", "n"), "text": ("finding", "statistic", "note", "run_id")},
     "benchmarks": {

@@ -38,11 +38,15 @@ import threading
 import time
 from pathlib import Path
 
+from mlvision.config import STAGES  # run_all's stages, in order (a key of ENDED each)
+
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
-STAGES = ("train", "merge", "findings", "bench")
-# The line each stage prints when it ends (study/run_all.py), so the next stage has begun.
-ENDED = {"train": "training:", "merge": "merge sweep:", "findings": "findings:", "bench": "benchmarks:"}
+# The line each of run_all's stages prints when it ends (study/run_all.py), so the next stage has begun.
+ENDED = {
+    "train": "training:", "merge": "merge sweep:", "findings": "findings:", "plan": "merge plans:",
+    "bench": "benchmarks:",
+}  # fmt: skip
 
 
 def section(title: str) -> None:

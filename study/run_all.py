@@ -1,7 +1,8 @@
 """Run the whole study: prepare tasks, train head baselines and adapters, evaluate, store.
 
 The orchestration layer: it calls each stage in turn (training/, merging/, study/similarity.py, study/findings/,
-benchmarks/); `python training/run_all.py` and the `mlv-run-all` command both land in `main`.
+the merge planner merging/plan.py, benchmarks/); `python training/run_all.py` and the `mlv-run-all` command both
+land in `main`.
 
     python training/run_all.py            # the offline default (six tasks, three seeds)
     python training/run_all.py --quick    # the whole pipeline on a sliver, about a minute and a half
@@ -27,6 +28,7 @@ from typing import Callable, NamedTuple
 from benchmarks.options import add_bench_arguments, bench_config_from_args, profile_bench, resolve_device
 from benchmarks.stage import BenchStage
 from merging.methods import list_methods
+from merging.plan import PlanStage
 from merging.sweep import MergeSweep
 from mlvision.backbone import check_backbone_name
 from mlvision.config import (
@@ -142,6 +144,10 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
              "similarity: {pairs} new (pair, seed)s measured"),
         Step("findings", len(config.tasks) >= 2, lambda: FindingsStage(config, store, report).run(),
              lambda c: c["changed"], f"findings: {{findings}} statistics, report {report}"),
+        Step("plan", len(config.tasks) >= 2, lambda: PlanStage(config, store, accelerator).run(),
+             lambda c: c["plans"] + c["checked"] > 0,
+             "merge plans: {plans} stored, {skipped} already stored, {checked} planned groups merged to check"
+             "{not_planned}"),
         Step("bench", True, lambda: BenchStage(config, store, bench_config).run(), lambda c: c["measured"] > 0,
              "benchmarks: {measured} sections measured, {skipped} already stored for this machine"),
     ]  # fmt: skip

@@ -32,6 +32,8 @@ from streamlit.testing.v1 import AppTest
 
 from dashboard.charts import METHOD_COLORS
 from dashboard.pages import PAGES as REGISTERED_PAGES
+from merging.plan import PlanStage
+from mlvision.config import StudyConfig
 from mlvision.paths import DEFAULT_DB_PATH, REPO_ROOT
 from mlvision.store import Store, unpack_correct
 
@@ -282,6 +284,9 @@ def build_full_db(path: Path) -> Path:
             "INSERT INTO tasks (task, domain, label_names) VALUES "
             + ", ".join(f"('{t}', '{d}', '[\"a\", \"b\"]')" for t, d in tasks.items())
         )
+    # the merge planner's plans, made by its own stage from the merges above (every group is stored: no merging)
+    plan_config = StudyConfig(tasks=tuple(sorted(tasks)), seeds=tuple(seeds), merge_methods=("linear", "ties"), max_k=4)
+    assert PlanStage(plan_config, store).run()["checked"] == 0
     return path
 
 
@@ -758,6 +763,31 @@ def test_methods_table_and_chart_match_sql(full_db):
     table = at.dataframe[0].value
     assert table["merged_models"].tolist() == expected["n"].tolist()
     assert table.loc[table["method"] == "ties", "hyperparams"].iloc[0] == '{"lambda": 0.5}'
+
+
+def test_plan_page_matches_sql(full_db):
+    at = render(full_db, "plan", {"method": "ties", "keep": "0.9"})
+    assert_clean(at)
+    expected = sql(
+        full_db,
+        """SELECT group_index, task, predicted, measured FROM merge_plans
+           WHERE method = 'ties' AND kind = 'target' AND target = 0.9 ORDER BY group_index, task""",
+    )
+    table = at.dataframe[0].value
+    assert table["task"].tolist() == expected["task"].tolist()
+    assert table["backbone"].tolist() == expected["group_index"].tolist()
+    np.testing.assert_allclose(table["predicted"], expected["predicted"])
+    np.testing.assert_allclose(table["measured"], expected["measured"])
+    assert expected["group_index"].max() < 4, "the made-up merges keep 90 % in some pair: a plan merges something"
+    curve = sql(
+        full_db,
+        """SELECT max_backbones, min(predicted) AS worst FROM merge_plans
+           WHERE method = 'ties' AND kind = 'tradeoff' GROUP BY ALL ORDER BY max_backbones""",
+    )
+    drawn = lines(figures(at)[0])
+    assert drawn["worst task, predicted"][0] == curve["max_backbones"].tolist()
+    np.testing.assert_allclose(drawn["worst task, predicted"][1], curve["worst"])
+    assert drawn["worst task, predicted"][1][-1] == 1.0  # one backbone per task keeps every task whole
 
 
 def test_performance_lines_match_sql(full_db):

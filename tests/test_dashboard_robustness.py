@@ -161,7 +161,7 @@ def test_view_without_a_column_a_page_needs_gives_one_line(tmp_path):
 def test_older_file_without_views_says_what_is_missing(tmp_path):
     db = committed_copy(tmp_path)
     with duckdb.connect(str(db)) as con:
-        for view in ("merge_results", "task_similarity", "findings", "benchmarks"):
+        for view in ("merge_plans", "merge_results", "task_similarity", "findings", "benchmarks"):
             con.execute(f"DROP VIEW {view}")
     for page in PAGES:
         at = render(db, page)
@@ -169,7 +169,7 @@ def test_older_file_without_views_says_what_is_missing(tmp_path):
         if page != "overview":
             assert at.info, (
                 page,
-                "this page still shows data without the four views dropped above: if it reads another view, drop that "
+                "this page still shows data without the views dropped above: if it reads another view, drop that "
                 "one too in this test (test_older_file_without_views_says_what_is_missing, "
                 "tests/test_dashboard_robustness.py)",
             )

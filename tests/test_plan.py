@@ -1,16 +1,20 @@
 """The merge planner (issue 34): the retention predictors, their held-out scoring, the partition search, the CLI."""
 
+import dataclasses
 import itertools
+import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import TINY_TASKS, tiny_config
 
-from merging.plan import EXACT_MAX, Planner
+from merging.plan import EXACT_MAX, Planner, PlanStage
 from merging.predict import evaluate, fit, group_retention, pair_losses, predict, task_rows
 from mlvision.paths import DEFAULT_DB_PATH, REPO_ROOT
+from mlvision.store import Store
 
 TASKS = ("a", "b", "c", "d", "e", "f")
 
@@ -150,3 +154,59 @@ def test_the_cli_says_what_is_wrong_in_one_line(args, code, message):
     done = plan_cli("--db", str(DEFAULT_DB_PATH), *args)
     assert done.returncode == code and message in done.stdout + done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_the_tradeoff_is_the_best_plan_per_number_of_backbones_and_falls_back_without_larger_groups():
+    merges = interference_merges(random_loss(3))
+    planner = Planner(merges, "m")
+    curve = planner.tradeoff(planner.tasks)
+    assert sorted(curve) == list(range(1, len(TASKS) + 1))
+    for backbones, plan in curve.items():
+        assert plan.backbones <= backbones
+        assert plan == planner.best_with(planner.tasks, backbones)
+    worst = [curve[b].worst for b in sorted(curve)]
+    assert worst == sorted(worst) and worst[-1] == 1.0  # more backbones never hurt; one per task keeps all
+    pairs_only = Planner(merges[merges["k"] == 2], "m")  # nothing of k >= 3 to fit the weights on
+    assert planner.predictor == "fitted" and pairs_only.predictor == "additive"
+    loss = random_loss(3)
+    assert pairs_only.retention(("a", "b", "c"))["a"] == pytest.approx(1 - loss("a", "b") - loss("a", "c"))
+
+
+def test_the_plan_stage_stores_plans_and_merges_the_planned_groups_the_sweep_did_not(tiny_study, tmp_path):
+    """The tiny study merged every group; with its three-task ties merge deleted, the stage must merge that group
+    again to check the plan that uses it, exactly as the sweep did (same choice, same test images), store it apart
+    from the sweep's merges, and show it in `merge_plans`; run again, it writes nothing."""
+
+    db = tmp_path / "results.duckdb"
+    shutil.copy(tiny_study["db"], db)
+    store = Store(db)
+    stored = store.query_df("SELECT * FROM merge_plans")
+    assert set(stored["method"]) == {"linear", "task_arithmetic", "ties"}  # run_all's plan stage ran (no peft_cat)
+    assert set(stored["measured_from"]) <= {"sweep", "own adapter"}
+    group = ",".join(sorted(TINY_TASKS))
+    deleted = store.query_df(
+        "SELECT task, merged_accuracy, single_accuracy, hyperparams FROM merge_results WHERE method = 'ties' AND k = 3"
+    )
+    assert len(deleted) == len(TINY_TASKS)
+    with store.write() as con:
+        ids = "SELECT merge_id FROM merges WHERE method = 'ties' AND k = 3"
+        con.execute(f"DELETE FROM merge_evaluations WHERE merge_id IN ({ids})")
+        con.execute(f"DELETE FROM merges WHERE merge_id IN ({ids})")
+    stage = PlanStage(dataclasses.replace(tiny_config(tiny_study), db=db), store)
+    counts = stage.run()
+    assert counts["checked"] == 1 and counts["plans"] > 0  # the ties plans changed: their inputs did
+    checks = store.query_df("SELECT * FROM plan_checks ORDER BY task")
+    assert set(checks["group_tasks"]) == {group}
+    by_task = deleted.set_index("task")
+    for row in checks.itertuples():
+        assert row.merged_accuracy == by_task.loc[row.task, "merged_accuracy"]  # the sweep's own merge, again
+        assert row.single_accuracy == by_task.loc[row.task, "single_accuracy"]
+    plans = store.query_df("SELECT * FROM merge_plans WHERE method = 'ties' AND group_tasks = ?", [group])
+    assert len(plans) and set(plans["measured_from"]) == {"plan check"}
+    for row in plans.itertuples():
+        expected = by_task.loc[row.task, "merged_accuracy"] / by_task.loc[row.task, "single_accuracy"]
+        assert row.measured == pytest.approx(expected)
+    assert set(store.query_df("SELECT predictor FROM merge_plans WHERE method = 'ties'")["predictor"]) == {"additive"}
+    before = store.query("SELECT count(*), max(created_at) FROM plan_rows")
+    assert stage.run() == {"plans": 0, "skipped": counts["plans"] + counts["skipped"], "checked": 0, "not_planned": ""}
+    assert store.query("SELECT count(*), max(created_at) FROM plan_rows") == before

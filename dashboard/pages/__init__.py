@@ -6,7 +6,7 @@ through `analysis`, draw through `charts` and `common`) and add its line to `PAG
 dashboard's tests read this list (docs/ARCHITECTURE.md, "A dashboard page", says every step).
 """
 
-from dashboard.pages import dissimilarity, merge_count, merges_vs_heads, methods, overview, performance, runs
+from dashboard.pages import dissimilarity, merge_count, merges_vs_heads, methods, overview, performance, plan, runs
 
 # slug (the URL's ?page=) -> (sidebar title, the function that draws the page), in sidebar order
 PAGES = {
@@ -15,6 +15,7 @@ PAGES = {
     "dissimilarity": ("Dissimilarity", dissimilarity.page),
     "merges_vs_heads": ("Merges vs head finetuning", merges_vs_heads.page),
     "methods": ("Methods", methods.page),
+    "plan": ("Merge plan", plan.page),
     "runs": ("Runs", runs.page),
     "performance": ("Performance", performance.page),
 }
