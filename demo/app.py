@@ -182,6 +182,46 @@ def render_markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def render_plan_markdown(result: dict) -> str:
+    """The page's view of one `predict_plan` answer: each backbone's tasks, answers and pass time."""
+    if not result:
+        return ""
+    if not result.get("ok"):
+        return f"### ⚠️ {result.get('error', 'The request failed.')}"
+    lines = [
+        f"**Merge plan:** every task keeps {result['target']:.0%} (predicted) with `{result['method']}` · "
+        f"**{result['backbones']} backbone(s)**, one pass each: {result['elapsed_ms']:.1f} ms in all on "
+        f"**{result['device']}**",
+        "",
+        "| backbone | task | top 3 | retention: predicted / measured |",
+        "|---|---|---|---|",
+    ]
+    for note in result.get("notes") or []:
+        lines.insert(1, f"> ℹ️ {note}")
+    for index, backbone in enumerate(result["groups"], 1):
+        for task in backbone["tasks"]:
+            where = "own adapter" if len(backbone["tasks"]) == 1 else f"{index} ({backbone['elapsed_ms']:.1f} ms)"
+            retention = (
+                f"{_pct(result['predicted_retention'].get(task))} / {_pct(result['measured_retention'].get(task))}"
+            )
+            lines.append(f"| {where} | **{task}** | {_top_cell(result['predictions'][task])} | {retention} |")
+    return "\n".join(lines)
+
+
+def plan_target(service: DemoService, target) -> float:
+    """A `predict_plan` request's target, one of the stored plans' (a number or its text); else one line."""
+    try:
+        value = float(target)
+    except (TypeError, ValueError):
+        value = None
+    if value is None or not any(abs(value - t) < 1e-9 for t in service.plan_targets()):
+        stored = (
+            ", ".join(str(t) for t in service.plan_targets()) or "none: run `python training/run_all.py --stages plan`"
+        )
+        raise BadImage(f"Unknown plan target {str(target)[:40]!r}; stored plans keep {stored}.")
+    return value
+
+
 def method_choices(service: DemoService, tasks) -> list[tuple[str, str]]:
     """The method list for a group: `auto` (naming what it serves) and every method that can serve the group."""
     try:
@@ -296,6 +336,30 @@ def build_demo(service: DemoService, examples: list[tuple[str, str]] | None = No
             gr.Warning(result["error"])
         return result
 
+    def predict_plan(image, target, method):
+        """Named API endpoint `predict_plan`: every task answered by its backbone in the stored merge plan at `target`
+        (JSON like `predict`'s; errors as {"ok": False, "error": ...}, never a traceback)."""
+        path = image.get("path") if isinstance(image, dict) else image
+        try:
+            if path is not None and not isinstance(path, str):
+                raise BadImage(f"The image must be an uploaded file ({ACCEPTED}).")
+            _, method, _ = request_values(service, service.tasks, method)
+            result = service.predict_plan_json(path, plan_target(service, target), method)
+        except BadImage as error:
+            result = {"ok": False, "error": str(error), "device": service.device.type}
+        except Exception as error:  # noqa: BLE001 - a failing request never takes the app down
+            traceback.print_exc()
+            result = {"ok": False, "error": f"Internal error ({type(error).__name__}); try again.",
+                      "device": service.device.type}  # fmt: skip
+        if not result.get("ok"):
+            result["error"] = public_text(result.get("error", "The request failed."))
+            refused("predict_plan", result["error"])
+            gr.Warning(result["error"])
+        return result
+
+    def show_plan(result):
+        return render_plan_markdown(result) if isinstance(result, dict) else ""
+
     def show(image, result):
         image = image.get("path") if isinstance(image, dict) else image
         if not isinstance(result, dict) or (image is not None and not isinstance(image, str)):
@@ -401,6 +465,24 @@ def build_demo(service: DemoService, examples: list[tuple[str, str]] | None = No
                 not_offered = gr.Markdown(not_offered_line(service, service.tasks), elem_id="not-offered")
                 compare = gr.Checkbox(False, label="Compare with each task's own adapter (one pass per task)")
                 button = gr.Button("Predict", variant="primary")
+                targets = service.plan_targets()
+                with gr.Accordion(
+                    "Serve a merge plan (several backbones)", open=False, elem_id="plan", visible=bool(targets)
+                ):
+                    gr.Markdown(
+                        "The study's merge planner (`python merging/plan.py`) groups the tasks into the fewest merged "
+                        "backbones that each keep the target share of their own adapter's accuracy: one pass per "
+                        "backbone, every task answered by its own group's merge (the method above; `auto`: the "
+                        "study's choice where it has a plan)."
+                    )
+                    target = gr.Dropdown(
+                        [(f"every task keeps {t:.0%}", t) for t in targets],
+                        value=targets[0] if targets else None,
+                        label="Plan",
+                        elem_id="plan-target",
+                    )
+                    plan_button = gr.Button("Predict with the plan")
+                    plan_raw = gr.JSON(visible=False)
                 with gr.Accordion("Download the merged model (.zip)", open=False, elem_id="export"):
                     gr.Markdown(
                         "The chosen tasks merged with the chosen method (as served here), exported like "
@@ -444,6 +526,14 @@ def build_demo(service: DemoService, examples: list[tuple[str, str]] | None = No
                 concurrency_limit=PREDICT_CONCURRENCY,
                 preprocess=False,
             ).then(show, [image, raw], [output, preview], api_visibility="private", preprocess=False)
+        plan_button.click(
+            predict_plan,
+            [image, target, method],
+            plan_raw,
+            api_name="predict_plan",
+            concurrency_limit=PREDICT_CONCURRENCY,
+            preprocess=False,
+        ).then(show_plan, plan_raw, output, api_visibility="private", preprocess=False)
         export_button.click(
             export,
             [tasks, method, rank],

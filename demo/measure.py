@@ -3,10 +3,11 @@
     OMP_NUM_THREADS=1 python -m demo.measure [--db results.duckdb] [--repeats 30] [--device cpu]
 
 Latency is the median of `--repeats` timed forward passes at batch 1 (after 3 warm-up passes),
-the two variants interleaved (benchmarks/timing.py; `python -m training.bench` measures more):
-one pass through the merged model of every task, against one pass per task through each
-task's own adapter (peft-loaded), summed. Start-up is the time from nothing loaded to the
-app answering HTTP (adapters read, backbone built, default merge built, Gradio launched).
+the variants interleaved (benchmarks/timing.py; `python -m training.bench` measures more):
+one pass through the merged model of every task, against one pass per task through each task's own adapter
+(its ΔW folded into a copy of the backbone), summed, and against each stored merge plan (one pass per planned
+backbone). Start-up is the time from nothing loaded to the app answering HTTP (adapters read, backbone built,
+default merge built, Gradio launched).
 """
 
 from __future__ import annotations
@@ -58,13 +59,18 @@ def main(argv: list[str] | None = None) -> int:
     image = load_task(tasks[0])["test"][0]["image"]
     batch = service.tensor(image.convert("RGB"))
     singles = {t: service.single_model(t) for t in tasks}
-    with torch.inference_mode():  # interleaved, so drift of the machine hits both alike
-        times = time_interleaved(
-            {"merged": lambda: entry.model(batch), "separate": lambda: [singles[t](batch) for t in tasks]},
-            args.repeats,
-            warmup=3,
-            device=service.device,
-        )
+    plans = {}  # the stored merge plans (run_all's plan stage): each backbone of the plan, one pass each
+    for target in service.plan_targets():
+        method, plan = service.stored_plan(target)
+        models = [
+            singles[group[0]] if len(group) == 1 else service.merged_model(group, method)[0].model
+            for group in plan["groups"]
+        ]
+        plans[f"plan {target:.0%} ({method}, {len(models)} backbones)"] = models
+    with torch.inference_mode():  # interleaved, so drift of the machine hits every variant alike
+        variants = {"merged": lambda: entry.model(batch), "separate": lambda: [singles[t](batch) for t in tasks]}
+        variants.update({name: (lambda models=models: [m(batch) for m in models]) for name, models in plans.items()})
+        times = time_interleaved(variants, args.repeats, warmup=3, device=service.device)
         merged_ms, separate_ms = (median_p95(times[name])[0] for name in ("merged", "separate"))
         per_adapter = {
             t: median_p95(values)[0]
@@ -78,8 +84,12 @@ def main(argv: list[str] | None = None) -> int:
         f"({separate_ms / merged_ms:.1f}x)"
     )
     print(
-        "  per adapter (peft-wrapped, unmerged LoRA): " + ", ".join(f"{t} {v:.1f} ms" for t, v in per_adapter.items())
+        "  per adapter (its ΔW folded into a backbone copy): "
+        + ", ".join(f"{t} {v:.1f} ms" for t, v in per_adapter.items())
     )
+    for name in plans:
+        plan_ms = median_p95(times[name])[0]
+        print(f"  merge {name}: {plan_ms:.1f} ms ({plan_ms / merged_ms:.1f}x one merged backbone)")
 
     for method in ("linear", "task_arithmetic", "ties", "dare_ties", "tsv_m"):
         if method not in service.methods:

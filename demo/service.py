@@ -216,6 +216,7 @@ class DemoService:
         """Snapshot the stored merge results once: serving never touches the database again
         (so a study still writing to it cannot lock the demo out). Adapters trained elsewhere: nothing stored."""
         self._results, self._hyperparams, self._validation, self._study_choice = [], {}, {}, {}
+        self._plans: dict[tuple[str, float], dict] = {}
         if self.db_path is None:
             return
         store = Store(self.db_path)
@@ -235,6 +236,8 @@ class DemoService:
             score = selection.get("chosen_validation_accuracy") if isinstance(selection, dict) else None
             if isinstance(score, (int, float)):
                 self._validation.setdefault((tasks, method), []).append(float(score))
+        # the merge planner's stored plans (run_all's plan stage): (method, target) -> groups, and their retention
+        self._plans = self._read_plans(store)
         # the study's method per group size, chosen on validation by study/findings.py (k -> (method, mean, merges))
         for statistic, value, n in store.query(
             "SELECT statistic, value, n FROM findings WHERE finding = 'chosen_method' AND value IS NOT NULL"
@@ -242,6 +245,90 @@ class DemoService:
             method, _, k = str(statistic).partition("/k=")
             if k.isdigit() and method in self.methods:
                 self._study_choice[int(k)] = (method, float(value), int(n or 0))
+
+    @staticmethod
+    def _read_plans(store: Store) -> dict[tuple[str, float], dict]:
+        """{(method, target): {"groups": ((task, ...), ...), "predicted": {task: r}, "measured": {task: r}}} from
+        view `merge_plans` (none in a file from before the planner)."""
+        views = {row[0] for row in store.query("SELECT table_name FROM information_schema.tables")}
+        if "merge_plans" not in views:
+            return {}
+        plans: dict[tuple[str, float], dict] = {}
+        for method, target, index, group, task, predicted, measured in store.query(
+            "SELECT method, target, group_index, group_tasks, task, predicted, measured FROM merge_plans "
+            "WHERE kind = 'target' ORDER BY method, target, group_index, task"
+        ):
+            plan = plans.setdefault((method, float(target)), {"groups": {}, "predicted": {}, "measured": {}})
+            plan["groups"][index] = tuple(group.split(","))
+            plan["predicted"][task], plan["measured"][task] = predicted, measured
+        for plan in plans.values():
+            plan["groups"] = tuple(plan["groups"][i] for i in sorted(plan["groups"]))
+        return plans
+
+    def plan_targets(self) -> list[float]:
+        """The retention targets the study stored plans for (none: the planner's stage has not run)."""
+        return sorted({target for _, target in self._plans})
+
+    def stored_plan(self, target: float, method: str | None = None) -> tuple[str, dict]:
+        """(method, plan) served for `target`: the plan of `method`, or for "auto" the plan of the method `auto`
+        serves for every task when it has one, else the servable method whose plan needs the fewest backbones
+        (ties: the highest predicted worst-task retention)."""
+        at_target = {m: plan for (m, t), plan in self._plans.items() if abs(t - target) < 1e-9}
+        if not at_target:
+            known = ", ".join(f"{t:.0%}" for t in self.plan_targets()) or "none"
+            raise BadImage(
+                f"No stored merge plan keeps {target:.0%} (stored: {known}); `python training/run_all.py --stages "
+                "plan` stores them."
+            )
+        if method not in (None, "", "auto"):
+            if method not in at_target:
+                raise BadImage(f"No stored plan of {method} at {target:.0%}; planned: {', '.join(sorted(at_target))}.")
+            return method, at_target[method]
+        servable = {m: plan for m, plan in at_target.items() if self.unavailable(self.tasks, m) is None}
+        if not servable:
+            raise BadImage(f"No stored plan at {target:.0%} uses a method that can be served here.")
+        preferred, _ = self.default_method(self.tasks)
+        if preferred in servable:
+            return preferred, servable[preferred]
+        best = min(servable, key=lambda m: (len(servable[m]["groups"]), -min(servable[m]["predicted"].values()), m))
+        return best, servable[best]
+
+    def predict_plan(self, image, target: float, method: str | None = None) -> dict:
+        """Every task answered by its planned backbone: each group of the stored plan at `target` merged (its own
+        adapter for a task alone), one forward pass per backbone. `elapsed_ms` is the passes' sum (one device runs
+        them in turn); `backbones_ms` each pass's time."""
+        rgb, notes = load_image(image)
+        method, plan = self.stored_plan(target, method)
+        images = self.preprocess([rgb])
+        passes = []
+        for group in plan["groups"]:
+            model = self.single_model(group[0]) if len(group) == 1 else self.merged_model(group, method)[0].model
+            passes.append((group, self._batcher.submit(model, images)))
+        predictions, backbones = {}, []
+        for group, future in passes:
+            logits, elapsed = future.result()
+            predictions.update({task: [[label, p] for label, p in self._top(task, logits[task])] for task in group})
+            backbones.append({"tasks": list(group), "elapsed_ms": elapsed})
+        return {
+            "ok": True,
+            "device": self.device.type,
+            "method": method,
+            "target": target,
+            "backbones": len(plan["groups"]),
+            "groups": backbones,
+            "predictions": predictions,
+            "elapsed_ms": sum(b["elapsed_ms"] for b in backbones),
+            "predicted_retention": plan["predicted"],
+            "measured_retention": plan["measured"],
+            "notes": notes,
+        }
+
+    def predict_plan_json(self, image, target: float, method: str | None = None) -> dict:
+        """`predict_plan`, bad input and model errors as {"ok": False, "error": ...}."""
+        try:
+            return self.predict_plan(image, target, method)
+        except (BadImage, MLVisionError) as error:
+            return {"ok": False, "error": str(error), "device": self.device.type}
 
     def default_method(self, tasks) -> tuple[str, str]:
         """(method, why) that `auto` serves for this group: the method the study chose on validation for groups of

@@ -86,12 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("\n\n", 2)[2],
     )
-    parser.add_argument(
-        "adapters",
-        nargs="*",
-        help="adapter folders (written by training/run_all.py under artifacts/, or trained elsewhere), "
-        "or Hub repos as hub:user/adapter",
-    )
+    add_adapter_arguments(parser)
     parser.add_argument("--method", help="merge method (default: ties); see --list-methods")
     parser.add_argument(
         "--param", action="append", default=[], metavar="NAME=VALUE", help="a method hyperparameter; repeatable"
@@ -114,6 +109,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--push",
         metavar="REPO_ID",
         help="after the export, upload the folder to this Hugging Face Hub model repo (user/name; created if new)",
+    )
+    parser.add_argument(
+        "--list-methods", action="store_true", help="list merge methods with their hyperparameters and papers"
+    )
+    add_export_arguments(parser)
+    return parser
+
+
+def add_adapter_arguments(parser: argparse.ArgumentParser) -> None:
+    """The adapters and how to read them (`read_source`): the merge CLI's and the planner's (merging/plan.py)."""
+    parser.add_argument(
+        "adapters",
+        nargs="*",
+        help="adapter folders (written by training/run_all.py under artifacts/, or trained elsewhere), "
+        "or Hub repos as hub:user/adapter",
     )
     parser.add_argument(
         "--labels",
@@ -141,11 +151,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="base model of adapters trained elsewhere whose adapter_config.json names none (peft writes none for "
         "timm models): a timm hub id (timm/NAME), hf-hub:ID, local-dir:FOLDER or a model folder",
     )
-    parser.add_argument(
-        "--list-methods", action="store_true", help="list merge methods with their hyperparameters and papers"
-    )
-    add_export_arguments(parser)
-    return parser
+
+
+def resolve_sources(args) -> tuple[list[Path], dict, list[str], list[str]]:
+    """(adapter folders, folder -> the hub:user/adapter it came from, --labels and --data keyed by folder): the
+    ADAPTER arguments resolved (a folder of adapter folders: each adapter in it; a Hub id: its local folder)."""
+    from merging.foreign import expand_sources, resolve_adapter
+
+    hub_ids, resolved = {}, []
+    given = expand_sources(args.adapters)
+    for adapter in given:
+        folder, hub_id = resolve_adapter(adapter)
+        resolved.append(folder)
+        if hub_id:
+            hub_ids[folder] = hub_id
+    labels = [resolve_adapter_key(item, given, resolved) for item in args.labels]
+    data = [resolve_adapter_key(item, given, resolved) for item in args.data]
+    return resolved, hub_ids, labels, data
+
+
+def read_source(args, resolved, hub_ids, labels, data):
+    """The adapters as one `AdapterSource` (merging/sources.py), whatever trained them."""
+    from merging.sources import ReadOptions, read_adapters
+
+    return read_adapters(resolved, ReadOptions(labels, data, args.base, hub_ids, args.db))
 
 
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:
@@ -260,9 +289,7 @@ def run(args) -> int:
         print(list_methods_text())
         return 0
     from merging.export import check_output_folder
-    from merging.foreign import expand_sources, resolve_adapter
     from merging.methods import get_method
-    from merging.sources import ReadOptions, read_adapters
 
     if args.from_db is not None or args.merge_id is not None or args.k is not None:
         return run_from_db(args)
@@ -271,24 +298,14 @@ def run(args) -> int:
     args.method = args.method or "ties"
     if len(args.adapters) < 1 or args.out is None:
         raise MergeConfigError("give at least one adapter folder and --out FOLDER (see --help)")
-    hub_ids = {}  # resolved folder -> the hub:user/adapter it came from
-    resolved = []
-    given = expand_sources(args.adapters)  # a folder of adapter folders: each adapter in it
-    for adapter in given:
-        folder, hub_id = resolve_adapter(adapter)
-        resolved.append(folder)
-        if hub_id:
-            hub_ids[folder] = hub_id
-    labels = [resolve_adapter_key(item, given, resolved) for item in args.labels]
-    data = [resolve_adapter_key(item, given, resolved) for item in args.data]
+    resolved, hub_ids, labels, data = resolve_sources(args)
     check_rank_argument(args.rank)
     if args.evaluate is not None and args.evaluate < 1:
         raise MergeConfigError(f"--evaluate must be at least 1 test image per task, got {args.evaluate}")
     hyperparams = dict(parse_param(p) for p in args.param)
     get_method(args.method).validate(hyperparams)  # fail before loading anything
     check_output_folder(args.out, resolved, args.overwrite)  # and before merging (export checks again)
-    source = read_adapters(resolved, ReadOptions(labels, data, args.base, hub_ids, args.db))
-    return merge_and_export(args, source, hyperparams)
+    return merge_and_export(args, read_source(args, resolved, hub_ids, labels, data), hyperparams)
 
 
 def merge_and_export(args, source, hyperparams: dict) -> int:

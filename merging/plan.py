@@ -3,6 +3,7 @@
     python merging/plan.py --keep 0.9                                  # the committed study, RegMean
     python merging/plan.py --db reports/wide_pilot.duckdb --method ties --keep 0.85 --max-backbones 6
     python merging/plan.py --keep 0.95 --validate                      # the predictor's held-out figures first
+    python merging/plan.py ADAPTER... --method ties --keep 0.9         # adapters no study stored (any source)
 
 Why: merging every group of N adapters to see which hold together is 2^N merges; the N(N-1)/2 pairs are cheap. The
 planner predicts each task's retention in any group from its pairs (`merging/predict.py`: the fitted model of pair
@@ -16,14 +17,20 @@ Verification: where the study stored the planned groups' merges (the default stu
 measured test retention (mean over seeds) is printed beside the prediction, and the tasks below the target are
 named. run_all's `plan` stage (`PlanStage`) stores the plans at PLAN_TARGETS and the trade-off curve (the best plan
 with 1, 2, ... backbones) in results.duckdb (view `merge_plans`), and merges the planned groups the sweep did not
-store (up to the study's --max-k), as the sweep would, to measure them (`plan_checks`). Adapters from elsewhere are
-not planned yet (issue 34).
+store (up to the study's --max-k), as the sweep would, to measure them (`plan_checks`).
+
+Adapters no study stored (ADAPTER..., read like the merge CLI's: this project's folders, peft LoRAs from elsewhere
+with --data, Hub ids): every pair is merged (the method's grid chosen on validation) and scored on --images
+validation images per task; the model's weights come from the --db study's larger groups (a pair-only set has none
+to fit on; the committed study by default, else the additive model); the planned groups are then merged the same way
+and scored on as many test images, which the plan never saw.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +46,7 @@ from merging.methods import get_method  # noqa: E402
 from merging.predict import evaluate, fit, group_retention, pair_losses, task_rows  # noqa: E402
 from merging.sweep import MergeSweep, in_study_subset, insert_rows, merge_seeds  # noqa: E402
 from mlvision.config import StudyConfig  # noqa: E402
-from mlvision.errors import MLVisionError  # noqa: E402
+from mlvision.errors import MLVisionError, run_cli  # noqa: E402
 from mlvision.paths import DEFAULT_DB_PATH  # noqa: E402
 from mlvision.runs import study_run_id  # noqa: E402
 from mlvision.store import Store, config_hash, now  # noqa: E402
@@ -71,7 +78,9 @@ class Plan:
 class Planner:
     """Predicted retention of any group from a study's stored merges of one method, and the partition search."""
 
-    def __init__(self, merges: pd.DataFrame, method: str):
+    def __init__(self, merges: pd.DataFrame, method: str, weights_from: pd.DataFrame | None = None):
+        """`weights_from`: another study's merges to fit the model's weights on where `merges` holds no group of
+        k >= 3 (adapters from elsewhere: only their pairs are merged; the committed study lends the weights)."""
         self.rows = task_rows(merges, method)
         if self.rows.empty:
             raise MLVisionError(f"the study stores no merge of {method!r}: plan with a method it merged (--method)")
@@ -84,8 +93,15 @@ class Planner:
                 "predicts from every pair (merge them first)"
             )
         self.fitted = fit(self.rows, self.losses)
-        # no group of k >= 3 to learn the weights from: interference adds up, unweighted
-        self.predictor = PREDICTOR if np.isfinite(self.fitted["weights"]).all() else FALLBACK_PREDICTOR
+        self.predictor = self.predictor_label = PREDICTOR
+        if not np.isfinite(self.fitted["weights"]).all() and weights_from is not None:
+            lent = task_rows(weights_from, method)
+            if (lent["k"] >= 3).any():
+                self.fitted["weights"] = fit(lent, pair_losses(lent))["weights"]
+                self.predictor_label = f"{PREDICTOR}, weights from another study"
+        if not np.isfinite(self.fitted["weights"]).all():
+            # no group of k >= 3 to learn the weights from: interference adds up, unweighted
+            self.predictor = self.predictor_label = FALLBACK_PREDICTOR
 
     @functools.lru_cache(maxsize=None)  # noqa: B019 - one planner per run; the cache is its point
     def retention(self, group: tuple[str, ...]) -> dict[str, float]:
@@ -249,11 +265,11 @@ class PlanStage:
             inputs = sorted(merges.loc[merges["method"] == method, "merge_id"].unique())
             for kind, parameter, plan in self.plans(planner):
                 plan_id = config_hash({"method": method, "kind": kind, "parameter": parameter,
-                                       "predictor": planner.predictor, "merges": inputs})[:16]  # fmt: skip
+                                       "predictor": planner.predictor_label, "merges": inputs})[:16]  # fmt: skip
                 if plan_id in stored:
                     counts["skipped"] += 1
                     continue
-                rows.append((plan_id, kind, method, parameter, planner.predictor, plan))
+                rows.append((plan_id, kind, method, parameter, planner.predictor_label, plan))
         counts["checked"] = self.check([(method, plan) for _, _, method, _, _, plan in rows])
         counts["plans"] = self.save(rows)
         counts["not_planned"] = "; not planned: " + ", ".join(skipped_methods) if skipped_methods else ""
@@ -339,6 +355,60 @@ class PlanStage:
         return len(rows)
 
 
+ADAPTER_IMAGES = 200  # validation images per task for the pairs (and test images per task for the check)
+
+
+class GivenAdapters:
+    """Planning adapters no study stored (`python merging/plan.py ADAPTER...`): each pair merged with the method,
+    its hyperparameters chosen on validation images as the sweep chooses them, and each task's retention in it
+    scored on the same validation images (the planner's input); the planned groups (pairs included) then merged the
+    same way and scored on test images (the check: images the plan never saw)."""
+
+    def __init__(self, source, method: str, images: int = ADAPTER_IMAGES):
+        from merging.methods import get_method as method_record
+
+        source.check_method(method_record(method))  # e.g. RegMean without images: one line before any work
+        self.source, self.method, self.tasks = source, method, tuple(sorted(source.adapters))
+        validation, why = source.rank_validation(list(self.tasks))
+        if validation is None:
+            raise MLVisionError(f"planning needs each adapter's validation images: {why}")
+        self.validation = {task: _first(validation[task], images) for task in self.tasks}
+        self.images = images
+
+    def retention(self, groups, data: dict) -> pd.DataFrame:
+        """merge_results-shaped rows: each task's accuracy in each merged group over its own adapter's, on `data`."""
+        from merging.merge import merge_on_validation
+
+        single = {t: self.source.score(self.source.adapters[t].deltas, {t: data[t]})[t] for t in self.tasks}
+        rows = []
+        for group in tqdm(groups, desc=f"{self.method} merges", unit="merge"):
+            validation = ({task: self.validation[task] for task in group}, "")
+            merged, _, _ = merge_on_validation(self.source, list(group), self.method, {}, validation)
+            for task, accuracy in self.source.score(merged, {task: data[task] for task in group}).items():
+                rows.append({"method": self.method, "k": len(group), "tasks": ",".join(group), "task": task, "seed": 0,
+                             "normalized_accuracy": accuracy / single[task] if single[task] else np.nan})  # fmt: skip
+        return pd.DataFrame(rows)
+
+    def pairs(self) -> pd.DataFrame:
+        """Every pair's retention on validation: the N(N-1)/2 cheap merges the planner predicts from."""
+        return self.retention(list(itertools.combinations(self.tasks, 2)), self.validation)
+
+    def check(self, groups) -> dict[str, float]:
+        """Each planned task's retention measured on test images (its group merged as above)."""
+        groups = [group for group in groups if len(group) > 1]
+        if not groups:
+            return {}
+        test = self.source.split("test", dict.fromkeys(self.tasks, self.images))
+        rows = self.retention(groups, test)
+        return dict(zip(rows["task"], rows["normalized_accuracy"]))
+
+
+def _first(split: tuple, n: int) -> tuple:
+    """The first n images and labels of a split (validation images are already a seeded, fixed subset)."""
+    images, labels = split
+    return images[:n], labels[:n]
+
+
 def plan_text(plan: Plan, measured_retention: dict[str, float], keep: dict[str, float]) -> str:
     """The plan as lines: one per backbone with each task's predicted (and measured) retention; misses named."""
     lines = [f"{plan.backbones} backbone(s) for {len(plan.predicted)} tasks ({'exact' if plan.exact else 'greedy'} "
@@ -360,42 +430,98 @@ def plan_text(plan: Plan, measured_retention: dict[str, float], keep: dict[str, 
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    from merging.merge import add_adapter_arguments
+
     parser = argparse.ArgumentParser(prog="python merging/plan.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--db", type=Path, default=DEFAULT_DB_PATH, help="a study's results database")
+    add_adapter_arguments(parser)
+    parser.add_argument(
+        "--db",
+        type=Path,
+        default=DEFAULT_DB_PATH,
+        help="a study's results database: planned from (no ADAPTER given), or, with ADAPTERs, the study whose "
+        "groups of three or more lend the model's weights",
+    )
     parser.add_argument("--method", default="regmean", help="the merge method planned for (the study must store it)")
     parser.add_argument("--keep", type=float, default=0.9, help="retention every task must keep (0-1; default 0.9)")
     parser.add_argument("--max-backbones", type=int, help="at most this many backbones")
     parser.add_argument("--tasks", nargs="+", help="plan for these of the study's tasks (default: all)")
     parser.add_argument("--validate", action="store_true", help="print the predictor's held-out figures first")
-    args = parser.parse_args(argv)
-    try:
-        if not 0 < args.keep <= 1:
-            raise MLVisionError(f"--keep {args.keep}: give the share of accuracy to keep, in (0, 1]")
-        if not args.db.exists():
-            raise MLVisionError(f"{args.db}: no such results database (run `python training/run_all.py` first)")
-        merges = Store(args.db).query_df("SELECT method, k, tasks, task, seed, normalized_accuracy FROM merge_results")
-        planner = Planner(merges, args.method)
-        tasks = tuple(args.tasks or planner.tasks)
-        unknown = sorted(set(tasks) - set(planner.tasks))
-        if unknown:
-            raise MLVisionError(f"the study has no task {', '.join(unknown)}; it has {', '.join(planner.tasks)}")
-        if args.validate:
-            scores = evaluate(planner.rows)
-            print(scores[scores["k"] == "all"].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-        keep = dict.fromkeys(tasks, args.keep)
-        plan = planner.plan(tasks, keep, args.max_backbones)
-        if plan is None:
-            limit = args.max_backbones or len(tasks)
-            best = planner.best_with(tasks, limit)
-            print(f"no plan keeps {args.keep:.0%} for every task within {limit} backbone(s); the best predicted "
-                  f"worst-task retention with {limit} is {best.worst:.1%}:")  # fmt: skip
-            print(plan_text(best, planner.measured(best.groups), keep))
-            return 1
-        print(plan_text(plan, planner.measured(plan.groups), keep))
-    except MLVisionError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    parser.add_argument(
+        "--images",
+        type=int,
+        default=ADAPTER_IMAGES,
+        help=f"with ADAPTERs: validation images per task for the pairs, test images per task for the check "
+        f"(default {ADAPTER_IMAGES})",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_cli(lambda: run(args), "nothing was stored; run the same command again")
+
+
+def run(args) -> int:
+    if not 0 < args.keep <= 1:
+        raise MLVisionError(f"--keep {args.keep}: give the share of accuracy to keep, in (0, 1]")
+    if args.max_backbones is not None and args.max_backbones < 1:
+        raise MLVisionError(f"--max-backbones {args.max_backbones}: give at least 1")
+    if args.adapters:
+        return run_adapters(args)
+    if not args.db.exists():
+        raise MLVisionError(f"{args.db}: no such results database (run `python training/run_all.py` first)")
+    merges = Store(args.db).query_df("SELECT method, k, tasks, task, seed, normalized_accuracy FROM merge_results")
+    planner = Planner(merges, args.method)
+    tasks = tuple(args.tasks or planner.tasks)
+    unknown = sorted(set(tasks) - set(planner.tasks))
+    if unknown:
+        raise MLVisionError(f"the study has no task {', '.join(unknown)}; it has {', '.join(planner.tasks)}")
+    if args.validate:
+        scores = evaluate(planner.rows)
+        print(scores[scores["k"] == "all"].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    return report(planner, tasks, args, planner.measured)
+
+
+def run_adapters(args) -> int:
+    """ADAPTER...: every pair merged and scored on validation, the plan made from them, its groups checked on test."""
+    from merging.merge import read_source, resolve_sources
+
+    if args.images < 1:
+        raise MLVisionError(f"--images {args.images}: give at least 1 image per task")
+    if args.tasks or args.validate:
+        raise MLVisionError(f"{'--tasks' if args.tasks else '--validate'} plans a stored study: give no ADAPTER")
+    source = read_source(args, *resolve_sources(args))
+    if len(source.adapters) < 2:
+        raise MLVisionError("give at least two adapters to plan")
+    given = GivenAdapters(source, args.method, args.images)
+    lent = None
+    if args.db.exists():
+        lent = Store(args.db).query_df("SELECT method, k, tasks, task, seed, normalized_accuracy FROM merge_results")
+    planner = Planner(given.pairs(), args.method, weights_from=lent)
+    print(f"pairs merged and scored on {args.images} validation images per task; predictor: {planner.predictor_label}")
+    return report(planner, given.tasks, args, given.check)
+
+
+def report(planner: Planner, tasks: tuple[str, ...], args, measure) -> int:
+    """Print the plan at --keep (or, where none meets it, the best within the backbones allowed) with each planned
+    task's measured retention from `measure(groups)`; exit 1 where no plan meets the target."""
+    keep = dict.fromkeys(tasks, args.keep)
+    plan = planner.plan(tasks, keep, args.max_backbones)
+    if plan is None:
+        limit = args.max_backbones or len(tasks)
+        best = planner.best_with(tasks, limit)
+        print(f"no plan keeps {args.keep:.0%} for every task within {limit} backbone(s); the best predicted "
+              f"worst-task retention with {limit} is {best.worst:.1%}:")  # fmt: skip
+        print(plan_text(best, measure(best.groups), keep))
+        return 1
+    measured = measure(plan.groups)
+    print(plan_text(plan, measured, keep))
+    missed = [task for task, value in measured.items() if value < keep[task]]
+    if missed and plan.backbones < len(tasks):  # the next-best plan: the best with one backbone more
+        better = planner.best_with(tasks, plan.backbones + 1)
+        print(f"next best (for {', '.join(missed)}): the best plan with {plan.backbones + 1} backbone(s)")
+        print(plan_text(better, measure(better.groups), keep))
     return 0
 
 

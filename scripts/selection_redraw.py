@@ -88,9 +88,9 @@ def redraw(db: Path, seeds: list[int], draws: int) -> pd.DataFrame:
         sweep.prepare_grams([(tuple(t.split(",")), s, m) for t, s, m in merges[["tasks", "seed", "method"]].values])
         for merge in tqdm(merges.itertuples(index=False), total=len(merges), desc=f"draw {draw}", unit="merge"):
             group = tuple(merge.tasks.split(","))
-            stored_params = json.loads(merge.hyperparams)
+            stored_params, stored_selection = json.loads(merge.hyperparams), json.loads(merge.selection)
             selection = sweep.select(group, merge.seed, merge.method)
-            changed = any(selection.params.get(k) != v for k, v in json.loads(merge.selection)["chosen"].items())
+            changed = any(selection.params.get(k) != v for k, v in stored_selection["chosen"].items())
             retention = stored_retention[merge.merge_id]
             if changed:
                 heads = {task: sweep.adapters[(task, merge.seed)].head for task in group}
@@ -104,10 +104,10 @@ def redraw(db: Path, seeds: list[int], draws: int) -> pd.DataFrame:
                     "method": merge.method,
                     "k": merge.k,
                     "seed": merge.seed,
-                    "stored_pick": json.dumps({k: stored_params.get(k) for k in json.loads(merge.selection)["chosen"]}),
+                    "stored_pick": json.dumps({k: stored_params.get(k) for k in stored_selection["chosen"]}),
                     "fresh_pick": json.dumps(selection.record["chosen"]),
                     "changed": changed,
-                    "stored_validation": json.loads(merge.selection)["chosen_validation_accuracy"],
+                    "stored_validation": stored_selection["chosen_validation_accuracy"],
                     "fresh_validation": selection.record["chosen_validation_accuracy"],
                     "stored_retention": stored_retention[merge.merge_id],
                     "fresh_retention": retention,
@@ -177,6 +177,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "reports" / "selection_redraw.md")
     parser.add_argument("--from-csv", type=Path, help="re-render the report from a run's saved rows (no merging)")
     args = parser.parse_args(argv)
+    source = args.from_csv or args.db
+    if not source.exists():  # a study script, but one line all the same
+        print(f"error: {source}: no such file", file=sys.stderr)
+        return 2
     torch.manual_seed(0)
     rows = pd.read_csv(args.from_csv) if args.from_csv else redraw(args.db, args.seeds, args.draws)
     args.out.write_text(report(rows, PROFILES["default"].merge_select, sorted(set(rows["seed"]))))

@@ -1005,3 +1005,33 @@ def test_auto_serves_the_studys_choice_and_its_regmean_is_the_merge_the_study_sc
         assert (predicted == labels.numpy()).tolist() == unpack_correct(stored, n).tolist(), task
     # study v3 merged AdaMerging again, storing its learned coefficients: its stored pairs can be served
     assert service.unavailable(group, "adamerging") is None and "adamerging" in service.offered(group)
+
+
+@pytest.mark.multiprocess
+def test_the_app_serves_the_stored_merge_plan_each_task_by_its_group_s_backbone(app_url, service, example, tiny_study):
+    """Endpoint `predict_plan`: the tiny study's plan at 90 % (run_all's plan stage stored it), every task answered
+    by its planned group's merged backbone (its own adapter alone), as `predict` answers for that group."""
+    from gradio_client import Client, handle_file
+
+    client = Client(app_url, verbose=False)
+    answer = client.predict(handle_file(str(example)), 0.9, "ties", api_name="/predict_plan")
+    assert answer["ok"], answer
+    stored = Store(tiny_study["db"]).query_df(
+        "SELECT group_index, group_tasks, task, predicted FROM merge_plans "
+        "WHERE kind = 'target' AND target = 0.9 AND method = 'ties' ORDER BY group_index, task"
+    )
+    groups = [tuple(g.split(",")) for g in stored.drop_duplicates("group_index")["group_tasks"]]
+    assert answer["backbones"] == len(groups) and [tuple(b["tasks"]) for b in answer["groups"]] == groups
+    assert answer["elapsed_ms"] == pytest.approx(sum(b["elapsed_ms"] for b in answer["groups"]))
+    assert answer["predicted_retention"] == pytest.approx(dict(zip(stored["task"], stored["predicted"])))
+    image = Image.open(example)
+    for group in groups:
+        alone = service.predict(image, list(group), "ties" if len(group) > 1 else None)
+        for task in group:
+            assert answer["predictions"][task][0][0] == alone.predictions[task][0][0]
+            assert answer["predictions"][task][0][1] == pytest.approx(alone.predictions[task][0][1], abs=1e-5)
+    for target, method, message in ((0.42, "auto", "Unknown plan target"), (0.9, "no_such", "No stored plan of no_such at 90%")):
+        refused = client.predict(handle_file(str(example)), target, method, api_name="/predict_plan")
+        assert not refused["ok"] and message in refused["error"], refused
+        assert not PATH_LIKE.search(refused["error"])
+    assert client.predict(handle_file(str(example)), 0.9, "auto", api_name="/predict_plan")["ok"]

@@ -5,13 +5,15 @@ import itertools
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import TINY_TASKS, tiny_config
+from conftest import TINY_TASKS, call_main, tiny_config
 
 from merging.plan import EXACT_MAX, Planner, PlanStage
+from merging.plan import main as plan_main
 from merging.predict import evaluate, fit, group_retention, pair_losses, predict, task_rows
 from mlvision.paths import DEFAULT_DB_PATH, REPO_ROOT
 from mlvision.store import Store
@@ -150,10 +152,64 @@ def test_the_cli_plans_the_committed_study_and_checks_the_plan_against_stored_me
         (["--keep", "0.999", "--max-backbones", "1"], 1, "no plan keeps 100% for every task within 1 backbone(s)"),
     ],
 )
-def test_the_cli_says_what_is_wrong_in_one_line(args, code, message):
-    done = plan_cli("--db", str(DEFAULT_DB_PATH), *args)
-    assert done.returncode == code and message in done.stdout + done.stderr
-    assert "Traceback" not in done.stderr
+def test_the_cli_says_what_is_wrong_in_one_line(args, code, message, capsys):
+    returned, out, err = call_main(plan_main, ["--db", DEFAULT_DB_PATH, *args], capsys)
+    assert returned == code and message in out + err
+    assert "Traceback" not in err
+
+
+ARTIFACTS = REPO_ROOT / "artifacts" / "tf_efficientnet_lite0"
+
+
+def committed_adapters(*tasks: str) -> list[str]:
+    return [str(next((ARTIFACTS / task).glob("adapter-seed0-*"))) for task in tasks]
+
+
+def test_adapters_no_study_stored_are_planned_from_their_pairs_and_checked_on_test_images(capsys):
+    """Three committed adapters given as folders: each pair merged with TIES and scored on 40 validation images per
+    task, the weights lent by the committed study's groups of three or more, the planned groups scored on test."""
+    adapters = committed_adapters("mnist", "fashion_mnist", "uci_digits")
+    args = [*adapters, "--method", "ties", "--keep", "0.85", "--images", "40", "--db", DEFAULT_DB_PATH]
+    code, out, err = call_main(plan_main, args, capsys)
+    assert code == 0, err
+    assert "pairs merged and scored on 40 validation images per task; predictor: fitted, weights from another" in out
+    assert "backbone(s) for 3 tasks (exact search)" in out
+    planned = [line for line in out.splitlines() if line.startswith("  backbone ")]
+    merged = [line for line in planned if "(its own adapter)" not in line]
+    assert merged, "at 85 % TIES keeps some pair of these three (the committed study: every pair above 90 %)"
+    assert all(line.count("/ measured ") == line.count(",") + 1 for line in merged)  # every merged task checked
+
+
+def test_given_adapters_pairs_are_every_pair_on_validation():
+    from merging.merge import build_parser as merge_parser
+    from merging.merge import read_source, resolve_sources
+    from merging.plan import GivenAdapters
+
+    args = merge_parser().parse_args(committed_adapters("mnist", "uci_digits", "animals"))
+    given = GivenAdapters(read_source(args, *resolve_sources(args)), "task_arithmetic", images=24)
+    pairs = given.pairs()
+    assert sorted(pairs["tasks"].unique()) == ["animals,mnist", "animals,uci_digits", "mnist,uci_digits"]
+    assert len(pairs) == 6 and pairs["k"].eq(2).all()
+    assert pairs["normalized_accuracy"].between(0.3, 1.5).all()
+    assert {len(labels) for _, labels in given.validation.values()} == {24}
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--tasks", "mnist"], "--tasks plans a stored study: give no ADAPTER"),
+        (["--images", "0"], "--images 0: give at least 1 image per task"),
+        (["--max-backbones", "0"], "--max-backbones 0: give at least 1"),
+    ],
+)
+def test_adapter_planning_refuses_bad_options_in_one_line(extra, message, capsys):
+    code, out, err = call_main(plan_main, [*committed_adapters("mnist", "uci_digits"), *extra], capsys)
+    assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_one_adapter_is_not_a_plan(capsys):
+    code, _, err = call_main(plan_main, committed_adapters("mnist"), capsys)
+    assert code == 2 and "give at least two adapters to plan" in err
 
 
 def test_the_tradeoff_is_the_best_plan_per_number_of_backbones_and_falls_back_without_larger_groups():
@@ -210,3 +266,11 @@ def test_the_plan_stage_stores_plans_and_merges_the_planned_groups_the_sweep_did
     before = store.query("SELECT count(*), max(created_at) FROM plan_rows")
     assert stage.run() == {"plans": 0, "skipped": counts["plans"] + counts["skipped"], "checked": 0, "not_planned": ""}
     assert store.query("SELECT count(*), max(created_at) FROM plan_rows") == before
+
+
+def test_adapters_of_different_backbones_or_image_sizes_are_refused_in_one_line(tiny_study, capsys):
+    """A committed adapter (48 px) beside one of the tiny study's (32 px): one line naming both, nothing merged."""
+    tiny = next(Path(tiny_study["artifacts"]).rglob("adapter-seed0-*"))
+    code, out, err = call_main(plan_main, [*committed_adapters("mnist", "fashion_mnist"), str(tiny)], capsys)
+    assert code == 2 and "merge adapters of one backbone only" in err and "Traceback" not in err
+    assert str(tiny) in err and "merges" not in out

@@ -28,19 +28,18 @@ from study.findings.pairs import pair_figures, pair_kind, pair_rows
 from study.findings.rows import finding_row
 
 
-def _without(merges: pd.DataFrame, task: str | None) -> pd.DataFrame:
-    """`merges` without every group containing `task` (all of them for None)."""
-    if task is None:
-        return merges
-    return merges.loc[~merges["group_tasks"].map(lambda g: task in g).astype(bool)]
+def _left_out(inputs: StudyInputs, task: str | None = None, kind: str | None = None):
+    """Whether a group (its tasks) is left out of a sensitivity run: it contains `task`, or holds a pair of tasks of
+    relation kind `kind` (`pairs.pair_kind`); None leaves nothing out on that account."""
+    return lambda group: (
+        (task is not None and task in group) or (kind is not None and kind in _group_kinds(group, inputs))
+    )
 
 
-def _without_kind(merges: pd.DataFrame, inputs: StudyInputs, kind: str | None) -> pd.DataFrame:
-    """`merges` without every group holding a pair of tasks of relation kind `kind` (all of them for None)."""
-    if kind is None:
-        return merges
-    kinds = {group: _group_kinds(group, inputs) for group in set(merges["group_tasks"])}
-    return merges.loc[~merges["group_tasks"].map(lambda group: kind in kinds[group]).astype(bool)]
+def _without(merges: pd.DataFrame, left_out) -> pd.DataFrame:
+    """`merges` without the groups `left_out` (a `_left_out` predicate) names; one test per distinct group."""
+    dropped = {group for group in set(merges["group_tasks"]) if left_out(group)}
+    return merges.loc[~merges["group_tasks"].isin(dropped)] if dropped else merges
 
 
 def _group_kinds(group, inputs: StudyInputs) -> set[str]:
@@ -104,7 +103,7 @@ def analyse(
     (the sensitivity table runs it once per task), and the rows are those of the claims.
     """
     tasks_info = task_table(inputs.task_results, inputs.merges, inputs.tasks, inputs.rules)
-    merges = _without_kind(_without(inputs.merges, leave_out), inputs, leave_out_kind)
+    merges = _without(inputs.merges, _left_out(inputs, leave_out, leave_out_kind))
     included = [t for t in inputs.tasks if not tasks_info.loc[t, "excluded"] and t != leave_out]
     rows_in = merges[merges["task"].isin(included)]
     chosen, by_family = choose_methods(merges), choose_by_family(merges)
@@ -138,7 +137,7 @@ def sensitivity(inputs: StudyInputs, verdicts: dict) -> list[dict]:
     kinds = sorted(set().union(*(_group_kinds((a, b), inputs) for a, b in itertools.combinations(kept, 2))))
     for kind in kinds:
         _, without = analyse(inputs, full=False, leave_out_kind=kind)
-        groups_left = _without_kind(inputs.merges, inputs, kind)["group_tasks"].nunique()
+        groups_left = _without(inputs.merges, _left_out(inputs, kind=kind))["group_tasks"].nunique()
         out += verdict_rows(without, "sensitivity", f"/without_kind={kind}", groups_left)
     return out
 
