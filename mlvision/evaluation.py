@@ -271,6 +271,19 @@ class FoldedBackbone:
             weight.add_(delta)
         return self.backbone
 
+    def weights_with(self, merged: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Every parameter of `self.prepared` (keys as `torch.func.functional_call` takes them) as base + ΔW for the
+        layers in `merged`, built out of place, so a ΔW that requires grad gets its gradient through a forward of
+        `functional_call(self.prepared, weights, (images,))`; the live weights are not touched."""
+        weights = {f"model.{name}": weight for name, weight in self._base.items()}
+        for layer, delta in merged.items():
+            key = f"model.{layer}.weight"
+            delta = delta.to(weights[key].device, weights[key].dtype).reshape(weights[key].shape)
+            if layer in self._scales:  # the same scaling as `fold`
+                delta = delta * self._scales[layer].to(delta.device).reshape(-1, *[1] * (delta.dim() - 1))
+            weights[key] = weights[key] + delta
+        return weights
+
     def model(self, merged: dict[str, torch.Tensor], heads: dict[str, nn.Linear]) -> nn.Module:
         """The shared backbone with `merged` folded in, plus `heads` (moved to the backbone's device): valid until
         the next `fold`."""

@@ -7,6 +7,12 @@
 - `subspace_alignment`: share of one adapter's update energy that lies in the top-r left singular
   directions of the other's, per layer, pooled over layers, averaged over both directions
   (in the spirit of the subspace-overlap analyses of Stoica et al. 2025, KnOTS).
+- `gradient_alignment`: cosine of the two tasks' loss gradients with respect to the adapted layers' weights,
+  taken at the base backbone (ΔW = 0) with each adapter's own head on GRADIENT_IMAGES validation images of its
+  task: whether the two tasks pull the shared weights the same way ("Demystifying Mergeability", Zhou et al.
+  2026, arXiv 2601.22285, finds gradient alignment the most consistent pairwise signal of merge success). At the
+  base, one gradient per adapter serves every pair (N backward passes, not N(N-1)/2 merges); the paper's own
+  variants differ in where the gradients are taken.
 
 `SimilarityStage` is run_all's step that measures them for every pair of the study's tasks and seed (part of
 `--stages findings`, before the findings that read them): a step of its own because it loads a backbone and
@@ -19,17 +25,19 @@ import itertools
 
 import numpy as np
 import torch
+from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from merging.deltas import AdapterDeltas, load_deltas
 from mlvision.backbone import create_backbone, make_preprocess
 from mlvision.config import StudyConfig
 from mlvision.data import split_tensors
-from mlvision.evaluation import extract_features, prepared_copy
+from mlvision.evaluation import FoldedBackbone, extract_features, prepared_copy
 from mlvision.runs import resolve_stored_path, study_run_id
 from mlvision.store import Store, insert_row, now
 
-MEASURES = ("frechet", "adapter_cosine", "subspace_alignment")
+MEASURES = ("frechet", "adapter_cosine", "subspace_alignment", "gradient_alignment")
+GRADIENT_IMAGES = 64  # validation images per task for `gradient_alignment` (one batch)
 
 
 def frechet_distance(features_a: torch.Tensor, features_b: torch.Tensor) -> float:
@@ -63,6 +71,19 @@ def _alignment(source: AdapterDeltas, basis: AdapterDeltas, rank: int) -> float:
 def subspace_alignment(a: AdapterDeltas, b: AdapterDeltas) -> float:
     rank = max(a.meta["training"]["rank"], b.meta["training"]["rank"])
     return 0.5 * (_alignment(a, b, rank) + _alignment(b, a, rank))
+
+
+def loss_gradient(folded: FoldedBackbone, adapter: AdapterDeltas, images: torch.Tensor, labels: torch.Tensor):
+    """d(cross-entropy of the adapter's head on `images`)/dΔW at ΔW = 0, over the adapter's layers, flattened."""
+    zeros = {layer: torch.zeros_like(delta, requires_grad=True) for layer, delta in sorted(adapter.deltas.items())}
+    features = functional_call(folded.prepared, folded.weights_with(zeros), (images.to(folded.device),))
+    head = adapter.head.to(folded.device)
+    loss = torch.nn.functional.cross_entropy(head(features), labels.to(folded.device))
+    return torch.cat([g.flatten() for g in torch.autograd.grad(loss, list(zeros.values()))]).double().cpu()
+
+
+def gradient_alignment(gradient_a: torch.Tensor, gradient_b: torch.Tensor) -> float:
+    return float(gradient_a @ gradient_b / (gradient_a.norm() * gradient_b.norm()))
 
 
 def pairs(tasks) -> list[tuple[str, str]]:
@@ -103,7 +124,12 @@ class SimilarityStage:
                     "SELECT path FROM models WHERE model_id = ?", [self.config.model_id("adapter", task, seed)]
                 )
                 adapters[(task, seed)] = load_deltas(resolve_stored_path(path[0][0])) if path else None
-        config = {"backbone": self.config.backbone_config.to_dict(), "frechet_images_per_task": self.config.merge_eval}
+        gradients = self.gradients(adapters, preprocess) if any(a is not None for a in adapters.values()) else {}
+        config = {
+            "backbone": self.config.backbone_config.to_dict(),
+            "frechet_images_per_task": self.config.merge_eval,
+            "gradient_images_per_task": GRADIENT_IMAGES,
+        }
         frechet = {}  # data-level: depends on the pair only, not on the seed
         for a, b, seed in tqdm(todo, desc="similarity", unit="pair"):
             if (a, b) not in frechet:
@@ -112,6 +138,7 @@ class SimilarityStage:
             if adapters[(a, seed)] is not None and adapters[(b, seed)] is not None:
                 values["adapter_cosine"] = adapter_cosine(adapters[(a, seed)], adapters[(b, seed)])
                 values["subspace_alignment"] = subspace_alignment(adapters[(a, seed)], adapters[(b, seed)])
+                values["gradient_alignment"] = gradient_alignment(gradients[(a, seed)], gradients[(b, seed)])
             with self.store.write() as con:
                 for measure, value in values.items():
                     insert_row(
@@ -130,3 +157,13 @@ class SimilarityStage:
                         key=("task_a", "task_b", "measure", "seed"),
                     )
         return {"pairs": len(todo)}
+
+    def gradients(self, adapters: dict, preprocess) -> dict[tuple[str, int], torch.Tensor]:
+        """Each adapter's loss gradient at the base backbone (`loss_gradient`), one backward pass each."""
+        folded = FoldedBackbone(self.config.backbone_config, fast=False, device=self.device)
+        out = {}
+        for (task, seed), adapter in tqdm(adapters.items(), desc="loss gradients", unit="adapter"):
+            if adapter is not None:
+                images, labels = split_tensors(task, "validation", preprocess, GRADIENT_IMAGES)
+                out[(task, seed)] = loss_gradient(folded, adapter, images, labels)
+        return out

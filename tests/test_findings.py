@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import scipy.linalg
 import torch
-from conftest import TINY_ARGS, query_db, run_all
+from conftest import TINY_ARGS, query_db, run_all, tiny_config
 
 from merging.deltas import load_deltas
 from mlvision.claims import UNTESTABLE
@@ -63,9 +63,46 @@ def test_adapter_similarity_of_an_adapter_with_itself(tiny_study):
     assert subspace_alignment(adapter, adapter) == pytest.approx(1.0)
 
 
+def test_the_loss_gradient_is_the_derivative_of_the_loss_through_the_folded_backbone(tiny_study):
+    """`loss_gradient` at ΔW = 0 against a central difference of the task's loss along a random ΔW direction,
+    the loss computed through `FoldedBackbone.model` (the path every merge is scored through): the gradient is
+    taken in ΔW's own coordinates, whatever BatchNorm folding does to the weights."""
+    from merging.deltas import load_deltas
+    from mlvision.backbone import Preprocess
+    from mlvision.data import split_tensors
+    from mlvision.evaluation import FoldedBackbone
+    from study.similarity import gradient_alignment, loss_gradient
+
+    ((path,),) = query_db(
+        tiny_study["db"], "SELECT path FROM models WHERE model_kind = 'adapter' AND task = 'textures'"
+    )
+    adapter = load_deltas(resolve_stored_path(path))
+    folded = FoldedBackbone(tiny_config(tiny_study).backbone_config, fast=False)
+    preprocess = Preprocess.from_dict(adapter.meta["preprocess"])
+    images, labels = split_tensors("textures", "validation", preprocess, 16)
+    gradient = loss_gradient(folded, adapter, images, labels)
+    generator = torch.Generator().manual_seed(0)
+    direction = {
+        layer: torch.randn(delta.shape, generator=generator) for layer, delta in sorted(adapter.deltas.items())
+    }
+    norm = float(torch.cat([d.flatten() for d in direction.values()]).norm())
+    direction = {layer: d / norm for layer, d in direction.items()}  # a unit step: the loss is near-linear along it
+    flat = torch.cat([d.flatten() for d in direction.values()]).double()
+
+    def loss(step: float) -> float:
+        model = folded.model({layer: step * d for layer, d in direction.items()}, {"textures": adapter.head})
+        with torch.no_grad():
+            return float(torch.nn.functional.cross_entropy(model(images)["textures"], labels).double())
+
+    step = 1e-2
+    assert float(gradient @ flat) == pytest.approx((loss(step) - loss(-step)) / (2 * step), rel=2e-2, abs=1e-4)
+    assert gradient_alignment(gradient, gradient) == pytest.approx(1.0)
+    assert gradient_alignment(gradient, -gradient) == pytest.approx(-1.0)
+
+
 def test_findings_stage_stores_exclusions_claims_and_report(tiny_study):
     similarity = query_db(tiny_study["db"], "SELECT task_a, task_b, measure, value FROM task_similarity")
-    assert len(similarity) == 3 * 3  # three pairs of the three tiny tasks, three measures
+    assert len(similarity) == 3 * 4  # three pairs of the three tiny tasks, four measures
     assert all(a < b for a, b, _, _ in similarity)
     assert all(v > 0 for _, _, m, v in similarity if m == "frechet")
     # the tiny study scores 96 test images per task (48 per merge): every task is excluded by rule, with the reason
