@@ -439,3 +439,15 @@ def test_the_reader_refuses_a_rank_the_config_does_not_state(zoo, tmp_path):
     edit_config(folder, r=8)
     with pytest.raises(AdapterError, match="r=8"):
         load_foreign(folder)
+
+
+def test_planning_adapters_from_elsewhere_says_what_is_missing_in_one_line(zoo, capsys):
+    """The planner reads them as the merge CLI does: RegMean without their images, and any method without the
+    validation images the pairs are scored on, are one line each before any merge."""
+    from merging.plan import main as plan_main
+
+    code, out, err = call_main(plan_main, [*cli_args(zoo, "shapes", "colors"), "--method", "regmean"], capsys)
+    assert code == 2 and "needs each adapter's training images: pass --data" in err and "Traceback" not in err
+    code, out, err = call_main(plan_main, [*cli_args(zoo, "shapes", "colors"), "--method", "ties"], capsys)
+    assert code == 2 and "planning needs each adapter's validation images: no validation images: --data" in err
+    assert "merges" not in out and "Traceback" not in err
