@@ -225,6 +225,11 @@ class Planner:
         return groups
 
 
+def stored_merges(db: Path) -> pd.DataFrame:
+    """Every merge a study stored, one row per (merge, task), as the planner reads them (`task_rows`)."""
+    return Store(db).query_df("SELECT merge_id, method, k, tasks, task, seed, normalized_accuracy FROM merge_results")
+
+
 def planned_methods(config: StudyConfig) -> list[str]:
     """The methods run_all plans for: swept on every group size (not only on a subset, so every pair and the
     larger groups to fit on are stored) and servable (a plan is something to serve)."""
@@ -250,9 +255,7 @@ class PlanStage:
 
     def run(self) -> dict:
         # every merge the database stores, as the findings read them: a study's merges span the runs that made them
-        merges = self.store.query_df(
-            "SELECT merge_id, method, k, tasks, task, seed, normalized_accuracy FROM merge_results"
-        )
+        merges = stored_merges(self.store.path)
         stored = {row[0] for row in self.store.query("SELECT DISTINCT plan_id FROM plan_rows")}
         counts = {"plans": 0, "skipped": 0, "checked": 0, "not_planned": ""}
         rows, skipped_methods = [], []
@@ -379,7 +382,8 @@ class GivenAdapters:
         """merge_results-shaped rows: each task's accuracy in each merged group over its own adapter's, on `data`."""
         from merging.merge import merge_on_validation
 
-        single = {t: self.source.score(self.source.adapters[t].deltas, {t: data[t]})[t] for t in self.tasks}
+        tasks = sorted({task for group in groups for task in group})  # each own adapter scored once, where needed
+        single = {t: self.source.score(self.source.adapters[t].deltas, {t: data[t]})[t] for t in tasks}
         rows = []
         for group in tqdm(groups, desc=f"{self.method} merges", unit="merge"):
             validation = ({task: self.validation[task] for task in group}, "")
@@ -471,7 +475,7 @@ def run(args) -> int:
         return run_adapters(args)
     if not args.db.exists():
         raise MLVisionError(f"{args.db}: no such results database (run `python training/run_all.py` first)")
-    merges = Store(args.db).query_df("SELECT method, k, tasks, task, seed, normalized_accuracy FROM merge_results")
+    merges = stored_merges(args.db)
     planner = Planner(merges, args.method)
     tasks = tuple(args.tasks or planner.tasks)
     unknown = sorted(set(tasks) - set(planner.tasks))
@@ -497,7 +501,7 @@ def run_adapters(args) -> int:
     given = GivenAdapters(source, args.method, args.images)
     lent = None
     if args.db.exists():
-        lent = Store(args.db).query_df("SELECT method, k, tasks, task, seed, normalized_accuracy FROM merge_results")
+        lent = stored_merges(args.db)
     planner = Planner(given.pairs(), args.method, weights_from=lent)
     print(f"pairs merged and scored on {args.images} validation images per task; predictor: {planner.predictor_label}")
     return report(planner, given.tasks, args, given.check)
