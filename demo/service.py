@@ -283,6 +283,9 @@ class DemoService:
         if method not in (None, "", "auto"):
             if method not in at_target:
                 raise BadImage(f"No stored plan of {method} at {target:.0%}; planned: {', '.join(sorted(at_target))}.")
+            why_not = self.unavailable(self.tasks, method)
+            if why_not:
+                raise BadImage(f"{method}'s plan cannot be served here: it {why_not}. Choose auto or another method.")
             return method, at_target[method]
         servable = {m: plan for m, plan in at_target.items() if self.unavailable(self.tasks, m) is None}
         if not servable:
@@ -296,7 +299,8 @@ class DemoService:
     def predict_plan(self, image, target: float, method: str | None = None) -> dict:
         """Every task answered by its planned backbone: each group of the stored plan at `target` merged (its own
         adapter for a task alone), one forward pass per backbone. `elapsed_ms` is the passes' sum (one device runs
-        them in turn); `backbones_ms` each pass's time."""
+        them in turn); each entry of `groups` holds its backbone's tasks and pass time. The measured retention is
+        the plan's (mean over the study's seeds); the served adapters are one seed's."""
         rgb, notes = load_image(image)
         method, plan = self.stored_plan(target, method)
         images = self.preprocess([rgb])

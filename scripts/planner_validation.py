@@ -23,7 +23,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from merging.plan import EXACT_MAX, Planner, measured, plan_text  # noqa: E402
+from merging.plan import EXACT_MAX, Planner, plan_text  # noqa: E402
 from merging.predict import PREDICTORS, evaluate, task_rows, transfer  # noqa: E402
 from mlvision.paths import DEFAULT_DB_PATH, REPO_ROOT  # noqa: E402
 from mlvision.store import Store  # noqa: E402
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         planner = Planner(m, "regmean")
         for keep in (0.9, 0.95):
             plan = planner.plan(planner.tasks, dict.fromkeys(planner.tasks, keep))
-            lines += [f"{name}, keep {keep:.0%}:", "", "```", plan_text(plan, measured(m, "regmean", plan.groups),
+            lines += [f"{name}, keep {keep:.0%}:", "", "```", plan_text(plan, planner.measured(plan.groups),
                       dict.fromkeys(planner.tasks, keep)), "```", ""]  # fmt: skip
     wide = Planner(merges["twenty-task pilot"], "regmean")
     lines += [
