@@ -1030,7 +1030,10 @@ def test_the_app_serves_the_stored_merge_plan_each_task_by_its_group_s_backbone(
         for task in group:
             assert answer["predictions"][task][0][0] == alone.predictions[task][0][0]
             assert answer["predictions"][task][0][1] == pytest.approx(alone.predictions[task][0][1], abs=1e-5)
-    for target, method, message in ((0.42, "auto", "Unknown plan target"), (0.9, "no_such", "No stored plan of no_such at 90%")):
+    for target, method, message in (
+        (0.42, "auto", "Unknown plan target"),
+        (0.9, "no_such", "No stored plan of no_such at 90%"),
+    ):
         refused = client.predict(handle_file(str(example)), target, method, api_name="/predict_plan")
         assert not refused["ok"] and message in refused["error"], refused
         assert not PATH_LIKE.search(refused["error"])
