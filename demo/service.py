@@ -329,10 +329,7 @@ class DemoService:
 
     def predict_plan_json(self, image, target: float, method: str | None = None) -> dict:
         """`predict_plan`, bad input and model errors as {"ok": False, "error": ...}."""
-        try:
-            return self.predict_plan(image, target, method)
-        except (BadImage, MLVisionError) as error:
-            return {"ok": False, "error": str(error), "device": self.device.type}
+        return self._json(lambda: self.predict_plan(image, target, method))
 
     def default_method(self, tasks) -> tuple[str, str]:
         """(method, why) that `auto` serves for this group: the method the study chose on validation for groups of
@@ -727,8 +724,12 @@ class DemoService:
 
     def predict_json(self, image, tasks=None, method: str | None = None, compare: bool = False) -> dict:
         """`predict` as a JSON-ready dict; bad input and model errors become {"ok": False, "error": ...}."""
+        return self._json(lambda: self.predict(image, tasks, method, compare).as_dict(self.device.type))
+
+    def _json(self, answer) -> dict:
+        """`answer()`, or {"ok": False, "error": ...} for bad input and model errors (never a traceback)."""
         try:
-            return self.predict(image, tasks, method, compare).as_dict(self.device.type)
+            return answer()
         except (BadImage, MLVisionError) as error:
             return {"ok": False, "error": str(error), "device": self.device.type}
 

@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from merging.export import RANK_VALIDATION_IMAGES  # noqa: E402
 from merging.methods import get_method  # noqa: E402
 from merging.predict import evaluate, fit, group_retention, pair_losses, task_rows  # noqa: E402
 from merging.sweep import MergeSweep, in_study_subset, insert_rows, merge_seeds  # noqa: E402
@@ -368,15 +369,15 @@ class GivenAdapters:
     same way and scored on test images (the check: images the plan never saw)."""
 
     def __init__(self, source, method: str, images: int = ADAPTER_IMAGES):
-        from merging.methods import get_method as method_record
-
-        source.check_method(method_record(method))  # e.g. RegMean without images: one line before any work
+        source.check_method(get_method(method))  # e.g. RegMean without images: one line before any work
         self.source, self.method, self.tasks = source, method, tuple(sorted(source.adapters))
         validation, why = source.rank_validation(list(self.tasks))
         if validation is None:
             raise MLVisionError(f"planning needs each adapter's validation images: {why}")
         self.validation = {task: _first(validation[task], images) for task in self.tasks}
         self.images = images
+        # what the pairs were scored on: `rank_validation` loads at most RANK_VALIDATION_IMAGES, a small split fewer
+        self.validation_images = min(len(labels) for _, labels in self.validation.values())
 
     def retention(self, groups, data: dict) -> pd.DataFrame:
         """merge_results-shaped rows: each task's accuracy in each merged group over its own adapter's, on `data`."""
@@ -455,8 +456,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--images",
         type=int,
         default=ADAPTER_IMAGES,
-        help=f"with ADAPTERs: validation images per task for the pairs, test images per task for the check "
-        f"(default {ADAPTER_IMAGES})",
+        help=f"with ADAPTERs: validation images per task for the pairs (at most {RANK_VALIDATION_IMAGES}), test images "
+        f"per task for the check (default {ADAPTER_IMAGES})",
     )
     return parser
 
@@ -503,7 +504,10 @@ def run_adapters(args) -> int:
     if args.db.exists():
         lent = stored_merges(args.db)
     planner = Planner(given.pairs(), args.method, weights_from=lent)
-    print(f"pairs merged and scored on {args.images} validation images per task; predictor: {planner.predictor_label}")
+    print(
+        f"pairs merged and scored on {given.validation_images} validation images per task (the fewest of any task); "
+        f"predictor: {planner.predictor_label}"
+    )
     return report(planner, given.tasks, args, given.check)
 
 
