@@ -432,11 +432,13 @@ TINY_VIT_TASK_DOMAINS = tuple(
 # arithmetic at λ = 1/k), dare_linear and dare_ties (a random drop before task arithmetic or TIES),
 # magnitude_prune, knots_ta, iso_c and knots_ties (since study v3's five-point grids: from empty with both in full
 # the run took 47 min 49 s, 2026-12-07; Iso-C was below its sibling Iso-CTS, and KnOTS-TIES below TIES, at every k
-# in study v2 and v3, and KnOTS-TIES cost 200 s of validation search) and peft's four references. The study's own
-# comparison (the findings' chosen method) is among the methods swept in full.
+# in study v2 and v3, and KnOTS-TIES cost 200 s of validation search), peft's four references, and since issue 35
+# WUDI and TIES in Core Space (the committed results.duckdb holds both on every group and seed, swept once with
+# `--merge-methods wudi ties_core`). The study's own comparison (the findings' chosen method) is among the methods
+# swept in full.
 STUDY_SUBSET_METHODS = (
     "linear", "dare_linear", "dare_ties", "magnitude_prune", "knots_ta", "iso_c", "knots_ties",
-    "peft_linear", "peft_cat", "peft_svd", "peft_ties",
+    "peft_linear", "peft_cat", "peft_svd", "peft_ties", "wudi", "ties_core",
 )  # fmt: skip
 
 PROFILES = {

@@ -47,6 +47,8 @@ SINGLE = {
     "knots_ta": {"scaling": 1.0},
     "tsv_m": {"scaling": 1.0},  # k = 1 keeps min(out, in) >= rank components: all of them
     "regmean": {},
+    "wudi": {"scaling": 1.0},  # at any ρ: (ΔW G + μ ΔW)(G + μI)⁻¹ = ΔW, its rows in G's range
+    "ties_core": {"density": 1.0, "scaling": 1.0},  # TIES on the one core matrix returns it; exact back-projection
 }
 SPECTRUM_FLATTENING = {"iso_c", "iso_cts"}  # one adapter comes back only if it is isotropic, at α = 1
 
@@ -65,6 +67,9 @@ COPIES = {
     "tsv_m": {"scaling": 1.0},
     # with ANY Gram matrices: (Σ ΔW G_i)(Σ G_i)⁻¹ = ΔW
     "regmean": {},
+    # ρ = 0, the exact minimiser: (ΔW G)(G)⁺ = ΔW; at ρ > 0 the ridge pulls towards the sum K·ΔW
+    "wudi": {"regularization": 0.0, "scaling": 1.0},
+    "ties_core": {"density": 1.0, "scaling": 1.0},
 }
 ORDER_DEPENDENT = {"dare_linear", "dare_ties"}  # with p > 0: the i-th adapter gets the i-th mask
 

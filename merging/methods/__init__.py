@@ -12,10 +12,13 @@ is every name registered here. See docs/ARCHITECTURE.md ("A merge method").
 
 from __future__ import annotations
 
+import functools
+
 from mlvision.errors import UnknownNameError
 
 from . import (
     adamerging,
+    core_space,
     dare_linear,
     dare_ties,
     iso_c,
@@ -29,6 +32,7 @@ from . import (
     task_arithmetic,
     ties,
     tsv_m,
+    wudi,
 )
 from ._base import STUDY_SUBSET, MergeMethod, MethodKind
 from .task_arithmetic import TASK_ARITHMETIC_GRID
@@ -47,6 +51,8 @@ _ALL = [
     iso_cts.METHOD,
     regmean.METHOD,
     adamerging.METHOD,
+    wudi.METHOD,
+    *core_space.METHODS,
     *peft_references.METHODS,
 ]
 
@@ -76,11 +82,21 @@ def list_methods(kind: MethodKind | str | None = None) -> list[str]:
 
 
 def get_method(name: str) -> MergeMethod:
-    """The method registered as `name`; UnknownNameError listing the known names otherwise."""
+    """The method registered as `name`, or `<name>@rank<r>` (`name` merged compress-then-merge at rank r:
+    merging/methods/core_space.py); UnknownNameError listing the known names otherwise."""
+    if isinstance(name, str) and core_space.COMPRESSED in name:
+        base, _, rank = name.partition(core_space.COMPRESSED)
+        if rank.isdigit():
+            return _compressed(base, int(rank))
     try:
         return MERGE_METHODS[name]
     except (KeyError, TypeError):
         raise UnknownNameError(f"unknown merge method {name!r}; known methods: {', '.join(MERGE_METHODS)}") from None
+
+
+@functools.cache
+def _compressed(name: str, rank: int) -> MergeMethod:
+    return core_space.compress_then_merge(get_method(name), rank)
 
 
 __all__ = [

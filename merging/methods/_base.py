@@ -164,6 +164,9 @@ class MergeMethod:
     # Whether the demo may serve it (peft's references are for comparison in the study only). What serving needs
     # follows from the other fields: its `statistics` (each task's training images), or its `rebuilt_from` output.
     servable: bool = True
+    # Where it merges: "full" (the updates as they are) or "core" (the group's Core Space, U_Bᵀ ΔW_i V_A: a record
+    # made by merging/methods/core_space.in_core_space from the full-space method `<name>` without "_core").
+    space: str = "full"
 
     def __post_init__(self) -> None:  # a programming error, not a user error: fail at import
         if self.kind not in tuple(MethodKind):
@@ -192,6 +195,8 @@ class MergeMethod:
             )
         if self.starts_from is not None and self.starts_from.sets not in self.defaults:
             raise ValueError(f"{self.name}: starts_from sets {self.starts_from.sets!r}, which is not a hyperparameter")
+        if self.space not in ("full", "core"):
+            raise ValueError(f"{self.name}: space is 'full' or 'core'")
         if self.grid_design not in ("product", "star"):
             raise ValueError(f"{self.name}: grid_design is 'product' or 'star'")
         if set(self.grid) - set(self.defaults):
