@@ -46,6 +46,16 @@ class Figure:
     source: str
 
 
+# What each export pipeline (merging/export.py `export_pipeline`) does, as the card says it.
+PIPELINE_WORDS = {
+    "merge-then-compress": "merge then compress: truncated SVD of each merged weight update",
+    "compress-then-merge": (
+        "compress then merge: merged in the rank-r Core Space of the group's adapters, so the LoRA holds the merge "
+        "exactly, merging/methods/core_space.py"
+    ),
+}
+
+
 def format_accuracy(accuracy: float) -> str:
     """How the card prints an accuracy (tests compare against SQL through this same format)."""
     return f"{accuracy:.4f}"
@@ -176,7 +186,7 @@ def model_card(info: dict, label_names: dict[str, list[str]], figures: dict | No
         "",
         f"{len(tasks)} LoRA adapters of `{base}`, one per image-classification task, merged into one model with "
         f"**{method}** ({params or 'default hyperparameters'}) by Multi-LoRA Vision (merging/merge.py), and "
-        f"exported as one rank-{rank} peft LoRA (truncated SVD of each merged weight update) with "
+        f"exported as one rank-{rank} peft LoRA ({PIPELINE_WORDS[info.get('pipeline', 'merge-then-compress')]}) with "
         f"relative reconstruction error {info['relative_error']:.4f}, plus one classification head per task "
         "under `heads/`. One forward pass through the backbone answers every task.",
         *_origin_lines(info),

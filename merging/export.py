@@ -568,12 +568,22 @@ def adapter_origin(adapter: AdapterDeltas) -> str:
     return f"hub:{adapter.meta['hub_id']}" if adapter.meta.get("hub_id") else relative_to_repo(adapter.path)
 
 
+def export_pipeline(method: str) -> str:
+    """How a merge with `method` becomes a rank-r LoRA: 'compress-then-merge' for a `<name>@rank<r>` method (merged
+    in the group's rank-r Core Space, so the export holds it exactly: merging/methods/core_space.py), else
+    'merge-then-compress' (each merged ΔW's SVD truncated at r)."""
+    from merging.methods.core_space import COMPRESSED
+
+    return "compress-then-merge" if COMPRESSED in method else "merge-then-compress"
+
+
 def merge_record(method: str, hyperparams: dict, adapters: list[AdapterDeltas], seconds: float) -> dict:
-    """The keys every merge.json starts with: the method, its hyperparameters, the inputs (`adapter_origin`) and the
-    merge's seconds."""
+    """The keys every merge.json starts with: the method, its hyperparameters, the export's pipeline
+    (`export_pipeline`), the inputs (`adapter_origin`) and the merge's seconds."""
     return {
         "method": method,
         "hyperparams": hyperparams,
+        "pipeline": export_pipeline(method),
         "adapters": [adapter_origin(a) for a in adapters],
         "merge_seconds": seconds,
     }

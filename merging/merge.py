@@ -191,6 +191,13 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
         "largest such bound (320 for tf_efficientnet_lite0) is refused",
     )
     parser.add_argument(
+        "--compress-first",
+        action="store_true",
+        help="compress then merge: with --rank N, merge in the rank-N Core Space the group's adapters share (their "
+        "stacked factors' top N directions), so the exported rank-N LoRA holds the merge exactly instead of "
+        "truncating a full merge (per-layer methods; merging/methods/core_space.py)",
+    )
+    parser.add_argument(
         "--from-db",
         type=Path,
         metavar="DB",
@@ -296,6 +303,8 @@ def run(args) -> int:
     if args.tasks is not None or args.seed is not None:
         raise MergeConfigError(f"{'--tasks' if args.tasks is not None else '--seed'} goes with --from-db DB --k K")
     args.method = args.method or "ties"
+    if args.compress_first:
+        args.method = compress_first_method(args.method, args.rank)
     if len(args.adapters) < 1 or args.out is None:
         raise MergeConfigError("give at least one adapter folder and --out FOLDER (see --help)")
     resolved, hub_ids, labels, data = resolve_sources(args)
@@ -306,6 +315,21 @@ def run(args) -> int:
     get_method(args.method).validate(hyperparams)  # fail before loading anything
     check_output_folder(args.out, resolved, args.overwrite)  # and before merging (export checks again)
     return merge_and_export(args, read_source(args, resolved, hub_ids, labels, data), hyperparams)
+
+
+def compress_first_method(method: str, rank: int | str) -> str:
+    """--compress-first: the registry name of `method` merged compress-then-merge at `rank` (an integer rank)."""
+    from merging.methods import get_method
+    from merging.methods.core_space import compressed_name
+
+    if not isinstance(rank, int):
+        raise MergeConfigError(
+            f"--compress-first builds the LoRA's rank into the merge: give --rank N (a whole number), not --rank {rank}"
+        )
+    check_rank_argument(rank)
+    name = compressed_name(method, rank)
+    get_method(name)  # a method it cannot run (a test-time or reference merge) is refused here, in one line
+    return name
 
 
 def merge_and_export(args, source, hyperparams: dict) -> int:
@@ -554,6 +578,11 @@ def run_from_db(args) -> int:
 
     if args.from_db is None:
         raise MergeConfigError("--merge-id and --k read a study's merges: add --from-db results.duckdb")
+    if args.compress_first:
+        raise MergeConfigError(
+            "--compress-first makes a new merge: give the adapter folders (merging/merge.py ADAPTER... --method M "
+            "--rank N --compress-first), not --from-db"
+        )
     if (args.merge_id is None) == (args.k is None):
         raise MergeConfigError("--from-db exports one stored merge: give either --merge-id ID or --k K")
     if args.merge_id is not None and (args.tasks is not None or args.seed is not None):

@@ -564,3 +564,26 @@ def test_help_and_the_method_list_import_no_torch(flag):
     assert result.returncode == 0, result.stderr
     assert "HEAVY []" in result.stdout, result.stdout[-500:]
     assert ("ties:" in result.stdout) == (flag == "--list-methods")
+
+
+# --- compress then merge (--compress-first) -----------------------------------------------------------------------
+
+
+def test_compress_first_merges_at_the_rank_the_lora_holds_exactly(adapters, tmp_path, capsys):
+    """TIES merged in the pair's rank-8 Core Space: the rank-8 export reconstructs it exactly, merge.json and the
+    card say which pipeline made it; the usual export of a full TIES merge truncates (TIES is not low rank)."""
+    out, plain = tmp_path / "compressed", tmp_path / "plain"
+    fixed = ["--method", "ties", "--param", "density=0.2", "--rank", "8"]
+    assert merge_main([*map(str, adapters), *fixed, "--compress-first", "--out", str(out)]) == 0
+    info = json.loads((out / "merge.json").read_text())
+    assert info["method"] == "ties@rank8" and info["pipeline"] == "compress-then-merge"
+    assert info["relative_error"] < 1e-5
+    assert "compress then merge: merged in the rank-r Core Space" in (out / "README.md").read_text()
+    assert merge_main([*map(str, adapters), *fixed, "--out", str(plain)]) == 0
+    info = json.loads((plain / "merge.json").read_text())
+    assert info["method"] == "ties" and info["pipeline"] == "merge-then-compress" and info["relative_error"] > 0.05
+    capsys.readouterr()
+    refused([*adapters, "--out", tmp_path / "x", "--compress-first"], capsys, "--compress-first", "--rank N")
+    refused([*adapters, "--out", tmp_path / "x", "--method", "adamerging", "--rank", "8", "--compress-first"], capsys,
+            "adamerging", "drop --compress-first")  # fmt: skip
+    assert not (tmp_path / "x").exists()
