@@ -71,7 +71,7 @@ def test_subset_methods_default_to_the_profile_s_and_may_be_given_empty():
     """The default sweeps every registered method, eleven of them on the subset; `--subset-methods` alone, or methods
     named with `--merge-methods`, sweep every method in full, and names replace the profile's list."""
     assert DEFAULT.merge_methods == REGISTERED and set(DEFAULT.subset_methods) < set(REGISTERED)
-    assert parse().subset_methods == DEFAULT.subset_methods and len(DEFAULT.subset_methods) == 11
+    assert parse().subset_methods == DEFAULT.subset_methods and len(DEFAULT.subset_methods) == 13
     assert parse("--subset-methods").subset_methods == ()
     assert parse("--subset-methods", "ties").subset_methods == ("ties",)
     assert parse("--merge-methods", "linear", "ties").subset_methods == ()  # the methods a user names: in full

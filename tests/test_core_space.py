@@ -62,7 +62,8 @@ def test_ties_core_by_hand():
     occupy the two orthogonal row directions (1, 1)/√2 and (1, -1)/√2 (different norms, so the basis is fixed):
     each core entry has one non-zero task, nothing conflicts, and the merge is the sum e1 (1.5, 0.5)."""
     e1 = torch.tensor([[1.0], [0.0]], dtype=torch.float64)
-    deltas = [e1 @ torch.tensor([[1.0, 1.0]], dtype=torch.float64), e1 @ torch.tensor([[0.5, -0.5]], dtype=torch.float64)]
+    rows = torch.tensor([[1.0, 1.0], [0.5, -0.5]], dtype=torch.float64)
+    deltas = [e1 @ rows[:1], e1 @ rows[1:]]
     params = {"density": 1.0, "scaling": 1.0}
     torch.testing.assert_close(get_method("ties")(deltas, **params)[0], torch.tensor([0.75, 1.0], dtype=torch.float64))
     core = get_method("ties_core")(deltas, **params)

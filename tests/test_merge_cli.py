@@ -569,6 +569,7 @@ def test_help_and_the_method_list_import_no_torch(flag):
 # --- compress then merge (--compress-first) -----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_compress_first_merges_at_the_rank_the_lora_holds_exactly(adapters, tmp_path, capsys):
     """TIES merged in the pair's rank-8 Core Space: the rank-8 export reconstructs it exactly, merge.json and the
     card say which pipeline made it; the usual export of a full TIES merge truncates (TIES is not low rank)."""
