@@ -7,9 +7,11 @@ Why: every export of a merge is a rank-r LoRA. The default pipeline merges in fu
 ΔW's SVD at r (merging/export.py, "merge then compress"); `merge.py --compress-first` merges in the group's rank-r
 Core Space instead, so the LoRA holds its merge exactly (merging/methods/core_space.py, "compress then merge").
 Which loses less accuracy is an empirical question. For a sample of the stored study's groups (every size k, a
-seeded sample of `--groups-per-k` groups of each k, the first seed) and each method, the stored merge's chosen
-hyperparameters are used by both pipelines (so the comparison is of the pipelines, not of a new selection), and
-each export is scored on the test images the sweep scored that merge on (`merge_eval` per task). Figures: mean
+seeded sample of `--groups-per-k` groups of each k, the first seed) and each method, each pipeline chooses its
+method's grid point at each rank on `--select-images` validation images per task, by the sweep's rule
+(`merging/sweep.select_on_validation`: a compressed merge may want another strength than the full one), or with
+`--select-images 0` both use the stored full merge's hyperparameters; each export is scored on the test images
+the sweep scored that merge on (`merge_eval` per task). Figures: mean
 accuracy over the group's tasks as a share of each task's single adapter (retention, the study's normalised
 accuracy), per (method, k, rank, pipeline). The full merge is recomputed and checked against the stored accuracy
 first (the rebuild is exact, so a mismatch stops the script). Nothing is written to the results database.
@@ -30,8 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from merging.export import LowRankMerge  # noqa: E402
 from merging.merge import rebuild_stored_merge  # noqa: E402
+from merging.methods import get_method  # noqa: E402
 from merging.methods.core_space import compressed_name  # noqa: E402
 from merging.sources import OwnAdapters  # noqa: E402
+from merging.sweep import select_on_validation  # noqa: E402
 from mlvision.paths import DEFAULT_DB_PATH, REPO_ROOT  # noqa: E402
 from mlvision.store import Store  # noqa: E402
 
@@ -64,6 +68,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ranks", nargs="+", type=int, default=[4, 8, 16])
     parser.add_argument("--groups-per-k", type=int, default=3)
     parser.add_argument("--sample-seed", type=int, default=0)
+    parser.add_argument(
+        "--select-images",
+        type=int,
+        default=50,
+        help="validation images per task on which each pipeline chooses its grid point at each rank (the sweep's "
+        "rule and the default study's 50); 0: both use the full merge's stored hyperparameters",
+    )
     parser.add_argument("--out", type=Path, default=REPORT)
     args = parser.parse_args(argv)
 
@@ -91,11 +102,31 @@ def main(argv: list[str] | None = None) -> int:
                             "retention": retention})  # fmt: skip
 
         record("full merge", None, full_accuracy)
-        low_rank = LowRankMerge(full)
+        if not args.select_images:  # both pipelines at the full merge's stored hyperparameters
+            low_rank = LowRankMerge(full)
+            for rank in args.ranks:
+                record("merge then compress", rank, source.score(low_rank.approximation(rank), test))
+                compressed = rebuild_stored_merge(source, group, compressed_name(method, rank), hyperparams)
+                record("compress then merge", rank, source.score(compressed, test))
+            continue
+        # each pipeline chooses its own grid point at each rank, on validation, by the sweep's rule
+        validation = source.split("validation", dict.fromkeys(group, args.select_images))
+        n_validation = min(len(labels) for _, labels in validation.values())
+
+        def validation_score(deltas: dict) -> float:
+            accuracy = source.score(deltas, validation)
+            return sum(accuracy.values()) / len(accuracy)
+
+        points = get_method(method).grid_points()
+        low_ranks = [LowRankMerge(rebuild_stored_merge(source, group, method, point)) for point in points]
         for rank in args.ranks:
-            record("merge then compress", rank, source.score(low_rank.approximation(rank), test))
-            compressed = rebuild_stored_merge(source, group, compressed_name(method, rank), hyperparams)
-            record("compress then merge", rank, source.score(compressed, test))
+            truncated = ((i, low_ranks[i].approximation(rank), point) for i, point in enumerate(points))
+            chosen = select_on_validation(get_method(method), truncated, validation_score, n_validation)
+            record("merge then compress", rank, source.score(chosen.merged, test))
+            name = compressed_name(method, rank)
+            merges = ((i, rebuild_stored_merge(source, group, name, point), point) for i, point in enumerate(points))
+            chosen = select_on_validation(get_method(name), merges, validation_score, n_validation)
+            record("compress then merge", rank, source.score(chosen.merged, test))
     table = pd.DataFrame(records)
     args.out.write_text(render(table, args, len(groups), source.seed))
     print(f"wrote {args.out}")
@@ -107,9 +138,15 @@ def render(table: pd.DataFrame, args, n_groups: int, seed: int) -> str:
         "# Export pipelines: merge then compress vs compress then merge (issue 35)",
         "",
         f"Written by `python scripts/export_pipelines.py` from `{args.db.name}`: {n_groups} groups (every k, up to "
-        f"{args.groups_per_k} per k drawn with seed {args.sample_seed}), adapters of seed {seed}, each method at the "
-        "hyperparameters the sweep chose for the full merge; retention = mean over the group's tasks of accuracy / "
-        "the task's single adapter, on the sweep's test images, in %.",
+        f"{args.groups_per_k} per k drawn with seed {args.sample_seed}), adapters of seed {seed}; "
+        + (
+            f"each pipeline chooses its method's grid point at each rank on {args.select_images} validation images "
+            "per task (the sweep's rule), the full merge is the stored one; "
+            if args.select_images
+            else "both pipelines at the hyperparameters the sweep chose for the full merge; "
+        )
+        + "retention = mean over the group's tasks of accuracy / the task's single adapter, on the sweep's test "
+        "images, in %.",
         "",
     ]
     columns = [("full merge", None)] + [
