@@ -14,7 +14,7 @@ The reference minimises it by 300 Adam steps (learning rate 1e-5) from τ_0 = Σ
 What is computed here, and why it differs (a deviation): for LoRA updates L has exact minimisers that interpolate.
 Each task's rows span only r_i (8) of a layer's input dimensions, so k tasks' row spaces are usually linearly
 independent and some τ makes every (τ - τ_i) τ_iᵀ zero; with nearly aligned row spaces that τ is huge (1.1-17x the
-norm of Σ τ_i on the committed adapters' layers, the first blocks worst) and wrecks the merge (10-17 % retention
+norm of Σ τ_i on a committed pair's layers, the first blocks worst) and wrecks the merge (10-17 % retention
 in issue 35's pilot, chance level). The reference never gets there: its 300 steps of about lr per entry move the
 committed adapters' updates (entries of order 5e-3) only part of the way (L from 451 to 353, against 1.2 at the
 minimiser). That early stop is what keeps WUDI near Σ τ_i, and it depends on the updates' scale. It is made
@@ -27,9 +27,9 @@ in the group's Core Space (merging/methods/core_space.py: τ_i = U_B M_i V_Aᵀ 
 matrices gives τ* = U_B M* V_Aᵀ exactly, since every term lies in those spans), in float64.
 Hyperparameters:
   regularization (ρ): default 1.0, range [0, 100]: how strongly the merge is held at Σ_i τ_i, in units of the
-    largest eigenvalue of the weighted Gram matrix. In the pilot (every pair and 2 groups of each k = 3-6, seed 0,
-    50 validation images per task) mean validation accuracy rose with ρ over {0.001, 0.01, 0.1, 1}: at k = 2 from
-    72 to 81 %, at k >= 3 from 69 to 79 % (each at its best λ); 0.001 was worst everywhere.
+    largest eigenvalue of the weighted Gram matrix. In the pilot (every pair, 2 groups each of k = 3-5 and the
+    group of six, seed 0, 50 validation images per task) mean validation accuracy rose with ρ over {0.001, 0.01,
+    0.1, 1}: at k = 2 from 72 to 81 %, at k >= 3 from 69 to 79 % (each at its best λ); 0.001 was worst everywhere.
   scaling (λ): default 0.5, range (0, 4]: multiplies the result. The paper claims none is needed (λ = 1), though
     its ViT script scans λ in {0, 0.1, ..., 1.5}; in the pilot the best λ at ρ = 1 was 0.5-0.7.
 Validation grid: a star of 5 points around the default (ρ, λ) = (1.0, 0.5): ρ in {0.3, 1.0, 3.0} and λ in {0.3,
