@@ -326,9 +326,8 @@ def compress_first_method(method: str, rank: int | str) -> str:
         raise MergeConfigError(
             f"--compress-first builds the LoRA's rank into the merge: give --rank N (a whole number), not --rank {rank}"
         )
-    check_rank_argument(rank)
     name = compressed_name(method, rank)
-    get_method(name)  # a method it cannot run (a test-time or reference merge) is refused here, in one line
+    get_method(name)  # a rank below 1, or a method it cannot run (test-time, reference), is refused here in one line
     return name
 
 
