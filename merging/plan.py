@@ -1,7 +1,7 @@
 """Which of a study's adapters to merge into how few backbones, every task keeping a share of its own accuracy.
 
     python merging/plan.py --keep 0.9                                  # the committed study, RegMean
-    python merging/plan.py --db reports/wide_pilot.duckdb --method ties --keep 0.85 --max-backbones 6
+    python merging/plan.py --db reports/wide.duckdb --method ties --keep 0.85 --max-backbones 6
     python merging/plan.py --keep 0.95 --validate                      # the predictor's held-out figures first
     python merging/plan.py ADAPTER... --method ties --keep 0.9         # adapters no study stored (any source)
 
@@ -133,7 +133,7 @@ class Planner:
             return self._plan(self._max_min(tasks, backbones)[1], True)
         plans = [self.plan(tasks, dict.fromkeys(tasks, target)) for target in [i / 100 for i in range(100, 0, -1)]]
         fitting = [p for p in plans if p is not None and p.backbones <= backbones]
-        return max(fitting, key=lambda p: p.worst) if fitting else self._plan(self._greedy(tasks, {}), False)
+        return max(fitting, key=lambda p: p.worst) if fitting else self._plan([tasks], False)
 
     def tradeoff(self, tasks: tuple[str, ...]) -> dict[int, Plan]:
         """The best plan (highest predicted worst-task retention) with at most 1, 2, ..., N backbones: the curve
@@ -142,7 +142,8 @@ class Planner:
         if len(tasks) <= EXACT_MAX:
             return {b: self.best_with(tasks, b) for b in range(1, len(tasks) + 1)}
         plans = [self.plan(tasks, dict.fromkeys(tasks, target)) for target in [i / 100 for i in range(100, 0, -1)]]
-        plans = [p for p in plans if p is not None] + [self._plan(self._greedy(tasks, {}), False)]
+        # one backbone holding every task: the plan with no target, so that every count of backbones has one
+        plans = [p for p in plans if p is not None] + [self._plan([tasks], False)]
         return {
             b: max((p for p in plans if p.backbones <= b), key=lambda p: p.worst, default=plans[-1])
             for b in range(1, len(tasks) + 1)

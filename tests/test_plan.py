@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import TINY_TASKS, call_main, tiny_config
+from conftest import TINY_TASKS, call_main, committed_adapter, tiny_config
 
 from merging.plan import EXACT_MAX, Planner, PlanStage
 from merging.plan import main as plan_main
@@ -110,17 +110,35 @@ def test_a_plan_that_no_partition_meets_within_the_backbones_is_none():
     assert alone.backbones == 6 and alone.worst == 1.0  # each task its own adapter
 
 
-def test_beyond_exact_size_the_greedy_plan_meets_the_target():
-    tasks = tuple(f"t{i:02d}" for i in range(EXACT_MAX + 2))
+def wide_planner(tasks: tuple[str, ...]) -> Planner:
+    """A planner over more tasks than the exact search takes: every pair, and the groups of k >= 3 of six of them."""
     loss = random_loss(3, tasks)
     pairs_only = interference_merges(loss, tasks=tasks[:6])  # groups of k >= 3 for the weights: six tasks
     pairs = [dict(method="m", k=2, tasks=f"{a},{b}", task=t, seed=0, normalized_accuracy=1 - loss(t, u))
              for a, b in itertools.combinations(tasks, 2) for t, u in ((a, b), (b, a))]  # fmt: skip
-    merges = pd.concat([pairs_only[pairs_only["k"] > 2], pd.DataFrame(pairs)], ignore_index=True)
-    planner = Planner(merges, "m")
-    plan = planner.plan(tasks, dict.fromkeys(tasks, 0.92))
+    return Planner(pd.concat([pairs_only[pairs_only["k"] > 2], pd.DataFrame(pairs)], ignore_index=True), "m")
+
+
+def test_beyond_exact_size_the_greedy_plan_meets_the_target():
+    tasks = tuple(f"t{i:02d}" for i in range(EXACT_MAX + 2))
+    plan = wide_planner(tasks).plan(tasks, dict.fromkeys(tasks, 0.92))
     assert not plan.exact and sorted(t for g in plan.groups for t in g) == sorted(tasks)
     assert plan.worst >= 0.92 and plan.backbones < len(tasks)
+
+
+def test_beyond_exact_size_the_tradeoff_has_a_plan_for_every_count_of_backbones():
+    """The plan stage's curve on a wide pool (the twenty-task study's plan stage once failed here: its fallback, the
+    one backbone holding every task, was asked for a target it had none of)."""
+    tasks = tuple(f"t{i:02d}" for i in range(EXACT_MAX + 2))
+    planner = wide_planner(tasks)
+    curve = planner.tradeoff(tasks)
+    assert sorted(curve) == list(range(1, len(tasks) + 1))
+    assert curve[1].groups == (tasks,) and not curve[1].exact  # one backbone: every task in it
+    for backbones, plan in curve.items():
+        assert plan.backbones <= backbones and sorted(t for g in plan.groups for t in g) == sorted(tasks)
+    worst = [curve[b].worst for b in sorted(curve)]
+    assert worst == sorted(worst) and worst[-1] > worst[0]  # more backbones never hurt, and here they help
+    assert planner.best_with(tasks, 1).groups == (tasks,)
 
 
 def test_a_study_missing_a_pair_is_refused_in_one_line():
@@ -158,11 +176,8 @@ def test_the_cli_says_what_is_wrong_in_one_line(args, code, message, capsys):
     assert "Traceback" not in err
 
 
-ARTIFACTS = REPO_ROOT / "artifacts" / "tf_efficientnet_lite0"
-
-
 def committed_adapters(*tasks: str) -> list[str]:
-    return [str(next((ARTIFACTS / task).glob("adapter-seed0-*"))) for task in tasks]
+    return [str(committed_adapter(task)) for task in tasks]
 
 
 def test_adapters_no_study_stored_are_planned_from_their_pairs_and_checked_on_test_images(capsys):
