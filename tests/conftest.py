@@ -61,6 +61,16 @@ TINY_ARGS = [
 ]
 
 
+def committed_adapter(task: str, seed: int = 0):
+    """The committed six-task study's adapter of `task` and `seed` (a folder under artifacts/): the one helper the
+    tests that merge real adapters without training any share."""
+    from mlvision.paths import REPO_ROOT
+
+    folders = sorted((REPO_ROOT / "artifacts" / "tf_efficientnet_lite0" / task).glob(f"adapter-seed{seed}-*"))
+    assert folders, f"no committed adapter of {task} seed {seed} under artifacts/: restore it (git checkout artifacts)"
+    return folders[0]
+
+
 def query_db(db, sql: str, params: list | None = None) -> list[tuple]:
     """Rows of a query on a results database, opened read-only like every reader."""
     import duckdb

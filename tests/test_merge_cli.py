@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import call_main, query_db
+from conftest import call_main, committed_adapter, query_db
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
@@ -32,16 +32,8 @@ from mlvision.models import load_head, read_meta
 from mlvision.paths import REPO_ROOT
 from mlvision.store import unpack_correct
 
-ARTIFACTS = REPO_ROOT / "artifacts" / "tf_efficientnet_lite0"
 TASKS = ["mnist", "fashion_mnist"]
 LAYER = "base_model.model.blocks.1.0.conv_pwl"  # a layer every committed adapter factors (rank 8)
-
-
-def committed_adapter(task: str) -> Path:
-    folders = sorted((ARTIFACTS / task).glob("adapter-seed0-*"))
-    if not folders:
-        pytest.skip(f"no committed adapter for {task} under {ARTIFACTS}")
-    return folders[0]
 
 
 @pytest.fixture
