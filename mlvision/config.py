@@ -476,6 +476,24 @@ PROFILES = {
         db=REPO_ROOT / "runs" / "wide" / "results.duckdb",
         artifacts=REPO_ROOT / "runs" / "wide" / "artifacts",
     ),
+    # The wide study on a CPU budget (issue 33; issue 31's three hours on 2 cores): the twenty-task pool, one seed,
+    # every pair and 10 seeded groups at each k from 3 to 6, the four methods the study's claims read (task
+    # arithmetic the baseline; TIES and WUDI, the data-free choices at k = 2-6 of the six-task study; RegMean, its
+    # data-aware choice). Measured from empty on this 2-core machine, alone (2026-12-07): 1 h 16 min (training 1,406 s
+    # for 20 heads, 20 adapters and 20 probes; sweep 2,612 s for 920 merges; similarity 259 s; findings 39 s; plan
+    # 260 s), within issue 31's three hours. `wide` is the same pool with every method, three seeds and k to 20
+    # (`--plan`: 14.7 h here, a GPU job).
+    "wide-cpu": StudyConfig(
+        tasks=POOL_TASKS,
+        seeds=(0,),
+        max_k=6,
+        max_groups_per_k=10,
+        merge_methods=("task_arithmetic", "ties", "regmean", "wudi"),
+        merge_select=200,
+        # committed, as the six-task study's results.duckdb and artifacts/ are (6.6 MB and 18 MB)
+        db=REPO_ROOT / "reports" / "wide.duckdb",
+        artifacts=REPO_ROOT / "reports" / "wide.artifacts",
+    ),
     # Paper scale: ViT-B/16 (ImageNet-21k, AugReg) from the hub at 224 px, LoRA on attention and MLP.
     # Splits are held in memory as tensors (mlvision/data.py): 5000 train images are 3 GB per task.
     "paper": StudyConfig(
@@ -567,8 +585,9 @@ def add_study_arguments(parser: argparse.ArgumentParser, defaults: StudyConfig |
         "--config",
         metavar="PROFILE|FILE",
         help="named profile giving every option's default: default (the offline study), "
-        "quick (smoke test), wide (every method, every pair, sampled larger groups), paper (ViT-B/16 + six hub "
-        "datasets; network, GPUs), tiny-vit (its offline miniature); "
+        "quick (smoke test), wide (every method, every pair, sampled larger groups; a GPU job), wide-cpu (its twenty "
+        "tasks, one seed, four methods, k to 6: fits 2 CPU cores), paper (ViT-B/16 + six hub datasets; network, "
+        "GPUs), tiny-vit (its offline miniature); "
         "or a .json/.yaml file setting any option by its field name (max_train: 500), on top of the default profile "
         "or of the one its 'profile' key names",
     )
