@@ -478,8 +478,8 @@ PROFILES = {
     ),
     # The wide study on a CPU budget (issue 33; issue 31's three hours on 2 cores): the twenty-task pool, one seed,
     # every pair and 10 seeded groups at each k from 3 to 6, the four methods the study's claims read (task
-    # arithmetic the baseline; TIES and WUDI, the data-free choices at k = 2-6 of the six-task study; RegMean, its
-    # data-aware choice). Measured from empty on this 2-core machine, alone (2026-12-07): 1 h 16 min (training 1,406 s
+    # arithmetic the baseline; TIES and WUDI, the six-task study's data-free choices; RegMean, its data-aware
+    # choice). Measured from empty on this 2-core machine, alone (2026-12-07): 1 h 16 min (training 1,406 s
     # for 20 heads, 20 adapters and 20 probes; sweep 2,612 s for 920 merges; similarity 259 s; findings 39 s; plan
     # 260 s), within issue 31's three hours. `wide` is the same pool with every method, three seeds and k to 20
     # (`--plan`: 14.7 h here, a GPU job).

@@ -117,14 +117,8 @@ def test_impossible_values_are_refused_in_one_line(change, message):
 
 def test_the_small_configs_in_use_pass_the_checks():
     """quick, tiny-vit and the tests' tiny study run on small values: none of them may be refused."""
-    assert set(PROFILES) == {
-        "default",
-        "quick",
-        "wide",
-        "wide-cpu",
-        "paper",
-        "tiny-vit",
-    }  # each built (and checked) at import
+    # each profile is built (and checked) at import
+    assert set(PROFILES) == {"default", "quick", "wide", "wide-cpu", "paper", "tiny-vit"}
     tiny = parse(*TINY_ARGS)
     assert (tiny.steps, tiny.max_train, tiny.merge_select) == (8, 128, 16)
     assert replace(tiny, max_train=1, max_validation=1, max_test=1, merge_eval=1, merge_select=1, max_k=1).max_k == 1
