@@ -36,8 +36,6 @@ import streamlit as st
 from mlvision.errors import StoreError
 from mlvision.store import Store, StoreBusyError
 
-VIEWS = ("task_results", "merge_results", "task_similarity", "findings", "benchmarks")
-
 # Every question the pages ask: name -> (the view or table it reads, its SQL).
 QUESTIONS = {
     "task_results": ("task_results", "SELECT * FROM task_results ORDER BY task, model_kind, seed"),
