@@ -378,11 +378,10 @@ def merge_on_validation(source, tasks: list[str], method: str, hyperparams: dict
         accuracies = source.score(merged, images)
         return sum(accuracies.values()) / len(accuracies)
 
-    grid_merges = (
-        (index, *source.merge(tuple(tasks), method, point)) for index, point in enumerate(merge_method.grid_points())
-    )
+    points = merge_method.grid_points(len(tasks))
+    grid_merges = ((index, *source.merge(tuple(tasks), method, point)) for index, point in enumerate(points))
     n_per_task = min(len(labels) for _, labels in images.values())
-    selection = select_on_validation(merge_method, grid_merges, score, n_per_task)
+    selection = select_on_validation(merge_method, len(tasks), grid_merges, score, n_per_task)
     return selection.merged, selection.params, selection.record
 
 

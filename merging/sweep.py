@@ -137,13 +137,42 @@ def merge_id_of(config: StudyConfig, group: tuple[str, ...], seed: int, method: 
         {
             "method": method,
             "hyperparams": merge_method.identity_defaults(),  # the defaults (a reference has none)
-            "grid": merge_method.grid_points(),
-            **({"start_grid": get_method(start.method).grid_points()} if start is not None else {}),
+            "grid": merge_method.grid_points(len(group)),
+            **({"start_grid": get_method(start.method).grid_points(len(group))} if start is not None else {}),
             "select_n": config.merge_select,
             "adapters": [config.model_id("adapter", task, seed) for task in group],
             "eval_n": config.merge_eval,
         }
     )
+
+
+def superseded_merges(config: StudyConfig, store: Store) -> dict[str, str]:
+    """{merge_id: method} of stored merges of a (group, seed, method) this study merges, made under other settings
+    (an older grid, another validation size): the sweep merges such a group again under its own id, and without
+    forgetting the old merge the findings would read both (run_all --forget-superseded deletes them)."""
+    current = {(method, ",".join(group), seed): merge_id_of(config, group, seed, method)
+               for group, seed, method in sweep_plan(config)}  # fmt: skip
+    rows = store.query("SELECT merge_id, method, tasks, seed FROM merges")
+    return {
+        merge_id: method
+        for merge_id, method, tasks, seed in rows
+        if current.get((method, tasks, seed), merge_id) != merge_id
+    }
+
+
+def forget_superseded(config: StudyConfig, store: Store) -> int:
+    """Delete the superseded merges (`superseded_merges`) with their evaluations, and the planner's checks of their
+    methods (each chose its hyperparameters by the old rule); the plans themselves are keyed by the merges they read
+    and so are made again. One transaction: an interrupted delete deletes nothing. Returns how many merges went."""
+    superseded = superseded_merges(config, store)
+    if not superseded:
+        return 0
+    ids, methods = sorted(superseded), sorted(set(superseded.values()))
+    with store.write() as con:
+        for table in ("merge_evaluations", "merges"):
+            con.execute(f"DELETE FROM {table} WHERE merge_id IN (SELECT unnest(?::VARCHAR[]))", [ids])
+        con.execute("DELETE FROM plan_checks WHERE method IN (SELECT unnest(?::VARCHAR[]))", [methods])
+    return len(ids)
 
 
 def stored_merge_ids(store: Store) -> set[str]:
@@ -179,12 +208,12 @@ class Selection:
     record: dict
 
 
-def select_on_validation(merge_method, grid_merges, score, n_per_task: int) -> Selection:
+def select_on_validation(merge_method, k: int, grid_merges, score, n_per_task: int) -> Selection:
     """The study's rule for choosing a merge on validation, for the sweep and the merge CLI alike: `grid_merges`
-    yields (grid index, merged ΔW, hyperparameters) for every point of the method's grid, `score(merged)` is the
-    merge's mean validation accuracy over the group's tasks; the best is kept (ties: the earlier grid point) and the
-    record holds grid, curve and choice (`merges.selection`)."""
-    points = merge_method.grid_points()
+    yields (grid index, merged ΔW, hyperparameters) for every point of the method's grid for k tasks,
+    `score(merged)` is the merge's mean validation accuracy over the group's tasks; the best is kept (ties: the
+    earlier grid point) and the record holds grid, curve and choice (`merges.selection`)."""
+    points = merge_method.grid_points(k)
     scores: list[float | None] = [None] * len(points)
     best = None  # (score, index, merged, params)
     for index, merged, params in grid_merges:
@@ -311,7 +340,7 @@ class MergeSweep:
         hyperparameters and multiplied per scaling value; otherwise each point is merged. Yielded one at a
         time (bucket by bucket), so only the merges in use are held."""
         merge_method, merger = get_method(method), self.merger(seed)
-        points = merge_method.grid_points()
+        points = merge_method.grid_points(len(group))
         start = merge_method.starts_from
         if start is not None:  # AdaMerging: at task arithmetic's λ chosen on validation for this group and seed
             value = self.select(group, seed, start.method).params[start.chosen]
@@ -341,7 +370,9 @@ class MergeSweep:
             return sum(accuracy_of(correct[task]) for task in group) / len(group)
 
         n_per_task = min(len(labels) for _, labels in validation.values())
-        return select_on_validation(get_method(method), self.grid_merges(group, seed, method), score, n_per_task)
+        return select_on_validation(
+            get_method(method), len(group), self.grid_merges(group, seed, method), score, n_per_task
+        )
 
     def compute(self, group: tuple[str, ...], seed: int, method: str) -> MergeRows:
         """Merge the group's adapters with `method` (chosen on validation) and score it; stores nothing."""

@@ -117,15 +117,15 @@ def main(argv: list[str] | None = None) -> int:
             accuracy = source.score(deltas, validation)
             return sum(accuracy.values()) / len(accuracy)
 
-        points = get_method(method).grid_points()
+        points = get_method(method).grid_points(len(group))
         low_ranks = [LowRankMerge(rebuild_stored_merge(source, group, method, point)) for point in points]
         for rank in args.ranks:
             truncated = ((i, low_ranks[i].approximation(rank), point) for i, point in enumerate(points))
-            chosen = select_on_validation(get_method(method), truncated, validation_score, n_validation)
+            chosen = select_on_validation(get_method(method), len(group), truncated, validation_score, n_validation)
             record("merge then compress", rank, source.score(chosen.merged, test))
             name = compressed_name(method, rank)
             merges = ((i, rebuild_stored_merge(source, group, name, point), point) for i, point in enumerate(points))
-            chosen = select_on_validation(get_method(name), merges, validation_score, n_validation)
+            chosen = select_on_validation(get_method(name), len(group), merges, validation_score, n_validation)
             record("compress then merge", rank, source.score(chosen.merged, test))
     table = pd.DataFrame(records)
     args.out.write_text(render(table, args, len(groups), source.seed))

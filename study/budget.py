@@ -144,9 +144,9 @@ def estimate_seconds(config: StudyConfig, work: Work, costs: UnitCosts) -> dict[
     gram_adapters = set()
     for group, seed, method in work.merges:
         merge_method = get_method(method)
-        points = len(merge_method.grid_points())
+        points = len(merge_method.grid_points(len(group)))
         start = merge_method.starts_from  # AdaMerging re-selects task arithmetic's λ first
-        selections = points + (len(get_method(start.method).grid_points()) if start is not None else 0)
+        selections = points + (len(get_method(start.method).grid_points(len(group))) if start is not None else 0)
         for task in group:
             scored = selections * images(task, "validation", config.merge_select)
             sweep += (scored + images(task, "test", config.merge_eval)) * costs.image_s

@@ -29,7 +29,7 @@ from benchmarks.options import add_bench_arguments, bench_config_from_args, prof
 from benchmarks.stage import BenchStage
 from merging.methods import list_methods
 from merging.plan import PlanStage
-from merging.sweep import MergeSweep
+from merging.sweep import MergeSweep, forget_superseded, superseded_merges
 from mlvision.backbone import check_backbone_name
 from mlvision.config import (
     STAGES,
@@ -77,6 +77,13 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         help="print what is left to do and about how long it takes on this machine (a few seconds of probing), "
         "then stop without running anything",
     )
+    parser.add_argument(
+        "--forget-superseded",
+        action="store_true",
+        help="first delete the stored merges this study would merge again under other settings (e.g. a method's grid "
+        "changed since they were made), their evaluations and the planner's checks of their methods; without it a "
+        "run that finds such merges says how many and keeps them",
+    )
     add_bench_arguments(parser, profile_bench(help_profile(argv or [])))
     return parser
 
@@ -87,6 +94,22 @@ def main(argv: list[str] | None = None) -> int:
         lambda: run(args, argv if argv is not None else sys.argv[1:]),
         "everything finished so far is stored; run the same command again to continue",
     )
+
+
+def announce_superseded(config, store: Store, forget: bool) -> None:
+    """Stored merges made under other settings for groups this study merges: deleted with --forget-superseded, else
+    said (the sweep merges those groups again, and the findings would read the old merge beside the new)."""
+    if forget:
+        if forgotten := forget_superseded(config, store):
+            print(f"forgot {forgotten} merges made under other settings (--forget-superseded); merging them again")
+        return
+    if superseded := superseded_merges(config, store):
+        methods = ", ".join(sorted(set(superseded.values())))
+        print(
+            f"note: {len(superseded)} stored merges ({methods}) were made under other settings than this study's "
+            "(e.g. an older grid); the sweep merges those groups again and the findings would read both. "
+            "Add --forget-superseded to delete the old ones first."
+        )
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
@@ -131,6 +154,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     changed = stage.start_run("python training/run_all.py " + shlex.join(argv))
     with stage.failure_recorded():  # a run stopped by a user-fixable problem is recorded as failed, and when
         changed |= stage.prepare_tasks() > 0
+    announce_superseded(config, store, args.forget_superseded)
     announce_plan(config, store, args.stages, str(accelerator.device), always=False)
     report = report_path(config.db)  # reports/findings.md for the default database, else beside it, named after it
     stages = [

@@ -66,7 +66,7 @@ def test_estimate_is_the_counted_units_times_their_costs():
         "merge": 0.0,
     }
     group = tuple(config.tasks[:2])
-    points = len(get_method("task_arithmetic").grid_points())
+    points = len(get_method("task_arithmetic").grid_points(len(group)))
     per_task = [
         points * min(config.merge_select, split_size(t, "validation")) + min(config.merge_eval, split_size(t, "test"))
         for t in group
@@ -75,7 +75,8 @@ def test_estimate_is_the_counted_units_times_their_costs():
     assert estimate_seconds(config, work, UnitCosts(step_s=0.0, image_s=1.0, device="cpu"))["merge"] == sum(per_task)
     adamerging = get_method("adamerging")
     work = Work(heads=[], adapters=[], merges=[(group, 0, "adamerging")])
-    learned = len(adamerging.grid_points()) * adamerging.defaults["steps"] * adamerging.defaults["batch_size"] * 2
+    defaults = adamerging.defaults
+    learned = len(adamerging.grid_points(len(group))) * defaults["steps"] * defaults["batch_size"] * 2
     assert estimate_seconds(config, work, UnitCosts(step_s=1.0, image_s=0.0, device="cpu"))["merge"] == (
         learned / config.batch_size
     )

@@ -16,6 +16,7 @@ import torch
 from conftest import TINY_ARGS, query_db, run_all, tiny_config
 
 from merging.deltas import load_deltas
+from merging.methods import get_method
 from mlvision.claims import UNTESTABLE
 from mlvision.runs import resolve_stored_path
 from mlvision.store import pack_correct
@@ -590,6 +591,26 @@ def test_grid_edges_count_choices_at_each_end_and_call_two_point_grids_too_coars
     report = render_report(pd.DataFrame([*analyse(synthetic_inputs(methods=("linear",), max_k=2))[0],
                                          *grid_edge_rows(merges)]))  # fmt: skip
     assert "| ties/scaling | **67% (2 of 3)** | 0% (0 of 3) | 0.3, 0.5, 0.7, 1 |" in report
+
+
+def test_a_grid_that_falls_with_k_judges_each_merge_on_its_own_k_grid():
+    """Task arithmetic's λ grid falls with k: 0.291 is the middle of the k = 6 grid though it lies below every
+    pair's value, and 1.4 is the pair's top; a union of the grids would call 0.291 an edge and 0.7 a middle."""
+    ta = get_method("task_arithmetic")
+
+    def merge(i, k, chosen):
+        return dict(
+            merge_id=f"m{i}",
+            method="task_arithmetic",
+            k=k,
+            selection=json.dumps({"tuned": True, "grid": ta.grid_points(k), "chosen": {"scaling": chosen}}),
+        )
+
+    merges = pd.DataFrame([merge(0, 6, 0.291), merge(1, 6, 0.581), merge(2, 2, 0.7), merge(3, 2, 1.4)])
+    rows = {r["statistic"]: r for r in grid_edge_rows(merges)}
+    low, high = rows["task_arithmetic/scaling/low"], rows["task_arithmetic/scaling/high"]
+    assert low["value"] == 0 and high["value"] == 0.5 and "chosen in 2 of 4" in high["note"]
+    assert "grid 0.3, 0.5, 0.7, 1, 1.4 for a pair, × (2/k)^0.8 for k tasks" in high["note"]
 
 
 def test_a_grid_edge_at_the_end_of_the_range_is_marked_not_bold():

@@ -178,7 +178,7 @@ def test_data_chooses_the_hyperparameters_on_validation_and_measures_the_rank(zo
     assert code == 0, err
     info = json.loads((out / "merge.json").read_text())
     selection, choice = info["selection"], info["rank_choice"]
-    points = get_method("ties").grid_points()
+    points = get_method("ties").grid_points(len(EVALUATED))
     assert selection["grid"] == points and selection["validation_n_per_task"] == SPLITS["validation"][0]
     adapters, _ = loaded(zoo, *EVALUATED)
     validation = {task: hand_pixels(task, *SPLITS["validation"]) for task in EVALUATED}

@@ -88,10 +88,11 @@ def test_references_are_documented_and_refuse_per_layer_calls(name):
 @pytest.mark.parametrize("name", ALL)
 def test_a_method_with_a_grid_names_its_own_hyperparameters(name):
     m = get_method(name)
-    rule = m.selection_rule()
-    assert isinstance(rule, list) and bool(rule) == m.tuned == bool(m.grid), where(name)
-    for point in rule:
-        assert set(point) == set(m.grid) <= set(m.defaults) and m.validate(point), where(name)
+    for k in (2, 6, 20):
+        rule = m.selection_rule(k)
+        assert isinstance(rule, list) and bool(rule) == m.tuned == bool(m.grid), where(name)
+        for point in rule:
+            assert set(point) == set(m.grid) <= set(m.defaults) and m.validate(point), where(name)
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -206,7 +207,7 @@ def test_every_data_free_method_has_a_five_point_grid_starting_at_its_defaults(n
     """The same validation budget for every method: 5 distinct points, the paper's default first, and at least three
     values of each hyperparameter (so a choice at the grid's edge shows: five values of one, or a star of two)."""
     m = get_method(name)
-    points = m.selection_rule()
+    points = m.selection_rule(2)
     grid_rule = (
         f"{where(name)}: its `grid` has {GRID_SIZE} distinct points (5 values of one hyperparameter, or a star of "
         "3 values of each of two: grid_design='star')"
@@ -222,12 +223,15 @@ def test_every_data_free_method_has_a_five_point_grid_starting_at_its_defaults(n
     doc = __import__(m.fn.__module__, fromlist=["_"]).__doc__.lower()
     assert "grid" in doc, f"{where(name)}: its docstring states its validation grid"
     assert all(m.validate(point) for point in points)
+    for k in (3, 6, 20):  # a grid that falls with k keeps its five distinct points, each in range
+        at_k = m.selection_rule(k)
+        assert len({tuple(sorted(p.items())) for p in at_k}) == 5 and all(m.validate(p) for p in at_k), where(name)
 
 
 @pytest.mark.parametrize("name", REFERENCES)
 def test_references_are_untuned_with_one_setting(name):
     m = get_method(name)
-    assert not m.tuned and m.selection_rule() == [] and m.grid_points() == [{}]
+    assert not m.tuned and m.selection_rule(2) == [] and m.grid_points(6) == [{}]
 
 
 def test_a_grid_is_a_product_or_a_star_of_two_hyperparameters_with_the_default_first():
@@ -238,10 +242,10 @@ def test_a_grid_is_a_product_or_a_star_of_two_hyperparameters_with_the_default_f
         defaults={"density": 0.2, "scaling": 1.0}, ranges={"density": (0, 1, "(]"), "scaling": (0, 4, "(]")},
         grid={"density": (0.1, 0.2, 0.5), "scaling": (0.7, 1.0, 1.3)},
     )  # fmt: skip
-    product = MergeMethod(**fields).grid_points()
+    product = MergeMethod(**fields).grid_points(2)
     assert product[0] == {"density": 0.2, "scaling": 1.0} and len(product) == 9
     assert {(p["density"], p["scaling"]) for p in product} == {(d, s) for d in (0.1, 0.2, 0.5) for s in (0.7, 1.0, 1.3)}
-    assert MergeMethod(**fields, grid_design="star").grid_points() == [
+    assert MergeMethod(**fields, grid_design="star").grid_points(2) == [
         {"density": 0.2, "scaling": 1.0},
         {"density": 0.1, "scaling": 1.0},
         {"density": 0.5, "scaling": 1.0},
@@ -250,6 +254,29 @@ def test_a_grid_is_a_product_or_a_star_of_two_hyperparameters_with_the_default_f
     ]
     with pytest.raises(ValueError, match="grid_design"):
         MergeMethod(**fields, grid_design="random")
+
+
+def test_a_grid_that_falls_with_k_scales_every_points_scaling_by_two_over_k_to_the_power():
+    """The grid's `scaling` values are a pair's; k tasks get each times (2/k)^p, three significant digits, the other
+    hyperparameters as declared (issue 33: a fixed grid's choice sat at its top for pairs and its bottom at k = 6)."""
+    fields = dict(
+        name="x", fn=lambda deltas, density, scaling: deltas[0], paper="p", description="d",
+        defaults={"density": 0.2, "scaling": 1.0}, ranges={"density": (0, 1, "(]"), "scaling": (0, 4, "(]")},
+        grid={"density": (0.1, 0.2, 0.5), "scaling": (0.7, 1.0, 1.3)}, grid_design="star",
+    )  # fmt: skip
+    fixed, falling = MergeMethod(**fields), MergeMethod(**fields, scaling_falls_with_k=1.0)
+    assert falling.grid_points(2) == fixed.grid_points(2) == fixed.grid_points(6)
+    assert falling.grid_points(6) == [
+        {"density": 0.2, "scaling": 0.333},
+        {"density": 0.1, "scaling": 0.333},
+        {"density": 0.5, "scaling": 0.333},
+        {"density": 0.2, "scaling": 0.233},
+        {"density": 0.2, "scaling": 0.433},
+    ]
+    half = MergeMethod(**fields, scaling_falls_with_k=0.5).grid_points(8)
+    assert [p["scaling"] for p in half] == [0.5, 0.5, 0.5, 0.35, 0.65]
+    with pytest.raises(ValueError, match="scaling_falls_with_k"):
+        MergeMethod(**{**fields, "grid": {"density": (0.1, 0.2, 0.5)}}, scaling_falls_with_k=1.0)
 
 
 def test_a_grid_without_its_default_or_out_of_range_is_refused_at_definition():
@@ -274,7 +301,7 @@ def test_scaling_declared_a_multiplier_is_one(name):
     """merge(scaling = s) == s · merge(scaling = 1) at every grid point (the sweep merges once and multiplies)."""
     m = get_method(name)
     xs = [low_rank(12, 10, 3, seed) for seed in range(3)]
-    for point in m.grid_points():
+    for point in [*m.grid_points(2), *m.grid_points(6)]:
         rest = {key: value for key, value in point.items() if key != "scaling"}
         unit = m(xs, **rest, scaling=1.0)
         assert unit.abs().max() > 0
@@ -289,12 +316,15 @@ def test_get_method_unknown_lists_known_names():
     assert "nope" in msg and all(n in msg for n in ALL)
 
 
-def test_task_arithmetic_grid_is_exported_and_in_range():
+def test_task_arithmetic_grid_is_exported_falls_with_k_and_stays_in_range():
     m = get_method("task_arithmetic")
-    assert m.grid["scaling"] == TASK_ARITHMETIC_GRID == (0.2, 0.3, 0.5, 0.7, 1.0)
-    assert m.selection_rule() == [{"scaling": value} for value in (0.3, 0.2, 0.5, 0.7, 1.0)]  # the default first
-    for lam in TASK_ARITHMETIC_GRID:
-        m.validate({"scaling": lam})
+    assert m.grid["scaling"] == TASK_ARITHMETIC_GRID == (0.3, 0.5, 0.7, 1.0, 1.4)
+    assert m.selection_rule(2) == [{"scaling": value} for value in (0.3, 0.5, 0.7, 1.0, 1.4)]  # the default first
+    assert m.selection_rule(6) == [{"scaling": value} for value in (0.125, 0.208, 0.291, 0.415, 0.581)]  # × 3^-0.8
+    assert get_method("knots_ta").selection_rule(6) == m.selection_rule(6)  # KnOTS-TA is task arithmetic aligned
+    for k in (2, 3, 6, 20):
+        for point in m.selection_rule(k):
+            m.validate(point)
 
 
 # ----------------------------------------------------------------------------- validation

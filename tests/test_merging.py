@@ -17,7 +17,7 @@ from merging.merged_model import build_merged_model, merge_deltas
 from merging.methods import get_method, list_methods
 from merging.methods._base import GRID_SIZE
 from merging.peft_reference import PeftMerger
-from merging.sweep import MergeSweep, sample_groups, sweep_plan
+from merging.sweep import MergeSweep, sample_groups, superseded_merges, sweep_plan
 from mlvision.backbone import BackboneConfig, create_backbone
 from mlvision.config import PROFILES
 from mlvision.errors import AdapterError, MergeConfigError, MLVisionError, UnknownNameError
@@ -151,15 +151,45 @@ SELECTION_KEYS = {
 }
 
 
+def test_merges_made_under_other_settings_are_found_said_and_forgotten_with_their_evaluations(
+    tiny_study, tmp_path, capsys
+):
+    """A changed grid (here: another validation size, also part of a merge's id) makes every stored merge of the
+    study's groups superseded: run_all says so and keeps them, --forget-superseded deletes them, their evaluations and
+    their methods' planner checks in one go, and nothing else; under the settings that made them none is superseded."""
+    from study.run_all import announce_superseded
+
+    db = tmp_path / "results.duckdb"
+    shutil.copy(tiny_study["db"], db)
+    config = replace(tiny_config(tiny_study), db=db)
+    store = Store(db)
+    assert superseded_merges(config, store) == {}
+    models_before = query_db(db, "SELECT count(*) FROM task_results")
+    stored = dict(query_db(db, "SELECT merge_id, method FROM merges"))
+    changed = replace(config, merge_select=config.merge_select + 8)
+    assert superseded_merges(changed, store) == stored and len(stored) == 4 * len(TINY_METHODS)
+    announce_superseded(changed, store, forget=False)
+    said = capsys.readouterr().out
+    assert f"{len(stored)} stored merges" in said and "--forget-superseded" in said
+    assert len(query_db(db, "SELECT merge_id FROM merges")) == len(stored)  # said, not deleted
+    announce_superseded(changed, store, forget=True)
+    assert f"forgot {len(stored)} merges" in capsys.readouterr().out
+    assert (
+        query_db(db, "SELECT count(*) FROM merges") == query_db(db, "SELECT count(*) FROM merge_evaluations") == [(0,)]
+    )
+    assert query_db(db, "SELECT count(*) FROM task_results") == models_before
+    assert superseded_merges(changed, store) == {}
+
+
 def test_every_merge_is_selected_on_validation_and_stores_the_record(tiny_study):
-    rows = query_db(tiny_study["db"], "SELECT method, hyperparams, selection FROM merges")
+    rows = query_db(tiny_study["db"], "SELECT method, k, hyperparams, selection FROM merges")
     assert len(rows) == 4 * len(TINY_METHODS)
-    for method, hyper, selection in rows:
+    for method, k, hyper, selection in rows:
         hyper, selection = json.loads(hyper), json.loads(selection)
         assert set(selection) == SELECTION_KEYS
         m = get_method(method)
         assert selection["tuned"] == m.tuned == (method != "peft_cat")
-        assert selection["grid"] == (m.grid_points() if m.tuned else [{}])
+        assert selection["grid"] == (m.grid_points(k) if m.tuned else [{}])  # a grid falling with k, at k
         assert len(selection["grid"]) == (GRID_SIZE if m.tuned else 1) == len(selection["validation_accuracy"])
         assert selection["validation_n_per_task"] == 16  # --merge-select
         scores = selection["validation_accuracy"]

@@ -120,7 +120,7 @@ def _note(method: str) -> str:
             f"CPU{first}"
         )
     extra = "; Gram matrices already loaded (their cost: row gram_matrices)" if merge_method.statistics else ""
-    if merge_method.selection_rule():
+    if merge_method.tuned:
         return (
             "ΔW at the default hyperparameters; the validation search of the sweep (a merge and validation scoring "
             f"per grid point) is not included{extra}"

@@ -117,6 +117,12 @@ class MergeMethod:
     # the study has a grid of GRID_SIZE points that contains its default.
     grid: dict = field(default_factory=dict)
     grid_design: str = "product"  # "product" or "star" (see `grid`)
+    # How the best λ falls as more tasks are merged: the grid's `scaling` values are for a pair, and for k tasks each is
+    # multiplied by (2/k)^p with p this exponent (`grid_points(k)`; 0: one grid for every k). A sum of k updates
+    # grows about like k, so task arithmetic's optimum falls about like 1/k (p = 1, `linear`'s λ/k); methods that
+    # already average or project fall more slowly. Why: a fixed grid put validation's choice at its largest value
+    # for pairs and its smallest for groups of six (issue 33); each method's docstring gives the pilot that set p.
+    scaling_falls_with_k: float = 0.0
     # Where the default (the grid's first point) comes from: the paper, its code, or why it was chosen.
     default_source: str = ""
     # True when fn(deltas, scaling=s, **rest) == s * fn(deltas, scaling=1, **rest) for every input:
@@ -210,6 +216,8 @@ class MergeMethod:
                 raise ValueError(f"{self.name}: the grid of {key!r} is empty or leaves its range")
             if self.defaults[key] not in values:
                 raise ValueError(f"{self.name}: the grid of {key!r} must contain its default {self.defaults[key]}")
+        if self.scaling_falls_with_k and ("scaling" not in self.grid or self.scaling_falls_with_k < 0):
+            raise ValueError(f"{self.name}: scaling_falls_with_k (>= 0) needs `scaling` on the grid")
         if self.scaling_is_output_multiplier and "scaling" not in self.defaults:
             raise ValueError(f"{self.name}: scaling_is_output_multiplier needs a 'scaling' hyperparameter")
         for spec in self.ranges.values():
@@ -327,24 +335,30 @@ class MergeMethod:
     @property
     def tuned(self) -> bool:
         """Whether the sweep chooses hyperparameters on validation (a grid of more than one point)."""
-        return len(self.grid_points()) > 1
+        return len(self.grid_points(2)) > 1
 
-    def grid_points(self) -> list[dict]:
-        """The grid as a list of points {hyperparameter: value}, the default point first: the Cartesian product of
-        the grid's values (hyperparameters in the grid's order, the others in product order) or, for a star
-        (`grid_design`), each hyperparameter's other values in turn with the rest at their defaults. A method
-        without a grid has one point, {} (its defaults)."""
+    def grid_points(self, k: int) -> list[dict]:
+        """The grid for merging k tasks as a list of points {hyperparameter: value}, the default point first: the
+        Cartesian product of the grid's values (hyperparameters in the grid's order, the others in product order)
+        or, for a star (`grid_design`), each hyperparameter's other values in turn with the rest at their defaults.
+        Where `scaling_falls_with_k` is p > 0, every point's `scaling` is the pair's value times (2/k)^p, to three
+        significant digits (so a stored choice reads as the number merged). A method without a grid has one point,
+        {} (its defaults)."""
         names = list(self.grid)
         default = {name: self.defaults[name] for name in names}
         if self.grid_design == "star":
             points = [{**default, name: value} for name in names for value in self.grid[name]]
         else:
             points = [dict(zip(names, values)) for values in itertools.product(*(self.grid[n] for n in names))]
-        return [default] + [point for i, point in enumerate(points) if point != default and point not in points[:i]]
+        points = [default] + [point for i, point in enumerate(points) if point != default and point not in points[:i]]
+        if self.scaling_falls_with_k:
+            factor = (2 / k) ** self.scaling_falls_with_k
+            points = [{**point, "scaling": float(f"{point['scaling'] * factor:.3g}")} for point in points]
+        return points
 
-    def selection_rule(self) -> list[dict]:
-        """The grid points chosen from on validation (`grid_points`); [] when the method is untuned."""
-        return self.grid_points() if self.tuned else []
+    def selection_rule(self, k: int) -> list[dict]:
+        """The grid points chosen from on validation when merging k tasks (`grid_points`); [] when untuned."""
+        return self.grid_points(k) if self.tuned else []
 
     def check_statistics(self, deltas: list[Tensor], statistics: dict) -> dict:
         """The per-task statistics the method needs (one [in, in] matrix per update), or MergeConfigError."""

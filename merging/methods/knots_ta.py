@@ -10,8 +10,8 @@ alignment (the KnOTS paper makes the same point; its gains come from non-linear 
 TIES). It is kept so a sweep can show that, and as a check of the alignment.
 Hyperparameters:
   scaling (λ): default 0.3, range (0, 2] — the same default and range as task_arithmetic.
-    Validation grid (study v3): task arithmetic's, {0.3 (default), 0.2, 0.5, 0.7, 1.0}; λ is a pure
-    output multiplier (the sweep aligns once and rescales).
+    Validation grid (study v3): task arithmetic's, {0.3 (default), 0.5, 0.7, 1.0, 1.4} for a pair, each value
+    times (2/k)^0.8 for k tasks; λ is a pure output multiplier (the sweep aligns once and rescales).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Sequence
 
 from ._base import MergeMethod
 from ._knots import knots_align
-from .task_arithmetic import TASK_ARITHMETIC_GRID
+from .task_arithmetic import TASK_ARITHMETIC_FALL, TASK_ARITHMETIC_GRID
 
 if TYPE_CHECKING:  # torch is imported where it is used: listing the methods needs no torch
     from torch import Tensor
@@ -45,6 +45,7 @@ METHOD = MergeMethod(
     ranges={"scaling": (0.0, 2.0, "(]")},
     description="SVD-align the concatenated updates, sum the task factors, times λ (= TA).",
     grid={"scaling": TASK_ARITHMETIC_GRID},
+    scaling_falls_with_k=TASK_ARITHMETIC_FALL,  # it equals task arithmetic, so its λ falls with k alike
     default_source="scaling 0.3: task arithmetic's (Ilharco et al. 2023), as the method equals it",
     scaling_is_output_multiplier=True,
 )

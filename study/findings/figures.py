@@ -315,11 +315,22 @@ def _on_arm(record: dict, name: str) -> bool:
     return all(record["chosen"].get(other) == value for other, value in grid[0].items() if other != name)
 
 
+def _grid_text(method: str, name: str, grids: list[list[float]]) -> str:
+    """How the report names a hyperparameter's grid: its values, or where they fall with k (`scaling_falls_with_k`)
+    the pair's values and the law."""
+    falls = MERGE_METHODS[method].scaling_falls_with_k if method in MERGE_METHODS and name == "scaling" else 0.0
+    if falls and len({tuple(values) for values in grids}) > 1:
+        pair = ", ".join(f"{v:g}" for v in MERGE_METHODS[method].grid["scaling"])
+        return f"{pair} for a pair, × (2/k)^{falls:g} for k tasks"
+    return ", ".join(f"{v:g}" for v in sorted({v for values in grids for v in values}))
+
+
 def grid_edge_rows(merges: pd.DataFrame) -> list[dict]:
     """Per (method, hyperparameter with at least three values on its grid): the share of the method's tuned merges
     whose validation choice is the grid's smallest value (`grid_edge` '<method>/<name>/low') and largest ('/high').
 
-    On a star grid a hyperparameter's shares are over the merges whose choice lies on its arm (`_on_arm`).
+    Each merge is judged on its own grid (a grid that falls with k has other values at each k). On a star grid a
+    hyperparameter's shares are over the merges whose choice lies on its arm (`_on_arm`).
     A choice at an edge in many merges says the best value may lie beyond the grid, unless the edge is the end of the
     hyperparameter's range (`RANGE_END` in the note). A hyperparameter with two values on the grid has every choice
     at an edge; it is listed with no share (the grid is too coarse to tell)."""
@@ -332,23 +343,25 @@ def grid_edge_rows(merges: pd.DataFrame) -> list[dict]:
             continue
         names = sorted({name for r in records for point in r["grid"] for name in point})
         for name in names:
-            values = sorted({point[name] for r in records for point in r["grid"] if name in point})
-            chosen = [r["chosen"].get(name) for r in records if name in r["chosen"] and _on_arm(r, name)]
-            if not chosen:
+            on_arm = [r for r in records if name in r["chosen"] and _on_arm(r, name)]
+            if not on_arm:
                 continue
-            stat = f"{method}/{name}"
-            grid = ", ".join(f"{v:g}" for v in values)
-            if len(values) < 3:
-                out.append(finding_row("grid_edge", f"{stat}/low", n=len(chosen),
+            grids = [sorted({point[name] for point in r["grid"] if name in point}) for r in on_arm]
+            stat, grid = f"{method}/{name}", _grid_text(method, name, grids)
+            if min(len(values) for values in grids) < 3:
+                out.append(finding_row("grid_edge", f"{stat}/low", n=len(on_arm),
                                        note=f"grid {grid}: two values, every choice is an edge"))  # fmt: skip
                 continue
-            for side, edge in (("low", values[0]), ("high", values[-1])):
-                count = sum(value == edge for value in chosen)
-                end = RANGE_END if _range_end(method, name, side) == edge else ""
+            for side, at in (("low", 0), ("high", -1)):
+                edges = [values[at] for values in grids]
+                count = sum(r["chosen"][name] == edge for r, edge in zip(on_arm, edges))
+                range_end = _range_end(method, name, side)
+                end = RANGE_END if range_end is not None and range_end in edges else ""
+                word = "smallest" if side == "low" else "largest"
+                value = f" {edges[0]:g}" if len(set(edges)) == 1 else ""
                 out.append(
-                    finding_row("grid_edge", f"{stat}/{side}", count / len(chosen), n=len(chosen),
-                                note=f"grid {grid}: {'smallest' if side == 'low' else 'largest'} value {edge:g} chosen "
-                                f"in {count} of {len(chosen)} merges{end}")
+                    finding_row("grid_edge", f"{stat}/{side}", count / len(on_arm), n=len(on_arm),
+                                note=f"grid {grid}: {word} value{value} chosen in {count} of {len(on_arm)} merges{end}")
                 )  # fmt: skip
     return out
 

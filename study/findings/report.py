@@ -250,7 +250,8 @@ def _grid_edge_section(rows: _Rows) -> list[str]:
         "at either edge, **bold**: the best value may lie beyond the grid; an edge that is the end of the "
         "hyperparameter's range, such as RegMean's α = 1, is marked so instead). On a star grid (the default and "
         "each hyperparameter's other values with the rest at their defaults) a hyperparameter's shares count the "
-        "merges whose choice lies on its arm. A hyperparameter with two grid values has every choice at an edge. "
+        "merges whose choice lies on its arm. A grid that falls with k (a pair's values times (2/k)^p) judges "
+        "each merge on its own k's grid. A hyperparameter with two grid values has every choice at an edge. "
         "How much a fresh draw of validation images moves these choices and the retention they give: "
         "`python scripts/selection_redraw.py` (reports/selection_redraw.md for the default study).",
         "",
