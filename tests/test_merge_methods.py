@@ -419,7 +419,7 @@ def test_ties_elects_the_sign_with_the_larger_mass_not_the_larger_count():
 def test_magnitude_prune_by_hand():
     # Same trimmed tasks as the TIES example, then a plain mean over all 3 tasks:
     # sums [[2, 1, 0], [-3, 5, -4]] / 3.
-    out = get_method("magnitude_prune")(TIES_TASKS, density=0.5)
+    out = get_method("magnitude_prune")(TIES_TASKS, density=0.5, scaling=1.0)
     assert_close(out, t([[2 / 3, 1 / 3, 0], [-1, 5 / 3, -4 / 3]]))
 
 
@@ -428,8 +428,9 @@ def test_magnitude_prune_by_hand():
 
 def test_dare_with_drop_rate_zero_equals_the_plain_methods():
     xs = [low_rank(6, 5, 2, s) for s in range(3)]
-    assert torch.equal(get_method("dare_linear")(xs, drop_rate=0.0, seed=3), get_method("linear")(xs))
-    assert torch.equal(get_method("dare_ties")(xs, drop_rate=0.0, seed=3), get_method("ties")(xs, density=1.0))
+    plain = {"drop_rate": 0.0, "seed": 3, "scaling": 1.0}
+    assert torch.equal(get_method("dare_linear")(xs, **plain), get_method("linear")(xs))
+    assert torch.equal(get_method("dare_ties")(xs, **plain), get_method("ties")(xs, density=1.0))
 
 
 @pytest.mark.parametrize("name", ["dare_linear", "dare_ties"])
@@ -443,7 +444,7 @@ def test_dare_is_deterministic_per_seed_and_differs_across_seeds(name):
 def test_dare_drops_and_rescales_survivors_exactly():
     # k = 1, p = 0.75: each entry is either dropped (0) or kept and multiplied by 1/(1-p) = 4.
     x = torch.arange(1, 401, dtype=torch.float32).reshape(20, 20)
-    out = get_method("dare_linear")([x], drop_rate=0.75, seed=5)
+    out = get_method("dare_linear")([x], drop_rate=0.75, seed=5, scaling=1.0)
     kept = out != 0
     assert torch.equal(out[kept], 4 * x[kept])
     assert abs(kept.float().mean().item() - 0.25) < 0.08  # 400 Bernoulli(0.25): sd 0.022
@@ -455,7 +456,7 @@ def test_dare_preserves_the_expected_update():
     g = torch.Generator().manual_seed(0)
     xs = [torch.rand(4, 5, generator=g) * 2 - 1 for _ in range(2)]
     m = get_method("dare_linear")
-    mean = torch.stack([m(xs, drop_rate=0.5, seed=s) for s in range(2000)]).mean(dim=0)
+    mean = torch.stack([m(xs, drop_rate=0.5, seed=s, scaling=1.0) for s in range(2000)]).mean(dim=0)
     assert (mean - (xs[0] + xs[1]) / 2).abs().max() < 0.08
 
 

@@ -57,9 +57,9 @@ COPIES = {
     "linear": {},
     "task_arithmetic": {"scaling": 1 / K},
     "ties": {"density": 1.0, "scaling": 1.0},
-    "dare_linear": {"drop_rate": 0.0},
-    "dare_ties": {"drop_rate": 0.0},
-    "magnitude_prune": {"density": 1.0},
+    "dare_linear": {"drop_rate": 0.0, "scaling": 1.0},
+    "dare_ties": {"drop_rate": 0.0, "scaling": 1.0},
+    "magnitude_prune": {"density": 1.0, "scaling": 1.0},
     "knots_ties": {"density": 1.0, "scaling": 1.0},
     "knots_ta": {"scaling": 1 / K},
     # K copies of U give U_cat = U [I .. I], whose polar factor on its range is U [I .. I]/√K (same
@@ -159,8 +159,8 @@ def test_what_one_adapter_gives_below_density_one_or_above_drop_rate_zero():
     assert_close(merge("magnitude_prune", [x], density=0.2, scaling=1.0), trimmed)
     # DARE on one adapter: the disjoint mean of one value is the value, so dare_ties = dare_linear
     # (= mask · x / (1 - p): test_merge_methods.py::test_dare_drops_and_rescales_survivors_exactly)
-    dared = merge("dare_linear", [x], drop_rate=0.5, seed=3)
-    assert_close(merge("dare_ties", [x], drop_rate=0.5, seed=3), dared)
+    dared = merge("dare_linear", [x], drop_rate=0.5, seed=3, scaling=1.0)
+    assert_close(merge("dare_ties", [x], drop_rate=0.5, seed=3, scaling=1.0), dared)
     assert not torch.allclose(dared, x)
 
 
@@ -180,7 +180,7 @@ def test_methods_that_do_not_return_identical_adapters():
     # trimming with density < 1 keeps only the top entries of the (identical) adapter
     keep = x.abs() >= x.abs().flatten().topk(round(0.2 * 90)).values[-1]
     assert_close(merge("ties", xs, density=0.2), x * keep)
-    assert_close(merge("magnitude_prune", xs, density=0.2), x * keep)
+    assert_close(merge("magnitude_prune", xs, density=0.2, scaling=1.0), x * keep)
     # Iso-C flattens the spectrum: K·x has σ = K·(σ1, σ2) -> both become K·(σ1+σ2)/2
     assert_close(merge("iso_c", xs, scaling=1.0), K * flattened(x, 2))
     # ... and is the identity only for an isotropic adapter with α = 1/K
@@ -209,8 +209,8 @@ def test_dare_with_drop_rate_above_zero_does_not_return_identical_adapters():
     # (all copies share x's sign) the disjoint mean x / (1 - p) wherever some copy survives, else 0.
     x = low_rank(10, 9, 2, 42)
     masks = torch.stack([position_mask(i, 0.5, 9) for i in range(K)])
-    assert_close(merge("dare_linear", [x] * K, drop_rate=0.5, seed=9), x * masks.float().mean(dim=0) / 0.5)
-    assert_close(merge("dare_ties", [x] * K, drop_rate=0.5, seed=9), x * masks.any(dim=0) / 0.5)
+    assert_close(merge("dare_linear", [x] * K, drop_rate=0.5, seed=9, scaling=1.0), x * masks.float().mean(dim=0) / 0.5)
+    assert_close(merge("dare_ties", [x] * K, drop_rate=0.5, seed=9, scaling=1.0), x * masks.any(dim=0) / 0.5)
     assert 0 < masks.any(dim=0).float().mean() < 1  # 1 - 0.5³ = 87.5 % of the entries survive somewhere
 
 
@@ -237,7 +237,7 @@ def test_the_order_of_the_adapters_does_not_matter(name):
 def position_mask(position: int, drop_rate: float, seed: int, shape=(10, 9), k: int = K) -> torch.Tensor:
     """DARE's keep-mask for the update at `position` among k, read back through dare_linear itself."""
     probe = [torch.ones(shape) if i == position else torch.zeros(shape) for i in range(k)]
-    return merge("dare_linear", probe, drop_rate=drop_rate, seed=seed) != 0
+    return merge("dare_linear", probe, drop_rate=drop_rate, seed=seed, scaling=1.0) != 0
 
 
 def test_dare_masks_belong_to_positions_not_to_adapters():
@@ -247,8 +247,8 @@ def test_dare_masks_belong_to_positions_not_to_adapters():
     perm = [xs[i] for i in PERMUTATION]
     masks = [position_mask(i, 0.5, 4) for i in range(K)]
     dared = [x * m / 0.5 for x, m in zip(perm, masks)]
-    assert_close(merge("dare_linear", perm, drop_rate=0.5, seed=4), merge("linear", dared))
-    assert_close(merge("dare_ties", perm, drop_rate=0.5, seed=4), merge("ties", dared, density=1.0))
+    assert_close(merge("dare_linear", perm, drop_rate=0.5, seed=4, scaling=1.0), merge("linear", dared))
+    assert_close(merge("dare_ties", perm, drop_rate=0.5, seed=4, scaling=1.0), merge("ties", dared, density=1.0))
     for name in ORDER_DEPENDENT:
         assert not torch.allclose(merge(name, perm, drop_rate=0.5, seed=4), merge(name, xs, drop_rate=0.5, seed=4))
 
