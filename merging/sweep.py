@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from merging.deltas import AdapterDeltas, load_deltas
 from merging.grams import GRAM_IMAGES, GramStore
 from merging.merged_model import AdapterMerger
-from merging.methods import STUDY_SUBSET, get_method
+from merging.methods import MERGE_METHODS, STUDY_SUBSET, get_method
 from mlvision.backbone import Preprocess
 from mlvision.config import StudyConfig
 from mlvision.data import split_tensors
@@ -147,17 +147,20 @@ def merge_id_of(config: StudyConfig, group: tuple[str, ...], seed: int, method: 
 
 
 def superseded_merges(config: StudyConfig, store: Store) -> dict[str, str]:
-    """{merge_id: method} of stored merges of a (group, seed, method) this study merges, made under other settings
-    (an older grid, another validation size): the sweep merges such a group again under its own id, and without
-    forgetting the old merge the findings would read both (run_all --forget-superseded deletes them)."""
-    current = {(method, ",".join(group), seed): merge_id_of(config, group, seed, method)
-               for group, seed, method in sweep_plan(config)}  # fmt: skip
-    rows = store.query("SELECT merge_id, method, tasks, seed FROM merges")
-    return {
-        merge_id: method
-        for merge_id, method, tasks, seed in rows
-        if current.get((method, tasks, seed), merge_id) != merge_id
-    }
+    """{merge_id: method} of stored merges of this study's tasks and seeds whose id differs from the one the study's
+    current settings give the same (group, seed, method): made under an older grid, other defaults or another
+    validation size. The sweep merges the groups it plans again under the new id, and without forgetting the old
+    merge the findings would read both; a merge no plan makes any more (a method since moved to the subset, a group
+    size the subset dropped) would be read as if made by the current rules. run_all --forget-superseded deletes them."""
+    tasks, seeds = set(config.tasks), set(config.seeds)
+    superseded = {}
+    for merge_id, method, group, seed in store.query("SELECT merge_id, method, tasks, seed FROM merges"):
+        group = tuple(group.split(","))
+        if method not in MERGE_METHODS or seed not in seeds or not set(group) <= tasks:
+            continue  # another study's merge in the same file, or a method no longer registered: not ours to judge
+        if merge_id_of(config, group, seed, method) != merge_id:
+            superseded[merge_id] = method
+    return superseded
 
 
 def forget_superseded(config: StudyConfig, store: Store) -> int:

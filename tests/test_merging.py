@@ -155,8 +155,9 @@ def test_merges_made_under_other_settings_are_found_said_and_forgotten_with_thei
     tiny_study, tmp_path, capsys
 ):
     """A changed grid (here: another validation size, also part of a merge's id) makes every stored merge of the
-    study's groups superseded: run_all says so and keeps them, --forget-superseded deletes them, their evaluations and
-    their methods' planner checks in one go, and nothing else; under the settings that made them none is superseded."""
+    study's tasks and seeds superseded, planned or not: run_all says so and keeps them, --forget-superseded deletes
+    them, their evaluations and their methods' planner checks in one go, and nothing else; under the settings that
+    made them none is superseded."""
     from study.run_all import announce_superseded
 
     db = tmp_path / "results.duckdb"
@@ -168,6 +169,9 @@ def test_merges_made_under_other_settings_are_found_said_and_forgotten_with_thei
     stored = dict(query_db(db, "SELECT merge_id, method FROM merges"))
     changed = replace(config, merge_select=config.merge_select + 8)
     assert superseded_merges(changed, store) == stored and len(stored) == 4 * len(TINY_METHODS)
+    # a group the study no longer plans (k = 3 beyond --max-k 2) is still judged by the current settings
+    assert superseded_merges(replace(changed, max_k=2), store) == stored
+    assert superseded_merges(replace(config, max_k=2), store) == {}  # not planned, but made by today's rules
     announce_superseded(changed, store, forget=False)
     said = capsys.readouterr().out
     assert f"{len(stored)} stored merges" in said and "--forget-superseded" in said
