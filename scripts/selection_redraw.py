@@ -4,11 +4,14 @@ other validation images, and what that changes.
     python scripts/selection_redraw.py                 # the committed default study, seed 0; writes
                                                        # reports/selection_redraw.md
     python scripts/selection_redraw.py --seeds 0 1 --draws 2
+    python scripts/selection_redraw.py --config wide-cpu   # the committed wide study (reports/wide.duckdb); writes
+                                                       # reports/wide.selection_redraw.md
 
 Why: every merge picks its hyperparameters on `merge_select` validation images per task (50 in the default study,
 to fit its time budget). On so few images the best and second grid points are often within noise, so the pick is
 partly luck. This re-runs the sweep's own selection (`MergeSweep.select`, the same rule, the same grid) on a fresh
-draw of as many validation images per task, disjoint from the study's (the split has 1,000 per task), and reports
+draw of as many validation images per task, disjoint from the study's (the split has 1,000 per task in the six-task
+study; a smaller split gives what the study's subset left, and the report says so), and reports
 per method: how often the pick changes, and how mean retention on the merges' test images moves when it does (the
 new pick scored on the very test images of the stored merge); per k: whether the method the findings would choose
 (highest mean chosen validation accuracy; `study/findings/figures.choose_methods`) changes. Nothing is written to
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +52,7 @@ class RedrawSweep(MergeSweep):
         super().__init__(config, store)
         self.draw = draw
         self._fresh: dict[str, tuple] = {}
+        self.fresh_sizes: dict[str, int] = {}  # images per task in the fresh draw (fewer where the split is small)
 
     def eval_tensors(self, task: str, split: str = "test"):
         if split != "validation":
@@ -59,15 +64,17 @@ class RedrawSweep(MergeSweep):
             rng = np.random.default_rng([SUBSET_SEED, self.draw])
             chosen = np.sort(rng.choice(rest, size=min(self.config.merge_select, len(rest)), replace=False))
             subset = dataset.select(chosen)
+            self.fresh_sizes[task] = len(chosen)
             self._fresh[task] = (self.preprocess(subset["image"]), torch.tensor(subset["label"], dtype=torch.long))
         return self._fresh[task]
 
 
-def redraw(db: Path, seeds: list[int], draws: int) -> pd.DataFrame:
-    """One row per (stored merge of a tuned, non-transductive method of `seeds`, draw): the stored and the fresh pick,
-    their validation accuracies, and the mean retention over the merge's tasks at each pick."""
-    store = Store(db)
-    config = PROFILES["default"].with_methods(tuple(list_methods()))
+def redraw(config, seeds: list[int], draws: int) -> tuple[pd.DataFrame, dict[str, int]]:
+    """One row per (stored merge of a tuned, non-transductive method of `seeds`, draw) of the study `config` (its
+    database, tasks and validation size): the stored and the fresh pick, their validation accuracies, and the mean
+    retention over the merge's tasks at each pick; and the fresh draw's size per task where it is smaller than the
+    study's."""
+    store = Store(config.db)
     merges = store.query_df(
         "SELECT merge_id, method, k, tasks, seed, hyperparams, selection FROM merges WHERE seed IN ({})".format(
             ",".join(str(int(s)) for s in seeds)
@@ -81,7 +88,7 @@ def redraw(db: Path, seeds: list[int], draws: int) -> pd.DataFrame:
         .mean()
     )
     singles = evaluations.groupby(["merge_id", "task"])["single_accuracy"].first()
-    rows = []
+    rows, smaller = [], {}
     for draw in range(1, draws + 1):
         sweep = RedrawSweep(config, store, draw)
         sweep.load_adapters(set(seeds))
@@ -113,7 +120,8 @@ def redraw(db: Path, seeds: list[int], draws: int) -> pd.DataFrame:
                     "fresh_retention": retention,
                 }
             )
-    return pd.DataFrame(rows)
+        smaller |= {task: n for task, n in sweep.fresh_sizes.items() if n < config.merge_select}
+    return pd.DataFrame(rows), smaller
 
 
 def chosen_method(rows: pd.DataFrame, column: str) -> dict[int, str]:
@@ -130,8 +138,15 @@ def chosen_method(rows: pd.DataFrame, column: str) -> dict[int, str]:
     return out
 
 
-def report(rows: pd.DataFrame, merge_select: int, seeds: list[int]) -> str:
+def report(rows: pd.DataFrame, merge_select: int, seeds: list[int], smaller: dict[str, int] | None = None) -> str:
     """The markdown report: per method, per k, and the findings' chosen method under each draw."""
+    smaller_note = (
+        " The validation split of "
+        + ", ".join(f"{task} leaves {n}" for task, n in sorted(smaller.items()))
+        + " images beside the study's, so its fresh draw is that large."
+        if smaller
+        else ""
+    )
     lines = [
         "# How much a fresh validation draw moves the study's choices",
         "",
@@ -139,7 +154,7 @@ def report(rows: pd.DataFrame, merge_select: int, seeds: list[int]) -> str:
         f"{rows['draw'].nunique()} fresh draw(s) of {merge_select} validation images per task, disjoint from the "
         "study's). Each stored merge's grid is scored again on the fresh draw with the sweep's own rule; where the "
         "pick changes, the new pick is scored on the stored merge's test images. Retention = merged / single "
-        "adapter accuracy on those images, mean over the group's tasks, in percent.",
+        "adapter accuracy on those images, mean over the group's tasks, in percent." + smaller_note,
         "",
         "| method | merges | pick changed | mean retention, study's pick | fresh pick | fresh − study "
         "(points) | largest move |",
@@ -171,19 +186,36 @@ def report(rows: pd.DataFrame, merge_select: int, seeds: list[int]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--db", type=Path, default=DEFAULT_DB_PATH, help="the study's results database")
+    parser.add_argument(
+        "--config",
+        default="default",
+        choices=sorted(PROFILES),
+        help="the study's profile: its tasks, validation size and database (default: default)",
+    )
+    parser.add_argument("--db", type=Path, help="the study's results database (default: the profile's)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds whose merges are redrawn")
     parser.add_argument("--draws", type=int, default=1, help="fresh validation draws (each as large as the study's)")
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "reports" / "selection_redraw.md")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="default: reports/selection_redraw.md for the default study, else "
+        "<database stem>.selection_redraw.md beside its database",
+    )
     parser.add_argument("--from-csv", type=Path, help="re-render the report from a run's saved rows (no merging)")
     args = parser.parse_args(argv)
-    source = args.from_csv or args.db
+    config = PROFILES[args.config].with_methods(tuple(list_methods()))
+    config = replace(config, db=args.db or config.db)
+    if args.out is None:
+        default = config.db == DEFAULT_DB_PATH
+        args.out = REPO_ROOT / "reports" / "selection_redraw.md" if default else config.db.with_name(
+            f"{config.db.stem}.selection_redraw.md")  # fmt: skip
+    source = args.from_csv or config.db
     if not source.exists():  # a study script, but one line all the same
         print(f"error: {source}: no such file", file=sys.stderr)
         return 2
     torch.manual_seed(0)
-    rows = pd.read_csv(args.from_csv) if args.from_csv else redraw(args.db, args.seeds, args.draws)
-    args.out.write_text(report(rows, PROFILES["default"].merge_select, sorted(set(rows["seed"]))))
+    rows, smaller = (pd.read_csv(args.from_csv), None) if args.from_csv else redraw(config, args.seeds, args.draws)
+    args.out.write_text(report(rows, config.merge_select, sorted(set(rows["seed"])), smaller))
     if not args.from_csv:
         rows.to_csv(args.out.with_suffix(".csv"), index=False)
     print(args.out.read_text())
