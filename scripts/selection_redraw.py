@@ -69,11 +69,12 @@ class RedrawSweep(MergeSweep):
         return self._fresh[task]
 
 
-def redraw(config, seeds: list[int], draws: int) -> tuple[pd.DataFrame, dict[str, int]]:
+def redraw(config, seeds: list[int], draws: int, pairs: int | None = None) -> tuple[pd.DataFrame, dict[str, int]]:
     """One row per (stored merge of a tuned, non-transductive method of `seeds`, draw) of the study `config` (its
     database, tasks and validation size): the stored and the fresh pick, their validation accuracies, and the mean
     retention over the merge's tasks at each pick; and the fresh draw's size per task where it is smaller than the
-    study's."""
+    study's. `pairs`: redraw only a seeded sample of that many pairs (the same pairs for every method) beside every
+    larger group, where the study has many (the wide one: 190)."""
     store = Store(config.db)
     merges = store.query_df(
         "SELECT merge_id, method, k, tasks, seed, hyperparams, selection FROM merges WHERE seed IN ({})".format(
@@ -81,6 +82,10 @@ def redraw(config, seeds: list[int], draws: int) -> tuple[pd.DataFrame, dict[str
         )
     )
     merges = merges[[get_method(m).tuned and not is_transductive(m) for m in merges["method"]]]
+    all_pairs = sorted(set(merges.loc[merges["k"] == 2, "tasks"]))
+    if pairs is not None and pairs < len(all_pairs):
+        kept = set(np.random.default_rng(SUBSET_SEED).choice(all_pairs, size=pairs, replace=False))
+        merges = merges[(merges["k"] > 2) | merges["tasks"].isin(kept)]
     evaluations = store.query_df("SELECT merge_id, task, merged_accuracy, single_accuracy FROM merge_evaluations")
     stored_retention = (
         evaluations.assign(r=evaluations["merged_accuracy"] / evaluations["single_accuracy"])
@@ -138,7 +143,13 @@ def chosen_method(rows: pd.DataFrame, column: str) -> dict[int, str]:
     return out
 
 
-def report(rows: pd.DataFrame, merge_select: int, seeds: list[int], smaller: dict[str, int] | None = None) -> str:
+def report(
+    rows: pd.DataFrame,
+    merge_select: int,
+    seeds: list[int],
+    smaller: dict[str, int] | None = None,
+    pairs: int | None = None,
+) -> str:
     """The markdown report: per method, per k, and the findings' chosen method under each draw."""
     smaller_note = (
         " The validation split of "
@@ -154,7 +165,13 @@ def report(rows: pd.DataFrame, merge_select: int, seeds: list[int], smaller: dic
         f"{rows['draw'].nunique()} fresh draw(s) of {merge_select} validation images per task, disjoint from the "
         "study's). Each stored merge's grid is scored again on the fresh draw with the sweep's own rule; where the "
         "pick changes, the new pick is scored on the stored merge's test images. Retention = merged / single "
-        "adapter accuracy on those images, mean over the group's tasks, in percent." + smaller_note,
+        "adapter accuracy on those images, mean over the group's tasks, in percent."
+        + smaller_note
+        + (
+            f" Pairs: a seeded sample of {pairs} (`--pairs`), the same for every method; every larger group."
+            if pairs
+            else ""
+        ),
         "",
         "| method | merges | pick changed | mean retention, study's pick | fresh pick | fresh − study "
         "(points) | largest move |",
@@ -196,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds whose merges are redrawn")
     parser.add_argument("--draws", type=int, default=1, help="fresh validation draws (each as large as the study's)")
     parser.add_argument(
+        "--pairs", type=int, help="a seeded sample of this many pairs beside every larger group (default: every pair)"
+    )
+    parser.add_argument(
         "--out",
         type=Path,
         help="default: reports/selection_redraw.md for the default study, else "
@@ -214,8 +234,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {source}: no such file", file=sys.stderr)
         return 2
     torch.manual_seed(0)
-    rows, smaller = (pd.read_csv(args.from_csv), None) if args.from_csv else redraw(config, args.seeds, args.draws)
-    args.out.write_text(report(rows, config.merge_select, sorted(set(rows["seed"])), smaller))
+    rows, smaller = (
+        (pd.read_csv(args.from_csv), None) if args.from_csv else redraw(config, args.seeds, args.draws, args.pairs)
+    )
+    args.out.write_text(report(rows, config.merge_select, sorted(set(rows["seed"])), smaller, args.pairs))
     if not args.from_csv:
         rows.to_csv(args.out.with_suffix(".csv"), index=False)
     print(args.out.read_text())
