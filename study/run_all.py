@@ -97,8 +97,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def announce_superseded(config, store: Store, forget: bool) -> None:
-    """Stored merges made under other settings for groups this study merges: deleted with --forget-superseded, else
-    said (the sweep merges those groups again, and the findings would read the old merge beside the new)."""
+    """Stored merges of this study's tasks and seeds made under other settings (`superseded_merges`): deleted with
+    --forget-superseded, else said (the findings would read them beside the merges made under today's settings)."""
     if forget:
         if forgotten := forget_superseded(config, store):
             print(f"forgot {forgotten} merges made under other settings (--forget-superseded); merging them again")
@@ -107,7 +107,7 @@ def announce_superseded(config, store: Store, forget: bool) -> None:
         methods = ", ".join(sorted(set(superseded.values())))
         print(
             f"note: {len(superseded)} stored merges ({methods}) were made under other settings than this study's "
-            "(e.g. an older grid); the sweep merges those groups again and the findings would read both. "
+            "(e.g. an older grid); the findings would read them beside the merges made under today's settings. "
             "Add --forget-superseded to delete the old ones first."
         )
 
